@@ -1,0 +1,42 @@
+# Dispatch: `make help` lists the targets. Every target creates the virtualenv it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.DEFAULT_GOAL := help
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Dispatch needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install Dispatch with its dev tools
+
+.PHONY: run
+run: $(STAMP) ## run the broker (embedded Postgres in ./.dispatch unless DISPATCH_DATABASE_URL is set)
+	$(BIN)/dispatch serve
+
+.PHONY: migrate
+migrate: $(STAMP) ## apply pending migrations to the configured database
+	$(BIN)/dispatch migrate
+
+.PHONY: test
+test: $(STAMP) ## run the test suite against real Postgres (and real NATS)
+	$(BIN)/pytest
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check dispatch tests
+	$(BIN)/mypy
+
+.PHONY: clean
+clean: ## remove the virtualenv and caches (keeps ./.dispatch data)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,280 @@
+"""Use cases of the broker: submit, claim, report, cancel, requeue, the directory. Owns connections
+and transactions; the SQL functions decide what may happen."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch import store
+from dispatch.errors import Conflict, NotFound
+from dispatch.models import (
+    Agent,
+    AgentStatus,
+    Assignment,
+    Cursor,
+    Expiry,
+    NewTask,
+    Stats,
+    Task,
+    TaskEvent,
+    TaskFilter,
+)
+from dispatch.notify import WORK_CHANNEL, Listener
+from dispatch.settings import AssignmentSettings
+
+
+class Broker:
+    """The lifecycle over a connection pool. `now` parameters exist for tests (an injected clock);
+    production passes None and the database's clock decides."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        listener: Listener | None = None,
+        assignment: AssignmentSettings | None = None,
+    ) -> None:
+        self.pool = pool
+        self.listener = listener
+        self.assignment = assignment or AssignmentSettings()
+
+    async def apply_config(self) -> None:
+        """Write this process's assignment settings where the SQL functions read them."""
+        async with self.pool.connection() as conn:
+            await store.config_apply(conn, self.assignment)
+
+    # -- requesters ------------------------------------------------------------------------------
+
+    async def submit(
+        self, new: NewTask, *, requester: str, idempotency_key: str | None = None
+    ) -> tuple[Task, bool]:
+        """Create a task; returns (task, created). A repeated idempotency key returns the original."""
+        async with self.pool.connection() as conn:
+            return await store.task_create(
+                conn, new, requester=requester, idempotency_key=idempotency_key
+            )
+
+    async def get(self, task_id: uuid.UUID) -> Task:
+        async with self.pool.connection() as conn:
+            task = await store.task_get(conn, task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task
+
+    async def list(
+        self, filters: TaskFilter, *, limit: int = 50, after: Cursor | None = None
+    ) -> list[Task]:
+        async with self.pool.connection() as conn:
+            return await store.task_list(conn, filters, limit=limit, after=after)
+
+    async def events(self, task_id: uuid.UUID) -> list[TaskEvent]:
+        async with self.pool.connection() as conn:
+            events = await store.task_events(conn, task_id)
+            if not events and await store.task_get(conn, task_id) is None:
+                raise NotFound(f"task {task_id} not found")
+        return events
+
+    async def update(
+        self,
+        task_id: uuid.UUID,
+        actor: str,
+        *,
+        metadata_patch: dict[str, object] | None = None,
+        priority: int | None = None,
+        admin: bool = False,
+        now: datetime | None = None,
+    ) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(
+                conn,
+                task_id,
+                store.task_update(
+                    conn, task_id, actor, metadata_patch=metadata_patch, priority=priority,
+                    admin=admin, now=now,
+                ),
+            )
+
+    async def cancel(
+        self,
+        task_id: uuid.UUID,
+        actor: str,
+        reason: str | None = None,
+        *,
+        admin: bool = False,
+        now: datetime | None = None,
+    ) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(
+                conn, task_id, store.task_cancel(conn, task_id, actor, reason, admin=admin, now=now)
+            )
+
+    async def requeue(self, task_id: uuid.UUID, actor: str, now: datetime | None = None) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(conn, task_id, store.task_requeue(conn, task_id, actor, now))
+
+    # -- agents reporting ------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        agent_id: str,
+        capabilities: Sequence[str] | None = None,
+        *,
+        wait_seconds: float = 0,
+        now: datetime | None = None,
+    ) -> Task | None:
+        """Pull mode: the best task this agent may take, waiting up to wait_seconds for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while True:
+            woken = self.listener.event(WORK_CHANNEL) if self.listener else None
+            async with self.pool.connection() as conn:
+                task = await store.task_claim(conn, agent_id, capabilities, now)
+            remaining = deadline - loop.time()
+            if task is not None or remaining <= 0:
+                return task
+            if woken is None:
+                await asyncio.sleep(min(remaining, 0.5))
+                continue
+            try:
+                await asyncio.wait_for(woken.wait(), remaining)
+            except TimeoutError:
+                return None
+
+    async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(conn, task_id, store.task_start(conn, task_id, agent_id, now))
+
+    async def progress(
+        self,
+        task_id: uuid.UUID,
+        agent_id: str,
+        *,
+        percent: float | None = None,
+        message: str | None = None,
+        data: object = None,
+        now: datetime | None = None,
+    ) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(
+                conn,
+                task_id,
+                store.task_progress(
+                    conn, task_id, agent_id, percent=percent, message=message, data=data, now=now
+                ),
+            )
+
+    async def complete(
+        self,
+        task_id: uuid.UUID,
+        actor: str,
+        result: object = None,
+        *,
+        admin: bool = False,
+        now: datetime | None = None,
+    ) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(
+                conn, task_id, store.task_complete(conn, task_id, actor, result, admin=admin, now=now)
+            )
+
+    async def fail(
+        self,
+        task_id: uuid.UUID,
+        agent_id: str,
+        error: str | None = None,
+        *,
+        retry_eligible: bool = True,
+        now: datetime | None = None,
+    ) -> Task:
+        async with self.pool.connection() as conn:
+            return await self._fenced(
+                conn, task_id, store.task_fail(conn, task_id, agent_id, error, retry_eligible, now)
+            )
+
+    async def _fenced(self, conn: store.Conn, task_id: uuid.UUID, change: Any) -> Task:
+        """Run a transition; a conflict carries the task's current state for the 409 body."""
+        try:
+            task: Task = await change
+            return task
+        except Conflict as exc:
+            exc.task = await store.task_get(conn, task_id)
+            raise
+
+    # -- the engine's SQL calls ------------------------------------------------------------------
+
+    async def assign(self, *, batch: int | None = None, now: datetime | None = None) -> list[Assignment]:
+        """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
+        async with self.pool.connection() as conn:
+            return await store.task_assign(conn, batch or self.assignment.batch_size, now)
+
+    async def expire(self, *, now: datetime | None = None, limit: int = 100) -> list[Expiry]:
+        async with self.pool.connection() as conn:
+            return await store.task_expire(conn, now, limit)
+
+    async def report_unmatched(self, *, now: datetime | None = None, limit: int = 100) -> int:
+        async with self.pool.connection() as conn:
+            return await store.task_report_unmatched(conn, now, limit)
+
+    async def next_due(self, now: datetime | None = None) -> datetime | None:
+        async with self.pool.connection() as conn:
+            return await store.next_due(conn, now)
+
+    async def prune(self, before: datetime, limit: int = 1000) -> int:
+        async with self.pool.connection() as conn:
+            return await store.task_prune(conn, before, limit)
+
+    # -- the directory ---------------------------------------------------------------------------
+
+    async def agent_register(
+        self,
+        agent_id: str,
+        *,
+        capabilities: Sequence[str] | None = None,
+        owner: str | None = None,
+        max_concurrent: int | None = None,
+        status: AgentStatus | None = None,
+        policy: str | None = None,
+        source: str = "registry",
+        now: datetime | None = None,
+    ) -> Agent:
+        async with self.pool.connection() as conn:
+            return await store.agent_upsert(
+                conn, agent_id, capabilities=capabilities, owner=owner,
+                max_concurrent=max_concurrent, status=status, policy=policy, source=source, now=now,
+            )
+
+    async def agent_heartbeat(
+        self, agent_id: str, status: AgentStatus | None = None, now: datetime | None = None
+    ) -> Agent:
+        async with self.pool.connection() as conn:
+            return await store.agent_heartbeat(conn, agent_id, status, now)
+
+    async def agent_drain(self, agent_id: str, drained: bool = True) -> Agent:
+        async with self.pool.connection() as conn:
+            return await store.agent_drain(conn, agent_id, drained, None)
+
+    async def agent_stop(self, agent_id: str, now: datetime | None = None) -> int:
+        """The agent stopped: its active tasks go back to pending. Returns how many."""
+        async with self.pool.connection() as conn:
+            return await store.agent_stop(conn, agent_id, now)
+
+    async def agent(self, agent_id: str) -> Agent:
+        async with self.pool.connection() as conn:
+            agent = await store.agent_get(conn, agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id} not found")
+        return agent
+
+    async def agents(self) -> list[Agent]:
+        async with self.pool.connection() as conn:
+            return await store.agent_list(conn)
+
+    async def stats(self, now: datetime | None = None) -> Stats:
+        async with self.pool.connection() as conn:
+            return await store.stats(conn, now)

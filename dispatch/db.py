@@ -1,0 +1,110 @@
+"""Connections: the async pool, the embedded Postgres, and psycopg errors -> Dispatch errors."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch.errors import (
+    Conflict,
+    DispatchError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Every session speaks UTC so that timestamps leave as RFC 3339 UTC.
+CONNECT_KWARGS: dict[str, object] = {"autocommit": True, "options": "-c TimeZone=UTC"}
+
+# SQLSTATEs raised by the SQL functions (see sql/002_lifecycle.sql).
+_CODES: dict[str, type[DispatchError]] = {
+    "UD400": InvalidInput,
+    "UD403": Forbidden,
+    "UD404": NotFound,
+    "UD409": Conflict,
+}
+
+# Unique / foreign-key constraints by name -> the field to blame.
+_CONSTRAINT_FIELDS = {
+    "tasks_parent_task_id_fkey": "parent_task_id",
+    "agents_agent_id_format": "agent_id",
+    "agents_max_concurrent_range": "max_concurrent",
+    "tasks_idempotency_key_length": "idempotency_key",
+    "tasks_title_length": "title",
+    "tasks_description_length": "description",
+    "tasks_priority_range": "priority",
+    "tasks_max_retries_range": "max_retries",
+    "tasks_timeout_positive": "timeout_seconds",
+    "tasks_heartbeat_positive": "heartbeat_seconds",
+    "tasks_metadata_object": "metadata",
+}
+
+
+def translate(exc: psycopg.Error) -> DispatchError:
+    """Map a database error to the domain error a caller can act on."""
+    diag = exc.diag
+    code = exc.sqlstate or ""
+    message = diag.message_primary or str(exc)
+    kind = _CODES.get(code)
+    if kind is InvalidInput:
+        return InvalidInput(message, field=diag.column_name)
+    if kind is not None:
+        return kind(message)
+    if isinstance(exc, pg_errors.ForeignKeyViolation):
+        field = _CONSTRAINT_FIELDS.get(diag.constraint_name or "")
+        return InvalidInput(f"{field or 'reference'} does not exist", field=field)
+    if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
+        field = _CONSTRAINT_FIELDS.get(diag.constraint_name or "", diag.column_name)
+        return InvalidInput(message, field=field)
+    if isinstance(
+        exc,
+        pg_errors.InvalidTextRepresentation
+        | pg_errors.NumericValueOutOfRange
+        | pg_errors.StringDataRightTruncation
+        | pg_errors.InvalidParameterValue
+        | pg_errors.UntranslatableCharacter
+        | pg_errors.CharacterNotInRepertoire
+        | pg_errors.InvalidDatetimeFormat
+        | pg_errors.DatetimeFieldOverflow,
+    ):
+        return InvalidInput(message)
+    if isinstance(exc, psycopg.OperationalError | pg_errors.AdminShutdown):
+        return Unavailable(f"database unavailable: {message}")
+    return DispatchError(f"database error: {message}")
+
+
+def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
+    """An unopened pool of autocommit UTC connections with dict rows; open it with wait=True."""
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        kwargs={**CONNECT_KWARGS, "row_factory": dict_row},
+        timeout=10.0,
+    )
+
+
+def start_embedded(data_dir: str | Path) -> str:
+    """Start (or reuse) the embedded Postgres in data_dir/pg and return its connection URL."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp, which is fine.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported here: only the embedded default needs it
+
+    pgdata = Path(data_dir).resolve() / "pg"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process, so restarts are fast and keep data.
+    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    url: str = server.get_uri()
+    log.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
+    return url

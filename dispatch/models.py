@@ -1,0 +1,172 @@
+"""Domain values: statuses, tasks, events and agents as they leave the store."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import NewType
+
+import msgspec
+
+TaskId = NewType("TaskId", uuid.UUID)
+AgentId = NewType("AgentId", str)
+
+
+class TaskStatus(enum.StrEnum):
+    """Mirrors the Postgres enum dispatch.task_status one-to-one."""
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
+)
+
+
+class AgentStatus(enum.StrEnum):
+    """Mirrors the Postgres enum dispatch.agent_status one-to-one."""
+
+    READY = "ready"
+    SLEEPING = "sleeping"
+    BUSY = "busy"
+    DEGRADED = "degraded"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as stored; field names are the original service's wire names."""
+
+    task_id: uuid.UUID
+    title: str
+    description: str
+    requester: str
+    owner: str
+    source: str
+    required_capabilities: list[str]
+    priority: int
+    status: TaskStatus
+    assigned_agent: str | None
+    previous_agents: list[str]
+    retry_count: int
+    max_retries: int
+    timeout_seconds: int
+    heartbeat_seconds: int | None
+    metadata: dict[str, object]
+    progress: dict[str, object] | None
+    result: object | None
+    error: str | None
+    parent_task_id: uuid.UUID | None
+    idempotency_key: str | None
+    available_at: datetime
+    deadline_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    assigned_at: datetime | None
+    started_at: datetime | None
+    last_progress_at: datetime | None
+    completed_at: datetime | None
+
+
+class NewTask(msgspec.Struct, frozen=True, kw_only=True):
+    """What a requester asks for; unset fields take the database defaults."""
+
+    title: str
+    description: str = ""
+    owner: str | None = None
+    required_capabilities: list[str] = msgspec.field(default_factory=list)
+    priority: int = 0
+    timeout_seconds: int | None = None
+    heartbeat_seconds: int | None = None
+    max_retries: int = 3
+    metadata: dict[str, object] = msgspec.field(default_factory=dict)
+    parent_task_id: uuid.UUID | None = None
+    available_at: datetime | None = None
+    source: str = "api"
+
+
+class TaskEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the event log (history and outbox)."""
+
+    id: int
+    task_id: uuid.UUID
+    event: str
+    actor: str
+    payload: dict[str, object]
+    created_at: datetime
+    published_at: datetime | None
+
+
+class Agent(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry of the directory, with its effective concurrency limit."""
+
+    agent_id: str
+    capabilities: list[str]
+    owner: str | None
+    status: AgentStatus
+    policy: str | None
+    max_concurrent: int
+    active_tasks: int
+    drained: bool
+    source: str
+    last_assigned_at: datetime | None
+    last_seen_at: datetime
+    updated_at: datetime
+
+
+class Assignment(msgspec.Struct, frozen=True, kw_only=True):
+    """One task given to one agent by the assigner."""
+
+    task_id: uuid.UUID
+    agent_id: str
+    score: float
+    wake: bool
+
+
+class Expiry(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt ended by the reaper: `event` is timeout or reassigned."""
+
+    task_id: uuid.UUID
+    event: str
+    status: TaskStatus
+
+
+class TaskFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Filters of the task listing; None means no filter."""
+
+    statuses: list[TaskStatus] | None = None
+    requester: str | None = None
+    owner: str | None = None
+    assignee: str | None = None
+    capability: str | None = None
+    source: str | None = None
+    parent_task_id: uuid.UUID | None = None
+
+
+class Cursor(msgspec.Struct, frozen=True, array_like=True):
+    """Position after the last row of a page, in listing order."""
+
+    priority: int
+    created_at: datetime
+    task_id: uuid.UUID
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """Queue statistics for GET /api/v1/stats."""
+
+    queue: dict[str, int]
+    oldest_pending_seconds: float | None
+    avg_completion_ms: float | None
+    wait_ms_p50: float | None
+    wait_ms_p95: float | None
+    completed_last_hour: int
+    failed_last_hour: int
+    dead_letter: int

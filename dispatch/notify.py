@@ -1,0 +1,89 @@
+"""LISTEN on a dedicated connection and wake asyncio waiters per channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import psycopg
+from psycopg import sql
+
+from dispatch.db import CONNECT_KWARGS
+
+log = logging.getLogger(__name__)
+
+WORK_CHANNEL = "dispatch_work"
+EVENTS_CHANNEL = "dispatch_events"
+
+
+class Listener:
+    """One session connection that LISTENs; `event(channel)` is set at the next notification.
+
+    A waiter takes the event first, then checks the database, then awaits the event, so a
+    notification between the check and the wait is never lost. When the connection drops, every
+    waiter is woken (to re-check) and the listener reconnects with backoff.
+    """
+
+    def __init__(self, url: str, channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL)) -> None:
+        self._url = url
+        self._channels = tuple(channels)
+        self._events = {ch: asyncio.Event() for ch in self._channels}
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def event(self, channel: str) -> asyncio.Event:
+        """The event that the next notification on `channel` sets."""
+        return self._events[channel]
+
+    async def wait(self, channel: str, timeout: float) -> bool:
+        """Wait for the next notification on channel; False on timeout."""
+        try:
+            await asyncio.wait_for(self._events[channel].wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _fire(self, channel: str) -> None:
+        ev = self._events.get(channel)
+        if ev is not None:
+            self._events[channel] = asyncio.Event()
+            ev.set()
+
+    async def start(self) -> None:
+        """Connect and LISTEN; returns once listening."""
+        self._task = asyncio.create_task(self._run(), name="dispatch-listener")
+        await asyncio.wait_for(self.connected.wait(), 30)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, **CONNECT_KWARGS)  # type: ignore[arg-type]
+                async with conn:
+                    for ch in self._channels:
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
+                    self.connected.set()
+                    delay = 0.1
+                    # Anything that happened while we were away: let waiters re-check.
+                    for ch in self._channels:
+                        self._fire(ch)
+                    async for note in conn.notifies():
+                        self._fire(note.channel)
+            except asyncio.CancelledError:
+                raise
+            except psycopg.Error as exc:
+                log.warning("listener connection lost: %s; reconnecting", exc)
+            self.connected.clear()
+            for ch in self._channels:
+                self._fire(ch)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,159 @@
+"""Wires one `dispatch serve` process: database, broker, background loops, API and ops servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import uvicorn
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch import db
+from dispatch.broker import Broker
+from dispatch.migrate import migrate
+from dispatch.notify import Listener
+from dispatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Loop(Protocol):
+    """A background loop: started after the database is ready, stopped before it closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured database, or the embedded Postgres in data_dir."""
+    return settings.database.url or db.start_embedded(settings.data_dir)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the Service owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Service:
+    """Everything one process runs. `start()` is ready when both ports accept connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database_url = ""
+        self.pool: AsyncConnectionPool[Any] | None = None
+        self.listener: Listener | None = None
+        self.broker: Broker | None = None
+        self.loops: list[Loop] = []
+        self.servers: list[_Server] = []
+        self._server_tasks: list[asyncio.Task[None]] = []
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.database_url = await asyncio.to_thread(resolve_database_url, s)
+        applied = await asyncio.to_thread(migrate, self.database_url)
+        if applied:
+            log.info("migrations applied: %s", applied)
+        self.pool = db.create_pool(
+            self.database_url, min_size=s.database.pool_min, max_size=s.database.pool_max
+        )
+        await self.pool.open(wait=True, timeout=30)
+        self.listener = Listener(self.database_url)
+        await self.listener.start()
+        self.broker = Broker(self.pool, listener=self.listener, assignment=s.assignment)
+        await self.broker.apply_config()
+        self.loops = self._build_loops()
+        for loop in self.loops:
+            await loop.start()
+        await self._start_servers()
+
+    def _build_loops(self) -> list[Loop]:
+        """The background loops of SPEC section 1 that this configuration runs."""
+        assert self.broker is not None
+        loops: list[Loop] = []
+        return loops
+
+    async def _start_servers(self) -> None:
+        from dispatch.api.app import create_app
+        from dispatch.api.ops import create_ops_app
+
+        assert self.broker is not None
+        s = self.settings
+        apps = [
+            (create_app(s, self.broker), s.server.port),
+            (create_ops_app(self), s.server.metrics_port),
+        ]
+        for app, port in apps:
+            config = uvicorn.Config(
+                app, host=s.server.host, port=port, log_config=None, access_log=False,
+                lifespan="on", loop="none", http="auto",
+            )
+            server = _Server(config)
+            self.servers.append(server)
+            self._server_tasks.append(asyncio.create_task(server.serve()))
+        while not all(server.started for server in self.servers):
+            if any(t.done() for t in self._server_tasks):
+                for t in self._server_tasks:
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+                raise RuntimeError("an HTTP server stopped during start-up (port in use?)")
+            await asyncio.sleep(0.02)
+        log.info(
+            "dispatch serving", extra={"port": s.server.port, "metrics_port": s.server.metrics_port}
+        )
+
+    async def health(self) -> tuple[bool, dict[str, object]]:
+        """(database reachable, report) for GET /health."""
+        report: dict[str, object] = {"status": "ok"}
+        ok = True
+        try:
+            assert self.pool is not None
+            async with self.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+            report["database"] = "ok"
+        except Exception:  # any failure to reach the database is "down", whatever its kind
+            ok = False
+            report["database"] = "down"
+            report["status"] = "degraded"
+        report["nats"] = "disabled"
+        for loop in self.loops:
+            extra = getattr(loop, "health", None)
+            if callable(extra):
+                report.update(extra())
+        return ok, report
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.should_exit = True
+        if self._server_tasks:
+            await asyncio.gather(*self._server_tasks, return_exceptions=True)
+        for loop in reversed(self.loops):
+            try:
+                await loop.stop()
+            except Exception:
+                log.exception("error stopping %s", type(loop).__name__)
+        if self.listener is not None:
+            await self.listener.stop()
+        if self.pool is not None:
+            await self.pool.close()
+        self.stopped.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGINT/SIGTERM, stop."""
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        try:
+            await self.start()
+            await done.wait()
+        finally:
+            await self.stop()

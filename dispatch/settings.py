@@ -1,0 +1,170 @@
+"""Configuration: defaults, then a YAML file, then environment overrides (SPEC section 8)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+from dispatch.errors import ConfigError
+
+DEFAULT_PORT = 8600
+DEFAULT_METRICS_PORT = 8601
+DEFAULT_DATA_DIR = ".dispatch"
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
+Url = Annotated[str, msgspec.Meta(max_length=2048)]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"
+    port: Port = DEFAULT_PORT
+    metrics_port: Port = DEFAULT_METRICS_PORT
+    admin_token: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+
+
+class DatabaseSettings(_Section):
+    url: Url = ""
+    pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+
+
+class ServiceSettings(_Section):
+    url: Url = ""
+    token: str = ""
+
+
+class AssignmentSettings(_Section):
+    tick_interval_ms: PositiveMs = 5000
+    wake_timeout_ms: PositiveMs = 30000
+    default_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 300000
+    max_concurrent_per_agent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    owner_filter_enabled: bool = True
+    retry_backoff_ms: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    retry_backoff_max_ms: Annotated[int, msgspec.Meta(ge=0)] = 300000
+    unmatched_repeat_ms: PositiveMs = 600000
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+
+
+class DirectorySettings(_Section):
+    refresh_ms: PositiveMs = 5000
+    stale_ms: PositiveMs = 60000
+
+
+class RetentionSettings(_Section):
+    hours: Annotated[int, msgspec.Meta(ge=1)] = 168
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Settings(_Section):
+    """Everything `dispatch` reads from its configuration, built once and passed explicitly."""
+
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    hermes: ServiceSettings = ServiceSettings()
+    warren: ServiceSettings = ServiceSettings()
+    promptforge: ServiceSettings = ServiceSettings()
+    alexandria: ServiceSettings = ServiceSettings()
+    assignment: AssignmentSettings = AssignmentSettings()
+    directory: DirectorySettings = DirectorySettings()
+    retention: RetentionSettings = RetentionSettings()
+    logging: LoggingSettings = LoggingSettings()
+    data_dir: str = DEFAULT_DATA_DIR
+
+
+# Environment variable -> config path. The original service's table plus our additions.
+ENV_KEYS: Mapping[str, tuple[str, ...]] = {
+    "DISPATCH_PORT": ("server", "port"),
+    "DISPATCH_METRICS_PORT": ("server", "metrics_port"),
+    "DISPATCH_HOST": ("server", "host"),
+    "DISPATCH_ADMIN_TOKEN": ("server", "admin_token"),
+    "DISPATCH_DATABASE_URL": ("database", "url"),
+    "DISPATCH_HERMES_URL": ("hermes", "url"),
+    "DISPATCH_WARREN_URL": ("warren", "url"),
+    "DISPATCH_WARREN_TOKEN": ("warren", "token"),
+    "DISPATCH_FORGE_URL": ("promptforge", "url"),
+    "DISPATCH_ALEXANDRIA_URL": ("alexandria", "url"),
+    "DISPATCH_TICK_INTERVAL_MS": ("assignment", "tick_interval_ms"),
+    "DISPATCH_WAKE_TIMEOUT_MS": ("assignment", "wake_timeout_ms"),
+    "DISPATCH_DEFAULT_TIMEOUT_MS": ("assignment", "default_timeout_ms"),
+    "DISPATCH_MAX_CONCURRENT_PER_AGENT": ("assignment", "max_concurrent_per_agent"),
+    "DISPATCH_OWNER_FILTER_ENABLED": ("assignment", "owner_filter_enabled"),
+    "DISPATCH_RETRY_BACKOFF_MS": ("assignment", "retry_backoff_ms"),
+    "DISPATCH_RETRY_BACKOFF_MAX_MS": ("assignment", "retry_backoff_max_ms"),
+    "DISPATCH_UNMATCHED_REPEAT_MS": ("assignment", "unmatched_repeat_ms"),
+    "DISPATCH_DIRECTORY_REFRESH_MS": ("directory", "refresh_ms"),
+    "DISPATCH_DIRECTORY_STALE_MS": ("directory", "stale_ms"),
+    "DISPATCH_RETENTION_HOURS": ("retention", "hours"),
+    "DISPATCH_LOG_LEVEL": ("logging", "level"),
+    "DISPATCH_LOG_FORMAT": ("logging", "format"),
+    "DISPATCH_DATA_DIR": ("data_dir",),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _env_value(name: str, raw: str) -> object:
+    lowered = raw.strip().lower()
+    if name == "DISPATCH_OWNER_FILTER_ENABLED":
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+    if name in {"DISPATCH_LOG_LEVEL", "DISPATCH_LOG_FORMAT"}:
+        return lowered
+    return raw
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings; raise ConfigError naming the key of the first invalid value."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("DISPATCH_CONFIG") or None
+    tree: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for name, keys in ENV_KEYS.items():
+        if name not in env:
+            continue
+        node = tree
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[:-1])}: must be a mapping")
+            node = child
+        node[keys[-1]] = _env_value(name, env[name])
+    try:
+        return msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_name_key(str(exc))}") from exc
+
+
+def _name_key(message: str) -> str:
+    """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`."""
+    text, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    return f"{where.rstrip('`')}: {text}"

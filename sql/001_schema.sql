@@ -1,0 +1,129 @@
+-- Dispatch schema: tasks, their event log (history and outbox), the agent directory.
+-- The migrator creates the schema `dispatch` and dispatch.schema_migrations before this file runs.
+
+CREATE TYPE dispatch.task_status AS ENUM (
+    'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
+);
+
+CREATE TYPE dispatch.agent_status AS ENUM (
+    'ready', 'sleeping', 'busy', 'degraded', 'stopped', 'unknown'
+);
+
+-- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
+-- configuration, so that psql callers get exactly the behaviour of the API.
+CREATE TABLE dispatch.config (
+    singleton                boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    default_timeout_seconds  integer NOT NULL DEFAULT 300 CHECK (default_timeout_seconds > 0),
+    max_concurrent_per_agent integer NOT NULL DEFAULT 3 CHECK (max_concurrent_per_agent > 0),
+    owner_filter_enabled     boolean NOT NULL DEFAULT true,
+    retry_backoff_ms         integer NOT NULL DEFAULT 1000 CHECK (retry_backoff_ms >= 0),
+    retry_backoff_max_ms     integer NOT NULL DEFAULT 300000 CHECK (retry_backoff_max_ms >= 0),
+    wake_timeout_ms          integer NOT NULL DEFAULT 30000 CHECK (wake_timeout_ms > 0),
+    unmatched_repeat_ms      integer NOT NULL DEFAULT 600000 CHECK (unmatched_repeat_ms > 0),
+    updated_at               timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO dispatch.config DEFAULT VALUES;
+
+CREATE TABLE dispatch.agents (
+    agent_id         text PRIMARY KEY
+                     CONSTRAINT agents_agent_id_format CHECK (agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$'),
+    capabilities     text[] NOT NULL DEFAULT '{}',
+    owner            text,
+    status           dispatch.agent_status NOT NULL DEFAULT 'ready',
+    policy           text,
+    -- NULL means dispatch.config.max_concurrent_per_agent.
+    max_concurrent   integer CONSTRAINT agents_max_concurrent_range
+                     CHECK (max_concurrent BETWEEN 1 AND 1000),
+    drained          boolean NOT NULL DEFAULT false,
+    source           text NOT NULL DEFAULT 'registry',
+    -- The agent row is the concurrency semaphore: active_count is kept equal to the number of its
+    -- assigned + running tasks by the status trigger on dispatch.tasks, under this row's lock.
+    active_count     integer NOT NULL DEFAULT 0,
+    last_assigned_at timestamptz,
+    last_seen_at     timestamptz NOT NULL DEFAULT now(),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Device ownership (Alexandria): agent_id belongs to owner.
+CREATE TABLE dispatch.agent_owners (
+    agent_id   text NOT NULL,
+    owner      text NOT NULL,
+    source     text NOT NULL DEFAULT 'alexandria',
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (agent_id, owner)
+);
+
+CREATE TABLE dispatch.tasks (
+    task_id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    title                 text NOT NULL
+                          CONSTRAINT tasks_title_length CHECK (char_length(title) BETWEEN 1 AND 500),
+    description           text NOT NULL DEFAULT ''
+                          CONSTRAINT tasks_description_length CHECK (octet_length(description) <= 65536),
+    requester             text NOT NULL,
+    owner                 text NOT NULL,
+    source                text NOT NULL,
+    required_capabilities text[] NOT NULL DEFAULT '{}',
+    priority              integer NOT NULL DEFAULT 0
+                          CONSTRAINT tasks_priority_range CHECK (priority BETWEEN 0 AND 10),
+    status                dispatch.task_status NOT NULL DEFAULT 'pending',
+    assigned_agent        text,
+    previous_agents       text[] NOT NULL DEFAULT '{}',
+    retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    max_retries           integer NOT NULL DEFAULT 3
+                          CONSTRAINT tasks_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
+    timeout_seconds       integer NOT NULL
+                          CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
+    heartbeat_seconds     integer
+                          CONSTRAINT tasks_heartbeat_positive CHECK (heartbeat_seconds > 0),
+    available_at          timestamptz NOT NULL DEFAULT now(),
+    deadline_at           timestamptz,
+    -- Set when the assigned agent was asleep: it must start before this or the task goes back.
+    wake_deadline_at      timestamptz,
+    -- When the last `unmatched` event was written (reported once, then after unmatched_repeat_ms).
+    unmatched_at          timestamptz,
+    metadata              jsonb NOT NULL DEFAULT '{}'
+                          CONSTRAINT tasks_metadata_object CHECK (jsonb_typeof(metadata) = 'object'),
+    progress              jsonb,
+    result                jsonb,
+    error                 text,
+    parent_task_id        uuid REFERENCES dispatch.tasks (task_id) ON DELETE SET NULL,
+    idempotency_key       text CONSTRAINT tasks_idempotency_key_length
+                          CHECK (char_length(idempotency_key) BETWEEN 1 AND 200),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    assigned_at           timestamptz,
+    started_at            timestamptz,
+    last_progress_at      timestamptz,
+    completed_at          timestamptz
+);
+
+-- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
+-- small however long the history grows. Progress/heartbeat columns are in no index: progress
+-- reports are HOT updates.
+CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
+    WHERE status = 'pending';
+CREATE INDEX tasks_pending_available_idx ON dispatch.tasks (available_at)
+    WHERE status = 'pending';
+CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
+    WHERE status IN ('assigned', 'running');
+-- Retention, stats over the last hour and the dead-letter listing read terminal rows by time.
+CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)
+    WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled');
+CREATE UNIQUE INDEX tasks_idempotency_key_idx ON dispatch.tasks (requester, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX tasks_parent_idx ON dispatch.tasks (parent_task_id)
+    WHERE parent_task_id IS NOT NULL;
+
+-- History and transactional outbox in one: written in the transaction that makes the change.
+CREATE TABLE dispatch.task_events (
+    id           bigserial PRIMARY KEY,
+    task_id      uuid NOT NULL REFERENCES dispatch.tasks (task_id) ON DELETE CASCADE,
+    event        text NOT NULL,
+    actor        text NOT NULL,
+    payload      jsonb NOT NULL DEFAULT '{}',
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz
+);
+CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
+CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE published_at IS NULL;

@@ -1,0 +1,96 @@
+-- The DBA surface (SPEC section 2): functions that behave exactly like the API, and views to look at
+-- the queue from psql.
+
+CREATE FUNCTION dispatch.create_task(
+    title text,
+    description text DEFAULT '',
+    requester text DEFAULT NULL,
+    owner text DEFAULT NULL,
+    required_capabilities text[] DEFAULT '{}',
+    priority integer DEFAULT 0,
+    timeout_seconds integer DEFAULT NULL,
+    heartbeat_seconds integer DEFAULT NULL,
+    max_retries integer DEFAULT 3,
+    metadata jsonb DEFAULT '{}',
+    parent_task_id uuid DEFAULT NULL,
+    available_at timestamptz DEFAULT NULL,
+    source text DEFAULT 'sql',
+    idempotency_key text DEFAULT NULL
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    t dispatch.tasks;
+BEGIN
+    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
+                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                      metadata, parent_task_id, available_at, source,
+                                      idempotency_key)
+    VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
+            create_task.owner, coalesce(create_task.required_capabilities, '{}'),
+            coalesce(create_task.priority, 0), create_task.timeout_seconds,
+            create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
+            coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
+            create_task.available_at, create_task.source, create_task.idempotency_key)
+    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING * INTO t;
+    IF t.task_id IS NULL THEN
+        SELECT * INTO t FROM dispatch.tasks tk
+        WHERE tk.requester = coalesce(create_task.requester, dispatch.session_actor())
+          AND tk.idempotency_key = create_task.idempotency_key;
+    END IF;
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.cancel_task(task_id uuid, actor text DEFAULT NULL, reason text DEFAULT NULL)
+RETURNS dispatch.tasks
+LANGUAGE sql AS $$
+    SELECT dispatch.task_cancel(task_id, coalesce(actor, dispatch.session_actor()), reason, true)
+$$;
+
+CREATE FUNCTION dispatch.requeue_task(task_id uuid, actor text DEFAULT NULL)
+RETURNS dispatch.tasks
+LANGUAGE sql AS $$
+    SELECT dispatch.task_requeue(task_id, coalesce(actor, dispatch.session_actor()))
+$$;
+
+CREATE FUNCTION dispatch.drain_agent(agent_id text, drained boolean DEFAULT true)
+RETURNS dispatch.agents
+LANGUAGE sql AS $$
+    SELECT dispatch.agent_drain(agent_id, drained)
+$$;
+
+CREATE VIEW dispatch.queue_depth AS
+SELECT s.status,
+       count(t.task_id)::bigint AS count,
+       now() - min(t.created_at) AS oldest_age
+FROM unnest(enum_range(NULL::dispatch.task_status)) AS s (status)
+LEFT JOIN dispatch.tasks t ON t.status = s.status
+GROUP BY s.status
+ORDER BY s.status;
+
+CREATE VIEW dispatch.agent_load AS
+SELECT a.agent_id, a.status, a.drained, a.source, a.owner, a.capabilities,
+       a.active_count AS active_tasks,
+       coalesce(a.max_concurrent, c.max_concurrent_per_agent) AS max_concurrent,
+       (SELECT count(*) FROM dispatch.tasks t
+        WHERE t.status IN ('assigned', 'running') AND t.assigned_agent = a.agent_id)::integer
+           AS counted_active_tasks,
+       a.last_assigned_at, a.last_seen_at
+FROM dispatch.agents a CROSS JOIN dispatch.config c
+ORDER BY a.agent_id;
+
+CREATE VIEW dispatch.overdue AS
+SELECT t.task_id, t.title, t.status, t.assigned_agent, t.deadline_at,
+       now() - t.deadline_at AS overdue_by,
+       CASE WHEN t.deadline_at <= now() THEN 'deadline'
+            WHEN t.status = 'assigned' AND t.wake_deadline_at <= now() THEN 'wake_timeout'
+            ELSE 'heartbeat' END AS reason
+FROM dispatch.tasks t
+WHERE t.status IN ('assigned', 'running')
+  AND (t.deadline_at <= now()
+       OR (t.status = 'assigned' AND t.wake_deadline_at <= now())
+       OR t.heartbeat_seconds IS NOT NULL
+          AND coalesce(t.last_progress_at, t.started_at, t.assigned_at)
+              + make_interval(secs => t.heartbeat_seconds) <= now());
