@@ -19,6 +19,7 @@ from dispatch.models import (
     Assignment,
     Cursor,
     Expiry,
+    Explanation,
     NewTask,
     Stats,
     Task,
@@ -274,6 +275,10 @@ class Broker:
     async def agents(self) -> list[Agent]:
         async with self.pool.connection() as conn:
             return await store.agent_list(conn)
+
+    async def explain(self, task_id: uuid.UUID) -> Explanation:
+        """Every candidate agent for the task with its score factors or exclusion reasons."""
+        raise NotImplementedError("explain arrives with the assignment engine")
 
     async def stats(self, now: datetime | None = None) -> Stats:
         async with self.pool.connection() as conn:

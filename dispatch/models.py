@@ -170,3 +170,29 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     completed_last_hour: int
     failed_last_hour: int
     dead_letter: int
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent considered for a task, with the factors of its score or why it was excluded."""
+
+    agent_id: str
+    eligible: bool
+    score: float
+    capability_match: float
+    availability: float
+    priority_weight: float
+    active_tasks: int
+    max_concurrent: int
+    status: AgentStatus
+    drained: bool
+    previous_agent: bool
+    reasons: list[str]
+
+
+class Explanation(msgspec.Struct, frozen=True, kw_only=True):
+    """GET /api/v1/tasks/{id}/explain: every candidate, best first."""
+
+    task_id: uuid.UUID
+    status: TaskStatus
+    owner_filter_enabled: bool
+    candidates: list[Candidate]
