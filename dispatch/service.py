@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dispatch import db
 from dispatch.broker import Broker
+from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
 from dispatch.notify import Listener
 from dispatch.settings import Settings
@@ -48,6 +49,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.database_url = ""
+        self.metrics = Metrics()
         self.pool: AsyncConnectionPool[Any] | None = None
         self.listener: Listener | None = None
         self.broker: Broker | None = None
