@@ -103,8 +103,8 @@ def start_embedded(data_dir: str | Path) -> str:
 
     pgdata = Path(data_dir).resolve() / "pg"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    # cleanup_mode=None: the server outlives this process, so restarts are fast and keep data.
-    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    # cleanup_mode="stop": the server stops when the last process using it exits; data stays.
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
     url: str = server.get_uri()
     log.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
     return url

@@ -65,12 +65,18 @@ def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[int]:
             for m in migrations:
                 if m.version in applied:
                     continue
-                with conn.transaction():
-                    conn.execute(m.path.read_text())  # type: ignore[call-overload]
-                    conn.execute(
-                        "INSERT INTO dispatch.schema_migrations (version, name) VALUES (%s, %s)",
-                        (m.version, m.name),
-                    )
+                try:
+                    with conn.transaction():
+                        conn.execute(m.path.read_text())  # type: ignore[call-overload]
+                        conn.execute(
+                            "INSERT INTO dispatch.schema_migrations (version, name)"
+                            " VALUES (%s, %s)",
+                            (m.version, m.name),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"migration {m.path.name} failed and was rolled back: {exc}"
+                    ) from exc
                 log.info("applied migration %03d_%s", m.version, m.name)
                 applied_now.append(m.version)
         finally:

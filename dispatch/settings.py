@@ -131,7 +131,9 @@ def _env_value(name: str, raw: str) -> object:
     return raw
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Build Settings; raise ConfigError naming the key of the first invalid value."""
     env = os.environ if environ is None else environ
     path = path or env.get("DISPATCH_CONFIG") or None

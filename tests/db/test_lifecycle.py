@@ -1,0 +1,199 @@
+"""Every legal transition through the broker, each with its event row."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatch.broker import Broker
+from dispatch.errors import Conflict, Forbidden, InvalidInput, NotFound
+from dispatch.models import NewTask, TaskStatus
+from tests.factories import T0, at, event_names, make_running, make_task
+
+
+async def test_create_normalises_and_writes_created_event(broker: Broker) -> None:
+    task, created = await broker.submit(
+        NewTask(title="t", required_capabilities=[" Code ", "code", "REVIEW", ""], priority=7),
+        requester="alice",
+    )
+    assert created
+    assert task.status is TaskStatus.PENDING
+    assert task.required_capabilities == ["code", "review"]
+    assert task.owner == "alice" and task.requester == "alice" and task.source == "api"
+    assert task.timeout_seconds == 300
+    events = await broker.events(task.task_id)
+    assert [(e.event, e.actor) for e in events] == [("created", "alice")]
+    assert events[0].payload["priority"] == 7
+
+
+async def test_idempotency_key_returns_the_same_task(broker: Broker) -> None:
+    first, created1 = await broker.submit(NewTask(title="t"), requester="r", idempotency_key="k1")
+    again, created2 = await broker.submit(
+        NewTask(title="other"), requester="r", idempotency_key="k1"
+    )
+    other_requester, created3 = await broker.submit(
+        NewTask(title="t"), requester="s", idempotency_key="k1"
+    )
+    assert (created1, created2, created3) == (True, False, True)
+    assert again.task_id == first.task_id and again.title == "t"
+    assert other_requester.task_id != first.task_id
+
+
+async def test_full_lifecycle_events_in_order(broker: Broker) -> None:
+    await broker.agent_register("a1", capabilities=["code"])
+    task = await make_task(broker, required_capabilities=["code"])
+    [assignment] = await broker.assign(now=at(1))
+    assert assignment.task_id == task.task_id and assignment.agent_id == "a1"
+    assigned = await broker.get(task.task_id)
+    assert assigned.status is TaskStatus.ASSIGNED and assigned.assigned_agent == "a1"
+    assert assigned.deadline_at == at(1 + 300)
+    running = await broker.start(task.task_id, "a1", now=at(2))
+    assert running.status is TaskStatus.RUNNING and running.started_at == at(2)
+    progressed = await broker.progress(task.task_id, "a1", percent=40, message="m", now=at(3))
+    assert progressed.progress == {"percent": 40.0, "message": "m"}
+    done = await broker.complete(task.task_id, "a1", {"answer": 42}, now=at(4))
+    assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
+    assert done.completed_at == at(4)
+    events = await broker.events(task.task_id)
+    assert [e.event for e in events] == ["created", "assigned", "started", "progress", "completed"]
+    assert events[1].payload["assigned_agent"] == "a1" and events[1].payload["attempt"] == 1
+    assert events[4].payload == {"assigned_agent": "a1", "result": {"answer": 42}}
+    agent = await broker.agent("a1")
+    assert agent.active_tasks == 0
+
+
+async def test_first_progress_starts_an_assigned_task(broker: Broker) -> None:
+    await broker.agent_register("a1")
+    task = await make_task(broker)
+    await broker.claim("a1", now=T0)
+    t = await broker.progress(task.task_id, "a1", percent=10, now=at(1))
+    assert t.status is TaskStatus.RUNNING and t.started_at == at(1)
+    assert await event_names(broker, task) == ["created", "assigned", "started", "progress"]
+
+
+async def test_complete_straight_from_assigned(broker: Broker) -> None:
+    await broker.agent_register("a1")
+    task = await make_task(broker)
+    await broker.claim("a1", now=T0)
+    done = await broker.complete(task.task_id, "a1", None, now=at(1))
+    assert done.status is TaskStatus.COMPLETED
+
+
+async def test_repeated_complete_by_same_agent_is_unchanged(broker: Broker) -> None:
+    task = await make_running(broker)
+    first = await broker.complete(task.task_id, "agent-1", {"v": 1}, now=at(5))
+    again = await broker.complete(task.task_id, "agent-1", {"v": 2}, now=at(6))
+    assert again == first
+    assert (await event_names(broker, task)).count("completed") == 1
+
+
+async def test_manual_resolution_by_requester_owner_or_admin(broker: Broker) -> None:
+    for actor, admin in (("req", False), ("boss", False), ("root", True)):
+        task = await make_running(broker, owner="boss")
+        done = await broker.complete(task.task_id, actor, {"by": actor}, admin=admin)
+        assert done.status is TaskStatus.COMPLETED
+        events = await broker.events(task.task_id)
+        assert events[-1].actor == actor
+
+
+async def test_cancel_pending_assigned_running(broker: Broker) -> None:
+    await broker.agent_register("a1", max_concurrent=5)
+    pending = await make_task(broker)
+    cancelled = await broker.cancel(pending.task_id, "req", "not needed")
+    assert cancelled.status is TaskStatus.CANCELLED
+    assigned = await make_task(broker)
+    await broker.claim("a1", now=T0)
+    assert (await broker.cancel(assigned.task_id, "req")).status is TaskStatus.CANCELLED
+    running = await make_running(broker, agent="a1")
+    assert (await broker.cancel(running.task_id, "x", admin=True)).status is TaskStatus.CANCELLED
+    events = await broker.events(pending.task_id)
+    assert events[-1].event == "cancelled" and events[-1].payload["reason"] == "not needed"
+    assert (await broker.agent("a1")).active_tasks == 0
+
+
+async def test_cancel_by_someone_else_is_forbidden(broker: Broker) -> None:
+    task = await make_task(broker)
+    with pytest.raises(Forbidden):
+        await broker.cancel(task.task_id, "mallory")
+    assert (await broker.get(task.task_id)).status is TaskStatus.PENDING
+
+
+async def test_requeue_dead_letters(broker: Broker) -> None:
+    task = await make_running(broker, max_retries=0)
+    failed = await broker.fail(task.task_id, "agent-1", "boom", now=at(1))
+    assert failed.status is TaskStatus.FAILED
+    again = await broker.requeue(failed.task_id, "admin", now=at(2))
+    assert again.status is TaskStatus.PENDING and again.retry_count == 0
+    assert again.assigned_agent is None and again.completed_at is None
+    assert (await event_names(broker, task))[-1] == "requeued"
+    done = await make_running(broker, agent="agent-2")
+    await broker.complete(done.task_id, "agent-2")
+    with pytest.raises(Conflict) as exc:
+        await broker.requeue(done.task_id, "admin")
+    assert exc.value.task is not None
+
+
+async def test_update_merges_metadata_and_reprioritises_pending(broker: Broker) -> None:
+    running = await make_running(broker, agent="a2")
+    task = await make_task(broker, metadata={"a": 1, "b": {"c": 2, "d": 3}})
+    t = await broker.update(
+        task.task_id, "req", metadata_patch={"b": {"c": None, "e": 4}, "f": 5}, priority=9
+    )
+    assert t.metadata == {"a": 1, "b": {"d": 3, "e": 4}, "f": 5}
+    assert t.priority == 9
+    assert (await event_names(broker, task))[-1] == "updated"
+    with pytest.raises(Conflict):
+        await broker.update(running.task_id, "req", priority=1)
+
+
+async def test_unknown_task_is_not_found(broker: Broker) -> None:
+    import uuid
+
+    missing = uuid.uuid4()
+    with pytest.raises(NotFound):
+        await broker.get(missing)
+    with pytest.raises(NotFound):
+        await broker.start(missing, "a1")
+    with pytest.raises(NotFound):
+        await broker.events(missing)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"title": ""}, "title"),
+        ({"title": "x" * 501}, "title"),
+        ({"title": "t", "priority": 11}, "priority"),
+        ({"title": "t", "priority": -1}, "priority"),
+        ({"title": "t", "max_retries": 101}, "max_retries"),
+        ({"title": "t", "timeout_seconds": 0}, "timeout_seconds"),
+        ({"title": "t", "heartbeat_seconds": -5}, "heartbeat_seconds"),
+        ({"title": "t", "description": "x" * 70000}, "description"),
+    ],
+)
+async def test_bad_task_arguments_are_refused_and_nothing_is_written(
+    broker: Broker, sql: object, fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        await broker.submit(NewTask(**fields), requester="r")  # type: ignore[arg-type]
+    assert exc.value.field == field
+    counts = sql.execute(  # type: ignore[attr-defined]
+        "SELECT (SELECT count(*) FROM dispatch.tasks) AS t,"
+        " (SELECT count(*) FROM dispatch.task_events) AS e"
+    ).fetchone()
+    assert counts == {"t": 0, "e": 0}
+
+
+async def test_unknown_parent_is_invalid(broker: Broker) -> None:
+    import uuid
+
+    with pytest.raises(InvalidInput) as exc:
+        await broker.submit(NewTask(title="t", parent_task_id=uuid.uuid4()), requester="r")
+    assert exc.value.field == "parent_task_id"
+
+
+async def test_progress_percent_out_of_range(broker: Broker) -> None:
+    task = await make_running(broker)
+    with pytest.raises(InvalidInput) as exc:
+        await broker.progress(task.task_id, "agent-1", percent=101)
+    assert exc.value.field == "percent"
+    assert await event_names(broker, task) == ["created", "assigned", "started"]

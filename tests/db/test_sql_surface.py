@@ -1,0 +1,177 @@
+"""What a DBA meets in psql: plain INSERTs, the status guard on raw UPDATEs, the DBA functions and
+views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+ALL_STATUSES = ["pending", "assigned", "running", "completed", "failed", "timed_out", "cancelled"]
+LEGAL = {
+    ("pending", "assigned"),
+    ("pending", "cancelled"),
+    ("assigned", "running"),
+    ("assigned", "completed"),
+    ("assigned", "failed"),
+    ("assigned", "timed_out"),
+    ("assigned", "pending"),
+    ("assigned", "cancelled"),
+    ("running", "completed"),
+    ("running", "failed"),
+    ("running", "timed_out"),
+    ("running", "pending"),
+    ("running", "cancelled"),
+    ("failed", "pending"),
+    ("timed_out", "pending"),
+    ("cancelled", "pending"),
+}
+
+
+def _task_in(sql: Conn, status: str) -> str:
+    """A task brought to `status` by raw SQL along legal edges."""
+    sql.execute("INSERT INTO dispatch.agents (agent_id) VALUES ('a1') ON CONFLICT DO NOTHING")
+    row = sql.execute(
+        "INSERT INTO dispatch.tasks (title) VALUES ('x') RETURNING task_id"
+    ).fetchone()
+    assert row is not None
+    task_id = str(row["task_id"])
+    path = {
+        "pending": [],
+        "assigned": ["assigned"],
+        "running": ["assigned", "running"],
+        "completed": ["assigned", "running", "completed"],
+        "failed": ["assigned", "failed"],
+        "timed_out": ["assigned", "timed_out"],
+        "cancelled": ["cancelled"],
+    }[status]
+    for step in path:
+        sql.execute(
+            "UPDATE dispatch.tasks SET status = %s,"
+            " assigned_agent = CASE WHEN %s = 'assigned' THEN 'a1' ELSE assigned_agent END"
+            " WHERE task_id = %s",
+            (step, step, task_id),
+        )
+    return task_id
+
+
+def test_plain_insert_gives_a_pending_task_with_created_event(sql: Conn) -> None:
+    with psycopg.connect(sql.info.dsn, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        row = sql.execute(
+            "INSERT INTO dispatch.tasks (title) VALUES ('from psql') RETURNING *"
+        ).fetchone()
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+    assert row is not None
+    assert row["status"] == "pending" and row["source"] == "sql"
+    assert row["requester"] == row["owner"] == sql.info.user
+    assert row["timeout_seconds"] == 300 and row["metadata"] == {}
+    events = sql.execute(
+        "SELECT event, actor FROM dispatch.task_events WHERE task_id = %s", (row["task_id"],)
+    ).fetchall()
+    assert events == [{"event": "created", "actor": sql.info.user}]
+    assert [n.channel for n in notes] == ["dispatch_work"]
+
+
+def test_insert_not_pending_is_refused(sql: Conn) -> None:
+    with pytest.raises(psycopg.Error, match="a new task must be pending"):
+        sql.execute("INSERT INTO dispatch.tasks (title, status) VALUES ('x', 'running')")
+
+
+@pytest.mark.parametrize("old", ALL_STATUSES)
+def test_every_status_edge_from_raw_sql(sql: Conn, old: str) -> None:
+    for new in ALL_STATUSES:
+        if new == old:
+            continue
+        task_id = _task_in(sql, old)
+        before = sql.execute("SELECT count(*) AS n FROM dispatch.task_events").fetchone()
+        update = (
+            "UPDATE dispatch.tasks SET status = %s,"
+            " assigned_agent = coalesce(assigned_agent, 'a1') WHERE task_id = %s"
+        )
+        if (old, new) in LEGAL:
+            sql.execute(update, (new, task_id))
+            after = sql.execute("SELECT count(*) AS n FROM dispatch.task_events").fetchone()
+            assert after is not None and before is not None
+            assert after["n"] == before["n"] + 1, f"{old} -> {new} wrote no event"
+        else:
+            with pytest.raises(psycopg.Error) as exc:
+                sql.execute(update, (new, task_id))
+            assert f"illegal task status transition from {old} to {new}" in str(exc.value)
+            status = sql.execute(
+                "SELECT status::text FROM dispatch.tasks WHERE task_id = %s", (task_id,)
+            ).fetchone()
+            assert status == {"status": old}
+
+
+def test_raw_sql_transitions_keep_active_count(sql: Conn) -> None:
+    _task_in(sql, "running")
+    _task_in(sql, "assigned")
+    _task_in(sql, "completed")
+    load = sql.execute(
+        "SELECT active_tasks, counted_active_tasks FROM dispatch.agent_load WHERE agent_id = 'a1'"
+    ).fetchone()
+    assert load == {"active_tasks": 2, "counted_active_tasks": 2}
+
+
+def test_dba_functions_behave_like_the_api(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{code}', 'alice')")
+    task = sql.execute(
+        "SELECT * FROM dispatch.create_task('fix it', required_capabilities => '{Code}',"
+        " owner => 'alice', requester => 'bob', priority => 4)"
+    ).fetchone()
+    assert task is not None
+    assert task["required_capabilities"] == ["code"] and task["priority"] == 4
+    cancelled = sql.execute(
+        "SELECT status::text, completed_at IS NOT NULL AS done"
+        " FROM dispatch.cancel_task(%s, 'dba', 'duplicate')",
+        (task["task_id"],),
+    ).fetchone()
+    assert cancelled == {"status": "cancelled", "done": True}
+    requeued = sql.execute(
+        "SELECT status::text FROM dispatch.requeue_task(%s)", (task["task_id"],)
+    ).fetchone()
+    assert requeued == {"status": "pending"}
+    drained = sql.execute("SELECT drained FROM dispatch.drain_agent('a1', true)").fetchone()
+    assert drained == {"drained": True}
+    assert sql.execute("SELECT * FROM dispatch.task_assign()").fetchall() == []
+    sql.execute("SELECT dispatch.drain_agent('a1', false)")
+    assigned = sql.execute("SELECT agent_id FROM dispatch.task_assign()").fetchall()
+    assert assigned == [{"agent_id": "a1"}]
+    events = sql.execute(
+        "SELECT event, actor FROM dispatch.task_events WHERE task_id = %s ORDER BY id",
+        (task["task_id"],),
+    ).fetchall()
+    assert [e["event"] for e in events] == ["created", "cancelled", "requeued", "assigned"]
+    assert events[1]["actor"] == "dba"
+
+
+def test_dba_function_argument_errors_are_clear(sql: Conn) -> None:
+    with pytest.raises(psycopg.Error, match=r"priority must be between 0 and 10 \(got 42\)"):
+        sql.execute("SELECT dispatch.create_task('t', priority => 42)")
+    with pytest.raises(psycopg.Error, match="title must be 1 to 500 characters"):
+        sql.execute("SELECT dispatch.create_task('')")
+    with pytest.raises(psycopg.Error, match="max_retries must be between 0 and 100"):
+        sql.execute("SELECT dispatch.create_task('t', max_retries => 1000)")
+    with pytest.raises(psycopg.Error, match="timeout_seconds must be greater than 0"):
+        sql.execute("SELECT dispatch.create_task('t', timeout_seconds => 0)")
+    with pytest.raises(psycopg.Error, match="agent nobody not found"):
+        sql.execute("SELECT dispatch.drain_agent('nobody')")
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone() == {"n": 0}
+
+
+def test_views(sql: Conn) -> None:
+    _task_in(sql, "pending")
+    _task_in(sql, "running")
+    depth = {r["status"]: r["count"] for r in sql.execute("SELECT * FROM dispatch.queue_depth")}
+    assert depth["pending"] == 1 and depth["running"] == 1 and depth["completed"] == 0
+    assert set(depth) == set(ALL_STATUSES)
+    sql.execute(
+        "UPDATE dispatch.tasks SET deadline_at = now() - interval '1 minute'"
+        " WHERE status = 'running'"
+    )
+    overdue = sql.execute("SELECT status::text, reason FROM dispatch.overdue").fetchall()
+    assert overdue == [{"status": "running", "reason": "deadline"}]
