@@ -25,7 +25,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
-class ServerSettings(_Section):
+class ServerSettings(_Section, frozen=True):
     host: str = "0.0.0.0"
     port: Port = DEFAULT_PORT
     metrics_port: Port = DEFAULT_METRICS_PORT
@@ -33,18 +33,18 @@ class ServerSettings(_Section):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(_Section, frozen=True):
     url: Url = ""
     pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
 
 
-class ServiceSettings(_Section):
+class ServiceSettings(_Section, frozen=True):
     url: Url = ""
     token: str = ""
 
 
-class AssignmentSettings(_Section):
+class AssignmentSettings(_Section, frozen=True):
     tick_interval_ms: PositiveMs = 5000
     wake_timeout_ms: PositiveMs = 30000
     default_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 300000
@@ -56,21 +56,21 @@ class AssignmentSettings(_Section):
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
 
 
-class DirectorySettings(_Section):
+class DirectorySettings(_Section, frozen=True):
     refresh_ms: PositiveMs = 5000
     stale_ms: PositiveMs = 60000
 
 
-class RetentionSettings(_Section):
+class RetentionSettings(_Section, frozen=True):
     hours: Annotated[int, msgspec.Meta(ge=1)] = 168
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     """Everything `dispatch` reads from its configuration, built once and passed explicitly."""
 
     server: ServerSettings = ServerSettings()
