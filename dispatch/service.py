@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from dispatch import db
+from dispatch import db, store
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
@@ -89,8 +90,13 @@ class Service:
 
         assert self.broker is not None
         s = self.settings
+        admin_token = s.server.admin_token
+        if not admin_token:
+            admin_token = secrets.token_urlsafe(32)
+            # Logged once, so that an operator of a default start-up can use the admin endpoints.
+            log.warning("server.admin_token is empty; generated admin token: %s", admin_token)
         apps = [
-            (create_app(s, self.broker), s.server.port),
+            (create_app(s, self.broker, admin_token=admin_token), s.server.port),
             (create_ops_app(self), s.server.metrics_port),
         ]
         for app, port in apps:
@@ -131,6 +137,12 @@ class Service:
             if callable(extra):
                 report.update(extra())
         return ok, report
+
+    async def gauges(self) -> dict[str, object]:
+        """The queue gauges read from the database at scrape time (GET /metrics)."""
+        assert self.pool is not None
+        async with self.pool.connection(timeout=2.0) as conn:
+            return await store.metrics_gauges(conn)
 
     async def stop(self) -> None:
         for server in self.servers:

@@ -429,3 +429,27 @@ async def stats(conn: Conn, now: datetime | None) -> Stats:
 async def queue_depth(conn: Conn) -> dict[str, int]:
     rows = await _rows(conn, "SELECT status::text, count FROM dispatch.queue_depth", ())
     return {r["status"]: int(r["count"]) for r in rows}
+
+
+# -- scrape-time gauges (GET /metrics) ------------------------------------------------------------
+
+_GAUGES = """
+SELECT
+    (SELECT coalesce(jsonb_object_agg(status, count), '{}') FROM dispatch.queue_depth)
+        AS queue_depth,
+    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM dispatch.tasks
+     WHERE status = 'pending') AS oldest_pending_seconds,
+    (SELECT coalesce(jsonb_object_agg(status, n), '{}')
+     FROM (SELECT s.status, count(a.agent_id) AS n
+           FROM unnest(enum_range(NULL::dispatch.agent_status)) AS s (status)
+           LEFT JOIN dispatch.agents a ON a.status = s.status
+           GROUP BY s.status) per_status) AS agents,
+    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished
+"""
+
+
+async def metrics_gauges(conn: Conn) -> dict[str, Any]:
+    """The queue gauges of SPEC section 9, read at scrape time: queue_depth {status: n},
+    oldest_pending_seconds, agents {status: n}, event_log_unpublished."""
+    rows = await _rows(conn, _GAUGES, ())
+    return dict(rows[0])

@@ -1,12 +1,78 @@
-"""The API app on port 8600. The [api] issue fills in every endpoint of SPEC section 5."""
+"""The API app on port 8600: every endpoint of SPEC section 5 under /api/v1, and its OpenAPI
+document under /schema (openapi.json, openapi.yaml, a browsable page)."""
 
-from __future__ import annotations
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import HeaderParameter
+from litestar.plugins.prometheus import PrometheusConfig
 
-from litestar import Litestar
-
+import dispatch
+from dispatch.api.agents import AgentController, stats
+from dispatch.api.auth import require_agent
+from dispatch.api.deps import provide_actor, provide_admin
+from dispatch.api.errors import EXCEPTION_HANDLERS
+from dispatch.api.schemas import AGENT_ID_PATTERN
+from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.settings import Settings
 
+HTTP_METRICS_PREFIX = "dispatch_http"
 
-def create_app(settings: Settings, broker: Broker) -> Litestar:
-    return Litestar(route_handlers=[])
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Dispatch",
+        version=dispatch.__version__,
+        description="Task broker and work scheduler for agent swarms.",
+        path="/schema",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(
+            security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer")}
+        ),
+    )
+
+
+def prometheus_config() -> PrometheusConfig:
+    """HTTP metrics (dispatch_http_*) on the process's default registry; the ops app serves them."""
+    return PrometheusConfig(
+        app_name="dispatch", prefix=HTTP_METRICS_PREFIX, group_path=True,
+        exclude_unhandled_paths=True,
+    )
+
+
+def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = None) -> Litestar:
+    """The API app. `admin_token`, when given, replaces settings.server.admin_token (`serve`
+    passes the one it generated when the setting is empty)."""
+
+    def _broker() -> Broker:
+        return broker
+
+    api = Router(
+        path="/api/v1",
+        route_handlers=[TaskController, AgentController, stats],
+        guards=[require_agent],
+        parameters={
+            "x_agent_id": HeaderParameter(
+                annotation=str, name="X-Agent-ID", required=True, pattern=AGENT_ID_PATTERN,
+                description="The calling agent (or requester).",
+            )
+        },
+        dependencies={
+            "actor": Provide(provide_actor, sync_to_thread=False),
+            "admin": Provide(provide_admin, sync_to_thread=False),
+        },
+    )
+    return Litestar(
+        route_handlers=[api],
+        dependencies={"broker": Provide(_broker, sync_to_thread=False, use_cache=True)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.server.max_body_bytes,
+        middleware=[prometheus_config().middleware],
+        openapi_config=openapi_config(),
+        state=State({"admin_token": admin_token or settings.server.admin_token}),
+        debug=False,
+    )

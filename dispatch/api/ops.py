@@ -1,20 +1,91 @@
-"""The ops app on the metrics port: GET /health and GET /metrics."""
+"""The ops app on the metrics port: GET /health and GET /metrics (Prometheus text)."""
 
-from __future__ import annotations
-
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from litestar import Litestar, Response, get
+from litestar.exceptions import HTTPException
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from dispatch.api.errors import http_error, internal_error
+from dispatch.metrics import Metrics
 
 
-class HealthSource(Protocol):
+class OpsSource(Protocol):
+    """What the ops app reads: the Service."""
+
+    metrics: Metrics
+
     async def health(self) -> tuple[bool, dict[str, object]]: ...
 
+    async def gauges(self) -> dict[str, object]: ...
 
-def create_ops_app(service: HealthSource) -> Litestar:
+
+class _Snapshot(Collector):
+    """Gauges of one scrape, read from the database just before."""
+
+    def __init__(self, values: Mapping[str, Any] | None) -> None:
+        self.values = values
+
+    def collect(self) -> list[GaugeMetricFamily]:  # type: ignore[override]
+        up = GaugeMetricFamily(
+            "dispatch_database_up", "1 when the scrape could read the database", value=0
+        )
+        if self.values is None:
+            return [up]
+        up = GaugeMetricFamily(
+            "dispatch_database_up", "1 when the scrape could read the database", value=1
+        )
+        depth = GaugeMetricFamily("dispatch_queue_depth", "Tasks by status", labels=["status"])
+        for status, n in sorted(dict(self.values.get("queue_depth") or {}).items()):
+            depth.add_metric([status], float(n))
+        agents = GaugeMetricFamily("dispatch_agents", "Agents by status", labels=["status"])
+        for status, n in sorted(dict(self.values.get("agents") or {}).items()):
+            agents.add_metric([status], float(n))
+        oldest = self.values.get("oldest_pending_seconds")
+        return [
+            up,
+            depth,
+            GaugeMetricFamily(
+                "dispatch_oldest_pending_seconds", "Age of the oldest pending task (0 when none)",
+                value=float(oldest or 0.0),
+            ),
+            agents,
+            GaugeMetricFamily(
+                "dispatch_event_log_unpublished", "Event-log rows not yet published to NATS",
+                value=float(self.values.get("event_log_unpublished") or 0),
+            ),
+        ]
+
+
+def create_ops_app(service: OpsSource) -> Litestar:
     @get("/health", sync_to_thread=False)
     async def health() -> Response[dict[str, object]]:
         ok, report = await service.health()
         return Response(report, status_code=200 if ok else 503)
 
-    return Litestar(route_handlers=[health], openapi_config=None)
+    @get("/metrics", sync_to_thread=False)
+    async def metrics() -> Response[bytes]:
+        """The process's dispatch_ metrics, the HTTP metrics of the API app (the default
+        registry, where Litestar's Prometheus middleware records) and the database gauges."""
+        try:
+            values: Mapping[str, Any] | None = await service.gauges()
+        except Exception:  # any failure to read the database shows as dispatch_database_up 0
+            values = None
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(_Snapshot(values))
+        body = (
+            generate_latest(service.metrics.registry)
+            + generate_latest(scrape)
+            + generate_latest(REGISTRY)
+        )
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return Litestar(
+        route_handlers=[health, metrics],
+        openapi_config=None,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]
+    )

@@ -1,0 +1,98 @@
+"""Agent directory endpoints and the admin statistics."""
+
+from typing import Annotated
+
+from litestar import Controller, get, post, put
+from litestar.params import JSONBody, PathParameter
+from litestar.status_codes import HTTP_200_OK
+
+from dispatch.api.auth import ADMIN_SECURITY, require_admin
+from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.schemas import AGENT_ID_RE, AgentRegistration, Heartbeat
+from dispatch.errors import Forbidden, InvalidInput
+from dispatch.models import Agent, Stats
+
+AgentIdPath = Annotated[str, PathParameter(description="The agent id: 1-128 of [A-Za-z0-9._:@/-].")]
+
+
+def checked_agent_id(raw: str) -> str:
+    if not AGENT_ID_RE.match(raw):
+        raise InvalidInput(
+            "agent id must be 1 to 128 characters of [A-Za-z0-9._:@/-]", field="agent_id"
+        )
+    return raw
+
+
+def require_self_or_admin(agent_id: str, actor: Actor, admin: IsAdmin) -> None:
+    if actor != agent_id and not admin:
+        raise Forbidden(f"{actor} may not act for agent {agent_id} (only itself or an admin)")
+
+
+class AgentController(Controller):
+    path = "/agents"
+    tags = ["agents"]  # noqa: RUF012 - Litestar's own class attribute
+
+    @put("/{agent_id:str}", summary="Register or update an agent (itself, or an admin)")
+    async def register(
+        self,
+        agent_id: AgentIdPath,
+        broker: BrokerDep,
+        actor: Actor,
+        admin: IsAdmin,
+        data: JSONBody[AgentRegistration | None] = None,
+    ) -> Agent:
+        agent_id = checked_agent_id(agent_id)
+        require_self_or_admin(agent_id, actor, admin)
+        body = data or AgentRegistration()
+        return await broker.agent_register(
+            agent_id, capabilities=body.capabilities, owner=body.owner,
+            max_concurrent=body.max_concurrent, status=body.status,
+        )
+
+    @get("/", summary="Admin: the capability map", guards=[require_admin], security=ADMIN_SECURITY)
+    async def list_agents(self, broker: BrokerDep) -> list[Agent]:
+        return await broker.agents()
+
+    @post("/{agent_id:str}/heartbeat", status_code=HTTP_200_OK, summary="An agent is alive")
+    async def heartbeat(
+        self,
+        agent_id: AgentIdPath,
+        broker: BrokerDep,
+        actor: Actor,
+        admin: IsAdmin,
+        data: JSONBody[Heartbeat | None] = None,
+    ) -> Agent:
+        agent_id = checked_agent_id(agent_id)
+        require_self_or_admin(agent_id, actor, admin)
+        return await broker.agent_heartbeat(agent_id, (data or Heartbeat()).status)
+
+    @post(
+        "/{agent_id:str}/drain",
+        status_code=HTTP_200_OK,
+        summary="Admin: no new tasks for this agent",
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
+    async def drain(self, agent_id: AgentIdPath, broker: BrokerDep) -> Agent:
+        return await broker.agent_drain(checked_agent_id(agent_id), True)
+
+    @post(
+        "/{agent_id:str}/undrain",
+        status_code=HTTP_200_OK,
+        summary="Admin: the agent takes tasks again",
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
+    async def undrain(self, agent_id: AgentIdPath, broker: BrokerDep) -> Agent:
+        return await broker.agent_drain(checked_agent_id(agent_id), False)
+
+
+@get(
+    "/stats",
+    summary="Admin: queue statistics",
+    tags=["admin"],
+    guards=[require_admin],
+    security=ADMIN_SECURITY,
+)
+async def stats(broker: BrokerDep) -> Stats:
+    return await broker.stats()

@@ -1,0 +1,136 @@
+"""The one mapping from errors to HTTP statuses, registered as Litestar exception handlers.
+
+Every failure leaves as `{"error": "<message>", "detail": ...}`.
+"""
+
+import logging
+import re
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_401_UNAUTHORIZED,
+    HTTP_403_FORBIDDEN,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_501_NOT_IMPLEMENTED,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+from litestar.types import ExceptionHandlersMap
+
+from dispatch.api.schemas import ErrorBody
+from dispatch.errors import (
+    Conflict,
+    DispatchError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[DispatchError], int] = {
+    InvalidInput: HTTP_400_BAD_REQUEST,
+    Unauthorized: HTTP_401_UNAUTHORIZED,
+    Forbidden: HTTP_403_FORBIDDEN,
+    NotFound: HTTP_404_NOT_FOUND,
+    Conflict: HTTP_409_CONFLICT,
+    Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
+}
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def error_response(
+    status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
+    return Response(ErrorBody(error=error, detail=detail), status_code=status, headers=headers)
+
+
+def _status_of(exc: DispatchError) -> int:
+    for kind in type(exc).__mro__:
+        status = STATUS_OF.get(kind)  # type: ignore[arg-type]
+        if status is not None:
+            return status
+    return HTTP_500_INTERNAL_SERVER_ERROR
+
+
+def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Response[ErrorBody]:
+    status = _status_of(exc)
+    headers = None
+    detail: Any = exc.detail
+    if isinstance(exc, InvalidInput):
+        detail = {"field": exc.field} if exc.detail is None else exc.detail
+    elif isinstance(exc, Conflict):
+        detail = exc.task
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.detail == "admin" else None
+        detail = None
+    if status >= HTTP_500_INTERNAL_SERVER_ERROR:
+        log.error("request failed: %s", exc.message, extra={"path": request.url.path})
+    return error_response(status, exc.message, detail, headers)
+
+
+def validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[ErrorBody]:
+    """Litestar's parameter/body validation: name the field in the message and the detail."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if not problems:
+        return error_response(HTTP_400_BAD_REQUEST, f"invalid request: {exc.detail}")
+    first = problems[0] if isinstance(problems[0], dict) else {}
+    message = str(first.get("message", exc.detail))
+    field = str(first.get("key") or "")
+    source = str(first.get("source") or "")
+    if source == "body":
+        unknown = _UNKNOWN_FIELD.search(message)
+        at_path = _AT_PATH.search(message)
+        if unknown:
+            field = f"{at_path.group(1)}.{unknown.group(1)}" if at_path else unknown.group(1)
+        elif at_path:
+            field = at_path.group(1)
+        elif field == "data":
+            field = ""
+    where = f" {field}" if field else ""
+    return error_response(
+        HTTP_400_BAD_REQUEST,
+        f"invalid {source or 'input'}{where}: {message}",
+        {"field": field or None, "source": source or None},
+    )
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    """Routing, method, size and parsing errors raised by Litestar itself."""
+    status = exc.status_code
+    message = exc.detail
+    if status == HTTP_400_BAD_REQUEST and message == "Input data was truncated":
+        message = "malformed JSON body"
+    elif status == 413:
+        message = "request body too large"
+    return error_response(status, message, None, exc.headers)
+
+
+def not_implemented(
+    request: Request[Any, Any, Any], exc: NotImplementedError
+) -> Response[ErrorBody]:
+    return error_response(HTTP_501_NOT_IMPLEMENTED, str(exc) or "not implemented")
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    log.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    DispatchError: dispatch_error,  # type: ignore[dict-item]
+    ValidationException: validation_error,  # type: ignore[dict-item]
+    HTTPException: http_error,  # type: ignore[dict-item]
+    NotImplementedError: not_implemented,  # type: ignore[dict-item]
+    Exception: internal_error,
+}

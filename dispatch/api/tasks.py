@@ -1,0 +1,309 @@
+"""Task endpoints: HTTP in, one broker call, HTTP out."""
+
+import base64
+import binascii
+import uuid
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Response, get, patch, post
+from litestar.datastructures import ResponseHeader
+from litestar.openapi.spec import Example
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from dispatch.api.auth import ADMIN_SECURITY, require_admin
+from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.schemas import (
+    ClaimRequest,
+    CompleteReport,
+    FailReport,
+    ProgressReport,
+    TaskCreate,
+    TaskPatch,
+)
+from dispatch.errors import InvalidInput
+from dispatch.models import (
+    Cursor,
+    Explanation,
+    NewTask,
+    Task,
+    TaskEvent,
+    TaskFilter,
+    TaskStatus,
+)
+
+_NO_NUL = r"^[^\x00]*$"
+FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=_NO_NUL)]
+TaskIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The task's id (a UUID).", examples=[Example(value=str(uuid.UUID(int=1)))]
+    ),
+]
+
+
+def parse_task_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidInput(f"task_id must be a UUID, got {raw[:64]!r}", field="task_id") from None
+
+
+def encode_cursor(task: Task) -> str:
+    cursor = Cursor(priority=task.priority, created_at=task.created_at, task_id=task.task_id)
+    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> Cursor:
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        return msgspec.json.decode(data, type=Cursor)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidInput("cursor is not one this server issued", field="cursor") from None
+
+
+def parse_statuses(raw: str) -> list[TaskStatus]:
+    statuses = []
+    for part in raw.split(","):
+        name = part.strip().lower()
+        try:
+            statuses.append(TaskStatus(name))
+        except ValueError:
+            allowed = ", ".join(s.value for s in TaskStatus)
+            raise InvalidInput(
+                f"status {name[:32]!r} is not one of {allowed}", field="status"
+            ) from None
+    return statuses
+
+
+def _one_of(first: object, second: object, names: tuple[str, str]) -> None:
+    if first is not None and second is not None:
+        raise InvalidInput(f"give {names[0]} or {names[1]}, not both", field=names[1])
+
+
+class TaskController(Controller):
+    path = "/tasks"
+    tags = ["tasks"]  # noqa: RUF012 - Litestar's own class attribute
+
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        summary="Create a task",
+        description="201 with the new task; 200 with the original when Idempotency-Key repeats.",
+        response_headers=[
+            ResponseHeader(name="Location", description="the task's URL", documentation_only=True)
+        ],
+    )
+    async def create(
+        self,
+        data: JSONBody[TaskCreate],
+        broker: BrokerDep,
+        actor: Actor,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=_NO_NUL),
+        ] = None,
+    ) -> Response[Task]:
+        _one_of(data.required_capabilities, data.scope, ("required_capabilities", "scope"))
+        _one_of(data.metadata, data.context, ("metadata", "context"))
+        caps = data.required_capabilities
+        if caps is None:
+            caps = [data.scope] if data.scope is not None else []
+        new = NewTask(
+            title=data.title,
+            description=data.description,
+            owner=data.owner,
+            required_capabilities=caps,
+            priority=data.priority,
+            timeout_seconds=data.timeout_seconds,
+            heartbeat_seconds=data.heartbeat_seconds,
+            max_retries=data.max_retries,
+            metadata=data.metadata if data.metadata is not None else (data.context or {}),
+            parent_task_id=data.parent_task_id,
+            available_at=data.available_at,
+            source=data.source,
+        )
+        task, created = await broker.submit(new, requester=actor, idempotency_key=idempotency_key)
+        return Response(
+            task,
+            status_code=HTTP_201_CREATED if created else HTTP_200_OK,
+            headers={"Location": f"/api/v1/tasks/{task.task_id}"},
+        )
+
+    @get(
+        "/",
+        summary="List tasks",
+        description="Ordered by priority desc, created_at; X-Next-Cursor when there are more.",
+        response_headers=[
+            ResponseHeader(
+                name="X-Next-Cursor", description="the next page", documentation_only=True
+            )
+        ],
+    )
+    async def list_tasks(
+        self,
+        broker: BrokerDep,
+        status: Annotated[
+            str | None,
+            QueryParameter(description="comma-separated statuses", max_length=256, pattern=_NO_NUL),
+        ] = None,
+        requester: FilterText = None,
+        owner: FilterText = None,
+        assignee: FilterText = None,
+        agent: Annotated[
+            str | None,
+            QueryParameter(
+                description="alias of assignee", min_length=1, max_length=256, pattern=_NO_NUL
+            ),
+        ] = None,
+        scope_filter: Annotated[
+            str | None,
+            QueryParameter(
+                name="scope", description="alias of capability", min_length=1, max_length=256,
+                pattern=_NO_NUL,
+            ),
+        ] = None,
+        capability: FilterText = None,
+        source: FilterText = None,
+        parent_task_id: Annotated[uuid.UUID | None, QueryParameter()] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
+    ) -> Response[list[Task]]:
+        _one_of(assignee, agent, ("assignee", "agent"))
+        _one_of(capability, scope_filter, ("capability", "scope"))
+        filters = TaskFilter(
+            statuses=parse_statuses(status) if status else None,
+            requester=requester,
+            owner=owner,
+            assignee=assignee if assignee is not None else agent,
+            capability=capability if capability is not None else scope_filter,
+            source=source,
+            parent_task_id=parent_task_id,
+        )
+        after = decode_cursor(cursor) if cursor else None
+        tasks = await broker.list(filters, limit=limit + 1, after=after)
+        headers = {}
+        if len(tasks) > limit:
+            tasks = tasks[:limit]
+            headers["X-Next-Cursor"] = encode_cursor(tasks[-1])
+        return Response(tasks, headers=headers)
+
+    @get("/{task_id:str}", summary="Get a task")
+    async def get_task(self, task_id: TaskIdPath, broker: BrokerDep) -> Task:
+        return await broker.get(parse_task_id(task_id))
+
+    @get("/{task_id:str}/events", summary="A task's history, oldest first")
+    async def events(self, task_id: TaskIdPath, broker: BrokerDep) -> list[TaskEvent]:
+        return await broker.events(parse_task_id(task_id))
+
+    @patch(
+        "/{task_id:str}",
+        summary="Cancel a task, merge-patch its metadata, or change its priority (pending only)",
+    )
+    async def update(
+        self,
+        task_id: TaskIdPath,
+        data: JSONBody[TaskPatch],
+        broker: BrokerDep,
+        actor: Actor,
+        admin: IsAdmin,
+    ) -> Task:
+        tid = parse_task_id(task_id)
+        _one_of(data.metadata, data.context, ("metadata", "context"))
+        metadata = data.metadata if data.metadata is not None else data.context
+        if data.status is None and data.reason is not None:
+            raise InvalidInput("reason goes with status: cancelled", field="reason")
+        if data.status is not None and data.priority is not None:
+            raise InvalidInput("a cancelled task has no priority to change", field="priority")
+        if data.status is None and metadata is None and data.priority is None:
+            raise InvalidInput("nothing to change: give status, metadata or priority", field=None)
+        task = None
+        if data.status == "cancelled":
+            task = await broker.cancel(tid, actor, data.reason, admin=admin)
+        if metadata is not None or data.priority is not None:
+            task = await broker.update(
+                tid, actor, metadata_patch=metadata, priority=data.priority, admin=admin
+            )
+        assert task is not None
+        return task
+
+    @post(
+        "/claim",
+        status_code=HTTP_200_OK,
+        summary="Pull mode: take the best pending task this agent may run",
+        description="200 with the task, 204 when none arrived within wait_seconds.",
+    )
+    async def claim(
+        self, broker: BrokerDep, actor: Actor, data: JSONBody[ClaimRequest | None] = None
+    ) -> Response[Task | None]:
+        body = data or ClaimRequest()
+        task = await broker.claim(actor, body.capabilities, wait_seconds=body.wait_seconds)
+        if task is None:
+            return Response(None, status_code=HTTP_204_NO_CONTENT)
+        return Response(task)
+
+    @post("/{task_id:str}/start", status_code=HTTP_200_OK, summary="The assigned agent starts")
+    async def start(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
+        return await broker.start(parse_task_id(task_id), actor)
+
+    @post("/{task_id:str}/progress", status_code=HTTP_200_OK, summary="The assigned agent reports")
+    async def progress(
+        self,
+        task_id: TaskIdPath,
+        broker: BrokerDep,
+        actor: Actor,
+        data: JSONBody[ProgressReport | None] = None,
+    ) -> Task:
+        body = data or ProgressReport()
+        return await broker.progress(
+            parse_task_id(task_id), actor, percent=body.percent, message=body.message,
+            data=body.data,
+        )
+
+    @post(
+        "/{task_id:str}/complete",
+        status_code=HTTP_200_OK,
+        summary="The assigned agent completes; or the requester, owner or an admin resolves it",
+    )
+    async def complete(
+        self,
+        task_id: TaskIdPath,
+        broker: BrokerDep,
+        actor: Actor,
+        admin: IsAdmin,
+        data: JSONBody[CompleteReport | None] = None,
+    ) -> Task:
+        body = data or CompleteReport()
+        return await broker.complete(parse_task_id(task_id), actor, body.result, admin=admin)
+
+    @post("/{task_id:str}/fail", status_code=HTTP_200_OK, summary="The assigned agent fails")
+    async def fail(
+        self,
+        task_id: TaskIdPath,
+        broker: BrokerDep,
+        actor: Actor,
+        data: JSONBody[FailReport | None] = None,
+    ) -> Task:
+        body = data or FailReport()
+        return await broker.fail(
+            parse_task_id(task_id), actor, body.error, retry_eligible=body.retry_eligible
+        )
+
+    @get(
+        "/{task_id:str}/explain",
+        summary="Admin: every candidate agent and why",
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
+    async def explain(self, task_id: TaskIdPath, broker: BrokerDep) -> Explanation:
+        return await broker.explain(parse_task_id(task_id))
+
+    @post(
+        "/{task_id:str}/requeue",
+        status_code=HTTP_200_OK,
+        summary="Admin: a failed, timed-out or cancelled task starts over",
+        guards=[require_admin], security=ADMIN_SECURITY,
+    )
+    async def requeue(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
+        return await broker.requeue(parse_task_id(task_id), actor)
