@@ -1,0 +1,172 @@
+"""The directory sync loop: every directory.refresh_ms, one replica at a time (advisory lock),
+PromptForge personas -> capabilities, Warren -> status and policy, Alexandria -> device ownership,
+written into dispatch.agents / dispatch.agent_owners; then entries not refreshed for
+directory.stale_ms become `unknown`. A service that fails keeps the last known directory; the
+failure shows in health() and the metrics. Nothing here is on the assignment hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from dispatch.broker import Broker
+from dispatch.errors import DispatchError
+from dispatch.integrations import describe
+from dispatch.integrations.alexandria import AlexandriaClient
+from dispatch.integrations.promptforge import PromptForgeClient
+from dispatch.integrations.warren import WarrenAgent, WarrenClient, agent_status
+from dispatch.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DIRECTORY_LOCK_KEY = 0x44495302  # any constant shared by every replica
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+SERVICES = ("warren", "promptforge", "alexandria")
+
+
+class DirectorySync:
+    """start()/stop(); run_once() is one refresh (tests call it directly, with an injected now)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        warren: WarrenClient | None = None,
+        promptforge: PromptForgeClient | None = None,
+        alexandria: AlexandriaClient | None = None,
+        refresh_ms: int = 5000,
+        stale_ms: int = 60000,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.broker = broker
+        self.warren = warren
+        self.promptforge = promptforge
+        self.alexandria = alexandria
+        self.refresh = refresh_ms / 1000.0
+        self.stale_ms = stale_ms
+        self.rounds = 0
+        self.last_error: str | None = None
+        # service -> "ok" | "down: <reason>" | "disabled" | "standby" (another replica syncs)
+        self.services: dict[str, str] = {
+            "warren": "standby" if warren else "disabled",
+            "promptforge": "standby" if promptforge else "disabled",
+            "alexandria": "standby" if alexandria else "disabled",
+        }
+        self._failures: Counter | None = None
+        self._up: Gauge | None = None
+        if metrics is not None:
+            self._failures = Counter(
+                "dispatch_directory_sync_failures_total",
+                "Directory refreshes in which an external service failed", ["service"],
+                registry=metrics.registry,
+            )
+            self._up = Gauge(
+                "dispatch_directory_service_up",
+                "1 when the external service answered the last directory refresh", ["service"],
+                registry=metrics.registry,
+            )
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch-directory")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for client in (self.warren, self.promptforge, self.alexandria):
+            if client is not None:
+                await client.close()
+
+    def health(self) -> dict[str, object]:
+        return {
+            "directory": "ok" if self.last_error is None else f"error: {self.last_error}",
+            **self.services,
+        }
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        """One refresh; False when another replica holds the lock (it refreshes instead)."""
+        async with self.broker.exclusive(DIRECTORY_LOCK_KEY) as mine:
+            if not mine:
+                return False
+            w, pf, ax = self.warren, self.promptforge, self.alexandria
+            warren, personas, owners = await asyncio.gather(
+                self._fetch("warren", w.agents() if w else None),
+                self._fetch("promptforge", pf.personas() if pf else None),
+                self._fetch("alexandria", ax.ownership() if ax else None),
+            )
+            entries = self._entries(warren, personas)
+            await self.broker.directory_sync(entries, owners, now=now)
+            marked = await self.broker.directory_mark_stale(self.stale_ms, now=now)
+            if marked:
+                log.warning(
+                    "%d agents not refreshed for %d ms are now unknown", marked, self.stale_ms
+                )
+        return True
+
+    async def _fetch(self, service: str, call: Any) -> Any:
+        if call is None:
+            return None
+        try:
+            result = await call
+        except Exception as exc:  # any failure: keep the last known directory
+            reason = describe(exc)
+            if self.services.get(service) != f"down: {reason}":
+                log.warning("%s unavailable, keeping the last known directory: %s", service, reason)
+            self.services[service] = f"down: {reason}"
+            if self._failures is not None and self._up is not None:
+                self._failures.labels(service=service).inc()
+                self._up.labels(service=service).set(0)
+            return None
+        if self.services.get(service, "").startswith("down"):
+            log.info("%s is back", service)
+        self.services[service] = "ok"
+        if self._up is not None:
+            self._up.labels(service=service).set(1)
+        return result
+
+    def _entries(
+        self, warren: list[WarrenAgent] | None, personas: dict[str, list[str]] | None
+    ) -> list[dict[str, object]]:
+        entries: dict[str, dict[str, object]] = {}
+        for a in warren or []:
+            if not _AGENT_ID.match(a.name):
+                log.warning("ignoring Warren agent with an invalid id: %r", a.name)
+                continue
+            entries[a.name] = {
+                "agent_id": a.name, "status": agent_status(a.state), "policy": a.policy,
+                "source": "warren", "seen": True,
+            }
+        for slug, caps in (personas or {}).items():
+            if not _AGENT_ID.match(slug):
+                log.warning("ignoring PromptForge persona with an invalid id: %r", slug)
+                continue
+            entry = entries.setdefault(
+                slug,
+                # Without Warren, PromptForge listing an agent is what keeps it fresh.
+                {"agent_id": slug, "source": "promptforge", "seen": self.warren is None},
+            )
+            entry["capabilities"] = caps
+        return [entries[k] for k in sorted(entries)]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+                self.last_error = None
+            except Exception as exc:  # the loop outlives any failure
+                self.last_error = exc.message if isinstance(exc, DispatchError) else describe(exc)
+                log.warning("directory refresh failed: %s", self.last_error)
+            self.rounds += 1
+            async with self._changed:
+                self._changed.notify_all()
+            await asyncio.sleep(self.refresh)

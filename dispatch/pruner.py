@@ -1,0 +1,70 @@
+"""The pruner loop: deletes terminal tasks (and their events) older than the retention period, one
+replica at a time (advisory lock), in small batches so it never holds many locks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+from dispatch.broker import Broker
+from dispatch.errors import DispatchError
+from dispatch.integrations import describe
+
+log = logging.getLogger(__name__)
+
+PRUNE_LOCK_KEY = 0x44495301  # any constant shared by every replica
+PRUNE_BATCH = 1000
+
+
+class Pruner:
+    def __init__(
+        self, broker: Broker, *, retention_hours: int, interval_seconds: float = 60.0
+    ) -> None:
+        self.broker = broker
+        self.retention = timedelta(hours=retention_hours)
+        self.interval = interval_seconds
+        self.pruned = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch-pruner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def health(self) -> dict[str, object]:
+        return {"pruner": "ok" if self.last_error is None else "error"}
+
+    async def run_once(self, now: datetime | None = None) -> int | None:
+        """Prune once; None when another replica holds the lock."""
+        before = (now or datetime.now(UTC)) - self.retention
+        async with self.broker.exclusive(PRUNE_LOCK_KEY) as mine:
+            if not mine:
+                return None
+            total = 0
+            while True:
+                n = await self.broker.prune(before, PRUNE_BATCH)
+                total += n
+                if n < PRUNE_BATCH:
+                    break
+        if total:
+            log.info("pruned %d terminal tasks finished before %s", total, before.isoformat())
+        self.pruned += total
+        return total
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+                self.last_error = None
+            except Exception as exc:  # the loop outlives any failure
+                self.last_error = exc.message if isinstance(exc, DispatchError) else describe(exc)
+                log.warning("pruning failed: %s", self.last_error)
+            await asyncio.sleep(self.interval)

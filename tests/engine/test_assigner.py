@@ -1,0 +1,145 @@
+"""The assigner loop: NOTIFY wake-up, scheduled work, metrics, waking sleeping agents via Warren."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch.assigner import Assigner, Waker
+from dispatch.broker import Broker
+from dispatch.integrations.warren import WarrenClient
+from dispatch.metrics import Metrics
+from dispatch.models import AgentStatus, NewTask, TaskStatus
+from dispatch.notify import Listener
+from dispatch.reaper import Reaper
+from dispatch.settings import AssignmentSettings
+from tests.fakes import FakeWarren
+
+SLOW_TICK_MS = 60_000  # no assignment in these tests can come from the fallback tick
+
+
+async def submit(broker: Broker, **fields: Any) -> uuid.UUID:
+    task, _ = await broker.submit(NewTask(title="t", **fields), requester="req")
+    return task.task_id
+
+
+async def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
+    broker: Broker, listener: Listener
+) -> None:
+    await broker.agent_register("idle")
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.rounds >= 1, 5)
+        task_id = await submit(broker)
+        # Woken by NOTIFY: well before the 60 s tick could have fired.
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        task = await broker.get(task_id)
+        assert (task.status, task.assigned_agent) == (TaskStatus.ASSIGNED, "idle")
+    finally:
+        await assigner.stop()
+
+
+async def test_freed_capacity_wakes_the_assigner(broker: Broker, listener: Listener) -> None:
+    await broker.agent_register("solo", max_concurrent=1)
+    first = await submit(broker)
+    second = await submit(broker)
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        assert (await broker.get(first)).assigned_agent == "solo"
+        assert (await broker.get(second)).status is TaskStatus.PENDING
+        await broker.complete(first, "solo", {"done": True})
+        await assigner.wait_until(lambda a: a.assigned >= 2, 5)
+        assert (await broker.get(second)).assigned_agent == "solo"
+    finally:
+        await assigner.stop()
+
+
+async def test_scheduled_task_is_assigned_when_it_becomes_available(
+    broker: Broker, listener: Listener
+) -> None:
+    await broker.agent_register("idle")
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.rounds >= 1, 5)
+        soon = datetime.now(UTC) + timedelta(milliseconds=400)
+        task_id = await submit(broker, available_at=soon)
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        task = await broker.get(task_id)
+        assert task.assigned_agent == "idle"
+        assert task.available_at <= task.deadline_at - timedelta(seconds=task.timeout_seconds)
+    finally:
+        await assigner.stop()
+
+
+async def test_batches_assign_everything_and_are_measured(
+    broker: Broker, listener: Listener
+) -> None:
+    for i in range(4):
+        await broker.agent_register(f"agent-{i}", max_concurrent=50)
+    metrics = Metrics()
+    async with broker.pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO dispatch.tasks (title, requester) SELECT 'bulk ' || g, 'req'"
+            " FROM generate_series(1, 250) g"
+        )
+    assigner = Assigner(broker, listener, metrics=metrics, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.assigned >= 200, 10)
+    finally:
+        await assigner.stop()
+    agents = await broker.agents()
+    assert [a.active_tasks for a in agents] == [50, 50, 50, 50]
+    r = metrics.registry
+    assert r.get_sample_value("dispatch_assign_batch_size_sum") == 200
+    assert r.get_sample_value("dispatch_assignment_wait_seconds_count") == 200
+
+
+async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
+    pool: AsyncConnectionPool[Any], listener: Listener, warren: FakeWarren
+) -> None:
+    broker = Broker(
+        pool, assignment=AssignmentSettings(owner_filter_enabled=False, wake_timeout_ms=300)
+    )
+    await broker.apply_config()
+    await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agent_register("busy", status=AgentStatus.BUSY)
+    warren.set("sleepy", "sleeping")
+    warren.wake_fails = 2  # Warren hiccups: the wake is retried
+    client = WarrenClient(warren.url, "warren-token")
+    waker = Waker(client.wake, first_delay=0.05)
+    assigner = Assigner(broker, listener, waker=waker, tick_interval_ms=SLOW_TICK_MS)
+    reaper = Reaper(broker, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        task_id = await submit(broker, timeout_seconds=600)
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        assert (await broker.get(task_id)).assigned_agent == "sleepy"
+        assert await asyncio.to_thread(warren.wake_event.wait, 5)
+        assert warren.wakes == ["sleepy"]
+        wake_calls = [r for r in warren.requests if r[0] == "POST"]
+        assert len(wake_calls) == 3
+        assert all(r[2].get("Authorization") == "Bearer warren-token" for r in wake_calls)
+
+        # The agent never starts: the reaper (sleeping until the wake deadline, not the 60 s tick)
+        # takes the task back and the assigner gives it to the other agent.
+        await reaper.start()
+        await assigner.wait_until(lambda a: a.assigned >= 2, 5)
+        task = await broker.get(task_id)
+        assert (task.assigned_agent, task.retry_count, task.previous_agents) == (
+            "busy", 1, ["sleepy"],
+        )
+        events = [e.event for e in await broker.events(task_id)]
+        assert events == ["created", "assigned", "reassigned", "assigned"]
+    finally:
+        await reaper.stop()
+        await assigner.stop()
+        await client.close()

@@ -1,0 +1,177 @@
+"""Eligibility and score of SPEC section 4, through the SQL assignment function and explain."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch.broker import Broker
+from dispatch.models import AgentStatus, Explanation
+from dispatch.settings import AssignmentSettings
+from tests.factories import at, make_task
+
+
+async def assigned_to(broker: Broker, **task_fields: Any) -> str | None:
+    """Create one task, run one assignment pass at a fixed instant, return who got it."""
+    task = await make_task(broker, **task_fields)
+    made = await broker.assign(now=at(1))
+    assert len(made) <= 1
+    return next((a.agent_id for a in made if a.task_id == task.task_id), None)
+
+
+def reasons(explanation: Explanation) -> dict[str, list[str]]:
+    return {c.agent_id: c.reasons for c in explanation.candidates}
+
+
+async def test_ready_beats_sleeping_beats_busy(broker: Broker) -> None:
+    await broker.agent_register("busy", status=AgentStatus.BUSY)
+    await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agent_register("ready", status=AgentStatus.READY)
+    assert await assigned_to(broker) == "ready"
+    await broker.agent_drain("ready")
+    assert await assigned_to(broker) == "sleepy"
+    await broker.agent_drain("sleepy")
+    assert await assigned_to(broker) == "busy"
+
+
+async def test_score_is_availability_times_priority_weight(broker: Broker) -> None:
+    await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
+    task = await make_task(broker, priority=5)
+    [made] = await broker.assign(now=at(1))
+    assert made.agent_id == "sleepy"
+    assert made.score == pytest.approx(0.8 * 1.5)
+    assert made.wake is True
+    [cand] = (await broker.explain(task.task_id)).candidates
+    assert (cand.capability_match, cand.availability, cand.priority_weight) == pytest.approx(
+        (1.0, 0.8, 1.5)
+    )
+
+
+@pytest.mark.parametrize("status", ["degraded", "stopped", "unknown"])
+async def test_unavailable_agents_never_get_work(broker: Broker, status: str) -> None:
+    await broker.agent_register("a", status=AgentStatus(status))
+    task = await make_task(broker)
+    assert await broker.assign(now=at(1)) == []
+    explanation = await broker.explain(task.task_id)
+    [cand] = explanation.candidates
+    assert not cand.eligible and cand.score == 0
+    assert cand.reasons == [f"status {status}"]
+
+
+@pytest.mark.parametrize("status", ["ready", "sleeping", "busy"])
+async def test_the_limit_holds_in_every_state(broker: Broker, status: str) -> None:
+    await broker.agent_register("a", status=AgentStatus(status), max_concurrent=2)
+    tasks = [await make_task(broker, title=f"t{i}") for i in range(3)]
+    made = await broker.assign(now=at(1))
+    assert [m.agent_id for m in made] == ["a", "a"]
+    assert await broker.assign(now=at(2)) == []
+    assert (await broker.agent("a")).active_tasks == 2
+    left = next(t for t in tasks if t.task_id not in {m.task_id for m in made})
+    explained = reasons(await broker.explain(left.task_id))
+    assert explained == {"a": ["at its limit (2 of 2 tasks active)"]}
+
+
+async def test_drained_agent_excluded_until_undrained(broker: Broker) -> None:
+    await broker.agent_register("a")
+    await broker.agent_drain("a")
+    task = await make_task(broker)
+    assert await broker.assign(now=at(1)) == []
+    assert reasons(await broker.explain(task.task_id)) == {"a": ["drained"]}
+    await broker.agent_drain("a", False)
+    assert [m.agent_id for m in await broker.assign(now=at(2))] == ["a"]
+
+
+async def test_capabilities_must_cover_the_requirement_case_insensitively(broker: Broker) -> None:
+    await broker.agent_register("coder", capabilities=["Python", "SQL"])
+    await broker.agent_register("writer", capabilities=["prose"])
+    assert await assigned_to(broker, required_capabilities=["sql", " PYTHON "]) == "coder"
+    task = await make_task(broker, required_capabilities=["python", "rust"])
+    assert await broker.assign(now=at(1)) == []
+    r = reasons(await broker.explain(task.task_id))
+    assert r["coder"] == ["missing capabilities: rust"]
+    assert r["writer"] == ["missing capabilities: python, rust"]
+    assert await assigned_to(broker) in {"coder", "writer"}  # no requirement: anyone
+
+
+@pytest.fixture
+async def owner_broker(pool: AsyncConnectionPool[Any]) -> Broker:
+    b = Broker(pool, assignment=AssignmentSettings(owner_filter_enabled=True))
+    await b.apply_config()
+    return b
+
+
+async def test_owner_filter_on(owner_broker: Broker, sql: psycopg.Connection[Any]) -> None:
+    b = owner_broker
+    await b.agent_register("alices-agent", owner="alice")
+    await b.agent_register("device-agent")  # ownership from Alexandria (agent_owners)
+    await b.agent_register("nobodys-agent")  # ownership unknown: fails closed
+    sql.execute(
+        "INSERT INTO dispatch.agent_owners (agent_id, owner) VALUES ('device-agent', 'bob')"
+    )
+
+    assert await assigned_to(b, owner="alice") == "alices-agent"
+    assert await assigned_to(b, owner="bob") == "device-agent"
+    task = await make_task(b, owner="carol")
+    assert await b.assign(now=at(1)) == []
+    explanation = await b.explain(task.task_id)
+    assert explanation.owner_filter_enabled
+    r = reasons(explanation)
+    assert r["alices-agent"] == ["belongs to alice, not to the task owner carol"]
+    assert r["device-agent"] == ["belongs to bob, not to the task owner carol"]
+    assert r["nobodys-agent"] == ["ownership unknown (owner filter on, task owner carol)"]
+
+
+async def test_owner_filter_off_lets_any_capable_agent_work(broker: Broker) -> None:
+    await broker.agent_register("alices-agent", owner="alice")
+    task = await make_task(broker, owner="carol")
+    assert [m.agent_id for m in await broker.assign(now=at(1))] == ["alices-agent"]
+    explanation = await broker.explain(task.task_id)
+    assert not explanation.owner_filter_enabled
+    assert explanation.candidates[0].reasons == []
+
+
+async def test_a_retry_avoids_the_previous_agent_unless_it_is_the_only_one(broker: Broker) -> None:
+    await broker.agent_register("a")
+    await broker.agent_register("b")
+    task = await make_task(broker, max_retries=5)
+    [first] = await broker.assign(now=at(1))
+    await broker.fail(task.task_id, first.agent_id, "boom", now=at(2))
+    other = "b" if first.agent_id == "a" else "a"
+    explanation = await broker.explain(task.task_id)
+    r = reasons(explanation)
+    assert r[first.agent_id] == ["attempted this task before and another agent is eligible"]
+    assert explanation.candidates[0].agent_id == other
+    [second] = await broker.assign(now=at(100))
+    assert second.agent_id == other
+    # Both have failed it now; the agent with no failures is gone: a previous agent is better than
+    # nobody.
+    await broker.fail(task.task_id, other, "boom", now=at(101))
+    await broker.agent_drain(other)
+    [third] = await broker.assign(now=at(1000))
+    assert third.agent_id == first.agent_id
+
+
+async def test_equal_agents_share_the_load(broker: Broker) -> None:
+    for name in ("a", "b", "c"):
+        await broker.agent_register(name, max_concurrent=1000)
+    # Arriving all at once: fewest active tasks first.
+    for i in range(300):
+        await make_task(broker, title=f"bulk {i}")
+    made = []
+    while batch := await broker.assign(now=at(1)):
+        made += batch
+    counts = Counter(m.agent_id for m in made)
+    assert len(made) == 300
+    assert all(90 <= counts[name] <= 110 for name in "abc"), counts
+    # Arriving one by one and finished at once (everyone idle): least recently assigned first.
+    rolling: Counter[str] = Counter()
+    for i in range(30):
+        task = await make_task(broker, title=f"rolling {i}")
+        [m] = await broker.assign(now=at(2 + i))
+        rolling[m.agent_id] += 1
+        await broker.complete(task.task_id, m.agent_id, {"ok": True}, now=at(2 + i))
+    assert rolling == {"a": 10, "b": 10, "c": 10}
