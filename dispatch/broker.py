@@ -4,11 +4,14 @@ and transactions; the SQL functions decide what may happen."""
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch import store
@@ -17,6 +20,7 @@ from dispatch.models import (
     Agent,
     AgentStatus,
     Assignment,
+    Candidate,
     Cursor,
     Expiry,
     Explanation,
@@ -70,11 +74,11 @@ class Broker:
 
     async def list(
         self, filters: TaskFilter, *, limit: int = 50, after: Cursor | None = None
-    ) -> list[Task]:
+    ) -> builtins.list[Task]:
         async with self.pool.connection() as conn:
             return await store.task_list(conn, filters, limit=limit, after=after)
 
-    async def events(self, task_id: uuid.UUID) -> list[TaskEvent]:
+    async def events(self, task_id: uuid.UUID) -> builtins.list[TaskEvent]:
         async with self.pool.connection() as conn:
             events = await store.task_events(conn, task_id)
             if not events and await store.task_get(conn, task_id) is None:
@@ -209,12 +213,12 @@ class Broker:
 
     # -- the engine's SQL calls ------------------------------------------------------------------
 
-    async def assign(self, *, batch: int | None = None, now: datetime | None = None) -> list[Assignment]:
+    async def assign(self, *, batch: int | None = None, now: datetime | None = None) -> builtins.list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
         async with self.pool.connection() as conn:
             return await store.task_assign(conn, batch or self.assignment.batch_size, now)
 
-    async def expire(self, *, now: datetime | None = None, limit: int = 100) -> list[Expiry]:
+    async def expire(self, *, now: datetime | None = None, limit: int = 100) -> builtins.list[Expiry]:
         async with self.pool.connection() as conn:
             return await store.task_expire(conn, now, limit)
 
@@ -272,14 +276,71 @@ class Broker:
             raise NotFound(f"agent {agent_id} not found")
         return agent
 
-    async def agents(self) -> list[Agent]:
+    async def agents(self) -> builtins.list[Agent]:
         async with self.pool.connection() as conn:
             return await store.agent_list(conn)
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
         """Every candidate agent for the task with its score factors or exclusion reasons."""
-        raise NotImplementedError("explain arrives with the assignment engine")
+        async with self.pool.connection() as conn:
+            task = await store.task_get(conn, task_id)
+            if task is None:
+                raise NotFound(f"task {task_id} not found")
+            rows = await store.task_explain(conn, task_id)
+            config = await store.config_get(conn)
+        return Explanation(
+            task_id=task.task_id,
+            status=task.status,
+            owner_filter_enabled=bool(config["owner_filter_enabled"]),
+            candidates=[msgspec.convert(dict(r), Candidate) for r in rows],
+        )
 
     async def stats(self, now: datetime | None = None) -> Stats:
         async with self.pool.connection() as conn:
             return await store.stats(conn, now)
+
+    # -- the assignment engine's loops -----------------------------------------------------------
+
+    async def assign_timed(
+        self, *, batch: int | None = None, now: datetime | None = None
+    ) -> builtins.list[tuple[Assignment, float]]:
+        """One assignment batch; each with the seconds its task waited to be assigned."""
+        async with self.pool.connection() as conn:
+            return await store.task_assign_timed(conn, batch or self.assignment.batch_size, now)
+
+    async def seconds_until_due(self) -> float | None:
+        """Seconds until the next deadline or scheduled task (by the database's clock)."""
+        async with self.pool.connection() as conn:
+            return await store.seconds_until_due(conn)
+
+    async def directory_sync(
+        self,
+        entries: Sequence[Mapping[str, object]],
+        owners: Sequence[Mapping[str, str]] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        """Write one refresh of the external directory (and, when given, device ownership) in one
+        transaction."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if entries:
+                await store.agent_sync(conn, entries, now)
+            if owners is not None:
+                await store.agent_owners_sync(conn, owners, "alexandria", now)
+
+    async def directory_mark_stale(self, stale_ms: int, *, now: datetime | None = None) -> int:
+        """Agents not refreshed for stale_ms become unknown; returns how many."""
+        async with self.pool.connection() as conn:
+            return await store.agent_mark_stale(conn, stale_ms, now)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: int) -> AsyncIterator[bool]:
+        """Hold the advisory lock `key` for the block if no other replica holds it; yields whether
+        it was taken (the block should do nothing when it was not)."""
+        async with self.pool.connection() as conn:
+            taken = await store.advisory_try_lock(conn, key)
+            try:
+                yield taken
+            finally:
+                if taken:
+                    await store.advisory_unlock(conn, key)

@@ -185,12 +185,14 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent: int
     status: AgentStatus
     drained: bool
+    owner: str | None
     previous_agent: bool
     reasons: list[str]
 
 
 class Explanation(msgspec.Struct, frozen=True, kw_only=True):
-    """GET /api/v1/tasks/{id}/explain: every candidate, best first."""
+    """GET /api/v1/tasks/{id}/explain: every agent of the directory, eligible ones best first
+    (the first is whom the assigner would choose now), then the excluded ones with reasons."""
 
     task_id: uuid.UUID
     status: TaskStatus

@@ -81,7 +81,33 @@ class Service:
     def _build_loops(self) -> list[Loop]:
         """The background loops of SPEC section 1 that this configuration runs."""
         assert self.broker is not None
-        loops: list[Loop] = []
+        from dispatch.assigner import Assigner, Waker
+        from dispatch.directory import DirectorySync
+        from dispatch.integrations.alexandria import AlexandriaClient
+        from dispatch.integrations.promptforge import PromptForgeClient
+        from dispatch.integrations.warren import WarrenClient
+        from dispatch.pruner import Pruner
+        from dispatch.reaper import Reaper
+
+        s = self.settings
+        warren = WarrenClient(s.warren.url, s.warren.token) if s.warren.url else None
+        loops: list[Loop] = [
+            Assigner(
+                self.broker, self.listener, metrics=self.metrics,
+                waker=Waker(warren.wake) if warren is not None else None,
+            ),
+            Reaper(self.broker),
+            DirectorySync(
+                self.broker,
+                warren=warren,
+                promptforge=PromptForgeClient(s.promptforge.url) if s.promptforge.url else None,
+                alexandria=AlexandriaClient(s.alexandria.url) if s.alexandria.url else None,
+                refresh_ms=s.directory.refresh_ms,
+                stale_ms=s.directory.stale_ms,
+                metrics=self.metrics,
+            ),
+            Pruner(self.broker, retention_hours=s.retention.hours),
+        ]
         return loops
 
     async def _start_servers(self) -> None:

@@ -453,3 +453,86 @@ async def metrics_gauges(conn: Conn) -> dict[str, Any]:
     oldest_pending_seconds, agents {status: n}, event_log_unpublished."""
     rows = await _rows(conn, _GAUGES, ())
     return dict(rows[0])
+
+# -- the assignment engine ------------------------------------------------------------------------
+
+_ASSIGN_TIMED = """
+WITH clock AS (SELECT coalesce(%(now)s::timestamptz, now()) AS now),
+a AS (SELECT * FROM dispatch.task_assign(%(batch)s, (SELECT now FROM clock)))
+SELECT a.task_id, a.agent_id, a.score, a.wake,
+       greatest(extract(epoch FROM (SELECT now FROM clock)
+                                   - greatest(t.created_at, t.available_at)), 0)::float8 AS waited
+FROM a JOIN dispatch.tasks t ON t.task_id = a.task_id
+"""
+
+
+async def task_assign_timed(
+    conn: Conn, batch: int, now: datetime | None
+) -> list[tuple[Assignment, float]]:
+    """One assignment batch; each assignment with the seconds its task waited to be assigned
+    (since it was created, or became available for a scheduled or retried task)."""
+    rows = await _rows(conn, _ASSIGN_TIMED, {"batch": batch, "now": now})
+    return [
+        (_convert({k: r[k] for k in ("task_id", "agent_id", "score", "wake")}, Assignment),
+         float(r["waited"]))
+        for r in rows
+    ]
+
+
+async def seconds_until_due(conn: Conn) -> float | None:
+    """Seconds from the database's now to dispatch.next_due (negative when overdue); None if
+    nothing is scheduled."""
+    rows = await _rows(
+        conn, "SELECT extract(epoch FROM dispatch.next_due(now()) - now())::float8 AS s", ()
+    )
+    s: float | None = rows[0]["s"]
+    return s
+
+
+async def task_explain(conn: Conn, task_id: uuid.UUID) -> list[Row]:
+    return await _rows(conn, "SELECT * FROM dispatch.task_explain(%s)", (task_id,))
+
+
+async def config_get(conn: Conn) -> Row:
+    rows = await _rows(conn, "SELECT * FROM dispatch.config", ())
+    return rows[0]
+
+
+async def agent_sync(
+    conn: Conn, entries: Sequence[Mapping[str, object]], now: datetime | None
+) -> int:
+    rows = await _rows(
+        conn,
+        "SELECT dispatch.agent_sync(%s, coalesce(%s, now())) AS n",
+        (Jsonb(list(entries)), now),
+    )
+    return int(rows[0]["n"])
+
+
+async def agent_owners_sync(
+    conn: Conn, pairs: Sequence[Mapping[str, str]], source: str, now: datetime | None
+) -> int:
+    rows = await _rows(
+        conn,
+        "SELECT dispatch.agent_owners_sync(%s, %s, coalesce(%s, now())) AS n",
+        (Jsonb(list(pairs)), source, now),
+    )
+    return int(rows[0]["n"])
+
+
+async def agent_mark_stale(conn: Conn, stale_ms: int, now: datetime | None) -> int:
+    rows = await _rows(
+        conn, "SELECT dispatch.agent_mark_stale(%s, coalesce(%s, now())) AS n", (stale_ms, now)
+    )
+    return int(rows[0]["n"])
+
+
+async def advisory_try_lock(conn: Conn, key: int) -> bool:
+    """Session-level advisory lock; True when taken (release with advisory_unlock)."""
+    rows = await _rows(conn, "SELECT pg_try_advisory_lock(%s) AS ok", (key,))
+    return bool(rows[0]["ok"])
+
+
+async def advisory_unlock(conn: Conn, key: int) -> None:
+    await _rows(conn, "SELECT pg_advisory_unlock(%s) AS ok", (key,))
+
