@@ -40,3 +40,17 @@ lint: $(STAMP) ## ruff and mypy
 .PHONY: clean
 clean: ## remove the virtualenv and caches (keeps ./.dispatch data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+.PHONY: bench
+bench: $(BENCH_STAMP) ## benchmark beside pgqueuer/procrastinate on one Postgres; writes BENCHMARKS.md (~10 min; sizes: python -m bench --help)
+	$(BIN)/python -m bench
+
+.PHONY: bench-soak
+bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim latency over BENCH_SOAK_SECONDS (default 600 s)
+	$(BIN)/python -m bench --soak

@@ -1,0 +1,143 @@
+"""`python -m bench` runs every phase on one Postgres and writes BENCHMARKS.md;
+`python -m bench --soak` runs the soak alone and adds its section."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from bench import engine, peers, report, rest, scale, soak
+from bench.common import ENV_HELP, Sizes
+from bench.pg import Cluster, cluster
+from bench.results import Throughput, Unavailable
+
+T = TypeVar("T")
+PHASES = ("latency", "rest", "engine", "peers", "scale")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _command() -> str:
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+                   if k.startswith("BENCH_") and k != "BENCH_DATABASE_URL")
+    return (env + " " if env else "") + "make bench"
+
+
+async def _phase(name: str, what: str, fn: Callable[[], Awaitable[T]]) -> T | Unavailable:
+    print(f"[{_now()}] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = await fn()
+    except rest.ApiMissing as exc:
+        print(f"  not available: {exc}", flush=True)
+        return Unavailable(what, f"the REST API has not landed ({exc})")
+    except Exception as exc:
+        traceback.print_exc()
+        return Unavailable(what, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return result
+
+
+async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report) -> None:
+    if "rest" in only:
+        rep.ceiling = await _phase("ceiling: trivial Litestar JSON endpoint", "ceiling",
+                                   lambda: rest.run_ceiling(sizes))
+        rep.rest = await _phase("full lifecycle over REST", "full lifecycle over REST",
+                                lambda: rest.run_rest_lifecycle(cl, sizes))
+    if "latency" in only:
+        rep.latency = await _phase(
+            f"create->assigned latency at {sizes.latency_rate}/s",
+            f"create->assigned latency, HTTP create at {sizes.latency_rate}/s",
+            lambda: rest.run_latency(cl, sizes),
+        )
+    if "engine" in only:
+        for mode in ("push", "pull"):
+            rep.engines.append(await _phase(
+                f"Dispatch engine in-process ({mode})", f"Dispatch engine ({mode})",
+                lambda mode=mode: engine.run_engine(cl, sizes, mode),  # type: ignore[misc]
+            ))
+    if "peers" in only:
+        for name, fn in (("raw SKIP LOCKED (floor)", peers.run_raw),
+                         ("pgqueuer", peers.run_pgqueuer),
+                         ("procrastinate", peers.run_procrastinate)):
+            rep.peers.append(await _phase(name, name, lambda fn=fn: fn(cl, sizes)))  # type: ignore[misc]
+    if "scale" in only:
+        rep.scale = await _phase("scale: claim/assign with terminal history",
+                                 "claim/assign scale", lambda: scale.run_scale(cl, sizes))
+
+
+def _summaries(rep: report.Report) -> None:
+    for item in rep.engines + rep.peers:
+        if isinstance(item, Throughput):
+            print(f"  {item.system}: lifecycle {item.lifecycle_rate:,.0f}/s, "
+                  f"drain {item.drain_rate:,.0f}/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--soak", action="store_true", help="run only the soak (bench-soak)")
+    args = parser.parse_args(argv)
+    sizes = Sizes()
+    out = Path(os.environ.get("BENCH_OUTPUT") or "BENCHMARKS.md")
+    only = {p.strip() for p in os.environ.get("BENCH_ONLY", ",".join(PHASES)).split(",")
+            if p.strip()}
+    try:
+        import uvloop
+
+        runner: Callable[[Awaitable[None]], None] = uvloop.run  # type: ignore[assignment]
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run  # type: ignore[assignment]
+
+    with cluster(os.environ.get("BENCH_DATABASE_URL") or None) as cl:
+        if args.soak:
+            print(f"[{_now()}] soak for {sizes.soak_seconds:.0f} s at {sizes.soak_rate}/s",
+                  flush=True)
+            holder: list[soak.SoakResult] = []
+
+            async def go_soak() -> None:
+                holder.append(await soak.run_soak(cl, sizes))
+
+            runner(go_soak())
+            md = report.render_soak(holder[0])
+            print(md)
+            report.write(out, None, md)
+            print(f"wrote the soak section of {out}")
+            return 0
+
+        rep = report.Report(command=_command(), sizes=sizes, started=_now())
+        rep.pg_settings = cl.settings()
+        rep.load_before = report.load_average()
+
+        async def go() -> None:
+            await run_all(cl, sizes, only, rep)
+
+        runner(go())
+        rep.finished = _now()
+        rep.load_after = report.load_average()
+    _summaries(rep)
+    if os.environ.get("BENCH_NOTES"):
+        rep.notes.append(os.environ["BENCH_NOTES"])
+    rows = report.results_table(rep)
+    print()
+    print(report.render_text(rows))
+    report.write(out, report.render_markdown(rep, rows), None)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

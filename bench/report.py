@@ -1,0 +1,340 @@
+"""The table: printed, and written to BENCHMARKS.md with the machine, versions and settings."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from bench.common import Sizes, percentile
+from bench.rest import CeilingResult, LatencyResult, RestResult
+from bench.results import Throughput, Unavailable
+from bench.scale import ScalePoint
+from bench.soak import SoakResult, SoakSample
+
+SOAK_BEGIN = "<!-- soak:begin -->"
+SOAK_END = "<!-- soak:end -->"
+PACKAGES = ("dispatch", "litestar", "uvicorn", "uvloop", "httptools", "msgspec", "psycopg",
+            "psycopg-pool", "pgqueuer", "procrastinate", "asyncpg", "pgserver")
+
+
+@dataclass
+class Report:
+    command: str
+    sizes: Sizes
+    started: str
+    finished: str = ""
+    pg_settings: dict[str, str] = field(default_factory=dict)
+    load_before: str = ""
+    load_after: str = ""
+    latency: LatencyResult | Unavailable | None = None
+    rest: RestResult | Unavailable | None = None
+    ceiling: CeilingResult | Unavailable | None = None
+    engines: list[Throughput | Unavailable] = field(default_factory=list)
+    peers: list[Throughput | Unavailable] = field(default_factory=list)
+    scale: list[ScalePoint] | Unavailable | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _f(x: float, digits: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1048576:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return {
+        "cpu": f"{cpu} x {os.cpu_count()} logical cores",
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "git": commit or "?",
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("holds" if ok else "MISSES")
+
+
+def results_table(r: Report) -> list[list[str]]:
+    """Rows: what, measured, target, verdict."""
+    rows: list[list[str]] = []
+    # 1
+    lat = r.latency
+    if isinstance(lat, LatencyResult) and lat.assigned_ms:
+        p50, p95, p99 = (percentile(lat.assigned_ms, q) for q in (50, 95, 99))
+        rows.append([
+            f"1. create->assigned, HTTP create at {lat.rate}/s, idle agents "
+            f"(n={lat.measured})",
+            f"p50 {_f(p50, 2)} ms, p95 {_f(p95, 2)} ms, p99 {_f(p99, 2)} ms "
+            f"(POST p50 {_f(percentile(lat.post_ms, 50), 2)} / p99 "
+            f"{_f(percentile(lat.post_ms, 99), 2)} ms)",
+            "p50 <= 3 ms, p99 <= 15 ms", _verdict(p50 <= 3 and p99 <= 15),
+        ])
+    elif isinstance(lat, Unavailable):
+        rows.append([f"1. {lat.what}", f"not available: {lat.why}", "p50 <= 3, p99 <= 15 ms",
+                     "n/a"])
+    # 2
+    rest, ceil = r.rest, r.ceiling
+    if isinstance(rest, RestResult):
+        reqs = sum(rest.requests.values())
+        line = (f"{_f(rest.rate, 0)} tasks/s ({rest.n} tasks, {rest.agents} agents, "
+                f"{rest.producers} requesters; {reqs / rest.n:.2f} requests/task, "
+                f"{_f(rest.request_rate, 0)} req/s)")
+        if isinstance(ceil, CeilingResult):
+            line += (f"; trivial Litestar JSON ceiling {_f(ceil.rate, 0)} req/s -> lifecycle = "
+                     f"{rest.rate / ceil.rate:.3f} x ceiling, requests = "
+                     f"{rest.request_rate / ceil.rate:.2f} x ceiling")
+        rows.append(["2. full lifecycle over REST (create, assign/claim, start, complete)", line,
+                     ">= 1,000 tasks/s", _verdict(rest.rate >= 1000)])
+    elif isinstance(rest, Unavailable):
+        extra = ""
+        if isinstance(ceil, CeilingResult):
+            extra = f" (trivial Litestar JSON ceiling measured: {_f(ceil.rate, 0)} req/s)"
+        rows.append([f"2. {rest.what}", f"not available: {rest.why}{extra}", ">= 1,000 tasks/s",
+                     "n/a"])
+    # 3
+    pgq = next((p for p in r.peers if isinstance(p, Throughput) and p.system == "pgqueuer"), None)
+    for e in r.engines:
+        if isinstance(e, Unavailable):
+            rows.append([f"3. {e.what}", f"not available: {e.why}", "", "n/a"])
+            continue
+        ratios = []
+        for p in r.peers:
+            if isinstance(p, Throughput):
+                ratios.append(f"{p.system} {e.lifecycle_rate / p.lifecycle_rate:.2f}x "
+                              f"(drain {e.drain_rate / p.drain_rate:.2f}x)")
+        rows.append([
+            f"3. {e.system}: {e.settings}",
+            f"lifecycle {_f(e.lifecycle_rate, 0)} tasks/s (submit {_f(e.enqueue_rate, 0)}/s, "
+            f"assign+start+complete {_f(e.drain_rate, 0)}/s); Dispatch / peer: "
+            + "; ".join(ratios),
+            ">= pgqueuer drain rate",
+            _verdict(e.lifecycle_rate >= pgq.drain_rate) if pgq else "n/a",
+        ])
+    for p in r.peers:
+        if isinstance(p, Unavailable):
+            rows.append([f"3. {p.what}", f"not available: {p.why}", "", ""])
+        else:
+            rows.append([
+                f"3. {p.system}: {p.settings}",
+                f"enqueue->complete {_f(p.lifecycle_rate, 0)} tasks/s (enqueue "
+                f"{_f(p.enqueue_rate, 0)}/s, drain {_f(p.drain_rate, 0)}/s)",
+                "peer", "",
+            ])
+    # 4
+    for label, item in [(e.system, e) for e in r.engines if isinstance(e, Throughput)] + [
+        (p.system, p) for p in r.peers if isinstance(p, Throughput)
+    ]:
+        if item.cost is None:
+            continue
+        commits, wal = item.cost.per(item.n)
+        is_dispatch = label.startswith("Dispatch")
+        rows.append([
+            f"4. cost per task, {label}",
+            f"{commits:.2f} commits, {_f(wal, 0)} B WAL, {item.cost.xids / item.n:.2f} write "
+            f"xacts, {item.cost.wal_fpi} full-page images",
+            "<= 5 commits, <= 4 KB WAL" if is_dispatch else "",
+            _verdict(commits <= 5 and wal <= 4096) if is_dispatch else "",
+        ])
+    if isinstance(rest, RestResult):
+        commits, wal = rest.cost.per(rest.n)
+        rows.append([
+            "4. cost per task, Dispatch over REST (serve's loops included)",
+            f"{commits:.2f} commits, {_f(wal, 0)} B WAL, {rest.cost.xids / rest.n:.2f} write "
+            f"xacts, {rest.cost.wal_fpi} full-page images",
+            "<= 5 commits, <= 4 KB WAL", _verdict(commits <= 5 and wal <= 4096),
+        ])
+    # 5
+    if isinstance(r.scale, list) and len(r.scale) == 2:
+        small, large = r.scale
+        for name, a, b in (("claim (task_claim)", small.claim, large.claim),
+                           (f"assign (task_assign batch {small.assign_batch})",
+                            small.assign, large.assign)):
+            ratio = b.p(99) / a.p(99)
+            rows.append([
+                f"5. {name} p99, {small.terminal_rows:,} vs {large.terminal_rows:,} terminal rows",
+                f"p50 {_f(a.p(50), 2)} / p99 {_f(a.p(99), 2)} ms vs p50 {_f(b.p(50), 2)} / p99 "
+                f"{_f(b.p(99), 2)} ms (table {_f(small.table_mb)} vs {_f(large.table_mb)} MB); "
+                f"ratio {ratio:.2f}",
+                "p99 within 1.5x", _verdict(ratio <= 1.5),
+            ])
+    elif isinstance(r.scale, Unavailable):
+        rows.append([f"5. {r.scale.what}", f"not available: {r.scale.why}", "p99 within 1.5x",
+                     "n/a"])
+    rows.append(["5. dead tuples and claim latency over a soak", "see `make bench-soak` "
+                 "(section below when it has been run)", "bounded in a 30-minute soak", "n/a"])
+    # 6
+    if isinstance(rest, RestResult):
+        rows.append([
+            "6. peak RSS of `dispatch serve` under the REST lifecycle load",
+            f"{rest.hwm_kb / 1024:.1f} MiB (VmHWM; sampled peak {rest.peak_rss_kb / 1024:.1f} "
+            f"MiB, idle {rest.idle_rss_kb / 1024:.1f} MiB)", "", "",
+        ])
+    else:
+        rows.append(["6. peak RSS of `dispatch serve`", "not available: no REST lifecycle run",
+                     "", "n/a"])
+    return rows
+
+
+def render_text(rows: list[list[str]]) -> str:
+    out = []
+    for what, measured, target, verdict in rows:
+        out.append(f"- {what}\n    {measured}\n    target: {target or '-'}   [{verdict or '-'}]")
+    return "\n".join(out)
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render_markdown(r: Report, rows: list[list[str]]) -> str:
+    m = machine()
+    v = versions()
+    lines = [
+        "# Dispatch benchmarks",
+        "",
+        "Written by `make bench` (bench/, issue 6). Every number below comes from one run on",
+        "one Postgres on the machine described here; nothing is copied from elsewhere.",
+        "",
+        f"- command: `{r.command}`",
+        f"- started {r.started}, finished {r.finished} (UTC)",
+        f"- machine: {m['cpu']}, {m['memory']} RAM, Linux {m['kernel']}, Python {m['python']}",
+        f"- load average before / after: {r.load_before} / {r.load_after} "
+        "(the machine is shared; see the notes)",
+        f"- git: {m['git']}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "- PostgreSQL settings: " + ", ".join(f"{k}={val}" for k, val in r.pg_settings.items()),
+        "- sizes: " + ", ".join(f"{k}={val}" for k, val in vars(r.sizes).items()
+                                if not k.startswith("soak")),
+        "",
+        "## Results",
+        "",
+        "| what | measured | target (SPEC section 10) | verdict |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
+    lines += ["", "## How each row is measured", "", METHOD, ""]
+    if r.notes:
+        lines += ["## Notes from this run", ""] + [f"- {n}" for n in r.notes] + [""]
+    return "\n".join(lines)
+
+
+METHOD = """\
+- One PostgreSQL 16 (pgserver's embedded build unless `BENCH_DATABASE_URL` is set) with the
+  server's default durability: fsync, synchronous_commit and full_page_writes on. Every system gets
+  its own database on that server, created fresh for its phase; a CHECKPOINT precedes each measured
+  phase so full-page images start from the same state. Clients reach it over its Unix socket;
+  HTTP goes to 127.0.0.1 only.
+- 1: `dispatch serve` (one process, its own assigner) with 4 registered idle agents that have room
+  for every task; a client sends `POST /api/v1/tasks` open-loop at the given rate (32 keep-alive
+  connections). Latency = `assigned` event `created_at` minus `created` event `created_at` in
+  dispatch.task_events (each is its transaction's start time); the first second is warm-up.
+- 2: `dispatch serve` again; requesters create as fast as they can while each agent, on its own
+  keep-alive connection, lists what the assigner pushed to it (`GET ?assignee=me&status=assigned`)
+  or claims (`POST /tasks/claim`), then starts and completes each task. Tasks/s = N / wall time
+  until the last completion. The ceiling is a one-handler Litestar app (`POST /echo`, msgspec body,
+  JSON response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
+  uvloop, httptools, no access log), closed loop with the same number of connections. The load
+  generator (bench/http.py, a minimal keep-alive HTTP/1.1 client) runs on the same 2 cores.
+- 3: every system does N single-row enqueues from the same number of concurrent producers, then
+  drains them: Dispatch through dispatch.broker on one psycopg pool (push: `task_assign` batches
+  handed to agent workers that start and complete; pull: each agent `task_claim`s, starts and
+  completes); pgqueuer with its own drain benchmark's shape (asyncpg, a QueueManager per consumer,
+  batch 10, mode=drain); procrastinate with an async task and `run_worker_async(wait=False)`; the
+  floor with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)` claim and one
+  `UPDATE` complete per row. "lifecycle" = N / (enqueue time + drain time); "drain" = N / drain
+  time. The peers do enqueue, claim, complete; Dispatch also writes `start` and an event per step.
+- 4: `xact_commit` of the system's database in pg_stat_database (read-only transactions count
+  too) and `pg_current_wal_lsn()` difference (cluster-wide) over the measured phase, divided by N;
+  write xacts = transaction ids consumed. All client connections are closed before the second
+  reading so their statistics are flushed.
+- 5: a fresh database per point, terminal rows bulk-inserted with session_replication_role=replica
+  (no triggers, no events), then VACUUM ANALYZE; one connection times `task_claim` (then completes
+  the task) and `task_assign` over 4 agents (then completes the batch), BENCH_SCALE_SAMPLES each.
+- 6: VmHWM of the serve process from /proc after the REST lifecycle (and VmRSS sampled every
+  100 ms during it)."""
+
+
+def render_soak(s: SoakResult) -> str:
+    lines = [
+        SOAK_BEGIN,
+        "## Soak (`make bench-soak`)",
+        "",
+        f"In-process pull lifecycle paced at {s.rate} tasks/s for {s.seconds:.0f} s, {s.agents} "
+        f"agents (claim woken by NOTIFY), autovacuum at its defaults; {s.completed} tasks "
+        "completed. Dead tuples from pg_stat_user_tables; claim latency of successful claims in "
+        "each interval.",
+        "",
+        "| t (s) | completed | tasks live / dead | task_events live / dead | agents live / dead |"
+        " autovacuums (tasks, events, agents) | claim p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    def lv(x: SoakSample, name: str) -> str:
+        t = x.tables.get(name)
+        return f"{t[0]:,} / {t[1]:,}" if t else "?"
+
+    for x in s.samples:
+
+        av = ", ".join(str(x.tables.get(n, (0, 0, 0))[2]) for n in ("tasks", "task_events",
+                                                                     "agents"))
+        lines.append(f"| {x.t:.0f} | {x.completed:,} | {lv(x, 'tasks')} | {lv(x, 'task_events')} | "
+                     f"{lv(x, 'agents')} | {av} | {_f(x.claim_p50, 2)} / {_f(x.claim_p99, 2)} |")
+    lines += ["", SOAK_END]
+    return "\n".join(lines)
+
+
+def write(path: Path, main_md: str | None, soak_md: str | None) -> None:
+    """Replace the main part and/or the soak section, keeping the other."""
+    old = path.read_text() if path.exists() else ""
+    old_soak = ""
+    if SOAK_BEGIN in old and SOAK_END in old:
+        start, end = old.index(SOAK_BEGIN), old.index(SOAK_END) + len(SOAK_END)
+        old_soak = old[start:end]
+        old_main = (old[:start] + old[end:]).rstrip() + "\n"
+    else:
+        old_main = old
+    body = (main_md if main_md is not None else old_main).rstrip() + "\n"
+    soak = soak_md if soak_md is not None else old_soak
+    path.write_text(body + ("\n" + soak.strip() + "\n" if soak else ""))

@@ -1,0 +1,290 @@
+"""Over HTTP: create->assigned latency at a fixed create rate, the full REST lifecycle with
+concurrent agents, the trivial Litestar ceiling, and the serve process's peak RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psycopg
+
+from bench.common import Latencies, Sizes, percentile
+from bench.http import Connection, Response
+from bench.pg import Cluster, Cost, cost_between, read_counters
+from bench.serve import RssSampler, dispatch_serve, trivial_serve
+
+REQUESTER = "bench-requester"
+API = "/api/v1"
+
+
+class ApiMissing(Exception):
+    """The API answered 404/405 for an endpoint the benchmark needs: it has not landed."""
+
+
+def _expect(resp: Response, what: str, *ok: int) -> Response:
+    if resp.status in ok:
+        return resp
+    if resp.status in (404, 405) and what.startswith(("PUT /agents", "POST /tasks")):
+        raise ApiMissing(f"{what} answered {resp.status}")
+    raise RuntimeError(f"{what} answered {resp.status}: {resp.body[:300]!r}")
+
+
+async def _register(base: str, agent_id: str, max_concurrent: int) -> None:
+    conn = Connection(base, {"X-Agent-ID": agent_id})
+    try:
+        resp = await conn.request(
+            "PUT", f"{API}/agents/{agent_id}",
+            {"capabilities": [], "owner": REQUESTER, "max_concurrent": max_concurrent},
+        )
+        _expect(resp, "PUT /agents/{id}", 200, 201)
+    finally:
+        await conn.close()
+
+
+# -- 1. create -> assigned latency -----------------------------------------------------------------
+
+
+@dataclass
+class LatencyResult:
+    rate: int
+    seconds: float
+    sent: int
+    measured: int
+    assigned_ms: list[float]
+    post_ms: list[float]
+    late_sends: int
+
+
+async def run_latency(cluster: Cluster, sizes: Sizes) -> LatencyResult:
+    """Open-loop creates at BENCH_LATENCY_RATE per second for BENCH_LATENCY_SECONDS against idle
+    agents with room for every task; created->assigned from the event log (the first second is
+    warm-up and left out)."""
+    dbname = "rest_latency"
+    url = cluster.create_database(dbname)
+    rate, seconds = sizes.latency_rate, sizes.latency_seconds
+    total = int(rate * seconds)
+    with dispatch_serve(url) as serve:
+        agents = 4
+        room = min(1000, total // agents + 10)
+        for i in range(agents):
+            await _register(serve.base, f"idle-{i}", room)
+        free: asyncio.Queue[Connection] = asyncio.Queue()
+        for _ in range(32):
+            free.put_nowait(Connection(serve.base, {"X-Agent-ID": REQUESTER}))
+        ids: list[tuple[float, str]] = []
+        post = Latencies()
+        late = 0
+        pending: set[asyncio.Task[None]] = set()
+
+        async def create(i: int, sent_at: float) -> None:
+            conn = await free.get()
+            try:
+                t0 = time.perf_counter()
+                resp = await conn.request("POST", f"{API}/tasks", {"title": f"latency {i}"})
+                post.add_since(t0)
+                body = _expect(resp, "POST /tasks", 201).json()
+                assert isinstance(body, dict)
+                ids.append((sent_at, str(body["task_id"])))
+            finally:
+                free.put_nowait(conn)
+
+        t_start = time.perf_counter()
+        for i in range(total):
+            target = t_start + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.005:
+                late += 1
+            task = asyncio.create_task(create(i, target - t_start))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.wait_for(asyncio.gather(*pending), 30)
+        while not free.empty():
+            await free.get_nowait().close()
+        measured_ids = [uuid.UUID(tid) for sent, tid in ids if sent >= 1.0]
+        # Wait (bounded) until every measured task has its `assigned` event.
+        rows: list[tuple[float]] = []
+        deadline = time.monotonic() + 30
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                cur = await conn.execute(
+                    "SELECT extract(epoch FROM a.created_at - c.created_at) * 1000"
+                    " FROM dispatch.task_events c JOIN dispatch.task_events a"
+                    "   ON a.task_id = c.task_id AND a.event = 'assigned'"
+                    " WHERE c.event = 'created' AND c.task_id = ANY (%s)",
+                    (measured_ids,),
+                )
+                rows = await cur.fetchall()
+                if len(rows) >= len(measured_ids):
+                    break
+                await asyncio.sleep(0.5)
+    return LatencyResult(
+        rate=rate, seconds=seconds, sent=len(ids), measured=len(rows),
+        assigned_ms=[float(r[0]) for r in rows], post_ms=post.ms, late_sends=late,
+    )
+
+
+# -- 2. full lifecycle over REST, 4. its cost, 6. peak RSS ---------------------------------
+
+
+@dataclass
+class RestResult:
+    n: int
+    seconds: float
+    agents: int
+    producers: int
+    requests: dict[str, int]
+    cost: Cost
+    peak_rss_kb: int
+    hwm_kb: int
+    idle_rss_kb: int
+    claimed: int = 0
+    pushed: int = 0
+    create_ms: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds if self.seconds else 0.0
+
+    @property
+    def request_rate(self) -> float:
+        return sum(self.requests.values()) / self.seconds if self.seconds else 0.0
+
+
+async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
+    """Requesters create as fast as they can; each agent (own connection) takes what the assigner
+    pushed to it (GET ?assignee=me&status=assigned) or claims (POST /tasks/claim), then starts and
+    completes it. Ends when all N tasks are completed."""
+    dbname = "rest_lifecycle"
+    url = cluster.create_database(dbname)
+    n = sizes.rest_tasks
+    counts: dict[str, int] = {"create": 0, "list": 0, "claim": 0, "start": 0, "complete": 0}
+    create_lat = Latencies()
+    with dispatch_serve(url) as serve:
+        agent_ids = [f"rest-{i:03d}" for i in range(sizes.rest_agents)]
+        for a in agent_ids:
+            await _register(serve.base, a, 10)
+        idle_rss = serve.rss_kb()
+        cluster.checkpoint()
+        before = read_counters(cluster.admin_url, dbname)
+        sampler = RssSampler(serve.proc.pid)
+        sampler.start()
+        created = iter(range(n))
+        completed = 0
+        claimed = pushed = 0
+        deadline = time.monotonic() + sizes.phase_timeout
+
+        async def producer() -> None:
+            conn = Connection(serve.base, {"X-Agent-ID": REQUESTER})
+            try:
+                for i in created:
+                    t0 = time.perf_counter()
+                    resp = await conn.request("POST", f"{API}/tasks", {"title": f"rest {i}"})
+                    create_lat.add_since(t0)
+                    counts["create"] += 1
+                    _expect(resp, "POST /tasks", 201)
+            finally:
+                await conn.close()
+
+        async def agent(agent_id: str) -> None:
+            nonlocal completed, claimed, pushed
+            conn = Connection(serve.base, {"X-Agent-ID": agent_id})
+            mine = f"{API}/tasks?assignee={agent_id}&status=assigned&limit=20"
+            try:
+                while completed < n and time.monotonic() < deadline:
+                    resp = await conn.request("GET", mine)
+                    counts["list"] += 1
+                    body = _expect(resp, "GET /tasks", 200).json()
+                    tasks = list(body) if isinstance(body, list) else []
+                    pushed += len(tasks)
+                    if not tasks:
+                        resp = await conn.request("POST", f"{API}/tasks/claim", {"wait_seconds": 0})
+                        counts["claim"] += 1
+                        if resp.status == 200:
+                            tasks = [resp.json()]
+                            claimed += 1
+                        else:
+                            _expect(resp, "POST /tasks/claim", 204)
+                    if not tasks:
+                        await asyncio.sleep(0.005)
+                        continue
+                    for t in tasks:
+                        assert isinstance(t, dict)
+                        tid = t["task_id"]
+                        r = await conn.request("POST", f"{API}/tasks/{tid}/start")
+                        counts["start"] += 1
+                        _expect(r, "POST /tasks/{id}/start", 200)
+                        r = await conn.request(
+                            "POST", f"{API}/tasks/{tid}/complete", {"result": {"ok": True}}
+                        )
+                        counts["complete"] += 1
+                        _expect(r, "POST /tasks/{id}/complete", 200)
+                        completed += 1
+            finally:
+                await conn.close()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(producer() for _ in range(sizes.rest_producers)),
+            *(agent(a) for a in agent_ids),
+        )
+        seconds = time.perf_counter() - t0
+        peak, hwm = sampler.stop()
+        if completed < n:
+            raise RuntimeError(f"REST lifecycle completed {completed} of {n} in time")
+    # serve has stopped: its connections flushed their statistics.
+    await asyncio.sleep(0.2)
+    cost = cost_between(cluster.admin_url, before, read_counters(cluster.admin_url, dbname))
+    return RestResult(
+        n=n, seconds=seconds, agents=sizes.rest_agents, producers=sizes.rest_producers,
+        requests=counts, cost=cost, peak_rss_kb=peak, hwm_kb=hwm, idle_rss_kb=idle_rss,
+        claimed=claimed, pushed=pushed, create_ms=create_lat.ms,
+    )
+
+
+# -- the ceiling ------------------------------------------------------------------------------
+
+
+@dataclass
+class CeilingResult:
+    requests: int
+    seconds: float
+    connections: int
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+async def run_ceiling(sizes: Sizes) -> CeilingResult:
+    """Closed loop on POST /echo with as many connections as the REST lifecycle uses."""
+    connections = sizes.rest_agents + sizes.rest_producers
+    lat = Latencies()
+    with trivial_serve() as app:
+        stop_at = time.perf_counter() + sizes.ceiling_seconds
+        done = 0
+
+        async def client() -> None:
+            nonlocal done
+            conn = Connection(app.base, {"X-Agent-ID": REQUESTER})
+            try:
+                # warm-up request, not counted
+                await conn.request("POST", "/echo", {"title": "warm"})
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    resp = await conn.request("POST", "/echo", {"title": "ceiling"})
+                    lat.add_since(t0)
+                    if resp.status != 200:
+                        raise RuntimeError(f"/echo answered {resp.status}")
+                    done += 1
+            finally:
+                await conn.close()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(connections)))
+        seconds = time.perf_counter() - t0
+    return CeilingResult(done, seconds, connections, percentile(lat.ms, 99))

@@ -1,0 +1,113 @@
+"""Claim and assign latency with few and with many terminal rows in dispatch.tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.rows import dict_row
+
+from bench.common import Latencies, Sizes
+from bench.pg import Cluster
+from dispatch import store
+from dispatch.db import CONNECT_KWARGS
+from dispatch.migrate import migrate
+
+REQUESTER = "bench-requester"
+
+# Terminal history written straight into the table: session_replication_role = replica skips the
+# per-row triggers (no event rows, no NOTIFY), as a restore or a bulk import would.
+_SEED = """
+INSERT INTO dispatch.tasks (title, requester, owner, source, status, assigned_agent,
+                            timeout_seconds, result, created_at, updated_at, assigned_at,
+                            started_at, completed_at, available_at)
+SELECT 'history ' || g, %(requester)s, %(requester)s, 'sql', 'completed', 'history-agent', 300,
+       '{"ok": true}', t, t + interval '3 s', t + interval '1 s', t + interval '1 s',
+       t + interval '3 s', t
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g,
+     LATERAL (SELECT now() - interval '7 days' + g * interval '10 ms') AS c(t)
+"""
+
+_PENDING = """
+INSERT INTO dispatch.tasks (title, requester, source)
+SELECT 'scale ' || g, %(requester)s, 'bench' FROM generate_series(1, %(n)s::integer) g
+"""
+
+
+@dataclass
+class ScalePoint:
+    terminal_rows: int
+    table_mb: float
+    seed_s: float
+    claim: Latencies
+    assign: Latencies
+    assign_batch: int
+
+
+async def _seed(url: str, rows: int) -> float:
+    t0 = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SET session_replication_role = replica")
+        chunk = 200_000
+        for lo in range(1, rows + 1, chunk):
+            await conn.execute(
+                _SEED, {"requester": REQUESTER, "lo": lo, "hi": min(rows, lo + chunk - 1)}
+            )
+        await conn.execute("SET session_replication_role = origin")
+        await conn.execute("VACUUM (ANALYZE) dispatch.tasks")
+    return time.perf_counter() - t0
+
+
+async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint:
+    dbname = f"scale_{rows}"
+    url = cluster.create_database(dbname)
+    await asyncio.to_thread(migrate, url)
+    seed_s = await _seed(url, rows)
+    samples = sizes.scale_samples
+    claim, assign = Latencies(), Latencies()
+    async with await psycopg.AsyncConnection.connect(
+        url, **CONNECT_KWARGS, row_factory=dict_row  # type: ignore[arg-type]
+    ) as conn:
+        for i in range(4):
+            await store.agent_upsert(
+                conn, f"scale-{i}", capabilities=None, owner=REQUESTER, max_concurrent=10,
+                status=None,
+            )
+        # pull: one agent claims, then completes, `samples` times
+        await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            task = await store.task_claim(conn, "scale-0", None, None)
+            claim.add_since(t0)
+            if task is None:
+                raise RuntimeError("scale: nothing to claim")
+            await store.task_complete(conn, task.task_id, "scale-0", None, admin=False, now=None)
+        # push: task_assign batches over 4 agents, completed before the next batch
+        await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
+        left = samples
+        while left > 0:
+            t0 = time.perf_counter()
+            got = await store.task_assign(conn, sizes.assign_batch, None)
+            assign.add_since(t0)
+            if not got:
+                raise RuntimeError("scale: nothing assigned")
+            for a in got:
+                await store.task_complete(conn, a.task_id, a.agent_id, None, admin=False, now=None)
+            left -= len(got)
+        cur = await conn.execute(
+            "SELECT pg_total_relation_size('dispatch.tasks') / 1048576.0 AS mb"
+        )
+        row = await cur.fetchone()
+        mb = float(row["mb"]) if row else 0.0
+    with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+    return ScalePoint(rows, mb, seed_s, claim, assign, sizes.assign_batch)
+
+
+async def run_scale(cluster: Cluster, sizes: Sizes) -> list[ScalePoint]:
+    return [
+        await measure_point(cluster, sizes, sizes.scale_small),
+        await measure_point(cluster, sizes, sizes.scale_large),
+    ]
