@@ -183,7 +183,7 @@ async def task_progress(
 ) -> Task:
     return await _task(
         conn,
-        "SELECT * FROM dispatch.task_progress(%s, %s, %s, %s, %s, coalesce(%s, now()))",
+        "SELECT * FROM dispatch.task_progress(%s, %s, %s::real, %s, %s, coalesce(%s, now()))",
         (task_id, agent_id, percent, message, _jsonb(data), now),
     )
 
