@@ -108,7 +108,23 @@ class Service:
             ),
             Pruner(self.broker, retention_hours=s.retention.hours),
         ]
+        loops += self._nats_loops()
         return loops
+
+    def _nats_loops(self) -> list[Loop]:
+        """With hermes.url set: the NATS connection (its health() is /health's nats), the event
+        relay and the inbound subscriptions (SPEC section 6). Without it, events stay in the log."""
+        if not self.settings.hermes.url:
+            return []
+        from dispatch.integrations.nats import NatsConnection, NatsInbound
+        from dispatch.relay import Relay
+
+        assert self.pool is not None and self.listener is not None and self.broker is not None
+        conn = NatsConnection(self.settings.hermes.url)
+        poll = self.settings.assignment.tick_interval_ms / 1000
+        relay = Relay(self.pool, self.listener, conn, metrics=self.metrics, poll_interval=poll)
+        # Started in this order, stopped in reverse: inbound and relay before the connection.
+        return [conn, relay, NatsInbound(conn, self.broker)]
 
     async def _start_servers(self) -> None:
         from dispatch.api.app import create_app

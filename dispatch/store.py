@@ -431,29 +431,6 @@ async def queue_depth(conn: Conn) -> dict[str, int]:
     return {r["status"]: int(r["count"]) for r in rows}
 
 
-# -- scrape-time gauges (GET /metrics) ------------------------------------------------------------
-
-_GAUGES = """
-SELECT
-    (SELECT coalesce(jsonb_object_agg(status, count), '{}') FROM dispatch.queue_depth)
-        AS queue_depth,
-    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM dispatch.tasks
-     WHERE status = 'pending') AS oldest_pending_seconds,
-    (SELECT coalesce(jsonb_object_agg(status, n), '{}')
-     FROM (SELECT s.status, count(a.agent_id) AS n
-           FROM unnest(enum_range(NULL::dispatch.agent_status)) AS s (status)
-           LEFT JOIN dispatch.agents a ON a.status = s.status
-           GROUP BY s.status) per_status) AS agents,
-    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished
-"""
-
-
-async def metrics_gauges(conn: Conn) -> dict[str, Any]:
-    """The queue gauges of SPEC section 9, read at scrape time: queue_depth {status: n},
-    oldest_pending_seconds, agents {status: n}, event_log_unpublished."""
-    rows = await _rows(conn, _GAUGES, ())
-    return dict(rows[0])
-
 # -- the assignment engine ------------------------------------------------------------------------
 
 _ASSIGN_TIMED = """
@@ -536,3 +513,58 @@ async def advisory_try_lock(conn: Conn, key: int) -> bool:
 async def advisory_unlock(conn: Conn, key: int) -> None:
     await _rows(conn, "SELECT pg_advisory_unlock(%s) AS ok", (key,))
 
+
+# -- the event relay (sql/005_events.sql) ----------------------------------------------------------
+
+
+async def event_relay_lock(conn: Conn) -> bool:
+    """Try the relay's transaction-level advisory lock; False while another replica relays."""
+    rows = await _rows(conn, "SELECT dispatch.event_relay_lock() AS locked", ())
+    return bool(rows[0]["locked"])
+
+
+async def event_relay_batch(conn: Conn, limit: int) -> list[TaskEvent]:
+    """The oldest unpublished events, locked FOR UPDATE SKIP LOCKED until the transaction ends."""
+    rows = await _rows(conn, "SELECT * FROM dispatch.event_relay_batch(%s)", (limit,))
+    return [_convert(r, TaskEvent) for r in rows]
+
+
+async def tasks_by_id(conn: Conn, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Task]:
+    rows = await _rows(
+        conn, "SELECT * FROM dispatch.tasks WHERE task_id = ANY (%s)", (list(task_ids),)
+    )
+    return {r["task_id"]: _convert(r, Task) for r in rows}
+
+
+async def event_mark_published(conn: Conn, ids: Sequence[int], now: datetime | None) -> int:
+    rows = await _rows(
+        conn,
+        "SELECT dispatch.event_mark_published(%s, coalesce(%s, now())) AS n",
+        (list(ids), now),
+    )
+    return int(rows[0]["n"])
+
+
+
+# -- scrape-time gauges (GET /metrics) ------------------------------------------------------------
+
+_GAUGES = """
+SELECT
+    (SELECT coalesce(jsonb_object_agg(status, count), '{}') FROM dispatch.queue_depth)
+        AS queue_depth,
+    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM dispatch.tasks
+     WHERE status = 'pending') AS oldest_pending_seconds,
+    (SELECT coalesce(jsonb_object_agg(status, n), '{}')
+     FROM (SELECT s.status, count(a.agent_id) AS n
+           FROM unnest(enum_range(NULL::dispatch.agent_status)) AS s (status)
+           LEFT JOIN dispatch.agents a ON a.status = s.status
+           GROUP BY s.status) per_status) AS agents,
+    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished
+"""
+
+
+async def metrics_gauges(conn: Conn) -> dict[str, Any]:
+    """The queue gauges of SPEC section 9, read at scrape time: queue_depth {status: n},
+    oldest_pending_seconds, agents {status: n}, event_log_unpublished."""
+    rows = await _rows(conn, _GAUGES, ())
+    return dict(rows[0])

@@ -1,0 +1,308 @@
+"""The event relay (SPEC section 6): publishes the unpublished rows of the event log (the
+transactional outbox dispatch.task_events) to NATS JetStream, then marks them published.
+
+One batch is one transaction: take the relay's advisory lock (one replica relays at a time; the
+others stand by), lock the oldest unpublished rows, publish each with `Nats-Msg-Id: <event id>` and
+wait for JetStream's acks, mark the acked rows, commit. A crash between publish and mark rolls the
+marks back, and the rows go out again under the same message ids, which JetStream drops as
+duplicates within the stream's duplicate window. The relay wakes on NOTIFY dispatch_events (polling
+is only a fallback) and, while NATS is down, on reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError, NotFoundError
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch import store
+from dispatch.errors import DispatchError
+from dispatch.integrations.nats import ORIGIN_HEADER, ORIGIN_RELAY, NatsConnection
+from dispatch.metrics import Metrics
+from dispatch.models import Task, TaskEvent
+from dispatch.notify import EVENTS_CHANNEL, Listener
+
+log = logging.getLogger(__name__)
+
+STREAM = "DISPATCH_EVENTS"
+# SPEC section 6 names swarm.task.> for the stream. That also captures swarm.task.request, and
+# JetStream acknowledges every message it stores that has a reply subject, so a requester's
+# request would get the stream's PubAck instead of its task. swarm.task.*.* holds every event
+# subject (swarm.task.<task id>.<event>) and leaves the 3-token request subject alone.
+STREAM_SUBJECTS = ("swarm.task.*.*", "swarm.dispatch.>")
+# How long JetStream remembers message ids: a relay that crashed after publishing and before
+# marking must be replaced within this window for its re-publish to be dropped as a duplicate.
+DUPLICATE_WINDOW_SECONDS = 120.0
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class EventMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """What every event message starts with. The event row's own payload fields (see the README,
+    "Events (NATS)") follow at the top level of the same JSON object. `task` is the task as it is
+    when the relay publishes (so a late `created` may already show it running); it is null, with
+    `truncated` true, when the message would exceed the server's max_payload."""
+
+    event: str
+    task_id: uuid.UUID
+    event_id: int
+    at: datetime
+    actor: str
+    task: Task | None
+    truncated: bool = False
+
+
+_ENVELOPE_KEYS = frozenset(EventMessage.__struct_fields__)
+_encoder = msgspec.json.Encoder()
+
+
+def task_subject(event: TaskEvent) -> str:
+    return f"swarm.task.{event.task_id}.{event.event}"
+
+
+def agent_subject(agent_id: str) -> str:
+    return f"swarm.dispatch.agent.{agent_id}.assigned"
+
+
+def encode_event(event: TaskEvent, task: Task | None, max_payload: int) -> bytes:
+    """The message body: envelope first, then the event's payload fields."""
+    payload = {k: v for k, v in event.payload.items() if k not in _ENVELOPE_KEYS}
+    for with_task, with_payload in ((True, True), (False, True), (False, False)):
+        envelope = EventMessage(
+            event=event.event, task_id=event.task_id, event_id=event.id, at=event.created_at,
+            actor=event.actor, task=task if with_task else None,
+            truncated=not (with_task and with_payload) and task is not None,
+        )
+        body = _encoder.encode(envelope)
+        if with_payload and payload:
+            body = body[:-1] + b"," + _encoder.encode(payload)[1:]
+        if len(body) <= max_payload:
+            return body
+    return body
+
+
+@dataclasses.dataclass
+class Outgoing:
+    """One NATS message of one event."""
+
+    event_id: int
+    subject: str
+    msg_id: str
+    body: bytes
+
+
+def messages(event: TaskEvent, task: Task | None, max_payload: int) -> list[Outgoing]:
+    """An event's messages: its task subject, and for an assignment also the agent's subject."""
+    body = encode_event(event, task, max_payload)
+    out = [Outgoing(event.id, task_subject(event), str(event.id), body)]
+    agent = event.payload.get("assigned_agent")
+    if event.event == "assigned" and isinstance(agent, str) and agent:
+        out.append(Outgoing(event.id, agent_subject(agent), f"{event.id}:agent", body))
+    return out
+
+
+def waves(events: Sequence[TaskEvent]) -> list[list[TaskEvent]]:
+    """Split a batch (in id order) so that no wave holds two events of one task: wave k holds each
+    task's k-th event. A wave is published pipelined, the next only after all its acks, so an
+    event never reaches the stream before an earlier event of its task, even when some publish
+    fails halfway (the rest of that task then waits for the next batch)."""
+    rank: dict[uuid.UUID, int] = defaultdict(int)
+    out: list[list[TaskEvent]] = []
+    for e in events:
+        k = rank[e.task_id]
+        rank[e.task_id] = k + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(e)
+    return out
+
+
+class PublishFailed(Exception):
+    """Some messages of a batch got no JetStream ack."""
+
+
+class Relay:
+    """The outbox relay loop. `published` counts events this relay marked; `batches` is set after
+    every committed batch (tests await it rather than sleep)."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        listener: Listener,
+        nats_conn: NatsConnection,
+        *,
+        metrics: Metrics | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 5.0,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.listener = listener
+        self.nats = nats_conn
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.publish_timeout = publish_timeout
+        self.published = 0
+        self.batch_done = asyncio.Event()
+        self._stream_ready = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _failed(self, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.nats_publish_failures.inc(n)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            woken = self.listener.event(EVENTS_CHANNEL)
+            if not self.nats.is_connected:
+                # Events wait in the log. A wake-up with new events while NATS is down counts as a
+                # failed publish, so the failure counter moves for as long as the outage matters.
+                await _first(self.nats.connected.wait(), woken.wait(), timeout=self.poll_interval)
+                if woken.is_set() and not self.nats.is_connected:
+                    self._failed()
+                continue
+            try:
+                if not self._stream_ready:
+                    await self.ensure_stream()
+                more = await self.relay_once()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except (PublishFailed, DispatchError, OSError, TimeoutError) as exc:
+                log.warning("event relay: %s; retrying in %.1fs", exc, backoff)
+                self._stream_ready = False
+                await _first(self.nats.disconnected.wait(), timeout=backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except Exception:  # a bug must not stop the relay for good
+                log.exception("event relay failed; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if not more:
+                await _first(woken.wait(), timeout=self.poll_interval)
+
+    async def ensure_stream(self) -> None:
+        """Create the stream DISPATCH_EVENTS, or bring an existing one's subjects and duplicate
+        window to what the relay needs (its other settings, e.g. limits, are kept)."""
+        js = self.nats.jetstream()
+        wanted = js_api.StreamConfig(
+            name=STREAM, subjects=list(STREAM_SUBJECTS), duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            storage=js_api.StorageType.FILE,
+        )
+        try:
+            info = await js.stream_info(STREAM)
+        except NotFoundError:
+            try:
+                await js.add_stream(wanted)
+                log.info("created JetStream stream %s", STREAM)
+                self._stream_ready = True
+                return
+            except BadRequestError:  # another replica created it just now
+                info = await js.stream_info(STREAM)
+        config = info.config
+        if (
+            sorted(config.subjects or []) != sorted(STREAM_SUBJECTS)
+            or config.duplicate_window < DUPLICATE_WINDOW_SECONDS
+        ):
+            await js.update_stream(
+                dataclasses.replace(
+                    config, subjects=list(STREAM_SUBJECTS),
+                    duplicate_window=max(config.duplicate_window, DUPLICATE_WINDOW_SECONDS),
+                )
+            )
+            log.info("updated JetStream stream %s", STREAM)
+        self._stream_ready = True
+
+    async def relay_once(self) -> bool:
+        """Publish and mark one batch. True when there may be more to do right away."""
+        # The transaction spans the publish on purpose (lock, publish, mark, commit), so the relay
+        # owns it rather than going through the broker.
+        async with self.pool.connection() as conn, conn.transaction():
+            if not await store.event_relay_lock(conn):
+                return False  # another replica is relaying; its NOTIFY wake-ups are ours too
+            events = await store.event_relay_batch(conn, self.batch_size)
+            if not events:
+                return False
+            tasks = await store.tasks_by_id(conn, list({e.task_id for e in events}))
+            acked, error = await self.publish(events, tasks)
+            if acked:
+                await store.event_mark_published(conn, acked, None)
+        self.published += len(acked)
+        self.batch_done.set()
+        self.batch_done = asyncio.Event()
+        if error is not None:
+            raise error
+        return len(events) == self.batch_size
+
+    async def publish(
+        self, events: Sequence[TaskEvent], tasks: dict[uuid.UUID, Task]
+    ) -> tuple[list[int], PublishFailed | None]:
+        """Publish events wave by wave; the ids that JetStream acknowledged, and the failure that
+        stopped the batch, if any."""
+        nc = self.nats.nc
+        assert nc is not None
+        js = self.nats.jetstream()
+        max_payload = nc.max_payload
+        acked: list[int] = []
+        for wave in waves(events):
+            pending: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []
+            try:
+                for event in wave:
+                    for m in messages(event, tasks.get(event.task_id), max_payload):
+                        headers = {MSG_ID_HEADER: m.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
+                        fut = await js.publish_async(m.subject, m.body, headers=headers)
+                        pending.append((m, fut))
+            except Exception as exc:  # not even sent (connection lost, too many in flight)
+                for _, fut in pending:
+                    fut.cancel()
+                self._failed(len(wave))
+                return acked, PublishFailed(f"publish failed: {exc!r}")
+            results = await asyncio.gather(
+                *(asyncio.wait_for(fut, self.publish_timeout) for _, fut in pending),
+                return_exceptions=True,
+            )
+            failed: set[int] = set()
+            for (m, _), result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException) or result.stream != STREAM:
+                    failed.add(m.event_id)
+            acked.extend(e.id for e in wave if e.id not in failed)
+            if failed:
+                self._failed(len(failed))
+                errors = [r for r in results if isinstance(r, BaseException)]
+                first = errors[0] if errors else "an ack from another stream"
+                return acked, PublishFailed(
+                    f"{len(failed)} event(s) got no JetStream ack (first: {first!r})"
+                )
+        return acked, None
+
+
+async def _first(*aws: Any, timeout: float) -> None:
+    """Wait until the first of the awaitables finishes, or timeout; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,48 @@
+-- The event relay's side of the transactional outbox (SPEC section 6): dispatch.task_events rows with
+-- published_at IS NULL are published to NATS JetStream and then marked, in one transaction:
+--
+--   BEGIN;
+--   SELECT dispatch.event_relay_lock();          -- false: another replica is relaying, stand by
+--   SELECT * FROM dispatch.event_relay_batch(500);
+--   ... publish each row with Nats-Msg-Id = id, wait for the JetStream acks ...
+--   SELECT dispatch.event_mark_published(ids);
+--   COMMIT;
+--
+-- A crash between publish and mark rolls the marks back; the next relay publishes the same rows
+-- again under the same message ids and JetStream's duplicate window drops the copies.
+
+-- Only one replica relays at a time. Row locks with SKIP LOCKED alone would let replica B lock and
+-- publish a later event of a task while replica A is still publishing an earlier one of the same
+-- task (A holds the earlier rows, B skips them), so per-task order would depend on who wins the
+-- race to the NATS server. A transaction-level advisory lock, tried without waiting, makes one
+-- batch at a time the rule: the others return at once and wait for the next NOTIFY. It is released
+-- by COMMIT/ROLLBACK or when the session dies, so a killed relay never blocks the others.
+CREATE FUNCTION dispatch.event_relay_lock() RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT pg_try_advisory_xact_lock(hashtext('dispatch.event_relay'))
+$$;
+
+-- The oldest unpublished events, locked for this transaction. The event rows only are locked (not
+-- their tasks), so the relay never blocks a transition. SKIP LOCKED is a second fence behind the
+-- advisory lock: a batch still being published (and not yet marked) is never picked up twice.
+-- Per task, ids follow commit order: every writer of a task's events holds that task's row lock.
+CREATE FUNCTION dispatch.event_relay_batch(p_limit integer DEFAULT 500)
+RETURNS SETOF dispatch.task_events
+LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM dispatch.task_events
+    WHERE published_at IS NULL
+    ORDER BY id
+    LIMIT p_limit
+    FOR UPDATE SKIP LOCKED
+$$;
+
+CREATE FUNCTION dispatch.event_mark_published(p_ids bigint[], p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    WITH marked AS (
+        UPDATE dispatch.task_events SET published_at = p_now
+        WHERE id = ANY (p_ids) AND published_at IS NULL
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM marked
+$$;

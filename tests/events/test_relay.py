@@ -1,0 +1,238 @@
+"""The outbox relay against a real nats-server: what a consumer of DISPATCH_EVENTS sees."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from nats.aio.client import Client
+from psycopg_pool import AsyncConnectionPool
+
+from dispatch.broker import Broker
+from dispatch.integrations.nats import NatsConnection
+from dispatch.metrics import Metrics
+from dispatch.models import NewTask, Task
+from dispatch.notify import Listener
+from dispatch.relay import Relay
+from tests.events.conftest import eventually, unpublished
+from tests.events.streamread import Stored, read_stream, stream_count
+from tests.natsfix import NatsServer
+
+Sql = psycopg.Connection[dict[str, Any]]
+
+
+def event_log(sql: Sql) -> list[dict[str, Any]]:
+    return sql.execute(
+        "SELECT id, task_id, event, actor, payload, created_at FROM dispatch.task_events"
+        " ORDER BY id"
+    ).fetchall()
+
+
+def expected_messages(log: list[dict[str, Any]]) -> int:
+    return len(log) + sum(1 for e in log if e["event"] == "assigned")
+
+
+def assert_stream_matches_log(stored: list[Stored], log: list[dict[str, Any]]) -> None:
+    """Every event exactly once on its subject, with its payload, in per-task order."""
+    by_msg_id = {}
+    for m in stored:
+        assert m.headers["Nats-Msg-Id"] not in by_msg_id, f"duplicate {m.headers['Nats-Msg-Id']}"
+        by_msg_id[m.headers["Nats-Msg-Id"]] = m
+    assert len(stored) == expected_messages(log)
+    for e in log:
+        m = by_msg_id[str(e["id"])]
+        assert m.subject == f"swarm.task.{e['task_id']}.{e['event']}"
+        body = m.body
+        assert body["event"] == e["event"]
+        assert body["task_id"] == str(e["task_id"])
+        assert body["event_id"] == e["id"]
+        assert body["actor"] == e["actor"]
+        assert datetime.fromisoformat(body["at"]) == e["created_at"]
+        assert body["task"]["task_id"] == str(e["task_id"])
+        for key, value in e["payload"].items():
+            assert body[key] == value, (e["event"], key)
+        if e["event"] == "assigned":
+            agent = by_msg_id[f"{e['id']}:agent"]
+            agent_id = e["payload"]["assigned_agent"]
+            assert agent.subject == f"swarm.dispatch.agent.{agent_id}.assigned"
+            assert agent.body == body
+    seen: dict[str, list[int]] = defaultdict(list)
+    for m in stored:
+        if m.subject.startswith("swarm.task."):
+            seen[m.body["task_id"]].append(m.body["event_id"])
+    for task_id, ids in seen.items():
+        assert ids == sorted(ids), f"task {task_id} out of order: {ids}"
+
+
+async def lifecycle(broker: Broker, agent: str, title: str) -> Task:
+    """created, assigned, started, completed; the agent only claims work of its own lane."""
+    await broker.submit(NewTask(title=title, required_capabilities=[agent]), requester="req")
+    claimed = await broker.claim(agent, [agent])
+    assert claimed is not None
+    await broker.start(claimed.task_id, agent)
+    return await broker.complete(claimed.task_id, agent, {"ok": True})
+
+
+async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
+    broker: Broker, relay: Relay, client: Client, sql: Sql
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    # created, assigned, started, progress, completed
+    t1, _ = await broker.submit(NewTask(title="one", metadata={"k": 1}), requester="req")
+    assert (await broker.claim("agent-a")) is not None
+    await broker.start(t1.task_id, "agent-a")
+    await broker.progress(t1.task_id, "agent-a", percent=50, message="half", data={"n": 1})
+    await broker.complete(t1.task_id, "agent-a", {"answer": 42})
+    # failed + retry, failed + dlq, requeued, cancelled
+    t2, _ = await broker.submit(NewTask(title="two", max_retries=1), requester="req")
+    assert (await broker.claim("agent-a")) is not None
+    await broker.fail(t2.task_id, "agent-a", "boom")
+    assert (await broker.claim("agent-b", now=later)) is not None
+    await broker.fail(t2.task_id, "agent-b", "boom again")
+    await broker.requeue(t2.task_id, "admin")
+    await broker.cancel(t2.task_id, "req", "not needed")
+    # timeout (+ retry)
+    t3, _ = await broker.submit(NewTask(title="three"), requester="req")
+    assert (await broker.claim("agent-a")) is not None
+    assert [x.event for x in await broker.expire(now=later + timedelta(days=1))] == ["timeout"]
+    # reassigned (agent stopped)
+    await broker.cancel(t3.task_id, "req")
+    t4, _ = await broker.submit(NewTask(title="four"), requester="req")
+    assert (await broker.claim("agent-b")) is not None
+    assert await broker.agent_stop("agent-b") == 1
+    await broker.cancel(t4.task_id, "req")
+    # unmatched, updated
+    t5, _ = await broker.submit(
+        NewTask(title="five", required_capabilities=["nobody-has-this"]), requester="req"
+    )
+    assert await broker.report_unmatched() == 1
+    await broker.update(t5.task_id, "req", metadata_patch={"x": "y"})
+
+    log = event_log(sql)
+    kinds = {e["event"] for e in log}
+    assert kinds >= {
+        "created", "assigned", "started", "progress", "completed", "failed", "retry", "dlq",
+        "requeued", "cancelled", "timeout", "reassigned", "unmatched", "updated",
+    }
+    # The relay's poll interval is 600 s: only NOTIFY wakes it in time.
+    await eventually(lambda: _async(unpublished(sql) == 0), what="relay to publish everything")
+    assert_stream_matches_log(await read_stream(client), log)
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_events_wait_in_the_log_while_nats_is_down_and_go_out_once_in_order(
+    broker: Broker, relay: Relay, nats_conn: NatsConnection, nats_server: NatsServer,
+    metrics: Metrics, client: Client, sql: Sql,
+) -> None:
+    await lifecycle(broker, "agent-a", "before the outage")
+    await eventually(lambda: _async(unpublished(sql) == 0), what="first task published")
+
+    nats_server.stop()
+    await eventually(lambda: _async(nats_conn.health() == {"nats": "down"}), what="nats down")
+    for i in range(200):
+        await lifecycle(broker, "agent-a", f"during the outage {i}")
+    backlog = unpublished(sql)
+    assert backlog == 200 * 4
+    failures = metrics.registry.get_sample_value("dispatch_nats_publish_failures_total")
+    assert failures is not None and failures > 0
+
+    nats_server.start()
+    await eventually(lambda: _async(nats_conn.health() == {"nats": "ok"}), what="nats back")
+    await eventually(lambda: _async(unpublished(sql) == 0), 60, what="backlog published")
+    await eventually(lambda: _async(client.is_connected), what="client reconnected")
+    log = event_log(sql)
+    assert await stream_count(client) == expected_messages(log)
+    assert_stream_matches_log(await read_stream(client), log)
+
+
+class KilledBeforeMark(Relay):
+    """A relay that dies after JetStream acked its batch and before it could mark it."""
+
+    async def publish(
+        self, events: Any, tasks: dict[uuid.UUID, Task]
+    ) -> tuple[list[int], Any]:
+        await super().publish(events, tasks)
+        raise KeyboardInterrupt("killed between publish and mark")
+
+
+async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
+    broker: Broker, pool: AsyncConnectionPool[Any], listener: Listener,
+    nats_conn: NatsConnection, client: Client, sql: Sql,
+) -> None:
+    for i in range(20):
+        await lifecycle(broker, "agent-a", f"task {i}")
+    log = event_log(sql)
+    doomed = KilledBeforeMark(pool, listener, nats_conn)
+    await doomed.ensure_stream()
+    try:
+        await doomed.relay_once()
+        raise AssertionError("the relay should have died")
+    except KeyboardInterrupt:
+        pass
+    # Everything reached the stream, nothing was marked.
+    assert await stream_count(client) == expected_messages(log)
+    assert unpublished(sql) == len(log)
+
+    successor = Relay(pool, listener, nats_conn, poll_interval=600)
+    await successor.start()
+    try:
+        await eventually(lambda: _async(unpublished(sql) == 0), what="successor marks all")
+    finally:
+        await successor.stop()
+    assert successor.published == len(log)
+    assert_stream_matches_log(await read_stream(client), log)
+
+
+async def test_two_relay_replicas_publish_each_event_once_in_task_order(
+    broker: Broker, pool: AsyncConnectionPool[Any], listener: Listener,
+    nats_server: NatsServer, client: Client, sql: Sql,
+) -> None:
+    conns = [NatsConnection(nats_server.url) for _ in range(2)]
+    relays = [Relay(pool, listener, c, poll_interval=600, batch_size=20) for c in conns]
+    for c in conns:
+        await c.start()
+        assert await c.wait_connected(10)
+    for r in relays:
+        await r.start()
+    try:
+        async def lane(agent: str) -> None:
+            for i in range(30):
+                await lifecycle(broker, agent, f"{agent} task {i}")
+
+        await asyncio.gather(*(lane(f"agent-{n}") for n in range(4)))
+        await eventually(lambda: _async(unpublished(sql) == 0), 60, what="all published")
+    finally:
+        for r in relays:
+            await r.stop()
+        for c in conns:
+            await c.stop()
+    log = event_log(sql)
+    assert sum(r.published for r in relays) == len(log)
+    assert_stream_matches_log(await read_stream(client), log)
+
+
+def test_a_second_replica_stands_by_while_one_relays(db_url: str, sql: Sql) -> None:
+    """The relay's advisory lock: while one transaction relays, another gets no lock and no rows,
+    and once the first commits without marking, the same rows are there for the next one."""
+    sql.execute("INSERT INTO dispatch.tasks (title) VALUES ('from psql')")
+    with psycopg.connect(db_url) as a, psycopg.connect(db_url) as b:
+        assert a.execute("SELECT dispatch.event_relay_lock()").fetchone() == (True,)
+        rows_a = a.execute("SELECT id FROM dispatch.event_relay_batch(10)").fetchall()
+        assert len(rows_a) == 1
+        assert b.execute("SELECT dispatch.event_relay_lock()").fetchone() == (False,)
+        # Even past the advisory lock, SKIP LOCKED would not hand b the rows a is publishing.
+        assert b.execute("SELECT id FROM dispatch.event_relay_batch(10)").fetchall() == []
+        b.rollback()
+        a.rollback()  # a died before marking
+        assert b.execute("SELECT dispatch.event_relay_lock()").fetchone() == (True,)
+        assert b.execute("SELECT id FROM dispatch.event_relay_batch(10)").fetchall() == rows_a
+        b.execute("SELECT dispatch.event_mark_published(%s)", ([r[0] for r in rows_a],))
+        b.commit()
+    assert unpublished(sql) == 0
