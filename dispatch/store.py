@@ -434,12 +434,7 @@ async def queue_depth(conn: Conn) -> dict[str, int]:
 # -- the assignment engine ------------------------------------------------------------------------
 
 _ASSIGN_TIMED = """
-WITH clock AS (SELECT coalesce(%(now)s::timestamptz, now()) AS now),
-a AS (SELECT * FROM dispatch.task_assign(%(batch)s, (SELECT now FROM clock)))
-SELECT a.task_id, a.agent_id, a.score, a.wake,
-       greatest(extract(epoch FROM (SELECT now FROM clock)
-                                   - greatest(t.created_at, t.available_at)), 0)::float8 AS waited
-FROM a JOIN dispatch.tasks t ON t.task_id = a.task_id
+SELECT * FROM dispatch.task_assign_timed(%(batch)s, coalesce(%(now)s::timestamptz, now()))
 """
 
 

@@ -263,3 +263,32 @@ BEGIN
     RETURN n;
 END
 $$;
+
+---------------------------------------------------------------------------------------------------
+-- The assigner's call
+---------------------------------------------------------------------------------------------------
+
+-- dispatch.task_assign plus, for each assignment, the seconds its task waited to be assigned (since
+-- it was created, or became available for a scheduled or retried task), for the
+-- assignment_wait_seconds histogram. The lookup is a statement of its own on purpose: a join in the
+-- calling statement would read dispatch.tasks with that statement's snapshot, taken before
+-- task_assign ran, and silently drop tasks committed in between (their wake calls with them).
+CREATE FUNCTION dispatch.task_assign_timed(
+    p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now()
+) RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM dispatch.task_assign(p_batch, p_now) LOOP
+        task_id := r.task_id;
+        agent_id := r.agent_id;
+        score := r.score;
+        wake := r.wake;
+        SELECT greatest(extract(epoch FROM p_now - greatest(tk.created_at, tk.available_at)), 0)
+        INTO waited
+        FROM dispatch.tasks tk WHERE tk.task_id = r.task_id;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

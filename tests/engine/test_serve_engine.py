@@ -1,0 +1,123 @@
+"""The engine inside real `dispatch serve` processes: NOTIFY wake-up with a 60 s tick, the directory
+from loopback Warren / PromptForge / Alexandria, waking a sleeping agent, a failing service."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+from dispatch.db import CONNECT_KWARGS
+from tests.fakes import FakeAlexandria, FakePromptForge, FakeWarren
+from tests.serve import ServeProcess, serving
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    """Poll predicate() until it returns something truthy; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def task_row(db_url: str, task_id: uuid.UUID) -> dict[str, Any]:
+    with psycopg.connect(db_url, row_factory=dict_row, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+        row = conn.execute("SELECT * FROM dispatch.tasks WHERE task_id = %s", (task_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def create(sp: ServeProcess, requester: str, **body: Any) -> uuid.UUID:
+    r = httpx.post(
+        f"{sp.api}/api/v1/tasks", json={"title": "work", **body}, headers={"X-Agent-ID": requester}
+    )
+    assert r.status_code == 201, r.text
+    return uuid.UUID(r.json()["task_id"])
+
+
+def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
+    db_url: str, tmp_path: Path
+) -> None:
+    env = {"DISPATCH_TICK_INTERVAL_MS": "60000", "DISPATCH_OWNER_FILTER_ENABLED": "false"}
+    with serving(db_url, tmp_path, env=env) as sp:
+        r = httpx.put(
+            f"{sp.api}/api/v1/agents/idle-1", json={"capabilities": ["summarise"]},
+            headers={"X-Agent-ID": "idle-1"},
+        )
+        assert r.status_code == 200, r.text
+        # The assigner's first round ran at start-up, before the task existed; with a 60 s tick
+        # only NOTIFY can wake it in time now.
+        task_id = create(sp, "alice", required_capabilities=["summarise"])
+        # Well under the 60 s tick: the assignment came from NOTIFY.
+        row = wait_for(
+            lambda: (t := task_row(db_url, task_id))["status"] == "assigned" and t, 5, "assignment"
+        )
+        assert row["assigned_agent"] == "idle-1"
+
+
+def test_directory_wake_and_a_failing_service_in_a_real_process(
+    db_url: str,
+    tmp_path: Path,
+    warren: FakeWarren,
+    promptforge: FakePromptForge,
+    alexandria: FakeAlexandria,
+) -> None:
+    warren.set("coder", "ready", "always-on")
+    warren.set("writer", "sleeping", "on-demand")
+    promptforge.personas = {"coder": ["python"], "writer": ["prose"]}
+    alexandria.own("alice", name="coder")
+    alexandria.own("alice", identifier="writer")
+    env = {
+        "DISPATCH_WARREN_URL": warren.url,
+        "DISPATCH_WARREN_TOKEN": "w-token",
+        "DISPATCH_FORGE_URL": promptforge.url,
+        "DISPATCH_ALEXANDRIA_URL": alexandria.url,
+        "DISPATCH_DIRECTORY_REFRESH_MS": "100",
+        "DISPATCH_OWNER_FILTER_ENABLED": "true",
+        "DISPATCH_TICK_INTERVAL_MS": "60000",
+    }
+    with serving(db_url, tmp_path, env=env) as sp:
+        admin = {"X-Agent-ID": "admin", "Authorization": f"Bearer {sp.admin_token}"}
+
+        def capability_map() -> dict[str, Any]:
+            r = httpx.get(f"{sp.api}/api/v1/agents", headers=admin)
+            assert r.status_code == 200, r.text
+            return {a["agent_id"]: a for a in r.json()}
+
+        agents = wait_for(lambda: len(m := capability_map()) == 2 and m, 10, "the directory")
+        assert agents["coder"]["capabilities"] == ["python"]
+        assert (agents["writer"]["status"], agents["writer"]["policy"]) == ("sleeping", "on-demand")
+        assert agents["writer"]["source"] == "warren"
+
+        # A sleeping winner is woken through Warren after the assignment.
+        prose = create(sp, "alice", required_capabilities=["prose"])
+        wait_for(lambda: task_row(db_url, prose)["assigned_agent"] == "writer", 5, "assignment")
+        assert warren.wake_event.wait(5)
+        assert warren.wakes == ["writer"]
+
+        explained = httpx.get(f"{sp.api}/api/v1/tasks/{create(sp, 'bob')}/explain", headers=admin)
+        assert explained.status_code == 200, explained.text
+        reasons = {c["agent_id"]: c["reasons"] for c in explained.json()["candidates"]}
+        assert reasons["coder"] == ["belongs to alice, not to the task owner bob"]
+
+        # Warren goes down: the last known directory keeps working and /health says so.
+        warren.down = True
+
+        def warren_down() -> bool:
+            health = httpx.get(f"{sp.ops}/health").json()
+            return str(health.get("warren", "")).startswith("down")
+
+        wait_for(warren_down, 5, "health to report Warren down")
+        code = create(sp, "alice", required_capabilities=["python"])
+        wait_for(lambda: task_row(db_url, code)["assigned_agent"] == "coder", 5, "assignment")
+        assert httpx.get(f"{sp.ops}/health").status_code == 200
+        metrics = httpx.get(f"{sp.ops}/metrics").text
+        assert 'dispatch_directory_service_up{service="warren"} 0.0' in metrics
