@@ -40,6 +40,10 @@ QUEUE_GROUP = "dispatch"
 # for an agent's report (and never answers the relay's JetStream ack inbox).
 ORIGIN_HEADER = "Dispatch-Origin"
 ORIGIN_RELAY = "relay"
+# Dispatch's replies to inbound messages carry ORIGIN_HEADER: ORIGIN_INBOUND. A report subject is
+# also a subject of the stream DISPATCH_EVENTS, so JetStream stores the report and acks it to the
+# same reply subject: an agent that wants Dispatch's answer takes the reply with this header.
+ORIGIN_INBOUND = "inbound"
 AGENT_ID_HEADER = "X-Agent-ID"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -316,9 +320,12 @@ class NatsInbound:
             finally:
                 self._busy -= 1
             self.handled += 1
-            if msg.reply:
+            if msg.reply and self.nats.nc is not None:
                 try:
-                    await msg.respond(msgspec.json.encode(reply))
+                    await self.nats.nc.publish(
+                        msg.reply, msgspec.json.encode(reply),
+                        headers={ORIGIN_HEADER: ORIGIN_INBOUND},
+                    )
                 except Exception as exc:  # the requester is gone or NATS is down: nothing to do
                     log.warning("could not reply on %s: %s", msg.subject, exc)
 

@@ -1,0 +1,245 @@
+"""NATS inbound (queue group `dispatch`): task requests, agent reports under the REST rules, agent
+state, and Dispatch never mistaking its own outbound events for reports."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import msgspec
+import psycopg
+from nats.aio.client import Client
+
+from dispatch.broker import Broker
+from dispatch.integrations.nats import NatsConnection, NatsInbound
+from dispatch.models import AgentStatus, NewTask, TaskStatus
+from dispatch.relay import Relay
+from tests.events.conftest import eventually, unpublished
+from tests.events.streamread import read_stream
+from tests.natsfix import NatsServer
+
+Sql = psycopg.Connection[dict[str, Any]]
+
+
+async def ask(nc: Client, subject: str, body: object, timeout: float = 10.0) -> Any:
+    """Publish with a reply subject and return Dispatch's answer: the reply with header
+    Dispatch-Origin: inbound (a report subject is also stored by JetStream, which acks it too)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    await nc.publish(subject, data, reply=inbox)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=max(deadline - loop.time(), 0.01))
+            if (msg.headers or {}).get("Dispatch-Origin") == "inbound":
+                return msgspec.json.decode(msg.data)
+    finally:
+        await sub.unsubscribe()
+
+
+def task_count(sql: Sql) -> int:
+    row = sql.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_request_reply_creates_a_task(
+    inbound: NatsInbound, relay: Relay, client: Client, sql: Sql
+) -> None:
+    # A plain request/reply: with the relay's stream in place, the first reply must still be
+    # Dispatch's task, not a JetStream ack.
+    reply = await client.request(
+        "swarm.task.request",
+        msgspec.json.encode(
+            {"title": "via nats", "requester": "req-1", "scope": " Summarise ",
+             "context": {"a": 1}, "priority": 4}
+        ),
+        timeout=10,
+    )
+    task = msgspec.json.decode(reply.data)
+    assert task["title"] == "via nats"
+    assert task["requester"] == "req-1" and task["owner"] == "req-1"
+    assert task["source"] == "nats"
+    assert task["required_capabilities"] == ["summarise"]
+    assert task["metadata"] == {"a": 1}
+    assert task["status"] == "pending" and task["priority"] == 4
+    row = sql.execute(
+        "SELECT title, source FROM dispatch.tasks WHERE task_id = %s", (task["task_id"],)
+    ).fetchone()
+    assert row == {"title": "via nats", "source": "nats"}
+    # ...and its `created` event goes out like any other.
+    await eventually(lambda: _async(unpublished(sql) == 0), what="created event published")
+    subjects = [m.subject for m in await read_stream(client)]
+    assert subjects == [f"swarm.task.{task['task_id']}.created"]
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_bad_request_gets_an_error_reply_and_creates_nothing(
+    inbound: NatsInbound, client: Client, sql: Sql
+) -> None:
+    bad: list[tuple[object, str | None]] = [
+        (b"not json", None),
+        ({"requester": "req-1"}, None),  # no title
+        ({"title": "x", "requester": "req-1", "colour": "blue"}, None),  # unknown field
+        ({"title": "x", "requester": "req-1", "priority": 11}, "priority"),
+        ({"title": "", "requester": "req-1"}, "title"),
+        ({"title": "x"}, "requester"),  # nobody asked
+        ({"title": "x", "requester": "bad id!"}, "requester"),
+    ]
+    for body, field in bad:
+        reply = await ask(client, "swarm.task.request", body)
+        assert reply["status"] == 400, (body, reply)
+        assert reply["error"]
+        if field is not None:
+            assert reply["detail"]["field"] == field, (body, reply)
+    assert task_count(sql) == 0
+
+
+async def test_a_repeated_idempotency_key_returns_the_same_task(
+    inbound: NatsInbound, client: Client, sql: Sql
+) -> None:
+    body = {"title": "once", "requester": "req-1", "idempotency_key": "k-1"}
+    first = await ask(client, "swarm.task.request", body)
+    second = await ask(client, "swarm.task.request", body)
+    assert first["task_id"] == second["task_id"]
+    assert task_count(sql) == 1
+
+
+async def test_agent_reports_follow_the_fencing_rules(
+    inbound: NatsInbound, relay: Relay, broker: Broker, client: Client
+) -> None:
+    await broker.submit(NewTask(title="work"), requester="req")
+    claimed = await broker.claim("agent-a")
+    assert claimed is not None
+    subject = f"swarm.task.{claimed.task_id}"
+
+    # An agent that never held the task: 403 as over REST, and nothing changes.
+    reply = await ask(client, f"{subject}.started", {"agent_id": "agent-b"})
+    assert reply["status"] == 403
+    assert (await broker.get(claimed.task_id)).status is TaskStatus.ASSIGNED
+
+    reply = await ask(client, f"{subject}.started", {"agent_id": "agent-a"})
+    assert reply["status"] == "running"
+    reply = await ask(
+        client, f"{subject}.progress", {"agent_id": "agent-a", "percent": 40, "message": "hm"}
+    )
+    assert reply["progress"]["percent"] == 40
+    reply = await ask(client, f"{subject}.progress", {"agent_id": "agent-a", "percent": 140})
+    assert reply["status"] == 400
+    reply = await ask(client, f"{subject}.completed", {"agent_id": "agent-a", "result": {"x": 1}})
+    assert reply["status"] == "completed" and reply["result"] == {"x": 1}
+    # A retried complete (lost reply) is answered with the task, unchanged.
+    again = await ask(client, f"{subject}.completed", {"agent_id": "agent-a", "result": {"x": 1}})
+    assert again["status"] == "completed" and again["updated_at"] == reply["updated_at"]
+    # A report about a finished task: 409.
+    reply = await ask(client, f"{subject}.failed", {"agent_id": "agent-a", "error": "late"})
+    assert reply["status"] == 409 and reply["detail"]["status"] == "completed"
+    # An agent that lost the task (stopped, so it went back and on to agent-c): 409 with the task.
+    await broker.submit(NewTask(title="second"), requester="req")
+    second = await broker.claim("agent-a")
+    assert second is not None
+    await broker.agent_stop("agent-a")
+    assert (await broker.claim("agent-c")) is not None
+    reply = await ask(client, f"swarm.task.{second.task_id}.started", {"agent_id": "agent-a"})
+    assert reply["status"] == 409
+    assert reply["detail"]["assigned_agent"] == "agent-c"
+    assert reply["detail"]["status"] == "assigned"
+    # Unknown task; a report without agent_id (e.g. an outbound event body) is refused.
+    reply = await ask(client, f"swarm.task.{uuid.uuid4()}.started", {"agent_id": "agent-a"})
+    assert reply["status"] == 404
+    reply = await ask(client, f"{subject}.started", {"event": "started", "actor": "agent-a"})
+    assert reply["status"] == 400
+
+
+async def test_a_report_without_reply_subject_is_applied(
+    inbound: NatsInbound, broker: Broker, client: Client
+) -> None:
+    await broker.submit(NewTask(title="work"), requester="req")
+    claimed = await broker.claim("agent-a")
+    assert claimed is not None
+    await client.publish(
+        f"swarm.task.{claimed.task_id}.failed",
+        msgspec.json.encode({"agent_id": "agent-a", "error": "no GPU", "retry_eligible": False}),
+    )
+
+    async def failed() -> bool:
+        return (await broker.get(claimed.task_id)).status is TaskStatus.FAILED
+
+    await eventually(failed, what="fire-and-forget failure report applied")
+    assert (await broker.get(claimed.task_id)).error == "no GPU"
+
+
+async def test_dispatch_does_not_take_its_own_events_for_reports(
+    inbound: NatsInbound, relay: Relay, broker: Broker, client: Client, sql: Sql
+) -> None:
+    await broker.submit(NewTask(title="work"), requester="req")
+    claimed = await broker.claim("agent-a")
+    assert claimed is not None
+    await broker.start(claimed.task_id, "agent-a")
+    await broker.progress(claimed.task_id, "agent-a", percent=10)
+    await broker.complete(claimed.task_id, "agent-a", {"ok": True})
+    events_before = len(await broker.events(claimed.task_id))
+    # The relay publishes started/progress/completed on the inbound report subjects.
+    await eventually(lambda: _async(unpublished(sql) == 0), what="events published")
+    published = {m.subject.rsplit(".", 1)[1] for m in await read_stream(client)}
+    assert {"started", "progress", "completed"} <= published
+    assert await inbound.idle(10)
+    assert inbound.handled == 0
+    assert len(await broker.events(claimed.task_id)) == events_before
+
+
+async def test_agent_state_messages_update_the_directory(
+    inbound: NatsInbound, broker: Broker, client: Client
+) -> None:
+    # An agent id may contain dots: it is every token between swarm.agent and the state.
+    agent = await ask(client, "swarm.agent.worker.1.ready", {"capabilities": ["Code"]})
+    assert agent["agent_id"] == "worker.1" and agent["capabilities"] == ["code"]
+    assert agent["status"] == "ready"
+    agent = await ask(client, "swarm.agent.worker.1.busy", b"")
+    assert agent["status"] == "busy"
+    assert (await broker.agent("worker.1")).status is AgentStatus.BUSY
+
+    await broker.submit(NewTask(title="work", required_capabilities=["code"]), requester="req")
+    claimed = await broker.claim("worker.1")
+    assert claimed is not None
+    agent = await ask(client, "swarm.agent.worker.1.stopped", b"")
+    assert agent["status"] == "stopped"
+    task = await broker.get(claimed.task_id)
+    assert task.status is TaskStatus.PENDING and task.assigned_agent is None
+    assert [e.event for e in await broker.events(claimed.task_id)][-1] == "reassigned"
+
+    reply = await ask(client, "swarm.agent.worker.1.dancing", b"")
+    assert reply["status"] == 400
+
+
+async def test_two_replicas_handle_each_request_once(
+    inbound: NatsInbound, broker: Broker, nats_server: NatsServer, client: Client, sql: Sql
+) -> None:
+    other_conn = NatsConnection(nats_server.url)
+    await other_conn.start()
+    assert await other_conn.wait_connected(10)
+    other = NatsInbound(other_conn, broker)
+    await other.start()
+    try:
+        await asyncio.wait_for(other.subscribed.wait(), 10)
+        replies = await asyncio.gather(
+            *(
+                ask(client, "swarm.task.request", {"title": f"t{i}", "requester": "req"})
+                for i in range(40)
+            )
+        )
+        await client.flush()
+        assert await inbound.idle(10) and await other.idle(10)
+        assert len({r["task_id"] for r in replies}) == 40
+        assert task_count(sql) == 40
+        assert inbound.handled + other.handled == 40
+        assert inbound.handled > 0 and other.handled > 0  # both replicas were really listening
+    finally:
+        await other.stop()
+        await other_conn.stop()
