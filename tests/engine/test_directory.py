@@ -161,6 +161,7 @@ async def test_only_one_replica_refreshes_at_a_time(
         assert await sync.run_once() is False
         assert warren.requests == []  # no HTTP either: the holder does the refresh
         assert await directory(owner_broker) == {}
+        other_replica.execute("SELECT pg_advisory_unlock(%s)", (DIRECTORY_LOCK_KEY,))
     assert await sync.run_once() is True
     assert set(await directory(owner_broker)) == {"coder", "writer"}
 
