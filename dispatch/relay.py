@@ -279,21 +279,23 @@ class Relay:
                     fut.cancel()
                 self._failed(len(wave))
                 return acked, PublishFailed(f"publish failed: {exc!r}")
-            results = await asyncio.gather(
-                *(asyncio.wait_for(fut, self.publish_timeout) for _, fut in pending),
-                return_exceptions=True,
-            )
+            _, late = await asyncio.wait([f for _, f in pending], timeout=self.publish_timeout)
+            for fut in late:
+                fut.cancel()
             failed: set[int] = set()
-            for (m, _), result in zip(pending, results, strict=True):
-                if isinstance(result, BaseException) or result.stream != STREAM:
+            problem: object = None
+            for m, fut in pending:
+                if fut.cancelled():
                     failed.add(m.event_id)
+                    problem = problem or f"no ack within {self.publish_timeout}s"
+                elif fut.exception() is not None or fut.result().stream != STREAM:
+                    failed.add(m.event_id)
+                    problem = problem or fut.exception() or "an ack from another stream"
             acked.extend(e.id for e in wave if e.id not in failed)
             if failed:
                 self._failed(len(failed))
-                errors = [r for r in results if isinstance(r, BaseException)]
-                first = errors[0] if errors else "an ack from another stream"
                 return acked, PublishFailed(
-                    f"{len(failed)} event(s) got no JetStream ack (first: {first!r})"
+                    f"{len(failed)} event(s) got no JetStream ack (first: {problem})"
                 )
         return acked, None
 
