@@ -1,0 +1,167 @@
+"""End to end: a real `dispatch serve` process driven over HTTP with the typed client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dispatch.client import DispatchClient
+from dispatch.errors import Conflict, Forbidden
+from dispatch.models import Task
+from tests.serve import ServeProcess, serving
+
+# Pull-mode tests keep the owner filter out of the way, and retry without waiting out a backoff.
+PULL_ENV = {"DISPATCH_OWNER_FILTER_ENABLED": "false", "DISPATCH_RETRY_BACKOFF_MS": "0"}
+
+
+@pytest.fixture
+def sp(db_url: str, tmp_path: Path) -> Iterator[ServeProcess]:
+    with serving(db_url, tmp_path, env=PULL_ENV) as process:
+        yield process
+
+
+def client(sp: ServeProcess, agent_id: str, *, admin: bool = False) -> DispatchClient:
+    return DispatchClient(sp.api, agent_id, admin_token=sp.admin_token if admin else None)
+
+
+def wait_for(fetch: Callable[[], Task], ok: Callable[[Task], bool], timeout: float = 10) -> Task:
+    """Poll until the task satisfies `ok` (the broker works in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        task = fetch()
+        if ok(task) or time.monotonic() > deadline:
+            return task
+        time.sleep(0.05)
+
+
+def test_original_smoke_flow(db_url: str, tmp_path: Path) -> None:
+    """The original service's smoke test, with its defaults (owner filter on)."""
+    with serving(db_url, tmp_path) as sp:
+        health = httpx.get(f"{sp.ops}/health")
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok" and health.json()["database"] == "ok"
+        assert health.json()["nats"] == "disabled"
+
+        r = httpx.post(f"{sp.api}/api/v1/tasks", json={"title": "smoke", "scope": "smoke"},
+                       headers={"X-Agent-ID": "alice"})
+        assert r.status_code == 201
+        task_id = r.json()["task_id"]
+        r = httpx.get(f"{sp.api}/api/v1/tasks/{task_id}", headers={"X-Agent-ID": "alice"})
+        assert r.status_code == 200 and r.json()["title"] == "smoke"
+        r = httpx.get(f"{sp.api}/api/v1/tasks", headers={"X-Agent-ID": "alice"})
+        assert [t["task_id"] for t in r.json()] == [task_id]
+
+        with client(sp, "worker") as worker, client(sp, "alice") as alice:
+            worker.register(capabilities=["smoke"], owner="alice")
+            worker.claim(wait_seconds=5)  # or the assigner pushes it first: either way, worker
+            task = wait_for(lambda: alice.get(task_id), lambda t: t.status == "assigned")
+            assert task.assigned_agent == "worker"
+            done = alice.complete(task_id, {"resolved": "by hand"})  # manual resolution
+            assert done.status == "completed" and done.result == {"resolved": "by hand"}
+
+        r = httpx.get(f"{sp.api}/api/v1/stats",
+                      headers={"X-Agent-ID": "ops", "Authorization": f"Bearer {sp.admin_token}"})
+        assert r.status_code == 200 and r.json()["queue"]["completed"] == 1
+        r = httpx.get(f"{sp.api}/api/v1/stats", headers={"X-Agent-ID": "ops"})
+        assert r.status_code == 401
+
+
+def test_pull_lifecycle(sp: ServeProcess) -> None:
+    with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
+        # Registered for other work, the worker is no candidate of the assigner for this task;
+        # it pulls it by naming the capability in its claim.
+        agent = worker.register(capabilities=["review"], max_concurrent=2)
+        assert agent.agent_id == "worker-1" and agent.max_concurrent == 2
+        created = alice.create("pull me", required_capabilities=["pull-only"],
+                               metadata={"n": 1})
+        task = worker.claim(["pull-only"], wait_seconds=5)
+        assert task is not None and task.task_id == created.task_id
+        assert (task.status, task.assigned_agent) == ("assigned", "worker-1")
+        assert worker.start(task.task_id).status == "running"
+        progressed = worker.progress(task.task_id, 50, "half way", {"step": 2})
+        assert progressed.progress == {"percent": 50.0, "message": "half way",
+                                       "data": {"step": 2}}
+        done = worker.complete(task.task_id, {"answer": 42})
+        assert (done.status, done.result) == ("completed", {"answer": 42})
+        assert worker.heartbeat("ready").status == "ready"
+        assert worker.claim(["pull-only"]) is None
+        events = [e.event for e in alice.events(task.task_id)]
+        assert events == ["created", "assigned", "started", "progress", "completed"]
+
+
+def test_cancel_while_running_then_late_complete_is_409(sp: ServeProcess) -> None:
+    with client(sp, "alice") as alice, client(sp, "worker-1") as worker, \
+            client(sp, "mallory") as mallory:
+        worker.register(capabilities=["review"])
+        created = alice.create("long job", required_capabilities=["pull-only"])
+        task = worker.claim(["pull-only"], wait_seconds=5)
+        assert task is not None
+        worker.start(task.task_id)
+        with pytest.raises(Forbidden):
+            mallory.cancel(created.task_id)
+        cancelled = alice.cancel(created.task_id, "no longer needed")
+        assert cancelled.status == "cancelled"
+        with pytest.raises(Conflict) as late:
+            worker.complete(task.task_id, {"too": "late"})
+        assert late.value.task is not None and late.value.task.status == "cancelled"
+        assert alice.get(created.task_id).result is None
+
+
+def test_fail_with_retry_then_success(sp: ServeProcess) -> None:
+    with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
+        worker.register(capabilities=["review"])  # no candidate of the assigner for pull-only
+        created = alice.create("flaky", required_capabilities=["pull-only"], max_retries=2)
+        first = worker.claim(["pull-only"], wait_seconds=5)
+        assert first is not None
+        failed = worker.fail(first.task_id, "transient")
+        assert (failed.status, failed.retry_count, failed.error) == ("pending", 1, "transient")
+        again = worker.claim(["pull-only"], wait_seconds=5)
+        assert again is not None and again.task_id == created.task_id
+        assert worker.complete(again.task_id, "ok").status == "completed"
+        events = [e.event for e in alice.events(created.task_id)]
+        assert events == ["created", "assigned", "failed", "retry", "assigned", "completed"]
+
+
+def test_idempotent_create_filters_and_pagination(sp: ServeProcess) -> None:
+    with client(sp, "alice") as alice, client(sp, "bob") as bob:
+        first, new = alice.create_ex("once", idempotency_key="k-1", required_capabilities=["x"])
+        again, new_again = alice.create_ex("once", idempotency_key="k-1",
+                                           required_capabilities=["x"])
+        assert (new, new_again) == (True, False) and again.task_id == first.task_id
+        mine = [alice.create(f"a{i}", priority=i % 4, required_capabilities=["x"]).task_id
+                for i in range(6)]
+        theirs = bob.create("b", source="ci", required_capabilities=["y"])
+        everything = [first.task_id, *mine, theirs.task_id]
+
+        page = alice.list(limit=3)
+        assert len(page.tasks) == 3 and page.next_cursor is not None
+        walked = [t.task_id for t in alice.iter_tasks(limit=3)]
+        assert sorted(walked) == sorted(everything) and len(walked) == len(set(walked))
+        ordered = [(t.priority, t.created_at) for t in alice.iter_tasks(limit=2)]
+        assert ordered == sorted(ordered, key=lambda p: (-p[0], p[1]))
+
+        assert {t.task_id for t in alice.list(requester="bob").tasks} == {theirs.task_id}
+        assert {t.task_id for t in alice.list(source="ci").tasks} == {theirs.task_id}
+        assert {t.task_id for t in alice.list(capability="y").tasks} == {theirs.task_id}
+        assert len(alice.list(status=["pending"], limit=500).tasks) == len(everything)
+        assert alice.list(status=["completed"]).tasks == []
+        r = httpx.get(f"{sp.api}/api/v1/tasks?scope=y&agent=nobody",
+                      headers={"X-Agent-ID": "alice"})
+        assert r.status_code == 200 and r.json() == []
+
+
+def test_metrics_show_queue_gauges_and_http_requests(sp: ServeProcess) -> None:
+    with client(sp, "alice") as alice:
+        alice.create("counted", required_capabilities=["nobody-has-this"])
+    text = httpx.get(f"{sp.ops}/metrics").text
+    assert 'dispatch_queue_depth{status="pending"} 1.0' in text
+    assert "dispatch_oldest_pending_seconds" in text
+    assert 'dispatch_agents{status="ready"}' in text
+    assert "dispatch_event_log_unpublished" in text
+    assert "dispatch_database_up 1.0" in text
+    assert "dispatch_http_requests_total" in text
+    assert "dispatch_task_transitions_total" in text or "dispatch_tasks_created_total" in text
