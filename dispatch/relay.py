@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
 from psycopg_pool import AsyncConnectionPool
@@ -154,8 +155,15 @@ class Relay:
         self.publish_timeout = publish_timeout
         self.published = 0
         self.batch_done = asyncio.Event()
+        self.last_error: str | None = None
         self._stream_ready = False
         self._task: asyncio.Task[None] | None = None
+
+    def health(self) -> dict[str, object]:
+        """For /health: whether the last relay attempt worked (NATS itself is the connection's)."""
+        if self.last_error is None:
+            return {"event_relay": "ok"}
+        return {"event_relay": "failing", "event_relay_error": self.last_error}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatch-relay")
@@ -187,16 +195,19 @@ class Relay:
                     await self.ensure_stream()
                 more = await self.relay_once()
                 backoff = 0.1
+                self.last_error = None
             except asyncio.CancelledError:
                 raise
-            except (PublishFailed, DispatchError, OSError, TimeoutError) as exc:
+            except (PublishFailed, NatsError, DispatchError, OSError, TimeoutError) as exc:
                 log.warning("event relay: %s; retrying in %.1fs", exc, backoff)
+                self.last_error = str(exc)
                 self._stream_ready = False
                 await _first(self.nats.disconnected.wait(), timeout=backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            except Exception:  # a bug must not stop the relay for good
+            except Exception as exc:  # a bug must not stop the relay for good
                 log.exception("event relay failed; retrying")
+                self.last_error = repr(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

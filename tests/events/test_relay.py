@@ -236,3 +236,25 @@ def test_a_second_replica_stands_by_while_one_relays(db_url: str, sql: Sql) -> N
         b.execute("SELECT dispatch.event_mark_published(%s)", ([r[0] for r in rows_a],))
         b.commit()
     assert unpublished(sql) == 0
+
+
+async def test_start_up_brings_an_existing_stream_into_line_and_keeps_its_limits(
+    pool: AsyncConnectionPool[Any], listener: Listener, nats_conn: NatsConnection, client: Client
+) -> None:
+    js = client.jetstream()
+    await js.add_stream(
+        name="DISPATCH_EVENTS", subjects=["swarm.task.>"], max_age=3600, duplicate_window=10
+    )
+    relay = Relay(pool, listener, nats_conn)
+    await relay.ensure_stream()
+    config = (await js.stream_info("DISPATCH_EVENTS")).config
+    assert sorted(config.subjects or []) == ["swarm.dispatch.>", "swarm.task.*.*"]
+    assert config.duplicate_window == 120
+    assert config.max_age == 3600
+    # The request subject is no longer the stream's: a request gets no JetStream ack.
+    sub = await client.subscribe("swarm.task.request")
+    await client.publish("swarm.task.request", b"{}")
+    await sub.next_msg(timeout=5)
+    # The stream takes messages in order: once this one is acked, the request would be stored.
+    await js.publish(f"swarm.task.{uuid.uuid4()}.marker", b"{}")
+    assert (await js.stream_info("DISPATCH_EVENTS")).state.messages == 1

@@ -87,3 +87,4 @@ async def test_serve_relays_takes_requests_and_survives_a_nats_outage(
         subjects = [m.subject for m in await read_stream(client)]
         assert subjects.count(f"swarm.task.{second['task_id']}.created") == 1
         assert subjects.count(f"swarm.task.{first['task_id']}.created") == 1
+        assert health(sp.ops)["event_relay"] == "ok"
