@@ -267,6 +267,9 @@ class Relay:
             raise error
         return len(events) == self.batch_size
 
+    def headers(self, message: Outgoing) -> dict[str, str]:
+        return {MSG_ID_HEADER: message.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
+
     async def publish(
         self, events: Sequence[TaskEvent], tasks: dict[uuid.UUID, Task]
     ) -> tuple[list[int], PublishFailed | None]:
@@ -282,8 +285,7 @@ class Relay:
             try:
                 for event in wave:
                     for m in messages(event, tasks.get(event.task_id), max_payload):
-                        headers = {MSG_ID_HEADER: m.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
-                        fut = await js.publish_async(m.subject, m.body, headers=headers)
+                        fut = await js.publish_async(m.subject, m.body, headers=self.headers(m))
                         pending.append((m, fut))
             except Exception as exc:  # not even sent (connection lost, too many in flight)
                 for _, fut in pending:

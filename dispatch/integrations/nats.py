@@ -67,6 +67,7 @@ class NatsConnection:
         self.name = name
         self.connect_timeout = connect_timeout
         self.nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.disconnected.set()
@@ -77,8 +78,12 @@ class NatsConnection:
         return self.nc is not None and self.nc.is_connected
 
     def jetstream(self) -> JetStreamContext:
+        """The connection's one JetStream context (each context makes its own ack subscription,
+        so it is made once, not per publish)."""
         assert self.nc is not None, "not connected yet"
-        return self.nc.jetstream()
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
 
     def health(self) -> dict[str, object]:
         return {"nats": "ok" if self.is_connected else "down"}

@@ -17,7 +17,7 @@ from dispatch.integrations.nats import NatsConnection
 from dispatch.metrics import Metrics
 from dispatch.models import NewTask, Task
 from dispatch.notify import Listener
-from dispatch.relay import Relay
+from dispatch.relay import Outgoing, Relay
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import Stored, read_stream, stream_count
 from tests.natsfix import NatsServer
@@ -258,3 +258,41 @@ async def test_start_up_brings_an_existing_stream_into_line_and_keeps_its_limits
     # The stream takes messages in order: once this one is acked, the request would be stored.
     await js.publish(f"swarm.task.{uuid.uuid4()}.marker", b"{}")
     assert (await js.stream_info("DISPATCH_EVENTS")).state.messages == 1
+
+
+class RefusedOnce(Relay):
+    """JetStream refuses the first publish of one event (a wrong expected stream), as if that one
+    message had been lost; everything else goes through."""
+
+    def __init__(self, *args: Any, refuse: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refuse: int | None = refuse
+
+    def headers(self, message: Outgoing) -> dict[str, str]:
+        headers = super().headers(message)
+        if message.event_id == self.refuse:
+            self.refuse = None
+            headers["Nats-Expected-Stream"] = "NOT_THIS_ONE"
+        return headers
+
+
+async def test_a_failed_publish_never_lets_a_later_event_of_its_task_overtake_it(
+    broker: Broker, pool: AsyncConnectionPool[Any], listener: Listener,
+    nats_conn: NatsConnection, metrics: Metrics, client: Client, sql: Sql,
+) -> None:
+    for i in range(5):
+        await lifecycle(broker, "agent-a", f"task {i}")
+    log = event_log(sql)
+    first_of_third_task = log[8]["id"]  # the third task's `created`; its 3 later events follow
+    assert log[8]["event"] == "created"
+    relay = RefusedOnce(
+        pool, listener, nats_conn, metrics=metrics, publish_timeout=1, refuse=first_of_third_task
+    )
+    await relay.start()
+    try:
+        await eventually(lambda: _async(unpublished(sql) == 0), what="all published in the end")
+    finally:
+        await relay.stop()
+    assert relay.refuse is None
+    assert metrics.registry.get_sample_value("dispatch_nats_publish_failures_total") == 1
+    assert_stream_matches_log(await read_stream(client), log)
