@@ -74,5 +74,6 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         middleware=[prometheus_config().middleware],
         openapi_config=openapi_config(),
         state=State({"admin_token": admin_token or settings.server.admin_token}),
+        logging_config=None,  # dispatch.logs configured the process's logging
         debug=False,
     )

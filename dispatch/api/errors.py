@@ -7,6 +7,7 @@ import logging
 import re
 from typing import Any
 
+import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import (
@@ -20,6 +21,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 from litestar.types import ExceptionHandlersMap
+from psycopg_pool import PoolTimeout
 
 from dispatch.api.schemas import ErrorBody
 from dispatch.errors import (
@@ -116,6 +118,12 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     return error_response(status, message, None, exc.headers)
 
 
+def database_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """The pool could not hand out a connection in time: the database is out of reach."""
+    log.warning("database unavailable: %s", exc, extra={"path": request.url.path})
+    return error_response(HTTP_503_SERVICE_UNAVAILABLE, "database unavailable")
+
+
 def not_implemented(
     request: Request[Any, Any, Any], exc: NotImplementedError
 ) -> Response[ErrorBody]:
@@ -131,6 +139,8 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     DispatchError: dispatch_error,  # type: ignore[dict-item]
     ValidationException: validation_error,  # type: ignore[dict-item]
     HTTPException: http_error,  # type: ignore[dict-item]
+    PoolTimeout: database_unreachable,
+    psycopg.OperationalError: database_unreachable,
     NotImplementedError: not_implemented,  # type: ignore[dict-item]
     Exception: internal_error,
 }

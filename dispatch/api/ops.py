@@ -62,12 +62,12 @@ class _Snapshot(Collector):
 
 
 def create_ops_app(service: OpsSource) -> Litestar:
-    @get("/health", sync_to_thread=False)
+    @get("/health")
     async def health() -> Response[dict[str, object]]:
         ok, report = await service.health()
         return Response(report, status_code=200 if ok else 503)
 
-    @get("/metrics", sync_to_thread=False)
+    @get("/metrics")
     async def metrics() -> Response[bytes]:
         """The process's dispatch_ metrics, the HTTP metrics of the API app (the default
         registry, where Litestar's Prometheus middleware records) and the database gauges."""
@@ -87,5 +87,6 @@ def create_ops_app(service: OpsSource) -> Litestar:
     return Litestar(
         route_handlers=[health, metrics],
         openapi_config=None,
+        logging_config=None,  # dispatch.logs configured the process's logging
         exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]
     )
