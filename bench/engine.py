@@ -8,11 +8,11 @@ import contextlib
 import time
 
 from bench.common import Latencies, Sizes
-from bench.pg import Cluster, cost_between, read_counters
+from bench.cpu import CpuMeter
+from bench.pg import Cluster, cost_between, prepare_dispatch, read_counters
 from bench.results import Throughput
 from dispatch import db
 from dispatch.broker import Broker
-from dispatch.migrate import migrate
 from dispatch.models import Assignment, NewTask
 
 REQUESTER = "bench-requester"
@@ -116,7 +116,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
     """mode `push` (task_assign batches) or `pull` (task_claim per agent)."""
     dbname = f"engine_{mode}"
     url = cluster.create_database(dbname)
-    await asyncio.to_thread(migrate, url)
+    await asyncio.to_thread(prepare_dispatch, url)
     n = sizes.engine_tasks
     pool = db.create_pool(url, min_size=sizes.connections, max_size=sizes.connections)
     await pool.open(wait=True)
@@ -132,6 +132,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
             agents = await register_agents(broker, "push", sizes.pgq_consumers, slots_per_agent)
         cluster.checkpoint()
         before = read_counters(cluster.admin_url, dbname)
+        meter = CpuMeter(cluster.pgdata)
         enqueue_s = await submit_all(broker, n, sizes.producers)
         if mode == "pull":
             drain_s = await drain_pull(broker, agents, n, lat)
@@ -139,6 +140,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
             drain_s = await drain_push(
                 broker, len(agents) * sizes.pgq_batch, n, sizes.assign_batch, lat
             )
+        cpu = meter.stop()
     finally:
         await pool.close()
     await asyncio.sleep(0.2)
@@ -153,5 +155,5 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
         )
     return Throughput(
         system=f"Dispatch engine ({mode})", n=n, enqueue_s=enqueue_s, drain_s=drain_s,
-        cost=cost, settings=settings + f", {sizes.producers} producers", claim_ms=lat.ms,
+        cost=cost, settings=settings + f", {sizes.producers} producers", claim_ms=lat.ms, cpu=cpu,
     )

@@ -10,6 +10,7 @@ from datetime import timedelta
 import psycopg
 
 from bench.common import Latencies, Sizes
+from bench.cpu import CpuMeter
 from bench.pg import Cluster, cost_between, read_counters
 from bench.results import Throughput
 
@@ -59,6 +60,7 @@ async def run_pgqueuer(cluster: Cluster, sizes: Sizes) -> Throughput:
     cluster.checkpoint()
     before = read_counters(cluster.admin_url, dbname)
     prod_conns = [await asyncpg.connect(**_asyncpg_args(url)) for _ in range(sizes.producers)]
+    meter = CpuMeter(cluster.pgdata)
     fns = []
     for c in prod_conns:
         q = Queries(AsyncpgDriver(c))
@@ -98,6 +100,7 @@ async def run_pgqueuer(cluster: Cluster, sizes: Sizes) -> Throughput:
         sizes.phase_timeout,
     )
     drain_s = time.perf_counter() - t0
+    cpu = meter.stop()
     for c in conns:
         await c.close()
     if done < n:
@@ -107,7 +110,7 @@ async def run_pgqueuer(cluster: Cluster, sizes: Sizes) -> Throughput:
     return Throughput(
         system="pgqueuer", n=n, enqueue_s=enqueue_s, drain_s=drain_s, cost=cost,
         settings=f"asyncpg, {sizes.pgq_consumers} consumers, batch {sizes.pgq_batch}, drain mode"
-        f", {sizes.producers} producers",
+        f", {sizes.producers} producers", cpu=cpu,
     )
 
 
@@ -142,6 +145,7 @@ async def run_procrastinate(cluster: Cluster, sizes: Sizes) -> Throughput:
         async def enqueue(i: int) -> None:
             await job.defer_async()
 
+        meter = CpuMeter(cluster.pgdata)
         enqueue_s = await _producers(n, sizes.producers, [enqueue] * sizes.producers)
         t0 = time.perf_counter()
         await asyncio.wait_for(
@@ -151,6 +155,7 @@ async def run_procrastinate(cluster: Cluster, sizes: Sizes) -> Throughput:
             sizes.phase_timeout,
         )
         drain_s = time.perf_counter() - t0
+        cpu = meter.stop()
     if done < n:
         raise RuntimeError(f"procrastinate ran {done} of {n}")
     await asyncio.sleep(0.2)
@@ -158,7 +163,7 @@ async def run_procrastinate(cluster: Cluster, sizes: Sizes) -> Throughput:
     return Throughput(
         system="procrastinate", n=n, enqueue_s=enqueue_s, drain_s=drain_s, cost=cost,
         settings=f"psycopg pool {pool_size}, worker concurrency {sizes.connections}"
-        f", {sizes.producers} producers",
+        f", {sizes.producers} producers", cpu=cpu,
     )
 
 
@@ -195,6 +200,7 @@ async def run_raw(cluster: Cluster, sizes: Sizes) -> Throughput:
 
     prod = [await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=0)
             for _ in range(sizes.producers)]
+    meter = CpuMeter(cluster.pgdata)
     fns = []
     for c in prod:
         async def enqueue(i: int, c: psycopg.AsyncConnection = c) -> None:  # type: ignore[type-arg]
@@ -227,6 +233,7 @@ async def run_raw(cluster: Cluster, sizes: Sizes) -> Throughput:
         asyncio.gather(*(worker() for _ in range(sizes.connections))), sizes.phase_timeout
     )
     drain_s = time.perf_counter() - t0
+    cpu = meter.stop()
     if done < n:
         raise RuntimeError(f"raw loop completed {done} of {n}")
     await asyncio.sleep(0.2)
@@ -234,5 +241,5 @@ async def run_raw(cluster: Cluster, sizes: Sizes) -> Throughput:
     return Throughput(
         system="raw SKIP LOCKED (floor)", n=n, enqueue_s=enqueue_s, drain_s=drain_s, cost=cost,
         settings=f"{sizes.connections} workers, 1 row per statement, {sizes.producers} producers",
-        claim_ms=lat.ms,
+        claim_ms=lat.ms, cpu=cpu,
     )

@@ -111,6 +111,9 @@ def results_table(r: Report) -> list[list[str]]:
             f"{_f(percentile(lat.post_ms, 99), 2)} ms)",
             "p50 <= 3 ms, p99 <= 15 ms", _verdict(p50 <= 3 and p99 <= 15),
         ])
+        if lat.late_sends or lat.measured < lat.sent - lat.rate:
+            rows.append(["1. (detail) load generator", f"{lat.late_sends} sends more than 5 ms "
+                         f"late; {lat.measured} of {lat.sent} tasks measured", "", ""])
     elif isinstance(lat, Unavailable):
         rows.append([f"1. {lat.what}", f"not available: {lat.why}", "p50 <= 3, p99 <= 15 ms",
                      "n/a"])
@@ -127,6 +130,14 @@ def results_table(r: Report) -> list[list[str]]:
                      f"{rest.request_rate / ceil.rate:.2f} x ceiling")
         rows.append(["2. full lifecycle over REST (create, assign/claim, start, complete)", line,
                      ">= 1,000 tasks/s", _verdict(rest.rate >= 1000)])
+        per = ", ".join(
+            f"{k} {len(v)}x p50 {_f(percentile(v, 50), 1)} / p99 {_f(percentile(v, 99), 1)} ms"
+            for k, v in rest.latency_ms.items() if v
+        )
+        detail = f"requests: {per}; {rest.pushed} tasks found pushed, {rest.claimed} claimed"
+        if rest.cpu is not None:
+            detail += "; " + rest.cpu.describe(rest.n)
+        rows.append(["2. (detail) REST lifecycle requests and CPU", detail, "", ""])
     elif isinstance(rest, Unavailable):
         extra = ""
         if isinstance(ceil, CeilingResult):
@@ -148,7 +159,8 @@ def results_table(r: Report) -> list[list[str]]:
             f"3. {e.system}: {e.settings}",
             f"lifecycle {_f(e.lifecycle_rate, 0)} tasks/s (submit {_f(e.enqueue_rate, 0)}/s, "
             f"assign+start+complete {_f(e.drain_rate, 0)}/s); Dispatch / peer: "
-            + "; ".join(ratios),
+            + "; ".join(ratios)
+            + (f"; {e.cpu.describe(e.n)}" if e.cpu else ""),
             ">= pgqueuer drain rate",
             _verdict(e.lifecycle_rate >= pgq.drain_rate) if pgq else "n/a",
         ])
@@ -159,7 +171,8 @@ def results_table(r: Report) -> list[list[str]]:
             rows.append([
                 f"3. {p.system}: {p.settings}",
                 f"enqueue->complete {_f(p.lifecycle_rate, 0)} tasks/s (enqueue "
-                f"{_f(p.enqueue_rate, 0)}/s, drain {_f(p.drain_rate, 0)}/s)",
+                f"{_f(p.enqueue_rate, 0)}/s, drain {_f(p.drain_rate, 0)}/s)"
+                + (f"; {p.cpu.describe(p.n)}" if p.cpu else ""),
                 "peer", "",
             ])
     # 4
@@ -211,7 +224,7 @@ def results_table(r: Report) -> list[list[str]]:
             f"{rest.hwm_kb / 1024:.1f} MiB (VmHWM; sampled peak {rest.peak_rss_kb / 1024:.1f} "
             f"MiB, idle {rest.idle_rss_kb / 1024:.1f} MiB)", "", "",
         ])
-    else:
+    elif rest is not None:
         rows.append(["6. peak RSS of `dispatch serve`", "not available: no REST lifecycle run",
                      "", "n/a"])
     return rows

@@ -4,15 +4,22 @@ concurrent agents, the trivial Litestar ceiling, and the serve process's peak RS
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 
 from bench.common import Latencies, Sizes, percentile
+from bench.cpu import CpuSplit, postgres_seconds, postmaster_pid, process_seconds, self_seconds
 from bench.http import Connection, Response
-from bench.pg import Cluster, Cost, cost_between, read_counters
+from bench.pg import Cluster, Cost, cost_between, prepare_dispatch, read_counters
 from bench.serve import RssSampler, dispatch_serve, trivial_serve
 
 REQUESTER = "bench-requester"
@@ -43,6 +50,31 @@ async def _register(base: str, agent_id: str, max_concurrent: int) -> None:
         await conn.close()
 
 
+def start_profiler(pid: int) -> subprocess.Popen[bytes] | None:
+    """BENCH_PYSPY=FILE: sample the serve process with py-spy (collapsed stacks) during the REST
+    lifecycle; py-spy must be installed (it is not a bench dependency)."""
+    out = os.environ.get("BENCH_PYSPY", "").strip()
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not out or not Path(exe).exists():
+        return None
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
+         "--output", out],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 # -- 1. create -> assigned latency -----------------------------------------------------------------
 
 
@@ -63,6 +95,7 @@ async def run_latency(cluster: Cluster, sizes: Sizes) -> LatencyResult:
     warm-up and left out)."""
     dbname = "rest_latency"
     url = cluster.create_database(dbname)
+    await asyncio.to_thread(prepare_dispatch, url)
     rate, seconds = sizes.latency_rate, sizes.latency_seconds
     total = int(rate * seconds)
     with dispatch_serve(url) as serve:
@@ -144,6 +177,8 @@ class RestResult:
     claimed: int = 0
     pushed: int = 0
     create_ms: list[float] = field(default_factory=list)
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    cpu: CpuSplit | None = None
 
     @property
     def rate(self) -> float:
@@ -160,9 +195,11 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
     completes it. Ends when all N tasks are completed."""
     dbname = "rest_lifecycle"
     url = cluster.create_database(dbname)
+    await asyncio.to_thread(prepare_dispatch, url)
     n = sizes.rest_tasks
     counts: dict[str, int] = {"create": 0, "list": 0, "claim": 0, "start": 0, "complete": 0}
-    create_lat = Latencies()
+    lat: dict[str, Latencies] = {k: Latencies() for k in counts}
+    create_lat = lat["create"]
     with dispatch_serve(url) as serve:
         agent_ids = [f"rest-{i:03d}" for i in range(sizes.rest_agents)]
         for a in agent_ids:
@@ -172,6 +209,9 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         before = read_counters(cluster.admin_url, dbname)
         sampler = RssSampler(serve.proc.pid)
         sampler.start()
+        profiler = start_profiler(serve.proc.pid)
+        pm = postmaster_pid(cluster.pgdata)
+        cpu0 = (process_seconds(serve.proc.pid), postgres_seconds(pm), self_seconds())
         created = iter(range(n))
         completed = 0
         claimed = pushed = 0
@@ -195,13 +235,17 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
             mine = f"{API}/tasks?assignee={agent_id}&status=assigned&limit=20"
             try:
                 while completed < n and time.monotonic() < deadline:
+                    t0 = time.perf_counter()
                     resp = await conn.request("GET", mine)
+                    lat["list"].add_since(t0)
                     counts["list"] += 1
                     body = _expect(resp, "GET /tasks", 200).json()
                     tasks = list(body) if isinstance(body, list) else []
                     pushed += len(tasks)
                     if not tasks:
+                        t0 = time.perf_counter()
                         resp = await conn.request("POST", f"{API}/tasks/claim", {"wait_seconds": 0})
+                        lat["claim"].add_since(t0)
                         counts["claim"] += 1
                         if resp.status == 200:
                             tasks = [resp.json()]
@@ -214,12 +258,16 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
                     for t in tasks:
                         assert isinstance(t, dict)
                         tid = t["task_id"]
+                        t0 = time.perf_counter()
                         r = await conn.request("POST", f"{API}/tasks/{tid}/start")
+                        lat["start"].add_since(t0)
                         counts["start"] += 1
                         _expect(r, "POST /tasks/{id}/start", 200)
+                        t0 = time.perf_counter()
                         r = await conn.request(
                             "POST", f"{API}/tasks/{tid}/complete", {"result": {"ok": True}}
                         )
+                        lat["complete"].add_since(t0)
                         counts["complete"] += 1
                         _expect(r, "POST /tasks/{id}/complete", 200)
                         completed += 1
@@ -232,7 +280,12 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
             *(agent(a) for a in agent_ids),
         )
         seconds = time.perf_counter() - t0
+        cpu = CpuSplit(
+            seconds, process_seconds(serve.proc.pid) - cpu0[0], postgres_seconds(pm) - cpu0[1],
+            self_seconds() - cpu0[2],
+        )
         peak, hwm = sampler.stop()
+        stop_profiler(profiler)
         if completed < n:
             raise RuntimeError(f"REST lifecycle completed {completed} of {n} in time")
     # serve has stopped: its connections flushed their statistics.
@@ -242,6 +295,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         n=n, seconds=seconds, agents=sizes.rest_agents, producers=sizes.rest_producers,
         requests=counts, cost=cost, peak_rss_kb=peak, hwm_kb=hwm, idle_rss_kb=idle_rss,
         claimed=claimed, pushed=pushed, create_ms=create_lat.ms,
+        latency_ms={k: v.ms for k, v in lat.items()}, cpu=cpu,
     )
 
 

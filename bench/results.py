@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.cpu import CpuSplit
 from bench.pg import Cost
 
 
@@ -18,6 +19,7 @@ class Throughput:
     cost: Cost | None = None
     settings: str = ""
     claim_ms: list[float] = field(default_factory=list)
+    cpu: CpuSplit | None = None
 
     @property
     def enqueue_rate(self) -> float:

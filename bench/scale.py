@@ -10,10 +10,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench.common import Latencies, Sizes
-from bench.pg import Cluster
+from bench.pg import Cluster, prepare_dispatch
 from dispatch import store
 from dispatch.db import CONNECT_KWARGS
-from dispatch.migrate import migrate
 
 REQUESTER = "bench-requester"
 
@@ -63,7 +62,7 @@ async def _seed(url: str, rows: int) -> float:
 async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint:
     dbname = f"scale_{rows}"
     url = cluster.create_database(dbname)
-    await asyncio.to_thread(migrate, url)
+    await asyncio.to_thread(prepare_dispatch, url)
     seed_s = await _seed(url, rows)
     samples = sizes.scale_samples
     claim, assign = Latencies(), Latencies()

@@ -12,10 +12,9 @@ import psycopg
 
 from bench.common import Latencies, Sizes, percentile
 from bench.engine import REQUESTER, RESULT, register_agents
-from bench.pg import Cluster
+from bench.pg import Cluster, prepare_dispatch
 from dispatch import db
 from dispatch.broker import Broker
-from dispatch.migrate import migrate
 from dispatch.models import NewTask
 from dispatch.notify import WORK_CHANNEL, Listener
 
@@ -47,7 +46,7 @@ class SoakResult:
 
 async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
     url = cluster.create_database("soak")
-    await asyncio.to_thread(migrate, url)
+    await asyncio.to_thread(prepare_dispatch, url)
     pool = db.create_pool(url, min_size=sizes.connections, max_size=sizes.connections)
     await pool.open(wait=True)
     listener = Listener(url)

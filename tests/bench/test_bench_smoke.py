@@ -1,0 +1,39 @@
+"""The benchmark runs end to end with tiny sizes and writes its report (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
+    pytest.importorskip("pgqueuer")
+    pytest.importorskip("procrastinate")
+    out = tmp_path / "BENCHMARKS.md"
+    env = {
+        **os.environ,
+        "BENCH_ONLY": "engine,peers,scale",
+        "BENCH_ENGINE_TASKS": "40",
+        "BENCH_SCALE_SMALL": "100",
+        "BENCH_SCALE_LARGE": "300",
+        "BENCH_SCALE_SAMPLES": "10",
+        "BENCH_OUTPUT": str(out),
+    }
+    env.pop("BENCH_PATCH_SQL", None)
+    env.pop("BENCH_DATABASE_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out.read_text()
+    for row in ("Dispatch engine (push)", "Dispatch engine (pull)", "pgqueuer", "procrastinate",
+                "raw SKIP LOCKED (floor)", "cost per task", "terminal rows"):
+        assert row in report, row
+    assert "not available" not in report
