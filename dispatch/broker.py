@@ -16,7 +16,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from dispatch import store
 from dispatch.errors import Conflict, NotFound
+from dispatch.metrics import Metrics
 from dispatch.models import (
+    TERMINAL_STATUSES,
     Agent,
     AgentStatus,
     Assignment,
@@ -29,6 +31,7 @@ from dispatch.models import (
     Task,
     TaskEvent,
     TaskFilter,
+    TaskStatus,
 )
 from dispatch.notify import WORK_CHANNEL, Listener
 from dispatch.settings import AssignmentSettings
@@ -44,10 +47,12 @@ class Broker:
         *,
         listener: Listener | None = None,
         assignment: AssignmentSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
+        self.metrics = metrics
 
     async def apply_config(self) -> None:
         """Write this process's assignment settings where the SQL functions read them."""
@@ -61,9 +66,13 @@ class Broker:
     ) -> tuple[Task, bool]:
         """Create a task; returns (task, created). A repeated idempotency key returns the original."""
         async with self.pool.connection() as conn:
-            return await store.task_create(
+            task, created = await store.task_create(
                 conn, new, requester=requester, idempotency_key=idempotency_key
             )
+        if created and self.metrics is not None:
+            self.metrics.tasks_created.labels(task.source).inc()
+            self.metrics.task_transitions.labels("created").inc()
+        return task, created
 
     async def get(self, task_id: uuid.UUID) -> Task:
         async with self.pool.connection() as conn:
@@ -103,6 +112,7 @@ class Broker:
                     conn, task_id, actor, metadata_patch=metadata_patch, priority=priority,
                     admin=admin, now=now,
                 ),
+                "updated",
             )
 
     async def cancel(
@@ -116,12 +126,16 @@ class Broker:
     ) -> Task:
         async with self.pool.connection() as conn:
             return await self._fenced(
-                conn, task_id, store.task_cancel(conn, task_id, actor, reason, admin=admin, now=now)
+                conn, task_id,
+                store.task_cancel(conn, task_id, actor, reason, admin=admin, now=now),
+                "cancelled",
             )
 
     async def requeue(self, task_id: uuid.UUID, actor: str, now: datetime | None = None) -> Task:
         async with self.pool.connection() as conn:
-            return await self._fenced(conn, task_id, store.task_requeue(conn, task_id, actor, now))
+            return await self._fenced(
+                conn, task_id, store.task_requeue(conn, task_id, actor, now), "requeued"
+            )
 
     # -- agents reporting ------------------------------------------------------------------------
 
@@ -141,6 +155,8 @@ class Broker:
             async with self.pool.connection() as conn:
                 task = await store.task_claim(conn, agent_id, capabilities, now)
             remaining = deadline - loop.time()
+            if task is not None and self.metrics is not None:
+                self.metrics.task_transitions.labels("assigned").inc()
             if task is not None or remaining <= 0:
                 return task
             if woken is None:
@@ -153,7 +169,9 @@ class Broker:
 
     async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
         async with self.pool.connection() as conn:
-            return await self._fenced(conn, task_id, store.task_start(conn, task_id, agent_id, now))
+            return await self._fenced(
+                conn, task_id, store.task_start(conn, task_id, agent_id, now), "started"
+            )
 
     async def progress(
         self,
@@ -172,6 +190,7 @@ class Broker:
                 store.task_progress(
                     conn, task_id, agent_id, percent=percent, message=message, data=data, now=now
                 ),
+                "progress",
             )
 
     async def complete(
@@ -185,7 +204,9 @@ class Broker:
     ) -> Task:
         async with self.pool.connection() as conn:
             return await self._fenced(
-                conn, task_id, store.task_complete(conn, task_id, actor, result, admin=admin, now=now)
+                conn, task_id,
+                store.task_complete(conn, task_id, actor, result, admin=admin, now=now),
+                "completed",
             )
 
     async def fail(
@@ -199,28 +220,66 @@ class Broker:
     ) -> Task:
         async with self.pool.connection() as conn:
             return await self._fenced(
-                conn, task_id, store.task_fail(conn, task_id, agent_id, error, retry_eligible, now)
+                conn, task_id,
+                store.task_fail(conn, task_id, agent_id, error, retry_eligible, now),
+                "failed",
             )
 
-    async def _fenced(self, conn: store.Conn, task_id: uuid.UUID, change: Any) -> Task:
+    async def _fenced(
+        self, conn: store.Conn, task_id: uuid.UUID, change: Any, event: str | None = None
+    ) -> Task:
         """Run a transition; a conflict carries the task's current state for the 409 body."""
         try:
             task: Task = await change
-            return task
         except Conflict as exc:
             exc.task = await store.task_get(conn, task_id)
             raise
+        if event is not None:
+            self._count(event, task)
+        return task
+
+    def _count(self, event: str, task: Task) -> None:
+        """task_transitions_total{event} (with the retry or dlq that follows a failure) and,
+        for an attempt that ended the task, task_run_seconds{status}."""
+        if self.metrics is None:
+            return
+        self.metrics.task_transitions.labels(event).inc()
+        if event == "failed":
+            retried = task.status == TaskStatus.PENDING
+            self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
+        if (
+            event in {"completed", "failed", "cancelled"}
+            and task.status in TERMINAL_STATUSES
+            and task.assigned_at is not None
+            and task.completed_at is not None
+        ):
+            seconds = (task.completed_at - task.assigned_at).total_seconds()
+            self.metrics.task_run.labels(str(task.status)).observe(max(seconds, 0.0))
+
+    def _count_expiries(self, expiries: Sequence[Expiry]) -> None:
+        if self.metrics is None:
+            return
+        for expiry in expiries:
+            self.metrics.task_transitions.labels(expiry.event).inc()
+            if expiry.event == "timeout":
+                retried = expiry.status == TaskStatus.PENDING
+                self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
 
     # -- the engine's SQL calls ------------------------------------------------------------------
 
     async def assign(self, *, batch: int | None = None, now: datetime | None = None) -> builtins.list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
         async with self.pool.connection() as conn:
-            return await store.task_assign(conn, batch or self.assignment.batch_size, now)
+            assignments = await store.task_assign(conn, batch or self.assignment.batch_size, now)
+        if assignments and self.metrics is not None:
+            self.metrics.task_transitions.labels("assigned").inc(len(assignments))
+        return assignments
 
     async def expire(self, *, now: datetime | None = None, limit: int = 100) -> builtins.list[Expiry]:
         async with self.pool.connection() as conn:
-            return await store.task_expire(conn, now, limit)
+            expiries = await store.task_expire(conn, now, limit)
+        self._count_expiries(expiries)
+        return expiries
 
     async def report_unmatched(self, *, now: datetime | None = None, limit: int = 100) -> int:
         async with self.pool.connection() as conn:
@@ -306,7 +365,10 @@ class Broker:
     ) -> builtins.list[tuple[Assignment, float]]:
         """One assignment batch; each with the seconds its task waited to be assigned."""
         async with self.pool.connection() as conn:
-            return await store.task_assign_timed(conn, batch or self.assignment.batch_size, now)
+            timed = await store.task_assign_timed(conn, batch or self.assignment.batch_size, now)
+        if timed and self.metrics is not None:
+            self.metrics.task_transitions.labels("assigned").inc(len(timed))
+        return timed
 
     async def seconds_until_due(self) -> float | None:
         """Seconds until the next deadline or scheduled task (by the database's clock)."""

@@ -71,7 +71,9 @@ class Service:
         await self.pool.open(wait=True, timeout=30)
         self.listener = Listener(self.database_url)
         await self.listener.start()
-        self.broker = Broker(self.pool, listener=self.listener, assignment=s.assignment)
+        self.broker = Broker(
+            self.pool, listener=self.listener, assignment=s.assignment, metrics=self.metrics
+        )
         await self.broker.apply_config()
         self.loops = self._build_loops()
         for loop in self.loops:

@@ -155,13 +155,22 @@ def test_idempotent_create_filters_and_pagination(sp: ServeProcess) -> None:
 
 
 def test_metrics_show_queue_gauges_and_http_requests(sp: ServeProcess) -> None:
-    with client(sp, "alice") as alice:
+    with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
         alice.create("counted", required_capabilities=["nobody-has-this"])
+        worker.register(capabilities=["review"])
+        alice.create("done", required_capabilities=["pull-only"], source="ci")
+        task = worker.claim(["pull-only"], wait_seconds=5)
+        assert task is not None
+        worker.complete(task.task_id, 1)
     text = httpx.get(f"{sp.ops}/metrics").text
+    assert 'dispatch_tasks_created_total{source="api"} 1.0' in text
+    assert 'dispatch_tasks_created_total{source="ci"} 1.0' in text
+    assert 'dispatch_task_transitions_total{event="assigned"} 1.0' in text
+    assert 'dispatch_task_transitions_total{event="completed"} 1.0' in text
+    assert 'dispatch_task_run_seconds_count{status="completed"} 1.0' in text
     assert 'dispatch_queue_depth{status="pending"} 1.0' in text
     assert "dispatch_oldest_pending_seconds" in text
     assert 'dispatch_agents{status="ready"}' in text
     assert "dispatch_event_log_unpublished" in text
     assert "dispatch_database_up 1.0" in text
     assert "dispatch_http_requests_total" in text
-    assert "dispatch_task_transitions_total" in text or "dispatch_tasks_created_total" in text
