@@ -5,7 +5,8 @@ a LISTEN connection, the relay and the inbound subscriptions, and a plain client
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -94,3 +95,13 @@ def unpublished(sql: psycopg.Connection[dict[str, Any]]) -> int:
     ).fetchone()
     assert row is not None
     return int(row["n"])
+
+
+@pytest.fixture
+def nats_later(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server that is not started yet (the test starts it); stopped at the end."""
+    server = NatsServer(tmp_path / "nats-later")
+    try:
+        yield server
+    finally:
+        server.stop()

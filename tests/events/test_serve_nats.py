@@ -88,3 +88,22 @@ async def test_serve_relays_takes_requests_and_survives_a_nats_outage(
         assert subjects.count(f"swarm.task.{second['task_id']}.created") == 1
         assert subjects.count(f"swarm.task.{first['task_id']}.created") == 1
         assert health(sp.ops)["event_relay"] == "ok"
+
+
+async def test_serve_starts_while_nats_is_down_and_connects_when_it_comes(
+    db_url: str, tmp_path: Path, nats_later: NatsServer
+) -> None:
+    nats_server = nats_later
+    with serving(db_url, tmp_path, env={"DISPATCH_HERMES_URL": nats_server.url}) as sp:
+        assert health(sp.ops)["nats"] == "down"
+        r = httpx.post(
+            f"{sp.api}/api/v1/tasks", json={"title": "no NATS yet"},
+            headers={"X-Agent-ID": "req"}, timeout=10,
+        )
+        assert r.status_code == 201, r.text
+        nats_server.start()
+        await eventually(lambda: _check(lambda: health(sp.ops)["nats"] == "ok"), what="nats ok")
+        await eventually(
+            lambda: _check(lambda: metric(sp.ops, "dispatch_event_log_unpublished") == 0),
+            what="the waiting event published",
+        )
