@@ -8,6 +8,7 @@ from litestar.status_codes import HTTP_200_OK
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.errors import ERRORS
 from dispatch.api.schemas import AGENT_ID_RE, AgentRegistration, Heartbeat
 from dispatch.errors import Forbidden, InvalidInput
 from dispatch.models import Agent, Stats
@@ -32,7 +33,11 @@ class AgentController(Controller):
     path = "/agents"
     tags = ["agents"]  # noqa: RUF012 - Litestar's own class attribute
 
-    @put("/{agent_id:str}", summary="Register or update an agent (itself, or an admin)")
+    @put(
+        "/{agent_id:str}",
+        responses=ERRORS,
+        summary="Register or update an agent (itself, or an admin)",
+    )
     async def register(
         self,
         agent_id: AgentIdPath,
@@ -45,15 +50,29 @@ class AgentController(Controller):
         require_self_or_admin(agent_id, actor, admin)
         body = data or AgentRegistration()
         return await broker.agent_register(
-            agent_id, capabilities=body.capabilities, owner=body.owner,
-            max_concurrent=body.max_concurrent, status=body.status,
+            agent_id,
+            capabilities=body.capabilities,
+            owner=body.owner,
+            max_concurrent=body.max_concurrent,
+            status=body.status,
         )
 
-    @get("/", summary="Admin: the capability map", guards=[require_admin], security=ADMIN_SECURITY)
+    @get(
+        "/",
+        responses=ERRORS,
+        summary="Admin: the capability map",
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
     async def list_agents(self, broker: BrokerDep) -> list[Agent]:
         return await broker.agents()
 
-    @post("/{agent_id:str}/heartbeat", status_code=HTTP_200_OK, summary="An agent is alive")
+    @post(
+        "/{agent_id:str}/heartbeat",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="An agent is alive",
+    )
     async def heartbeat(
         self,
         agent_id: AgentIdPath,
@@ -68,6 +87,7 @@ class AgentController(Controller):
 
     @post(
         "/{agent_id:str}/drain",
+        responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="Admin: no new tasks for this agent",
         guards=[require_admin],
@@ -78,6 +98,7 @@ class AgentController(Controller):
 
     @post(
         "/{agent_id:str}/undrain",
+        responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="Admin: the agent takes tasks again",
         guards=[require_admin],
@@ -89,6 +110,7 @@ class AgentController(Controller):
 
 @get(
     "/stats",
+    responses=ERRORS,
     summary="Admin: queue statistics",
     tags=["admin"],
     guards=[require_admin],

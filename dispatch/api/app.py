@@ -5,7 +5,7 @@ from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import HeaderParameter
 from litestar.plugins.prometheus import PrometheusConfig
@@ -29,7 +29,7 @@ def openapi_config() -> OpenAPIConfig:
         version=dispatch.__version__,
         description="Task broker and work scheduler for agent swarms.",
         path="/schema",
-        render_plugins=[SwaggerRenderPlugin()],
+        render_plugins=[SwaggerRenderPlugin(), YamlRenderPlugin()],
         components=Components(
             security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer")}
         ),
@@ -39,7 +39,9 @@ def openapi_config() -> OpenAPIConfig:
 def prometheus_config() -> PrometheusConfig:
     """HTTP metrics (dispatch_http_*) on the process's default registry; the ops app serves them."""
     return PrometheusConfig(
-        app_name="dispatch", prefix=HTTP_METRICS_PREFIX, group_path=True,
+        app_name="dispatch",
+        prefix=HTTP_METRICS_PREFIX,
+        group_path=True,
         exclude_unhandled_paths=True,
     )
 
@@ -57,7 +59,10 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         guards=[require_agent],
         parameters={
             "x_agent_id": HeaderParameter(
-                annotation=str, name="X-Agent-ID", required=True, pattern=AGENT_ID_PATTERN,
+                annotation=str,
+                name="X-Agent-ID",
+                required=True,
+                pattern=AGENT_ID_PATTERN,
                 description="The calling agent (or requester).",
             )
         },

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
@@ -47,6 +48,21 @@ STATUS_OF: dict[type[DispatchError], int] = {
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+# OpenAPI: what every operation may answer besides success (all with ErrorBody).
+ERRORS: dict[int, ResponseSpec] = {
+    status: ResponseSpec(data_container=ErrorBody, description=description)
+    for status, description in (
+        (400, "Bad input: `detail.field` names it"),
+        (401, "Missing or malformed X-Agent-ID, or no admin token"),
+        (403, "Not allowed for this caller, or a wrong admin token"),
+        (404, "Unknown task or agent"),
+        (409, "The task's state forbids this: `detail` is the task as it is now"),
+        (413, "Body over server.max_body_bytes"),
+        (503, "The database cannot be reached"),
+    )
+}
 
 
 def error_response(

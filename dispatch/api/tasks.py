@@ -8,12 +8,14 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Response, get, patch, post
 from litestar.datastructures import ResponseHeader
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.errors import ERRORS
 from dispatch.api.schemas import (
     ClaimRequest,
     CompleteReport,
@@ -88,6 +90,7 @@ class TaskController(Controller):
 
     @post(
         "/",
+        responses=ERRORS,
         status_code=HTTP_201_CREATED,
         summary="Create a task",
         description="201 with the new task; 200 with the original when Idempotency-Key repeats.",
@@ -133,6 +136,7 @@ class TaskController(Controller):
 
     @get(
         "/",
+        responses=ERRORS,
         summary="List tasks",
         description="Ordered by priority desc, created_at; X-Next-Cursor when there are more.",
         response_headers=[
@@ -160,7 +164,10 @@ class TaskController(Controller):
         scope_filter: Annotated[
             str | None,
             QueryParameter(
-                name="scope", description="alias of capability", min_length=1, max_length=256,
+                name="scope",
+                description="alias of capability",
+                min_length=1,
+                max_length=256,
                 pattern=_NO_NUL,
             ),
         ] = None,
@@ -189,16 +196,17 @@ class TaskController(Controller):
             headers["X-Next-Cursor"] = encode_cursor(tasks[-1])
         return Response(tasks, headers=headers)
 
-    @get("/{task_id:str}", summary="Get a task")
+    @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, broker: BrokerDep) -> Task:
         return await broker.get(parse_task_id(task_id))
 
-    @get("/{task_id:str}/events", summary="A task's history, oldest first")
+    @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, broker: BrokerDep) -> list[TaskEvent]:
         return await broker.events(parse_task_id(task_id))
 
     @patch(
         "/{task_id:str}",
+        responses=ERRORS,
         summary="Cancel a task, merge-patch its metadata, or change its priority (pending only)",
     )
     async def update(
@@ -230,6 +238,10 @@ class TaskController(Controller):
 
     @post(
         "/claim",
+        responses={
+            **ERRORS,
+            HTTP_204_NO_CONTENT: ResponseSpec(None, description="No task within wait_seconds"),
+        },
         status_code=HTTP_200_OK,
         summary="Pull mode: take the best pending task this agent may run",
         description="200 with the task, 204 when none arrived within wait_seconds.",
@@ -243,11 +255,21 @@ class TaskController(Controller):
             return Response(None, status_code=HTTP_204_NO_CONTENT)
         return Response(task)
 
-    @post("/{task_id:str}/start", status_code=HTTP_200_OK, summary="The assigned agent starts")
+    @post(
+        "/{task_id:str}/start",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The assigned agent starts",
+    )
     async def start(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
         return await broker.start(parse_task_id(task_id), actor)
 
-    @post("/{task_id:str}/progress", status_code=HTTP_200_OK, summary="The assigned agent reports")
+    @post(
+        "/{task_id:str}/progress",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The assigned agent reports",
+    )
     async def progress(
         self,
         task_id: TaskIdPath,
@@ -257,12 +279,16 @@ class TaskController(Controller):
     ) -> Task:
         body = data or ProgressReport()
         return await broker.progress(
-            parse_task_id(task_id), actor, percent=body.percent, message=body.message,
+            parse_task_id(task_id),
+            actor,
+            percent=body.percent,
+            message=body.message,
             data=body.data,
         )
 
     @post(
         "/{task_id:str}/complete",
+        responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="The assigned agent completes; or the requester, owner or an admin resolves it",
     )
@@ -277,7 +303,12 @@ class TaskController(Controller):
         body = data or CompleteReport()
         return await broker.complete(parse_task_id(task_id), actor, body.result, admin=admin)
 
-    @post("/{task_id:str}/fail", status_code=HTTP_200_OK, summary="The assigned agent fails")
+    @post(
+        "/{task_id:str}/fail",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The assigned agent fails",
+    )
     async def fail(
         self,
         task_id: TaskIdPath,
@@ -292,6 +323,7 @@ class TaskController(Controller):
 
     @get(
         "/{task_id:str}/explain",
+        responses=ERRORS,
         summary="Admin: every candidate agent and why",
         guards=[require_admin],
         security=ADMIN_SECURITY,
@@ -301,9 +333,11 @@ class TaskController(Controller):
 
     @post(
         "/{task_id:str}/requeue",
+        responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="Admin: a failed, timed-out or cancelled task starts over",
-        guards=[require_admin], security=ADMIN_SECURITY,
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
     )
     async def requeue(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
         return await broker.requeue(parse_task_id(task_id), actor)
