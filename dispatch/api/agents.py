@@ -7,7 +7,7 @@ from litestar.params import JSONBody, PathParameter
 from litestar.status_codes import HTTP_200_OK
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
-from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.deps import Caller, CallerDep
 from dispatch.api.errors import ERRORS
 from dispatch.api.schemas import AGENT_ID_RE, AgentRegistration, Heartbeat
 from dispatch.errors import Forbidden, InvalidInput
@@ -24,9 +24,11 @@ def checked_agent_id(raw: str) -> str:
     return raw
 
 
-def require_self_or_admin(agent_id: str, actor: Actor, admin: IsAdmin) -> None:
-    if actor != agent_id and not admin:
-        raise Forbidden(f"{actor} may not act for agent {agent_id} (only itself or an admin)")
+def require_self_or_admin(agent_id: str, caller: Caller) -> None:
+    if caller.agent_id != agent_id and not caller.admin:
+        raise Forbidden(
+            f"{caller.agent_id} may not act for agent {agent_id} (only itself or an admin)"
+        )
 
 
 class AgentController(Controller):
@@ -41,15 +43,13 @@ class AgentController(Controller):
     async def register(
         self,
         agent_id: AgentIdPath,
-        broker: BrokerDep,
-        actor: Actor,
-        admin: IsAdmin,
+        caller: CallerDep,
         data: JSONBody[AgentRegistration | None] = None,
     ) -> Agent:
         agent_id = checked_agent_id(agent_id)
-        require_self_or_admin(agent_id, actor, admin)
+        require_self_or_admin(agent_id, caller)
         body = data or AgentRegistration()
-        return await broker.agent_register(
+        return await caller.broker.agent_register(
             agent_id,
             capabilities=body.capabilities,
             owner=body.owner,
@@ -64,8 +64,8 @@ class AgentController(Controller):
         guards=[require_admin],
         security=ADMIN_SECURITY,
     )
-    async def list_agents(self, broker: BrokerDep) -> list[Agent]:
-        return await broker.agents()
+    async def list_agents(self, caller: CallerDep) -> list[Agent]:
+        return await caller.broker.agents()
 
     @post(
         "/{agent_id:str}/heartbeat",
@@ -76,14 +76,12 @@ class AgentController(Controller):
     async def heartbeat(
         self,
         agent_id: AgentIdPath,
-        broker: BrokerDep,
-        actor: Actor,
-        admin: IsAdmin,
+        caller: CallerDep,
         data: JSONBody[Heartbeat | None] = None,
     ) -> Agent:
         agent_id = checked_agent_id(agent_id)
-        require_self_or_admin(agent_id, actor, admin)
-        return await broker.agent_heartbeat(agent_id, (data or Heartbeat()).status)
+        require_self_or_admin(agent_id, caller)
+        return await caller.broker.agent_heartbeat(agent_id, (data or Heartbeat()).status)
 
     @post(
         "/{agent_id:str}/drain",
@@ -93,8 +91,8 @@ class AgentController(Controller):
         guards=[require_admin],
         security=ADMIN_SECURITY,
     )
-    async def drain(self, agent_id: AgentIdPath, broker: BrokerDep) -> Agent:
-        return await broker.agent_drain(checked_agent_id(agent_id), True)
+    async def drain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
+        return await caller.broker.agent_drain(checked_agent_id(agent_id), True)
 
     @post(
         "/{agent_id:str}/undrain",
@@ -104,8 +102,8 @@ class AgentController(Controller):
         guards=[require_admin],
         security=ADMIN_SECURITY,
     )
-    async def undrain(self, agent_id: AgentIdPath, broker: BrokerDep) -> Agent:
-        return await broker.agent_drain(checked_agent_id(agent_id), False)
+    async def undrain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
+        return await caller.broker.agent_drain(checked_agent_id(agent_id), False)
 
 
 @get(
@@ -116,5 +114,5 @@ class AgentController(Controller):
     guards=[require_admin],
     security=ADMIN_SECURITY,
 )
-async def stats(broker: BrokerDep) -> Stats:
-    return await broker.stats()
+async def stats(caller: CallerDep) -> Stats:
+    return await caller.broker.stats()

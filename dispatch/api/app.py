@@ -13,7 +13,7 @@ from litestar.plugins.prometheus import PrometheusConfig
 import dispatch
 from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import require_agent
-from dispatch.api.deps import provide_actor, provide_admin
+from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.schemas import AGENT_ID_PATTERN
 from dispatch.api.tasks import TaskController
@@ -50,9 +50,6 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
     """The API app. `admin_token`, when given, replaces settings.server.admin_token (`serve`
     passes the one it generated when the setting is empty)."""
 
-    def _broker() -> Broker:
-        return broker
-
     api = Router(
         path="/api/v1",
         route_handlers=[TaskController, AgentController, stats],
@@ -66,19 +63,15 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
                 description="The calling agent (or requester).",
             )
         },
-        dependencies={
-            "actor": Provide(provide_actor, sync_to_thread=False),
-            "admin": Provide(provide_admin, sync_to_thread=False),
-        },
+        dependencies={"caller": Provide(provide_caller, sync_to_thread=False)},
     )
     return Litestar(
         route_handlers=[api],
-        dependencies={"broker": Provide(_broker, sync_to_thread=False, use_cache=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.server.max_body_bytes,
         middleware=[prometheus_config().middleware],
         openapi_config=openapi_config(),
-        state=State({"admin_token": admin_token or settings.server.admin_token}),
+        state=State({"admin_token": admin_token or settings.server.admin_token, "broker": broker}),
         logging_config=None,  # dispatch.logs configured the process's logging
         debug=False,
     )

@@ -1,7 +1,7 @@
 """Who is calling: X-Agent-ID on every /api/v1 request, the Bearer admin token where needed.
 
 Guards run before Litestar parses parameters and bodies, so an unauthenticated request gets its
-401/403 whatever else is wrong with it.
+401/403 whatever else is wrong with it. They are coroutines: Litestar runs a sync guard in a thread.
 """
 
 import hmac
@@ -47,12 +47,16 @@ def is_admin(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     return True
 
 
-def require_agent(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_agent(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard of every /api/v1 route."""
     agent_id_of(connection)
 
 
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_admin(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard of the admin routes: 401 without a Bearer token, 403 with a wrong one."""
     if not is_admin(connection):
         raise Unauthorized(

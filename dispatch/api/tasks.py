@@ -14,7 +14,7 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParam
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
-from dispatch.api.deps import Actor, BrokerDep, IsAdmin
+from dispatch.api.deps import CallerDep
 from dispatch.api.errors import ERRORS
 from dispatch.api.schemas import (
     ClaimRequest,
@@ -101,8 +101,7 @@ class TaskController(Controller):
     async def create(
         self,
         data: JSONBody[TaskCreate],
-        broker: BrokerDep,
-        actor: Actor,
+        caller: CallerDep,
         idempotency_key: Annotated[
             str | None,
             HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=_NO_NUL),
@@ -127,7 +126,9 @@ class TaskController(Controller):
             available_at=data.available_at,
             source=data.source,
         )
-        task, created = await broker.submit(new, requester=actor, idempotency_key=idempotency_key)
+        task, created = await caller.broker.submit(
+            new, requester=caller.agent_id, idempotency_key=idempotency_key
+        )
         return Response(
             task,
             status_code=HTTP_201_CREATED if created else HTTP_200_OK,
@@ -147,7 +148,7 @@ class TaskController(Controller):
     )
     async def list_tasks(
         self,
-        broker: BrokerDep,
+        caller: CallerDep,
         status: Annotated[
             str | None,
             QueryParameter(description="comma-separated statuses", max_length=256, pattern=_NO_NUL),
@@ -189,7 +190,7 @@ class TaskController(Controller):
             parent_task_id=parent_task_id,
         )
         after = decode_cursor(cursor) if cursor else None
-        tasks = await broker.list(filters, limit=limit + 1, after=after)
+        tasks = await caller.broker.list(filters, limit=limit + 1, after=after)
         headers = {}
         if len(tasks) > limit:
             tasks = tasks[:limit]
@@ -197,12 +198,12 @@ class TaskController(Controller):
         return Response(tasks, headers=headers)
 
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
-    async def get_task(self, task_id: TaskIdPath, broker: BrokerDep) -> Task:
-        return await broker.get(parse_task_id(task_id))
+    async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
+        return await caller.broker.get(parse_task_id(task_id))
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
-    async def events(self, task_id: TaskIdPath, broker: BrokerDep) -> list[TaskEvent]:
-        return await broker.events(parse_task_id(task_id))
+    async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:
+        return await caller.broker.events(parse_task_id(task_id))
 
     @patch(
         "/{task_id:str}",
@@ -213,9 +214,7 @@ class TaskController(Controller):
         self,
         task_id: TaskIdPath,
         data: JSONBody[TaskPatch],
-        broker: BrokerDep,
-        actor: Actor,
-        admin: IsAdmin,
+        caller: CallerDep,
     ) -> Task:
         tid = parse_task_id(task_id)
         _one_of(data.metadata, data.context, ("metadata", "context"))
@@ -228,10 +227,14 @@ class TaskController(Controller):
             raise InvalidInput("nothing to change: give status, metadata or priority", field=None)
         task = None
         if data.status == "cancelled":
-            task = await broker.cancel(tid, actor, data.reason, admin=admin)
+            task = await caller.broker.cancel(tid, caller.agent_id, data.reason, admin=caller.admin)
         if metadata is not None or data.priority is not None:
-            task = await broker.update(
-                tid, actor, metadata_patch=metadata, priority=data.priority, admin=admin
+            task = await caller.broker.update(
+                tid,
+                caller.agent_id,
+                metadata_patch=metadata,
+                priority=data.priority,
+                admin=caller.admin,
             )
         assert task is not None
         return task
@@ -247,10 +250,12 @@ class TaskController(Controller):
         description="200 with the task, 204 when none arrived within wait_seconds.",
     )
     async def claim(
-        self, broker: BrokerDep, actor: Actor, data: JSONBody[ClaimRequest | None] = None
+        self, caller: CallerDep, data: JSONBody[ClaimRequest | None] = None
     ) -> Response[Task | None]:
         body = data or ClaimRequest()
-        task = await broker.claim(actor, body.capabilities, wait_seconds=body.wait_seconds)
+        task = await caller.broker.claim(
+            caller.agent_id, body.capabilities, wait_seconds=body.wait_seconds
+        )
         if task is None:
             return Response(None, status_code=HTTP_204_NO_CONTENT)
         return Response(task)
@@ -261,8 +266,8 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         summary="The assigned agent starts",
     )
-    async def start(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
-        return await broker.start(parse_task_id(task_id), actor)
+    async def start(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
+        return await caller.broker.start(parse_task_id(task_id), caller.agent_id)
 
     @post(
         "/{task_id:str}/progress",
@@ -273,14 +278,13 @@ class TaskController(Controller):
     async def progress(
         self,
         task_id: TaskIdPath,
-        broker: BrokerDep,
-        actor: Actor,
+        caller: CallerDep,
         data: JSONBody[ProgressReport | None] = None,
     ) -> Task:
         body = data or ProgressReport()
-        return await broker.progress(
+        return await caller.broker.progress(
             parse_task_id(task_id),
-            actor,
+            caller.agent_id,
             percent=body.percent,
             message=body.message,
             data=body.data,
@@ -295,13 +299,13 @@ class TaskController(Controller):
     async def complete(
         self,
         task_id: TaskIdPath,
-        broker: BrokerDep,
-        actor: Actor,
-        admin: IsAdmin,
+        caller: CallerDep,
         data: JSONBody[CompleteReport | None] = None,
     ) -> Task:
         body = data or CompleteReport()
-        return await broker.complete(parse_task_id(task_id), actor, body.result, admin=admin)
+        return await caller.broker.complete(
+            parse_task_id(task_id), caller.agent_id, body.result, admin=caller.admin
+        )
 
     @post(
         "/{task_id:str}/fail",
@@ -312,13 +316,12 @@ class TaskController(Controller):
     async def fail(
         self,
         task_id: TaskIdPath,
-        broker: BrokerDep,
-        actor: Actor,
+        caller: CallerDep,
         data: JSONBody[FailReport | None] = None,
     ) -> Task:
         body = data or FailReport()
-        return await broker.fail(
-            parse_task_id(task_id), actor, body.error, retry_eligible=body.retry_eligible
+        return await caller.broker.fail(
+            parse_task_id(task_id), caller.agent_id, body.error, retry_eligible=body.retry_eligible
         )
 
     @get(
@@ -328,8 +331,8 @@ class TaskController(Controller):
         guards=[require_admin],
         security=ADMIN_SECURITY,
     )
-    async def explain(self, task_id: TaskIdPath, broker: BrokerDep) -> Explanation:
-        return await broker.explain(parse_task_id(task_id))
+    async def explain(self, task_id: TaskIdPath, caller: CallerDep) -> Explanation:
+        return await caller.broker.explain(parse_task_id(task_id))
 
     @post(
         "/{task_id:str}/requeue",
@@ -339,5 +342,5 @@ class TaskController(Controller):
         guards=[require_admin],
         security=ADMIN_SECURITY,
     )
-    async def requeue(self, task_id: TaskIdPath, broker: BrokerDep, actor: Actor) -> Task:
-        return await broker.requeue(parse_task_id(task_id), actor)
+    async def requeue(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
+        return await caller.broker.requeue(parse_task_id(task_id), caller.agent_id)

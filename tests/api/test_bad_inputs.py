@@ -57,6 +57,8 @@ CASES = [
     Case("explain without a token", "GET", "/api/v1/tasks/{pending}/explain", 401),
     Case("cancel with a wrong token", "PATCH", "/api/v1/tasks/{pending}", 403,
          headers={**MALLORY, "Authorization": "Bearer wrong"}, json={"status": "cancelled"}),
+    Case("create with a wrong admin token", "POST", "/api/v1/tasks", 403,
+         headers={**ALICE, "Authorization": "Bearer nope"}, json={"title": "t"}),
     Case("Idempotency-Key of 201 chars", "POST", "/api/v1/tasks", 400,
          headers={**ALICE, "Idempotency-Key": "k" * 201}, json={"title": "t"}),
     # -- malformed bodies ----------------------------------------------------------------------
