@@ -18,6 +18,8 @@ from bench.soak import SoakResult, SoakSample
 
 SOAK_BEGIN = "<!-- soak:begin -->"
 SOAK_END = "<!-- soak:end -->"
+ANALYSIS_BEGIN = "<!-- analysis:begin -->"
+ANALYSIS_END = "<!-- analysis:end -->"
 PACKAGES = ("dispatch", "litestar", "uvicorn", "uvloop", "httptools", "msgspec", "psycopg",
             "psycopg-pool", "pgqueuer", "procrastinate", "asyncpg", "pgserver")
 
@@ -338,16 +340,24 @@ def render_soak(s: SoakResult) -> str:
     return "\n".join(lines)
 
 
+def _cut(text: str, begin: str, end: str) -> tuple[str, str]:
+    """(text without the marked section, the section with its markers) or (text, "")."""
+    if begin in text and end in text:
+        i, j = text.index(begin), text.index(end) + len(end)
+        return (text[:i] + text[j:]).rstrip() + "\n", text[i:j]
+    return text, ""
+
+
 def write(path: Path, main_md: str | None, soak_md: str | None) -> None:
-    """Replace the main part and/or the soak section, keeping the other."""
+    """Replace the main part and/or the soak section; the soak section and the hand-written
+    analysis section (between ANALYSIS_BEGIN and ANALYSIS_END) survive a run that does not
+    produce them."""
     old = path.read_text() if path.exists() else ""
-    old_soak = ""
-    if SOAK_BEGIN in old and SOAK_END in old:
-        start, end = old.index(SOAK_BEGIN), old.index(SOAK_END) + len(SOAK_END)
-        old_soak = old[start:end]
-        old_main = (old[:start] + old[end:]).rstrip() + "\n"
-    else:
-        old_main = old
+    old, old_soak = _cut(old, SOAK_BEGIN, SOAK_END)
+    old_main, analysis = _cut(old, ANALYSIS_BEGIN, ANALYSIS_END)
     body = (main_md if main_md is not None else old_main).rstrip() + "\n"
     soak = soak_md if soak_md is not None else old_soak
-    path.write_text(body + ("\n" + soak.strip() + "\n" if soak else ""))
+    for section in (soak, analysis):
+        if section:
+            body += "\n" + section.strip() + "\n"
+    path.write_text(body)
