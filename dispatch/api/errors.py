@@ -140,6 +140,11 @@ def database_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Res
     return error_response(HTTP_503_SERVICE_UNAVAILABLE, "database unavailable")
 
 
+def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
+    """msgspec refuses JSON nested deeper than Python's recursion limit."""
+    return error_response(HTTP_400_BAD_REQUEST, "JSON nested too deeply", {"field": None})
+
+
 def not_implemented(
     request: Request[Any, Any, Any], exc: NotImplementedError
 ) -> Response[ErrorBody]:
@@ -157,6 +162,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: http_error,  # type: ignore[dict-item]
     PoolTimeout: database_unreachable,
     psycopg.OperationalError: database_unreachable,
+    RecursionError: too_deep,  # type: ignore[dict-item]
     NotImplementedError: not_implemented,  # type: ignore[dict-item]
     Exception: internal_error,
 }

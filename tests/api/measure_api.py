@@ -55,7 +55,8 @@ async def _phase(
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
     print(
-        f"{name:6} {len(latencies) / elapsed:8.0f} req/s  p50 {p(0.5):6.1f} ms  p99 {p(0.99):6.1f} ms"
+        f"{name:6} {len(latencies) / elapsed:8.0f} req/s"
+        f"  p50 {p(0.5):6.1f} ms  p99 {p(0.99):6.1f} ms"
         f"  mean {statistics.fmean(latencies) * 1000:6.1f} ms  errors {errors}"
         f"  serve CPU {cpu / max(len(latencies), 1) * 1e6:5.0f} us/request"
         f"  ({len(latencies)} requests, {clients} clients, {elapsed:.1f} s)"

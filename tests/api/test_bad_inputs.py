@@ -74,6 +74,10 @@ CASES = [
          json={"title": "t", "description": "d" * (MAX_BODY + 1)}),
     Case("oversized progress", "POST", "/api/v1/tasks/{running}/progress", 413,
          headers=BOB, json={"data": "d" * (MAX_BODY + 1)}),
+    Case("JSON nested 5000 deep", "POST", "/api/v1/tasks", 400,
+         content=b'{"title": "t", "metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"),
+    Case("merge patch nested 6 deep", "PATCH", "/api/v1/tasks/{pending}", 400,
+         json={"metadata": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}}),
     # -- wrong types, unknown fields, out-of-range numbers --------------------------------------
     Case("title is a number", "POST", "/api/v1/tasks", 400, json={"title": 5}),
     Case("title missing", "POST", "/api/v1/tasks", 400, json={"priority": 1}),
