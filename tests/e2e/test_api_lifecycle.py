@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatch.client import DispatchClient
+from dispatch.client import AsyncDispatchClient, DispatchClient
 from dispatch.errors import Conflict, Forbidden
 from dispatch.models import Task
 from tests.serve import ServeProcess, serving
@@ -174,3 +174,20 @@ def test_metrics_show_queue_gauges_and_http_requests(sp: ServeProcess) -> None:
     assert "dispatch_event_log_unpublished" in text
     assert "dispatch_database_up 1.0" in text
     assert "dispatch_http_requests_total" in text
+
+
+async def test_async_client_lifecycle(sp: ServeProcess) -> None:
+    async with AsyncDispatchClient(sp.api, "alice") as alice, \
+            AsyncDispatchClient(sp.api, "worker-a") as worker:
+        await worker.register(capabilities=["review"], max_concurrent=1)
+        created = await alice.create("async", required_capabilities=["pull-only"])
+        task = await worker.claim(["pull-only"], wait_seconds=5)
+        assert task is not None and task.task_id == created.task_id
+        assert (await worker.start(task.task_id)).status == "running"
+        assert (await worker.progress(task.task_id, 10)).progress == {"percent": 10.0}
+        with pytest.raises(Forbidden):
+            await alice.fail(task.task_id, "not mine")
+        done = await worker.complete(task.task_id, [1, 2])
+        assert (done.status, done.result) == ("completed", [1, 2])
+        page = await alice.list(status=["completed"])
+        assert [t.task_id for t in page.tasks] == [created.task_id] and page.next_cursor is None
