@@ -105,7 +105,8 @@ def validation_error(
     first = problems[0] if isinstance(problems[0], dict) else {}
     message = str(first.get("message", exc.detail))
     field = str(first.get("key") or "")
-    source = str(first.get("source") or "")
+    raw_source = first.get("source")
+    source = str(getattr(raw_source, "value", raw_source) or "")  # ParamType.QUERY -> "query"
     if source == "body":
         unknown = _UNKNOWN_FIELD.search(message)
         at_path = _AT_PATH.search(message)
