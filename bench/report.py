@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.common import Sizes, percentile
+from bench.pg import patch_file
 from bench.rest import CeilingResult, LatencyResult, RestResult
 from bench.results import Throughput, Unavailable
 from bench.scale import ScalePoint
@@ -260,6 +261,8 @@ def render_markdown(r: Report, rows: list[list[str]]) -> str:
         f"- git: {m['git']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "- PostgreSQL settings: " + ", ".join(f"{k}={val}" for k, val in r.pg_settings.items()),
+        "- SQL: " + (f"PATCHED with {patch_file()} after the migrations (not the shipped schema)"
+                     if patch_file() else "the migrations in sql/ as shipped"),
         "- sizes: " + ", ".join(f"{k}={val}" for k, val in vars(r.sizes).items()
                                 if not k.startswith("soak")),
         "",
