@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from psycopg_pool import AsyncConnectionPool
 
-from dispatch import store
+from dispatch import db, store
 from dispatch.errors import Conflict, NotFound
 from dispatch.metrics import Metrics
 from dispatch.models import (
@@ -56,7 +56,7 @@ class Broker:
 
     async def apply_config(self) -> None:
         """Write this process's assignment settings where the SQL functions read them."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             await store.config_apply(conn, self.assignment)
 
     # -- requesters ------------------------------------------------------------------------------
@@ -64,8 +64,8 @@ class Broker:
     async def submit(
         self, new: NewTask, *, requester: str, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
-        """Create a task; returns (task, created). A repeated idempotency key returns the original."""
-        async with self.pool.connection() as conn:
+        """Create a task; returns (task, created). A repeated idempotency key returns the first."""
+        async with db.connection(self.pool) as conn:
             task, created = await store.task_create(
                 conn, new, requester=requester, idempotency_key=idempotency_key
             )
@@ -75,7 +75,7 @@ class Broker:
         return task, created
 
     async def get(self, task_id: uuid.UUID) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             task = await store.task_get(conn, task_id)
         if task is None:
             raise NotFound(f"task {task_id} not found")
@@ -84,11 +84,11 @@ class Broker:
     async def list(
         self, filters: TaskFilter, *, limit: int = 50, after: Cursor | None = None
     ) -> builtins.list[Task]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.task_list(conn, filters, limit=limit, after=after)
 
     async def events(self, task_id: uuid.UUID) -> builtins.list[TaskEvent]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             events = await store.task_events(conn, task_id)
             if not events and await store.task_get(conn, task_id) is None:
                 raise NotFound(f"task {task_id} not found")
@@ -104,13 +104,18 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
                 conn,
                 task_id,
                 store.task_update(
-                    conn, task_id, actor, metadata_patch=metadata_patch, priority=priority,
-                    admin=admin, now=now,
+                    conn,
+                    task_id,
+                    actor,
+                    metadata_patch=metadata_patch,
+                    priority=priority,
+                    admin=admin,
+                    now=now,
                 ),
                 "updated",
             )
@@ -124,15 +129,16 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
-                conn, task_id,
+                conn,
+                task_id,
                 store.task_cancel(conn, task_id, actor, reason, admin=admin, now=now),
                 "cancelled",
             )
 
     async def requeue(self, task_id: uuid.UUID, actor: str, now: datetime | None = None) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
                 conn, task_id, store.task_requeue(conn, task_id, actor, now), "requeued"
             )
@@ -152,7 +158,7 @@ class Broker:
         deadline = loop.time() + wait_seconds
         while True:
             woken = self.listener.event(WORK_CHANNEL) if self.listener else None
-            async with self.pool.connection() as conn:
+            async with db.connection(self.pool) as conn:
                 task = await store.task_claim(conn, agent_id, capabilities, now)
             remaining = deadline - loop.time()
             if task is not None and self.metrics is not None:
@@ -168,7 +174,7 @@ class Broker:
                 return None
 
     async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
                 conn, task_id, store.task_start(conn, task_id, agent_id, now), "started"
             )
@@ -183,7 +189,7 @@ class Broker:
         data: object = None,
         now: datetime | None = None,
     ) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
                 conn,
                 task_id,
@@ -202,9 +208,10 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
-                conn, task_id,
+                conn,
+                task_id,
                 store.task_complete(conn, task_id, actor, result, admin=admin, now=now),
                 "completed",
             )
@@ -218,9 +225,10 @@ class Broker:
         retry_eligible: bool = True,
         now: datetime | None = None,
     ) -> Task:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await self._fenced(
-                conn, task_id,
+                conn,
+                task_id,
                 store.task_fail(conn, task_id, agent_id, error, retry_eligible, now),
                 "failed",
             )
@@ -267,30 +275,34 @@ class Broker:
 
     # -- the engine's SQL calls ------------------------------------------------------------------
 
-    async def assign(self, *, batch: int | None = None, now: datetime | None = None) -> builtins.list[Assignment]:
+    async def assign(
+        self, *, batch: int | None = None, now: datetime | None = None
+    ) -> builtins.list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             assignments = await store.task_assign(conn, batch or self.assignment.batch_size, now)
         if assignments and self.metrics is not None:
             self.metrics.task_transitions.labels("assigned").inc(len(assignments))
         return assignments
 
-    async def expire(self, *, now: datetime | None = None, limit: int = 100) -> builtins.list[Expiry]:
-        async with self.pool.connection() as conn:
+    async def expire(
+        self, *, now: datetime | None = None, limit: int = 100
+    ) -> builtins.list[Expiry]:
+        async with db.connection(self.pool) as conn:
             expiries = await store.task_expire(conn, now, limit)
         self._count_expiries(expiries)
         return expiries
 
     async def report_unmatched(self, *, now: datetime | None = None, limit: int = 100) -> int:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.task_report_unmatched(conn, now, limit)
 
     async def next_due(self, now: datetime | None = None) -> datetime | None:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.next_due(conn, now)
 
     async def prune(self, before: datetime, limit: int = 1000) -> int:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.task_prune(conn, before, limit)
 
     # -- the directory ---------------------------------------------------------------------------
@@ -307,41 +319,48 @@ class Broker:
         source: str = "registry",
         now: datetime | None = None,
     ) -> Agent:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_upsert(
-                conn, agent_id, capabilities=capabilities, owner=owner,
-                max_concurrent=max_concurrent, status=status, policy=policy, source=source, now=now,
+                conn,
+                agent_id,
+                capabilities=capabilities,
+                owner=owner,
+                max_concurrent=max_concurrent,
+                status=status,
+                policy=policy,
+                source=source,
+                now=now,
             )
 
     async def agent_heartbeat(
         self, agent_id: str, status: AgentStatus | None = None, now: datetime | None = None
     ) -> Agent:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_heartbeat(conn, agent_id, status, now)
 
     async def agent_drain(self, agent_id: str, drained: bool = True) -> Agent:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_drain(conn, agent_id, drained, None)
 
     async def agent_stop(self, agent_id: str, now: datetime | None = None) -> int:
         """The agent stopped: its active tasks go back to pending. Returns how many."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_stop(conn, agent_id, now)
 
     async def agent(self, agent_id: str) -> Agent:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             agent = await store.agent_get(conn, agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id} not found")
         return agent
 
     async def agents(self) -> builtins.list[Agent]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_list(conn)
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
         """Every candidate agent for the task with its score factors or exclusion reasons."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             task = await store.task_get(conn, task_id)
             if task is None:
                 raise NotFound(f"task {task_id} not found")
@@ -355,7 +374,7 @@ class Broker:
         )
 
     async def stats(self, now: datetime | None = None) -> Stats:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.stats(conn, now)
 
     # -- the assignment engine's loops -----------------------------------------------------------
@@ -364,7 +383,7 @@ class Broker:
         self, *, batch: int | None = None, now: datetime | None = None
     ) -> builtins.list[tuple[Assignment, float]]:
         """One assignment batch; each with the seconds its task waited to be assigned."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             timed = await store.task_assign_timed(conn, batch or self.assignment.batch_size, now)
         if timed and self.metrics is not None:
             self.metrics.task_transitions.labels("assigned").inc(len(timed))
@@ -372,7 +391,7 @@ class Broker:
 
     async def seconds_until_due(self) -> float | None:
         """Seconds until the next deadline or scheduled task (by the database's clock)."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.seconds_until_due(conn)
 
     async def directory_sync(
@@ -384,7 +403,7 @@ class Broker:
     ) -> None:
         """Write one refresh of the external directory (and, when given, device ownership) in one
         transaction."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with db.connection(self.pool) as conn, conn.transaction():
             if entries:
                 await store.agent_sync(conn, entries, now)
             if owners is not None:
@@ -392,14 +411,14 @@ class Broker:
 
     async def directory_mark_stale(self, stale_ms: int, *, now: datetime | None = None) -> int:
         """Agents not refreshed for stale_ms become unknown; returns how many."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.agent_mark_stale(conn, stale_ms, now)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:
         """Hold the advisory lock `key` for the block if no other replica holds it; yields whether
         it was taken (the block should do nothing when it was not)."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             taken = await store.advisory_try_lock(conn, key)
             try:
                 yield taken

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dispatch.errors import (
     Conflict,
@@ -62,6 +64,9 @@ def translate(exc: psycopg.Error) -> DispatchError:
         return InvalidInput(message, field=diag.column_name)
     if kind is not None:
         return kind(message)
+    if isinstance(exc, psycopg.DataError) and not code:
+        # Raised by psycopg itself before sending, e.g. a NUL character in a text value.
+        return InvalidInput(str(exc))
     if isinstance(exc, pg_errors.ForeignKeyViolation):
         field = _CONSTRAINT_FIELDS.get(diag.constraint_name or "")
         return InvalidInput(f"{field or 'reference'} does not exist", field=field)
@@ -83,6 +88,16 @@ def translate(exc: psycopg.Error) -> DispatchError:
     if isinstance(exc, psycopg.OperationalError | pg_errors.AdminShutdown):
         return Unavailable(f"database unavailable: {message}")
     return DispatchError(f"database error: {message}")
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection; a pool timeout or a refused connection becomes Unavailable."""
+    try:
+        async with pool.connection() as conn:
+            yield conn
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        raise Unavailable(f"database unavailable: {exc}") from exc
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:

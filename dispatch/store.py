@@ -36,7 +36,9 @@ def _convert(row: Row, kind: type[S]) -> S:
     return msgspec.convert(row, kind, from_attributes=False)
 
 
-async def _rows(conn: Conn, query: str, params: Sequence[object] | Mapping[str, object]) -> list[Row]:
+async def _rows(
+    conn: Conn, query: str, params: Sequence[object] | Mapping[str, object]
+) -> list[Row]:
     try:
         cur = await conn.execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchall()
@@ -166,7 +168,8 @@ async def task_assign(conn: Conn, batch: int, now: datetime | None) -> list[Assi
 
 async def task_start(conn: Conn, task_id: uuid.UUID, agent_id: str, now: datetime | None) -> Task:
     return await _task(
-        conn, "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()))",
+        conn,
+        "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()))",
         (task_id, agent_id, now),
     )
 
@@ -189,7 +192,12 @@ async def task_progress(
 
 
 async def task_complete(
-    conn: Conn, task_id: uuid.UUID, actor: str, result: object, *, admin: bool,
+    conn: Conn,
+    task_id: uuid.UUID,
+    actor: str,
+    result: object,
+    *,
+    admin: bool,
     now: datetime | None,
 ) -> Task:
     return await _task(
@@ -200,7 +208,11 @@ async def task_complete(
 
 
 async def task_fail(
-    conn: Conn, task_id: uuid.UUID, agent_id: str, error: str | None, retry_eligible: bool,
+    conn: Conn,
+    task_id: uuid.UUID,
+    agent_id: str,
+    error: str | None,
+    retry_eligible: bool,
     now: datetime | None,
 ) -> Task:
     return await _task(
@@ -211,7 +223,12 @@ async def task_fail(
 
 
 async def task_cancel(
-    conn: Conn, task_id: uuid.UUID, actor: str, reason: str | None, *, admin: bool,
+    conn: Conn,
+    task_id: uuid.UUID,
+    actor: str,
+    reason: str | None,
+    *,
+    admin: bool,
     now: datetime | None,
 ) -> Task:
     return await _task(
@@ -222,8 +239,14 @@ async def task_cancel(
 
 
 async def task_update(
-    conn: Conn, task_id: uuid.UUID, actor: str, *, metadata_patch: dict[str, object] | None,
-    priority: int | None, admin: bool, now: datetime | None,
+    conn: Conn,
+    task_id: uuid.UUID,
+    actor: str,
+    *,
+    metadata_patch: dict[str, object] | None,
+    priority: int | None,
+    admin: bool,
+    now: datetime | None,
 ) -> Task:
     return await _task(
         conn,
@@ -234,7 +257,8 @@ async def task_update(
 
 async def task_requeue(conn: Conn, task_id: uuid.UUID, actor: str, now: datetime | None) -> Task:
     return await _task(
-        conn, "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
+        conn,
+        "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
         (task_id, actor, now),
     )
 
@@ -407,9 +431,11 @@ SELECT
      WHERE status = 'pending') AS oldest_pending_seconds,
     (SELECT avg(extract(epoch FROM completed_at - created_at)) * 1000 FROM recent
      WHERE status = 'completed') AS avg_completion_ms,
-    (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
+    (SELECT percentile_cont(0.5)
+                WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
             * 1000 FROM recent WHERE assigned_at IS NOT NULL) AS wait_ms_p50,
-    (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
+    (SELECT percentile_cont(0.95)
+                WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
             * 1000 FROM recent WHERE assigned_at IS NOT NULL) AS wait_ms_p95,
     (SELECT count(*) FROM recent WHERE status = 'completed') AS completed_last_hour,
     (SELECT count(*) FROM recent WHERE status IN ('failed', 'timed_out')) AS failed_last_hour,
@@ -445,8 +471,10 @@ async def task_assign_timed(
     (since it was created, or became available for a scheduled or retried task)."""
     rows = await _rows(conn, _ASSIGN_TIMED, {"batch": batch, "now": now})
     return [
-        (_convert({k: r[k] for k in ("task_id", "agent_id", "score", "wake")}, Assignment),
-         float(r["waited"]))
+        (
+            _convert({k: r[k] for k in ("task_id", "agent_id", "score", "wake")}, Assignment),
+            float(r["waited"]),
+        )
         for r in rows
     ]
 
@@ -538,7 +566,6 @@ async def event_mark_published(conn: Conn, ids: Sequence[int], now: datetime | N
         (list(ids), now),
     )
     return int(rows[0]["n"])
-
 
 
 # -- scrape-time gauges (GET /metrics) ------------------------------------------------------------

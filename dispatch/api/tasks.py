@@ -79,10 +79,9 @@ def parse_statuses(raw: str) -> list[TaskStatus]:
     return statuses
 
 
-# dispatch.jsonb_merge_patch costs about 3^depth in the nesting of objects in the patch (its
-# recursive CASE is evaluated several times per level): depth 8 takes seconds. Until the SQL is
-# fixed, a merge patch may nest objects this deep and no deeper.
-MERGE_PATCH_MAX_DEPTH = 5
+# dispatch.jsonb_merge_patch recurses once per level of nested objects; a bound keeps a hostile
+# patch from exhausting the server's stack (and is far beyond what metadata needs).
+MERGE_PATCH_MAX_DEPTH = 32
 
 
 def object_depth(value: object) -> int:

@@ -3,6 +3,7 @@ and the status it must get, checked against a fingerprint of every table before 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,8 +77,8 @@ CASES = [
          headers=BOB, json={"data": "d" * (MAX_BODY + 1)}),
     Case("JSON nested 5000 deep", "POST", "/api/v1/tasks", 400,
          content=b'{"title": "t", "metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"),
-    Case("merge patch nested 6 deep", "PATCH", "/api/v1/tasks/{pending}", 400,
-         json={"metadata": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}}),
+    Case("merge patch nested 33 deep", "PATCH", "/api/v1/tasks/{pending}", 400,
+         json={"metadata": functools.reduce(lambda v, _: {"k": v}, range(33), 1)}),
     # -- wrong types, unknown fields, out-of-range numbers --------------------------------------
     Case("title is a number", "POST", "/api/v1/tasks", 400, json={"title": 5}),
     Case("title missing", "POST", "/api/v1/tasks", 400, json={"priority": 1}),

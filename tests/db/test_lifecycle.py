@@ -197,3 +197,28 @@ async def test_progress_percent_out_of_range(broker: Broker) -> None:
         await broker.progress(task.task_id, "agent-1", percent=101)
     assert exc.value.field == "percent"
     assert await event_names(broker, task) == ["created", "assigned", "started"]
+
+
+async def test_deep_merge_patch_merges_every_level(broker: Broker) -> None:
+    def nested(depth: int, leaf: object) -> dict[str, object]:
+        value: object = leaf
+        for i in reversed(range(depth)):
+            value = {f"k{i}": value, f"keep{i}": i}
+        assert isinstance(value, dict)
+        return value
+
+    task = await make_task(broker, metadata=nested(30, "old"))
+    patch: object = {"new": True}
+    for i in reversed(range(30)):
+        patch = {f"k{i}": patch}
+    t = await broker.update(task.task_id, "req", metadata_patch=patch)  # type: ignore[arg-type]
+    node: object = t.metadata
+    for i in range(30):
+        assert isinstance(node, dict) and node[f"keep{i}"] == i
+        node = node[f"k{i}"]
+    assert node == {"new": True}
+
+
+async def test_nul_character_is_invalid_input(broker: Broker) -> None:
+    with pytest.raises(InvalidInput):
+        await broker.submit(NewTask(title="bad\x00title"), requester="r")
