@@ -108,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             holder: list[soak.SoakResult] = []
 
+            started, load_before = _now(), report.load_average()
+
             async def go_soak() -> None:
                 holder.append(await soak.run_soak(cl, sizes))
 
             runner(go_soak())
-            md = report.render_soak(holder[0])
+            result = holder[0]
+            result.started, result.load_before = started, load_before
+            result.finished, result.load_after = _now(), report.load_average()
+            md = report.render_soak(result)
             print(md)
             report.write(out, None, md)
             print(f"wrote the soak section of {out}")

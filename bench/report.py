@@ -320,6 +320,9 @@ def render_soak(s: SoakResult) -> str:
         SOAK_BEGIN,
         "## Soak (`make bench-soak`)",
         "",
+        f"Run from {s.started} to {s.finished} UTC; load average before / after: {s.load_before} / "
+        f"{s.load_after}.",
+        "",
         f"In-process pull lifecycle paced at {s.rate} tasks/s for {s.seconds:.0f} s, {s.agents} "
         f"agents (claim woken by NOTIFY), autovacuum at its defaults; {s.completed} tasks "
         "completed. Dead tuples from pg_stat_user_tables; claim latency of successful claims in "

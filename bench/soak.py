@@ -42,6 +42,10 @@ class SoakResult:
     agents: int
     completed: int
     samples: list[SoakSample] = field(default_factory=list)
+    started: str = ""
+    finished: str = ""
+    load_before: str = ""
+    load_after: str = ""
 
 
 async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
