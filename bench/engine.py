@@ -133,13 +133,14 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
         cluster.checkpoint()
         before = read_counters(cluster.admin_url, dbname)
         meter = CpuMeter(cluster.pgdata)
-        enqueue_s = await submit_all(broker, n, sizes.producers)
+        enqueue_s = await asyncio.wait_for(
+            submit_all(broker, n, sizes.producers), sizes.phase_timeout
+        )
         if mode == "pull":
-            drain_s = await drain_pull(broker, agents, n, lat)
+            drain = drain_pull(broker, agents, n, lat)
         else:
-            drain_s = await drain_push(
-                broker, len(agents) * sizes.pgq_batch, n, sizes.assign_batch, lat
-            )
+            drain = drain_push(broker, len(agents) * sizes.pgq_batch, n, sizes.assign_batch, lat)
+        drain_s = await asyncio.wait_for(drain, sizes.phase_timeout)
         cpu = meter.stop()
     finally:
         await pool.close()
