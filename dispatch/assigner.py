@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError
 from dispatch.integrations import describe
+from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
 from dispatch.notify import WORK_CHANNEL, Listener
@@ -76,8 +77,10 @@ class Waker:
                 await t
 
 
-class Assigner:
+class Assigner(BackgroundLoop):
     """start()/stop(); `batches` counts completed wake-ups and `changed` lets tests await them."""
+
+    task_name = "dispatch-assigner"
 
     def __init__(
         self,
@@ -98,17 +101,8 @@ class Assigner:
         self.assigned = 0  # tasks assigned by this process
         self.last_error: str | None = None
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-assigner")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def _close(self) -> None:
         if self.waker is not None:
             await self.waker.close()
 

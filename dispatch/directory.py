@@ -7,7 +7,6 @@ failure shows in health() and the metrics. Nothing here is on the assignment hot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from datetime import datetime
@@ -21,6 +20,7 @@ from dispatch.integrations import describe
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenAgent, WarrenClient, agent_status
+from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,10 @@ _AGENT_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
 SERVICES = ("warren", "promptforge", "alexandria")
 
 
-class DirectorySync:
+class DirectorySync(BackgroundLoop):
     """start()/stop(); run_once() is one refresh (tests call it directly, with an injected now)."""
+
+    task_name = "dispatch-directory"
 
     def __init__(
         self,
@@ -72,17 +74,8 @@ class DirectorySync:
                 registry=metrics.registry,
             )
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-directory")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def _close(self) -> None:
         for client in (self.warren, self.promptforge, self.alexandria):
             if client is not None:
                 await client.close()

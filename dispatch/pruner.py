@@ -4,13 +4,13 @@ replica at a time (advisory lock), in small batches so it never holds many locks
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError
 from dispatch.integrations import describe
+from dispatch.loop import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,9 @@ PRUNE_LOCK_KEY = 0x44495301  # any constant shared by every replica
 PRUNE_BATCH = 1000
 
 
-class Pruner:
+class Pruner(BackgroundLoop):
+    task_name = "dispatch-pruner"
+
     def __init__(
         self, broker: Broker, *, retention_hours: int, interval_seconds: float = 60.0
     ) -> None:
@@ -27,17 +29,6 @@ class Pruner:
         self.interval = interval_seconds
         self.pruned = 0
         self.last_error: str | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-pruner")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def health(self) -> dict[str, object]:
         return {"pruner": "ok" if self.last_error is None else "error"}

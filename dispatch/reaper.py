@@ -5,13 +5,13 @@ reports pending tasks no agent could take (`unmatched`: once, again after unmatc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError
 from dispatch.integrations import describe
+from dispatch.loop import BackgroundLoop
 from dispatch.models import Expiry
 
 log = logging.getLogger(__name__)
@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 EXPIRE_BATCH = 100
 
 
-class Reaper:
+class Reaper(BackgroundLoop):
     """start()/stop(); `rounds` counts passes and `changed` lets tests await them."""
+
+    task_name = "dispatch-reaper"
 
     def __init__(
         self,
@@ -36,17 +38,6 @@ class Reaper:
         self.last_error: str | None = None
         self._last_unmatched = float("-inf")
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-reaper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def health(self) -> dict[str, object]:
         return {"reaper": "ok" if self.last_error is None else "error"}

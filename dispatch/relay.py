@@ -11,7 +11,6 @@ is only a fallback) and, while NATS is down, on reconnection."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import uuid
@@ -29,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 from dispatch import store
 from dispatch.errors import DispatchError
 from dispatch.integrations.nats import ORIGIN_HEADER, ORIGIN_RELAY, NatsConnection
+from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Task, TaskEvent
 from dispatch.notify import EVENTS_CHANNEL, Listener
@@ -131,9 +131,11 @@ class PublishFailed(Exception):
     """Some messages of a batch got no JetStream ack."""
 
 
-class Relay:
+class Relay(BackgroundLoop):
     """The outbox relay loop. `published` counts events this relay marked; `batches` is set after
     every committed batch (tests await it rather than sleep)."""
+
+    task_name = "dispatch-relay"
 
     def __init__(
         self,
@@ -157,23 +159,12 @@ class Relay:
         self.batch_done = asyncio.Event()
         self.last_error: str | None = None
         self._stream_ready = False
-        self._task: asyncio.Task[None] | None = None
 
     def health(self) -> dict[str, object]:
         """For /health: whether the last relay attempt worked (NATS itself is the connection's)."""
         if self.last_error is None:
             return {"event_relay": "ok"}
         return {"event_relay": "failing", "event_relay_error": self.last_error}
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def _failed(self, n: int = 1) -> None:
         if self.metrics is not None:
