@@ -173,3 +173,28 @@ async def test_batch_insert_notifies_once(db_url: str) -> None:
         conn.execute("INSERT INTO dispatch.tasks (title) SELECT 't' FROM generate_series(1, 50)")
         notes = list(conn.notifies(timeout=1))
     assert [n.channel for n in notes] == ["dispatch_work"]
+
+
+def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, Any]]) -> None:
+    """The plans cached inside task_claim/task_assign (no ANALYZE, as right after a burst of
+    creates) read pending rows in index order instead of reading all of them and sorting."""
+    sql.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
+    sql.execute(
+        "INSERT INTO dispatch.tasks (title, requester, priority)"
+        " SELECT 'p', 'r', g % 10 FROM generate_series(1, 3000) g"
+    )
+    sql.execute("SELECT dispatch.agent_upsert('a1', p_max_concurrent => 1000)")
+    for _ in range(20):
+        sql.execute("SELECT * FROM dispatch.task_claim('a1')")
+    sql.execute("SELECT count(*) FROM dispatch.task_assign(10)")
+    sql.execute("SELECT pg_stat_force_next_flush()")
+    sql.execute("SELECT 1")  # the flush happens at the end of a transaction
+    sql.execute("SELECT pg_stat_clear_snapshot()")
+    rows = sql.execute(
+        "SELECT indexrelname AS name, idx_tup_read FROM pg_stat_user_indexes"
+        " WHERE indexrelname IN ('tasks_pending_order_idx', 'tasks_pending_available_idx')"
+    ).fetchall()
+    read = {r["name"]: r["idx_tup_read"] for r in rows}
+    # 20 claims that each read all 3,000 pending rows would read 60,000 tuples.
+    assert read["tasks_pending_available_idx"] < 3000, read
+    assert read["tasks_pending_order_idx"] > 0, read
