@@ -7,14 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
-    pytest.importorskip("pgqueuer")
-    pytest.importorskip("procrastinate")
     out = tmp_path / "BENCHMARKS.md"
     env = {
         **os.environ,
