@@ -28,12 +28,12 @@ from dispatch.errors import InvalidInput
 from dispatch.models import (
     Cursor,
     Explanation,
-    NewTask,
     Task,
     TaskEvent,
     TaskFilter,
     TaskStatus,
 )
+from dispatch.wire import new_task, one_of
 
 _NO_NUL = r"^[^\x00]*$"
 FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=_NO_NUL)]
@@ -96,11 +96,6 @@ def object_depth(value: object) -> int:
     return depth
 
 
-def _one_of(first: object, second: object, names: tuple[str, str]) -> None:
-    if first is not None and second is not None:
-        raise InvalidInput(f"give {names[0]} or {names[1]}, not both", field=names[1])
-
-
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]  # noqa: RUF012 - Litestar's own class attribute
@@ -124,25 +119,7 @@ class TaskController(Controller):
             HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=_NO_NUL),
         ] = None,
     ) -> Response[Task]:
-        _one_of(data.required_capabilities, data.scope, ("required_capabilities", "scope"))
-        _one_of(data.metadata, data.context, ("metadata", "context"))
-        caps = data.required_capabilities
-        if caps is None:
-            caps = [data.scope] if data.scope is not None else []
-        new = NewTask(
-            title=data.title,
-            description=data.description,
-            owner=data.owner,
-            required_capabilities=caps,
-            priority=data.priority,
-            timeout_seconds=data.timeout_seconds,
-            heartbeat_seconds=data.heartbeat_seconds,
-            max_retries=data.max_retries,
-            metadata=data.metadata if data.metadata is not None else (data.context or {}),
-            parent_task_id=data.parent_task_id,
-            available_at=data.available_at,
-            source=data.source,
-        )
+        new = new_task(data)
         task, created = await caller.broker.submit(
             new, requester=caller.agent_id, idempotency_key=idempotency_key
         )
@@ -195,8 +172,8 @@ class TaskController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
     ) -> Response[list[Task]]:
-        _one_of(assignee, agent, ("assignee", "agent"))
-        _one_of(capability, scope_filter, ("capability", "scope"))
+        one_of(assignee, agent, ("assignee", "agent"))
+        one_of(capability, scope_filter, ("capability", "scope"))
         filters = TaskFilter(
             statuses=parse_statuses(status) if status else None,
             requester=requester,
@@ -234,7 +211,7 @@ class TaskController(Controller):
         caller: CallerDep,
     ) -> Task:
         tid = parse_task_id(task_id)
-        _one_of(data.metadata, data.context, ("metadata", "context"))
+        one_of(data.metadata, data.context, ("metadata", "context"))
         metadata = data.metadata if data.metadata is not None else data.context
         if metadata is not None and object_depth(metadata) > MERGE_PATCH_MAX_DEPTH:
             raise InvalidInput(

@@ -29,7 +29,8 @@ from dispatch.errors import (
     NotFound,
     Unavailable,
 )
-from dispatch.models import AgentStatus, NewTask, Task
+from dispatch.models import AgentStatus, Task
+from dispatch.wire import new_task
 
 log = logging.getLogger(__name__)
 
@@ -349,27 +350,7 @@ class NatsInbound:
                 "[A-Za-z0-9._:@/-]",
                 {"field": "requester"},
             )
-        if req.required_capabilities is not None and req.scope is not None:
-            return _invalid("give required_capabilities or scope, not both", {"field": "scope"})
-        if req.metadata is not None and req.context is not None:
-            return _invalid("give metadata or context, not both", {"field": "context"})
-        caps = req.required_capabilities
-        if caps is None:
-            caps = [req.scope] if req.scope is not None else []
-        new = NewTask(
-            title=req.title,
-            description=req.description,
-            owner=req.owner,
-            required_capabilities=caps,
-            priority=req.priority,
-            timeout_seconds=req.timeout_seconds,
-            heartbeat_seconds=req.heartbeat_seconds,
-            max_retries=req.max_retries,
-            metadata=req.metadata if req.metadata is not None else (req.context or {}),
-            parent_task_id=req.parent_task_id,
-            available_at=req.available_at,
-            source=req.source,
-        )
+        new = new_task(req)
         key = req.idempotency_key or headers.get(IDEMPOTENCY_HEADER)
         task, _created = await self.broker.submit(new, requester=requester, idempotency_key=key)
         return task
