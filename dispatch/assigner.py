@@ -11,7 +11,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dispatch.broker import Broker
-from dispatch.errors import DispatchError
 from dispatch.integrations import describe
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
@@ -153,7 +152,7 @@ class Assigner(BackgroundLoop):
                 self.last_error = None
                 backoff = 0.1
             except Exception as exc:  # the loop outlives any failure (database down, pool timeout)
-                self.last_error = exc.message if isinstance(exc, DispatchError) else describe(exc)
+                self.last_error = describe(exc)
                 log.warning("assignment failed: %s; retrying in %.1fs", self.last_error, backoff)
                 made, timeout = [], backoff
                 backoff = min(backoff * 2, self.tick, 5.0)

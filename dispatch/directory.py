@@ -15,7 +15,6 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from dispatch.broker import Broker
-from dispatch.errors import DispatchError
 from dispatch.integrations import describe
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
@@ -157,7 +156,7 @@ class DirectorySync(BackgroundLoop):
                 await self.run_once()
                 self.last_error = None
             except Exception as exc:  # the loop outlives any failure
-                self.last_error = exc.message if isinstance(exc, DispatchError) else describe(exc)
+                self.last_error = describe(exc)
                 log.warning("directory refresh failed: %s", self.last_error)
             self.rounds += 1
             async with self._changed:

@@ -8,7 +8,6 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from dispatch.broker import Broker
-from dispatch.errors import DispatchError
 from dispatch.integrations import describe
 from dispatch.loop import BackgroundLoop
 
@@ -56,6 +55,6 @@ class Pruner(BackgroundLoop):
                 await self.run_once()
                 self.last_error = None
             except Exception as exc:  # the loop outlives any failure
-                self.last_error = exc.message if isinstance(exc, DispatchError) else describe(exc)
+                self.last_error = describe(exc)
                 log.warning("pruning failed: %s", self.last_error)
             await asyncio.sleep(self.interval)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import httpx
 
+from dispatch.errors import DispatchError
+
 # Connect fast, read a little slower: a slow service must not hold up a directory refresh.
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 
@@ -20,7 +22,7 @@ class IntegrationError(Exception):
 
 def describe(exc: BaseException) -> str:
     """A short reason for health reports and logs."""
-    if isinstance(exc, IntegrationError):
+    if isinstance(exc, IntegrationError | DispatchError):
         return exc.message
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}"
