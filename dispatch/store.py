@@ -452,11 +452,6 @@ async def stats(conn: Conn, now: datetime | None) -> Stats:
     return _convert(row, Stats)
 
 
-async def queue_depth(conn: Conn) -> dict[str, int]:
-    rows = await _rows(conn, "SELECT status::text, count FROM dispatch.queue_depth", ())
-    return {r["status"]: int(r["count"]) for r in rows}
-
-
 # -- the assignment engine ------------------------------------------------------------------------
 
 _ASSIGN_TIMED = """
