@@ -366,10 +366,20 @@ class Broker:
                 raise NotFound(f"task {task_id} not found")
             rows = await store.task_explain(conn, task_id)
             config = await store.config_get(conn)
+        filter_on = bool(config["owner_filter_enabled"])
+        if task.owner is None:
+            notes = ["the task has no owner: it is not owner-scoped, any eligible agent may run it"]
+        elif not filter_on:
+            notes = [f"the owner filter is off: agents of any owner may run {task.owner}'s task"]
+        else:
+            notes = [f"owner-scoped: only agents that belong to {task.owner} may run it"]
         return Explanation(
             task_id=task.task_id,
             status=task.status,
-            owner_filter_enabled=bool(config["owner_filter_enabled"]),
+            owner_filter_enabled=filter_on,
+            owner=task.owner,
+            owner_scoped=filter_on and task.owner is not None,
+            notes=notes,
             candidates=[msgspec.convert(dict(r), Candidate) for r in rows],
         )
 

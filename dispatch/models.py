@@ -49,7 +49,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     description: str
     requester: str
-    owner: str
+    owner: str | None
     source: str
     required_capabilities: list[str]
     priority: int
@@ -160,7 +160,8 @@ class Cursor(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
-    """Queue statistics for GET /api/v1/stats."""
+    """Queue statistics for GET /api/v1/stats; the total_* keys are the original service's names
+    (in_progress is running; failed counts failed and timed_out, both failure ends)."""
 
     queue: dict[str, int]
     oldest_pending_seconds: float | None
@@ -170,6 +171,10 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     completed_last_hour: int
     failed_last_hour: int
     dead_letter: int
+    total_pending: int
+    total_in_progress: int
+    total_completed: int
+    total_failed: int
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,4 +202,8 @@ class Explanation(msgspec.Struct, frozen=True, kw_only=True):
     task_id: uuid.UUID
     status: TaskStatus
     owner_filter_enabled: bool
+    owner: str | None
+    # False when the task has no owner (any eligible agent may take it) or the filter is off.
+    owner_scoped: bool
+    notes: list[str]
     candidates: list[Candidate]

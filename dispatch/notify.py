@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psycopg
 from psycopg import sql
@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "dispatch_work"
 EVENTS_CHANNEL = "dispatch_events"
+# Payload: the epoch of a deadline an assignment just set (wakes reapers that sleep past it).
+DUE_CHANNEL = "dispatch_due"
 
 
 class Listener:
@@ -26,10 +28,13 @@ class Listener:
     waiter is woken (to re-check) and the listener reconnects with backoff.
     """
 
-    def __init__(self, url: str, channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL)) -> None:
+    def __init__(
+        self, url: str, channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL)
+    ) -> None:
         self._url = url
         self._channels = tuple(channels)
         self._events = {ch: asyncio.Event() for ch in self._channels}
+        self._watchers: dict[str, list[Callable[[str], None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -45,11 +50,18 @@ class Listener:
             return False
         return True
 
-    def _fire(self, channel: str) -> None:
+    def watch(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call callback(payload) at every notification on channel ("" after a reconnect, when
+        notifications may have been missed)."""
+        self._watchers.setdefault(channel, []).append(callback)
+
+    def _fire(self, channel: str, payload: str = "") -> None:
         ev = self._events.get(channel)
         if ev is not None:
             self._events[channel] = asyncio.Event()
             ev.set()
+        for callback in self._watchers.get(channel, ()):
+            callback(payload)
 
     async def start(self) -> None:
         """Connect and LISTEN; returns once listening."""
@@ -77,7 +89,7 @@ class Listener:
                     for ch in self._channels:
                         self._fire(ch)
                     async for note in conn.notifies():
-                        self._fire(note.channel)
+                        self._fire(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as exc:

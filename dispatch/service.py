@@ -98,7 +98,7 @@ class Service:
                 self.broker, self.listener, metrics=self.metrics,
                 waker=Waker(warren.wake) if warren is not None else None,
             ),
-            Reaper(self.broker),
+            Reaper(self.broker, self.listener),
             DirectorySync(
                 self.broker,
                 warren=warren,

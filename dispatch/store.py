@@ -449,6 +449,11 @@ async def stats(conn: Conn, now: datetime | None) -> Stats:
     for key in ("oldest_pending_seconds", "avg_completion_ms", "wait_ms_p50", "wait_ms_p95"):
         if row[key] is not None:
             row[key] = float(row[key])
+    queue = row["queue"]
+    row["total_pending"] = queue.get("pending", 0)
+    row["total_in_progress"] = queue.get("running", 0)
+    row["total_completed"] = queue.get("completed", 0)
+    row["total_failed"] = queue.get("failed", 0) + queue.get("timed_out", 0)
     return _convert(row, Stats)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from dispatch.errors import InvalidInput
 from dispatch.models import NewTask
@@ -48,6 +48,31 @@ def one_of(first: object, second: object, names: tuple[str, str]) -> None:
     """A field and its alias may not both be given."""
     if first is not None and second is not None:
         raise InvalidInput(f"give {names[0]} or {names[1]}, not both", field=names[1])
+
+
+class ProgressFields(NamedTuple):
+    percent: float | None
+    message: str | None
+    data: object
+
+
+def progress_fields(
+    percent: float | None, message: str | None, data: object, progress: float | None, detail: object
+) -> ProgressFields:
+    """A progress report in either shape: ours (percent, message, data) or the original service's
+    (progress, detail): progress <= 1 is a fraction, above that a percentage; a string detail is
+    the message, any other detail the data. Mixing the two names for one thing is refused."""
+    if progress is not None:
+        one_of(percent, progress, ("percent", "progress"))
+        percent = progress * 100 if progress <= 1 else progress
+    if detail is not None:
+        if isinstance(detail, str):
+            one_of(message, detail, ("message", "detail"))
+            message = detail
+        else:
+            one_of(data, detail, ("data", "detail"))
+            data = detail
+    return ProgressFields(percent, message, data)
 
 
 def new_task(req: CreateRequest) -> NewTask:

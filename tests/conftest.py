@@ -48,8 +48,8 @@ async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
 
 @pytest.fixture
 def assignment_settings() -> AssignmentSettings:
-    """Owner filter off by default in tests; tests of the filter turn it on."""
-    return AssignmentSettings(owner_filter_enabled=False)
+    """The defaults `dispatch serve` runs with; a test that needs others overrides this."""
+    return AssignmentSettings()
 
 
 @pytest.fixture

@@ -78,9 +78,14 @@ class ClaimRequest(_Body):
 
 
 class ProgressReport(_Body):
+    """Ours: percent, message, data. The original service's: progress (a fraction up to 1, else a
+    percentage) and detail (a string is the message, anything else the data)."""
+
     percent: Percent | None = None
     message: LongText | None = None
     data: Any = None
+    progress: Percent | None = None
+    detail: Any = None
 
 
 class CompleteReport(_Body):

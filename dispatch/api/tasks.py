@@ -33,7 +33,7 @@ from dispatch.models import (
     TaskFilter,
     TaskStatus,
 )
-from dispatch.wire import new_task, one_of
+from dispatch.wire import new_task, one_of, progress_fields
 
 _NO_NUL = r"^[^\x00]*$"
 FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=_NO_NUL)]
@@ -65,14 +65,21 @@ def decode_cursor(raw: str) -> Cursor:
         raise InvalidInput("cursor is not one this server issued", field="cursor") from None
 
 
+# The original service's names for our statuses.
+STATUS_ALIASES = {"in_progress": TaskStatus.RUNNING}
+
+
 def parse_statuses(raw: str) -> list[TaskStatus]:
     statuses = []
     for part in raw.split(","):
         name = part.strip().lower()
+        if name in STATUS_ALIASES:
+            statuses.append(STATUS_ALIASES[name])
+            continue
         try:
             statuses.append(TaskStatus(name))
         except ValueError:
-            allowed = ", ".join(s.value for s in TaskStatus)
+            allowed = ", ".join([*(s.value for s in TaskStatus), *STATUS_ALIASES])
             raise InvalidInput(
                 f"status {name[:32]!r} is not one of {allowed}", field="status"
             ) from None
@@ -281,12 +288,17 @@ class TaskController(Controller):
         data: JSONBody[ProgressReport | None] = None,
     ) -> Task:
         body = data or ProgressReport()
+        fields = progress_fields(body.percent, body.message, body.data, body.progress, body.detail)
+        if isinstance(fields.message, str) and (
+            len(fields.message) > 65536 or "\x00" in fields.message
+        ):
+            raise InvalidInput("detail: a message of at most 64 KiB, no NUL", field="detail")
         return await caller.broker.progress(
             parse_task_id(task_id),
             caller.agent_id,
-            percent=body.percent,
-            message=body.message,
-            data=body.data,
+            percent=fields.percent,
+            message=fields.message,
+            data=fields.data,
         )
 
     @post(

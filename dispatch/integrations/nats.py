@@ -30,7 +30,7 @@ from dispatch.errors import (
     Unavailable,
 )
 from dispatch.models import AgentStatus, Task
-from dispatch.wire import new_task
+from dispatch.wire import new_task, progress_fields
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,14 @@ class StartedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class ProgressReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ours (percent, message, data) or the original service's shape (progress, detail)."""
+
     agent_id: str
     percent: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
     message: str | None = None
     data: object = None
+    progress: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    detail: object = None
 
 
 class CompletedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -343,10 +347,12 @@ class NatsInbound:
         except msgspec.DecodeError as exc:
             return _invalid("invalid task request", str(exc))
         headers = msg.headers or {}
-        requester = req.requester or headers.get(AGENT_ID_HEADER)
-        if not requester or not _AGENT_ID.match(requester):
+        # The original service's publishers send no requester: the header, else the owner, else
+        # "nats" stands for whoever asked.
+        requester = req.requester or headers.get(AGENT_ID_HEADER) or req.owner or "nats"
+        if not _AGENT_ID.match(requester) or requester in {".", ".."}:
             return _invalid(
-                "requester (or header X-Agent-ID) is required: 1-128 characters of "
+                "requester (or header X-Agent-ID, or owner) must be 1-128 characters of "
                 "[A-Za-z0-9._:@/-]",
                 {"field": "requester"},
             )
@@ -370,9 +376,12 @@ class NatsInbound:
             case StartedReport():
                 task = await self.broker.start(task_id, report.agent_id)
             case ProgressReport():
+                fields = progress_fields(
+                    report.percent, report.message, report.data, report.progress, report.detail
+                )
                 task = await self.broker.progress(
-                    task_id, report.agent_id, percent=report.percent, message=report.message,
-                    data=report.data,
+                    task_id, report.agent_id, percent=fields.percent, message=fields.message,
+                    data=fields.data,
                 )
             case CompletedReport():
                 task = await self.broker.complete(task_id, report.agent_id, report.result)

@@ -31,7 +31,7 @@ async def test_create_returns_the_task_with_the_original_field_names(
     assert r.headers["location"] == f"/api/v1/tasks/{task['task_id']}"
     assert task["required_capabilities"] == ["summarise"]
     assert task["metadata"] == {"doc": 7}
-    assert (task["requester"], task["owner"], task["source"]) == ("alice", "alice", "api")
+    assert (task["requester"], task["owner"], task["source"]) == ("alice", None, "api")
     assert (task["status"], task["priority"], task["max_retries"]) == ("pending", 4, 3)
     assert task["created_at"].endswith("Z")
     for name in ("task_id", "assigned_agent", "retry_count", "timeout_seconds",

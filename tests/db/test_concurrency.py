@@ -24,7 +24,6 @@ async def test_eight_connections_claim_a_thousand_tasks_exactly_once(
         "INSERT INTO dispatch.tasks (title, requester) SELECT 't' || g, 'r'"
         " FROM generate_series(1, 1000) g"
     )
-    sql.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
     agents = [f"worker-{i}" for i in range(8)]
     for a in agents:
         await broker.agent_register(a, max_concurrent=1000)
@@ -66,7 +65,6 @@ async def test_concurrent_assigners_respect_every_agent_limit(
     pool: AsyncConnectionPool[Any], db_url: str, sql: psycopg.Connection[dict[str, Any]]
 ) -> None:
     """Four assigners and eight pull-claimers race over 400 tasks and 10 agents of limit 3."""
-    sql.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
     sql.execute(
         "INSERT INTO dispatch.tasks (title, requester) SELECT 't' || g, 'r'"
         " FROM generate_series(1, 400) g"
@@ -178,7 +176,6 @@ async def test_batch_insert_notifies_once(db_url: str) -> None:
 def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, Any]]) -> None:
     """The plans cached inside task_claim/task_assign (no ANALYZE, as right after a burst of
     creates) read pending rows in index order instead of reading all of them and sorting."""
-    sql.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
     sql.execute(
         "INSERT INTO dispatch.tasks (title, requester, priority)"
         " SELECT 'p', 'r', g % 10 FROM generate_series(1, 3000) g"

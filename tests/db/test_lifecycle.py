@@ -18,7 +18,7 @@ async def test_create_normalises_and_writes_created_event(broker: Broker) -> Non
     assert created
     assert task.status is TaskStatus.PENDING
     assert task.required_capabilities == ["code", "review"]
-    assert task.owner == "alice" and task.requester == "alice" and task.source == "api"
+    assert task.owner is None and task.requester == "alice" and task.source == "api"
     assert task.timeout_seconds == 300
     events = await broker.events(task.task_id)
     assert [(e.event, e.actor) for e in events] == [("created", "alice")]
@@ -87,12 +87,42 @@ async def test_repeated_complete_by_same_agent_is_unchanged(broker: Broker) -> N
 
 
 async def test_manual_resolution_by_requester_owner_or_admin(broker: Broker) -> None:
+    await broker.agent_register("agent-1", owner="boss")
     for actor, admin in (("req", False), ("boss", False), ("root", True)):
         task = await make_running(broker, owner="boss")
         done = await broker.complete(task.task_id, actor, {"by": actor}, admin=admin)
         assert done.status is TaskStatus.COMPLETED
         events = await broker.events(task.task_id)
-        assert events[-1].actor == actor
+        assert events[-1].actor == actor and events[-1].payload["manual"] is True
+
+
+async def test_manual_resolution_of_a_pending_task(broker: Broker) -> None:
+    """The original service's smoke flow: create, then complete as the requester while pending."""
+    for actor, admin in (("req", False), ("boss", False), ("root", True)):
+        task = await make_task(broker, owner="boss")
+        done = await broker.complete(task.task_id, actor, {"answer": 42}, admin=admin)
+        assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
+        assert done.assigned_agent is None and done.completed_at is not None
+        last = (await broker.events(task.task_id))[-1]
+        assert (last.event, last.actor) == ("completed", actor)
+        assert last.payload == {"assigned_agent": None, "result": {"answer": 42}, "manual": True}
+
+
+async def test_nobody_else_completes_a_pending_task(broker: Broker) -> None:
+    await broker.agent_register("agent-1")
+    task = await make_task(broker)  # no owner: only its requester (or an admin) resolves it
+    for actor in ("agent-1", "mallory"):
+        with pytest.raises(Forbidden):
+            await broker.complete(task.task_id, actor, {"x": 1})
+    assert (await broker.get(task.task_id)).status is TaskStatus.PENDING
+    assert await event_names(broker, task) == ["created"]
+
+
+async def test_an_agent_completing_its_own_task_is_not_manual(broker: Broker) -> None:
+    task = await make_running(broker)
+    await broker.complete(task.task_id, "agent-1", {"ok": True})
+    last = (await broker.events(task.task_id))[-1]
+    assert "manual" not in last.payload
 
 
 async def test_cancel_pending_assigned_running(broker: Broker) -> None:

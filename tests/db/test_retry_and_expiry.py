@@ -16,7 +16,6 @@ from tests.factories import T0, at, event_names, make_running, make_task
 @pytest.fixture
 def assignment_settings() -> AssignmentSettings:
     return AssignmentSettings(
-        owner_filter_enabled=False,
         retry_backoff_ms=1000,
         retry_backoff_max_ms=5000,
         wake_timeout_ms=30000,

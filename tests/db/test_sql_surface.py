@@ -13,6 +13,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 ALL_STATUSES = ["pending", "assigned", "running", "completed", "failed", "timed_out", "cancelled"]
 LEGAL = {
     ("pending", "assigned"),
+    ("pending", "completed"),
     ("pending", "cancelled"),
     ("assigned", "running"),
     ("assigned", "completed"),
@@ -67,7 +68,7 @@ def test_plain_insert_gives_a_pending_task_with_created_event(sql: Conn) -> None
         notes = list(listener.notifies(timeout=5, stop_after=1))
     assert row is not None
     assert row["status"] == "pending" and row["source"] == "sql"
-    assert row["requester"] == row["owner"] == sql.info.user
+    assert row["requester"] == sql.info.user and row["owner"] is None
     assert row["timeout_seconds"] == 300 and row["metadata"] == {}
     events = sql.execute(
         "SELECT event, actor FROM dispatch.task_events WHERE task_id = %s", (row["task_id"],)

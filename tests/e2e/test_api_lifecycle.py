@@ -15,7 +15,7 @@ from dispatch.models import Task
 from tests.serve import ServeProcess, serving
 
 # Pull-mode tests keep the owner filter out of the way, and retry without waiting out a backoff.
-PULL_ENV = {"DISPATCH_OWNER_FILTER_ENABLED": "false", "DISPATCH_RETRY_BACKOFF_MS": "0"}
+PULL_ENV = {"DISPATCH_RETRY_BACKOFF_MS": "0"}
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_original_smoke_flow(db_url: str, tmp_path: Path) -> None:
         assert [t["task_id"] for t in r.json()] == [task_id]
 
         with client(sp, "worker") as worker, client(sp, "alice") as alice:
-            worker.register(capabilities=["smoke"], owner="alice")
+            worker.register(capabilities=["smoke"])
             worker.claim(wait_seconds=5)  # or the assigner pushes it first: either way, worker
             task = wait_for(lambda: alice.get(task_id), lambda t: t.status == "assigned")
             assert task.assigned_agent == "worker"

@@ -68,8 +68,7 @@ def main() -> None:
         url = pg.clone_database(server)
         try:
             with tempfile.TemporaryDirectory() as tmp, serving(
-                url, Path(tmp), env={"DISPATCH_OWNER_FILTER_ENABLED": "false",
-                                     "DISPATCH_LOG_LEVEL": "warning"},
+                url, Path(tmp), env={"DISPATCH_LOG_LEVEL": "warning"},
             ) as sp:
                 total = asyncio.run(drive(sp.api, args.rate, args.seconds, args.agents))
                 deadline = time.monotonic() + 30

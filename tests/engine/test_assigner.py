@@ -107,7 +107,7 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
     pool: AsyncConnectionPool[Any], listener: Listener, warren: FakeWarren
 ) -> None:
     broker = Broker(
-        pool, assignment=AssignmentSettings(owner_filter_enabled=False, wake_timeout_ms=300)
+        pool, assignment=AssignmentSettings(wake_timeout_ms=300)
     )
     await broker.apply_config()
     await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)

@@ -76,7 +76,7 @@ async def test_sleeping_agent_that_never_wakes_loses_the_task(
     pool: AsyncConnectionPool[Any],
 ) -> None:
     broker = Broker(
-        pool, assignment=AssignmentSettings(owner_filter_enabled=False, wake_timeout_ms=5000)
+        pool, assignment=AssignmentSettings(wake_timeout_ms=5000)
     )
     await broker.apply_config()
     await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
@@ -97,7 +97,7 @@ async def test_sleeping_agent_that_never_wakes_loses_the_task(
 
 async def test_an_agent_that_wakes_in_time_keeps_the_task(pool: AsyncConnectionPool[Any]) -> None:
     broker = Broker(
-        pool, assignment=AssignmentSettings(owner_filter_enabled=False, wake_timeout_ms=5000)
+        pool, assignment=AssignmentSettings(wake_timeout_ms=5000)
     )
     await broker.apply_config()
     await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
@@ -113,7 +113,7 @@ async def test_unmatched_is_reported_once_then_after_the_repeat_interval(
 ) -> None:
     broker = Broker(
         pool,
-        assignment=AssignmentSettings(owner_filter_enabled=False, unmatched_repeat_ms=60_000),
+        assignment=AssignmentSettings(unmatched_repeat_ms=60_000),
     )
     await broker.apply_config()
     await broker.agent_register("writer", capabilities=["prose"])
@@ -124,7 +124,7 @@ async def test_unmatched_is_reported_once_then_after_the_repeat_interval(
     assert await broker.report_unmatched(now=at(61)) == 1
     unmatched = [e for e in await broker.events(task.task_id) if e.event == "unmatched"]
     assert len(unmatched) == 2
-    assert unmatched[0].payload == {"required_capabilities": ["gpu"], "owner": "req"}
+    assert unmatched[0].payload == {"required_capabilities": ["gpu"], "owner": None}
     # A busy-but-capable agent is a match: no report for capacity alone.
     await broker.agent_register("gpu-box", capabilities=["gpu"], max_concurrent=1)
     assert await broker.report_unmatched(now=at(200)) == 0

@@ -125,7 +125,6 @@ def replay(events: list[dict[str, Any]]) -> tuple[int, int]:
 
 async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_path: Path) -> None:
     env = {
-        "DISPATCH_OWNER_FILTER_ENABLED": "false",
         "DISPATCH_RETRY_BACKOFF_MS": "20",
         "DISPATCH_RETRY_BACKOFF_MAX_MS": "200",
         "DISPATCH_TICK_INTERVAL_MS": "1000",

@@ -118,19 +118,44 @@ async def test_owner_filter_on(owner_broker: Broker, sql: psycopg.Connection[Any
     task = await make_task(b, owner="carol")
     assert await b.assign(now=at(1)) == []
     explanation = await b.explain(task.task_id)
-    assert explanation.owner_filter_enabled
+    assert explanation.owner_filter_enabled and explanation.owner_scoped
     r = reasons(explanation)
     assert r["alices-agent"] == ["belongs to alice, not to the task owner carol"]
     assert r["device-agent"] == ["belongs to bob, not to the task owner carol"]
     assert r["nobodys-agent"] == ["ownership unknown (owner filter on, task owner carol)"]
 
 
-async def test_owner_filter_off_lets_any_capable_agent_work(broker: Broker) -> None:
+async def test_a_task_without_owner_runs_on_any_eligible_agent_on_the_defaults(
+    broker: Broker,
+) -> None:
+    """The owner filter is on by default, and scopes only tasks that name an owner."""
+    await broker.agent_register("alices-agent", owner="alice")
+    await broker.agent_register("unowned-agent")
+    task = await make_task(broker, requester="carol")
+    assert task.owner is None
+    assert len(await broker.assign(now=at(1))) == 1
+    explanation = await broker.explain(task.task_id)
+    assert explanation.owner_filter_enabled and not explanation.owner_scoped
+    assert "not owner-scoped" in explanation.notes[0]
+    # The other candidate is excluded by nothing but the task having gone.
+    assert all("owner" not in " ".join(c.reasons) for c in explanation.candidates)
+
+
+@pytest.fixture
+async def open_broker(pool: AsyncConnectionPool[Any]) -> Broker:
+    """owner_filter_enabled: false, as an operator may configure it."""
+    b = Broker(pool, assignment=AssignmentSettings(owner_filter_enabled=False))
+    await b.apply_config()
+    return b
+
+
+async def test_owner_filter_off_lets_any_capable_agent_work(open_broker: Broker) -> None:
+    broker = open_broker
     await broker.agent_register("alices-agent", owner="alice")
     task = await make_task(broker, owner="carol")
     assert [m.agent_id for m in await broker.assign(now=at(1))] == ["alices-agent"]
     explanation = await broker.explain(task.task_id)
-    assert not explanation.owner_filter_enabled
+    assert not explanation.owner_filter_enabled and not explanation.owner_scoped
     assert explanation.candidates[0].reasons == []
 
 

@@ -46,7 +46,7 @@ def create(sp: ServeProcess, requester: str, **body: Any) -> uuid.UUID:
 def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
     db_url: str, tmp_path: Path
 ) -> None:
-    env = {"DISPATCH_TICK_INTERVAL_MS": "60000", "DISPATCH_OWNER_FILTER_ENABLED": "false"}
+    env = {"DISPATCH_TICK_INTERVAL_MS": "60000"}
     with serving(db_url, tmp_path, env=env) as sp:
         r = httpx.put(
             f"{sp.api}/api/v1/agents/idle-1", json={"capabilities": ["summarise"]},
@@ -98,12 +98,13 @@ def test_directory_wake_and_a_failing_service_in_a_real_process(
         assert agents["writer"]["source"] == "warren"
 
         # A sleeping winner is woken through Warren after the assignment.
-        prose = create(sp, "alice", required_capabilities=["prose"])
+        prose = create(sp, "alice", owner="alice", required_capabilities=["prose"])
         wait_for(lambda: task_row(db_url, prose)["assigned_agent"] == "writer", 5, "assignment")
         assert warren.wake_event.wait(5)
         assert warren.wakes == ["writer"]
 
-        explained = httpx.get(f"{sp.api}/api/v1/tasks/{create(sp, 'bob')}/explain", headers=admin)
+        bobs = create(sp, "bob", owner="bob")
+        explained = httpx.get(f"{sp.api}/api/v1/tasks/{bobs}/explain", headers=admin)
         assert explained.status_code == 200, explained.text
         reasons = {c["agent_id"]: c["reasons"] for c in explained.json()["candidates"]}
         assert reasons["coder"] == ["belongs to alice, not to the task owner bob"]
@@ -116,8 +117,57 @@ def test_directory_wake_and_a_failing_service_in_a_real_process(
             return str(health.get("warren", "")).startswith("down")
 
         wait_for(warren_down, 5, "health to report Warren down")
-        code = create(sp, "alice", required_capabilities=["python"])
+        code = create(sp, "alice", owner="alice", required_capabilities=["python"])
         wait_for(lambda: task_row(db_url, code)["assigned_agent"] == "coder", 5, "assignment")
         assert httpx.get(f"{sp.ops}/health").status_code == 200
         metrics = httpx.get(f"{sp.ops}/metrics").text
         assert 'dispatch_directory_service_up{service="warren"} 0.0' in metrics
+
+
+def timeout_lateness(db_url: str, task_id: uuid.UUID) -> float:
+    """Seconds between the attempt's deadline and the reaper's timeout event."""
+    with psycopg.connect(db_url, row_factory=dict_row, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+        row = conn.execute(
+            "SELECT extract(epoch FROM e.created_at - (a.created_at + interval '1 second'))"
+            "::float8 AS late"
+            " FROM dispatch.task_events e JOIN dispatch.task_events a USING (task_id)"
+            " WHERE e.task_id = %s AND e.event = 'timeout' AND a.event = 'assigned'",
+            (task_id,),
+        ).fetchone()
+    assert row is not None
+    return float(row["late"])
+
+
+def test_a_deadline_fires_on_time_whatever_the_tick(db_url: str, tmp_path: Path) -> None:
+    """A 1 s timeout with a 60 s tick: the sleeping reaper is woken by the new deadline, whether
+    this replica assigned the task or another one (here: a claim from another connection)."""
+    with serving(db_url, tmp_path, env={"DISPATCH_TICK_INTERVAL_MS": "60000"}) as sp:
+        # This replica assigns (pull claim over its API).
+        r = httpx.post(
+            f"{sp.api}/api/v1/tasks",
+            json={"title": "quick", "timeout_seconds": 1, "max_retries": 0, "scope": "x"},
+            headers={"X-Agent-ID": "alice"},
+        )
+        here = uuid.UUID(r.json()["task_id"])
+        r = httpx.post(f"{sp.api}/api/v1/tasks/claim", json={"capabilities": ["x"]},
+                       headers={"X-Agent-ID": "puller"})
+        assert r.status_code == 200 and r.json()["task_id"] == str(here)
+
+        # Another replica assigns: the task is created and claimed in one transaction elsewhere,
+        # so this replica's engine never saw it pending.
+        with psycopg.connect(db_url, row_factory=dict_row, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT task_id FROM dispatch.create_task('elsewhere', timeout_seconds => 1,"
+                    " max_retries => 0, required_capabilities => '{y}')"
+                ).fetchone()
+                assert row is not None
+                claimed = conn.execute(
+                    "SELECT task_id FROM dispatch.task_claim('other-replica-agent', '{y}')"
+                ).fetchone()
+            assert claimed == row
+        there = row["task_id"]
+
+        for task_id in (here, there):
+            wait_for(lambda t=task_id: task_row(db_url, t)["status"] == "timed_out", 10, "timeout")
+            assert 0 <= timeout_lateness(db_url, task_id) <= 0.5

@@ -40,7 +40,6 @@ END $$
 
 def make_events(url: str, lifecycles: int) -> None:
     with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
-        conn.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
         conn.execute(LIFECYCLES % int(lifecycles))  # type: ignore[arg-type]
 
 

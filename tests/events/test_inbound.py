@@ -61,7 +61,7 @@ async def test_request_reply_creates_a_task(
     )
     task = msgspec.json.decode(reply.data)
     assert task["title"] == "via nats"
-    assert task["requester"] == "req-1" and task["owner"] == "req-1"
+    assert task["requester"] == "req-1" and task["owner"] is None
     assert task["source"] == "nats"
     assert task["required_capabilities"] == ["summarise"]
     assert task["metadata"] == {"a": 1}
@@ -89,7 +89,6 @@ async def test_a_bad_request_gets_an_error_reply_and_creates_nothing(
         ({"title": "x", "requester": "req-1", "colour": "blue"}, None),  # unknown field
         ({"title": "x", "requester": "req-1", "priority": 11}, "priority"),
         ({"title": "", "requester": "req-1"}, "title"),
-        ({"title": "x"}, "requester"),  # nobody asked
         ({"title": "x", "requester": "bad id!"}, "requester"),
     ]
     for body, field in bad:
@@ -99,6 +98,36 @@ async def test_a_bad_request_gets_an_error_reply_and_creates_nothing(
         if field is not None:
             assert reply["detail"]["field"] == field, (body, reply)
     assert task_count(sql) == 0
+
+
+async def test_the_original_services_request_shape_creates_a_task(
+    inbound: NatsInbound, client: Client, sql: Sql
+) -> None:
+    """Its publishers send no requester: the X-Agent-ID header, else the owner, else "nats"."""
+    original = {
+        "owner": "alice", "title": "from the Go client", "description": "d",
+        "required_capabilities": ["code"], "priority": 2, "metadata": {"k": 1},
+        "timeout_seconds": 60, "max_retries": 1, "source": "hermes",
+    }
+    task = await ask(client, "swarm.task.request", original)
+    assert (task["requester"], task["owner"], task["source"]) == ("alice", "alice", "hermes")
+    assert task["required_capabilities"] == ["code"] and task["timeout_seconds"] == 60
+    no_owner = await ask(client, "swarm.task.request", {"title": "anonymous"})
+    assert (no_owner["requester"], no_owner["owner"], no_owner["source"]) == ("nats", None, "nats")
+
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    await client.publish(
+        "swarm.task.request", msgspec.json.encode({"title": "with header", "owner": "alice"}),
+        reply=inbox, headers={"X-Agent-ID": "bob"},
+    )
+    while True:
+        msg = await sub.next_msg(timeout=10)
+        if (msg.headers or {}).get("Dispatch-Origin") == "inbound":
+            break
+    await sub.unsubscribe()
+    assert msgspec.json.decode(msg.data)["requester"] == "bob"
+    assert task_count(sql) == 3
 
 
 async def test_a_repeated_idempotency_key_returns_the_same_task(
@@ -132,6 +161,11 @@ async def test_agent_reports_follow_the_fencing_rules(
     assert reply["progress"]["percent"] == 40
     reply = await ask(client, f"{subject}.progress", {"agent_id": "agent-a", "percent": 140})
     assert reply["status"] == 400
+    # The original service's shape: a fraction and a detail.
+    reply = await ask(
+        client, f"{subject}.progress", {"agent_id": "agent-a", "progress": 0.5, "detail": "half"}
+    )
+    assert reply["progress"] == {"percent": 50, "message": "half"}
     reply = await ask(client, f"{subject}.completed", {"agent_id": "agent-a", "result": {"x": 1}})
     assert reply["status"] == "completed" and reply["result"] == {"x": 1}
     # A retried complete (lost reply) is answered with the task, unchanged.
