@@ -460,7 +460,7 @@ async def stats(conn: Conn, now: datetime | None) -> Stats:
 # -- the assignment engine ------------------------------------------------------------------------
 
 _ASSIGN_TIMED = """
-SELECT * FROM dispatch.task_assign_timed(%(batch)s, coalesce(%(now)s::timestamptz, now()))
+SELECT * FROM dispatch.task_assign(%(batch)s, coalesce(%(now)s::timestamptz, now()))
 """
 
 
