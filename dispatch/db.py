@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Every session speaks UTC so that timestamps leave as RFC 3339 UTC.
 CONNECT_KWARGS: dict[str, object] = {"autocommit": True, "options": "-c TimeZone=UTC"}
 
-# SQLSTATEs raised by the SQL functions (see sql/002_lifecycle.sql).
+# SQLSTATEs raised by the SQL functions (see dispatch/sql/schema/02_guards.sql).
 _CODES: dict[str, type[DispatchError]] = {
     "UD400": InvalidInput,
     "UD403": Forbidden,

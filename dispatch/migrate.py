@@ -1,4 +1,13 @@
-"""Applies the forward-only migrations in sql/ in order, under an advisory lock."""
+"""Brings a database to this code's schema, under an advisory lock.
+
+A fresh database gets `sql/schema/` as it is (the current definition of every object, one file per
+topic) and every shipped migration recorded as applied. A database made by an earlier release gets
+the shipped migrations it lacks, `sql/migrations/NNN_name.sql`, in order, each in its own
+transaction. The first migration is the baseline: the schema of the first release, frozen; every
+later change is a migration *and* an edit of `schema/` (tests/db/test_schema.py checks that both
+paths build the same catalog). A database whose applied migrations are not the shipped ones (newer,
+or from another build) is refused.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ from dispatch.errors import MigrationError
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).parent / "sql"
+SCHEMA_DIR = SQL_DIR / "schema"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_KEY = 0x44495350  # "DISP"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -27,24 +38,30 @@ class Migration:
     path: Path
 
 
-def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
+def discover(migrations_dir: Path = MIGRATIONS_DIR) -> list[Migration]:
     """The migrations shipped with this code, in version order."""
     found = []
-    for path in sorted(sql_dir.iterdir()):
+    for path in sorted(migrations_dir.iterdir()):
         match = _NAME.match(path.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), path))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
-        raise MigrationError(f"duplicate migration versions in {sql_dir}")
+        raise MigrationError(f"duplicate migration versions in {migrations_dir}")
     return found
 
 
-def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[int]:
-    """Apply pending migrations; return the versions applied (empty when up to date)."""
-    migrations = discover(sql_dir)
-    latest = migrations[-1].version if migrations else 0
-    applied_now: list[int] = []
+def schema_files(schema_dir: Path = SCHEMA_DIR) -> list[Path]:
+    """The current schema, in the order its files must run."""
+    return sorted(p for p in schema_dir.iterdir() if p.suffix == ".sql")
+
+
+def migrate(
+    url: str, migrations_dir: Path = MIGRATIONS_DIR, schema_dir: Path = SCHEMA_DIR
+) -> list[int]:
+    """Bring the database to this code's schema; return the versions recorded (empty when it was
+    up to date)."""
+    migrations = discover(migrations_dir)
     with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
@@ -54,31 +71,72 @@ def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[int]:
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            rows = conn.execute("SELECT version FROM dispatch.schema_migrations").fetchall()
-            applied = {row[0] for row in rows}
-            newest = max(applied, default=0)
-            if newest > latest:
-                raise MigrationError(
-                    f"database schema is at version {newest}, newer than this code knows "
-                    f"({latest}); upgrade dispatch before running it against this database"
-                )
-            for m in migrations:
-                if m.version in applied:
-                    continue
-                try:
-                    with conn.transaction():
-                        conn.execute(m.path.read_text())  # type: ignore[call-overload]
-                        conn.execute(
-                            "INSERT INTO dispatch.schema_migrations (version, name)"
-                            " VALUES (%s, %s)",
-                            (m.version, m.name),
-                        )
-                except psycopg.Error as exc:
-                    raise MigrationError(
-                        f"migration {m.path.name} failed and was rolled back: {exc}"
-                    ) from exc
-                log.info("applied migration %03d_%s", m.version, m.name)
-                applied_now.append(m.version)
+            rows = conn.execute("SELECT version, name FROM dispatch.schema_migrations").fetchall()
+            applied = {int(version): str(name) for version, name in rows}
+            _refuse_drift(applied, migrations)
+            if not applied:
+                return _create(conn, migrations, schema_dir)
+            return _upgrade(conn, [m for m in migrations if m.version not in applied])
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+def _refuse_drift(applied: dict[int, str], migrations: list[Migration]) -> None:
+    shipped = {m.version: m.name for m in migrations}
+    latest = max(shipped, default=0)
+    newest = max(applied, default=0)
+    if newest > latest:
+        raise MigrationError(
+            f"database schema is at version {newest}, newer than this code knows "
+            f"({latest}); upgrade dispatch before running it against this database"
+        )
+    foreign = [f"{v:03d}_{n}" for v, n in sorted(applied.items()) if shipped.get(v) != n]
+    if foreign:
+        raise MigrationError(
+            "database has migrations this build of dispatch does not ship: "
+            f"{', '.join(foreign)} (shipped: "
+            f"{', '.join(f'{m.version:03d}_{m.name}' for m in migrations)}); it was made by "
+            "another build, so its schema cannot be trusted: run the build that made it, or "
+            "start from a new database"
+        )
+
+
+def _create(
+    conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration], schema_dir: Path
+) -> list[int]:
+    """A fresh database: the current schema in one transaction, every migration recorded."""
+    with conn.transaction():
+        for path in schema_files(schema_dir):
+            try:
+                with conn.transaction():
+                    conn.execute(path.read_text())  # type: ignore[call-overload]
+            except psycopg.Error as exc:
+                raise MigrationError(
+                    f"schema file {path.name} failed and nothing was created: {exc}"
+                ) from exc
+        for m in migrations:
+            conn.execute(
+                "INSERT INTO dispatch.schema_migrations (version, name) VALUES (%s, %s)",
+                (m.version, m.name),
+            )
+    log.info("created the schema (%d files)", len(schema_files(schema_dir)))
+    return [m.version for m in migrations]
+
+
+def _upgrade(conn: psycopg.Connection[tuple[object, ...]], pending: list[Migration]) -> list[int]:
+    applied_now: list[int] = []
+    for m in pending:
+        try:
+            with conn.transaction():
+                conn.execute(m.path.read_text())  # type: ignore[call-overload]
+                conn.execute(
+                    "INSERT INTO dispatch.schema_migrations (version, name) VALUES (%s, %s)",
+                    (m.version, m.name),
+                )
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration {m.path.name} failed and was rolled back: {exc}"
+            ) from exc
+        log.info("applied migration %03d_%s", m.version, m.name)
+        applied_now.append(m.version)
     return applied_now

@@ -1,4 +1,5 @@
-"""`dispatch migrate`: in order, once, under a lock, and never onto a newer schema."""
+"""`dispatch migrate`: the schema onto a fresh database, migrations onto an old one, in order, once,
+under a lock, and never onto a newer or a foreign schema."""
 
 from __future__ import annotations
 
@@ -62,7 +63,28 @@ def test_refuses_a_database_ahead_of_the_code(empty_db: str) -> None:
         migrate(empty_db)
 
 
+def test_refuses_a_database_made_by_another_build(empty_db: str) -> None:
+    """Applied migrations that this build does not ship (a pre-release schema, or a fork's)."""
+    migrate(empty_db)
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO dispatch.schema_migrations (version, name) VALUES (0, 'fork')")
+    with pytest.raises(MigrationError, match=r"does not ship: 000_fork"):
+        migrate(empty_db)
+
+
+def test_an_old_database_gets_the_missing_migrations(empty_db: str, tmp_path: Path) -> None:
+    migrate(empty_db)  # at the baseline
+    for m in discover():
+        (tmp_path / m.path.name).write_text(m.path.read_text())
+    (tmp_path / "002_note.sql").write_text("ALTER TABLE dispatch.tasks ADD COLUMN note text;")
+    assert migrate(empty_db, tmp_path) == [2]
+    assert migrate(empty_db, tmp_path) == []
+    with psycopg.connect(empty_db) as conn:
+        conn.execute("SELECT note FROM dispatch.tasks")
+
+
 def test_a_failing_migration_leaves_nothing_half_applied(empty_db: str, tmp_path: Path) -> None:
+    migrate(empty_db)
     for m in discover():
         (tmp_path / m.path.name).write_text(m.path.read_text())
     (tmp_path / "900_broken.sql").write_text(

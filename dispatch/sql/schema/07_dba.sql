@@ -1,6 +1,5 @@
--- The DBA surface (SPEC section 2): functions that behave exactly like the API, and views to look at
--- the queue from psql.
-
+-- The DBA surface: functions that behave exactly like the API, and views to look at the queue from
+-- psql.
 CREATE FUNCTION dispatch.create_task(
     title text,
     description text DEFAULT '',

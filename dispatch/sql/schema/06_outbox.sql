@@ -1,5 +1,5 @@
--- The event relay's side of the transactional outbox (SPEC section 6): dispatch.task_events rows with
--- published_at IS NULL are published to NATS JetStream and then marked, in one transaction:
+-- The event relay's side of the transactional outbox: task_events rows with published_at IS NULL
+-- are published to NATS JetStream and then marked, in one transaction:
 --
 --   BEGIN;
 --   SELECT dispatch.event_relay_lock();          -- false: another replica is relaying, stand by

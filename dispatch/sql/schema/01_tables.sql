@@ -1,6 +1,5 @@
--- Dispatch schema: tasks, their event log (history and outbox), the agent directory.
--- The migrator creates the schema `dispatch` and dispatch.schema_migrations before this file runs.
-
+-- Tables: tasks, their event log (history and outbox), the agent directory, the settings row.
+-- The migrator creates the schema `dispatch` and dispatch.schema_migrations before these files run.
 CREATE TYPE dispatch.task_status AS ENUM (
     'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
 );
@@ -22,6 +21,7 @@ CREATE TABLE dispatch.config (
     unmatched_repeat_ms      integer NOT NULL DEFAULT 600000 CHECK (unmatched_repeat_ms > 0),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
+
 INSERT INTO dispatch.config DEFAULT VALUES;
 
 CREATE TABLE dispatch.agents (
@@ -61,7 +61,8 @@ CREATE TABLE dispatch.tasks (
     description           text NOT NULL DEFAULT ''
                           CONSTRAINT tasks_description_length CHECK (octet_length(description) <= 65536),
     requester             text NOT NULL,
-    owner                 text NOT NULL,
+    -- NULL: not owner-scoped (any eligible agent); set: only that owner's agents (owner filter).
+    owner                 text,
     source                text NOT NULL,
     required_capabilities text[] NOT NULL DEFAULT '{}',
     priority              integer NOT NULL DEFAULT 0
@@ -103,15 +104,20 @@ CREATE TABLE dispatch.tasks (
 -- reports are HOT updates.
 CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
     WHERE status = 'pending';
+
 CREATE INDEX tasks_pending_available_idx ON dispatch.tasks (available_at)
     WHERE status = 'pending';
+
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');
+
 -- Retention, stats over the last hour and the dead-letter listing read terminal rows by time.
 CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)
     WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled');
+
 CREATE UNIQUE INDEX tasks_idempotency_key_idx ON dispatch.tasks (requester, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
 CREATE INDEX tasks_parent_idx ON dispatch.tasks (parent_task_id)
     WHERE parent_task_id IS NOT NULL;
 
@@ -125,5 +131,7 @@ CREATE TABLE dispatch.task_events (
     created_at   timestamptz NOT NULL DEFAULT now(),
     published_at timestamptz
 );
+
 CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
+
 CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE published_at IS NULL;

@@ -1,0 +1,1479 @@
+-- The baseline: the schema of the first release (0.1.0), frozen. Never edit this file: a change
+-- to the schema is a new migration here and the same change in ../schema/, and
+-- tests/db/test_schema.py checks that the two build the same catalog.
+
+-- ---- schema/01_tables.sql at 0.1.0
+
+-- Tables: tasks, their event log (history and outbox), the agent directory, the settings row.
+-- The migrator creates the schema `dispatch` and dispatch.schema_migrations before these files run.
+CREATE TYPE dispatch.task_status AS ENUM (
+    'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
+);
+
+CREATE TYPE dispatch.agent_status AS ENUM (
+    'ready', 'sleeping', 'busy', 'degraded', 'stopped', 'unknown'
+);
+
+-- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
+-- configuration, so that psql callers get exactly the behaviour of the API.
+CREATE TABLE dispatch.config (
+    singleton                boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    default_timeout_seconds  integer NOT NULL DEFAULT 300 CHECK (default_timeout_seconds > 0),
+    max_concurrent_per_agent integer NOT NULL DEFAULT 3 CHECK (max_concurrent_per_agent > 0),
+    owner_filter_enabled     boolean NOT NULL DEFAULT true,
+    retry_backoff_ms         integer NOT NULL DEFAULT 1000 CHECK (retry_backoff_ms >= 0),
+    retry_backoff_max_ms     integer NOT NULL DEFAULT 300000 CHECK (retry_backoff_max_ms >= 0),
+    wake_timeout_ms          integer NOT NULL DEFAULT 30000 CHECK (wake_timeout_ms > 0),
+    unmatched_repeat_ms      integer NOT NULL DEFAULT 600000 CHECK (unmatched_repeat_ms > 0),
+    updated_at               timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO dispatch.config DEFAULT VALUES;
+
+CREATE TABLE dispatch.agents (
+    agent_id         text PRIMARY KEY
+                     CONSTRAINT agents_agent_id_format CHECK (agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$'),
+    capabilities     text[] NOT NULL DEFAULT '{}',
+    owner            text,
+    status           dispatch.agent_status NOT NULL DEFAULT 'ready',
+    policy           text,
+    -- NULL means dispatch.config.max_concurrent_per_agent.
+    max_concurrent   integer CONSTRAINT agents_max_concurrent_range
+                     CHECK (max_concurrent BETWEEN 1 AND 1000),
+    drained          boolean NOT NULL DEFAULT false,
+    source           text NOT NULL DEFAULT 'registry',
+    -- The agent row is the concurrency semaphore: active_count is kept equal to the number of its
+    -- assigned + running tasks by the status trigger on dispatch.tasks, under this row's lock.
+    active_count     integer NOT NULL DEFAULT 0,
+    last_assigned_at timestamptz,
+    last_seen_at     timestamptz NOT NULL DEFAULT now(),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Device ownership (Alexandria): agent_id belongs to owner.
+CREATE TABLE dispatch.agent_owners (
+    agent_id   text NOT NULL,
+    owner      text NOT NULL,
+    source     text NOT NULL DEFAULT 'alexandria',
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (agent_id, owner)
+);
+
+CREATE TABLE dispatch.tasks (
+    task_id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    title                 text NOT NULL
+                          CONSTRAINT tasks_title_length CHECK (char_length(title) BETWEEN 1 AND 500),
+    description           text NOT NULL DEFAULT ''
+                          CONSTRAINT tasks_description_length CHECK (octet_length(description) <= 65536),
+    requester             text NOT NULL,
+    -- NULL: not owner-scoped (any eligible agent); set: only that owner's agents (owner filter).
+    owner                 text,
+    source                text NOT NULL,
+    required_capabilities text[] NOT NULL DEFAULT '{}',
+    priority              integer NOT NULL DEFAULT 0
+                          CONSTRAINT tasks_priority_range CHECK (priority BETWEEN 0 AND 10),
+    status                dispatch.task_status NOT NULL DEFAULT 'pending',
+    assigned_agent        text,
+    previous_agents       text[] NOT NULL DEFAULT '{}',
+    retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    max_retries           integer NOT NULL DEFAULT 3
+                          CONSTRAINT tasks_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
+    timeout_seconds       integer NOT NULL
+                          CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
+    heartbeat_seconds     integer
+                          CONSTRAINT tasks_heartbeat_positive CHECK (heartbeat_seconds > 0),
+    available_at          timestamptz NOT NULL DEFAULT now(),
+    deadline_at           timestamptz,
+    -- Set when the assigned agent was asleep: it must start before this or the task goes back.
+    wake_deadline_at      timestamptz,
+    -- When the last `unmatched` event was written (reported once, then after unmatched_repeat_ms).
+    unmatched_at          timestamptz,
+    metadata              jsonb NOT NULL DEFAULT '{}'
+                          CONSTRAINT tasks_metadata_object CHECK (jsonb_typeof(metadata) = 'object'),
+    progress              jsonb,
+    result                jsonb,
+    error                 text,
+    parent_task_id        uuid REFERENCES dispatch.tasks (task_id) ON DELETE SET NULL,
+    idempotency_key       text CONSTRAINT tasks_idempotency_key_length
+                          CHECK (char_length(idempotency_key) BETWEEN 1 AND 200),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    assigned_at           timestamptz,
+    started_at            timestamptz,
+    last_progress_at      timestamptz,
+    completed_at          timestamptz
+);
+
+-- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
+-- small however long the history grows. Progress/heartbeat columns are in no index: progress
+-- reports are HOT updates.
+CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
+    WHERE status = 'pending';
+
+CREATE INDEX tasks_pending_available_idx ON dispatch.tasks (available_at)
+    WHERE status = 'pending';
+
+CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
+    WHERE status IN ('assigned', 'running');
+
+-- Retention, stats over the last hour and the dead-letter listing read terminal rows by time.
+CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)
+    WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled');
+
+CREATE UNIQUE INDEX tasks_idempotency_key_idx ON dispatch.tasks (requester, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE INDEX tasks_parent_idx ON dispatch.tasks (parent_task_id)
+    WHERE parent_task_id IS NOT NULL;
+
+-- History and transactional outbox in one: written in the transaction that makes the change.
+CREATE TABLE dispatch.task_events (
+    id           bigserial PRIMARY KEY,
+    task_id      uuid NOT NULL REFERENCES dispatch.tasks (task_id) ON DELETE CASCADE,
+    event        text NOT NULL,
+    actor        text NOT NULL,
+    payload      jsonb NOT NULL DEFAULT '{}',
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz
+);
+
+CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
+
+CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE published_at IS NULL;
+
+-- ---- schema/02_guards.sql at 0.1.0
+
+-- Guards: the lifecycle's edges, the triggers that reject any other status change (from raw SQL
+-- too), and the event row + NOTIFY written in the transaction of every change. The transitions
+-- themselves are in 03_transitions.sql, one function each.
+--
+-- Errors raised here carry SQLSTATEs the Python store maps to domain errors:
+--   UD400 invalid argument, UD403 actor may not do this, UD404 no such task or agent,
+--   UD409 the task is not in a state that allows it (illegal status edges also raise UD409).
+--
+-- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
+--   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
+--   dispatch_events new rows in task_events (wakes the relay)
+--   dispatch_due    (payload: an epoch) an assignment set a deadline (wakes sleeping reapers)
+CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(array_agg(DISTINCT c ORDER BY c), '{}')
+    FROM (SELECT lower(btrim(x)) AS c FROM unnest(caps) AS x) s
+    WHERE c IS NOT NULL AND c <> ''
+$$;
+
+-- Who the session is, for the actor of events written from raw SQL.
+CREATE FUNCTION dispatch.session_actor() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('dispatch.actor', true), ''), session_user::text)
+$$;
+
+CREATE FUNCTION dispatch.event_write(
+    p_task_id uuid, p_event text, p_actor text, p_payload jsonb, p_now timestamptz
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
+    VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
+    PERFORM pg_notify('dispatch_events', '');
+END
+$$;
+
+-- pending -> completed: manual resolution (the requester, the owner or an admin; the original
+-- service allowed it and its clients rely on it).
+CREATE FUNCTION dispatch.status_edge_allowed(
+    old_status dispatch.task_status, new_status dispatch.task_status
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE old_status
+        WHEN 'pending'   THEN new_status IN ('assigned', 'completed', 'cancelled')
+        WHEN 'assigned'  THEN new_status IN ('running', 'completed', 'failed', 'timed_out',
+                                             'pending', 'cancelled')
+        WHEN 'running'   THEN new_status IN ('completed', 'failed', 'timed_out', 'pending',
+                                             'cancelled')
+        WHEN 'failed'    THEN new_status = 'pending'
+        WHEN 'timed_out' THEN new_status = 'pending'
+        WHEN 'cancelled' THEN new_status = 'pending'
+        ELSE false
+    END
+$$;
+
+-- Marks the current transaction as inside a lifecycle function (its events are written by the
+-- function itself), until dispatch.fn_leave().
+CREATE FUNCTION dispatch.fn_enter() RETURNS void
+LANGUAGE sql AS $$ SELECT set_config('dispatch.via', 'fn', true) $$;
+
+CREATE FUNCTION dispatch.fn_leave() RETURNS void
+LANGUAGE sql AS $$ SELECT set_config('dispatch.via', '', true) $$;
+
+-- Defaults that depend on other columns or on dispatch.config, and argument checks with messages a
+-- psql user can act on. Runs for create_task, the API and a plain INSERT alike.
+CREATE FUNCTION dispatch.tasks_before_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    c dispatch.config;
+BEGIN
+    IF NEW.status IS DISTINCT FROM 'pending' THEN
+        RAISE EXCEPTION 'a new task must be pending, not %', NEW.status
+            USING ERRCODE = 'UD400', COLUMN = 'status';
+    END IF;
+    IF NEW.title IS NULL OR char_length(NEW.title) NOT BETWEEN 1 AND 500 THEN
+        RAISE EXCEPTION 'title must be 1 to 500 characters (got %)', coalesce(char_length(NEW.title), 0)
+            USING ERRCODE = 'UD400', COLUMN = 'title';
+    END IF;
+    IF NEW.priority NOT BETWEEN 0 AND 10 THEN
+        RAISE EXCEPTION 'priority must be between 0 and 10 (got %)', NEW.priority
+            USING ERRCODE = 'UD400', COLUMN = 'priority';
+    END IF;
+    IF NEW.max_retries NOT BETWEEN 0 AND 100 THEN
+        RAISE EXCEPTION 'max_retries must be between 0 and 100 (got %)', NEW.max_retries
+            USING ERRCODE = 'UD400', COLUMN = 'max_retries';
+    END IF;
+    IF NEW.timeout_seconds IS NOT NULL AND NEW.timeout_seconds <= 0 THEN
+        RAISE EXCEPTION 'timeout_seconds must be greater than 0 (got %)', NEW.timeout_seconds
+            USING ERRCODE = 'UD400', COLUMN = 'timeout_seconds';
+    END IF;
+    IF NEW.heartbeat_seconds IS NOT NULL AND NEW.heartbeat_seconds <= 0 THEN
+        RAISE EXCEPTION 'heartbeat_seconds must be greater than 0 (got %)', NEW.heartbeat_seconds
+            USING ERRCODE = 'UD400', COLUMN = 'heartbeat_seconds';
+    END IF;
+    IF octet_length(NEW.description) > 65536 THEN
+        RAISE EXCEPTION 'description must be at most 64 KiB'
+            USING ERRCODE = 'UD400', COLUMN = 'description';
+    END IF;
+    IF jsonb_typeof(NEW.metadata) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object'
+            USING ERRCODE = 'UD400', COLUMN = 'metadata';
+    END IF;
+    IF NEW.owner IS NOT NULL AND char_length(NEW.owner) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'owner must be 1 to 256 characters, or NULL for a task any eligible agent may run'
+            USING ERRCODE = 'UD400', COLUMN = 'owner';
+    END IF;
+    IF NEW.timeout_seconds IS NULL THEN
+        SELECT * INTO c FROM dispatch.config;
+        NEW.timeout_seconds := c.default_timeout_seconds;
+    END IF;
+    NEW.required_capabilities := dispatch.normalize_capabilities(NEW.required_capabilities);
+    NEW.requester := coalesce(NEW.requester, dispatch.session_actor());
+    NEW.source := coalesce(NEW.source, 'sql');
+    NEW.assigned_agent := NULL;
+    NEW.created_at := coalesce(NEW.created_at, now());
+    NEW.updated_at := NEW.created_at;
+    NEW.available_at := coalesce(NEW.available_at, NEW.created_at);
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_before_insert BEFORE INSERT ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_insert();
+
+CREATE FUNCTION dispatch.tasks_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dispatch.event_write(NEW.task_id, 'created', NEW.requester,
+        jsonb_build_object('priority', NEW.priority,
+                           'required_capabilities', to_jsonb(NEW.required_capabilities),
+                           'owner', NEW.owner, 'source', NEW.source),
+        NEW.created_at);
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_after_insert AFTER INSERT ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_after_insert();
+
+-- Guards every status change and keeps each agent's active_count. Status changes made by raw SQL
+-- (not through the functions below, which set dispatch.via) get a generic event so that no change
+-- escapes the history.
+CREATE FUNCTION dispatch.tasks_before_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    was_active boolean := OLD.status IN ('assigned', 'running');
+    is_active  boolean := NEW.status IN ('assigned', 'running');
+    via_sql    boolean := coalesce(current_setting('dispatch.via', true), '') <> 'fn';
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NOT dispatch.status_edge_allowed(OLD.status, NEW.status) THEN
+            RAISE EXCEPTION 'illegal task status transition from % to % (task %)',
+                OLD.status, NEW.status, OLD.task_id
+                USING ERRCODE = 'UD409',
+                      HINT = 'the lifecycle: pending -> assigned -> running -> completed | failed | timed_out; '
+                             'pending -> completed (manual); pending | assigned | running -> cancelled; '
+                             'failed | timed_out | cancelled -> pending (requeue). '
+                             'Use the dispatch.* functions (dispatch.cancel_task, dispatch.requeue_task).';
+        END IF;
+        IF via_sql THEN
+            IF NEW.status IN ('completed', 'failed', 'timed_out', 'cancelled') THEN
+                NEW.completed_at := coalesce(NEW.completed_at, now());
+            END IF;
+            IF NEW.status = 'assigned' AND NEW.assigned_agent IS NULL THEN
+                RAISE EXCEPTION 'an assigned task needs an assigned_agent'
+                    USING ERRCODE = 'UD400', COLUMN = 'assigned_agent';
+            END IF;
+            PERFORM dispatch.event_write(OLD.task_id,
+                CASE NEW.status
+                    WHEN 'pending'   THEN CASE WHEN was_active THEN 'reassigned' ELSE 'requeued' END
+                    WHEN 'assigned'  THEN 'assigned'
+                    WHEN 'running'   THEN 'started'
+                    WHEN 'timed_out' THEN 'timeout'
+                    ELSE NEW.status::text
+                END,
+                dispatch.session_actor(),
+                jsonb_build_object('from', OLD.status, 'to', NEW.status, 'via', 'sql',
+                                   'assigned_agent', NEW.assigned_agent),
+                now());
+        END IF;
+        NEW.updated_at := greatest(NEW.updated_at, OLD.updated_at);
+    END IF;
+    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
+        UPDATE dispatch.agents SET active_count = greatest(active_count - 1, 0)
+        WHERE agent_id = OLD.assigned_agent;
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    IF is_active AND (NOT was_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
+        UPDATE dispatch.agents
+        SET active_count = active_count + 1,
+            last_assigned_at = coalesce(NEW.assigned_at, now())
+        WHERE agent_id = NEW.assigned_agent;
+    END IF;
+    IF NEW.status = 'pending' AND OLD.status <> 'pending' AND via_sql THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_before_update BEFORE UPDATE OF status, assigned_agent ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_update();
+
+-- ---- schema/03_transitions.sql at 0.1.0
+
+-- Backoff for the attempt-th retry: retry_backoff_ms * 2^(attempt-1), capped, +-20 % jitter.
+CREATE FUNCTION dispatch.retry_backoff(attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE AS $$
+    SELECT make_interval(secs =>
+        least(c.retry_backoff_ms::float8 * power(2, greatest(attempt, 1) - 1),
+              c.retry_backoff_max_ms::float8)
+        * (0.8 + 0.4 * random()) / 1000.0)
+    FROM dispatch.config c
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- Helpers shared by the transitions
+---------------------------------------------------------------------------------------------------
+CREATE FUNCTION dispatch.task_lock(p_task_id uuid) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks;
+BEGIN
+    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
+    END IF;
+    RETURN t;
+END
+$$;
+
+-- Fencing for agent reports: only the current assigned agent may report. An agent that held an
+-- earlier attempt gets a conflict (its report is stale); anyone else is refused.
+CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_agent_id IS NOT DISTINCT FROM t.assigned_agent THEN
+        RETURN;
+    END IF;
+    IF p_agent_id = ANY (t.previous_agents) THEN
+        RAISE EXCEPTION 'agent % no longer holds task % (status %, assigned to %)',
+            p_agent_id, t.task_id, t.status, coalesce(t.assigned_agent, 'nobody')
+            USING ERRCODE = 'UD409';
+    END IF;
+    RAISE EXCEPTION 'agent % is not assigned to task %', p_agent_id, t.task_id
+        USING ERRCODE = 'UD403';
+END
+$$;
+
+CREATE FUNCTION dispatch.task_require_status(t dispatch.tasks, VARIADIC allowed dispatch.task_status[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT t.status = ANY (allowed) THEN
+        RAISE EXCEPTION 'task % is %, expected %', t.task_id, t.status, array_to_string(allowed, ' or ')
+            USING ERRCODE = 'UD409';
+    END IF;
+END
+$$;
+
+-- Who may cancel, re-prioritise or resolve a task by hand. NULL-safe: a task without an owner is
+-- its requester's (and an admin's) alone.
+CREATE FUNCTION dispatch.task_is_resolver(t dispatch.tasks, p_actor text, p_admin boolean)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_admin, false)
+        OR coalesce(p_actor = t.requester, false)
+        OR coalesce(p_actor = t.owner, false)
+$$;
+
+-- Ends the current attempt of an active task after a failure or timeout: back to pending after a
+-- backoff when retries are left (event retry), else the terminal status (event dlq).
+CREATE FUNCTION dispatch.task_end_attempt(
+    t dispatch.tasks, p_terminal dispatch.task_status, p_error text, p_retry boolean,
+    p_now timestamptz
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks;
+BEGIN
+    IF p_retry AND t.retry_count < t.max_retries THEN
+        UPDATE dispatch.tasks
+        SET status = 'pending',
+            retry_count = t.retry_count + 1,
+            available_at = p_now + dispatch.retry_backoff(t.retry_count + 1),
+            previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                                   THEN t.previous_agents
+                                   ELSE t.previous_agents || t.assigned_agent END,
+            assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL,
+            error = coalesce(p_error, t.error), updated_at = p_now
+        WHERE task_id = t.task_id
+        RETURNING * INTO r;
+        PERFORM dispatch.event_write(t.task_id, 'retry', 'dispatch',
+            jsonb_build_object('retry_count', r.retry_count, 'available_at', r.available_at,
+                               'previous_agent', t.assigned_agent), p_now);
+    ELSE
+        UPDATE dispatch.tasks
+        SET status = p_terminal, error = coalesce(p_error, t.error),
+            deadline_at = NULL, wake_deadline_at = NULL,
+            completed_at = p_now, updated_at = p_now
+        WHERE task_id = t.task_id
+        RETURNING * INTO r;
+        PERFORM dispatch.event_write(t.task_id, 'dlq', 'dispatch',
+            jsonb_build_object('reason', CASE WHEN p_retry THEN 'retries exhausted'
+                                              ELSE 'not retry eligible' END,
+                               'retry_count', r.retry_count, 'max_retries', r.max_retries),
+            p_now);
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- Takes an active task away from its agent without blaming a failure on it (wake timeout, agent
+-- stopped). It still counts as an attempt, so nothing bounces forever.
+CREATE FUNCTION dispatch.task_reassign(t dispatch.tasks, p_reason text, p_now timestamptz)
+RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks;
+BEGIN
+    IF t.retry_count >= t.max_retries THEN
+        PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+            jsonb_build_object('assigned_agent', t.assigned_agent,
+                               'timed_out_in_state', t.status, 'reason', p_reason), p_now);
+        RETURN dispatch.task_end_attempt(t, 'timed_out', p_reason, true, p_now);
+    END IF;
+    UPDATE dispatch.tasks
+    SET status = 'pending', retry_count = t.retry_count + 1, available_at = p_now,
+        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                               THEN t.previous_agents
+                               ELSE t.previous_agents || t.assigned_agent END,
+        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = t.task_id
+    RETURNING * INTO r;
+    PERFORM dispatch.event_write(t.task_id, 'reassigned', 'dispatch',
+        jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_start(
+    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    IF t.status = 'running' THEN
+        RETURN t;   -- a repeated start changes nothing
+    END IF;
+    PERFORM dispatch.task_require_status(t, 'assigned');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'running', started_at = p_now, last_progress_at = p_now,
+        wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'started', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_progress(
+    p_task_id uuid, p_agent_id text, p_percent real DEFAULT NULL, p_message text DEFAULT NULL,
+    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    p jsonb;
+BEGIN
+    IF p_percent IS NOT NULL AND NOT (p_percent BETWEEN 0 AND 100) THEN
+        RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', p_percent
+            USING ERRCODE = 'UD400', COLUMN = 'percent';
+    END IF;
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    IF t.status = 'assigned' THEN
+        t := dispatch.task_start(p_task_id, p_agent_id, p_now);
+    END IF;
+    p := jsonb_strip_nulls(jsonb_build_object('percent', p_percent, 'message', p_message,
+                                              'data', p_data));
+    PERFORM dispatch.fn_enter();
+    -- Only unindexed columns change: a HOT update.
+    UPDATE dispatch.tasks
+    SET progress = p, last_progress_at = p_now, updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'progress', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id, 'percent', p_percent,
+                           'message', p_message, 'data', p_data), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- Completion by the assigned agent, or manual resolution by the requester, the owner or an admin
+-- (also of a task still pending; event `completed` with manual: true). An agent never completes a
+-- task it does not hold. A repeated complete by the agent that completed it returns the task
+-- unchanged.
+CREATE FUNCTION dispatch.task_complete(
+    p_task_id uuid, p_actor text, p_result jsonb DEFAULT NULL, p_admin boolean DEFAULT false,
+    p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    manual boolean;
+BEGIN
+    IF t.status = 'completed' AND p_actor = t.assigned_agent THEN
+        RETURN t;
+    END IF;
+    manual := dispatch.task_is_resolver(t, p_actor, p_admin)
+              AND p_actor IS DISTINCT FROM t.assigned_agent;
+    IF manual THEN
+        PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+    ELSE
+        PERFORM dispatch.task_fence(t, p_actor);
+        PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    END IF;
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'completed', p_actor,
+        jsonb_build_object('assigned_agent', t.assigned_agent, 'result', p_result)
+        || CASE WHEN manual THEN '{"manual": true}'::jsonb ELSE '{}'::jsonb END, p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_fail(
+    p_task_id uuid, p_agent_id text, p_error text DEFAULT NULL,
+    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    PERFORM dispatch.fn_enter();
+    PERFORM dispatch.event_write(p_task_id, 'failed', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id, 'error', p_error,
+                           'retry_eligible', coalesce(p_retry_eligible, true)), p_now);
+    t := dispatch.task_end_attempt(t, 'failed', p_error, coalesce(p_retry_eligible, true), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- The reaper: expire active attempts past their deadline, their heartbeat or their wake timeout.
+CREATE FUNCTION dispatch.task_expire(p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100)
+RETURNS TABLE (task_id uuid, event text, status dispatch.task_status)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks;
+    r dispatch.tasks;
+BEGIN
+    PERFORM dispatch.fn_enter();
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.status IN ('assigned', 'running')
+          AND (tk.deadline_at <= p_now
+               OR (tk.status = 'assigned' AND tk.wake_deadline_at <= p_now)
+               OR tk.heartbeat_seconds IS NOT NULL
+                  AND coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                      + make_interval(secs => tk.heartbeat_seconds) <= p_now)
+        ORDER BY tk.deadline_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        IF t.status = 'assigned' AND t.wake_deadline_at <= p_now AND t.deadline_at > p_now THEN
+            r := dispatch.task_reassign(t, 'wake_timeout', p_now);
+            event := 'reassigned';
+        ELSE
+            PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+                jsonb_build_object('assigned_agent', t.assigned_agent,
+                                   'timed_out_in_state', t.status,
+                                   'reason', CASE WHEN t.deadline_at <= p_now THEN 'deadline'
+                                                  ELSE 'heartbeat' END), p_now);
+            r := dispatch.task_end_attempt(t, 'timed_out', 'timed out', true, p_now);
+            event := 'timeout';
+        END IF;
+        task_id := r.task_id;
+        status := r.status;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
+END
+$$;
+
+-- The next instant at which the reaper or the assigner has something to do (a deadline, a heartbeat
+-- or wake timeout, a scheduled or backed-off task becoming available); NULL when nothing is known.
+CREATE FUNCTION dispatch.next_due(p_now timestamptz DEFAULT now()) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT least(
+        (SELECT min(least(tk.deadline_at,
+                          CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
+                          coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                              + make_interval(secs => tk.heartbeat_seconds)))
+         FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running')),
+        (SELECT min(tk.available_at) FROM dispatch.tasks tk
+         WHERE tk.status = 'pending' AND tk.available_at > p_now))
+$$;
+
+CREATE FUNCTION dispatch.task_cancel(
+    p_task_id uuid, p_actor text, p_reason text DEFAULT NULL, p_admin boolean DEFAULT false,
+    p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    IF NOT dispatch.task_is_resolver(t, p_actor, p_admin) THEN
+        RAISE EXCEPTION '% may not cancel task % (only its requester, its owner or an admin)',
+            p_actor, p_task_id USING ERRCODE = 'UD403';
+    END IF;
+    PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'cancelled', p_actor,
+        jsonb_build_object('reason', p_reason, 'assigned_agent', t.assigned_agent), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- Dead-letter requeue (admin): a failed, timed-out or cancelled task starts over.
+CREATE FUNCTION dispatch.task_requeue(
+    p_task_id uuid, p_actor text, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    previous dispatch.task_status := t.status;
+BEGIN
+    PERFORM dispatch.task_require_status(t, 'failed', 'timed_out', 'cancelled');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'pending', retry_count = 0, assigned_agent = NULL, available_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL, unmatched_at = NULL,
+        updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'requeued', p_actor,
+        jsonb_build_object('previous_status', previous), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- RFC 7396 JSON merge patch: objects merge recursively, null removes a key, anything else replaces.
+-- plpgsql on purpose: a SQL-language body would be inlined, duplicating the recursive call for
+-- every reference to its arguments (exponential in the depth of nested objects).
+CREATE FUNCTION dispatch.jsonb_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    result jsonb;
+    k      text;
+    v      jsonb;
+BEGIN
+    IF jsonb_typeof(patch) IS DISTINCT FROM 'object' THEN
+        RETURN patch;
+    END IF;
+    result := CASE WHEN jsonb_typeof(target) = 'object' THEN target ELSE '{}' END;
+    FOR k, v IN SELECT * FROM jsonb_each(patch) LOOP
+        IF v = 'null'::jsonb THEN
+            result := result - k;
+        ELSE
+            result := jsonb_set(result, ARRAY[k], dispatch.jsonb_merge_patch(result -> k, v));
+        END IF;
+    END LOOP;
+    RETURN result;
+END
+$$;
+
+-- PATCH by the requester, the owner or an admin: merge-patch the metadata; change the priority of a
+-- task that is still pending. Event `updated` with what changed.
+CREATE FUNCTION dispatch.task_update(
+    p_task_id uuid, p_actor text, p_metadata_patch jsonb DEFAULT NULL, p_priority integer DEFAULT NULL,
+    p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    IF NOT dispatch.task_is_resolver(t, p_actor, p_admin) THEN
+        RAISE EXCEPTION '% may not change task % (only its requester, its owner or an admin)',
+            p_actor, p_task_id USING ERRCODE = 'UD403';
+    END IF;
+    IF p_metadata_patch IS NOT NULL AND jsonb_typeof(p_metadata_patch) <> 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = 'UD400', COLUMN = 'metadata';
+    END IF;
+    IF p_priority IS NOT NULL THEN
+        IF p_priority NOT BETWEEN 0 AND 10 THEN
+            RAISE EXCEPTION 'priority must be between 0 and 10 (got %)', p_priority
+                USING ERRCODE = 'UD400', COLUMN = 'priority';
+        END IF;
+        IF t.status <> 'pending' THEN
+            RAISE EXCEPTION 'the priority of task % can only change while it is pending (it is %)',
+                p_task_id, t.status USING ERRCODE = 'UD409';
+        END IF;
+    END IF;
+    UPDATE dispatch.tasks
+    SET metadata = CASE WHEN p_metadata_patch IS NULL THEN metadata
+                        ELSE dispatch.jsonb_merge_patch(metadata, p_metadata_patch) END,
+        priority = coalesce(p_priority, priority),
+        updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'updated', p_actor,
+        jsonb_strip_nulls(jsonb_build_object('metadata', p_metadata_patch, 'priority', p_priority)),
+        p_now);
+    RETURN t;
+END
+$$;
+
+-- Retention: delete terminal tasks finished before p_before (their events go with them).
+CREATE FUNCTION dispatch.task_prune(p_before timestamptz, p_limit integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE sql AS $$
+    WITH doomed AS (
+        SELECT task_id FROM dispatch.tasks
+        WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled')
+          AND completed_at < p_before
+        ORDER BY completed_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM dispatch.tasks t USING doomed d WHERE t.task_id = d.task_id RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- ---- schema/04_assignment.sql at 0.1.0
+
+-- Who may take what, and how well: the rules of assignment, each written once and called by the
+-- assigner (task_assign), the pull claim (task_claim), the unmatched report and explain, so that
+-- explain cannot say anything other than what the assigner does.
+
+CREATE FUNCTION dispatch.availability(s dispatch.agent_status) RETURNS real
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE s WHEN 'ready' THEN 1.0 WHEN 'sleeping' THEN 0.8 WHEN 'busy' THEN 0.5
+                  ELSE 0.0 END::real
+$$;
+
+CREATE FUNCTION dispatch.priority_weight(p_priority integer) RETURNS real
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (1 + p_priority / 10.0)::real
+$$;
+
+-- The score of an eligible agent: capability match (1 for every eligible agent) x availability x
+-- priority weight. Ties are broken by the candidates' order in task_assign and task_explain.
+CREATE FUNCTION dispatch.task_score(a dispatch.agents, t dispatch.tasks) RETURNS real
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT dispatch.availability(a.status) * dispatch.priority_weight(t.priority)
+$$;
+
+-- Does the agent belong to the owner (registry owner or an Alexandria device)?
+CREATE FUNCTION dispatch.agent_belongs(p_agent_id text, p_agent_owner text, p_task_owner text)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(p_agent_owner = p_task_owner, false)
+        OR EXISTS (SELECT 1 FROM dispatch.agent_owners o
+                   WHERE o.agent_id = p_agent_id AND o.owner = p_task_owner)
+$$;
+
+-- Why an agent that does not belong to the task's owner is excluded: nobody knows whom it belongs
+-- to (the filter fails closed), or it belongs to someone else.
+CREATE FUNCTION dispatch.agent_owner_reason(p_agent_id text, p_agent_owner text, p_task_owner text)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_agent_owner IS NULL AND devices.owners IS NULL
+                THEN format('ownership unknown (owner filter on, task owner %s)', p_task_owner)
+                ELSE format('belongs to %s, not to the task owner %s',
+                            array_to_string(array_remove(
+                                coalesce(devices.owners, '{}') || p_agent_owner, NULL), ', '),
+                            p_task_owner) END
+    FROM (SELECT array_agg(o.owner ORDER BY o.owner) AS owners FROM dispatch.agent_owners o
+          WHERE o.agent_id = p_agent_id) devices
+$$;
+
+CREATE FUNCTION dispatch.capabilities_missing(p_have text[], p_need text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(array_agg(x ORDER BY x), '{}') FROM unnest(p_need) x WHERE NOT x = ANY (p_have)
+$$;
+
+-- Why the agent takes no new work at all now (empty: it may). p_capacity false leaves its load out.
+CREATE FUNCTION dispatch.agent_unavailability(
+    a dispatch.agents, c dispatch.config, p_capacity boolean DEFAULT true
+) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT array_remove(ARRAY[
+        CASE WHEN a.drained THEN 'drained' END,
+        CASE WHEN a.status NOT IN ('ready', 'sleeping', 'busy') THEN 'status ' || a.status END,
+        CASE WHEN p_capacity
+                  AND a.active_count >= coalesce(a.max_concurrent, c.max_concurrent_per_agent)
+             THEN format('at its limit (%s of %s tasks active)', a.active_count,
+                         coalesce(a.max_concurrent, c.max_concurrent_per_agent)) END
+    ], NULL)
+$$;
+
+-- Every reason the agent may not take the task (empty: eligible): unavailable, capabilities not a
+-- superset of the requirement, or, when the task has an owner and the owner filter is on, not the
+-- owner's. A previous agent of the task is eligible; callers prefer the others.
+CREATE FUNCTION dispatch.agent_ineligibility(
+    a dispatch.agents, t dispatch.tasks, c dispatch.config, p_capacity boolean DEFAULT true
+) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT dispatch.agent_unavailability(a, c, p_capacity) || array_remove(ARRAY[
+        CASE WHEN NOT a.capabilities @> t.required_capabilities
+             THEN 'missing capabilities: ' || array_to_string(
+                 dispatch.capabilities_missing(a.capabilities, t.required_capabilities), ', ') END,
+        CASE WHEN c.owner_filter_enabled AND t.owner IS NOT NULL
+                  AND NOT dispatch.agent_belongs(a.agent_id, a.owner, t.owner)
+             THEN dispatch.agent_owner_reason(a.agent_id, a.owner, t.owner) END
+    ], NULL)
+$$;
+
+-- Moves a locked pending task to an agent (assigner and pull claim share it), and tells the reapers
+-- of every replica the attempt's first deadline (channel dispatch_due, payload: its epoch). A
+-- reaper sleeping past it wakes; identical payloads fold, so a batch with one timeout sends one.
+CREATE FUNCTION dispatch.task_give(
+    t dispatch.tasks, a dispatch.agents, p_score real, p_mode text, p_now timestamptz
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    c dispatch.config;
+    r dispatch.tasks;
+BEGIN
+    IF a.status = 'sleeping' THEN
+        SELECT * INTO c FROM dispatch.config;
+    END IF;
+    UPDATE dispatch.tasks
+    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
+        deadline_at = p_now + make_interval(secs => t.timeout_seconds),
+        wake_deadline_at = CASE WHEN a.status = 'sleeping'
+                                THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
+        started_at = NULL, last_progress_at = NULL, progress = NULL, unmatched_at = NULL,
+        updated_at = p_now
+    WHERE task_id = t.task_id
+    RETURNING * INTO r;
+    PERFORM dispatch.event_write(t.task_id, 'assigned',
+        CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
+        jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
+                           'attempt', t.retry_count + 1, 'mode', p_mode,
+                           'wake', a.status = 'sleeping'), p_now);
+    PERFORM pg_notify('dispatch_due', extract(epoch FROM least(
+        r.deadline_at, r.wake_deadline_at,
+        p_now + make_interval(secs => r.heartbeat_seconds)))::text);
+    RETURN r;
+END
+$$;
+
+-- Pull mode: assign the calling agent the best pending task it is eligible for, or nothing.
+-- Registers an unknown agent in the built-in registry. p_capabilities, when given, narrows what the
+-- agent wants now (and becomes its capabilities if it was unknown).
+CREATE FUNCTION dispatch.task_claim(
+    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now()
+) RETURNS SETOF dispatch.tasks
+LANGUAGE plpgsql
+-- The pending rows must be walked in tasks_pending_order_idx order, stopping at the first match.
+SET enable_sort = off AS $$
+DECLARE
+    c    dispatch.config;
+    a    dispatch.agents;
+    t    dispatch.tasks;
+    caps text[];
+BEGIN
+    SELECT * INTO c FROM dispatch.config;
+    INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
+    VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_now)
+    ON CONFLICT (agent_id) DO UPDATE
+        SET last_seen_at = p_now,
+            status = CASE WHEN agents.status IN ('unknown', 'stopped', 'sleeping')
+                          THEN 'ready'::dispatch.agent_status ELSE agents.status END
+    RETURNING * INTO a;     -- also locks the agent row: it is the semaphore
+    caps := CASE WHEN p_capabilities IS NULL THEN a.capabilities
+                 ELSE dispatch.normalize_capabilities(p_capabilities) END;
+    IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
+        RETURN;
+    END IF;
+    a.capabilities := caps;     -- what the agent asks for now decides what it may take
+    PERFORM dispatch.fn_enter();
+    -- An agent that already failed a task gets it again only when nothing else fits.
+    FOR pass IN 1..2 LOOP
+        SELECT * INTO t FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+          AND cardinality(dispatch.agent_ineligibility(a, tk, c, false)) = 0
+          AND (pass = 2) = (p_agent_id = ANY (tk.previous_agents))
+        ORDER BY tk.priority DESC, tk.created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED;
+        EXIT WHEN FOUND;
+    END LOOP;
+    IF t.task_id IS NOT NULL THEN
+        RETURN NEXT dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
+    END IF;
+    PERFORM dispatch.fn_leave();
+END
+$$;
+
+-- The assigner: take up to p_batch assignable pending rows (SKIP LOCKED) in priority order and give
+-- each the best eligible agent. Candidate agents are locked once, in agent_id order
+-- with SKIP LOCKED, so replicas never deadlock and never push an agent over its limit; active_count
+-- rises as the loop assigns, so the limit holds inside the batch too.
+CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
+RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
+LANGUAGE plpgsql
+-- The pending rows must be walked in tasks_pending_order_idx order, stopping at p_batch.
+SET enable_sort = off AS $$
+DECLARE
+    c      dispatch.config;
+    locked text[];
+    t      dispatch.tasks;
+    a      dispatch.agents;
+BEGIN
+    SELECT * INTO c FROM dispatch.config;
+    locked := ARRAY(
+        SELECT ag.agent_id FROM dispatch.agents ag
+        WHERE cardinality(dispatch.agent_unavailability(ag, c)) = 0
+        ORDER BY ag.agent_id
+        FOR UPDATE SKIP LOCKED);
+    IF cardinality(locked) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM dispatch.fn_enter();
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+          AND EXISTS (
+              SELECT 1 FROM dispatch.agents ag
+              WHERE ag.agent_id = ANY (locked)
+                AND cardinality(dispatch.agent_ineligibility(ag, tk, c, false)) = 0)
+        ORDER BY tk.priority DESC, tk.created_at
+        LIMIT p_batch
+        FOR UPDATE OF tk SKIP LOCKED
+    LOOP
+        SELECT * INTO a FROM dispatch.agents ag
+        WHERE ag.agent_id = ANY (locked)
+          AND cardinality(dispatch.agent_ineligibility(ag, t, c)) = 0
+        ORDER BY ag.agent_id = ANY (t.previous_agents),
+                 dispatch.availability(ag.status) DESC,
+                 ag.active_count,
+                 ag.last_assigned_at NULLS FIRST,
+                 ag.agent_id
+        LIMIT 1;
+        CONTINUE WHEN NOT FOUND;
+        task_id := t.task_id;
+        agent_id := a.agent_id;
+        score := dispatch.task_score(a, t);
+        wake := a.status = 'sleeping';
+        waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
+        PERFORM dispatch.task_give(t, a, score, 'push', p_now);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
+END
+$$;
+
+-- Pending, available tasks that no agent in the directory could take (capacity aside) get one
+-- `unmatched` event, and another only after unmatched_repeat_ms.
+CREATE FUNCTION dispatch.task_report_unmatched(
+    p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    c dispatch.config;
+    t dispatch.tasks;
+    n integer := 0;
+BEGIN
+    SELECT * INTO c FROM dispatch.config;
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+          AND (tk.unmatched_at IS NULL
+               OR tk.unmatched_at <= p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0))
+          AND NOT EXISTS (
+              SELECT 1 FROM dispatch.agents ag
+              WHERE cardinality(dispatch.agent_ineligibility(ag, tk, c, false)) = 0)
+        ORDER BY tk.priority DESC, tk.created_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        UPDATE dispatch.tasks SET unmatched_at = p_now WHERE task_id = t.task_id;
+        PERFORM dispatch.event_write(t.task_id, 'unmatched', 'dispatch',
+            jsonb_build_object('required_capabilities', to_jsonb(t.required_capabilities),
+                               'owner', t.owner), p_now);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Every agent of the directory as a candidate for the task: the factors of its score, whether it is
+-- eligible, and every reason it is not. Ordered as the assigner would choose (best first), the
+-- excluded ones after, by agent id. A previous agent of the task is eligible only when no other
+-- agent is.
+CREATE FUNCTION dispatch.task_explain(p_task_id uuid)
+RETURNS TABLE (
+    agent_id text, eligible boolean, score real, capability_match real, availability real,
+    priority_weight real, active_tasks integer, max_concurrent integer,
+    status dispatch.agent_status, drained boolean, owner text, previous_agent boolean,
+    reasons text[]
+)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    c dispatch.config;
+    t dispatch.tasks;
+BEGIN
+    SELECT * INTO c FROM dispatch.config;
+    SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = p_task_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
+    END IF;
+    RETURN QUERY
+    WITH r AS (
+        SELECT ag, dispatch.agent_ineligibility(ag, t, c) AS base_reasons,
+               ag.agent_id = ANY (t.previous_agents) AS prev
+        FROM dispatch.agents ag
+    ), e AS (
+        SELECT r.*,
+               cardinality(r.base_reasons) = 0 AS ok,
+               bool_or(cardinality(r.base_reasons) = 0 AND NOT r.prev) OVER () AS others
+        FROM r
+    ), x AS (
+        SELECT e.*, e.ok AND NOT (e.prev AND coalesce(e.others, false)) AS chosen FROM e
+    )
+    SELECT (x.ag).agent_id,
+           x.chosen,
+           CASE WHEN x.chosen THEN dispatch.task_score(x.ag, t) ELSE 0::real END,
+           CASE WHEN cardinality(t.required_capabilities) = 0 THEN 1::real
+                ELSE (1 - cardinality(dispatch.capabilities_missing((x.ag).capabilities,
+                                                                    t.required_capabilities))::real
+                          / cardinality(t.required_capabilities))::real
+           END,
+           dispatch.availability((x.ag).status),
+           dispatch.priority_weight(t.priority),
+           (x.ag).active_count, coalesce((x.ag).max_concurrent, c.max_concurrent_per_agent),
+           (x.ag).status, (x.ag).drained, (x.ag).owner, x.prev,
+           x.base_reasons
+               || CASE WHEN x.ok AND x.prev AND coalesce(x.others, false)
+                       THEN ARRAY['attempted this task before and another agent is eligible']
+                       ELSE '{}'::text[] END
+    FROM x
+    ORDER BY x.chosen DESC,
+             x.prev,
+             dispatch.availability((x.ag).status) DESC,
+             (x.ag).active_count,
+             (x.ag).last_assigned_at NULLS FIRST,
+             (x.ag).agent_id;
+END
+$$;
+
+-- ---- schema/05_directory.sql at 0.1.0
+
+-- Registers or updates an agent; NULL arguments keep the current value.
+CREATE FUNCTION dispatch.agent_upsert(
+    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_owner text DEFAULT NULL,
+    p_max_concurrent integer DEFAULT NULL, p_status dispatch.agent_status DEFAULT NULL,
+    p_policy text DEFAULT NULL, p_source text DEFAULT 'registry', p_now timestamptz DEFAULT now()
+) RETURNS dispatch.agents
+LANGUAGE plpgsql AS $$
+DECLARE
+    a dispatch.agents;
+BEGIN
+    INSERT INTO dispatch.agents AS ag (agent_id, capabilities, owner, max_concurrent, status, policy,
+                                       source, last_seen_at, created_at, updated_at)
+    VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_owner,
+            p_max_concurrent, coalesce(p_status, 'ready'), p_policy, coalesce(p_source, 'registry'),
+            p_now, p_now, p_now)
+    ON CONFLICT (agent_id) DO UPDATE SET
+        capabilities = coalesce(dispatch.normalize_capabilities(p_capabilities), ag.capabilities),
+        owner = coalesce(p_owner, ag.owner),
+        max_concurrent = coalesce(p_max_concurrent, ag.max_concurrent),
+        status = coalesce(p_status, CASE WHEN ag.status = 'unknown'
+                                         THEN 'ready'::dispatch.agent_status ELSE ag.status END),
+        policy = coalesce(p_policy, ag.policy),
+        last_seen_at = p_now, updated_at = p_now
+    RETURNING * INTO a;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN a;
+END
+$$;
+
+-- An agent heartbeat. One that went stale (status unknown) and reports in again without naming a
+-- status is ready again.
+CREATE FUNCTION dispatch.agent_heartbeat(
+    p_agent_id text, p_status dispatch.agent_status DEFAULT NULL, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.agents
+LANGUAGE plpgsql AS $$
+DECLARE
+    a dispatch.agents;
+BEGIN
+    UPDATE dispatch.agents
+    SET status = coalesce(p_status, CASE WHEN status = 'unknown' THEN 'ready'::dispatch.agent_status
+                                         ELSE status END),
+        last_seen_at = p_now, updated_at = p_now
+    WHERE agent_id = p_agent_id
+    RETURNING * INTO a;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'agent % not found', p_agent_id USING ERRCODE = 'UD404';
+    END IF;
+    IF a.status IN ('ready', 'sleeping', 'busy') THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN a;
+END
+$$;
+
+CREATE FUNCTION dispatch.agent_drain(p_agent_id text, p_drained boolean DEFAULT true,
+                                     p_now timestamptz DEFAULT now())
+RETURNS dispatch.agents
+LANGUAGE plpgsql AS $$
+DECLARE
+    a dispatch.agents;
+BEGIN
+    UPDATE dispatch.agents SET drained = p_drained, updated_at = p_now
+    WHERE agent_id = p_agent_id
+    RETURNING * INTO a;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'agent % not found', p_agent_id USING ERRCODE = 'UD404';
+    END IF;
+    IF NOT p_drained THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN a;
+END
+$$;
+
+-- Lock the agent's tasks before the agent row, in the order every transition takes them (task
+-- first, then the agent through the status trigger), so a stop racing a completion cannot deadlock.
+CREATE FUNCTION dispatch.agent_stop(p_agent_id text, p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    t   dispatch.tasks;
+    ids uuid[];
+    n   integer := 0;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM dispatch.agents WHERE agent_id = p_agent_id) THEN
+        RAISE EXCEPTION 'agent % not found', p_agent_id USING ERRCODE = 'UD404';
+    END IF;
+    ids := ARRAY(
+        SELECT tk.task_id FROM dispatch.tasks tk
+        WHERE tk.status IN ('assigned', 'running') AND tk.assigned_agent = p_agent_id
+        ORDER BY tk.task_id
+        FOR UPDATE);
+    PERFORM dispatch.fn_enter();
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.task_id = ANY (ids) AND tk.status IN ('assigned', 'running')
+          AND tk.assigned_agent = p_agent_id
+        ORDER BY tk.task_id
+    LOOP
+        PERFORM dispatch.task_reassign(t, 'agent_stopped', p_now);
+        n := n + 1;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
+    UPDATE dispatch.agents SET status = 'stopped', updated_at = p_now, last_seen_at = p_now
+    WHERE agent_id = p_agent_id;
+    RETURN n;
+END
+$$;
+
+-- Writes one refresh of the external directory. p_entries is a JSON array of
+--   {agent_id, capabilities?, status?, policy?, source, seen}
+-- where a missing (null) field keeps what the directory knows (its service did not answer) and
+-- `seen` says whether the entry's availability was refreshed now (it resets the stale clock).
+-- New agents are created; agents of the built-in registry keep source `registry`. Returns the number
+-- of entries written and NOTIFYs the assigner (capabilities or availability may have changed).
+CREATE FUNCTION dispatch.agent_sync(p_entries jsonb, p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH e AS (
+        SELECT x.agent_id,
+               CASE WHEN x.capabilities IS NULL THEN NULL
+                    ELSE dispatch.normalize_capabilities(
+                        ARRAY(SELECT jsonb_array_elements_text(x.capabilities))) END AS caps,
+               x.status::dispatch.agent_status AS status, x.policy, x.source,
+               coalesce(x.seen, false) AS seen
+        FROM jsonb_to_recordset(p_entries)
+             AS x (agent_id text, capabilities jsonb, status text, policy text, source text,
+                   seen boolean)
+        ORDER BY x.agent_id
+    ), ins AS (
+        INSERT INTO dispatch.agents AS ag (agent_id, capabilities, status, policy, source,
+                                           last_seen_at, created_at, updated_at)
+        SELECT e.agent_id, coalesce(e.caps, '{}'),
+               coalesce(e.status, CASE WHEN e.seen THEN 'ready'
+                                       ELSE 'unknown' END::dispatch.agent_status), e.policy,
+               e.source, p_now, p_now, p_now
+        FROM e
+        ORDER BY e.agent_id
+        ON CONFLICT (agent_id) DO UPDATE SET
+            capabilities = coalesce((SELECT e2.caps FROM e e2 WHERE e2.agent_id = ag.agent_id),
+                                    ag.capabilities),
+            status = coalesce((SELECT e2.status FROM e e2 WHERE e2.agent_id = ag.agent_id),
+                              CASE WHEN ag.status = 'unknown'
+                                        AND (SELECT e2.seen FROM e e2 WHERE e2.agent_id = ag.agent_id)
+                                   THEN 'ready'::dispatch.agent_status ELSE ag.status END),
+            policy = coalesce(EXCLUDED.policy, ag.policy),
+            source = CASE WHEN ag.source = 'registry' THEN ag.source ELSE EXCLUDED.source END,
+            last_seen_at = CASE WHEN (SELECT e2.seen FROM e e2 WHERE e2.agent_id = ag.agent_id)
+                                THEN p_now ELSE ag.last_seen_at END,
+            updated_at = p_now
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM ins;
+    IF n > 0 THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Replaces the device ownership learned from one source (Alexandria) by p_pairs, a JSON array of
+-- {agent_id, owner}. Returns the number of pairs now known.
+CREATE FUNCTION dispatch.agent_owners_sync(
+    p_pairs jsonb, p_source text DEFAULT 'alexandria', p_now timestamptz DEFAULT now()
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    DELETE FROM dispatch.agent_owners o
+    WHERE o.source = p_source
+      AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset(p_pairs) AS x (agent_id text, owner text)
+                      WHERE x.agent_id = o.agent_id AND x.owner = o.owner);
+    INSERT INTO dispatch.agent_owners AS o (agent_id, owner, source, updated_at)
+    SELECT DISTINCT x.agent_id, x.owner, p_source, p_now
+    FROM jsonb_to_recordset(p_pairs) AS x (agent_id text, owner text)
+    WHERE x.agent_id IS NOT NULL AND x.owner IS NOT NULL
+    ORDER BY x.agent_id, x.owner
+    ON CONFLICT (agent_id, owner) DO UPDATE SET source = EXCLUDED.source, updated_at = p_now;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN n;
+END
+$$;
+
+-- Entries not refreshed for p_stale_ms become `unknown` (no longer eligible), and device ownership
+-- not refreshed for as long is forgotten (the owner filter then fails closed). Agents that stopped
+-- stay stopped. Returns the number of agents marked unknown.
+CREATE FUNCTION dispatch.agent_mark_stale(p_stale_ms integer, p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    horizon timestamptz := p_now - make_interval(secs => p_stale_ms / 1000.0);
+BEGIN
+    WITH stale AS (
+        SELECT ag.agent_id FROM dispatch.agents ag
+        WHERE ag.last_seen_at < horizon AND ag.status NOT IN ('unknown', 'stopped')
+        ORDER BY ag.agent_id
+        FOR UPDATE SKIP LOCKED
+    ), marked AS (
+        UPDATE dispatch.agents ag SET status = 'unknown', updated_at = p_now
+        FROM stale WHERE ag.agent_id = stale.agent_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM marked;
+    DELETE FROM dispatch.agent_owners o WHERE o.updated_at < horizon;
+    RETURN n;
+END
+$$;
+
+-- ---- schema/06_outbox.sql at 0.1.0
+
+-- The event relay's side of the transactional outbox: task_events rows with published_at IS NULL
+-- are published to NATS JetStream and then marked, in one transaction:
+--
+--   BEGIN;
+--   SELECT dispatch.event_relay_lock();          -- false: another replica is relaying, stand by
+--   SELECT * FROM dispatch.event_relay_batch(500);
+--   ... publish each row with Nats-Msg-Id = id, wait for the JetStream acks ...
+--   SELECT dispatch.event_mark_published(ids);
+--   COMMIT;
+--
+-- A crash between publish and mark rolls the marks back; the next relay publishes the same rows
+-- again under the same message ids and JetStream's duplicate window drops the copies.
+
+-- Only one replica relays at a time. Row locks with SKIP LOCKED alone would let replica B lock and
+-- publish a later event of a task while replica A is still publishing an earlier one of the same
+-- task (A holds the earlier rows, B skips them), so per-task order would depend on who wins the
+-- race to the NATS server. A transaction-level advisory lock, tried without waiting, makes one
+-- batch at a time the rule: the others return at once and wait for the next NOTIFY. It is released
+-- by COMMIT/ROLLBACK or when the session dies, so a killed relay never blocks the others.
+CREATE FUNCTION dispatch.event_relay_lock() RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT pg_try_advisory_xact_lock(hashtext('dispatch.event_relay'))
+$$;
+
+-- The oldest unpublished events, locked for this transaction. The event rows only are locked (not
+-- their tasks), so the relay never blocks a transition. SKIP LOCKED is a second fence behind the
+-- advisory lock: a batch still being published (and not yet marked) is never picked up twice.
+-- Per task, ids follow commit order: every writer of a task's events holds that task's row lock.
+CREATE FUNCTION dispatch.event_relay_batch(p_limit integer DEFAULT 500)
+RETURNS SETOF dispatch.task_events
+LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM dispatch.task_events
+    WHERE published_at IS NULL
+    ORDER BY id
+    LIMIT p_limit
+    FOR UPDATE SKIP LOCKED
+$$;
+
+CREATE FUNCTION dispatch.event_mark_published(p_ids bigint[], p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    WITH marked AS (
+        UPDATE dispatch.task_events SET published_at = p_now
+        WHERE id = ANY (p_ids) AND published_at IS NULL
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM marked
+$$;
+
+-- ---- schema/07_dba.sql at 0.1.0
+
+-- The DBA surface: functions that behave exactly like the API, and views to look at the queue from
+-- psql.
+CREATE FUNCTION dispatch.create_task(
+    title text,
+    description text DEFAULT '',
+    requester text DEFAULT NULL,
+    owner text DEFAULT NULL,
+    required_capabilities text[] DEFAULT '{}',
+    priority integer DEFAULT 0,
+    timeout_seconds integer DEFAULT NULL,
+    heartbeat_seconds integer DEFAULT NULL,
+    max_retries integer DEFAULT 3,
+    metadata jsonb DEFAULT '{}',
+    parent_task_id uuid DEFAULT NULL,
+    available_at timestamptz DEFAULT NULL,
+    source text DEFAULT 'sql',
+    idempotency_key text DEFAULT NULL
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    t dispatch.tasks;
+BEGIN
+    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
+                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                      metadata, parent_task_id, available_at, source,
+                                      idempotency_key)
+    VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
+            create_task.owner, coalesce(create_task.required_capabilities, '{}'),
+            coalesce(create_task.priority, 0), create_task.timeout_seconds,
+            create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
+            coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
+            create_task.available_at, create_task.source, create_task.idempotency_key)
+    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING * INTO t;
+    IF t.task_id IS NULL THEN
+        SELECT * INTO t FROM dispatch.tasks tk
+        WHERE tk.requester = coalesce(create_task.requester, dispatch.session_actor())
+          AND tk.idempotency_key = create_task.idempotency_key;
+    END IF;
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.cancel_task(task_id uuid, actor text DEFAULT NULL, reason text DEFAULT NULL)
+RETURNS dispatch.tasks
+LANGUAGE sql AS $$
+    SELECT dispatch.task_cancel(task_id, coalesce(actor, dispatch.session_actor()), reason, true)
+$$;
+
+CREATE FUNCTION dispatch.requeue_task(task_id uuid, actor text DEFAULT NULL)
+RETURNS dispatch.tasks
+LANGUAGE sql AS $$
+    SELECT dispatch.task_requeue(task_id, coalesce(actor, dispatch.session_actor()))
+$$;
+
+CREATE FUNCTION dispatch.drain_agent(agent_id text, drained boolean DEFAULT true)
+RETURNS dispatch.agents
+LANGUAGE sql AS $$
+    SELECT dispatch.agent_drain(agent_id, drained)
+$$;
+
+CREATE VIEW dispatch.queue_depth AS
+SELECT s.status,
+       count(t.task_id)::bigint AS count,
+       now() - min(t.created_at) AS oldest_age
+FROM unnest(enum_range(NULL::dispatch.task_status)) AS s (status)
+LEFT JOIN dispatch.tasks t ON t.status = s.status
+GROUP BY s.status
+ORDER BY s.status;
+
+CREATE VIEW dispatch.agent_load AS
+SELECT a.agent_id, a.status, a.drained, a.source, a.owner, a.capabilities,
+       a.active_count AS active_tasks,
+       coalesce(a.max_concurrent, c.max_concurrent_per_agent) AS max_concurrent,
+       (SELECT count(*) FROM dispatch.tasks t
+        WHERE t.status IN ('assigned', 'running') AND t.assigned_agent = a.agent_id)::integer
+           AS counted_active_tasks,
+       a.last_assigned_at, a.last_seen_at
+FROM dispatch.agents a CROSS JOIN dispatch.config c
+ORDER BY a.agent_id;
+
+CREATE VIEW dispatch.overdue AS
+SELECT t.task_id, t.title, t.status, t.assigned_agent, t.deadline_at,
+       now() - t.deadline_at AS overdue_by,
+       CASE WHEN t.deadline_at <= now() THEN 'deadline'
+            WHEN t.status = 'assigned' AND t.wake_deadline_at <= now() THEN 'wake_timeout'
+            ELSE 'heartbeat' END AS reason
+FROM dispatch.tasks t
+WHERE t.status IN ('assigned', 'running')
+  AND (t.deadline_at <= now()
+       OR (t.status = 'assigned' AND t.wake_deadline_at <= now())
+       OR t.heartbeat_seconds IS NOT NULL
+          AND coalesce(t.last_progress_at, t.started_at, t.assigned_at)
+              + make_interval(secs => t.heartbeat_seconds) <= now());

@@ -1,0 +1,203 @@
+-- Guards: the lifecycle's edges, the triggers that reject any other status change (from raw SQL
+-- too), and the event row + NOTIFY written in the transaction of every change. The transitions
+-- themselves are in 03_transitions.sql, one function each.
+--
+-- Errors raised here carry SQLSTATEs the Python store maps to domain errors:
+--   UD400 invalid argument, UD403 actor may not do this, UD404 no such task or agent,
+--   UD409 the task is not in a state that allows it (illegal status edges also raise UD409).
+--
+-- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
+--   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
+--   dispatch_events new rows in task_events (wakes the relay)
+--   dispatch_due    (payload: an epoch) an assignment set a deadline (wakes sleeping reapers)
+CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(array_agg(DISTINCT c ORDER BY c), '{}')
+    FROM (SELECT lower(btrim(x)) AS c FROM unnest(caps) AS x) s
+    WHERE c IS NOT NULL AND c <> ''
+$$;
+
+-- Who the session is, for the actor of events written from raw SQL.
+CREATE FUNCTION dispatch.session_actor() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('dispatch.actor', true), ''), session_user::text)
+$$;
+
+CREATE FUNCTION dispatch.event_write(
+    p_task_id uuid, p_event text, p_actor text, p_payload jsonb, p_now timestamptz
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
+    VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
+    PERFORM pg_notify('dispatch_events', '');
+END
+$$;
+
+-- pending -> completed: manual resolution (the requester, the owner or an admin; the original
+-- service allowed it and its clients rely on it).
+CREATE FUNCTION dispatch.status_edge_allowed(
+    old_status dispatch.task_status, new_status dispatch.task_status
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE old_status
+        WHEN 'pending'   THEN new_status IN ('assigned', 'completed', 'cancelled')
+        WHEN 'assigned'  THEN new_status IN ('running', 'completed', 'failed', 'timed_out',
+                                             'pending', 'cancelled')
+        WHEN 'running'   THEN new_status IN ('completed', 'failed', 'timed_out', 'pending',
+                                             'cancelled')
+        WHEN 'failed'    THEN new_status = 'pending'
+        WHEN 'timed_out' THEN new_status = 'pending'
+        WHEN 'cancelled' THEN new_status = 'pending'
+        ELSE false
+    END
+$$;
+
+-- Marks the current transaction as inside a lifecycle function (its events are written by the
+-- function itself), until dispatch.fn_leave().
+CREATE FUNCTION dispatch.fn_enter() RETURNS void
+LANGUAGE sql AS $$ SELECT set_config('dispatch.via', 'fn', true) $$;
+
+CREATE FUNCTION dispatch.fn_leave() RETURNS void
+LANGUAGE sql AS $$ SELECT set_config('dispatch.via', '', true) $$;
+
+-- Defaults that depend on other columns or on dispatch.config, and argument checks with messages a
+-- psql user can act on. Runs for create_task, the API and a plain INSERT alike.
+CREATE FUNCTION dispatch.tasks_before_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    c dispatch.config;
+BEGIN
+    IF NEW.status IS DISTINCT FROM 'pending' THEN
+        RAISE EXCEPTION 'a new task must be pending, not %', NEW.status
+            USING ERRCODE = 'UD400', COLUMN = 'status';
+    END IF;
+    IF NEW.title IS NULL OR char_length(NEW.title) NOT BETWEEN 1 AND 500 THEN
+        RAISE EXCEPTION 'title must be 1 to 500 characters (got %)', coalesce(char_length(NEW.title), 0)
+            USING ERRCODE = 'UD400', COLUMN = 'title';
+    END IF;
+    IF NEW.priority NOT BETWEEN 0 AND 10 THEN
+        RAISE EXCEPTION 'priority must be between 0 and 10 (got %)', NEW.priority
+            USING ERRCODE = 'UD400', COLUMN = 'priority';
+    END IF;
+    IF NEW.max_retries NOT BETWEEN 0 AND 100 THEN
+        RAISE EXCEPTION 'max_retries must be between 0 and 100 (got %)', NEW.max_retries
+            USING ERRCODE = 'UD400', COLUMN = 'max_retries';
+    END IF;
+    IF NEW.timeout_seconds IS NOT NULL AND NEW.timeout_seconds <= 0 THEN
+        RAISE EXCEPTION 'timeout_seconds must be greater than 0 (got %)', NEW.timeout_seconds
+            USING ERRCODE = 'UD400', COLUMN = 'timeout_seconds';
+    END IF;
+    IF NEW.heartbeat_seconds IS NOT NULL AND NEW.heartbeat_seconds <= 0 THEN
+        RAISE EXCEPTION 'heartbeat_seconds must be greater than 0 (got %)', NEW.heartbeat_seconds
+            USING ERRCODE = 'UD400', COLUMN = 'heartbeat_seconds';
+    END IF;
+    IF octet_length(NEW.description) > 65536 THEN
+        RAISE EXCEPTION 'description must be at most 64 KiB'
+            USING ERRCODE = 'UD400', COLUMN = 'description';
+    END IF;
+    IF jsonb_typeof(NEW.metadata) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object'
+            USING ERRCODE = 'UD400', COLUMN = 'metadata';
+    END IF;
+    IF NEW.owner IS NOT NULL AND char_length(NEW.owner) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'owner must be 1 to 256 characters, or NULL for a task any eligible agent may run'
+            USING ERRCODE = 'UD400', COLUMN = 'owner';
+    END IF;
+    IF NEW.timeout_seconds IS NULL THEN
+        SELECT * INTO c FROM dispatch.config;
+        NEW.timeout_seconds := c.default_timeout_seconds;
+    END IF;
+    NEW.required_capabilities := dispatch.normalize_capabilities(NEW.required_capabilities);
+    NEW.requester := coalesce(NEW.requester, dispatch.session_actor());
+    NEW.source := coalesce(NEW.source, 'sql');
+    NEW.assigned_agent := NULL;
+    NEW.created_at := coalesce(NEW.created_at, now());
+    NEW.updated_at := NEW.created_at;
+    NEW.available_at := coalesce(NEW.available_at, NEW.created_at);
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_before_insert BEFORE INSERT ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_insert();
+
+CREATE FUNCTION dispatch.tasks_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dispatch.event_write(NEW.task_id, 'created', NEW.requester,
+        jsonb_build_object('priority', NEW.priority,
+                           'required_capabilities', to_jsonb(NEW.required_capabilities),
+                           'owner', NEW.owner, 'source', NEW.source),
+        NEW.created_at);
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_after_insert AFTER INSERT ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_after_insert();
+
+-- Guards every status change and keeps each agent's active_count. Status changes made by raw SQL
+-- (not through the functions below, which set dispatch.via) get a generic event so that no change
+-- escapes the history.
+CREATE FUNCTION dispatch.tasks_before_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    was_active boolean := OLD.status IN ('assigned', 'running');
+    is_active  boolean := NEW.status IN ('assigned', 'running');
+    via_sql    boolean := coalesce(current_setting('dispatch.via', true), '') <> 'fn';
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NOT dispatch.status_edge_allowed(OLD.status, NEW.status) THEN
+            RAISE EXCEPTION 'illegal task status transition from % to % (task %)',
+                OLD.status, NEW.status, OLD.task_id
+                USING ERRCODE = 'UD409',
+                      HINT = 'the lifecycle: pending -> assigned -> running -> completed | failed | timed_out; '
+                             'pending -> completed (manual); pending | assigned | running -> cancelled; '
+                             'failed | timed_out | cancelled -> pending (requeue). '
+                             'Use the dispatch.* functions (dispatch.cancel_task, dispatch.requeue_task).';
+        END IF;
+        IF via_sql THEN
+            IF NEW.status IN ('completed', 'failed', 'timed_out', 'cancelled') THEN
+                NEW.completed_at := coalesce(NEW.completed_at, now());
+            END IF;
+            IF NEW.status = 'assigned' AND NEW.assigned_agent IS NULL THEN
+                RAISE EXCEPTION 'an assigned task needs an assigned_agent'
+                    USING ERRCODE = 'UD400', COLUMN = 'assigned_agent';
+            END IF;
+            PERFORM dispatch.event_write(OLD.task_id,
+                CASE NEW.status
+                    WHEN 'pending'   THEN CASE WHEN was_active THEN 'reassigned' ELSE 'requeued' END
+                    WHEN 'assigned'  THEN 'assigned'
+                    WHEN 'running'   THEN 'started'
+                    WHEN 'timed_out' THEN 'timeout'
+                    ELSE NEW.status::text
+                END,
+                dispatch.session_actor(),
+                jsonb_build_object('from', OLD.status, 'to', NEW.status, 'via', 'sql',
+                                   'assigned_agent', NEW.assigned_agent),
+                now());
+        END IF;
+        NEW.updated_at := greatest(NEW.updated_at, OLD.updated_at);
+    END IF;
+    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
+        UPDATE dispatch.agents SET active_count = greatest(active_count - 1, 0)
+        WHERE agent_id = OLD.assigned_agent;
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    IF is_active AND (NOT was_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
+        UPDATE dispatch.agents
+        SET active_count = active_count + 1,
+            last_assigned_at = coalesce(NEW.assigned_at, now())
+        WHERE agent_id = NEW.assigned_agent;
+    END IF;
+    IF NEW.status = 'pending' AND OLD.status <> 'pending' AND via_sql THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_before_update BEFORE UPDATE OF status, assigned_agent ON dispatch.tasks
+    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_update();

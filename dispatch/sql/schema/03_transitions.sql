@@ -1,0 +1,441 @@
+-- Backoff for the attempt-th retry: retry_backoff_ms * 2^(attempt-1), capped, +-20 % jitter.
+CREATE FUNCTION dispatch.retry_backoff(attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE AS $$
+    SELECT make_interval(secs =>
+        least(c.retry_backoff_ms::float8 * power(2, greatest(attempt, 1) - 1),
+              c.retry_backoff_max_ms::float8)
+        * (0.8 + 0.4 * random()) / 1000.0)
+    FROM dispatch.config c
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- Helpers shared by the transitions
+---------------------------------------------------------------------------------------------------
+CREATE FUNCTION dispatch.task_lock(p_task_id uuid) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks;
+BEGIN
+    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
+    END IF;
+    RETURN t;
+END
+$$;
+
+-- Fencing for agent reports: only the current assigned agent may report. An agent that held an
+-- earlier attempt gets a conflict (its report is stale); anyone else is refused.
+CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_agent_id IS NOT DISTINCT FROM t.assigned_agent THEN
+        RETURN;
+    END IF;
+    IF p_agent_id = ANY (t.previous_agents) THEN
+        RAISE EXCEPTION 'agent % no longer holds task % (status %, assigned to %)',
+            p_agent_id, t.task_id, t.status, coalesce(t.assigned_agent, 'nobody')
+            USING ERRCODE = 'UD409';
+    END IF;
+    RAISE EXCEPTION 'agent % is not assigned to task %', p_agent_id, t.task_id
+        USING ERRCODE = 'UD403';
+END
+$$;
+
+CREATE FUNCTION dispatch.task_require_status(t dispatch.tasks, VARIADIC allowed dispatch.task_status[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT t.status = ANY (allowed) THEN
+        RAISE EXCEPTION 'task % is %, expected %', t.task_id, t.status, array_to_string(allowed, ' or ')
+            USING ERRCODE = 'UD409';
+    END IF;
+END
+$$;
+
+-- Who may cancel, re-prioritise or resolve a task by hand. NULL-safe: a task without an owner is
+-- its requester's (and an admin's) alone.
+CREATE FUNCTION dispatch.task_is_resolver(t dispatch.tasks, p_actor text, p_admin boolean)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_admin, false)
+        OR coalesce(p_actor = t.requester, false)
+        OR coalesce(p_actor = t.owner, false)
+$$;
+
+-- Ends the current attempt of an active task after a failure or timeout: back to pending after a
+-- backoff when retries are left (event retry), else the terminal status (event dlq).
+CREATE FUNCTION dispatch.task_end_attempt(
+    t dispatch.tasks, p_terminal dispatch.task_status, p_error text, p_retry boolean,
+    p_now timestamptz
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks;
+BEGIN
+    IF p_retry AND t.retry_count < t.max_retries THEN
+        UPDATE dispatch.tasks
+        SET status = 'pending',
+            retry_count = t.retry_count + 1,
+            available_at = p_now + dispatch.retry_backoff(t.retry_count + 1),
+            previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                                   THEN t.previous_agents
+                                   ELSE t.previous_agents || t.assigned_agent END,
+            assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL,
+            error = coalesce(p_error, t.error), updated_at = p_now
+        WHERE task_id = t.task_id
+        RETURNING * INTO r;
+        PERFORM dispatch.event_write(t.task_id, 'retry', 'dispatch',
+            jsonb_build_object('retry_count', r.retry_count, 'available_at', r.available_at,
+                               'previous_agent', t.assigned_agent), p_now);
+    ELSE
+        UPDATE dispatch.tasks
+        SET status = p_terminal, error = coalesce(p_error, t.error),
+            deadline_at = NULL, wake_deadline_at = NULL,
+            completed_at = p_now, updated_at = p_now
+        WHERE task_id = t.task_id
+        RETURNING * INTO r;
+        PERFORM dispatch.event_write(t.task_id, 'dlq', 'dispatch',
+            jsonb_build_object('reason', CASE WHEN p_retry THEN 'retries exhausted'
+                                              ELSE 'not retry eligible' END,
+                               'retry_count', r.retry_count, 'max_retries', r.max_retries),
+            p_now);
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- Takes an active task away from its agent without blaming a failure on it (wake timeout, agent
+-- stopped). It still counts as an attempt, so nothing bounces forever.
+CREATE FUNCTION dispatch.task_reassign(t dispatch.tasks, p_reason text, p_now timestamptz)
+RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks;
+BEGIN
+    IF t.retry_count >= t.max_retries THEN
+        PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+            jsonb_build_object('assigned_agent', t.assigned_agent,
+                               'timed_out_in_state', t.status, 'reason', p_reason), p_now);
+        RETURN dispatch.task_end_attempt(t, 'timed_out', p_reason, true, p_now);
+    END IF;
+    UPDATE dispatch.tasks
+    SET status = 'pending', retry_count = t.retry_count + 1, available_at = p_now,
+        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                               THEN t.previous_agents
+                               ELSE t.previous_agents || t.assigned_agent END,
+        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = t.task_id
+    RETURNING * INTO r;
+    PERFORM dispatch.event_write(t.task_id, 'reassigned', 'dispatch',
+        jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_start(
+    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    IF t.status = 'running' THEN
+        RETURN t;   -- a repeated start changes nothing
+    END IF;
+    PERFORM dispatch.task_require_status(t, 'assigned');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'running', started_at = p_now, last_progress_at = p_now,
+        wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'started', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_progress(
+    p_task_id uuid, p_agent_id text, p_percent real DEFAULT NULL, p_message text DEFAULT NULL,
+    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    p jsonb;
+BEGIN
+    IF p_percent IS NOT NULL AND NOT (p_percent BETWEEN 0 AND 100) THEN
+        RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', p_percent
+            USING ERRCODE = 'UD400', COLUMN = 'percent';
+    END IF;
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    IF t.status = 'assigned' THEN
+        t := dispatch.task_start(p_task_id, p_agent_id, p_now);
+    END IF;
+    p := jsonb_strip_nulls(jsonb_build_object('percent', p_percent, 'message', p_message,
+                                              'data', p_data));
+    PERFORM dispatch.fn_enter();
+    -- Only unindexed columns change: a HOT update.
+    UPDATE dispatch.tasks
+    SET progress = p, last_progress_at = p_now, updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'progress', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id, 'percent', p_percent,
+                           'message', p_message, 'data', p_data), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- Completion by the assigned agent, or manual resolution by the requester, the owner or an admin
+-- (also of a task still pending; event `completed` with manual: true). An agent never completes a
+-- task it does not hold. A repeated complete by the agent that completed it returns the task
+-- unchanged.
+CREATE FUNCTION dispatch.task_complete(
+    p_task_id uuid, p_actor text, p_result jsonb DEFAULT NULL, p_admin boolean DEFAULT false,
+    p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    manual boolean;
+BEGIN
+    IF t.status = 'completed' AND p_actor = t.assigned_agent THEN
+        RETURN t;
+    END IF;
+    manual := dispatch.task_is_resolver(t, p_actor, p_admin)
+              AND p_actor IS DISTINCT FROM t.assigned_agent;
+    IF manual THEN
+        PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+    ELSE
+        PERFORM dispatch.task_fence(t, p_actor);
+        PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    END IF;
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'completed', p_actor,
+        jsonb_build_object('assigned_agent', t.assigned_agent, 'result', p_result)
+        || CASE WHEN manual THEN '{"manual": true}'::jsonb ELSE '{}'::jsonb END, p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION dispatch.task_fail(
+    p_task_id uuid, p_agent_id text, p_error text DEFAULT NULL,
+    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    PERFORM dispatch.fn_enter();
+    PERFORM dispatch.event_write(p_task_id, 'failed', p_agent_id,
+        jsonb_build_object('assigned_agent', p_agent_id, 'error', p_error,
+                           'retry_eligible', coalesce(p_retry_eligible, true)), p_now);
+    t := dispatch.task_end_attempt(t, 'failed', p_error, coalesce(p_retry_eligible, true), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- The reaper: expire active attempts past their deadline, their heartbeat or their wake timeout.
+CREATE FUNCTION dispatch.task_expire(p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100)
+RETURNS TABLE (task_id uuid, event text, status dispatch.task_status)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks;
+    r dispatch.tasks;
+BEGIN
+    PERFORM dispatch.fn_enter();
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.status IN ('assigned', 'running')
+          AND (tk.deadline_at <= p_now
+               OR (tk.status = 'assigned' AND tk.wake_deadline_at <= p_now)
+               OR tk.heartbeat_seconds IS NOT NULL
+                  AND coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                      + make_interval(secs => tk.heartbeat_seconds) <= p_now)
+        ORDER BY tk.deadline_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        IF t.status = 'assigned' AND t.wake_deadline_at <= p_now AND t.deadline_at > p_now THEN
+            r := dispatch.task_reassign(t, 'wake_timeout', p_now);
+            event := 'reassigned';
+        ELSE
+            PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+                jsonb_build_object('assigned_agent', t.assigned_agent,
+                                   'timed_out_in_state', t.status,
+                                   'reason', CASE WHEN t.deadline_at <= p_now THEN 'deadline'
+                                                  ELSE 'heartbeat' END), p_now);
+            r := dispatch.task_end_attempt(t, 'timed_out', 'timed out', true, p_now);
+            event := 'timeout';
+        END IF;
+        task_id := r.task_id;
+        status := r.status;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
+END
+$$;
+
+-- The next instant at which the reaper or the assigner has something to do (a deadline, a heartbeat
+-- or wake timeout, a scheduled or backed-off task becoming available); NULL when nothing is known.
+CREATE FUNCTION dispatch.next_due(p_now timestamptz DEFAULT now()) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT least(
+        (SELECT min(least(tk.deadline_at,
+                          CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
+                          coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                              + make_interval(secs => tk.heartbeat_seconds)))
+         FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running')),
+        (SELECT min(tk.available_at) FROM dispatch.tasks tk
+         WHERE tk.status = 'pending' AND tk.available_at > p_now))
+$$;
+
+CREATE FUNCTION dispatch.task_cancel(
+    p_task_id uuid, p_actor text, p_reason text DEFAULT NULL, p_admin boolean DEFAULT false,
+    p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    IF NOT dispatch.task_is_resolver(t, p_actor, p_admin) THEN
+        RAISE EXCEPTION '% may not cancel task % (only its requester, its owner or an admin)',
+            p_actor, p_task_id USING ERRCODE = 'UD403';
+    END IF;
+    PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'cancelled', p_actor,
+        jsonb_build_object('reason', p_reason, 'assigned_agent', t.assigned_agent), p_now);
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- Dead-letter requeue (admin): a failed, timed-out or cancelled task starts over.
+CREATE FUNCTION dispatch.task_requeue(
+    p_task_id uuid, p_actor text, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    previous dispatch.task_status := t.status;
+BEGIN
+    PERFORM dispatch.task_require_status(t, 'failed', 'timed_out', 'cancelled');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'pending', retry_count = 0, assigned_agent = NULL, available_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL, unmatched_at = NULL,
+        updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'requeued', p_actor,
+        jsonb_build_object('previous_status', previous), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
+-- RFC 7396 JSON merge patch: objects merge recursively, null removes a key, anything else replaces.
+-- plpgsql on purpose: a SQL-language body would be inlined, duplicating the recursive call for
+-- every reference to its arguments (exponential in the depth of nested objects).
+CREATE FUNCTION dispatch.jsonb_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    result jsonb;
+    k      text;
+    v      jsonb;
+BEGIN
+    IF jsonb_typeof(patch) IS DISTINCT FROM 'object' THEN
+        RETURN patch;
+    END IF;
+    result := CASE WHEN jsonb_typeof(target) = 'object' THEN target ELSE '{}' END;
+    FOR k, v IN SELECT * FROM jsonb_each(patch) LOOP
+        IF v = 'null'::jsonb THEN
+            result := result - k;
+        ELSE
+            result := jsonb_set(result, ARRAY[k], dispatch.jsonb_merge_patch(result -> k, v));
+        END IF;
+    END LOOP;
+    RETURN result;
+END
+$$;
+
+-- PATCH by the requester, the owner or an admin: merge-patch the metadata; change the priority of a
+-- task that is still pending. Event `updated` with what changed.
+CREATE FUNCTION dispatch.task_update(
+    p_task_id uuid, p_actor text, p_metadata_patch jsonb DEFAULT NULL, p_priority integer DEFAULT NULL,
+    p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    IF NOT dispatch.task_is_resolver(t, p_actor, p_admin) THEN
+        RAISE EXCEPTION '% may not change task % (only its requester, its owner or an admin)',
+            p_actor, p_task_id USING ERRCODE = 'UD403';
+    END IF;
+    IF p_metadata_patch IS NOT NULL AND jsonb_typeof(p_metadata_patch) <> 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = 'UD400', COLUMN = 'metadata';
+    END IF;
+    IF p_priority IS NOT NULL THEN
+        IF p_priority NOT BETWEEN 0 AND 10 THEN
+            RAISE EXCEPTION 'priority must be between 0 and 10 (got %)', p_priority
+                USING ERRCODE = 'UD400', COLUMN = 'priority';
+        END IF;
+        IF t.status <> 'pending' THEN
+            RAISE EXCEPTION 'the priority of task % can only change while it is pending (it is %)',
+                p_task_id, t.status USING ERRCODE = 'UD409';
+        END IF;
+    END IF;
+    UPDATE dispatch.tasks
+    SET metadata = CASE WHEN p_metadata_patch IS NULL THEN metadata
+                        ELSE dispatch.jsonb_merge_patch(metadata, p_metadata_patch) END,
+        priority = coalesce(p_priority, priority),
+        updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'updated', p_actor,
+        jsonb_strip_nulls(jsonb_build_object('metadata', p_metadata_patch, 'priority', p_priority)),
+        p_now);
+    RETURN t;
+END
+$$;
+
+-- Retention: delete terminal tasks finished before p_before (their events go with them).
+CREATE FUNCTION dispatch.task_prune(p_before timestamptz, p_limit integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE sql AS $$
+    WITH doomed AS (
+        SELECT task_id FROM dispatch.tasks
+        WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled')
+          AND completed_at < p_before
+        ORDER BY completed_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM dispatch.tasks t USING doomed d WHERE t.task_id = d.task_id RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
