@@ -54,3 +54,12 @@ bench: $(BENCH_STAMP) ## benchmark beside pgqueuer/procrastinate on one Postgres
 .PHONY: bench-soak
 bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim latency over BENCH_SOAK_SECONDS (default 600 s)
 	$(BIN)/python -m bench --soak
+
+.PHONY: test-distribution
+test-distribution: $(STAMP) ## the suite again on the distribution's PostgreSQL (pg_config --bindir; stock settings, JIT on)
+	@if where=$$($(BIN)/python -m tests.pgdist); then \
+		echo "test-distribution: PostgreSQL from $$where"; \
+		DISPATCH_TEST_PG=distribution $(BIN)/pytest; \
+	else \
+		echo "test-distribution: skipped, $$where"; \
+	fi

@@ -1,5 +1,7 @@
-"""Where the test suite's Postgres comes from, in order: DISPATCH_TEST_DATABASE_URL; a
-testcontainers Postgres when a Docker engine answers; an embedded pgserver Postgres."""
+"""Where the test suite's Postgres comes from, in order: DISPATCH_TEST_DATABASE_URL; with
+DISPATCH_TEST_PG=distribution, a throwaway cluster from the machine's distribution binaries (stock
+settings, JIT on: `make test-distribution`); a testcontainers Postgres when a Docker engine
+answers; an embedded pgserver Postgres."""
 
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ def server_url() -> Iterator[str]:
     url = os.environ.get("DISPATCH_TEST_DATABASE_URL")
     if url:
         yield url
+        return
+    if os.environ.get("DISPATCH_TEST_PG") == "distribution":
+        from tests import pgdist
+
+        with pgdist.cluster() as url:
+            yield url
         return
     if _docker_answers():
         from testcontainers.postgres import PostgresContainer

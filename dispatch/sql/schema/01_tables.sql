@@ -102,11 +102,17 @@ CREATE TABLE dispatch.tasks (
 -- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
 -- small however long the history grows. Progress/heartbeat columns are in no index: progress
 -- reports are HOT updates.
+--
+-- The claim and the assigner walk the pending rows in this order and stop at their LIMIT.
 CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
     WHERE status = 'pending';
 
-CREATE INDEX tasks_pending_available_idx ON dispatch.tasks (available_at)
-    WHERE status = 'pending';
+-- Pending rows whose availability was moved past their creation (scheduled, retried, reassigned,
+-- requeued): next_due finds the next one to become available. Only those rows, on purpose: an
+-- index over every pending row by available_at would offer the claim a second way in (read all
+-- available rows, then sort them), one the planner takes when its statistics are stale.
+CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
+    WHERE status = 'pending' AND available_at > created_at;
 
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');

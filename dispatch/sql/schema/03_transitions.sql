@@ -303,7 +303,8 @@ LANGUAGE sql STABLE AS $$
                               + make_interval(secs => tk.heartbeat_seconds)))
          FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running')),
         (SELECT min(tk.available_at) FROM dispatch.tasks tk
-         WHERE tk.status = 'pending' AND tk.available_at > p_now))
+         WHERE tk.status = 'pending' AND tk.available_at > tk.created_at
+           AND tk.available_at > p_now))
 $$;
 
 CREATE FUNCTION dispatch.task_cancel(

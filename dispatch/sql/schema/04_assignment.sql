@@ -64,22 +64,32 @@ LANGUAGE sql STABLE AS $$
     ], NULL)
 $$;
 
--- Every reason the agent may not take the task (empty: eligible): unavailable, capabilities not a
--- superset of the requirement, or, when the task has an owner and the owner filter is on, not the
--- owner's. A previous agent of the task is eligible; callers prefer the others.
+-- Every reason the agent may not take a task that requires p_required and belongs to p_owner (empty:
+-- eligible): unavailable, capabilities not a superset of the requirement, or, when the task has an
+-- owner and the owner filter is on, not the owner's. A previous agent of the task is eligible;
+-- callers prefer the others.
 CREATE FUNCTION dispatch.agent_ineligibility(
-    a dispatch.agents, t dispatch.tasks, c dispatch.config, p_capacity boolean DEFAULT true
+    a dispatch.agents, p_required text[], p_owner text, c dispatch.config,
+    p_capacity boolean DEFAULT true
 ) RETURNS text[]
 LANGUAGE sql STABLE AS $$
     SELECT dispatch.agent_unavailability(a, c, p_capacity) || array_remove(ARRAY[
-        CASE WHEN NOT a.capabilities @> t.required_capabilities
+        CASE WHEN NOT a.capabilities @> p_required
              THEN 'missing capabilities: ' || array_to_string(
-                 dispatch.capabilities_missing(a.capabilities, t.required_capabilities), ', ') END,
-        CASE WHEN c.owner_filter_enabled AND t.owner IS NOT NULL
-                  AND NOT dispatch.agent_belongs(a.agent_id, a.owner, t.owner)
-             THEN dispatch.agent_owner_reason(a.agent_id, a.owner, t.owner) END
+                 dispatch.capabilities_missing(a.capabilities, p_required), ', ') END,
+        CASE WHEN c.owner_filter_enabled AND p_owner IS NOT NULL
+                  AND NOT dispatch.agent_belongs(a.agent_id, a.owner, p_owner)
+             THEN dispatch.agent_owner_reason(a.agent_id, a.owner, p_owner) END
     ], NULL)
 $$;
+
+-- The walk of the pending queue that the claim, the assigner and the unmatched report share: the
+-- pending, available rows in priority order, fetched one at a time through a cursor. A cursor is
+-- planned for its first rows, so its natural plan reads tasks_pending_order_idx in order and stops
+-- when the caller stops fetching: O(rows looked at), whatever the statistics say. (A single
+-- statement with the eligibility rule in its WHERE and a LIMIT invites the planner, whenever its
+-- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
+-- walk; the caller locks the one it takes, SKIP LOCKED.
 
 -- Moves a locked pending task to an agent (assigner and pull claim share it), and tells the reapers
 -- of every replica the attempt's first deadline (channel dispatch_due, payload: its epoch). A
@@ -122,14 +132,18 @@ $$;
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now()
 ) RETURNS SETOF dispatch.tasks
-LANGUAGE plpgsql
--- The pending rows must be walked in tasks_pending_order_idx order, stopping at the first match.
-SET enable_sort = off AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
-    c    dispatch.config;
-    a    dispatch.agents;
-    t    dispatch.tasks;
-    caps text[];
+    walk NO SCROLL CURSOR FOR
+        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
+        FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+        ORDER BY tk.priority DESC, tk.created_at;
+    c     dispatch.config;
+    a     dispatch.agents;
+    t     dispatch.tasks;
+    cand  record;
+    again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
@@ -139,119 +153,168 @@ BEGIN
             status = CASE WHEN agents.status IN ('unknown', 'stopped', 'sleeping')
                           THEN 'ready'::dispatch.agent_status ELSE agents.status END
     RETURNING * INTO a;     -- also locks the agent row: it is the semaphore
-    caps := CASE WHEN p_capabilities IS NULL THEN a.capabilities
-                 ELSE dispatch.normalize_capabilities(p_capabilities) END;
     IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
-    a.capabilities := caps;     -- what the agent asks for now decides what it may take
-    PERFORM dispatch.fn_enter();
-    -- An agent that already failed a task gets it again only when nothing else fits.
-    FOR pass IN 1..2 LOOP
+    IF p_capabilities IS NOT NULL THEN
+        a.capabilities := dispatch.normalize_capabilities(p_capabilities);
+    END IF;
+    OPEN walk;
+    LOOP
+        FETCH walk INTO cand;
+        EXIT WHEN NOT FOUND;
+        CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
+            a, cand.required_capabilities, cand.owner, c, false)) > 0;
+        IF p_agent_id = ANY (cand.previous_agents) THEN
+            again := again || cand.task_id;
+            CONTINUE;
+        END IF;
         SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-          AND cardinality(dispatch.agent_ineligibility(a, tk, c, false)) = 0
-          AND (pass = 2) = (p_agent_id = ANY (tk.previous_agents))
-        ORDER BY tk.priority DESC, tk.created_at
+        WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
+        FOR UPDATE SKIP LOCKED;
+        EXIT WHEN t.task_id IS NOT NULL;
+    END LOOP;
+    CLOSE walk;
+    IF t.task_id IS NULL AND cardinality(again) > 0 THEN
+        SELECT * INTO t FROM dispatch.tasks tk
+        WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
+        ORDER BY array_position(again, tk.task_id)
         LIMIT 1
         FOR UPDATE SKIP LOCKED;
-        EXIT WHEN FOUND;
-    END LOOP;
-    IF t.task_id IS NOT NULL THEN
-        RETURN NEXT dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
     END IF;
-    PERFORM dispatch.fn_leave();
+    IF t.task_id IS NOT NULL THEN
+        PERFORM dispatch.fn_enter();
+        RETURN NEXT dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
+        PERFORM dispatch.fn_leave();
+    END IF;
 END
 $$;
 
--- The assigner: take up to p_batch assignable pending rows (SKIP LOCKED) in priority order and give
--- each the best eligible agent. Candidate agents are locked once, in agent_id order
--- with SKIP LOCKED, so replicas never deadlock and never push an agent over its limit; active_count
--- rises as the loop assigns, so the limit holds inside the batch too.
+-- The assigner: walk the pending queue and give each task the best eligible agent, up to p_batch
+-- tasks or the room the agents have. The agents are read unlocked; an agent's row (the semaphore) is
+-- locked, SKIP LOCKED, only when the round gives it a task, and checked again as it is then; a
+-- task's row is locked, SKIP LOCKED, only when an agent is found for it. So a round never waits,
+-- never holds a row it does not assign, cannot deadlock with another replica, and active_count
+-- rises with each assignment, so the limit holds inside the round too.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
-LANGUAGE plpgsql
--- The pending rows must be walked in tasks_pending_order_idx order, stopping at p_batch.
-SET enable_sort = off AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
-    c      dispatch.config;
-    locked text[];
-    t      dispatch.tasks;
-    a      dispatch.agents;
+    walk NO SCROLL CURSOR FOR
+        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
+        FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+        ORDER BY tk.priority DESC, tk.created_at;
+    c     dispatch.config;
+    free  dispatch.agents[];
+    room  integer;
+    cand  record;
+    t     dispatch.tasks;
+    a     dispatch.agents;
+    held  dispatch.agents;
+    given integer := 0;
 BEGIN
     SELECT * INTO c FROM dispatch.config;
-    locked := ARRAY(
-        SELECT ag.agent_id FROM dispatch.agents ag
-        WHERE cardinality(dispatch.agent_unavailability(ag, c)) = 0
-        ORDER BY ag.agent_id
-        FOR UPDATE SKIP LOCKED);
-    IF cardinality(locked) = 0 THEN
+    free := ARRAY(SELECT ag FROM dispatch.agents ag
+                  WHERE cardinality(dispatch.agent_unavailability(ag, c)) = 0
+                  ORDER BY ag.agent_id);
+    SELECT sum(coalesce(f.max_concurrent, c.max_concurrent_per_agent) - f.active_count)
+    INTO room FROM unnest(free) f;
+    room := least(coalesce(room, 0), p_batch);
+    IF room <= 0 THEN
         RETURN;
     END IF;
     PERFORM dispatch.fn_enter();
-    FOR t IN
-        SELECT * FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-          AND EXISTS (
-              SELECT 1 FROM dispatch.agents ag
-              WHERE ag.agent_id = ANY (locked)
-                AND cardinality(dispatch.agent_ineligibility(ag, tk, c, false)) = 0)
-        ORDER BY tk.priority DESC, tk.created_at
-        LIMIT p_batch
-        FOR UPDATE OF tk SKIP LOCKED
-    LOOP
-        SELECT * INTO a FROM dispatch.agents ag
-        WHERE ag.agent_id = ANY (locked)
-          AND cardinality(dispatch.agent_ineligibility(ag, t, c)) = 0
-        ORDER BY ag.agent_id = ANY (t.previous_agents),
-                 dispatch.availability(ag.status) DESC,
-                 ag.active_count,
-                 ag.last_assigned_at NULLS FIRST,
-                 ag.agent_id
-        LIMIT 1;
-        CONTINUE WHEN NOT FOUND;
+    OPEN walk;
+    WHILE given < room LOOP
+        FETCH walk INTO cand;
+        EXIT WHEN NOT FOUND;
+        held := NULL;
+        t := NULL;
+        LOOP
+            SELECT s.* INTO a FROM unnest(free) s
+            WHERE cardinality(dispatch.agent_ineligibility(
+                      s, cand.required_capabilities, cand.owner, c)) = 0
+            ORDER BY s.agent_id = ANY (cand.previous_agents),
+                     dispatch.availability(s.status) DESC,
+                     s.active_count,
+                     s.last_assigned_at NULLS FIRST,
+                     s.agent_id
+            LIMIT 1;
+            EXIT WHEN NOT FOUND;
+            IF t.task_id IS NULL THEN
+                SELECT * INTO t FROM dispatch.tasks tk
+                WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
+                FOR UPDATE SKIP LOCKED;
+                EXIT WHEN t.task_id IS NULL;    -- a claim or another replica has it
+            END IF;
+            SELECT * INTO held FROM dispatch.agents ag
+            WHERE ag.agent_id = a.agent_id
+            FOR UPDATE SKIP LOCKED;
+            EXIT WHEN held.agent_id IS NOT NULL
+                 AND cardinality(dispatch.agent_ineligibility(
+                         held, t.required_capabilities, t.owner, c)) = 0;
+            -- Held by someone else, or changed since the snapshot: out of this round.
+            held := NULL;
+            free := ARRAY(SELECT s FROM unnest(free) s WHERE s.agent_id <> a.agent_id);
+        END LOOP;
+        CONTINUE WHEN held.agent_id IS NULL;
         task_id := t.task_id;
-        agent_id := a.agent_id;
-        score := dispatch.task_score(a, t);
-        wake := a.status = 'sleeping';
+        agent_id := held.agent_id;
+        score := dispatch.task_score(held, t);
+        wake := held.status = 'sleeping';
         waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
-        PERFORM dispatch.task_give(t, a, score, 'push', p_now);
+        PERFORM dispatch.task_give(t, held, score, 'push', p_now);
+        given := given + 1;
+        SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = held.agent_id;
+        free := ARRAY(SELECT CASE WHEN s.agent_id = held.agent_id THEN held ELSE s END
+                      FROM unnest(free) s);
         RETURN NEXT;
     END LOOP;
+    CLOSE walk;
     PERFORM dispatch.fn_leave();
 END
 $$;
 
 -- Pending, available tasks that no agent in the directory could take (capacity aside) get one
--- `unmatched` event, and another only after unmatched_repeat_ms.
+-- `unmatched` event, and another only after unmatched_repeat_ms. Nothing is locked but the rows
+-- it marks (SKIP LOCKED), so the report never hides work from a claim.
 CREATE FUNCTION dispatch.task_report_unmatched(
     p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    c dispatch.config;
-    t dispatch.tasks;
-    n integer := 0;
+    walk NO SCROLL CURSOR FOR
+        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.unmatched_at
+        FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.available_at <= p_now
+        ORDER BY tk.priority DESC, tk.created_at;
+    c      dispatch.config;
+    cand   record;
+    n      integer := 0;
 BEGIN
     SELECT * INTO c FROM dispatch.config;
-    FOR t IN
-        SELECT * FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-          AND (tk.unmatched_at IS NULL
-               OR tk.unmatched_at <= p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0))
-          AND NOT EXISTS (
-              SELECT 1 FROM dispatch.agents ag
-              WHERE cardinality(dispatch.agent_ineligibility(ag, tk, c, false)) = 0)
-        ORDER BY tk.priority DESC, tk.created_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    LOOP
-        UPDATE dispatch.tasks SET unmatched_at = p_now WHERE task_id = t.task_id;
-        PERFORM dispatch.event_write(t.task_id, 'unmatched', 'dispatch',
-            jsonb_build_object('required_capabilities', to_jsonb(t.required_capabilities),
-                               'owner', t.owner), p_now);
+    OPEN walk;
+    WHILE n < p_limit LOOP
+        FETCH walk INTO cand;
+        EXIT WHEN NOT FOUND;
+        CONTINUE WHEN cand.unmatched_at
+                      > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0);
+        CONTINUE WHEN EXISTS (
+            SELECT 1 FROM dispatch.agents ag
+            WHERE cardinality(dispatch.agent_ineligibility(
+                      ag, cand.required_capabilities, cand.owner, c, false)) = 0);
+        UPDATE dispatch.tasks tk SET unmatched_at = p_now
+        WHERE tk.task_id = (SELECT l.task_id FROM dispatch.tasks l
+                            WHERE l.task_id = cand.task_id AND l.status = 'pending'
+                            FOR UPDATE SKIP LOCKED);
+        CONTINUE WHEN NOT FOUND;
+        PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
+            jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
+                               'owner', cand.owner), p_now);
         n := n + 1;
     END LOOP;
+    CLOSE walk;
     RETURN n;
 END
 $$;
@@ -280,7 +343,8 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH r AS (
-        SELECT ag, dispatch.agent_ineligibility(ag, t, c) AS base_reasons,
+        SELECT ag, dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c)
+                   AS base_reasons,
                ag.agent_id = ANY (t.previous_agents) AS prev
         FROM dispatch.agents ag
     ), e AS (

@@ -1,0 +1,231 @@
+"""Plan guards for the hot statements, at realistic sizes (10 k pending, 1 M terminal rows), on
+whichever Postgres build the suite runs on (`make test` and `make test-distribution` run both).
+
+What each hot call really does inside its plpgsql function is read from the server, not guessed:
+the table and index counters (pg_stat_user_tables / _indexes) give the tuples each call read, on
+every build; where the build has auto_explain (the distribution's), the plans of the nested
+statements are checked too, above all for JIT, which stock servers turn on and which costs 50-90 ms
+per execution once a plan's estimated cost passes jit_above_cost."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from dispatch.db import CONNECT_KWARGS
+from tests import pg
+
+pytestmark = pytest.mark.slow
+
+PENDING = 10_000
+TERMINAL = 1_000_000
+ACTIVE = 1_000
+AGENTS = 20
+
+SEED = f"""
+SET session_replication_role = replica;  -- bulk rows without their events: only sizes matter here
+INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
+                            assigned_agent, created_at, updated_at, available_at, assigned_at,
+                            completed_at)
+SELECT 'done', 'req-' || (i % 50), 'api', 'completed', 300, i % 11, 'agent-' || (i % {AGENTS}),
+       now() - interval '3 days', now() - interval '2 days', now() - interval '3 days',
+       now() - interval '3 days', now() - interval '2 days' + i * interval '1 ms'
+FROM generate_series(1, {TERMINAL}) i;
+INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
+                            required_capabilities, created_at, updated_at, available_at)
+SELECT 'todo', 'req-' || (i % 50), 'api', 'pending', 300, i % 11,
+       CASE WHEN i % 2 = 0 THEN '{{code}}'::text[] ELSE '{{}}'::text[] END,
+       now() - interval '1 hour' + i * interval '1 ms', now(), now() - interval '1 hour'
+FROM generate_series(1, {PENDING}) i;
+INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
+                            assigned_agent, created_at, updated_at, available_at, assigned_at,
+                            deadline_at)
+SELECT 'busy', 'req', 'api',
+       CASE WHEN i % 2 = 0 THEN 'running' ELSE 'assigned' END::dispatch.task_status,
+       300, 0, 'agent-' || (i % {AGENTS}), now() - interval '1 minute', now(),
+       now() - interval '1 minute', now() - interval '1 minute', now() + interval '1 hour'
+FROM generate_series(1, {ACTIVE}) i;
+SET session_replication_role = origin;
+INSERT INTO dispatch.agents (agent_id, capabilities, max_concurrent, active_count)
+SELECT 'agent-' || i, '{{code}}', 1000, {ACTIVE // AGENTS} FROM generate_series(0, {AGENTS - 1}) i;
+ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false);
+VACUUM ANALYZE dispatch.tasks;
+VACUUM ANALYZE dispatch.agents;
+"""
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+@dataclass
+class Reads:
+    """What one call read from dispatch.tasks."""
+
+    seq_scans: int
+    index_tuples: dict[str, int]
+    plans: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def big_db(pg_server: str) -> Iterator[str]:
+    url = pg.clone_database(pg_server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in SEED.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)  # type: ignore[call-overload]
+    yield url
+    pg.drop_database(pg_server, url)
+
+
+@pytest.fixture
+def conn(big_db: str) -> Iterator[Conn]:
+    with psycopg.connect(big_db, row_factory=dict_row, **CONNECT_KWARGS) as c:  # type: ignore[arg-type]
+        yield c
+
+
+def _counters(conn: Conn) -> tuple[int, dict[str, int]]:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    table = conn.execute(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'dispatch.tasks'::regclass"
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT indexrelname AS name, idx_tup_read AS n FROM pg_stat_user_indexes"
+        " WHERE relid = 'dispatch.tasks'::regclass"
+    ).fetchall()
+    assert table is not None
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(table["seq_scan"]), {r["name"]: int(r["n"]) for r in rows}
+
+
+def _explains(conn: Conn) -> bool:
+    """Turn on auto_explain for this session's nested statements, where the build has it."""
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.Error:
+        return False
+    conn.execute(
+        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+        "SET auto_explain.log_format = json; SET auto_explain.log_level = notice"
+    )
+    return True
+
+
+def measure(conn: Conn, statement: str, params: tuple[object, ...] = (), runs: int = 8) -> Reads:
+    """Run the statement `runs` times (past plpgsql's switch to a cached generic plan), each in a
+    transaction that is rolled back; return what the last run read and the plans it used."""
+    notices: list[str] = []
+    explained = _explains(conn)
+    for i in range(runs):
+        last = i == runs - 1
+        if last:
+            before = _counters(conn)
+            if explained:
+                conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        with conn.transaction(force_rollback=True):
+            conn.execute(statement, params)  # type: ignore[call-overload]
+    after = _counters(conn)
+    plans = []
+    for note in notices:
+        start = note.find("{")
+        if start >= 0:
+            plans.append(json.loads(note[start:]))
+    return Reads(
+        seq_scans=after[0] - before[0],
+        index_tuples={
+            k: v - before[1].get(k, 0) for k, v in after[1].items() if v != before[1].get(k, 0)
+        },
+        plans=plans,
+    )
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def check_plans(reads: Reads) -> None:
+    for entry in reads.plans:
+        assert "JIT" not in entry, f"JIT compiled: {entry['Query Text']}"
+        for node in nodes(entry["Plan"]):
+            assert not (node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "tasks"), (
+                f"sequential scan of tasks in: {entry['Query Text']}"
+            )
+            assert not (node["Node Type"] == "Sort" and node.get("Plan Rows", 0) >= PENDING / 2), (
+                f"sorts the pending rows in: {entry['Query Text']}"
+            )
+
+
+def pending_reads(reads: Reads) -> int:
+    return sum(n for name, n in reads.index_tuples.items() if "pending" in name)
+
+
+def a_task(conn: Conn, status: str) -> uuid.UUID:
+    row = conn.execute(
+        "SELECT task_id FROM dispatch.tasks WHERE status = %s LIMIT 1", (status,)
+    ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row["task_id"]))
+
+
+def test_claim_walks_the_pending_order_index(conn: Conn) -> None:
+    reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-0')")
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 50, reads.index_tuples
+
+
+def test_assign_reads_about_a_batch_not_the_queue(conn: Conn) -> None:
+    reads = measure(conn, "SELECT * FROM dispatch.task_assign(100)")
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 1_000, reads.index_tuples
+
+
+def test_assign_with_every_agent_at_its_limit_reads_no_task(conn: Conn) -> None:
+    conn.execute("UPDATE dispatch.agents SET max_concurrent = active_count")
+    try:
+        reads = measure(conn, "SELECT * FROM dispatch.task_assign(100)")
+    finally:
+        conn.execute("UPDATE dispatch.agents SET max_concurrent = 1000")
+    check_plans(reads)
+    assert reads.seq_scans == 0 and pending_reads(reads) == 0, reads.index_tuples
+
+
+@pytest.mark.parametrize(
+    ("call", "status"),
+    [
+        ("SELECT * FROM dispatch.task_start(%s, (SELECT assigned_agent FROM dispatch.tasks"
+         " WHERE task_id = %s))", "assigned"),
+        ("SELECT * FROM dispatch.task_complete(%s, (SELECT assigned_agent FROM dispatch.tasks"
+         " WHERE task_id = %s), '{}')", "running"),
+        ("SELECT * FROM dispatch.task_fail(%s, (SELECT assigned_agent FROM dispatch.tasks"
+         " WHERE task_id = %s), 'x')", "running"),
+    ],
+    ids=["start", "complete", "fail"],
+)
+def test_reports_touch_one_row(conn: Conn, call: str, status: str) -> None:
+    task_id = a_task(conn, status)
+    reads = measure(conn, call, (task_id, task_id))
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert sum(reads.index_tuples.values()) <= 10, reads.index_tuples
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["SELECT * FROM dispatch.task_expire()", "SELECT dispatch.next_due()"],
+    ids=["expire", "next_due"],
+)
+def test_the_reapers_calls_read_no_pending_or_terminal_rows(conn: Conn, call: str) -> None:
+    reads = measure(conn, call)
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 10, reads.index_tuples
+    assert sum(reads.index_tuples.values()) <= 2 * ACTIVE, reads.index_tuples

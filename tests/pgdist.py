@@ -1,0 +1,95 @@
+"""A throwaway PostgreSQL cluster from the machine's distribution binaries (`pg_config --bindir`,
+e.g. Debian's postgresql-15), with the build's stock settings: JIT and the planner as users run
+them. Only durability is off (this data is thrown away). initdb refuses root, so as root the
+cluster belongs to the `postgres` user and its commands run as that user."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DistributionMissing(RuntimeError):
+    """No distribution PostgreSQL on this machine."""
+
+
+def bindir() -> Path:
+    """Where the distribution's server binaries are; DistributionMissing when there are none."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        raise DistributionMissing("pg_config is not on PATH (install e.g. postgresql-15)")
+    out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip())
+    if not (path / "initdb").exists() or not (path / "postgres").exists():
+        raise DistributionMissing(f"no initdb/postgres in {path} (only the client is installed)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_owner(args: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return args
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        raise DistributionMissing("running as root and runuser is missing: cannot run initdb")
+    return [runuser, "-u", "postgres", "--", *args]
+
+
+@contextlib.contextmanager
+def cluster(*, durable: bool = False, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a cluster; yield a superuser URL to its `postgres` database; stop and delete it."""
+    bin_path = bindir()
+    root = Path(tempfile.mkdtemp(prefix="dispatch-pgdist-"))
+    data = root / "data"
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        root.chmod(0o755)
+    port = _free_port()
+    try:
+        subprocess.run(
+            _as_owner([str(bin_path / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                       "-E", "UTF8", "--locale", "C"]),
+            check=True, capture_output=True,
+        )
+        options = {
+            "port": str(port), "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(root), "max_connections": "400",
+            **({} if durable else {"fsync": "off", "synchronous_commit": "off",
+                                   "full_page_writes": "off"}),
+            **(settings or {}),
+        }
+        flags = " ".join(f"-c {k}={v}" for k, v in options.items())
+        subprocess.run(
+            _as_owner([str(bin_path / "pg_ctl"), "-D", str(data), "-w", "-t", "60",
+                       "-l", str(root / "server.log"), "-o", flags, "start"]),
+            check=True, capture_output=True,
+        )
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                _as_owner([str(bin_path / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                capture_output=True,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        print(bindir())
+    except DistributionMissing as exc:
+        print(f"no distribution PostgreSQL: {exc}")
+        sys.exit(1)
