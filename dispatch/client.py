@@ -24,15 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from dispatch.errors import (
-    Conflict,
-    DispatchError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from dispatch.errors import Conflict, DispatchError, InvalidInput, error_for_status
 from dispatch.models import Agent, AgentStatus, Stats, Task, TaskEvent, TaskStatus
 
 T = TypeVar("T")
@@ -76,20 +68,15 @@ def _raise_for(response: httpx.Response) -> None:
     except (msgspec.DecodeError, AttributeError):
         message, detail = response.text or response.reason_phrase, None
     status = response.status_code
-    if status == 400:
+    kind = error_for_status(status)
+    if kind is InvalidInput:
         field_name = detail.get("field") if isinstance(detail, dict) else None
         raise InvalidInput(message, field=field_name, detail=detail)
-    if status == 401:
-        raise Unauthorized(message)
-    if status == 403:
-        raise Forbidden(message)
-    if status == 404:
-        raise NotFound(message)
-    if status == 409:
+    if kind is Conflict:
         task = msgspec.convert(detail, Task) if isinstance(detail, dict) else None
         raise Conflict(message, task=task)
-    if status == 503:
-        raise Unavailable(message)
+    if kind is not None:
+        raise kind(message)
     raise ApiError(status, message, detail)
 
 

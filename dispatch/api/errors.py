@@ -1,4 +1,4 @@
-"""The one mapping from errors to HTTP statuses, registered as Litestar exception handlers.
+"""Litestar exception handlers: each error answers with its own status (dispatch.errors).
 
 Every failure leaves as `{"error": "<message>", "detail": ...}`.
 """
@@ -13,10 +13,6 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
-    HTTP_401_UNAUTHORIZED,
-    HTTP_403_FORBIDDEN,
-    HTTP_404_NOT_FOUND,
-    HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_501_NOT_IMPLEMENTED,
     HTTP_503_SERVICE_UNAVAILABLE,
@@ -25,26 +21,9 @@ from litestar.types import ExceptionHandlersMap
 from psycopg_pool import PoolTimeout
 
 from dispatch.api.schemas import ErrorBody
-from dispatch.errors import (
-    Conflict,
-    DispatchError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from dispatch.errors import Conflict, DispatchError, InvalidInput, Unauthorized
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[DispatchError], int] = {
-    InvalidInput: HTTP_400_BAD_REQUEST,
-    Unauthorized: HTTP_401_UNAUTHORIZED,
-    Forbidden: HTTP_403_FORBIDDEN,
-    NotFound: HTTP_404_NOT_FOUND,
-    Conflict: HTTP_409_CONFLICT,
-    Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
-}
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -71,16 +50,8 @@ def error_response(
     return Response(ErrorBody(error=error, detail=detail), status_code=status, headers=headers)
 
 
-def _status_of(exc: DispatchError) -> int:
-    for kind in type(exc).__mro__:
-        status = STATUS_OF.get(kind)  # type: ignore[arg-type]
-        if status is not None:
-            return status
-    return HTTP_500_INTERNAL_SERVER_ERROR
-
-
 def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Response[ErrorBody]:
-    status = _status_of(exc)
+    status = exc.status
     headers = None
     detail: Any = exc.detail
     if isinstance(exc, InvalidInput):

@@ -21,14 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from dispatch.broker import Broker
-from dispatch.errors import (
-    Conflict,
-    DispatchError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    Unavailable,
-)
+from dispatch.errors import Conflict, DispatchError, InvalidInput, NotFound
 from dispatch.models import AgentStatus, Task
 from dispatch.wire import new_task, progress_fields
 
@@ -236,19 +229,12 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _error_reply(exc: DispatchError) -> ErrorReply:
-    match exc:
-        case InvalidInput():
-            return ErrorReply(error=exc.message, status=400, detail={"field": exc.field})
-        case Forbidden():
-            return ErrorReply(error=exc.message, status=403)
-        case NotFound():
-            return ErrorReply(error=exc.message, status=404)
-        case Conflict():
-            return ErrorReply(error=exc.message, status=409, detail=exc.task)
-        case Unavailable():
-            return ErrorReply(error=exc.message, status=503)
-        case _:
-            return ErrorReply(error=exc.message, status=500)
+    detail: object = None
+    if isinstance(exc, InvalidInput):
+        detail = {"field": exc.field}
+    elif isinstance(exc, Conflict):
+        detail = exc.task
+    return ErrorReply(error=exc.message, status=exc.status, detail=detail)
 
 
 def _invalid(message: str, detail: object = None) -> ErrorReply:
