@@ -123,20 +123,20 @@ class Assigner(BackgroundLoop):
         while tasks for other agents were still waiting further down the queue."""
         made: list[Assignment] = []
         while True:
-            batch = await self.broker.assign_timed(batch=self.batch)
+            batch = await self.broker.assign(batch=self.batch)
             if not batch:
                 return made
             if self.metrics is not None:
                 self.metrics.assign_batch_size.observe(len(batch))
-            for assignment, waited in batch:
+            for assignment in batch:
                 made.append(assignment)
                 if self.metrics is not None:
-                    self.metrics.assignment_wait.observe(waited)
+                    self.metrics.assignment_wait.observe(assignment.waited)
                 if assignment.wake and self.waker is not None:
                     self.waker.request(assignment.agent_id)
 
     async def _sleep_for(self) -> float:
-        due = await self.broker.seconds_until_due()
+        due = await self.broker.store.seconds_until_due()
         if due is None:
             return self.tick
         # A little past the instant, so that `available_at <= now` holds when we look again.

@@ -14,13 +14,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from dispatch.broker import Broker
 from dispatch.integrations import describe
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenAgent, WarrenClient, agent_status
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class DirectorySync(BackgroundLoop):
 
     def __init__(
         self,
-        broker: Broker,
+        store: Store,
         *,
         warren: WarrenClient | None = None,
         promptforge: PromptForgeClient | None = None,
@@ -45,7 +45,7 @@ class DirectorySync(BackgroundLoop):
         stale_ms: int = 60000,
         metrics: Metrics | None = None,
     ) -> None:
-        self.broker = broker
+        self.store = store
         self.warren = warren
         self.promptforge = promptforge
         self.alexandria = alexandria
@@ -87,7 +87,7 @@ class DirectorySync(BackgroundLoop):
 
     async def run_once(self, now: datetime | None = None) -> bool:
         """One refresh; False when another replica holds the lock (it refreshes instead)."""
-        async with self.broker.exclusive(DIRECTORY_LOCK_KEY) as mine:
+        async with self.store.exclusive(DIRECTORY_LOCK_KEY) as mine:
             if not mine:
                 return False
             w, pf, ax = self.warren, self.promptforge, self.alexandria
@@ -97,8 +97,12 @@ class DirectorySync(BackgroundLoop):
                 self._fetch("alexandria", ax.ownership() if ax else None),
             )
             entries = self._entries(warren, personas)
-            await self.broker.directory_sync(entries, owners, now=now)
-            marked = await self.broker.directory_mark_stale(self.stale_ms, now=now)
+            async with self.store.transaction() as conn:
+                if entries:
+                    await self.store.agent_sync(entries, now=now, conn=conn)
+                if owners is not None:
+                    await self.store.agent_owners_sync(owners, "alexandria", now=now, conn=conn)
+            marked = await self.store.agent_mark_stale(self.stale_ms, now=now)
             if marked:
                 log.warning(
                     "%d agents not refreshed for %d ms are now unknown", marked, self.stale_ms

@@ -123,12 +123,14 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Assignment(msgspec.Struct, frozen=True, kw_only=True):
-    """One task given to one agent by the assigner."""
+    """One task given to one agent by the assigner; `waited` is the seconds the task waited to be
+    assigned (since it was created, or became available for a scheduled or retried task)."""
 
     task_id: uuid.UUID
     agent_id: str
     score: float
     wake: bool
+    waited: float
 
 
 class Expiry(msgspec.Struct, frozen=True, kw_only=True):

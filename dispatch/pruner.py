@@ -7,9 +7,9 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-from dispatch.broker import Broker
 from dispatch.integrations import describe
 from dispatch.loop import BackgroundLoop
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,9 @@ class Pruner(BackgroundLoop):
     task_name = "dispatch-pruner"
 
     def __init__(
-        self, broker: Broker, *, retention_hours: int, interval_seconds: float = 60.0
+        self, store: Store, *, retention_hours: int, interval_seconds: float = 60.0
     ) -> None:
-        self.broker = broker
+        self.store = store
         self.retention = timedelta(hours=retention_hours)
         self.interval = interval_seconds
         self.pruned = 0
@@ -35,12 +35,12 @@ class Pruner(BackgroundLoop):
     async def run_once(self, now: datetime | None = None) -> int | None:
         """Prune once; None when another replica holds the lock."""
         before = (now or datetime.now(UTC)) - self.retention
-        async with self.broker.exclusive(PRUNE_LOCK_KEY) as mine:
+        async with self.store.exclusive(PRUNE_LOCK_KEY) as mine:
             if not mine:
                 return None
             total = 0
             while True:
-                n = await self.broker.prune(before, PRUNE_BATCH)
+                n = await self.store.task_prune(before, PRUNE_BATCH)
                 total += n
                 if n < PRUNE_BATCH:
                     break

@@ -77,7 +77,7 @@ class Reaper(BackgroundLoop):
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_unmatched >= self.tick:
             self._last_unmatched = loop.time()
-            self.unmatched += await self.broker.report_unmatched()
+            self.unmatched += await self.broker.store.task_report_unmatched()
         return ended
 
     async def _run(self) -> None:
@@ -86,7 +86,7 @@ class Reaper(BackgroundLoop):
             try:
                 ended = await self.run_once()
                 self.expired += len(ended)
-                due = await self.broker.seconds_until_due()
+                due = await self.broker.store.seconds_until_due()
                 delay = self.tick if due is None else min(self.tick, max(due + 0.005, 0.0))
                 self.last_error = None
                 backoff = 0.1

@@ -23,15 +23,14 @@ import msgspec
 from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
-from psycopg_pool import AsyncConnectionPool
 
-from dispatch import store
 from dispatch.errors import DispatchError
 from dispatch.integrations.nats import ORIGIN_HEADER, ORIGIN_RELAY, NatsConnection
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Task, TaskEvent
 from dispatch.notify import EVENTS_CHANNEL, Listener
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ class Relay(BackgroundLoop):
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        store: Store,
         listener: Listener,
         nats_conn: NatsConnection,
         *,
@@ -148,7 +147,7 @@ class Relay(BackgroundLoop):
         poll_interval: float = 5.0,
         publish_timeout: float = 5.0,
     ) -> None:
-        self.pool = pool
+        self.store = store
         self.listener = listener
         self.nats = nats_conn
         self.metrics = metrics
@@ -241,16 +240,16 @@ class Relay(BackgroundLoop):
         """Publish and mark one batch. True when there may be more to do right away."""
         # The transaction spans the publish on purpose (lock, publish, mark, commit), so the relay
         # owns it rather than going through the broker.
-        async with self.pool.connection() as conn, conn.transaction():
-            if not await store.event_relay_lock(conn):
+        async with self.store.transaction() as conn:
+            if not await self.store.event_relay_lock(conn=conn):
                 return False  # another replica is relaying; its NOTIFY wake-ups are ours too
-            events = await store.event_relay_batch(conn, self.batch_size)
+            events = await self.store.event_relay_batch(self.batch_size, conn=conn)
             if not events:
                 return False
-            tasks = await store.tasks_by_id(conn, list({e.task_id for e in events}))
+            tasks = await self.store.tasks_by_id(list({e.task_id for e in events}), conn=conn)
             acked, error = await self.publish(events, tasks)
             if acked:
-                await store.event_mark_published(conn, acked, None)
+                await self.store.event_mark_published(acked, conn=conn)
         self.published += len(acked)
         self.batch_done.set()
         self.batch_done = asyncio.Event()

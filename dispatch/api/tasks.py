@@ -1,4 +1,4 @@
-"""Task endpoints: HTTP in, one broker call, HTTP out."""
+"""Task endpoints: HTTP in, one broker or store call, HTTP out."""
 
 import base64
 import binascii
@@ -191,7 +191,7 @@ class TaskController(Controller):
             parent_task_id=parent_task_id,
         )
         after = decode_cursor(cursor) if cursor else None
-        tasks = await caller.broker.list(filters, limit=limit + 1, after=after)
+        tasks = await caller.store.task_list(filters, limit=limit + 1, after=after)
         headers = {}
         if len(tasks) > limit:
             tasks = tasks[:limit]
@@ -200,11 +200,11 @@ class TaskController(Controller):
 
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return await caller.broker.get(parse_task_id(task_id))
+        return await caller.store.task_get(parse_task_id(task_id))
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:
-        return await caller.broker.events(parse_task_id(task_id))
+        return await caller.store.task_events(parse_task_id(task_id))
 
     @patch(
         "/{task_id:str}",

@@ -253,6 +253,7 @@ class NatsInbound:
     def __init__(self, nats_conn: NatsConnection, broker: Broker) -> None:
         self.nats = nats_conn
         self.broker = broker
+        self.store = broker.store
         self.handled = 0
         self._subs: list[Subscription] = []
         self._busy = 0
@@ -397,19 +398,19 @@ class NatsInbound:
                 return _invalid("invalid agent announcement", str(exc))
         if status is AgentStatus.STOPPED:
             try:
-                reassigned = await self.broker.agent_stop(agent_id)
+                reassigned = await self.store.agent_stop(agent_id)
             except NotFound:
-                await self.broker.agent_register(agent_id, status=status)
+                await self.store.agent_upsert(agent_id, status=status)
                 reassigned = 0
             if reassigned:
                 log.info("agent %s stopped: %d task(s) back to pending", agent_id, reassigned)
-            return await self.broker.agent(agent_id)
+            return await self.store.agent_get(agent_id)
         if body.capabilities is not None or body.owner is not None or body.max_concurrent:
-            return await self.broker.agent_register(
+            return await self.store.agent_upsert(
                 agent_id, capabilities=body.capabilities, owner=body.owner,
                 max_concurrent=body.max_concurrent, status=status,
             )
         try:
-            return await self.broker.agent_heartbeat(agent_id, status)
+            return await self.store.agent_heartbeat(agent_id, status)
         except NotFound:
-            return await self.broker.agent_register(agent_id, status=status)
+            return await self.store.agent_upsert(agent_id, status=status)
