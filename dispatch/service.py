@@ -86,13 +86,13 @@ class Service:
     def _build_loops(self) -> list[Loop]:
         """The background loops of SPEC section 1 that this configuration runs."""
         assert self.broker is not None
-        from dispatch.assigner import Assigner, Waker
-        from dispatch.directory import DirectorySync
+        from dispatch.engine.assigner import Assigner, Waker
+        from dispatch.engine.directory import DirectorySync
+        from dispatch.engine.pruner import Pruner
+        from dispatch.engine.reaper import Reaper
         from dispatch.integrations.alexandria import AlexandriaClient
         from dispatch.integrations.promptforge import PromptForgeClient
         from dispatch.integrations.warren import WarrenClient
-        from dispatch.pruner import Pruner
-        from dispatch.reaper import Reaper
 
         s = self.settings
         warren = WarrenClient(s.warren.url, s.warren.token) if s.warren.url else None
@@ -121,8 +121,9 @@ class Service:
         relay and the inbound subscriptions (SPEC section 6). Without it, events stay in the log."""
         if not self.settings.hermes.url:
             return []
-        from dispatch.integrations.nats import NatsConnection, NatsInbound
-        from dispatch.relay import Relay
+        from dispatch.events.connection import NatsConnection
+        from dispatch.events.inbound import NatsInbound
+        from dispatch.events.relay import Relay
 
         assert self.pool is not None and self.listener is not None and self.broker is not None
         conn = NatsConnection(self.settings.hermes.url)

@@ -9,9 +9,9 @@ from litestar.status_codes import HTTP_200_OK
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Caller, CallerDep
 from dispatch.api.errors import ERRORS
-from dispatch.api.schemas import AGENT_ID_RE, AgentRegistration, Heartbeat
 from dispatch.errors import Forbidden, InvalidInput
 from dispatch.models import Agent, Stats
+from dispatch.wire import AGENT_ID_RE, AgentRegistration, Heartbeat
 
 AgentIdPath = Annotated[str, PathParameter(description="The agent id: 1-128 of [A-Za-z0-9._:@/-].")]
 

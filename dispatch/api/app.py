@@ -15,10 +15,10 @@ from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import require_agent
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
-from dispatch.api.schemas import AGENT_ID_PATTERN
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.settings import Settings
+from dispatch.wire import AGENT_ID_PATTERN
 
 HTTP_METRICS_PREFIX = "dispatch_http"
 

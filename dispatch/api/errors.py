@@ -20,13 +20,12 @@ from litestar.status_codes import (
 from litestar.types import ExceptionHandlersMap
 from psycopg_pool import PoolTimeout
 
-from dispatch.api.schemas import ErrorBody
 from dispatch.errors import Conflict, DispatchError, InvalidInput, Unauthorized
+from dispatch.wire import ErrorBody, error_path
 
 log = logging.getLogger(__name__)
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 # OpenAPI: what every operation may answer besides success (all with ErrorBody).
@@ -80,11 +79,11 @@ def validation_error(
     source = str(getattr(raw_source, "value", raw_source) or "")  # ParamType.QUERY -> "query"
     if source == "body":
         unknown = _UNKNOWN_FIELD.search(message)
-        at_path = _AT_PATH.search(message)
+        at_path = error_path(message)
         if unknown:
-            field = f"{at_path.group(1)}.{unknown.group(1)}" if at_path else unknown.group(1)
-        elif at_path:
-            field = at_path.group(1)
+            field = f"{at_path}.{unknown.group(1)}" if at_path is not None else unknown.group(1)
+        elif at_path is not None:
+            field = at_path
         elif field == "data":
             field = ""
     where = f" {field}" if field else ""

@@ -16,14 +16,6 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import CallerDep
 from dispatch.api.errors import ERRORS
-from dispatch.api.schemas import (
-    ClaimRequest,
-    CompleteReport,
-    FailReport,
-    ProgressReport,
-    TaskCreate,
-    TaskPatch,
-)
 from dispatch.errors import InvalidInput
 from dispatch.models import (
     Cursor,
@@ -33,10 +25,20 @@ from dispatch.models import (
     TaskFilter,
     TaskStatus,
 )
-from dispatch.wire import new_task, one_of, progress_fields
+from dispatch.wire import (
+    NO_NUL,
+    ClaimRequest,
+    CompleteReport,
+    FailReport,
+    ProgressReport,
+    TaskCreate,
+    TaskPatch,
+    new_task,
+    one_of,
+    progress_fields,
+)
 
-_NO_NUL = r"^[^\x00]*$"
-FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=_NO_NUL)]
+FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=NO_NUL)]
 TaskIdPath = Annotated[
     str,
     PathParameter(
@@ -123,7 +125,7 @@ class TaskController(Controller):
         caller: CallerDep,
         idempotency_key: Annotated[
             str | None,
-            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=_NO_NUL),
+            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=NO_NUL),
         ] = None,
     ) -> Response[Task]:
         new = new_task(data)
@@ -152,7 +154,7 @@ class TaskController(Controller):
         caller: CallerDep,
         status: Annotated[
             str | None,
-            QueryParameter(description="comma-separated statuses", max_length=256, pattern=_NO_NUL),
+            QueryParameter(description="comma-separated statuses", max_length=256, pattern=NO_NUL),
         ] = None,
         requester: FilterText = None,
         owner: FilterText = None,
@@ -160,7 +162,7 @@ class TaskController(Controller):
         agent: Annotated[
             str | None,
             QueryParameter(
-                description="alias of assignee", min_length=1, max_length=256, pattern=_NO_NUL
+                description="alias of assignee", min_length=1, max_length=256, pattern=NO_NUL
             ),
         ] = None,
         scope_filter: Annotated[
@@ -170,7 +172,7 @@ class TaskController(Controller):
                 description="alias of capability",
                 min_length=1,
                 max_length=256,
-                pattern=_NO_NUL,
+                pattern=NO_NUL,
             ),
         ] = None,
         capability: FilterText = None,

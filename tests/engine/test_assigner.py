@@ -9,13 +9,13 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from dispatch.assigner import Assigner, Waker
 from dispatch.broker import Broker
+from dispatch.engine.assigner import Assigner, Waker
+from dispatch.engine.reaper import Reaper
 from dispatch.integrations.warren import WarrenClient
 from dispatch.metrics import Metrics
 from dispatch.models import AgentStatus, NewTask, TaskStatus
 from dispatch.notify import Listener
-from dispatch.reaper import Reaper
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
 from tests.fakes import FakeWarren

@@ -12,7 +12,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.directory import DIRECTORY_LOCK_KEY, DirectorySync
+from dispatch.engine.directory import DIRECTORY_LOCK_KEY, DirectorySync
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenClient

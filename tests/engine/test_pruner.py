@@ -7,8 +7,8 @@ from typing import Any
 import psycopg
 
 from dispatch.broker import Broker
+from dispatch.engine.pruner import PRUNE_LOCK_KEY, Pruner
 from dispatch.models import TaskStatus
-from dispatch.pruner import PRUNE_LOCK_KEY, Pruner
 from tests.factories import at, make_task
 
 HOUR = 3600.0

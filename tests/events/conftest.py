@@ -16,10 +16,11 @@ from nats.aio.client import Client
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.integrations.nats import NatsConnection, NatsInbound
+from dispatch.events.connection import NatsConnection
+from dispatch.events.inbound import NatsInbound
+from dispatch.events.relay import Relay
 from dispatch.metrics import Metrics
 from dispatch.notify import Listener
-from dispatch.relay import Relay
 from dispatch.store import Store
 from tests.natsfix import NatsServer, nats_server
 

@@ -16,9 +16,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.db import CONNECT_KWARGS, create_pool
-from dispatch.integrations.nats import NatsConnection
+from dispatch.events.connection import NatsConnection
+from dispatch.events.relay import Relay
 from dispatch.notify import Listener
-from dispatch.relay import Relay
 from dispatch.store import Store
 from tests import pg
 from tests.natsfix import NatsServer

@@ -12,9 +12,10 @@ import psycopg
 from nats.aio.client import Client
 
 from dispatch.broker import Broker
-from dispatch.integrations.nats import NatsConnection, NatsInbound
+from dispatch.events.connection import NatsConnection
+from dispatch.events.inbound import NatsInbound
+from dispatch.events.relay import Relay
 from dispatch.models import AgentStatus, NewTask, TaskStatus
-from dispatch.relay import Relay
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import read_stream
 from tests.natsfix import NatsServer

@@ -13,11 +13,11 @@ from nats.aio.client import Client
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.integrations.nats import NatsConnection
+from dispatch.events.connection import NatsConnection
+from dispatch.events.relay import Outgoing, Relay
 from dispatch.metrics import Metrics
 from dispatch.models import NewTask, Task
 from dispatch.notify import Listener
-from dispatch.relay import Outgoing, Relay
 from dispatch.store import Store
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import Stored, read_stream, stream_count
