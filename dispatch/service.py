@@ -84,7 +84,7 @@ class Service:
         await self._start_servers()
 
     def _build_loops(self) -> list[Loop]:
-        """The background loops of SPEC section 1 that this configuration runs."""
+        """The background loops that this configuration runs."""
         assert self.broker is not None
         from dispatch.engine.assigner import Assigner, Waker
         from dispatch.engine.directory import DirectorySync
@@ -118,7 +118,7 @@ class Service:
 
     def _nats_loops(self) -> list[Loop]:
         """With hermes.url set: the NATS connection (its health() is /health's nats), the event
-        relay and the inbound subscriptions (SPEC section 6). Without it, events stay in the log."""
+        relay and the inbound subscriptions. Without it, events stay in the log."""
         if not self.settings.hermes.url:
             return []
         from dispatch.events.connection import NatsConnection
@@ -127,7 +127,7 @@ class Service:
 
         assert self.pool is not None and self.listener is not None and self.broker is not None
         conn = NatsConnection(self.settings.hermes.url)
-        poll = self.settings.assignment.tick_interval_ms / 1000
+        poll = self.settings.hermes.poll_interval_ms / 1000
         relay = Relay(
             self.broker.store, self.listener, conn, metrics=self.metrics, poll_interval=poll
         )
