@@ -102,10 +102,3 @@ class BackgroundLoop:
             else:
                 await self.sleep(delay)
 
-
-def until_due(due: float | None, cap: float) -> float:
-    """Seconds to sleep for a deadline `due` seconds away (None: none), never longer than cap: a
-    little past the instant, so that `available_at <= now` holds when the loop looks again."""
-    if due is None:
-        return cap
-    return min(cap, max(due + 0.005, 0.0))

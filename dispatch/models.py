@@ -5,12 +5,8 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
-from typing import NewType
 
 import msgspec
-
-TaskId = NewType("TaskId", uuid.UUID)
-AgentId = NewType("AgentId", str)
 
 
 class TaskStatus(enum.StrEnum):
@@ -25,7 +21,6 @@ class TaskStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-ACTIVE_STATUSES = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
 )

@@ -1,4 +1,4 @@
-"""The API app on port 8600: every endpoint of SPEC section 5 under /api/v1, and its OpenAPI
+"""The API app on port 8600: every endpoint under /api/v1, and its OpenAPI
 document under /schema (openapi.json, openapi.yaml, a browsable page)."""
 
 from litestar import Litestar, Router

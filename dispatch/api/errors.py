@@ -14,7 +14,6 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_500_INTERNAL_SERVER_ERROR,
-    HTTP_501_NOT_IMPLEMENTED,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 from litestar.types import ExceptionHandlersMap
@@ -116,12 +115,6 @@ def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[E
     return error_response(HTTP_400_BAD_REQUEST, "JSON nested too deeply", {"field": None})
 
 
-def not_implemented(
-    request: Request[Any, Any, Any], exc: NotImplementedError
-) -> Response[ErrorBody]:
-    return error_response(HTTP_501_NOT_IMPLEMENTED, str(exc) or "not implemented")
-
-
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
@@ -134,6 +127,5 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     PoolTimeout: database_unreachable,
     psycopg.OperationalError: database_unreachable,
     RecursionError: too_deep,  # type: ignore[dict-item]
-    NotImplementedError: not_implemented,  # type: ignore[dict-item]
     Exception: internal_error,
 }

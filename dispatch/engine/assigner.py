@@ -11,8 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dispatch.broker import Broker
+from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
-from dispatch.loop import BackgroundLoop, until_due
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
 from dispatch.notify import WORK_CHANNEL, Listener
@@ -76,7 +76,7 @@ class Waker:
                 await t
 
 
-class Assigner(BackgroundLoop):
+class Assigner(TickLoop):
     """The push side of assignment; `assigned` counts the tasks this process assigned."""
 
     name = "assigner"
@@ -90,10 +90,7 @@ class Assigner(BackgroundLoop):
         waker: Waker | None = None,
         tick_interval_ms: int | None = None,
     ) -> None:
-        tick = (tick_interval_ms or broker.assignment.tick_interval_ms) / 1000.0
-        super().__init__(interval=tick, backoff=(0.1, min(tick, 5.0)))
-        self.broker = broker
-        self.listener = listener
+        super().__init__(broker, listener, tick_interval_ms=tick_interval_ms)
         self.metrics = metrics
         self.waker = waker
         self.batch = broker.assignment.batch_size
@@ -134,7 +131,7 @@ class Assigner(BackgroundLoop):
 
     async def round(self) -> float:
         self.assigned += len(await self.run_once())
-        return until_due(await self.broker.store.seconds_until_due(), self.interval)
+        return await self.until_due()
 
     async def sleep(self, seconds: float) -> None:
         """Until the next NOTIFY dispatch_work, or seconds."""

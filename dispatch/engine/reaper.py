@@ -12,14 +12,14 @@ import contextlib
 import time
 
 from dispatch.broker import Broker
-from dispatch.loop import BackgroundLoop, until_due
+from dispatch.engine.tick import TickLoop
 from dispatch.models import Expiry
 from dispatch.notify import DUE_CHANNEL, Listener
 
 EXPIRE_BATCH = 100
 
 
-class Reaper(BackgroundLoop):
+class Reaper(TickLoop):
     """`expired` and `unmatched` count what this process reaped and reported."""
 
     name = "reaper"
@@ -31,10 +31,7 @@ class Reaper(BackgroundLoop):
         *,
         tick_interval_ms: int | None = None,
     ) -> None:
-        tick = (tick_interval_ms or broker.assignment.tick_interval_ms) / 1000.0
-        super().__init__(interval=tick, backoff=(0.1, min(tick, 5.0)))
-        self.broker = broker
-        self.listener = listener
+        super().__init__(broker, listener, tick_interval_ms=tick_interval_ms)
         self.expired = 0
         self.unmatched = 0
         self._last_unmatched = float("-inf")
@@ -68,7 +65,7 @@ class Reaper(BackgroundLoop):
 
     async def round(self) -> float:
         self.expired += len(await self.run_once())
-        return until_due(await self.broker.store.seconds_until_due(), self.interval)
+        return await self.until_due()
 
     async def sleep(self, seconds: float) -> None:
         """Until the planned wake-up, or a nearer deadline on dispatch_due."""

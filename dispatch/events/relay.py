@@ -1,4 +1,4 @@
-"""The event relay (SPEC section 6): publishes the unpublished rows of the event log (the
+"""The event relay: publishes the unpublished rows of the event log (the
 transactional outbox dispatch.task_events) to NATS JetStream, then marks them published.
 
 One batch is one transaction: take the relay's advisory lock (one replica relays at a time; the
@@ -35,7 +35,7 @@ from dispatch.store import Store
 log = logging.getLogger(__name__)
 
 STREAM = "DISPATCH_EVENTS"
-# SPEC section 6 names swarm.task.> for the stream. That also captures swarm.task.request, and
+# Not swarm.task.>: that would also capture swarm.task.request, and
 # JetStream acknowledges every message it stores that has a reply subject, so a requester's
 # request would get the stream's PubAck instead of its task. swarm.task.*.* holds every event
 # subject (swarm.task.<task id>.<event>) and leaves the 3-token request subject alone.

@@ -1,4 +1,4 @@
-"""Eligibility and score of SPEC section 4, through the SQL assignment function and explain."""
+"""Eligibility and score, through the SQL assignment function and explain."""
 
 from __future__ import annotations
 
