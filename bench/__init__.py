@@ -1,1 +1,1 @@
-"""Dispatch's benchmark (issue 6): `make bench` runs it, `python -m bench --help` explains it."""
+"""Dispatch's benchmark: `make bench` runs it, `python -m bench --help` explains it."""

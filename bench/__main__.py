@@ -39,9 +39,6 @@ async def _phase(name: str, what: str, fn: Callable[[], Awaitable[T]]) -> T | Un
     t0 = time.perf_counter()
     try:
         result = await fn()
-    except rest.ApiMissing as exc:
-        print(f"  not available: {exc}", flush=True)
-        return Unavailable(what, f"the REST API has not landed ({exc})")
     except Exception as exc:
         traceback.print_exc()
         return Unavailable(what, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

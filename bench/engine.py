@@ -14,6 +14,7 @@ from bench.results import Throughput
 from dispatch import db
 from dispatch.broker import Broker
 from dispatch.models import Assignment, NewTask
+from dispatch.store import Store
 
 REQUESTER = "bench-requester"
 RESULT = {"ok": True}
@@ -37,7 +38,7 @@ async def register_agents(
 ) -> list[str]:
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     for agent_id in ids:
-        await broker.agent_register(agent_id, owner=REQUESTER, max_concurrent=max_concurrent)
+        await broker.store.agent_upsert(agent_id, owner=REQUESTER, max_concurrent=max_concurrent)
     return ids
 
 
@@ -122,7 +123,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
     await pool.open(wait=True)
     lat = Latencies()
     try:
-        broker = Broker(pool)
+        broker = Broker(Store(pool))
         await broker.apply_config()
         if mode == "pull":
             # One coroutine per agent, each holding one task at a time.

@@ -4,7 +4,6 @@ system under test, and the cost counters (commits, WAL) read from outside the me
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import warnings
@@ -138,19 +137,8 @@ def cost_between(admin_url: str, before: Counters, after: Counters) -> Cost:
     )
 
 
-def patch_file() -> Path | None:
-    """BENCH_PATCH_SQL: a SQL file applied to every Dispatch database after its migrations, to
-    measure a proposed change of sql/ on a scratch copy without editing the migrations."""
-    raw = os.environ.get("BENCH_PATCH_SQL", "").strip()
-    return Path(raw) if raw else None
-
-
 def prepare_dispatch(url: str) -> None:
-    """Migrate a fresh Dispatch database (and apply BENCH_PATCH_SQL when given)."""
+    """Migrate a fresh Dispatch database."""
     from dispatch.migrate import migrate
 
     migrate(url)
-    patch = patch_file()
-    if patch is not None:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(patch.read_text())  # type: ignore[arg-type]

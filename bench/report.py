@@ -11,7 +11,6 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.common import Sizes, percentile
-from bench.pg import patch_file
 from bench.rest import CeilingResult, LatencyResult, RestResult
 from bench.results import Throughput, Unavailable
 from bench.scale import ScalePoint
@@ -250,7 +249,7 @@ def render_markdown(r: Report, rows: list[list[str]]) -> str:
     lines = [
         "# Dispatch benchmarks",
         "",
-        "Written by `make bench` (bench/, issue 6). Every number below comes from one run on",
+        "Written by `make bench` (bench/). Every number below comes from one run on",
         "one Postgres on the machine described here; nothing is copied from elsewhere.",
         "",
         f"- command: `{r.command}`",
@@ -261,14 +260,12 @@ def render_markdown(r: Report, rows: list[list[str]]) -> str:
         f"- git: {m['git']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "- PostgreSQL settings: " + ", ".join(f"{k}={val}" for k, val in r.pg_settings.items()),
-        "- SQL: " + (f"PATCHED with {patch_file()} after the migrations (not the shipped schema)"
-                     if patch_file() else "the migrations in sql/ as shipped"),
         "- sizes: " + ", ".join(f"{k}={val}" for k, val in vars(r.sizes).items()
                                 if not k.startswith("soak")),
         "",
         "## Results",
         "",
-        "| what | measured | target (SPEC section 10) | verdict |",
+        "| what | measured | target | verdict |",
         "|---|---|---|---|",
     ]
     for row in rows:

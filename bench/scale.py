@@ -11,8 +11,8 @@ from psycopg.rows import dict_row
 
 from bench.common import Latencies, Sizes
 from bench.pg import Cluster, prepare_dispatch
-from dispatch import store
-from dispatch.db import CONNECT_KWARGS
+from dispatch.db import CONNECT_KWARGS, create_pool
+from dispatch.store import Store
 
 REQUESTER = "bench-requester"
 
@@ -69,31 +69,31 @@ async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint
     async with await psycopg.AsyncConnection.connect(
         url, **CONNECT_KWARGS, row_factory=dict_row  # type: ignore[arg-type]
     ) as conn:
+        store = Store(create_pool(url))  # never opened: every call below passes conn
         for i in range(4):
             await store.agent_upsert(
-                conn, f"scale-{i}", capabilities=None, owner=REQUESTER, max_concurrent=10,
-                status=None,
+                f"scale-{i}", owner=REQUESTER, max_concurrent=10, conn=conn
             )
         # pull: one agent claims, then completes, `samples` times
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         for _ in range(samples):
             t0 = time.perf_counter()
-            task = await store.task_claim(conn, "scale-0", None, None)
+            task = await store.task_claim("scale-0", conn=conn)
             claim.add_since(t0)
             if task is None:
                 raise RuntimeError("scale: nothing to claim")
-            await store.task_complete(conn, task.task_id, "scale-0", None, admin=False, now=None)
+            await store.task_complete(task.task_id, "scale-0", conn=conn)
         # push: task_assign batches over 4 agents, completed before the next batch
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         left = samples
         while left > 0:
             t0 = time.perf_counter()
-            got = await store.task_assign(conn, sizes.assign_batch, None)
+            got = await store.task_assign(sizes.assign_batch, conn=conn)
             assign.add_since(t0)
             if not got:
                 raise RuntimeError("scale: nothing assigned")
             for a in got:
-                await store.task_complete(conn, a.task_id, a.agent_id, None, admin=False, now=None)
+                await store.task_complete(a.task_id, a.agent_id, conn=conn)
             left -= len(got)
         cur = await conn.execute(
             "SELECT pg_total_relation_size('dispatch.tasks') / 1048576.0 AS mb"

@@ -17,6 +17,7 @@ from dispatch import db
 from dispatch.broker import Broker
 from dispatch.models import NewTask
 from dispatch.notify import WORK_CHANNEL, Listener
+from dispatch.store import Store
 
 _TABLE_STATS = """
 SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, n_tup_hot_upd, n_tup_upd
@@ -55,7 +56,7 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
     await pool.open(wait=True)
     listener = Listener(url)
     await listener.start()
-    broker = Broker(pool, listener=listener)
+    broker = Broker(Store(pool), listener=listener)
     await broker.apply_config()
     agents = await register_agents(broker, "soak", sizes.connections, 1)
     result = SoakResult(sizes.soak_seconds, sizes.soak_rate, len(agents), 0)

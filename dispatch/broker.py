@@ -1,63 +1,85 @@
-"""Use cases of the broker: submit, claim, report, cancel, requeue, the directory. Owns connections
-and transactions; the SQL functions decide what may happen."""
+"""The use cases with logic of their own: the claim's long poll, conflict details on 409, the
+transition metrics, the assignment settings check, explain. Plain reads and writes go straight to
+the Store."""
 
 from __future__ import annotations
 
 import asyncio
-import builtins
-import contextlib
+import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
-from typing import Any
 
 import msgspec
-from psycopg_pool import AsyncConnectionPool
 
-from dispatch import db, store
-from dispatch.errors import Conflict, NotFound
+from dispatch.errors import Conflict
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
-    Agent,
-    AgentStatus,
     Assignment,
     Candidate,
-    Cursor,
     Expiry,
     Explanation,
     NewTask,
-    Stats,
     Task,
-    TaskEvent,
-    TaskFilter,
     TaskStatus,
 )
 from dispatch.notify import WORK_CHANNEL, Listener
 from dispatch.settings import AssignmentSettings
+from dispatch.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _config_row(a: AssignmentSettings) -> dict[str, tuple[str, object]]:
+    """dispatch.config column -> (the setting it holds, the value config_apply writes)."""
+    return {
+        "default_timeout_seconds": ("default_timeout_ms", max(1, a.default_timeout_ms // 1000)),
+        "max_concurrent_per_agent": ("max_concurrent_per_agent", a.max_concurrent_per_agent),
+        "owner_filter_enabled": ("owner_filter_enabled", a.owner_filter_enabled),
+        "retry_backoff_ms": ("retry_backoff_ms", a.retry_backoff_ms),
+        "retry_backoff_max_ms": ("retry_backoff_max_ms", a.retry_backoff_max_ms),
+        "wake_timeout_ms": ("wake_timeout_ms", a.wake_timeout_ms),
+        "unmatched_repeat_ms": ("unmatched_repeat_ms", a.unmatched_repeat_ms),
+    }
 
 
 class Broker:
-    """The lifecycle over a connection pool. `now` parameters exist for tests (an injected clock);
+    """The lifecycle over a Store. `now` parameters exist for tests (an injected clock);
     production passes None and the database's clock decides."""
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        store: Store,
         *,
         listener: Listener | None = None,
         assignment: AssignmentSettings | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.pool = pool
+        self.store = store
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics
 
     async def apply_config(self) -> None:
-        """Write this process's assignment settings where the SQL functions read them."""
-        async with db.connection(self.pool) as conn:
-            await store.config_apply(conn, self.assignment)
+        """Write this process's assignment settings where the SQL functions read them. Replicas
+        share that one row, so settings that differ from the ones there (written by another
+        replica, or by an earlier start) are logged as a warning naming the keys, then replaced."""
+        async with self.store.transaction() as conn:
+            current = await self.store.config_get(conn=conn)
+            differing = [
+                key
+                for column, (key, value) in _config_row(self.assignment).items()
+                if current[column] != value
+            ]
+            if differing:
+                log.warning(
+                    "dispatch.config holds other assignment settings than this replica's "
+                    "(replicas should share them); replacing: %s",
+                    ", ".join(f"assignment.{k}" for k in differing),
+                    extra={"keys": differing},
+                )
+            await self.store.config_apply(self.assignment, conn=conn)
 
     # -- requesters ------------------------------------------------------------------------------
 
@@ -65,34 +87,13 @@ class Broker:
         self, new: NewTask, *, requester: str, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
         """Create a task; returns (task, created). A repeated idempotency key returns the first."""
-        async with db.connection(self.pool) as conn:
-            task, created = await store.task_create(
-                conn, new, requester=requester, idempotency_key=idempotency_key
-            )
+        task, created = await self.store.task_create(
+            new, requester=requester, idempotency_key=idempotency_key
+        )
         if created and self.metrics is not None:
             self.metrics.tasks_created.labels(task.source).inc()
             self.metrics.task_transitions.labels("created").inc()
         return task, created
-
-    async def get(self, task_id: uuid.UUID) -> Task:
-        async with db.connection(self.pool) as conn:
-            task = await store.task_get(conn, task_id)
-        if task is None:
-            raise NotFound(f"task {task_id} not found")
-        return task
-
-    async def list(
-        self, filters: TaskFilter, *, limit: int = 50, after: Cursor | None = None
-    ) -> builtins.list[Task]:
-        async with db.connection(self.pool) as conn:
-            return await store.task_list(conn, filters, limit=limit, after=after)
-
-    async def events(self, task_id: uuid.UUID) -> builtins.list[TaskEvent]:
-        async with db.connection(self.pool) as conn:
-            events = await store.task_events(conn, task_id)
-            if not events and await store.task_get(conn, task_id) is None:
-                raise NotFound(f"task {task_id} not found")
-        return events
 
     async def update(
         self,
@@ -104,21 +105,14 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn,
-                task_id,
-                store.task_update(
-                    conn,
-                    task_id,
-                    actor,
-                    metadata_patch=metadata_patch,
-                    priority=priority,
-                    admin=admin,
-                    now=now,
-                ),
-                "updated",
-            )
+        return await self._fenced(
+            task_id,
+            self.store.task_update(
+                task_id, actor, metadata_patch=metadata_patch, priority=priority, admin=admin,
+                now=now,
+            ),
+            "updated",
+        )
 
     async def cancel(
         self,
@@ -129,19 +123,16 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn,
-                task_id,
-                store.task_cancel(conn, task_id, actor, reason, admin=admin, now=now),
-                "cancelled",
-            )
+        return await self._fenced(
+            task_id,
+            self.store.task_cancel(task_id, actor, reason, admin=admin, now=now),
+            "cancelled",
+        )
 
     async def requeue(self, task_id: uuid.UUID, actor: str, now: datetime | None = None) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn, task_id, store.task_requeue(conn, task_id, actor, now), "requeued"
-            )
+        return await self._fenced(
+            task_id, self.store.task_requeue(task_id, actor, now=now), "requeued"
+        )
 
     # -- agents reporting ------------------------------------------------------------------------
 
@@ -158,8 +149,7 @@ class Broker:
         deadline = loop.time() + wait_seconds
         while True:
             woken = self.listener.event(WORK_CHANNEL) if self.listener else None
-            async with db.connection(self.pool) as conn:
-                task = await store.task_claim(conn, agent_id, capabilities, now)
+            task = await self.store.task_claim(agent_id, capabilities, now=now)
             remaining = deadline - loop.time()
             if task is not None and self.metrics is not None:
                 self.metrics.task_transitions.labels("assigned").inc()
@@ -174,10 +164,9 @@ class Broker:
                 return None
 
     async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn, task_id, store.task_start(conn, task_id, agent_id, now), "started"
-            )
+        return await self._fenced(
+            task_id, self.store.task_start(task_id, agent_id, now=now), "started"
+        )
 
     async def progress(
         self,
@@ -189,15 +178,13 @@ class Broker:
         data: object = None,
         now: datetime | None = None,
     ) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn,
-                task_id,
-                store.task_progress(
-                    conn, task_id, agent_id, percent=percent, message=message, data=data, now=now
-                ),
-                "progress",
-            )
+        return await self._fenced(
+            task_id,
+            self.store.task_progress(
+                task_id, agent_id, percent=percent, message=message, data=data, now=now
+            ),
+            "progress",
+        )
 
     async def complete(
         self,
@@ -208,13 +195,11 @@ class Broker:
         admin: bool = False,
         now: datetime | None = None,
     ) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn,
-                task_id,
-                store.task_complete(conn, task_id, actor, result, admin=admin, now=now),
-                "completed",
-            )
+        return await self._fenced(
+            task_id,
+            self.store.task_complete(task_id, actor, result, admin=admin, now=now),
+            "completed",
+        )
 
     async def fail(
         self,
@@ -225,25 +210,20 @@ class Broker:
         retry_eligible: bool = True,
         now: datetime | None = None,
     ) -> Task:
-        async with db.connection(self.pool) as conn:
-            return await self._fenced(
-                conn,
-                task_id,
-                store.task_fail(conn, task_id, agent_id, error, retry_eligible, now),
-                "failed",
-            )
+        return await self._fenced(
+            task_id,
+            self.store.task_fail(task_id, agent_id, error, retry_eligible=retry_eligible, now=now),
+            "failed",
+        )
 
-    async def _fenced(
-        self, conn: store.Conn, task_id: uuid.UUID, change: Any, event: str | None = None
-    ) -> Task:
+    async def _fenced(self, task_id: uuid.UUID, change: Awaitable[Task], event: str) -> Task:
         """Run a transition; a conflict carries the task's current state for the 409 body."""
         try:
-            task: Task = await change
+            task = await change
         except Conflict as exc:
-            exc.task = await store.task_get(conn, task_id)
+            exc.task = (await self.store.tasks_by_id([task_id])).get(task_id)
             raise
-        if event is not None:
-            self._count(event, task)
+        self._count(event, task)
         return task
 
     def _count(self, event: str, task: Task) -> None:
@@ -264,108 +244,34 @@ class Broker:
             seconds = (task.completed_at - task.assigned_at).total_seconds()
             self.metrics.task_run.labels(str(task.status)).observe(max(seconds, 0.0))
 
-    def _count_expiries(self, expiries: Sequence[Expiry]) -> None:
-        if self.metrics is None:
-            return
-        for expiry in expiries:
-            self.metrics.task_transitions.labels(expiry.event).inc()
-            if expiry.event == "timeout":
-                retried = expiry.status == TaskStatus.PENDING
-                self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
-
-    # -- the engine's SQL calls ------------------------------------------------------------------
+    # -- the engine ------------------------------------------------------------------------------
 
     async def assign(
         self, *, batch: int | None = None, now: datetime | None = None
-    ) -> builtins.list[Assignment]:
+    ) -> list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
-        async with db.connection(self.pool) as conn:
-            assignments = await store.task_assign(conn, batch or self.assignment.batch_size, now)
+        assignments = await self.store.task_assign(batch or self.assignment.batch_size, now=now)
         if assignments and self.metrics is not None:
             self.metrics.task_transitions.labels("assigned").inc(len(assignments))
         return assignments
 
-    async def expire(
-        self, *, now: datetime | None = None, limit: int = 100
-    ) -> builtins.list[Expiry]:
-        async with db.connection(self.pool) as conn:
-            expiries = await store.task_expire(conn, now, limit)
-        self._count_expiries(expiries)
+    async def expire(self, *, now: datetime | None = None, limit: int = 100) -> list[Expiry]:
+        """End the overdue attempts (deadline, heartbeat, wake timeout)."""
+        expiries = await self.store.task_expire(now=now, limit=limit)
+        if self.metrics is not None:
+            for expiry in expiries:
+                self.metrics.task_transitions.labels(expiry.event).inc()
+                if expiry.event == "timeout":
+                    retried = expiry.status == TaskStatus.PENDING
+                    self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
         return expiries
-
-    async def report_unmatched(self, *, now: datetime | None = None, limit: int = 100) -> int:
-        async with db.connection(self.pool) as conn:
-            return await store.task_report_unmatched(conn, now, limit)
-
-    async def next_due(self, now: datetime | None = None) -> datetime | None:
-        async with db.connection(self.pool) as conn:
-            return await store.next_due(conn, now)
-
-    async def prune(self, before: datetime, limit: int = 1000) -> int:
-        async with db.connection(self.pool) as conn:
-            return await store.task_prune(conn, before, limit)
-
-    # -- the directory ---------------------------------------------------------------------------
-
-    async def agent_register(
-        self,
-        agent_id: str,
-        *,
-        capabilities: Sequence[str] | None = None,
-        owner: str | None = None,
-        max_concurrent: int | None = None,
-        status: AgentStatus | None = None,
-        policy: str | None = None,
-        source: str = "registry",
-        now: datetime | None = None,
-    ) -> Agent:
-        async with db.connection(self.pool) as conn:
-            return await store.agent_upsert(
-                conn,
-                agent_id,
-                capabilities=capabilities,
-                owner=owner,
-                max_concurrent=max_concurrent,
-                status=status,
-                policy=policy,
-                source=source,
-                now=now,
-            )
-
-    async def agent_heartbeat(
-        self, agent_id: str, status: AgentStatus | None = None, now: datetime | None = None
-    ) -> Agent:
-        async with db.connection(self.pool) as conn:
-            return await store.agent_heartbeat(conn, agent_id, status, now)
-
-    async def agent_drain(self, agent_id: str, drained: bool = True) -> Agent:
-        async with db.connection(self.pool) as conn:
-            return await store.agent_drain(conn, agent_id, drained, None)
-
-    async def agent_stop(self, agent_id: str, now: datetime | None = None) -> int:
-        """The agent stopped: its active tasks go back to pending. Returns how many."""
-        async with db.connection(self.pool) as conn:
-            return await store.agent_stop(conn, agent_id, now)
-
-    async def agent(self, agent_id: str) -> Agent:
-        async with db.connection(self.pool) as conn:
-            agent = await store.agent_get(conn, agent_id)
-        if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
-        return agent
-
-    async def agents(self) -> builtins.list[Agent]:
-        async with db.connection(self.pool) as conn:
-            return await store.agent_list(conn)
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
         """Every candidate agent for the task with its score factors or exclusion reasons."""
-        async with db.connection(self.pool) as conn:
-            task = await store.task_get(conn, task_id)
-            if task is None:
-                raise NotFound(f"task {task_id} not found")
-            rows = await store.task_explain(conn, task_id)
-            config = await store.config_get(conn)
+        async with self.store.transaction() as conn:
+            task = await self.store.task_get(task_id, conn=conn)
+            rows = await self.store.task_explain(task_id, conn=conn)
+            config = await self.store.config_get(conn=conn)
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
             notes = ["the task has no owner: it is not owner-scoped, any eligible agent may run it"]
@@ -382,56 +288,3 @@ class Broker:
             notes=notes,
             candidates=[msgspec.convert(dict(r), Candidate) for r in rows],
         )
-
-    async def stats(self, now: datetime | None = None) -> Stats:
-        async with db.connection(self.pool) as conn:
-            return await store.stats(conn, now)
-
-    # -- the assignment engine's loops -----------------------------------------------------------
-
-    async def assign_timed(
-        self, *, batch: int | None = None, now: datetime | None = None
-    ) -> builtins.list[tuple[Assignment, float]]:
-        """One assignment batch; each with the seconds its task waited to be assigned."""
-        async with db.connection(self.pool) as conn:
-            timed = await store.task_assign_timed(conn, batch or self.assignment.batch_size, now)
-        if timed and self.metrics is not None:
-            self.metrics.task_transitions.labels("assigned").inc(len(timed))
-        return timed
-
-    async def seconds_until_due(self) -> float | None:
-        """Seconds until the next deadline or scheduled task (by the database's clock)."""
-        async with db.connection(self.pool) as conn:
-            return await store.seconds_until_due(conn)
-
-    async def directory_sync(
-        self,
-        entries: Sequence[Mapping[str, object]],
-        owners: Sequence[Mapping[str, str]] | None = None,
-        *,
-        now: datetime | None = None,
-    ) -> None:
-        """Write one refresh of the external directory (and, when given, device ownership) in one
-        transaction."""
-        async with db.connection(self.pool) as conn, conn.transaction():
-            if entries:
-                await store.agent_sync(conn, entries, now)
-            if owners is not None:
-                await store.agent_owners_sync(conn, owners, "alexandria", now)
-
-    async def directory_mark_stale(self, stale_ms: int, *, now: datetime | None = None) -> int:
-        """Agents not refreshed for stale_ms become unknown; returns how many."""
-        async with db.connection(self.pool) as conn:
-            return await store.agent_mark_stale(conn, stale_ms, now)
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self, key: int) -> AsyncIterator[bool]:
-        """Hold the advisory lock `key` for the block if no other replica holds it; yields whether
-        it was taken (the block should do nothing when it was not)."""
-        async with db.connection(self.pool) as conn:
-            taken = await store.advisory_try_lock(conn, key)
-            try:
-                yield taken
-            finally:
-                if taken:
-                    await store.advisory_unlock(conn, key)

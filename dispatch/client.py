@@ -15,29 +15,20 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 import httpx
 import msgspec
 
-from dispatch.errors import (
-    Conflict,
-    DispatchError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
-from dispatch.models import Agent, AgentStatus, Stats, Task, TaskEvent, TaskStatus
+from dispatch.errors import Conflict, DispatchError, InvalidInput, error_for_status
+from dispatch.models import Agent, AgentStatus, Explanation, Stats, Task, TaskEvent, TaskStatus
 
 T = TypeVar("T")
 TaskRef = uuid.UUID | str
-_UNSET: Any = object()
 
 
 class ApiError(DispatchError):
@@ -76,20 +67,15 @@ def _raise_for(response: httpx.Response) -> None:
     except (msgspec.DecodeError, AttributeError):
         message, detail = response.text or response.reason_phrase, None
     status = response.status_code
-    if status == 400:
+    kind = error_for_status(status)
+    if kind is InvalidInput:
         field_name = detail.get("field") if isinstance(detail, dict) else None
         raise InvalidInput(message, field=field_name, detail=detail)
-    if status == 401:
-        raise Unauthorized(message)
-    if status == 403:
-        raise Forbidden(message)
-    if status == 404:
-        raise NotFound(message)
-    if status == 409:
+    if kind is Conflict:
         task = msgspec.convert(detail, Task) if isinstance(detail, dict) else None
         raise Conflict(message, task=task)
-    if status == 503:
-        raise Unavailable(message)
+    if kind is not None:
+        raise kind(message)
     raise ApiError(status, message, detail)
 
 
@@ -98,86 +84,129 @@ def _decode(response: httpx.Response, kind: type[T]) -> T:
     return msgspec.json.decode(response.content, type=kind)
 
 
-def _drop_unset(body: Mapping[str, object]) -> dict[str, object]:
-    return {k: v for k, v in body.items() if v is not _UNSET}
+class CreateFields(TypedDict, total=False):
+    """The optional fields of a new task; a field left out takes the server's default."""
+
+    description: str
+    owner: str
+    required_capabilities: Sequence[str]
+    priority: int
+    timeout_seconds: int
+    heartbeat_seconds: int
+    max_retries: int
+    metadata: Mapping[str, object]
+    parent_task_id: TaskRef
+    available_at: datetime
+    source: str
+
+
+class ListFilters(TypedDict, total=False):
+    """Filters and paging of GET /api/v1/tasks."""
+
+    status: Sequence[TaskStatus | str]
+    requester: str
+    owner: str
+    assignee: str
+    capability: str
+    source: str
+    parent_task_id: TaskRef
+    limit: int
+    cursor: str | None
+
+
+def _omit_none(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
+    return {k: v for k, v in pairs if v is not None}
 
 
 class _Requests:
-    """The API's requests, independent of sync/async."""
+    """The API's requests, built once for both the sync and the async client."""
 
     def __init__(self, agent_id: str, admin_token: str | None) -> None:
         self.agent_id = agent_id
         self.admin_token = admin_token
 
-    def _admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+    def _admin(self, admin: bool = True) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"} if admin and self.admin_token else {}
 
-    def create(
-        self,
-        title: str,
-        *,
-        idempotency_key: str | None = None,
-        description: str = _UNSET,
-        owner: str = _UNSET,
-        required_capabilities: Sequence[str] = _UNSET,
-        priority: int = _UNSET,
-        timeout_seconds: int = _UNSET,
-        heartbeat_seconds: int = _UNSET,
-        max_retries: int = _UNSET,
-        metadata: Mapping[str, object] = _UNSET,
-        parent_task_id: TaskRef = _UNSET,
-        available_at: datetime = _UNSET,
-        source: str = _UNSET,
-    ) -> _Call:
-        body = _drop_unset({
-            "title": title, "description": description, "owner": owner,
-            "required_capabilities": (
-                list(required_capabilities) if required_capabilities is not _UNSET else _UNSET
-            ),
-            "priority": priority, "timeout_seconds": timeout_seconds,
-            "heartbeat_seconds": heartbeat_seconds, "max_retries": max_retries,
-            "metadata": metadata,
-            "parent_task_id": str(parent_task_id) if parent_task_id is not _UNSET else _UNSET,
-            "available_at": available_at.isoformat() if available_at is not _UNSET else _UNSET,
-            "source": source,
-        })
+    def create(self, title: str, idempotency_key: str | None, fields: CreateFields) -> _Call:
+        body: dict[str, object] = {"title": title, **fields}
+        if "required_capabilities" in fields:
+            body["required_capabilities"] = list(fields["required_capabilities"])
+        if "parent_task_id" in fields:
+            body["parent_task_id"] = str(fields["parent_task_id"])
+        if "available_at" in fields:
+            body["available_at"] = fields["available_at"].isoformat()
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return _Call("POST", "/api/v1/tasks", body, headers=headers)
 
-    def list(
-        self,
-        *,
-        status: Sequence[TaskStatus | str] | None = None,
-        requester: str | None = None,
-        owner: str | None = None,
-        assignee: str | None = None,
-        capability: str | None = None,
-        source: str | None = None,
-        parent_task_id: TaskRef | None = None,
-        limit: int | None = None,
-        cursor: str | None = None,
-    ) -> _Call:
+    def list(self, filters: ListFilters) -> _Call:
         params: dict[str, str | int] = {}
+        status = filters.get("status")
         if status:
             params["status"] = ",".join(str(s) for s in status)
-        for name, value in (("requester", requester), ("owner", owner), ("assignee", assignee),
-                            ("capability", capability), ("source", source),
-                            ("parent_task_id", parent_task_id), ("cursor", cursor)):
-            if value is not None:
+        if "limit" in filters:
+            params["limit"] = filters["limit"]
+        others: Mapping[str, object] = filters
+        for name, value in others.items():
+            if name not in {"status", "limit"} and value is not None:
                 params[name] = str(value)
-        if limit is not None:
-            params["limit"] = limit
         return _Call("GET", "/api/v1/tasks", params=params)
 
     def task(self, task_id: TaskRef, action: str = "", method: str = "POST",
              body: object = None, admin: bool = False) -> _Call:
         path = f"/api/v1/tasks/{task_id}" + (f"/{action}" if action else "")
-        return _Call(method, path, body, headers=self._admin() if admin else {})
+        return _Call(method, path, body, headers=self._admin(admin))
 
     def agent(self, agent_id: str, action: str = "", method: str = "POST",
               body: object = None, admin: bool = False) -> _Call:
         path = f"/api/v1/agents/{agent_id}" + (f"/{action}" if action else "")
-        return _Call(method, path, body, headers=self._admin() if admin else {})
+        return _Call(method, path, body, headers=self._admin(admin))
+
+    def update(self, task_id: TaskRef, metadata: Mapping[str, object] | None,
+               priority: int | None, admin: bool) -> _Call:
+        body = _omit_none([("metadata", metadata), ("priority", priority)])
+        return self.task(task_id, method="PATCH", body=body, admin=admin)
+
+    def cancel(self, task_id: TaskRef, reason: str | None, admin: bool) -> _Call:
+        body = {"status": "cancelled", **_omit_none([("reason", reason)])}
+        return self.task(task_id, method="PATCH", body=body, admin=admin)
+
+    def register(self, agent_id: str | None, capabilities: Sequence[str] | None,
+                 owner: str | None, max_concurrent: int | None,
+                 status: AgentStatus | str | None, admin: bool) -> _Call:
+        body = _omit_none([
+            ("capabilities", list(capabilities) if capabilities is not None else None),
+            ("owner", owner), ("max_concurrent", max_concurrent),
+            ("status", str(status) if status else None),
+        ])
+        return self.agent(agent_id or self.agent_id, method="PUT", body=body, admin=admin)
+
+    def heartbeat(self, status: AgentStatus | str | None) -> _Call:
+        body = {"status": str(status)} if status else {}
+        return self.agent(self.agent_id, "heartbeat", body=body)
+
+    def claim(self, capabilities: Sequence[str] | None, wait_seconds: float) -> _Call:
+        body: dict[str, object] = {"wait_seconds": wait_seconds}
+        if capabilities is not None:
+            body["capabilities"] = list(capabilities)
+        return _Call("POST", "/api/v1/tasks/claim", body)
+
+    def progress(self, task_id: TaskRef, percent: float | None, message: str | None,
+                 data: object) -> _Call:
+        body = _omit_none([("percent", percent), ("message", message), ("data", data)])
+        return self.task(task_id, "progress", body=body)
+
+    def fail(self, task_id: TaskRef, error: str | None, retry_eligible: bool) -> _Call:
+        return self.task(task_id, "fail", body={"error": error, "retry_eligible": retry_eligible})
+
+    def stats(self) -> _Call:
+        return _Call("GET", "/api/v1/stats", headers=self._admin())
+
+    def agents(self) -> _Call:
+        return _Call("GET", "/api/v1/agents", headers=self._admin())
+
+    def drain(self, agent_id: str, drained: bool) -> _Call:
+        return self.agent(agent_id, "drain" if drained else "undrain", admin=True)
 
 
 def _page(response: httpx.Response) -> Page:
@@ -226,12 +255,14 @@ class DispatchClient:
         )
 
     # requesters
-    def create(self, title: str, **fields: Any) -> Task:
-        return _decode(self._send(self._r.create(title, **fields)), Task)
+    def create(self, title: str, *, idempotency_key: str | None = None,
+               **fields: Unpack[CreateFields]) -> Task:
+        return self.create_ex(title, idempotency_key=idempotency_key, **fields)[0]
 
-    def create_ex(self, title: str, **fields: Any) -> tuple[Task, bool]:
+    def create_ex(self, title: str, *, idempotency_key: str | None = None,
+                  **fields: Unpack[CreateFields]) -> tuple[Task, bool]:
         """Like create; also whether the task is new (False when the idempotency key repeated)."""
-        response = self._send(self._r.create(title, **fields))
+        response = self._send(self._r.create(title, idempotency_key, fields))
         return _decode(response, Task), response.status_code == 201
 
     def get(self, task_id: TaskRef) -> Task:
@@ -240,62 +271,45 @@ class DispatchClient:
     def events(self, task_id: TaskRef) -> builtins.list[TaskEvent]:
         return _decode(self._send(self._r.task(task_id, "events", "GET")), list[TaskEvent])
 
-    def list(self, **filters: Any) -> Page:
-        return _page(self._send(self._r.list(**filters)))
+    def list(self, **filters: Unpack[ListFilters]) -> Page:
+        return _page(self._send(self._r.list(filters)))
 
-    def iter_tasks(self, **filters: Any) -> Iterator[Task]:
+    def iter_tasks(self, **filters: Unpack[ListFilters]) -> Iterator[Task]:
         """Every matching task, following the cursor page by page."""
-        cursor = None
         while True:
-            page = self.list(**filters, cursor=cursor)
+            page = self.list(**filters)
             yield from page.tasks
             if page.next_cursor is None:
                 return
-            cursor = page.next_cursor
+            filters["cursor"] = page.next_cursor
 
     def update(self, task_id: TaskRef, *, metadata: Mapping[str, object] | None = None,
                priority: int | None = None, admin: bool = False) -> Task:
-        body = {k: v for k, v in (("metadata", metadata), ("priority", priority)) if v is not None}
-        return _decode(self._send(self._r.task(task_id, method="PATCH", body=body,
-                                               admin=admin)), Task)
+        return _decode(self._send(self._r.update(task_id, metadata, priority, admin)), Task)
 
     def cancel(self, task_id: TaskRef, reason: str | None = None, *, admin: bool = False) -> Task:
-        body: dict[str, object] = {"status": "cancelled"}
-        if reason is not None:
-            body["reason"] = reason
-        return _decode(self._send(self._r.task(task_id, method="PATCH", body=body,
-                                               admin=admin)), Task)
+        return _decode(self._send(self._r.cancel(task_id, reason, admin)), Task)
 
     # agents
     def register(self, *, capabilities: Sequence[str] | None = None, owner: str | None = None,
                  max_concurrent: int | None = None, status: AgentStatus | str | None = None,
                  agent_id: str | None = None, admin: bool = False) -> Agent:
-        body = {k: v for k, v in (("capabilities", list(capabilities) if capabilities is not None
-                                   else None), ("owner", owner),
-                                  ("max_concurrent", max_concurrent),
-                                  ("status", str(status) if status else None)) if v is not None}
-        call = self._r.agent(agent_id or self._r.agent_id, method="PUT", body=body, admin=admin)
+        call = self._r.register(agent_id, capabilities, owner, max_concurrent, status, admin)
         return _decode(self._send(call), Agent)
 
     def heartbeat(self, status: AgentStatus | str | None = None) -> Agent:
-        body = {"status": str(status)} if status else {}
-        return _decode(self._send(self._r.agent(self._r.agent_id, "heartbeat", body=body)), Agent)
+        return _decode(self._send(self._r.heartbeat(status)), Agent)
 
-    def claim(self, capabilities: Sequence[str] | None = None, wait_seconds: float = 0) -> \
-            Task | None:
-        body: dict[str, object] = {"wait_seconds": wait_seconds}
-        if capabilities is not None:
-            body["capabilities"] = list(capabilities)
-        return _claimed(self._send(_Call("POST", "/api/v1/tasks/claim", body)))
+    def claim(self, capabilities: Sequence[str] | None = None,
+              wait_seconds: float = 0) -> Task | None:
+        return _claimed(self._send(self._r.claim(capabilities, wait_seconds)))
 
     def start(self, task_id: TaskRef) -> Task:
         return _decode(self._send(self._r.task(task_id, "start")), Task)
 
     def progress(self, task_id: TaskRef, percent: float | None = None,
                  message: str | None = None, data: object = None) -> Task:
-        body = {k: v for k, v in (("percent", percent), ("message", message), ("data", data))
-                if v is not None}
-        return _decode(self._send(self._r.task(task_id, "progress", body=body)), Task)
+        return _decode(self._send(self._r.progress(task_id, percent, message, data)), Task)
 
     def complete(self, task_id: TaskRef, result: object = None, *, admin: bool = False) -> Task:
         call = self._r.task(task_id, "complete", body={"result": result}, admin=admin)
@@ -303,27 +317,24 @@ class DispatchClient:
 
     def fail(self, task_id: TaskRef, error: str | None = None, *,
              retry_eligible: bool = True) -> Task:
-        body = {"error": error, "retry_eligible": retry_eligible}
-        return _decode(self._send(self._r.task(task_id, "fail", body=body)), Task)
+        return _decode(self._send(self._r.fail(task_id, error, retry_eligible)), Task)
 
     # admin
     def stats(self) -> Stats:
-        return _decode(self._send(_Call("GET", "/api/v1/stats", headers=self._r._admin())), Stats)
+        return _decode(self._send(self._r.stats()), Stats)
 
     def agents(self) -> builtins.list[Agent]:
-        call = _Call("GET", "/api/v1/agents", headers=self._r._admin())
-        return _decode(self._send(call), list[Agent])
+        return _decode(self._send(self._r.agents()), list[Agent])
 
     def drain(self, agent_id: str, drained: bool = True) -> Agent:
-        call = self._r.agent(agent_id, "drain" if drained else "undrain", admin=True)
-        return _decode(self._send(call), Agent)
+        return _decode(self._send(self._r.drain(agent_id, drained)), Agent)
 
     def requeue(self, task_id: TaskRef) -> Task:
         return _decode(self._send(self._r.task(task_id, "requeue", admin=True)), Task)
 
-    def explain(self, task_id: TaskRef) -> dict[str, Any]:
+    def explain(self, task_id: TaskRef) -> Explanation:
         call = self._r.task(task_id, "explain", method="GET", admin=True)
-        return _decode(self._send(call), dict[str, Any])
+        return _decode(self._send(call), Explanation)
 
 
 class AsyncDispatchClient:
@@ -360,50 +371,88 @@ class AsyncDispatchClient:
             call.method, call.path, json=call.json, params=call.params, headers=call.headers
         )
 
-    async def create(self, title: str, **fields: Any) -> Task:
-        return _decode(await self._send(self._r.create(title, **fields)), Task)
+    # requesters
+    async def create(self, title: str, *, idempotency_key: str | None = None,
+                     **fields: Unpack[CreateFields]) -> Task:
+        return (await self.create_ex(title, idempotency_key=idempotency_key, **fields))[0]
+
+    async def create_ex(self, title: str, *, idempotency_key: str | None = None,
+                        **fields: Unpack[CreateFields]) -> tuple[Task, bool]:
+        """Like create; also whether the task is new (False when the idempotency key repeated)."""
+        response = await self._send(self._r.create(title, idempotency_key, fields))
+        return _decode(response, Task), response.status_code == 201
 
     async def get(self, task_id: TaskRef) -> Task:
         return _decode(await self._send(self._r.task(task_id, method="GET")), Task)
 
-    async def list(self, **filters: Any) -> Page:
-        return _page(await self._send(self._r.list(**filters)))
+    async def events(self, task_id: TaskRef) -> builtins.list[TaskEvent]:
+        return _decode(await self._send(self._r.task(task_id, "events", "GET")), list[TaskEvent])
 
-    async def cancel(self, task_id: TaskRef, reason: str | None = None) -> Task:
-        body: dict[str, object] = {"status": "cancelled"}
-        if reason is not None:
-            body["reason"] = reason
-        return _decode(await self._send(self._r.task(task_id, method="PATCH", body=body)), Task)
+    async def list(self, **filters: Unpack[ListFilters]) -> Page:
+        return _page(await self._send(self._r.list(filters)))
 
+    async def iter_tasks(self, **filters: Unpack[ListFilters]) -> AsyncIterator[Task]:
+        """Every matching task, following the cursor page by page."""
+        while True:
+            page = await self.list(**filters)
+            for task in page.tasks:
+                yield task
+            if page.next_cursor is None:
+                return
+            filters["cursor"] = page.next_cursor
+
+    async def update(self, task_id: TaskRef, *, metadata: Mapping[str, object] | None = None,
+                     priority: int | None = None, admin: bool = False) -> Task:
+        return _decode(await self._send(self._r.update(task_id, metadata, priority, admin)), Task)
+
+    async def cancel(self, task_id: TaskRef, reason: str | None = None, *,
+                     admin: bool = False) -> Task:
+        return _decode(await self._send(self._r.cancel(task_id, reason, admin)), Task)
+
+    # agents
     async def register(self, *, capabilities: Sequence[str] | None = None,
-                       max_concurrent: int | None = None) -> Agent:
-        body = {k: v for k, v in (("capabilities", list(capabilities) if capabilities is not None
-                                   else None), ("max_concurrent", max_concurrent))
-                if v is not None}
-        call = self._r.agent(self._r.agent_id, method="PUT", body=body)
+                       owner: str | None = None, max_concurrent: int | None = None,
+                       status: AgentStatus | str | None = None, agent_id: str | None = None,
+                       admin: bool = False) -> Agent:
+        call = self._r.register(agent_id, capabilities, owner, max_concurrent, status, admin)
         return _decode(await self._send(call), Agent)
+
+    async def heartbeat(self, status: AgentStatus | str | None = None) -> Agent:
+        return _decode(await self._send(self._r.heartbeat(status)), Agent)
 
     async def claim(self, capabilities: Sequence[str] | None = None,
                     wait_seconds: float = 0) -> Task | None:
-        body: dict[str, object] = {"wait_seconds": wait_seconds}
-        if capabilities is not None:
-            body["capabilities"] = list(capabilities)
-        return _claimed(await self._send(_Call("POST", "/api/v1/tasks/claim", body)))
+        return _claimed(await self._send(self._r.claim(capabilities, wait_seconds)))
 
     async def start(self, task_id: TaskRef) -> Task:
         return _decode(await self._send(self._r.task(task_id, "start")), Task)
 
     async def progress(self, task_id: TaskRef, percent: float | None = None,
                        message: str | None = None, data: object = None) -> Task:
-        body = {k: v for k, v in (("percent", percent), ("message", message), ("data", data))
-                if v is not None}
-        return _decode(await self._send(self._r.task(task_id, "progress", body=body)), Task)
+        return _decode(await self._send(self._r.progress(task_id, percent, message, data)), Task)
 
-    async def complete(self, task_id: TaskRef, result: object = None) -> Task:
-        call = self._r.task(task_id, "complete", body={"result": result})
+    async def complete(self, task_id: TaskRef, result: object = None, *,
+                       admin: bool = False) -> Task:
+        call = self._r.task(task_id, "complete", body={"result": result}, admin=admin)
         return _decode(await self._send(call), Task)
 
     async def fail(self, task_id: TaskRef, error: str | None = None, *,
                    retry_eligible: bool = True) -> Task:
-        body = {"error": error, "retry_eligible": retry_eligible}
-        return _decode(await self._send(self._r.task(task_id, "fail", body=body)), Task)
+        return _decode(await self._send(self._r.fail(task_id, error, retry_eligible)), Task)
+
+    # admin
+    async def stats(self) -> Stats:
+        return _decode(await self._send(self._r.stats()), Stats)
+
+    async def agents(self) -> builtins.list[Agent]:
+        return _decode(await self._send(self._r.agents()), list[Agent])
+
+    async def drain(self, agent_id: str, drained: bool = True) -> Agent:
+        return _decode(await self._send(self._r.drain(agent_id, drained)), Agent)
+
+    async def requeue(self, task_id: TaskRef) -> Task:
+        return _decode(await self._send(self._r.task(task_id, "requeue", admin=True)), Task)
+
+    async def explain(self, task_id: TaskRef) -> Explanation:
+        call = self._r.task(task_id, "explain", method="GET", admin=True)
+        return _decode(await self._send(call), Explanation)

@@ -1,10 +1,13 @@
-"""The one error hierarchy. Only dispatch.api knows which HTTP status each maps to."""
+"""The one error hierarchy. Each class carries the HTTP status it answers with; the API, the NATS
+error reply and the client all read it from here."""
 
 from __future__ import annotations
 
 
 class DispatchError(Exception):
     """Base of every error Dispatch raises on purpose."""
+
+    status = 500
 
     def __init__(self, message: str, *, detail: object = None) -> None:
         super().__init__(message)
@@ -15,6 +18,8 @@ class DispatchError(Exception):
 class InvalidInput(DispatchError):
     """The caller sent something that cannot be accepted; `field` names it when known."""
 
+    status = 400
+
     def __init__(self, message: str, *, field: str | None = None, detail: object = None) -> None:
         super().__init__(message, detail=detail)
         self.field = field
@@ -23,17 +28,25 @@ class InvalidInput(DispatchError):
 class NotFound(DispatchError):
     """No such task or agent."""
 
+    status = 404
+
 
 class Forbidden(DispatchError):
     """The actor may not do this to this task."""
+
+    status = 403
 
 
 class Unauthorized(DispatchError):
     """Missing or malformed credentials."""
 
+    status = 401
+
 
 class Conflict(DispatchError):
     """The task is not in a state that allows the change; `task` is its current state."""
+
+    status = 409
 
     def __init__(self, message: str, *, task: object = None) -> None:
         super().__init__(message)
@@ -43,6 +56,8 @@ class Conflict(DispatchError):
 class Unavailable(DispatchError):
     """A dependency (the database) cannot be reached."""
 
+    status = 503
+
 
 class ConfigError(DispatchError):
     """A configuration value is invalid; the message names the key."""
@@ -50,3 +65,11 @@ class ConfigError(DispatchError):
 
 class MigrationError(DispatchError):
     """The schema cannot be brought to this code's version."""
+
+
+def error_for_status(status: int) -> type[DispatchError] | None:
+    """The error class that answers with `status`; None when no class claims it."""
+    for kind in DispatchError.__subclasses__():
+        if vars(kind).get("status") == status:
+            return kind
+    return None

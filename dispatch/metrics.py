@@ -1,4 +1,4 @@
-"""Prometheus metrics of SPEC section 9 (prefix dispatch_). One registry per process; the ops app
+"""Prometheus metrics (prefix dispatch_). One registry per process; the ops app
 serves it. Gauges that describe the queue are read from the database at scrape time."""
 
 from __future__ import annotations

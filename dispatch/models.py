@@ -5,12 +5,8 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
-from typing import NewType
 
 import msgspec
-
-TaskId = NewType("TaskId", uuid.UUID)
-AgentId = NewType("AgentId", str)
 
 
 class TaskStatus(enum.StrEnum):
@@ -25,7 +21,6 @@ class TaskStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-ACTIVE_STATUSES = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
 )
@@ -123,12 +118,14 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Assignment(msgspec.Struct, frozen=True, kw_only=True):
-    """One task given to one agent by the assigner."""
+    """One task given to one agent by the assigner; `waited` is the seconds the task waited to be
+    assigned (since it was created, or became available for a scheduled or retried task)."""
 
     task_id: uuid.UUID
     agent_id: str
     score: float
     wake: bool
+    waited: float
 
 
 class Expiry(msgspec.Struct, frozen=True, kw_only=True):

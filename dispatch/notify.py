@@ -42,14 +42,6 @@ class Listener:
         """The event that the next notification on `channel` sets."""
         return self._events[channel]
 
-    async def wait(self, channel: str, timeout: float) -> bool:
-        """Wait for the next notification on channel; False on timeout."""
-        try:
-            await asyncio.wait_for(self._events[channel].wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     def watch(self, channel: str, callback: Callable[[str], None]) -> None:
         """Call callback(payload) at every notification on channel ("" after a reconnect, when
         notifications may have been missed)."""

@@ -13,12 +13,13 @@ from typing import Any, Protocol
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from dispatch import db, store
+from dispatch import db
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
 from dispatch.notify import Listener
 from dispatch.settings import Settings
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Service:
         self.metrics = Metrics()
         self.pool: AsyncConnectionPool[Any] | None = None
         self.listener: Listener | None = None
+        self.store: Store | None = None
         self.broker: Broker | None = None
         self.loops: list[Loop] = []
         self.servers: list[_Server] = []
@@ -71,8 +73,9 @@ class Service:
         await self.pool.open(wait=True, timeout=30)
         self.listener = Listener(self.database_url)
         await self.listener.start()
+        self.store = Store(self.pool)
         self.broker = Broker(
-            self.pool, listener=self.listener, assignment=s.assignment, metrics=self.metrics
+            self.store, listener=self.listener, assignment=s.assignment, metrics=self.metrics
         )
         await self.broker.apply_config()
         self.loops = self._build_loops()
@@ -81,15 +84,15 @@ class Service:
         await self._start_servers()
 
     def _build_loops(self) -> list[Loop]:
-        """The background loops of SPEC section 1 that this configuration runs."""
+        """The background loops that this configuration runs."""
         assert self.broker is not None
-        from dispatch.assigner import Assigner, Waker
-        from dispatch.directory import DirectorySync
+        from dispatch.engine.assigner import Assigner, Waker
+        from dispatch.engine.directory import DirectorySync
+        from dispatch.engine.pruner import Pruner
+        from dispatch.engine.reaper import Reaper
         from dispatch.integrations.alexandria import AlexandriaClient
         from dispatch.integrations.promptforge import PromptForgeClient
         from dispatch.integrations.warren import WarrenClient
-        from dispatch.pruner import Pruner
-        from dispatch.reaper import Reaper
 
         s = self.settings
         warren = WarrenClient(s.warren.url, s.warren.token) if s.warren.url else None
@@ -100,7 +103,7 @@ class Service:
             ),
             Reaper(self.broker, self.listener),
             DirectorySync(
-                self.broker,
+                self.broker.store,
                 warren=warren,
                 promptforge=PromptForgeClient(s.promptforge.url) if s.promptforge.url else None,
                 alexandria=AlexandriaClient(s.alexandria.url) if s.alexandria.url else None,
@@ -108,23 +111,26 @@ class Service:
                 stale_ms=s.directory.stale_ms,
                 metrics=self.metrics,
             ),
-            Pruner(self.broker, retention_hours=s.retention.hours),
+            Pruner(self.broker.store, retention_hours=s.retention.hours),
         ]
         loops += self._nats_loops()
         return loops
 
     def _nats_loops(self) -> list[Loop]:
         """With hermes.url set: the NATS connection (its health() is /health's nats), the event
-        relay and the inbound subscriptions (SPEC section 6). Without it, events stay in the log."""
+        relay and the inbound subscriptions. Without it, events stay in the log."""
         if not self.settings.hermes.url:
             return []
-        from dispatch.integrations.nats import NatsConnection, NatsInbound
-        from dispatch.relay import Relay
+        from dispatch.events.connection import NatsConnection
+        from dispatch.events.inbound import NatsInbound
+        from dispatch.events.relay import Relay
 
         assert self.pool is not None and self.listener is not None and self.broker is not None
         conn = NatsConnection(self.settings.hermes.url)
-        poll = self.settings.assignment.tick_interval_ms / 1000
-        relay = Relay(self.pool, self.listener, conn, metrics=self.metrics, poll_interval=poll)
+        poll = self.settings.hermes.poll_interval_ms / 1000
+        relay = Relay(
+            self.broker.store, self.listener, conn, metrics=self.metrics, poll_interval=poll
+        )
         # Started in this order, stopped in reverse: inbound and relay before the connection.
         return [conn, relay, NatsInbound(conn, self.broker)]
 
@@ -184,9 +190,9 @@ class Service:
 
     async def gauges(self) -> dict[str, object]:
         """The queue gauges read from the database at scrape time (GET /metrics)."""
-        assert self.pool is not None
+        assert self.pool is not None and self.store is not None
         async with self.pool.connection(timeout=2.0) as conn:
-            return await store.metrics_gauges(conn)
+            return await self.store.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
         for server in self.servers:

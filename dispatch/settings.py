@@ -1,11 +1,12 @@
-"""Configuration: defaults, then a YAML file, then environment overrides (SPEC section 8)."""
+"""Configuration: defaults, then a YAML file, then environment overrides (DISPATCH_<SECTION>_<KEY>,
+derived from the tree, and the original service's names as aliases)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_origin
 
 import msgspec
 import yaml
@@ -44,6 +45,11 @@ class ServiceSettings(_Section, frozen=True):
     token: str = ""
 
 
+class HermesSettings(ServiceSettings, frozen=True):
+    # How often the event relay looks for unpublished events when no NOTIFY wakes it.
+    poll_interval_ms: PositiveMs = 5000
+
+
 class AssignmentSettings(_Section, frozen=True):
     tick_interval_ms: PositiveMs = 5000
     wake_timeout_ms: PositiveMs = 30000
@@ -75,7 +81,7 @@ class Settings(_Section, frozen=True):
 
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
-    hermes: ServiceSettings = ServiceSettings()
+    hermes: HermesSettings = HermesSettings()
     warren: ServiceSettings = ServiceSettings()
     promptforge: ServiceSettings = ServiceSettings()
     alexandria: ServiceSettings = ServiceSettings()
@@ -86,7 +92,26 @@ class Settings(_Section, frozen=True):
     data_dir: str = DEFAULT_DATA_DIR
 
 
-# Environment variable -> config path. The original service's table plus our additions.
+ENV_PREFIX = "DISPATCH_"
+
+
+def _env_names(
+    kind: type[msgspec.Struct], path: tuple[str, ...] = ()
+) -> dict[str, tuple[str, ...]]:
+    """DISPATCH_<SECTION>_<KEY> for every setting of the tree (DISPATCH_ASSIGNMENT_BATCH_SIZE)."""
+    names: dict[str, tuple[str, ...]] = {}
+    for field in msgspec.structs.fields(kind):
+        here = (*path, field.name)
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            names.update(_env_names(field.type, here))
+        else:
+            names[ENV_PREFIX + "_".join(here).upper()] = here
+    return names
+
+
+ENV_NAMES: Mapping[str, tuple[str, ...]] = _env_names(Settings)
+
+# The names the original service documents, kept as aliases of the derived ones.
 ENV_KEYS: Mapping[str, tuple[str, ...]] = {
     "DISPATCH_PORT": ("server", "port"),
     "DISPATCH_METRICS_PORT": ("server", "metrics_port"),
@@ -118,15 +143,24 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _env_value(name: str, raw: str) -> object:
+def _leaf_type(keys: tuple[str, ...]) -> object:
+    kind: object = Settings
+    for key in keys:
+        assert isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+        kind = next(f.type for f in msgspec.structs.fields(kind) if f.name == key)
+    return kind
+
+
+def _env_value(name: str, keys: tuple[str, ...], raw: str) -> object:
+    kind = _leaf_type(keys)
     lowered = raw.strip().lower()
-    if name == "DISPATCH_OWNER_FILTER_ENABLED":
+    if kind is bool:
         if lowered in _TRUE:
             return True
         if lowered in _FALSE:
             return False
         raise ConfigError(f"{name}: expected true or false, got {raw!r}")
-    if name in {"DISPATCH_LOG_LEVEL", "DISPATCH_LOG_FORMAT"}:
+    if get_origin(kind) is Literal:
         return lowered
     return raw
 
@@ -148,7 +182,8 @@ def load_settings(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
-    for name, keys in ENV_KEYS.items():
+    # The aliases first, so that a derived name set as well wins.
+    for name, keys in [*ENV_KEYS.items(), *ENV_NAMES.items()]:
         if name not in env:
             continue
         node = tree
@@ -157,7 +192,7 @@ def load_settings(
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(keys[:-1])}: must be a mapping")
             node = child
-        node[keys[-1]] = _env_value(name, env[name])
+        node[keys[-1]] = _env_value(name, keys, env[name])
     try:
         return msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:

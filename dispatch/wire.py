@@ -1,47 +1,132 @@
-"""What REST and NATS share on the way in: a create request in the original service's vocabulary
-(with its aliases) becomes a NewTask."""
+"""What REST and NATS share on the way in: the request structs with their constraints (each written
+once here), the error body, and the rules that turn a request in the original service's vocabulary
+(with its aliases) into domain values. Imports no web framework, so the events package and the
+client use it too.
 
-from __future__ import annotations
+No `from __future__ import annotations`: Litestar reads these annotations at runtime.
+"""
 
+import re
 import uuid
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Annotated, Any, Literal, NamedTuple
+
+import msgspec
 
 from dispatch.errors import InvalidInput
-from dispatch.models import NewTask
+from dispatch.models import AgentStatus, NewTask
+
+# PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
+NO_NUL = r"^[^\x00]*$"
+AGENT_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
+AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
+
+Text = Annotated[str, msgspec.Meta(pattern=NO_NUL)]
+ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL)]
+Title = Annotated[str, msgspec.Meta(min_length=1, max_length=500, pattern=NO_NUL)]
+Description = Annotated[str, msgspec.Meta(max_length=65536, pattern=NO_NUL)]
+LongText = Annotated[str, msgspec.Meta(max_length=65536, pattern=NO_NUL)]
+Capability = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+Capabilities = Annotated[list[Capability], msgspec.Meta(max_length=64)]
+Priority = Annotated[int, msgspec.Meta(ge=0, le=10)]
+Seconds = Annotated[int, msgspec.Meta(ge=1, le=2_147_483_647)]
+MaxRetries = Annotated[int, msgspec.Meta(ge=0, le=100)]
+MaxConcurrent = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=30)]
+Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+JsonObject = dict[str, Any]
 
 
-class CreateRequest(Protocol):
-    """The fields of a task request; `scope` aliases one capability, `context` the metadata."""
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Request bodies reject unknown fields."""
 
-    @property
-    def title(self) -> str: ...
-    @property
-    def description(self) -> str: ...
-    @property
-    def owner(self) -> str | None: ...
-    @property
-    def required_capabilities(self) -> list[str] | None: ...
-    @property
-    def scope(self) -> str | None: ...
-    @property
-    def priority(self) -> int: ...
-    @property
-    def timeout_seconds(self) -> int | None: ...
-    @property
-    def heartbeat_seconds(self) -> int | None: ...
-    @property
-    def max_retries(self) -> int: ...
-    @property
-    def metadata(self) -> dict[str, object] | None: ...
-    @property
-    def context(self) -> dict[str, object] | None: ...
-    @property
-    def parent_task_id(self) -> uuid.UUID | None: ...
-    @property
-    def available_at(self) -> datetime | None: ...
-    @property
-    def source(self) -> str: ...
+
+class TaskCreate(_Body):
+    """POST /api/v1/tasks. `scope` is the original service's single capability, `context` its
+    name for metadata."""
+
+    title: Title
+    description: Description = ""
+    owner: ShortText | None = None
+    required_capabilities: Capabilities | None = None
+    scope: Capability | None = None
+    priority: Priority = 0
+    timeout_seconds: Seconds | None = None
+    heartbeat_seconds: Seconds | None = None
+    max_retries: MaxRetries = 3
+    metadata: JsonObject | None = None
+    context: JsonObject | None = None
+    parent_task_id: uuid.UUID | None = None
+    available_at: AwareDatetime | None = None
+    source: Source = "api"
+
+
+class TaskPatch(_Body):
+    """PATCH /api/v1/tasks/{id}: cancel, merge-patch the metadata, or re-prioritise."""
+
+    status: Literal["cancelled"] | None = None
+    reason: LongText | None = None
+    metadata: JsonObject | None = None
+    context: JsonObject | None = None
+    priority: Priority | None = None
+
+
+class ClaimRequest(_Body):
+    """POST /api/v1/tasks/claim: None capabilities means the agent's registered ones."""
+
+    capabilities: Capabilities | None = None
+    wait_seconds: WaitSeconds = 0
+
+
+class ProgressReport(_Body):
+    """Ours: percent, message, data. The original service's: progress (a fraction up to 1, else a
+    percentage) and detail (a string is the message, anything else the data)."""
+
+    percent: Percent | None = None
+    message: LongText | None = None
+    data: Any = None
+    progress: Percent | None = None
+    detail: Any = None
+
+
+class CompleteReport(_Body):
+    result: Any = None
+
+
+class FailReport(_Body):
+    error: LongText | None = None
+    retry_eligible: bool = True
+
+
+class AgentRegistration(_Body):
+    """PUT /api/v1/agents/{id}: unset fields keep their current value."""
+
+    capabilities: Capabilities | None = None
+    owner: ShortText | None = None
+    max_concurrent: MaxConcurrent | None = None
+    status: AgentStatus | None = None
+
+
+class Heartbeat(_Body):
+    status: AgentStatus | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every failure: a message, and a detail (the field, or the task's current state on 409)."""
+
+    error: str
+    detail: Any = None
+
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def error_path(message: str) -> str | None:
+    """The field a msgspec validation message names (`... - at `$.a.b``), if any."""
+    at_path = _AT_PATH.search(message)
+    return at_path.group(1) if at_path else None
 
 
 def one_of(first: object, second: object, names: tuple[str, str]) -> None:
@@ -75,7 +160,7 @@ def progress_fields(
     return ProgressFields(percent, message, data)
 
 
-def new_task(req: CreateRequest) -> NewTask:
+def new_task(req: TaskCreate) -> NewTask:
     """The NewTask a create request asks for; InvalidInput when a field and its alias clash."""
     one_of(req.required_capabilities, req.scope, ("required_capabilities", "scope"))
     one_of(req.metadata, req.context, ("metadata", "context"))

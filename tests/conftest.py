@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from dispatch.broker import Broker
 from dispatch.db import CONNECT_KWARGS, create_pool
 from dispatch.settings import AssignmentSettings
+from dispatch.store import Store
 from tests import pg
 
 
@@ -54,6 +55,6 @@ def assignment_settings() -> AssignmentSettings:
 
 @pytest.fixture
 async def broker(pool: AsyncConnectionPool[Any], assignment_settings: AssignmentSettings) -> Broker:
-    b = Broker(pool, assignment=assignment_settings)
+    b = Broker(Store(pool), assignment=assignment_settings)
     await b.apply_config()
     return b

@@ -27,7 +27,7 @@ async def make_running(
     broker: Broker, agent: str = "agent-1", now: datetime = T0, **fields: Any
 ) -> Task:
     """A task claimed and started by `agent` at `now`."""
-    await broker.agent_register(agent, capabilities=fields.get("required_capabilities", []))
+    await broker.store.agent_upsert(agent, capabilities=fields.get("required_capabilities", []))
     task = await make_task(broker, **fields)
     claimed = await broker.claim(agent, now=now)
     assert claimed is not None and claimed.task_id == task.task_id
@@ -35,4 +35,4 @@ async def make_running(
 
 
 async def event_names(broker: Broker, task: Task) -> list[str]:
-    return [e.event for e in await broker.events(task.task_id)]
+    return [e.event for e in await broker.store.task_events(task.task_id)]

@@ -1,5 +1,5 @@
 """Warren, PromptForge and Alexandria as small real HTTP servers on loopback whose answers the test
-controls (SPEC section 7 shapes). Each runs a stdlib ThreadingHTTPServer in a thread."""
+controls, in the shapes the real services answer. Each is a ThreadingHTTPServer in a thread."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from litestar.status_codes import HTTP_200_OK
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Caller, CallerDep
 from dispatch.api.errors import ERRORS
-from dispatch.api.schemas import AGENT_ID_RE, AgentRegistration, Heartbeat
 from dispatch.errors import Forbidden, InvalidInput
 from dispatch.models import Agent, Stats
+from dispatch.wire import AGENT_ID_RE, AgentRegistration, Heartbeat
 
 AgentIdPath = Annotated[str, PathParameter(description="The agent id: 1-128 of [A-Za-z0-9._:@/-].")]
 
@@ -49,7 +49,7 @@ class AgentController(Controller):
         agent_id = checked_agent_id(agent_id)
         require_self_or_admin(agent_id, caller)
         body = data or AgentRegistration()
-        return await caller.broker.agent_register(
+        return await caller.store.agent_upsert(
             agent_id,
             capabilities=body.capabilities,
             owner=body.owner,
@@ -65,7 +65,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def list_agents(self, caller: CallerDep) -> list[Agent]:
-        return await caller.broker.agents()
+        return await caller.store.agent_list()
 
     @post(
         "/{agent_id:str}/heartbeat",
@@ -81,7 +81,7 @@ class AgentController(Controller):
     ) -> Agent:
         agent_id = checked_agent_id(agent_id)
         require_self_or_admin(agent_id, caller)
-        return await caller.broker.agent_heartbeat(agent_id, (data or Heartbeat()).status)
+        return await caller.store.agent_heartbeat(agent_id, (data or Heartbeat()).status)
 
     @post(
         "/{agent_id:str}/drain",
@@ -92,7 +92,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def drain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
-        return await caller.broker.agent_drain(checked_agent_id(agent_id), True)
+        return await caller.store.agent_drain(checked_agent_id(agent_id), True)
 
     @post(
         "/{agent_id:str}/undrain",
@@ -103,7 +103,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def undrain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
-        return await caller.broker.agent_drain(checked_agent_id(agent_id), False)
+        return await caller.store.agent_drain(checked_agent_id(agent_id), False)
 
 
 @get(
@@ -115,4 +115,4 @@ class AgentController(Controller):
     security=ADMIN_SECURITY,
 )
 async def stats(caller: CallerDep) -> Stats:
-    return await caller.broker.stats()
+    return await caller.store.stats()

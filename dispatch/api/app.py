@@ -1,4 +1,4 @@
-"""The API app on port 8600: every endpoint of SPEC section 5 under /api/v1, and its OpenAPI
+"""The API app on port 8600: every endpoint under /api/v1, and its OpenAPI
 document under /schema (openapi.json, openapi.yaml, a browsable page)."""
 
 from litestar import Litestar, Router
@@ -15,10 +15,10 @@ from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import require_agent
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
-from dispatch.api.schemas import AGENT_ID_PATTERN
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.settings import Settings
+from dispatch.wire import AGENT_ID_PATTERN
 
 HTTP_METRICS_PREFIX = "dispatch_http"
 

@@ -10,8 +10,8 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from dispatch.api.schemas import AGENT_ID_RE
 from dispatch.errors import Forbidden, Unauthorized
+from dispatch.wire import AGENT_ID_RE
 
 AGENT_HEADER = "x-agent-id"
 # OpenAPI: the admin endpoints' security requirement (the scheme is declared by the app).

@@ -1,6 +1,7 @@
-"""What the handlers receive by dependency injection: one Caller (the broker, who is calling and
-whether they presented the admin token). One dependency, not three: Litestar resolves several
-dependencies of one handler in an anyio task group, which costs more than the work itself."""
+"""What the handlers receive by dependency injection: one Caller (the broker and its store, who
+is calling and whether they presented the admin token). One dependency, not several: Litestar
+resolves several dependencies of one handler in an anyio task group, which costs more than the work
+itself."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +11,13 @@ from litestar.di import NamedDependency
 
 from dispatch.api.auth import agent_id_of, is_admin
 from dispatch.broker import Broker
+from dispatch.store import Store
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
     broker: Broker
+    store: Store
     agent_id: str
     admin: bool
 
@@ -25,4 +28,4 @@ CallerDep = NamedDependency[Caller]
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:
     """A wrong admin token is refused (403) wherever it is presented, not silently ignored."""
     broker: Broker = request.app.state.broker
-    return Caller(broker, agent_id_of(request), is_admin(request))
+    return Caller(broker, broker.store, agent_id_of(request), is_admin(request))

@@ -1,4 +1,4 @@
-"""The one mapping from errors to HTTP statuses, registered as Litestar exception handlers.
+"""Litestar exception handlers: each error answers with its own status (dispatch.errors).
 
 Every failure leaves as `{"error": "<message>", "detail": ...}`.
 """
@@ -13,41 +13,18 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
-    HTTP_401_UNAUTHORIZED,
-    HTTP_403_FORBIDDEN,
-    HTTP_404_NOT_FOUND,
-    HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
-    HTTP_501_NOT_IMPLEMENTED,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 from litestar.types import ExceptionHandlersMap
 from psycopg_pool import PoolTimeout
 
-from dispatch.api.schemas import ErrorBody
-from dispatch.errors import (
-    Conflict,
-    DispatchError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from dispatch.errors import Conflict, DispatchError, InvalidInput, Unauthorized
+from dispatch.wire import ErrorBody, error_path
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: dict[type[DispatchError], int] = {
-    InvalidInput: HTTP_400_BAD_REQUEST,
-    Unauthorized: HTTP_401_UNAUTHORIZED,
-    Forbidden: HTTP_403_FORBIDDEN,
-    NotFound: HTTP_404_NOT_FOUND,
-    Conflict: HTTP_409_CONFLICT,
-    Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
-}
-
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 # OpenAPI: what every operation may answer besides success (all with ErrorBody).
@@ -71,16 +48,8 @@ def error_response(
     return Response(ErrorBody(error=error, detail=detail), status_code=status, headers=headers)
 
 
-def _status_of(exc: DispatchError) -> int:
-    for kind in type(exc).__mro__:
-        status = STATUS_OF.get(kind)  # type: ignore[arg-type]
-        if status is not None:
-            return status
-    return HTTP_500_INTERNAL_SERVER_ERROR
-
-
 def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Response[ErrorBody]:
-    status = _status_of(exc)
+    status = exc.status
     headers = None
     detail: Any = exc.detail
     if isinstance(exc, InvalidInput):
@@ -109,11 +78,11 @@ def validation_error(
     source = str(getattr(raw_source, "value", raw_source) or "")  # ParamType.QUERY -> "query"
     if source == "body":
         unknown = _UNKNOWN_FIELD.search(message)
-        at_path = _AT_PATH.search(message)
+        at_path = error_path(message)
         if unknown:
-            field = f"{at_path.group(1)}.{unknown.group(1)}" if at_path else unknown.group(1)
-        elif at_path:
-            field = at_path.group(1)
+            field = f"{at_path}.{unknown.group(1)}" if at_path is not None else unknown.group(1)
+        elif at_path is not None:
+            field = at_path
         elif field == "data":
             field = ""
     where = f" {field}" if field else ""
@@ -146,12 +115,6 @@ def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[E
     return error_response(HTTP_400_BAD_REQUEST, "JSON nested too deeply", {"field": None})
 
 
-def not_implemented(
-    request: Request[Any, Any, Any], exc: NotImplementedError
-) -> Response[ErrorBody]:
-    return error_response(HTTP_501_NOT_IMPLEMENTED, str(exc) or "not implemented")
-
-
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
@@ -164,6 +127,5 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     PoolTimeout: database_unreachable,
     psycopg.OperationalError: database_unreachable,
     RecursionError: too_deep,  # type: ignore[dict-item]
-    NotImplementedError: not_implemented,  # type: ignore[dict-item]
     Exception: internal_error,
 }

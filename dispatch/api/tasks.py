@@ -1,4 +1,4 @@
-"""Task endpoints: HTTP in, one broker call, HTTP out."""
+"""Task endpoints: HTTP in, one broker or store call, HTTP out."""
 
 import base64
 import binascii
@@ -16,14 +16,6 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import CallerDep
 from dispatch.api.errors import ERRORS
-from dispatch.api.schemas import (
-    ClaimRequest,
-    CompleteReport,
-    FailReport,
-    ProgressReport,
-    TaskCreate,
-    TaskPatch,
-)
 from dispatch.errors import InvalidInput
 from dispatch.models import (
     Cursor,
@@ -33,10 +25,20 @@ from dispatch.models import (
     TaskFilter,
     TaskStatus,
 )
-from dispatch.wire import new_task, one_of, progress_fields
+from dispatch.wire import (
+    NO_NUL,
+    ClaimRequest,
+    CompleteReport,
+    FailReport,
+    ProgressReport,
+    TaskCreate,
+    TaskPatch,
+    new_task,
+    one_of,
+    progress_fields,
+)
 
-_NO_NUL = r"^[^\x00]*$"
-FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=_NO_NUL)]
+FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=NO_NUL)]
 TaskIdPath = Annotated[
     str,
     PathParameter(
@@ -123,7 +125,7 @@ class TaskController(Controller):
         caller: CallerDep,
         idempotency_key: Annotated[
             str | None,
-            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=_NO_NUL),
+            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=NO_NUL),
         ] = None,
     ) -> Response[Task]:
         new = new_task(data)
@@ -152,7 +154,7 @@ class TaskController(Controller):
         caller: CallerDep,
         status: Annotated[
             str | None,
-            QueryParameter(description="comma-separated statuses", max_length=256, pattern=_NO_NUL),
+            QueryParameter(description="comma-separated statuses", max_length=256, pattern=NO_NUL),
         ] = None,
         requester: FilterText = None,
         owner: FilterText = None,
@@ -160,7 +162,7 @@ class TaskController(Controller):
         agent: Annotated[
             str | None,
             QueryParameter(
-                description="alias of assignee", min_length=1, max_length=256, pattern=_NO_NUL
+                description="alias of assignee", min_length=1, max_length=256, pattern=NO_NUL
             ),
         ] = None,
         scope_filter: Annotated[
@@ -170,7 +172,7 @@ class TaskController(Controller):
                 description="alias of capability",
                 min_length=1,
                 max_length=256,
-                pattern=_NO_NUL,
+                pattern=NO_NUL,
             ),
         ] = None,
         capability: FilterText = None,
@@ -191,7 +193,7 @@ class TaskController(Controller):
             parent_task_id=parent_task_id,
         )
         after = decode_cursor(cursor) if cursor else None
-        tasks = await caller.broker.list(filters, limit=limit + 1, after=after)
+        tasks = await caller.store.task_list(filters, limit=limit + 1, after=after)
         headers = {}
         if len(tasks) > limit:
             tasks = tasks[:limit]
@@ -200,11 +202,11 @@ class TaskController(Controller):
 
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return await caller.broker.get(parse_task_id(task_id))
+        return await caller.store.task_get(parse_task_id(task_id))
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:
-        return await caller.broker.events(parse_task_id(task_id))
+        return await caller.store.task_events(parse_task_id(task_id))
 
     @patch(
         "/{task_id:str}",

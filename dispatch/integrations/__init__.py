@@ -1,4 +1,4 @@
-"""Clients of the external services (SPEC section 7): one httpx client each, with timeouts. None of
+"""Clients of the external services: one httpx client each, with timeouts. None of
 them is ever called on the assignment hot path; the directory loop and the waker use them."""
 
 from __future__ import annotations

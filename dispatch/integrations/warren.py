@@ -19,7 +19,7 @@ class WarrenAgent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WarrenClient:
-    """GET /admin/agents, GET /admin/agents/{id}, POST /admin/agents/{id}/wake."""
+    """GET /admin/agents, POST /admin/agents/{id}/wake."""
 
     def __init__(
         self, url: str, token: str = "", *, timeout: httpx.Timeout = DEFAULT_TIMEOUT
@@ -32,9 +32,6 @@ class WarrenClient:
 
     async def agents(self) -> list[WarrenAgent]:
         return msgspec.convert(await self._get("/admin/agents"), list[WarrenAgent])
-
-    async def agent(self, agent_id: str) -> WarrenAgent:
-        return msgspec.convert(await self._get(f"/admin/agents/{agent_id}"), WarrenAgent)
 
     async def wake(self, agent_id: str) -> None:
         r = await self._http.post(f"/admin/agents/{agent_id}/wake")

@@ -1,4 +1,4 @@
-"""Configuration (SPEC section 8): defaults, YAML, environment overrides, errors naming the key."""
+"""Configuration: defaults, YAML, environment overrides, errors naming the key."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.errors import ConfigError
-from dispatch.settings import ENV_KEYS, Settings, load_settings
+from dispatch.settings import ENV_KEYS, ENV_NAMES, Settings, load_settings
 
 
 def test_defaults_are_the_spec_defaults() -> None:
@@ -61,6 +61,26 @@ def test_every_spec_environment_variable_is_read() -> None:
     assert s.promptforge.url == "http://forge"
     assert s.assignment.max_concurrent_per_agent == 7
     assert s.data_dir == "/var/lib/dispatch"
+
+
+def test_every_setting_has_an_environment_name_derived_from_the_tree() -> None:
+    assert ENV_NAMES["DISPATCH_ASSIGNMENT_TICK_INTERVAL_MS"] == ("assignment", "tick_interval_ms")
+    assert ENV_NAMES["DISPATCH_HERMES_POLL_INTERVAL_MS"] == ("hermes", "poll_interval_ms")
+    assert set(ENV_KEYS.values()) <= set(ENV_NAMES.values())
+    s = load_settings(None, {"DISPATCH_ASSIGNMENT_BATCH_SIZE": "7",
+                             "DISPATCH_ASSIGNMENT_OWNER_FILTER_ENABLED": "off",
+                             "DISPATCH_LOGGING_LEVEL": "WARNING",
+                             "DISPATCH_HERMES_POLL_INTERVAL_MS": "250",
+                             "DISPATCH_TICK_INTERVAL_MS": "100",
+                             "DISPATCH_ASSIGNMENT_TICK_INTERVAL_MS": "200"})
+    assert (s.assignment.batch_size, s.assignment.owner_filter_enabled) == (7, False)
+    assert (s.logging.level, s.hermes.poll_interval_ms) == ("warning", 250)
+    assert s.assignment.tick_interval_ms == 200  # the derived name wins over its alias
+
+
+def test_the_relay_polls_on_its_own_setting_not_the_tick() -> None:
+    s = load_settings(None, {"DISPATCH_TICK_INTERVAL_MS": "100"})
+    assert (s.assignment.tick_interval_ms, s.hermes.poll_interval_ms) == (100, 5000)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,6 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
         "BENCH_SCALE_SAMPLES": "10",
         "BENCH_OUTPUT": str(out),
     }
-    env.pop("BENCH_PATCH_SQL", None)
     env.pop("BENCH_DATABASE_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench"], cwd=REPO, env=env, capture_output=True, text=True,

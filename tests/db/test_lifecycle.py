@@ -20,7 +20,7 @@ async def test_create_normalises_and_writes_created_event(broker: Broker) -> Non
     assert task.required_capabilities == ["code", "review"]
     assert task.owner is None and task.requester == "alice" and task.source == "api"
     assert task.timeout_seconds == 300
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     assert [(e.event, e.actor) for e in events] == [("created", "alice")]
     assert events[0].payload["priority"] == 7
 
@@ -39,11 +39,11 @@ async def test_idempotency_key_returns_the_same_task(broker: Broker) -> None:
 
 
 async def test_full_lifecycle_events_in_order(broker: Broker) -> None:
-    await broker.agent_register("a1", capabilities=["code"])
+    await broker.store.agent_upsert("a1", capabilities=["code"])
     task = await make_task(broker, required_capabilities=["code"])
     [assignment] = await broker.assign(now=at(1))
     assert assignment.task_id == task.task_id and assignment.agent_id == "a1"
-    assigned = await broker.get(task.task_id)
+    assigned = await broker.store.task_get(task.task_id)
     assert assigned.status is TaskStatus.ASSIGNED and assigned.assigned_agent == "a1"
     assert assigned.deadline_at == at(1 + 300)
     running = await broker.start(task.task_id, "a1", now=at(2))
@@ -53,16 +53,16 @@ async def test_full_lifecycle_events_in_order(broker: Broker) -> None:
     done = await broker.complete(task.task_id, "a1", {"answer": 42}, now=at(4))
     assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
     assert done.completed_at == at(4)
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     assert [e.event for e in events] == ["created", "assigned", "started", "progress", "completed"]
     assert events[1].payload["assigned_agent"] == "a1" and events[1].payload["attempt"] == 1
     assert events[4].payload == {"assigned_agent": "a1", "result": {"answer": 42}}
-    agent = await broker.agent("a1")
+    agent = await broker.store.agent_get("a1")
     assert agent.active_tasks == 0
 
 
 async def test_first_progress_starts_an_assigned_task(broker: Broker) -> None:
-    await broker.agent_register("a1")
+    await broker.store.agent_upsert("a1")
     task = await make_task(broker)
     await broker.claim("a1", now=T0)
     t = await broker.progress(task.task_id, "a1", percent=10, now=at(1))
@@ -71,7 +71,7 @@ async def test_first_progress_starts_an_assigned_task(broker: Broker) -> None:
 
 
 async def test_complete_straight_from_assigned(broker: Broker) -> None:
-    await broker.agent_register("a1")
+    await broker.store.agent_upsert("a1")
     task = await make_task(broker)
     await broker.claim("a1", now=T0)
     done = await broker.complete(task.task_id, "a1", None, now=at(1))
@@ -87,12 +87,12 @@ async def test_repeated_complete_by_same_agent_is_unchanged(broker: Broker) -> N
 
 
 async def test_manual_resolution_by_requester_owner_or_admin(broker: Broker) -> None:
-    await broker.agent_register("agent-1", owner="boss")
+    await broker.store.agent_upsert("agent-1", owner="boss")
     for actor, admin in (("req", False), ("boss", False), ("root", True)):
         task = await make_running(broker, owner="boss")
         done = await broker.complete(task.task_id, actor, {"by": actor}, admin=admin)
         assert done.status is TaskStatus.COMPLETED
-        events = await broker.events(task.task_id)
+        events = await broker.store.task_events(task.task_id)
         assert events[-1].actor == actor and events[-1].payload["manual"] is True
 
 
@@ -103,30 +103,30 @@ async def test_manual_resolution_of_a_pending_task(broker: Broker) -> None:
         done = await broker.complete(task.task_id, actor, {"answer": 42}, admin=admin)
         assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
         assert done.assigned_agent is None and done.completed_at is not None
-        last = (await broker.events(task.task_id))[-1]
+        last = (await broker.store.task_events(task.task_id))[-1]
         assert (last.event, last.actor) == ("completed", actor)
         assert last.payload == {"assigned_agent": None, "result": {"answer": 42}, "manual": True}
 
 
 async def test_nobody_else_completes_a_pending_task(broker: Broker) -> None:
-    await broker.agent_register("agent-1")
+    await broker.store.agent_upsert("agent-1")
     task = await make_task(broker)  # no owner: only its requester (or an admin) resolves it
     for actor in ("agent-1", "mallory"):
         with pytest.raises(Forbidden):
             await broker.complete(task.task_id, actor, {"x": 1})
-    assert (await broker.get(task.task_id)).status is TaskStatus.PENDING
+    assert (await broker.store.task_get(task.task_id)).status is TaskStatus.PENDING
     assert await event_names(broker, task) == ["created"]
 
 
 async def test_an_agent_completing_its_own_task_is_not_manual(broker: Broker) -> None:
     task = await make_running(broker)
     await broker.complete(task.task_id, "agent-1", {"ok": True})
-    last = (await broker.events(task.task_id))[-1]
+    last = (await broker.store.task_events(task.task_id))[-1]
     assert "manual" not in last.payload
 
 
 async def test_cancel_pending_assigned_running(broker: Broker) -> None:
-    await broker.agent_register("a1", max_concurrent=5)
+    await broker.store.agent_upsert("a1", max_concurrent=5)
     pending = await make_task(broker)
     cancelled = await broker.cancel(pending.task_id, "req", "not needed")
     assert cancelled.status is TaskStatus.CANCELLED
@@ -135,16 +135,16 @@ async def test_cancel_pending_assigned_running(broker: Broker) -> None:
     assert (await broker.cancel(assigned.task_id, "req")).status is TaskStatus.CANCELLED
     running = await make_running(broker, agent="a1")
     assert (await broker.cancel(running.task_id, "x", admin=True)).status is TaskStatus.CANCELLED
-    events = await broker.events(pending.task_id)
+    events = await broker.store.task_events(pending.task_id)
     assert events[-1].event == "cancelled" and events[-1].payload["reason"] == "not needed"
-    assert (await broker.agent("a1")).active_tasks == 0
+    assert (await broker.store.agent_get("a1")).active_tasks == 0
 
 
 async def test_cancel_by_someone_else_is_forbidden(broker: Broker) -> None:
     task = await make_task(broker)
     with pytest.raises(Forbidden):
         await broker.cancel(task.task_id, "mallory")
-    assert (await broker.get(task.task_id)).status is TaskStatus.PENDING
+    assert (await broker.store.task_get(task.task_id)).status is TaskStatus.PENDING
 
 
 async def test_requeue_dead_letters(broker: Broker) -> None:
@@ -180,11 +180,11 @@ async def test_unknown_task_is_not_found(broker: Broker) -> None:
 
     missing = uuid.uuid4()
     with pytest.raises(NotFound):
-        await broker.get(missing)
+        await broker.store.task_get(missing)
     with pytest.raises(NotFound):
         await broker.start(missing, "a1")
     with pytest.raises(NotFound):
-        await broker.events(missing)
+        await broker.store.task_events(missing)
 
 
 @pytest.mark.parametrize(

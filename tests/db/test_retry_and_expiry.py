@@ -23,7 +23,7 @@ def assignment_settings() -> AssignmentSettings:
 
 
 async def test_fail_retries_with_exponential_backoff_then_dead_letters(broker: Broker) -> None:
-    await broker.agent_register("a1")
+    await broker.store.agent_upsert("a1")
     task = await make_task(broker, max_retries=3)
     now = T0
     expected_backoff = [1.0, 2.0, 4.0]  # seconds, before jitter
@@ -42,15 +42,15 @@ async def test_fail_retries_with_exponential_backoff_then_dead_letters(broker: B
     await broker.claim("a1", now=now)
     dead = await broker.fail(task.task_id, "a1", "final", now=now)
     assert dead.status is TaskStatus.FAILED and dead.error == "final"
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     names = [e.event for e in events]
     assert names.count("retry") == 3 and names[-2:] == ["failed", "dlq"]
     assert events[-1].payload == {"reason": "retries exhausted", "retry_count": 3, "max_retries": 3}
-    assert (await broker.agent("a1")).active_tasks == 0
+    assert (await broker.store.agent_get("a1")).active_tasks == 0
 
 
 async def test_backoff_is_capped(broker: Broker) -> None:
-    await broker.agent_register("a1")
+    await broker.store.agent_upsert("a1")
     task = await make_task(broker, max_retries=10)
     now = T0
     for _ in range(5):
@@ -67,14 +67,14 @@ async def test_not_retry_eligible_goes_straight_to_dead_letter(broker: Broker) -
     task = await make_running(broker, max_retries=5)
     dead = await broker.fail(task.task_id, "agent-1", "bad input", retry_eligible=False)
     assert dead.status is TaskStatus.FAILED and dead.retry_count == 0
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     assert events[-2].payload["retry_eligible"] is False
     assert events[-1].event == "dlq" and events[-1].payload["reason"] == "not retry eligible"
 
 
 async def test_retry_prefers_another_agent(broker: Broker) -> None:
-    await broker.agent_register("a1")
-    await broker.agent_register("a2")
+    await broker.store.agent_upsert("a1")
+    await broker.store.agent_upsert("a2")
     task = await make_task(broker)
     [first] = await broker.assign(now=T0)
     failed = await broker.fail(task.task_id, first.agent_id, "x", now=T0)
@@ -82,7 +82,7 @@ async def test_retry_prefers_another_agent(broker: Broker) -> None:
     assert second.agent_id != first.agent_id
     # With nobody else, the previous agent gets it again rather than nobody.
     failed = await broker.fail(task.task_id, second.agent_id, "x", now=failed.available_at)
-    await broker.agent_drain(first.agent_id)
+    await broker.store.agent_drain(first.agent_id)
     [third] = await broker.assign(now=failed.available_at)
     assert third.agent_id == second.agent_id
 
@@ -96,7 +96,7 @@ async def test_deadline_timeout_retries_then_times_out(broker: Broker) -> None:
         "timeout",
         TaskStatus.PENDING,
     )
-    t = await broker.get(task.task_id)
+    t = await broker.store.task_get(task.task_id)
     assert t.retry_count == 1 and t.previous_agents == ["agent-1"]
     claimed = await broker.claim("agent-1", now=t.available_at)
     assert claimed is not None
@@ -104,7 +104,7 @@ async def test_deadline_timeout_retries_then_times_out(broker: Broker) -> None:
     assert expired.status is TaskStatus.TIMED_OUT
     names = await event_names(broker, task)
     assert names[-2:] == ["timeout", "dlq"]
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     timeouts = [e for e in events if e.event == "timeout"]
     assert timeouts[0].payload["timed_out_in_state"] == "running"
     assert timeouts[1].payload["timed_out_in_state"] == "assigned"
@@ -116,23 +116,23 @@ async def test_heartbeat_expiry_and_progress_keeps_alive(broker: Broker) -> None
     assert await broker.expire(now=at(17)) == []
     [expired] = await broker.expire(now=at(18))
     assert expired.event == "timeout"
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     timeout = next(e for e in events if e.event == "timeout")
     assert timeout.payload["reason"] == "heartbeat"
 
 
 async def test_wake_timeout_sends_task_back_and_counts_an_attempt(broker: Broker) -> None:
-    await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
+    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
     task = await make_task(broker, max_retries=1)
     [a] = await broker.assign(now=T0)
     assert a.agent_id == "sleepy" and a.wake is True
     assert await broker.expire(now=at(29)) == []
     [expired] = await broker.expire(now=at(30))
     assert expired.event == "reassigned" and expired.status is TaskStatus.PENDING
-    t = await broker.get(task.task_id)
+    t = await broker.store.task_get(task.task_id)
     assert t.retry_count == 1 and t.previous_agents == ["sleepy"]
     assert t.available_at == at(30)  # no backoff: another agent may take it now
-    events = await broker.events(task.task_id)
+    events = await broker.store.task_events(task.task_id)
     assert events[-1].payload == {"previous_agent": "sleepy", "reason": "wake_timeout"}
     # Starting in time clears the wake timer.
     [again] = await broker.assign(now=at(31))
@@ -141,7 +141,7 @@ async def test_wake_timeout_sends_task_back_and_counts_an_attempt(broker: Broker
 
 
 async def test_wake_timeout_with_no_retries_left_times_out(broker: Broker) -> None:
-    await broker.agent_register("sleepy", status=AgentStatus.SLEEPING)
+    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
     task = await make_task(broker, max_retries=0)
     await broker.assign(now=T0)
     [expired] = await broker.expire(now=at(30))
@@ -151,20 +151,20 @@ async def test_wake_timeout_with_no_retries_left_times_out(broker: Broker) -> No
 
 async def test_agent_stopped_sends_active_tasks_back(broker: Broker) -> None:
     running = await make_running(broker, agent="a1")
-    n = await broker.agent_stop("a1", now=at(1))
+    n = await broker.store.agent_stop("a1", now=at(1))
     assert n == 1
-    t = await broker.get(running.task_id)
+    t = await broker.store.task_get(running.task_id)
     assert t.status is TaskStatus.PENDING and t.retry_count == 1
-    assert (await broker.agent("a1")).active_tasks == 0
+    assert (await broker.store.agent_get("a1")).active_tasks == 0
     assert (await event_names(broker, running))[-1] == "reassigned"
 
 
-async def test_next_due_reports_the_earliest_deadline(broker: Broker) -> None:
-    assert await broker.next_due(now=T0) is None
+async def test_seconds_until_due_counts_to_the_earliest_deadline(broker: Broker) -> None:
+    assert await broker.store.seconds_until_due(now=T0) is None
     await make_running(broker, timeout_seconds=100)
-    assert await broker.next_due(now=T0) == at(100)
+    assert await broker.store.seconds_until_due(now=T0) == 100
     await make_task(broker, available_at=at(50))
-    assert await broker.next_due(now=T0) == at(50)
+    assert await broker.store.seconds_until_due(now=T0) == 50
 
 
 class TestFencing:
@@ -172,7 +172,7 @@ class TestFencing:
         self, broker: Broker
     ) -> None:
         task = await make_running(broker)
-        before = await broker.events(task.task_id)
+        before = await broker.store.task_events(task.task_id)
         for report in (
             broker.start(task.task_id, "intruder"),
             broker.progress(task.task_id, "intruder", percent=50),
@@ -181,23 +181,23 @@ class TestFencing:
         ):
             with pytest.raises(Forbidden):
                 await report
-        assert await broker.events(task.task_id) == before
-        assert (await broker.get(task.task_id)).status is TaskStatus.RUNNING
+        assert await broker.store.task_events(task.task_id) == before
+        assert (await broker.store.task_get(task.task_id)).status is TaskStatus.RUNNING
 
     async def test_stale_agent_after_retry_gets_conflict_with_current_task(
         self, broker: Broker
     ) -> None:
         task = await make_running(broker, agent="old", timeout_seconds=10)
         await broker.expire(now=at(10))
-        await broker.agent_register("new")
-        t = await broker.get(task.task_id)
+        await broker.store.agent_upsert("new")
+        t = await broker.store.task_get(task.task_id)
         claimed = await broker.claim("new", now=t.available_at)
         assert claimed is not None
         with pytest.raises(Conflict) as exc:
             await broker.complete(task.task_id, "old", {"late": True})
         current = exc.value.task
         assert current is not None and current.assigned_agent == "new"  # type: ignore[attr-defined]
-        assert (await broker.get(task.task_id)).status is TaskStatus.ASSIGNED
+        assert (await broker.store.task_get(task.task_id)).status is TaskStatus.ASSIGNED
 
     async def test_reports_on_terminal_tasks_conflict(self, broker: Broker) -> None:
         task = await make_running(broker)
@@ -211,5 +211,5 @@ class TestFencing:
             with pytest.raises(Conflict) as exc:
                 await report
             assert exc.value.task.status is TaskStatus.CANCELLED  # type: ignore[attr-defined]
-        t = await broker.get(task.task_id)
+        t = await broker.store.task_get(task.task_id)
         assert t.result is None and t.status is TaskStatus.CANCELLED

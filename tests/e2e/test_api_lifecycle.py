@@ -11,7 +11,7 @@ import pytest
 
 from dispatch.client import AsyncDispatchClient, DispatchClient
 from dispatch.errors import Conflict, Forbidden
-from dispatch.models import Task
+from dispatch.models import Explanation, Task
 from tests.serve import ServeProcess, serving
 
 # Pull-mode tests keep the owner filter out of the way, and retry without waiting out a backoff.
@@ -191,3 +191,23 @@ async def test_async_client_lifecycle(sp: ServeProcess) -> None:
         assert (done.status, done.result) == ("completed", [1, 2])
         page = await alice.list(status=["completed"])
         assert [t.task_id for t in page.tasks] == [created.task_id] and page.next_cursor is None
+
+
+async def test_async_client_has_the_admin_and_requester_calls_too(sp: ServeProcess) -> None:
+    async with AsyncDispatchClient(sp.api, "alice") as alice, \
+            AsyncDispatchClient(sp.api, "ops", admin_token=sp.admin_token) as ops:
+        await ops.register(agent_id="coder", capabilities=["code"], admin=True)
+        first, new = await alice.create_ex("one", idempotency_key="k", required_capabilities=["x"])
+        again, new_again = await alice.create_ex("one", idempotency_key="k")
+        assert (new, new_again, again.task_id) == (True, False, first.task_id)
+        await alice.create("two", priority=5, required_capabilities=["x"])
+        walked = [t.title async for t in alice.iter_tasks(limit=1)]
+        assert walked == ["two", "one"]
+        explanation = await ops.explain(first.task_id)
+        assert isinstance(explanation, Explanation)
+        assert [c.agent_id for c in explanation.candidates] == ["coder"]
+        assert (await ops.drain("coder")).drained
+        assert [e.event for e in await alice.events(first.task_id)] == ["created"]
+        cancelled = await alice.cancel(first.task_id, "no longer needed")
+        assert (await ops.requeue(cancelled.task_id)).status == "pending"
+        assert (await ops.stats()).total_pending == 2

@@ -12,13 +12,14 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.directory import DIRECTORY_LOCK_KEY, DirectorySync
+from dispatch.engine.directory import DIRECTORY_LOCK_KEY, DirectorySync
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenClient
 from dispatch.metrics import Metrics
 from dispatch.models import Agent, AgentStatus
 from dispatch.settings import AssignmentSettings
+from dispatch.store import Store
 from tests.factories import at, make_task
 from tests.fakes import FakeAlexandria, FakePromptForge, FakeWarren
 
@@ -27,7 +28,7 @@ STALE_MS = 60_000
 
 @pytest.fixture
 async def owner_broker(pool: AsyncConnectionPool[Any]) -> Broker:
-    b = Broker(pool, assignment=AssignmentSettings(owner_filter_enabled=True))
+    b = Broker(Store(pool), assignment=AssignmentSettings(owner_filter_enabled=True))
     await b.apply_config()
     return b
 
@@ -46,7 +47,7 @@ async def sync(
     alexandria.own("alice", name="coder")
     alexandria.own("bob", identifier="writer")
     ds = DirectorySync(
-        owner_broker,
+        owner_broker.store,
         warren=WarrenClient(warren.url),
         promptforge=PromptForgeClient(promptforge.url),
         alexandria=AlexandriaClient(alexandria.url),
@@ -58,7 +59,7 @@ async def sync(
 
 
 async def directory(broker: Broker) -> dict[str, Agent]:
-    return {a.agent_id: a for a in await broker.agents()}
+    return {a.agent_id: a for a in await broker.store.agent_list()}
 
 
 async def test_the_directory_comes_from_the_three_services(
@@ -167,13 +168,13 @@ async def test_only_one_replica_refreshes_at_a_time(
 
 
 async def test_registry_agents_go_stale_without_heartbeats_and_come_back(broker: Broker) -> None:
-    ds = DirectorySync(broker, stale_ms=STALE_MS)
-    await broker.agent_register("reg", capabilities=["x"], now=at(0))
+    ds = DirectorySync(broker.store, stale_ms=STALE_MS)
+    await broker.store.agent_upsert("reg", capabilities=["x"], now=at(0))
     await ds.run_once(now=at(59))
-    assert (await broker.agent("reg")).status is AgentStatus.READY
+    assert (await broker.store.agent_get("reg")).status is AgentStatus.READY
     await ds.run_once(now=at(61))
-    assert (await broker.agent("reg")).status is AgentStatus.UNKNOWN
-    await broker.agent_heartbeat("reg", now=at(62))
-    agent = await broker.agent("reg")
+    assert (await broker.store.agent_get("reg")).status is AgentStatus.UNKNOWN
+    await broker.store.agent_heartbeat("reg", now=at(62))
+    agent = await broker.store.agent_get("reg")
     assert (agent.status, agent.source) == (AgentStatus.READY, "registry")
     assert ds.health()["warren"] == "disabled"

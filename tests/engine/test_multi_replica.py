@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections import Counter
@@ -14,9 +15,14 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
+from dispatch.broker import Broker
 from dispatch.db import CONNECT_KWARGS
+from dispatch.settings import AssignmentSettings
+from dispatch.store import Store
 from tests.serve import ServeProcess, start_serve
 
 TASKS = 2000
@@ -198,3 +204,25 @@ async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_
         e["payload"]["assigned_agent"] for e in events if e["event"] == "completed"
     )
     assert len(per_agent) == AGENTS
+
+
+async def test_a_replica_with_other_assignment_settings_warns_naming_the_keys(
+    pool: AsyncConnectionPool[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Broker(Store(pool), assignment=AssignmentSettings(max_concurrent_per_agent=5))
+    await first.apply_config()
+    same = Broker(Store(pool), assignment=AssignmentSettings(max_concurrent_per_agent=5))
+    caplog.clear()
+    await same.apply_config()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    other = Broker(
+        Store(pool),
+        assignment=AssignmentSettings(max_concurrent_per_agent=5, wake_timeout_ms=1000),
+    )
+    await other.apply_config()
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "assignment.wake_timeout_ms" in warning.getMessage()
+    assert "max_concurrent_per_agent" not in warning.getMessage()
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT wake_timeout_ms FROM dispatch.config")
+        assert (await cur.fetchone())["wake_timeout_ms"] == 1000  # the last start wins

@@ -16,10 +16,12 @@ from nats.aio.client import Client
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.integrations.nats import NatsConnection, NatsInbound
+from dispatch.events.connection import NatsConnection
+from dispatch.events.inbound import NatsInbound
+from dispatch.events.relay import Relay
 from dispatch.metrics import Metrics
 from dispatch.notify import Listener
-from dispatch.relay import Relay
+from dispatch.store import Store
 from tests.natsfix import NatsServer, nats_server
 
 __all__ = ["nats_server"]
@@ -52,7 +54,7 @@ async def relay(
     pool: AsyncConnectionPool[Any], listener: Listener, nats_conn: NatsConnection, metrics: Metrics
 ) -> AsyncIterator[Relay]:
     # A poll interval far beyond any test's deadline: only NOTIFY can wake the relay in time.
-    r = Relay(pool, listener, nats_conn, metrics=metrics, poll_interval=600)
+    r = Relay(Store(pool), listener, nats_conn, metrics=metrics, poll_interval=600)
     await r.start()
     yield r
     await r.stop()

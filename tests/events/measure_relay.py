@@ -16,9 +16,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.db import CONNECT_KWARGS, create_pool
-from dispatch.integrations.nats import NatsConnection
+from dispatch.events.connection import NatsConnection
+from dispatch.events.relay import Relay
 from dispatch.notify import Listener
-from dispatch.relay import Relay
+from dispatch.store import Store
 from tests import pg
 from tests.natsfix import NatsServer
 
@@ -65,7 +66,7 @@ async def run_relay(
 ) -> tuple[NatsConnection, Relay]:
     conn = NatsConnection(nats_url)
     await conn.start()
-    relay = Relay(pool, listener, conn, poll_interval=5.0)
+    relay = Relay(Store(pool), listener, conn, poll_interval=5.0)
     await relay.start()
     return conn, relay
 

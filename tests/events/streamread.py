@@ -9,7 +9,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from dispatch.relay import STREAM
+from dispatch.events.relay import STREAM
 
 
 @dataclass

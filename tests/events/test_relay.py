@@ -13,11 +13,12 @@ from nats.aio.client import Client
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.integrations.nats import NatsConnection
+from dispatch.events.connection import NatsConnection
+from dispatch.events.relay import Outgoing, Relay
 from dispatch.metrics import Metrics
 from dispatch.models import NewTask, Task
 from dispatch.notify import Listener
-from dispatch.relay import Outgoing, Relay
+from dispatch.store import Store
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import Stored, read_stream, stream_count
 from tests.natsfix import NatsServer
@@ -103,13 +104,13 @@ async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
     await broker.cancel(t3.task_id, "req")
     t4, _ = await broker.submit(NewTask(title="four"), requester="req")
     assert (await broker.claim("agent-b")) is not None
-    assert await broker.agent_stop("agent-b") == 1
+    assert await broker.store.agent_stop("agent-b") == 1
     await broker.cancel(t4.task_id, "req")
     # unmatched, updated
     t5, _ = await broker.submit(
         NewTask(title="five", required_capabilities=["nobody-has-this"]), requester="req"
     )
-    assert await broker.report_unmatched() == 1
+    assert await broker.store.task_report_unmatched() == 1
     await broker.update(t5.task_id, "req", metadata_patch={"x": "y"})
 
     log = event_log(sql)
@@ -169,7 +170,7 @@ async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
     for i in range(20):
         await lifecycle(broker, "agent-a", f"task {i}")
     log = event_log(sql)
-    doomed = KilledBeforeMark(pool, listener, nats_conn)
+    doomed = KilledBeforeMark(Store(pool), listener, nats_conn)
     await doomed.ensure_stream()
     try:
         await doomed.relay_once()
@@ -180,7 +181,7 @@ async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
     assert await stream_count(client) == expected_messages(log)
     assert unpublished(sql) == len(log)
 
-    successor = Relay(pool, listener, nats_conn, poll_interval=600)
+    successor = Relay(Store(pool), listener, nats_conn, poll_interval=600)
     await successor.start()
     try:
         await eventually(lambda: _async(unpublished(sql) == 0), what="successor marks all")
@@ -195,7 +196,7 @@ async def test_two_relay_replicas_publish_each_event_once_in_task_order(
     nats_server: NatsServer, client: Client, sql: Sql,
 ) -> None:
     conns = [NatsConnection(nats_server.url) for _ in range(2)]
-    relays = [Relay(pool, listener, c, poll_interval=600, batch_size=20) for c in conns]
+    relays = [Relay(Store(pool), listener, c, poll_interval=600, batch_size=20) for c in conns]
     for c in conns:
         await c.start()
         assert await c.wait_connected(10)
@@ -245,7 +246,7 @@ async def test_start_up_brings_an_existing_stream_into_line_and_keeps_its_limits
     await js.add_stream(
         name="DISPATCH_EVENTS", subjects=["swarm.task.>"], max_age=3600, duplicate_window=10
     )
-    relay = Relay(pool, listener, nats_conn)
+    relay = Relay(Store(pool), listener, nats_conn)
     await relay.ensure_stream()
     config = (await js.stream_info("DISPATCH_EVENTS")).config
     assert sorted(config.subjects or []) == ["swarm.dispatch.>", "swarm.task.*.*"]
@@ -286,7 +287,8 @@ async def test_a_failed_publish_never_lets_a_later_event_of_its_task_overtake_it
     first_of_third_task = log[8]["id"]  # the third task's `created`; its 3 later events follow
     assert log[8]["event"] == "created"
     relay = RefusedOnce(
-        pool, listener, nats_conn, metrics=metrics, publish_timeout=1, refuse=first_of_third_task
+        Store(pool), listener, nats_conn, metrics=metrics, publish_timeout=1,
+        refuse=first_of_third_task,
     )
     await relay.start()
     try:

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dispatch.broker import Broker
+from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
-from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
 from dispatch.notify import WORK_CHANNEL, Listener
@@ -76,10 +76,10 @@ class Waker:
                 await t
 
 
-class Assigner(BackgroundLoop):
-    """start()/stop(); `batches` counts completed wake-ups and `changed` lets tests await them."""
+class Assigner(TickLoop):
+    """The push side of assignment; `assigned` counts the tasks this process assigned."""
 
-    task_name = "dispatch-assigner"
+    name = "assigner"
 
     def __init__(
         self,
@@ -90,31 +90,22 @@ class Assigner(BackgroundLoop):
         waker: Waker | None = None,
         tick_interval_ms: int | None = None,
     ) -> None:
-        self.broker = broker
-        self.listener = listener
+        super().__init__(broker, listener, tick_interval_ms=tick_interval_ms)
         self.metrics = metrics
         self.waker = waker
-        self.tick = (tick_interval_ms or broker.assignment.tick_interval_ms) / 1000.0
         self.batch = broker.assignment.batch_size
-        self.rounds = 0  # completed wake-ups (each runs batches until nothing is assignable)
-        self.assigned = 0  # tasks assigned by this process
-        self.last_error: str | None = None
-        self._changed = asyncio.Condition()
+        self.assigned = 0
+        self._woken: asyncio.Event | None = None
 
     async def _close(self) -> None:
         if self.waker is not None:
             await self.waker.close()
 
     def health(self) -> dict[str, object]:
-        report: dict[str, object] = {"assigner": "ok" if self.last_error is None else "error"}
+        report = super().health()
         if self.waker is not None and self.waker.last_error is not None:
             report["warren_wake"] = f"failing: {self.waker.last_error}"
         return report
-
-    async def wait_until(self, predicate: Callable[[Assigner], bool], timeout: float) -> None:
-        """Wait (at most timeout seconds) until predicate(self) holds after a round."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self))
 
     async def run_once(self) -> list[Assignment]:
         """Assignment batches until one assigns nothing; returns every assignment made.
@@ -123,45 +114,30 @@ class Assigner(BackgroundLoop):
         while tasks for other agents were still waiting further down the queue."""
         made: list[Assignment] = []
         while True:
-            batch = await self.broker.assign_timed(batch=self.batch)
+            batch = await self.broker.assign(batch=self.batch)
             if not batch:
                 return made
             if self.metrics is not None:
                 self.metrics.assign_batch_size.observe(len(batch))
-            for assignment, waited in batch:
+            for assignment in batch:
                 made.append(assignment)
                 if self.metrics is not None:
-                    self.metrics.assignment_wait.observe(waited)
+                    self.metrics.assignment_wait.observe(assignment.waited)
                 if assignment.wake and self.waker is not None:
                     self.waker.request(assignment.agent_id)
 
-    async def _sleep_for(self) -> float:
-        due = await self.broker.seconds_until_due()
-        if due is None:
-            return self.tick
-        # A little past the instant, so that `available_at <= now` holds when we look again.
-        return min(self.tick, max(due + 0.005, 0.0))
+    def arm(self) -> None:
+        self._woken = self.listener.event(WORK_CHANNEL) if self.listener is not None else None
 
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            woken = self.listener.event(WORK_CHANNEL) if self.listener is not None else None
-            try:
-                made = await self.run_once()
-                timeout = await self._sleep_for()
-                self.last_error = None
-                backoff = 0.1
-            except Exception as exc:  # the loop outlives any failure (database down, pool timeout)
-                self.last_error = describe(exc)
-                log.warning("assignment failed: %s; retrying in %.1fs", self.last_error, backoff)
-                made, timeout = [], backoff
-                backoff = min(backoff * 2, self.tick, 5.0)
-            self.rounds += 1
-            self.assigned += len(made)
-            async with self._changed:
-                self._changed.notify_all()
-            if woken is None:
-                await asyncio.sleep(timeout)
-            elif not woken.is_set() and timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), timeout)
+    async def round(self) -> float:
+        self.assigned += len(await self.run_once())
+        return await self.until_due()
+
+    async def sleep(self, seconds: float) -> None:
+        """Until the next NOTIFY dispatch_work, or seconds."""
+        woken = self._woken
+        if woken is None:
+            await asyncio.sleep(seconds)
+        elif not woken.is_set() and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), seconds)

@@ -3,13 +3,11 @@ replica at a time (advisory lock), in small batches so it never holds many locks
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-from dispatch.broker import Broker
-from dispatch.integrations import describe
 from dispatch.loop import BackgroundLoop
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -18,29 +16,27 @@ PRUNE_BATCH = 1000
 
 
 class Pruner(BackgroundLoop):
-    task_name = "dispatch-pruner"
+    """`pruned` counts the tasks this process deleted."""
+
+    name = "pruner"
 
     def __init__(
-        self, broker: Broker, *, retention_hours: int, interval_seconds: float = 60.0
+        self, store: Store, *, retention_hours: int, interval_seconds: float = 60.0
     ) -> None:
-        self.broker = broker
+        super().__init__(interval=interval_seconds)
+        self.store = store
         self.retention = timedelta(hours=retention_hours)
-        self.interval = interval_seconds
         self.pruned = 0
-        self.last_error: str | None = None
-
-    def health(self) -> dict[str, object]:
-        return {"pruner": "ok" if self.last_error is None else "error"}
 
     async def run_once(self, now: datetime | None = None) -> int | None:
         """Prune once; None when another replica holds the lock."""
         before = (now or datetime.now(UTC)) - self.retention
-        async with self.broker.exclusive(PRUNE_LOCK_KEY) as mine:
+        async with self.store.exclusive(PRUNE_LOCK_KEY) as mine:
             if not mine:
                 return None
             total = 0
             while True:
-                n = await self.broker.prune(before, PRUNE_BATCH)
+                n = await self.store.task_prune(before, PRUNE_BATCH)
                 total += n
                 if n < PRUNE_BATCH:
                     break
@@ -48,13 +44,3 @@ class Pruner(BackgroundLoop):
             log.info("pruned %d terminal tasks finished before %s", total, before.isoformat())
         self.pruned += total
         return total
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-                self.last_error = None
-            except Exception as exc:  # the loop outlives any failure
-                self.last_error = describe(exc)
-                log.warning("pruning failed: %s", self.last_error)
-            await asyncio.sleep(self.interval)

@@ -8,35 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from dispatch.broker import Broker
 from dispatch.integrations import describe
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenAgent, WarrenClient, agent_status
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
+from dispatch.store import Store
+from dispatch.wire import AGENT_ID_RE
 
 log = logging.getLogger(__name__)
 
 DIRECTORY_LOCK_KEY = 0x44495302  # any constant shared by every replica
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
 SERVICES = ("warren", "promptforge", "alexandria")
 
 
 class DirectorySync(BackgroundLoop):
-    """start()/stop(); run_once() is one refresh (tests call it directly, with an injected now)."""
+    """run_once() is one refresh (tests call it directly, with an injected now)."""
 
-    task_name = "dispatch-directory"
+    name = "directory"
 
     def __init__(
         self,
-        broker: Broker,
+        store: Store,
         *,
         warren: WarrenClient | None = None,
         promptforge: PromptForgeClient | None = None,
@@ -45,14 +44,12 @@ class DirectorySync(BackgroundLoop):
         stale_ms: int = 60000,
         metrics: Metrics | None = None,
     ) -> None:
-        self.broker = broker
+        super().__init__(interval=refresh_ms / 1000.0)
+        self.store = store
         self.warren = warren
         self.promptforge = promptforge
         self.alexandria = alexandria
-        self.refresh = refresh_ms / 1000.0
         self.stale_ms = stale_ms
-        self.rounds = 0
-        self.last_error: str | None = None
         # service -> "ok" | "down: <reason>" | "disabled" | "standby" (another replica syncs)
         self.services: dict[str, str] = {
             "warren": "standby" if warren else "disabled",
@@ -72,7 +69,6 @@ class DirectorySync(BackgroundLoop):
                 "1 when the external service answered the last directory refresh", ["service"],
                 registry=metrics.registry,
             )
-        self._changed = asyncio.Condition()
 
     async def _close(self) -> None:
         for client in (self.warren, self.promptforge, self.alexandria):
@@ -87,7 +83,7 @@ class DirectorySync(BackgroundLoop):
 
     async def run_once(self, now: datetime | None = None) -> bool:
         """One refresh; False when another replica holds the lock (it refreshes instead)."""
-        async with self.broker.exclusive(DIRECTORY_LOCK_KEY) as mine:
+        async with self.store.exclusive(DIRECTORY_LOCK_KEY) as mine:
             if not mine:
                 return False
             w, pf, ax = self.warren, self.promptforge, self.alexandria
@@ -97,8 +93,12 @@ class DirectorySync(BackgroundLoop):
                 self._fetch("alexandria", ax.ownership() if ax else None),
             )
             entries = self._entries(warren, personas)
-            await self.broker.directory_sync(entries, owners, now=now)
-            marked = await self.broker.directory_mark_stale(self.stale_ms, now=now)
+            async with self.store.transaction() as conn:
+                if entries:
+                    await self.store.agent_sync(entries, now=now, conn=conn)
+                if owners is not None:
+                    await self.store.agent_owners_sync(owners, "alexandria", now=now, conn=conn)
+            marked = await self.store.agent_mark_stale(self.stale_ms, now=now)
             if marked:
                 log.warning(
                     "%d agents not refreshed for %d ms are now unknown", marked, self.stale_ms
@@ -131,7 +131,7 @@ class DirectorySync(BackgroundLoop):
     ) -> list[dict[str, object]]:
         entries: dict[str, dict[str, object]] = {}
         for a in warren or []:
-            if not _AGENT_ID.match(a.name):
+            if not AGENT_ID_RE.match(a.name):
                 log.warning("ignoring Warren agent with an invalid id: %r", a.name)
                 continue
             entries[a.name] = {
@@ -139,7 +139,7 @@ class DirectorySync(BackgroundLoop):
                 "source": "warren", "seen": True,
             }
         for slug, caps in (personas or {}).items():
-            if not _AGENT_ID.match(slug):
+            if not AGENT_ID_RE.match(slug):
                 log.warning("ignoring PromptForge persona with an invalid id: %r", slug)
                 continue
             entry = entries.setdefault(
@@ -149,16 +149,3 @@ class DirectorySync(BackgroundLoop):
             )
             entry["capabilities"] = caps
         return [entries[k] for k in sorted(entries)]
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-                self.last_error = None
-            except Exception as exc:  # the loop outlives any failure
-                self.last_error = describe(exc)
-                log.warning("directory refresh failed: %s", self.last_error)
-            self.rounds += 1
-            async with self._changed:
-                self._changed.notify_all()
-            await asyncio.sleep(self.refresh)

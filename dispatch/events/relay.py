@@ -1,4 +1,4 @@
-"""The event relay (SPEC section 6): publishes the unpublished rows of the event log (the
+"""The event relay: publishes the unpublished rows of the event log (the
 transactional outbox dispatch.task_events) to NATS JetStream, then marks them published.
 
 One batch is one transaction: take the relay's advisory lock (one replica relays at a time; the
@@ -16,27 +16,26 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import msgspec
 from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
-from psycopg_pool import AsyncConnectionPool
 
-from dispatch import store
 from dispatch.errors import DispatchError
-from dispatch.integrations.nats import ORIGIN_HEADER, ORIGIN_RELAY, NatsConnection
+from dispatch.events.connection import NatsConnection
+from dispatch.events.schemas import ORIGIN_HEADER, ORIGIN_RELAY, EventMessage
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Task, TaskEvent
 from dispatch.notify import EVENTS_CHANNEL, Listener
+from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
 STREAM = "DISPATCH_EVENTS"
-# SPEC section 6 names swarm.task.> for the stream. That also captures swarm.task.request, and
+# Not swarm.task.>: that would also capture swarm.task.request, and
 # JetStream acknowledges every message it stores that has a reply subject, so a requester's
 # request would get the stream's PubAck instead of its task. swarm.task.*.* holds every event
 # subject (swarm.task.<task id>.<event>) and leaves the 3-token request subject alone.
@@ -45,21 +44,6 @@ STREAM_SUBJECTS = ("swarm.task.*.*", "swarm.dispatch.>")
 # marking must be replaced within this window for its re-publish to be dropped as a duplicate.
 DUPLICATE_WINDOW_SECONDS = 120.0
 MSG_ID_HEADER = "Nats-Msg-Id"
-
-
-class EventMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """What every event message starts with. The event row's own payload fields (see the README,
-    "Events (NATS)") follow at the top level of the same JSON object. `task` is the task as it is
-    when the relay publishes (so a late `created` may already show it running); it is null, with
-    `truncated` true, when the message would exceed the server's max_payload."""
-
-    event: str
-    task_id: uuid.UUID
-    event_id: int
-    at: datetime
-    actor: str
-    task: Task | None
-    truncated: bool = False
 
 
 _ENVELOPE_KEYS = frozenset(EventMessage.__struct_fields__)
@@ -132,14 +116,15 @@ class PublishFailed(Exception):
 
 
 class Relay(BackgroundLoop):
-    """The outbox relay loop. `published` counts events this relay marked; `batches` is set after
-    every committed batch (tests await it rather than sleep)."""
+    """The outbox relay loop. `published` counts events this relay marked."""
 
-    task_name = "dispatch-relay"
+    name = "event_relay"
+    # Failures that mean NATS or the database is out of reach for now (not a bug).
+    EXPECTED = (PublishFailed, NatsError, DispatchError, OSError, TimeoutError)
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[Any],
+        store: Store,
         listener: Listener,
         nats_conn: NatsConnection,
         *,
@@ -148,17 +133,16 @@ class Relay(BackgroundLoop):
         poll_interval: float = 5.0,
         publish_timeout: float = 5.0,
     ) -> None:
-        self.pool = pool
+        super().__init__(interval=poll_interval, backoff=(0.1, 5.0))
+        self.store = store
         self.listener = listener
         self.nats = nats_conn
         self.metrics = metrics
         self.batch_size = batch_size
-        self.poll_interval = poll_interval
         self.publish_timeout = publish_timeout
         self.published = 0
-        self.batch_done = asyncio.Event()
-        self.last_error: str | None = None
         self._stream_ready = False
+        self._woken = asyncio.Event()
 
     def health(self) -> dict[str, object]:
         """For /health: whether the last relay attempt worked (NATS itself is the connection's)."""
@@ -170,40 +154,41 @@ class Relay(BackgroundLoop):
         if self.metrics is not None:
             self.metrics.nats_publish_failures.inc(n)
 
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            woken = self.listener.event(EVENTS_CHANNEL)
-            if not self.nats.is_connected:
-                # Events wait in the log. A wake-up with new events while NATS is down counts as a
-                # failed publish, so the failure counter moves for as long as the outage matters.
-                await _first(self.nats.connected.wait(), woken.wait(), timeout=self.poll_interval)
-                if woken.is_set() and not self.nats.is_connected:
-                    self._failed()
-                continue
-            try:
-                if not self._stream_ready:
-                    await self.ensure_stream()
-                more = await self.relay_once()
-                backoff = 0.1
-                self.last_error = None
-            except asyncio.CancelledError:
-                raise
-            except (PublishFailed, NatsError, DispatchError, OSError, TimeoutError) as exc:
-                log.warning("event relay: %s; retrying in %.1fs", exc, backoff)
-                self.last_error = str(exc)
-                self._stream_ready = False
-                await _first(self.nats.disconnected.wait(), timeout=backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception as exc:  # a bug must not stop the relay for good
-                log.exception("event relay failed; retrying")
-                self.last_error = repr(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if not more:
-                await _first(woken.wait(), timeout=self.poll_interval)
+    def arm(self) -> None:
+        self._woken = self.listener.event(EVENTS_CHANNEL)
+
+    async def run_once(self) -> bool:
+        """Make sure of the stream, then relay one batch; True when there may be more."""
+        if not self._stream_ready:
+            await self.ensure_stream()
+        return await self.relay_once()
+
+    async def round(self) -> float:
+        while not self.nats.is_connected:
+            # Events wait in the log. A wake-up with new events while NATS is down counts as a
+            # failed publish, so the failure counter moves for as long as the outage matters.
+            await _first(self.nats.connected.wait(), self._woken.wait(), timeout=self.interval)
+            if self._woken.is_set() and not self.nats.is_connected:
+                self._failed()
+            self.arm()
+        return 0.0 if await self.run_once() else self.interval
+
+    def failed(self, exc: Exception, retry_in: float) -> str:
+        if isinstance(exc, self.EXPECTED):
+            log.warning("event relay: %s; retrying in %.1fs", exc, retry_in)
+            self._stream_ready = False
+            return str(exc)
+        log.exception("event relay failed; retrying", exc_info=exc)  # a bug must not stop it
+        return repr(exc)
+
+    async def sleep(self, seconds: float) -> None:
+        """Until NOTIFY dispatch_events, or seconds."""
+        if seconds > 0:
+            await _first(self._woken.wait(), timeout=seconds)
+
+    async def sleep_after_failure(self, seconds: float) -> None:
+        """Until the connection drops (the reconnection is what to wait for then), or seconds."""
+        await _first(self.nats.disconnected.wait(), timeout=seconds)
 
     async def ensure_stream(self) -> None:
         """Create the stream DISPATCH_EVENTS, or bring an existing one's subjects and duplicate
@@ -241,19 +226,17 @@ class Relay(BackgroundLoop):
         """Publish and mark one batch. True when there may be more to do right away."""
         # The transaction spans the publish on purpose (lock, publish, mark, commit), so the relay
         # owns it rather than going through the broker.
-        async with self.pool.connection() as conn, conn.transaction():
-            if not await store.event_relay_lock(conn):
+        async with self.store.transaction() as conn:
+            if not await self.store.event_relay_lock(conn=conn):
                 return False  # another replica is relaying; its NOTIFY wake-ups are ours too
-            events = await store.event_relay_batch(conn, self.batch_size)
+            events = await self.store.event_relay_batch(self.batch_size, conn=conn)
             if not events:
                 return False
-            tasks = await store.tasks_by_id(conn, list({e.task_id for e in events}))
+            tasks = await self.store.tasks_by_id(list({e.task_id for e in events}), conn=conn)
             acked, error = await self.publish(events, tasks)
             if acked:
-                await store.event_mark_published(conn, acked, None)
+                await self.store.event_mark_published(acked, conn=conn)
         self.published += len(acked)
-        self.batch_done.set()
-        self.batch_done = asyncio.Event()
         if error is not None:
             raise error
         return len(events) == self.batch_size

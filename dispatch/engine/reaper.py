@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import Callable
 
 from dispatch.broker import Broker
-from dispatch.integrations import describe
-from dispatch.loop import BackgroundLoop
+from dispatch.engine.tick import TickLoop
 from dispatch.models import Expiry
 from dispatch.notify import DUE_CHANNEL, Listener
-
-log = logging.getLogger(__name__)
 
 EXPIRE_BATCH = 100
 
 
-class Reaper(BackgroundLoop):
-    """start()/stop(); `rounds` counts passes and `changed` lets tests await them."""
+class Reaper(TickLoop):
+    """`expired` and `unmatched` count what this process reaped and reported."""
 
-    task_name = "dispatch-reaper"
+    name = "reaper"
 
     def __init__(
         self,
@@ -36,15 +31,10 @@ class Reaper(BackgroundLoop):
         *,
         tick_interval_ms: int | None = None,
     ) -> None:
-        self.broker = broker
-        self.listener = listener
-        self.tick = (tick_interval_ms or broker.assignment.tick_interval_ms) / 1000.0
-        self.rounds = 0
+        super().__init__(broker, listener, tick_interval_ms=tick_interval_ms)
         self.expired = 0
         self.unmatched = 0
-        self.last_error: str | None = None
         self._last_unmatched = float("-inf")
-        self._changed = asyncio.Condition()
         self._sleep_until = float("inf")  # wall-clock epoch of the planned wake-up
         self._nearer = asyncio.Event()
         if listener is not None:
@@ -59,13 +49,6 @@ class Reaper(BackgroundLoop):
         if due < self._sleep_until:
             self._nearer.set()
 
-    def health(self) -> dict[str, object]:
-        return {"reaper": "ok" if self.last_error is None else "error"}
-
-    async def wait_until(self, predicate: Callable[[Reaper], bool], timeout: float) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self))
-
     async def run_once(self) -> list[Expiry]:
         """Expire everything overdue now; report unmatched tasks at most once per tick."""
         ended: list[Expiry] = []
@@ -75,36 +58,21 @@ class Reaper(BackgroundLoop):
             if len(batch) < EXPIRE_BATCH:
                 break
         loop = asyncio.get_running_loop()
-        if loop.time() - self._last_unmatched >= self.tick:
+        if loop.time() - self._last_unmatched >= self.interval:
             self._last_unmatched = loop.time()
-            self.unmatched += await self.broker.report_unmatched()
+            self.unmatched += await self.broker.store.task_report_unmatched()
         return ended
 
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                ended = await self.run_once()
-                self.expired += len(ended)
-                due = await self.broker.seconds_until_due()
-                delay = self.tick if due is None else min(self.tick, max(due + 0.005, 0.0))
-                self.last_error = None
-                backoff = 0.1
-            except Exception as exc:  # the loop outlives any failure (database down, pool timeout)
-                self.last_error = describe(exc)
-                log.warning("reaper failed: %s; retrying in %.1fs", self.last_error, backoff)
-                delay = backoff
-                backoff = min(backoff * 2, self.tick, 5.0)
-            self.rounds += 1
-            async with self._changed:
-                self._changed.notify_all()
-            await self._sleep(delay)
+    async def round(self) -> float:
+        self.expired += len(await self.run_once())
+        return await self.until_due()
 
-    async def _sleep(self, delay: float) -> None:
+    async def sleep(self, seconds: float) -> None:
+        """Until the planned wake-up, or a nearer deadline on dispatch_due."""
         self._nearer.clear()
-        self._sleep_until = time.time() + delay
+        self._sleep_until = time.time() + seconds
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nearer.wait(), delay)
+                await asyncio.wait_for(self._nearer.wait(), seconds)
         finally:
             self._sleep_until = float("inf")

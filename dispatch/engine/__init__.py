@@ -1,0 +1,1 @@
+"""The assignment engine's background loops: assigner, reaper, pruner and directory sync."""

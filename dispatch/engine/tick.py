@@ -1,0 +1,28 @@
+"""What the assigner and the reaper share: the tick, and sleeping until the next thing is due."""
+
+from __future__ import annotations
+
+from dispatch.broker import Broker
+from dispatch.loop import BackgroundLoop
+from dispatch.notify import Listener
+
+
+class TickLoop(BackgroundLoop):
+    """A loop that wakes for the next deadline or scheduled task (by the database's clock), and
+    at least every tick (assignment.tick_interval_ms unless given)."""
+
+    def __init__(
+        self, broker: Broker, listener: Listener | None, *, tick_interval_ms: int | None = None
+    ) -> None:
+        tick = (tick_interval_ms or broker.assignment.tick_interval_ms) / 1000.0
+        super().__init__(interval=tick, backoff=(0.1, min(tick, 5.0)))
+        self.broker = broker
+        self.listener = listener
+
+    async def until_due(self) -> float:
+        """Seconds to sleep: a little past the next due instant, so that `available_at <= now`
+        holds when the loop looks again; never longer than the tick."""
+        due = await self.broker.store.seconds_until_due()
+        if due is None:
+            return self.interval
+        return min(self.interval, max(due + 0.005, 0.0))
