@@ -48,8 +48,13 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $(BENCH_STAMP)
 
 .PHONY: bench
-bench: $(BENCH_STAMP) ## benchmark beside pgqueuer/procrastinate on one Postgres; writes BENCHMARKS.md (~10 min; sizes: python -m bench --help)
-	$(BIN)/python -m bench
+bench: $(BENCH_STAMP) ## benchmark beside pgqueuer/procrastinate on both Postgres builds; writes BENCHMARKS.md (~2 x 10 min; BENCH_PG=embedded|distribution for one; sizes: python -m bench --help)
+	@for build in $${BENCH_PG:-embedded distribution}; do \
+		if [ $$build = distribution ] && ! where=$$($(BIN)/python -m tests.pgdist); then \
+			echo "bench: distribution build skipped, $$where"; continue; \
+		fi; \
+		BENCH_PG=$$build $(BIN)/python -m bench || exit 1; \
+	done
 
 .PHONY: bench-soak
 bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim latency over BENCH_SOAK_SECONDS (default 600 s)

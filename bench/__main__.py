@@ -31,7 +31,7 @@ def _now() -> str:
 def _command() -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
                    if k.startswith("BENCH_") and k != "BENCH_DATABASE_URL")
-    return (env + " " if env else "") + "make bench"
+    return (env + " " if env else "") + "python -m bench"
 
 
 async def _phase(name: str, what: str, fn: Callable[[], Awaitable[T]]) -> T | Unavailable:
@@ -39,9 +39,10 @@ async def _phase(name: str, what: str, fn: Callable[[], Awaitable[T]]) -> T | Un
     t0 = time.perf_counter()
     try:
         result = await fn()
-    except Exception as exc:
+    except Exception as exc:  # a failed phase is reported as failed; the run goes on
         traceback.print_exc()
-        return Unavailable(what, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        first_line = next(iter(str(exc).splitlines()), "") or "(no message)"
+        return Unavailable(what, f"failed: {type(exc).__name__}: {first_line[:200]}")
     print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
     return result
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run  # type: ignore[assignment]
 
-    with cluster(os.environ.get("BENCH_DATABASE_URL") or None) as cl:
+    build = os.environ.get("BENCH_PG", "embedded")
+    with cluster(os.environ.get("BENCH_DATABASE_URL") or None, build) as cl:
         if args.soak:
             print(f"[{_now()}] soak for {sizes.soak_seconds:.0f} s at {sizes.soak_rate}/s",
                   flush=True)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote the soak section of {out}")
             return 0
 
-        rep = report.Report(command=_command(), sizes=sizes, started=_now())
+        rep = report.Report(command=_command(), sizes=sizes, started=_now(), build=cl.build)
         rep.pg_settings = cl.settings()
         rep.load_before = report.load_average()
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.results_table(rep)
     print()
     print(report.render_text(rows))
-    report.write(out, report.render_markdown(rep, rows), None)
+    report.write(out, report.render_markdown(rep, rows), None, cl.build)
     print(f"\nwrote {out}")
     return 0
 

@@ -45,7 +45,9 @@ class Sizes:
 
 
 ENV_HELP = """Environment variables (defaults in brackets):
-  BENCH_DATABASE_URL       superuser URL of an existing server [embedded Postgres 16, defaults]
+  BENCH_PG                 the Postgres build to start: embedded (pgserver 16, no JIT) or
+                           distribution (pg_config --bindir, e.g. Debian 15, JIT on) [embedded]
+  BENCH_DATABASE_URL       superuser URL of an existing server instead [unset]
   BENCH_LATENCY_RATE       HTTP creates per second for create->assigned latency [200]
   BENCH_LATENCY_SECONDS    how long that load runs [15]
   BENCH_REST_TASKS         tasks through the full REST lifecycle [4000]

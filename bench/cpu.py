@@ -24,13 +24,18 @@ def _stat(pid: int) -> tuple[int, float, float] | None:
     )
 
 
-def postmaster_pid(pgdata: Path | None) -> int | None:
-    if pgdata is None:
-        return None
-    try:
-        return int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+def postmaster_pid(pgdata: Path | None, backend_pid: int | None = None) -> int | None:
+    """The postmaster of the benchmark's server: from its data directory when we started it,
+    else, for a server on this machine, the parent of one of its backends (None when remote)."""
+    if pgdata is not None:
+        try:
+            return int((pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+    if backend_pid is not None:
+        st = _stat(backend_pid)
+        return st[0] if st else None
+    return None
 
 
 def postgres_seconds(postmaster: int | None) -> float:
@@ -88,8 +93,8 @@ class CpuSplit:
 class CpuMeter:
     """CPU seconds of Postgres and of this process (the in-process engine or peer) over a phase."""
 
-    def __init__(self, pgdata: Path | None) -> None:
-        self.pm = postmaster_pid(pgdata)
+    def __init__(self, postmaster: int | None) -> None:
+        self.pm = postmaster
         self.t0 = time.perf_counter()
         self.pg0 = postgres_seconds(self.pm)
         self.me0 = self_seconds()

@@ -133,7 +133,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
             agents = await register_agents(broker, "push", sizes.pgq_consumers, slots_per_agent)
         cluster.checkpoint()
         before = read_counters(cluster.admin_url, dbname)
-        meter = CpuMeter(cluster.pgdata)
+        meter = CpuMeter(cluster.postmaster)
         enqueue_s = await asyncio.wait_for(
             submit_all(broker, n, sizes.producers), sizes.phase_timeout
         )

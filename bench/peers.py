@@ -60,7 +60,7 @@ async def run_pgqueuer(cluster: Cluster, sizes: Sizes) -> Throughput:
     cluster.checkpoint()
     before = read_counters(cluster.admin_url, dbname)
     prod_conns = [await asyncpg.connect(**_asyncpg_args(url)) for _ in range(sizes.producers)]
-    meter = CpuMeter(cluster.pgdata)
+    meter = CpuMeter(cluster.postmaster)
     fns = []
     for c in prod_conns:
         q = Queries(AsyncpgDriver(c))
@@ -145,7 +145,7 @@ async def run_procrastinate(cluster: Cluster, sizes: Sizes) -> Throughput:
         async def enqueue(i: int) -> None:
             await job.defer_async()
 
-        meter = CpuMeter(cluster.pgdata)
+        meter = CpuMeter(cluster.postmaster)
         enqueue_s = await _producers(n, sizes.producers, [enqueue] * sizes.producers)
         t0 = time.perf_counter()
         await asyncio.wait_for(
@@ -200,7 +200,7 @@ async def run_raw(cluster: Cluster, sizes: Sizes) -> Throughput:
 
     prod = [await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=0)
             for _ in range(sizes.producers)]
-    meter = CpuMeter(cluster.pgdata)
+    meter = CpuMeter(cluster.postmaster)
     fns = []
     for c in prod:
         async def enqueue(i: int, c: psycopg.AsyncConnection = c) -> None:  # type: ignore[type-arg]

@@ -45,6 +45,20 @@ class Cluster:
 
     admin_url: str
     pgdata: Path | None
+    build: str = "external"
+
+    @property
+    def postmaster(self) -> int | None:
+        """For CPU accounting: the server's postmaster, when it runs on this machine."""
+        from bench.cpu import postmaster_pid
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            backend = int(row[0]) if row else None
+            # The backend must be ours to look up: a server elsewhere has other pids.
+            host = conn.info.host
+            local = host in ("127.0.0.1", "localhost", "::1") or host.startswith("/")
+        return postmaster_pid(self.pgdata, backend if local else None)
 
     def create_database(self, name: str) -> str:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
@@ -70,12 +84,22 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(external_url: str | None = None) -> Iterator[Cluster]:
-    """BENCH_DATABASE_URL when given (a superuser URL), else a throwaway embedded Postgres 16
-    with the server's default settings: fsync, synchronous_commit and full_page_writes on."""
+def cluster(external_url: str | None = None, build: str = "embedded") -> Iterator[Cluster]:
+    """BENCH_DATABASE_URL when given (a superuser URL); else a throwaway cluster of the build
+    BENCH_PG names with its default settings (fsync, synchronous_commit and full_page_writes on):
+    `embedded` (pgserver's PostgreSQL 16, no JIT) or `distribution` (the machine's packaged
+    PostgreSQL, e.g. Debian's 15, JIT on)."""
     if external_url:
         yield Cluster(external_url, None)
         return
+    if build == "distribution":
+        from tests import pgdist
+
+        with pgdist.cluster(durable=True) as url:
+            yield Cluster(url, None, "distribution")
+        return
+    if build != "embedded":
+        raise ValueError(f"BENCH_PG must be embedded or distribution, not {build!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
@@ -83,7 +107,7 @@ def cluster(external_url: str | None = None) -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="dispatch-bench-pg-"))
     server = pgserver.get_server(root / "pg", cleanup_mode="delete")
     try:
-        yield Cluster(server.get_uri(), root / "pg")
+        yield Cluster(server.get_uri(), root / "pg", "embedded")
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)

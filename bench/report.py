@@ -29,6 +29,7 @@ class Report:
     command: str
     sizes: Sizes
     started: str
+    build: str = "embedded"
     finished: str = ""
     pg_settings: dict[str, str] = field(default_factory=dict)
     load_before: str = ""
@@ -247,7 +248,8 @@ def render_markdown(r: Report, rows: list[list[str]]) -> str:
     m = machine()
     v = versions()
     lines = [
-        "# Dispatch benchmarks",
+        f"## Run on the {r.build} build: PostgreSQL {r.pg_settings.get('server_version', '?')}"
+        f" (jit={r.pg_settings.get('jit', '?')})",
         "",
         "Written by `make bench` (bench/). Every number below comes from one run on",
         "one Postgres on the machine described here; nothing is copied from elsewhere.",
@@ -277,7 +279,8 @@ def render_markdown(r: Report, rows: list[list[str]]) -> str:
 
 
 METHOD = """\
-- One PostgreSQL 16 (pgserver's embedded build unless `BENCH_DATABASE_URL` is set) with the
+- One PostgreSQL of the build the section names (`BENCH_PG`: pgserver's embedded 16 without
+  JIT, or the distribution's packaged server with its stock settings, JIT on) with the
   server's default durability: fsync, synchronous_commit and full_page_writes on. Every system gets
   its own database on that server, created fresh for its phase; a CHECKPOINT precedes each measured
   phase so full-page images start from the same state. Clients reach it over its Unix socket;
@@ -351,16 +354,30 @@ def _cut(text: str, begin: str, end: str) -> tuple[str, str]:
     return text, ""
 
 
-def write(path: Path, main_md: str | None, soak_md: str | None) -> None:
-    """Replace the main part and/or the soak section; the soak section and the hand-written
-    analysis section (between ANALYSIS_BEGIN and ANALYSIS_END) survive a run that does not
-    produce them."""
+BUILDS = ("embedded", "distribution", "external")
+
+
+def _run_markers(build: str) -> tuple[str, str]:
+    return f"<!-- run:{build}:begin -->", f"<!-- run:{build}:end -->"
+
+
+def write(path: Path, main_md: str | None, soak_md: str | None, build: str = "embedded") -> None:
+    """Replace one build's run and/or the soak section. The other builds' runs, the soak section
+    and the hand-written analysis (between ANALYSIS_BEGIN and ANALYSIS_END) survive a run that
+    does not produce them."""
     old = path.read_text() if path.exists() else ""
     old, old_soak = _cut(old, SOAK_BEGIN, SOAK_END)
-    old_main, analysis = _cut(old, ANALYSIS_BEGIN, ANALYSIS_END)
-    body = (main_md if main_md is not None else old_main).rstrip() + "\n"
+    old, analysis = _cut(old, ANALYSIS_BEGIN, ANALYSIS_END)
+    runs: dict[str, str] = {}
+    for name in BUILDS:
+        old, runs[name] = _cut(old, *_run_markers(name))
+    if main_md is not None:
+        begin, end = _run_markers(build)
+        runs[build] = f"{begin}\n{main_md.strip()}\n{end}"
+    head = old.strip()
+    body = (head + "\n\n" if head else "") + "\n\n".join(r.strip() for r in runs.values() if r)
     soak = soak_md if soak_md is not None else old_soak
     for section in (soak, analysis):
         if section:
-            body += "\n" + section.strip() + "\n"
-    path.write_text(body)
+            body += "\n\n" + section.strip()
+    path.write_text(body.strip() + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 
 from bench.common import Latencies, Sizes, percentile
-from bench.cpu import CpuSplit, postgres_seconds, postmaster_pid, process_seconds, self_seconds
+from bench.cpu import CpuSplit, postgres_seconds, process_seconds, self_seconds
 from bench.http import Connection, Response
 from bench.pg import Cluster, Cost, cost_between, prepare_dispatch, read_counters
 from bench.serve import RssSampler, dispatch_serve, trivial_serve
@@ -204,7 +204,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         sampler = RssSampler(serve.proc.pid)
         sampler.start()
         profiler = start_profiler(serve.proc.pid)
-        pm = postmaster_pid(cluster.pgdata)
+        pm = cluster.postmaster
         cpu0 = (process_seconds(serve.proc.pid), postgres_seconds(pm), self_seconds())
         created = iter(range(n))
         completed = 0

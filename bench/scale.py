@@ -78,11 +78,11 @@ async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         for _ in range(samples):
             t0 = time.perf_counter()
-            task = await store.task_claim("scale-0", conn=conn)
+            claimed = await store.task_claim("scale-0", conn=conn)
             claim.add_since(t0)
-            if task is None:
+            if not claimed:
                 raise RuntimeError("scale: nothing to claim")
-            await store.task_complete(task.task_id, "scale-0", conn=conn)
+            await store.task_complete(claimed[0].task_id, "scale-0", conn=conn)
         # push: task_assign batches over 4 agents, completed before the next batch
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         left = samples

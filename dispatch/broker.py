@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 
 import msgspec
@@ -21,6 +21,7 @@ from dispatch.models import (
     Expiry,
     Explanation,
     NewTask,
+    ReportOutcome,
     Task,
     TaskStatus,
 )
@@ -29,6 +30,10 @@ from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
 
 log = logging.getLogger(__name__)
+
+# A batched report's action -> the event its single call counts.
+_REPORT_EVENTS = {"start": "started", "progress": "progress", "complete": "completed",
+                  "fail": "failed"}
 
 
 def _config_row(a: AssignmentSettings) -> dict[str, tuple[str, object]]:
@@ -145,23 +150,42 @@ class Broker:
         now: datetime | None = None,
     ) -> Task | None:
         """Pull mode: the best task this agent may take, waiting up to wait_seconds for one."""
+        tasks = await self.claim_many(agent_id, capabilities, wait_seconds=wait_seconds, now=now)
+        return tasks[0] if tasks else None
+
+    async def claim_many(
+        self,
+        agent_id: str,
+        capabilities: Sequence[str] | None = None,
+        *,
+        max_tasks: int = 1,
+        start: bool = False,
+        wait_seconds: float = 0,
+        now: datetime | None = None,
+    ) -> list[Task]:
+        """Up to max_tasks of the best tasks this agent may take (started too with `start`),
+        waiting up to wait_seconds for the first; a long poll woken by NOTIFY."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
             woken = self.listener.event(WORK_CHANNEL) if self.listener else None
-            task = await self.store.task_claim(agent_id, capabilities, now=now)
+            tasks = await self.store.task_claim(
+                agent_id, capabilities, max_tasks=max_tasks, start=start, now=now
+            )
             remaining = deadline - loop.time()
-            if task is not None and self.metrics is not None:
-                self.metrics.task_transitions.labels("assigned").inc()
-            if task is not None or remaining <= 0:
-                return task
+            if tasks and self.metrics is not None:
+                self.metrics.task_transitions.labels("assigned").inc(len(tasks))
+                if start:
+                    self.metrics.task_transitions.labels("started").inc(len(tasks))
+            if tasks or remaining <= 0:
+                return tasks
             if woken is None:
                 await asyncio.sleep(min(remaining, 0.5))
                 continue
             try:
                 await asyncio.wait_for(woken.wait(), remaining)
             except TimeoutError:
-                return None
+                return []
 
     async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
         return await self._fenced(
@@ -225,6 +249,21 @@ class Broker:
             raise
         self._count(event, task)
         return task
+
+    async def report(
+        self,
+        agent_id: str,
+        reports: Sequence[Mapping[str, object]],
+        *,
+        admin: bool = False,
+        now: datetime | None = None,
+    ) -> list[ReportOutcome]:
+        """Several reports of one agent in one transaction, each fenced on its own."""
+        outcomes = await self.store.task_report_batch(agent_id, reports, admin=admin, now=now)
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if outcome.status == 200 and outcome.task is not None:
+                self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
+        return outcomes
 
     def _count(self, event: str, task: Task) -> None:
         """task_transitions_total{event} (with the retry or dlq that follows a failure) and,

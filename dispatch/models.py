@@ -88,6 +88,17 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     source: str = "api"
 
 
+class ReportOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """One report of a batch: the HTTP status its single call would give, and the task after it
+    (on 409, the task as it is now) or the error (and the field it names, on 400)."""
+
+    task_id: uuid.UUID | None
+    status: int
+    task: Task | None = None
+    error: str | None = None
+    field: str | None = None
+
+
 class TaskEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One row of the event log (history and outbox)."""
 

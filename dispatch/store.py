@@ -25,6 +25,7 @@ from dispatch.models import (
     Cursor,
     Expiry,
     NewTask,
+    ReportOutcome,
     Stats,
     Task,
     TaskEvent,
@@ -40,6 +41,13 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 def _convert(row: Row, kind: type[S]) -> S:
     return msgspec.convert(row, kind, from_attributes=False)
+
+
+def _report_task_id(report: Mapping[str, object]) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(report.get("task_id")))
+    except ValueError:
+        return None
 
 
 def _jsonb(value: object) -> Jsonb | None:
@@ -268,15 +276,46 @@ class Store:
         agent_id: str,
         capabilities: Sequence[str] | None = None,
         *,
+        max_tasks: int = 1,
+        start: bool = False,
         now: datetime | None = None,
         conn: Conn | None = None,
-    ) -> Task | None:
+    ) -> list[Task]:
+        """Up to max_tasks of the best tasks this agent may take (started with `start`)."""
         rows = await self._rows(
-            "SELECT * FROM dispatch.task_claim(%s, %s, coalesce(%s, now()))",
-            (agent_id, list(capabilities) if capabilities is not None else None, now),
+            "SELECT * FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s)",
+            (agent_id, list(capabilities) if capabilities is not None else None, now, max_tasks,
+             start),
             conn,
         )
-        return _convert(rows[0], Task) if rows else None
+        return [_convert(r, Task) for r in rows]
+
+    async def task_report_batch(
+        self,
+        agent_id: str,
+        reports: Sequence[Mapping[str, object]],
+        *,
+        admin: bool = False,
+        now: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> list[ReportOutcome]:
+        """Apply several reports of one agent in one transaction, each fenced on its own."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_report_batch(%s, %s, %s, coalesce(%s, now()))"
+            " ORDER BY ord",
+            (agent_id, Jsonb(list(reports)), admin, now),
+            conn,
+        )
+        return [
+            ReportOutcome(
+                task_id=_report_task_id(reports[r["ord"] - 1]),
+                status=r["status"],
+                task=msgspec.convert(r["task"], Task, strict=False) if r["task"] else None,
+                error=r["error"],
+                field=r["field"],
+            )
+            for r in rows
+        ]
 
     async def task_assign(
         self, batch: int, *, now: datetime | None = None, conn: Conn | None = None

@@ -34,6 +34,7 @@ MaxRetries = Annotated[int, msgspec.Meta(ge=0, le=100)]
 MaxConcurrent = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=30)]
+MaxTasks = Annotated[int, msgspec.Meta(ge=1, le=100)]
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 JsonObject = dict[str, Any]
@@ -74,10 +75,13 @@ class TaskPatch(_Body):
 
 
 class ClaimRequest(_Body):
-    """POST /api/v1/tasks/claim: None capabilities means the agent's registered ones."""
+    """POST /api/v1/tasks/claim: None capabilities means the agent's registered ones. With
+    max_tasks the answer is an array of up to that many; with start they are started too."""
 
     capabilities: Capabilities | None = None
     wait_seconds: WaitSeconds = 0
+    max_tasks: MaxTasks | None = None
+    start: bool = False
 
 
 class ProgressReport(_Body):
@@ -98,6 +102,54 @@ class CompleteReport(_Body):
 class FailReport(_Body):
     error: LongText | None = None
     retry_eligible: bool = True
+
+
+class ReportItem(_Body):
+    """One report of POST /api/v1/tasks/reports: the task, the action, and that action's body
+    (the fields of POST /tasks/{id}/start, /progress, /complete or /fail)."""
+
+    task_id: uuid.UUID
+    action: Literal["start", "progress", "complete", "fail"]
+    percent: Percent | None = None
+    message: LongText | None = None
+    data: Any = None
+    progress: Percent | None = None
+    detail: Any = None
+    result: Any = None
+    error: LongText | None = None
+    retry_eligible: bool | None = None
+
+
+MAX_REPORTS = 100
+Reports = Annotated[list[ReportItem], msgspec.Meta(min_length=1, max_length=MAX_REPORTS)]
+
+# The fields each action's body may carry.
+_REPORT_FIELDS = {
+    "start": set(),
+    "progress": {"percent", "message", "data", "progress", "detail"},
+    "complete": {"result"},
+    "fail": {"error", "retry_eligible"},
+}
+_OPTIONAL_REPORT_FIELDS = (
+    "percent", "message", "data", "progress", "detail", "result", "error", "retry_eligible"
+)
+
+
+def report_body(item: ReportItem) -> dict[str, object]:
+    """The SQL function's form of one report; InvalidInput for a field of another action."""
+    for name in _OPTIONAL_REPORT_FIELDS:
+        if getattr(item, name) is not None and name not in _REPORT_FIELDS[item.action]:
+            raise InvalidInput(f"{name} is not a field of a {item.action} report", field=name)
+    body: dict[str, object] = {"task_id": str(item.task_id), "action": item.action}
+    if item.action == "progress":
+        fields = progress_fields(item.percent, item.message, item.data, item.progress, item.detail)
+        body |= {"percent": fields.percent, "message": fields.message, "data": fields.data}
+    elif item.action == "complete":
+        body["result"] = item.result
+    elif item.action == "fail":
+        body["error"] = item.error
+        body["retry_eligible"] = True if item.retry_eligible is None else item.retry_eligible
+    return body
 
 
 class AgentRegistration(_Body):
@@ -153,6 +205,8 @@ def progress_fields(
     if detail is not None:
         if isinstance(detail, str):
             one_of(message, detail, ("message", "detail"))
+            if len(detail) > 65536 or "\x00" in detail:
+                raise InvalidInput("detail: a message of at most 64 KiB, no NUL", field="detail")
             message = detail
         else:
             one_of(data, detail, ("data", "detail"))

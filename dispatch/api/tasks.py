@@ -20,22 +20,26 @@ from dispatch.errors import InvalidInput
 from dispatch.models import (
     Cursor,
     Explanation,
+    ReportOutcome,
     Task,
     TaskEvent,
     TaskFilter,
     TaskStatus,
 )
 from dispatch.wire import (
+    MAX_REPORTS,
     NO_NUL,
     ClaimRequest,
     CompleteReport,
     FailReport,
     ProgressReport,
+    Reports,
     TaskCreate,
     TaskPatch,
     new_task,
     one_of,
     progress_fields,
+    report_body,
 )
 
 FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=NO_NUL)]
@@ -255,18 +259,45 @@ class TaskController(Controller):
         },
         status_code=HTTP_200_OK,
         summary="Pull mode: take the best pending task this agent may run",
-        description="200 with the task, 204 when none arrived within wait_seconds.",
+        description=(
+            "200 with the task (with max_tasks: an array of up to that many; with start: already"
+            " running), 204 when none arrived within wait_seconds."
+        ),
     )
     async def claim(
         self, caller: CallerDep, data: JSONBody[ClaimRequest | None] = None
-    ) -> Response[Task | None]:
+    ) -> Response[Task | list[Task] | None]:
         body = data or ClaimRequest()
-        task = await caller.broker.claim(
-            caller.agent_id, body.capabilities, wait_seconds=body.wait_seconds
+        tasks = await caller.broker.claim_many(
+            caller.agent_id,
+            body.capabilities,
+            max_tasks=body.max_tasks or 1,
+            start=body.start,
+            wait_seconds=body.wait_seconds,
         )
-        if task is None:
+        if not tasks:
             return Response(None, status_code=HTTP_204_NO_CONTENT)
-        return Response(task)
+        return Response(tasks if body.max_tasks is not None else tasks[0])
+
+    @post(
+        "/reports",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The calling agent's reports on several tasks, in one transaction",
+        description=(
+            "Each report is fenced and applied on its own; the answer has one entry per report,"
+            " in order, with the HTTP status its single call would give."
+        ),
+    )
+    async def reports(
+        self, caller: CallerDep, data: JSONBody[Reports]
+    ) -> list[ReportOutcome]:
+        if not 1 <= len(data) <= MAX_REPORTS:
+            raise InvalidInput(
+                f"reports: 1 to {MAX_REPORTS} per request, got {len(data)}", field="reports"
+            )
+        bodies = [report_body(item) for item in data]
+        return await caller.broker.report(caller.agent_id, bodies, admin=caller.admin)
 
     @post(
         "/{task_id:str}/start",
@@ -291,10 +322,6 @@ class TaskController(Controller):
     ) -> Task:
         body = data or ProgressReport()
         fields = progress_fields(body.percent, body.message, body.data, body.progress, body.detail)
-        if isinstance(fields.message, str) and (
-            len(fields.message) > 65536 or "\x00" in fields.message
-        ):
-            raise InvalidInput("detail: a message of at most 64 KiB, no NUL", field="detail")
         return await caller.broker.progress(
             parse_task_id(task_id),
             caller.agent_id,

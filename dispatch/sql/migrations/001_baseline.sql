@@ -799,6 +799,66 @@ LANGUAGE sql AS $$
     SELECT count(*)::integer FROM gone
 $$;
 
+-- Several reports of one agent in one transaction, each fenced and applied on its own: each runs in
+-- a subtransaction, so a refused report changes nothing and the others still apply. p_reports is a
+-- JSON array of {task_id, action: start|progress|complete|fail, percent?, message?, data?,
+-- result?, error?, retry_eligible?}. One row per report, in order: the HTTP status the single call
+-- would give, the error and the field it names, and the task (after the report; on a conflict, as
+-- it is now).
+CREATE FUNCTION dispatch.task_report_batch(
+    p_agent_id text, p_reports jsonb, p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
+) RETURNS TABLE (ord integer, status integer, error text, field text, task jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r    jsonb;
+    id   uuid;
+    t    dispatch.tasks;
+    code text;
+BEGIN
+    IF jsonb_typeof(p_reports) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'reports must be a JSON array' USING ERRCODE = 'UD400', COLUMN = 'reports';
+    END IF;
+    FOR r, ord IN SELECT x.e, x.n::integer FROM jsonb_array_elements(p_reports)
+                  WITH ORDINALITY AS x (e, n) LOOP
+        status := 200;
+        error := NULL;
+        field := NULL;
+        task := NULL;
+        id := NULL;
+        BEGIN
+            id := (r ->> 'task_id')::uuid;
+            CASE r ->> 'action'
+                WHEN 'start' THEN
+                    t := dispatch.task_start(id, p_agent_id, p_now);
+                WHEN 'progress' THEN
+                    t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::real,
+                                                r ->> 'message', r -> 'data', p_now);
+                WHEN 'complete' THEN
+                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now);
+                WHEN 'fail' THEN
+                    t := dispatch.task_fail(id, p_agent_id, r ->> 'error',
+                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now);
+                ELSE
+                    RAISE EXCEPTION 'action must be start, progress, complete or fail'
+                        USING ERRCODE = 'UD400', COLUMN = 'action';
+            END CASE;
+            task := to_jsonb(t);
+        EXCEPTION
+            WHEN SQLSTATE 'UD400' OR SQLSTATE 'UD403' OR SQLSTATE 'UD404' OR SQLSTATE 'UD409'
+                 OR invalid_text_representation OR numeric_value_out_of_range THEN
+                GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, error = MESSAGE_TEXT,
+                                        field = COLUMN_NAME;
+                status := CASE WHEN code LIKE 'UD%' THEN substr(code, 3)::integer ELSE 400 END;
+                field := nullif(field, '');
+                IF status = 409 THEN
+                    task := (SELECT to_jsonb(tk) FROM dispatch.tasks tk WHERE tk.task_id = id);
+                END IF;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- ---- schema/04_assignment.sql at 0.1.0
 
 -- Who may take what, and how well: the rules of assignment, each written once and called by the
@@ -929,11 +989,14 @@ BEGIN
 END
 $$;
 
--- Pull mode: assign the calling agent the best pending task it is eligible for, or nothing.
--- Registers an unknown agent in the built-in registry. p_capabilities, when given, narrows what the
--- agent wants now (and becomes its capabilities if it was unknown).
+-- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
+-- the room under its limit, or nothing. With p_start they are started in the same transaction
+-- (claim-and-start: one round trip instead of two). Registers an unknown agent in the built-in
+-- registry. p_capabilities, when given, narrows what the agent wants now (and becomes its
+-- capabilities if it was unknown).
 CREATE FUNCTION dispatch.task_claim(
-    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now()
+    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
+    p_max integer DEFAULT 1, p_start boolean DEFAULT false
 ) RETURNS SETOF dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -946,8 +1009,14 @@ DECLARE
     a     dispatch.agents;
     t     dispatch.tasks;
     cand  record;
+    room  integer;
+    taken uuid[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
 BEGIN
+    IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
+            USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
+    END IF;
     SELECT * INTO c FROM dispatch.config;
     INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
     VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_now)
@@ -959,11 +1028,12 @@ BEGIN
     IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
+    room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
     IF p_capabilities IS NOT NULL THEN
         a.capabilities := dispatch.normalize_capabilities(p_capabilities);
     END IF;
     OPEN walk;
-    LOOP
+    WHILE cardinality(taken) < room LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
         CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
@@ -972,24 +1042,32 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
-        SELECT * INTO t FROM dispatch.tasks tk
+        PERFORM 1 FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR UPDATE SKIP LOCKED;
-        EXIT WHEN t.task_id IS NOT NULL;
+        IF FOUND THEN
+            taken := taken || cand.task_id;
+        END IF;
     END LOOP;
     CLOSE walk;
-    IF t.task_id IS NULL AND cardinality(again) > 0 THEN
-        SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
-        ORDER BY array_position(again, tk.task_id)
-        LIMIT 1
-        FOR UPDATE SKIP LOCKED;
+    IF cardinality(taken) < room AND cardinality(again) > 0 THEN
+        taken := taken || ARRAY(
+            SELECT tk.task_id FROM dispatch.tasks tk
+            WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
+            ORDER BY array_position(again, tk.task_id)
+            LIMIT room - cardinality(taken)
+            FOR UPDATE SKIP LOCKED);
     END IF;
-    IF t.task_id IS NOT NULL THEN
+    FOR i IN 1 .. cardinality(taken) LOOP
+        SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = taken[i];
         PERFORM dispatch.fn_enter();
-        RETURN NEXT dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
+        t := dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
-    END IF;
+        IF p_start THEN
+            t := dispatch.task_start(t.task_id, p_agent_id, p_now);
+        END IF;
+        RETURN NEXT t;
+    END LOOP;
 END
 $$;
 

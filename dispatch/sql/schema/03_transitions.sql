@@ -440,3 +440,63 @@ LANGUAGE sql AS $$
     )
     SELECT count(*)::integer FROM gone
 $$;
+
+-- Several reports of one agent in one transaction, each fenced and applied on its own: each runs in
+-- a subtransaction, so a refused report changes nothing and the others still apply. p_reports is a
+-- JSON array of {task_id, action: start|progress|complete|fail, percent?, message?, data?,
+-- result?, error?, retry_eligible?}. One row per report, in order: the HTTP status the single call
+-- would give, the error and the field it names, and the task (after the report; on a conflict, as
+-- it is now).
+CREATE FUNCTION dispatch.task_report_batch(
+    p_agent_id text, p_reports jsonb, p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
+) RETURNS TABLE (ord integer, status integer, error text, field text, task jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r    jsonb;
+    id   uuid;
+    t    dispatch.tasks;
+    code text;
+BEGIN
+    IF jsonb_typeof(p_reports) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'reports must be a JSON array' USING ERRCODE = 'UD400', COLUMN = 'reports';
+    END IF;
+    FOR r, ord IN SELECT x.e, x.n::integer FROM jsonb_array_elements(p_reports)
+                  WITH ORDINALITY AS x (e, n) LOOP
+        status := 200;
+        error := NULL;
+        field := NULL;
+        task := NULL;
+        id := NULL;
+        BEGIN
+            id := (r ->> 'task_id')::uuid;
+            CASE r ->> 'action'
+                WHEN 'start' THEN
+                    t := dispatch.task_start(id, p_agent_id, p_now);
+                WHEN 'progress' THEN
+                    t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::real,
+                                                r ->> 'message', r -> 'data', p_now);
+                WHEN 'complete' THEN
+                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now);
+                WHEN 'fail' THEN
+                    t := dispatch.task_fail(id, p_agent_id, r ->> 'error',
+                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now);
+                ELSE
+                    RAISE EXCEPTION 'action must be start, progress, complete or fail'
+                        USING ERRCODE = 'UD400', COLUMN = 'action';
+            END CASE;
+            task := to_jsonb(t);
+        EXCEPTION
+            WHEN SQLSTATE 'UD400' OR SQLSTATE 'UD403' OR SQLSTATE 'UD404' OR SQLSTATE 'UD409'
+                 OR invalid_text_representation OR numeric_value_out_of_range THEN
+                GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, error = MESSAGE_TEXT,
+                                        field = COLUMN_NAME;
+                status := CASE WHEN code LIKE 'UD%' THEN substr(code, 3)::integer ELSE 400 END;
+                field := nullif(field, '');
+                IF status = 409 THEN
+                    task := (SELECT to_jsonb(tk) FROM dispatch.tasks tk WHERE tk.task_id = id);
+                END IF;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

@@ -126,11 +126,14 @@ BEGIN
 END
 $$;
 
--- Pull mode: assign the calling agent the best pending task it is eligible for, or nothing.
--- Registers an unknown agent in the built-in registry. p_capabilities, when given, narrows what the
--- agent wants now (and becomes its capabilities if it was unknown).
+-- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
+-- the room under its limit, or nothing. With p_start they are started in the same transaction
+-- (claim-and-start: one round trip instead of two). Registers an unknown agent in the built-in
+-- registry. p_capabilities, when given, narrows what the agent wants now (and becomes its
+-- capabilities if it was unknown).
 CREATE FUNCTION dispatch.task_claim(
-    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now()
+    p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
+    p_max integer DEFAULT 1, p_start boolean DEFAULT false
 ) RETURNS SETOF dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -143,8 +146,14 @@ DECLARE
     a     dispatch.agents;
     t     dispatch.tasks;
     cand  record;
+    room  integer;
+    taken uuid[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
 BEGIN
+    IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
+            USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
+    END IF;
     SELECT * INTO c FROM dispatch.config;
     INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
     VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_now)
@@ -156,11 +165,12 @@ BEGIN
     IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
+    room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
     IF p_capabilities IS NOT NULL THEN
         a.capabilities := dispatch.normalize_capabilities(p_capabilities);
     END IF;
     OPEN walk;
-    LOOP
+    WHILE cardinality(taken) < room LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
         CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
@@ -169,24 +179,32 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
-        SELECT * INTO t FROM dispatch.tasks tk
+        PERFORM 1 FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR UPDATE SKIP LOCKED;
-        EXIT WHEN t.task_id IS NOT NULL;
+        IF FOUND THEN
+            taken := taken || cand.task_id;
+        END IF;
     END LOOP;
     CLOSE walk;
-    IF t.task_id IS NULL AND cardinality(again) > 0 THEN
-        SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
-        ORDER BY array_position(again, tk.task_id)
-        LIMIT 1
-        FOR UPDATE SKIP LOCKED;
+    IF cardinality(taken) < room AND cardinality(again) > 0 THEN
+        taken := taken || ARRAY(
+            SELECT tk.task_id FROM dispatch.tasks tk
+            WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
+            ORDER BY array_position(again, tk.task_id)
+            LIMIT room - cardinality(taken)
+            FOR UPDATE SKIP LOCKED);
     END IF;
-    IF t.task_id IS NOT NULL THEN
+    FOR i IN 1 .. cardinality(taken) LOOP
+        SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = taken[i];
         PERFORM dispatch.fn_enter();
-        RETURN NEXT dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
+        t := dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
-    END IF;
+        IF p_start THEN
+            t := dispatch.task_start(t.task_id, p_agent_id, p_now);
+        END IF;
+        RETURN NEXT t;
+    END LOOP;
 END
 $$;
 
