@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+import msgspec
+
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.logs import configure_logging
 from dispatch.settings import Settings, load_settings
@@ -14,8 +16,13 @@ from dispatch.settings import Settings, load_settings
 log = logging.getLogger("dispatch")
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, config: str | None) -> None:
+    from dispatch import workers
     from dispatch.service import Service
+
+    if workers.worker_count(settings) > 1:
+        workers.run(settings, config)
+        return
 
     try:
         import uvloop
@@ -38,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dispatch", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (else $DISPATCH_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the broker: API, ops port and background loops")
+    serve = sub.add_parser("serve", help="run the broker: API, ops port and background loops")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="processes, each a full replica sharing the API port (default: server.workers, "
+             "0 = one per CPU)",
+    )
     sub.add_parser("migrate", help="apply pending database migrations and exit")
     args = parser.parse_args(argv)
     try:
@@ -49,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.logging)
     try:
         if args.command == "serve":
-            _serve(settings)
+            if args.workers is not None:
+                if not 0 <= args.workers <= 64:
+                    print("dispatch: --workers must be between 0 and 64", file=sys.stderr)
+                    return 2
+                settings = msgspec.structs.replace(
+                    settings,
+                    server=msgspec.structs.replace(settings.server, workers=args.workers),
+                )
+            _serve(settings, args.config)
         else:
             _migrate(settings)
     except DispatchError as exc:

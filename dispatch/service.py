@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import socket
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -35,6 +36,19 @@ class Loop(Protocol):
 def resolve_database_url(settings: Settings) -> str:
     """The configured database, or the embedded Postgres in data_dir."""
     return settings.database.url or db.start_embedded(settings.data_dir)
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket other processes may bind too (SO_REUSEPORT: the kernel spreads new
+    connections over them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 class _Server(uvicorn.Server):
@@ -149,14 +163,17 @@ class Service:
             (create_app(s, self.broker, admin_token=admin_token), s.server.port),
             (create_ops_app(self), s.server.metrics_port),
         ]
-        for app, port in apps:
+        for i, (app, port) in enumerate(apps):
             config = uvicorn.Config(
                 app, host=s.server.host, port=port, log_config=None, access_log=False,
                 lifespan="on", loop="none", http="auto",
             )
             server = _Server(config)
             self.servers.append(server)
-            self._server_tasks.append(asyncio.create_task(server.serve()))
+            # The API port of a `serve --workers N` worker is shared with its siblings.
+            shared = i == 0 and s.server.reuse_port
+            sockets = [_shared_socket(s.server.host, port)] if shared else None
+            self._server_tasks.append(asyncio.create_task(server.serve(sockets=sockets)))
         while not all(server.started for server in self.servers):
             if any(t.done() for t in self._server_tasks):
                 for t in self._server_tasks:

@@ -32,6 +32,10 @@ class ServerSettings(_Section, frozen=True):
     metrics_port: Port = DEFAULT_METRICS_PORT
     admin_token: str = ""
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    # Processes of `dispatch serve`, each a full replica sharing the API port; 0: one per CPU.
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    # Set by `serve --workers N` for its workers: the API socket is shared with SO_REUSEPORT.
+    reuse_port: bool = False
 
 
 class DatabaseSettings(_Section, frozen=True):

@@ -67,6 +67,9 @@ def start_serve(
         "DISPATCH_ADMIN_TOKEN": admin_token,
         "DISPATCH_LOG_FORMAT": "text",
         "DISPATCH_DATA_DIR": str(tmp_path / "data"),
+        # One process unless the test asks for workers (tests/e2e/test_workers.py); the README
+        # test runs `make run` with the default, one worker per CPU.
+        "DISPATCH_SERVER_WORKERS": "1",
         **(env or {}),
     }
     full_env.pop("DISPATCH_CONFIG", None) if "DISPATCH_CONFIG" not in (env or {}) else None

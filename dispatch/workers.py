@@ -1,0 +1,101 @@
+"""`dispatch serve --workers N`: N processes on one machine, each a full replica (API, loops, its
+own pool), the way several replicas share one database. They share the API port (SO_REUSEPORT:
+the kernel spreads connections over them); worker i serves its ops app on metrics_port + i, to be
+scraped like any replica. This process owns what must exist once: the embedded Postgres, the
+migration, a generated admin token. It restarts a worker that dies and stops them all on
+SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from dispatch.migrate import migrate
+from dispatch.service import resolve_database_url
+from dispatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 20.0
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.server.workers or os.cpu_count() or 1
+
+
+def _start(
+    i: int, env: dict[str, str], config: str | None, metrics_port: int
+) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "dispatch", *(["--config", config] if config else []), "serve"]
+    ops = {"DISPATCH_SERVER_METRICS_PORT": str(metrics_port + i)}
+    return subprocess.Popen(args, env={**env, **ops}, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when this supervisor dies, even by kill -9, so no
+    worker outlives it (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run(settings: Settings, config: str | None) -> int:
+    """Supervise the workers until SIGTERM/SIGINT; the exit status of the whole."""
+    n = worker_count(settings)
+    url = resolve_database_url(settings)
+    applied = migrate(url)
+    if applied:
+        log.info("migrations applied: %s", applied)
+    token = settings.server.admin_token
+    if not token:
+        token = secrets.token_urlsafe(32)
+        log.warning("server.admin_token is empty; generated admin token: %s", token)
+    env = {
+        **os.environ,
+        "DISPATCH_DATABASE_URL": url,
+        "DISPATCH_SERVER_ADMIN_TOKEN": token,
+        "DISPATCH_SERVER_WORKERS": "1",
+        "DISPATCH_SERVER_REUSE_PORT": "true",
+    }
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    port = settings.server.metrics_port
+    procs = [_start(i, env, config, port) for i in range(n)]
+    log.info("dispatch serving with %d workers", n, extra={"port": settings.server.port})
+    started = [time.monotonic()] * n
+    while not stopping:
+        time.sleep(0.2)
+        for i, proc in enumerate(procs):
+            if proc.poll() is None or stopping:
+                continue
+            log.error("worker %d exited with %s; restarting it", i, proc.returncode)
+            # A worker that cannot start at all (port taken, bad settings) must not spin.
+            if time.monotonic() - started[i] < 5:
+                time.sleep(2)
+            procs[i], started[i] = _start(i, env, config, port), time.monotonic()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for proc in procs:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return 0

@@ -1,0 +1,82 @@
+"""`dispatch serve --workers N`: N full replicas sharing the API port, each with its ops port,
+supervised (a dead worker comes back, SIGTERM stops them all, none outlives the supervisor)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.serve import ServeProcess, serving
+
+
+def ops(sp: ServeProcess, i: int) -> str:
+    port = int(sp.ops.rsplit(":", 1)[1]) + i
+    return f"http://127.0.0.1:{port}"
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == supervisor:
+                pids.append(int(entry.name))
+    return pids
+
+
+def requests_served(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(
+            r'^dispatch_http_requests_total\{[^}]*path="/api/v1/agents/\{agent_id\}"[^}]*\} (\S+)',
+            text, re.M,
+        )
+    )
+
+
+def test_workers_share_the_api_and_are_supervised(db_url: str, tmp_path: Path) -> None:
+    with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
+        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers")
+        for i in range(60):
+            with httpx.Client() as client:  # a new connection each time: the kernel spreads them
+                r = client.put(f"{sp.api}/api/v1/agents/w{i}", json={},
+                               headers={"X-Agent-ID": f"w{i}"})
+                assert r.status_code == 200
+        served = [requests_served(ops(sp, i)) for i in (0, 1)]
+        assert sum(served) == 60 and min(served) > 0, served
+
+        # A worker killed outright is replaced.
+        workers = worker_pids(sp.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        wait(lambda: len(set(worker_pids(sp.proc.pid)) - set(workers)) == 1, 15, "a new worker")
+        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers again")
+
+        # kill -9 of the supervisor takes its workers with it.
+        workers = worker_pids(sp.proc.pid)
+        sp.kill()
+        wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
+             "the workers to exit")
