@@ -15,13 +15,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from bench import engine, peers, report, rest, scale, soak
+from bench import backlog, engine, peers, replicas, report, rest, scale, soak
 from bench.common import ENV_HELP, Sizes
 from bench.pg import Cluster, cluster
 from bench.results import Throughput, Unavailable
 
 T = TypeVar("T")
-PHASES = ("latency", "rest", "engine", "peers", "scale")
+PHASES = ("latency", "rest", "engine", "peers", "scale", "backlog", "replicas")
 
 
 def _now() -> str:
@@ -73,6 +73,16 @@ async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report)
     if "scale" in only:
         rep.scale = await _phase("scale: claim/assign with terminal history",
                                  "claim/assign scale", lambda: scale.run_scale(cl, sizes))
+    if "backlog" in only:
+        rep.backlog = await _phase(
+            "backlog: claim/complete while the assigner runs against 10 k pending",
+            "claim/complete against a deep backlog", lambda: backlog.run_backlog(cl, sizes),
+        )
+    if "replicas" in only:
+        rep.replicas = await _phase(
+            "replicas: 3 serve replicas, one killed every 5 s",
+            "replicas under kill -9", lambda: replicas.run_replicas(cl, sizes),
+        )
 
 
 def _summaries(rep: report.Report) -> None:

@@ -36,6 +36,8 @@ class Sizes:
     scale_small: int = field(default_factory=lambda: _int("BENCH_SCALE_SMALL", 10_000))
     scale_large: int = field(default_factory=lambda: _int("BENCH_SCALE_LARGE", 1_000_000))
     scale_samples: int = field(default_factory=lambda: _int("BENCH_SCALE_SAMPLES", 1000))
+    backlog_pending: int = field(default_factory=lambda: _int("BENCH_BACKLOG_PENDING", 10_000))
+    backlog_samples: int = field(default_factory=lambda: _int("BENCH_BACKLOG_SAMPLES", 2000))
     soak_seconds: float = field(default_factory=lambda: _float("BENCH_SOAK_SECONDS", 600))
     soak_rate: int = field(default_factory=lambda: _int("BENCH_SOAK_RATE", 200))
     soak_sample_seconds: float = field(
@@ -66,8 +68,11 @@ ENV_HELP = """Environment variables (defaults in brackets):
   BENCH_SOAK_SECONDS       soak duration (make bench-soak only) [600]
   BENCH_SOAK_RATE          soak lifecycle rate, tasks/s [200]
   BENCH_SOAK_SAMPLE_SECONDS soak sampling interval [30]
+  BENCH_BACKLOG_PENDING    pending tasks behind saturated agents in the backlog phase [10000]
+  BENCH_BACKLOG_SAMPLES    timed complete+claim pairs in the backlog phase [2000]
   BENCH_PHASE_TIMEOUT      upper bound of any one phase, seconds [180]
-  BENCH_ONLY               comma list of phases to run [all]: latency,rest,engine,peers,scale
+  BENCH_ONLY               comma list of phases to run [all]:
+                           latency,rest,engine,peers,scale,backlog,replicas
   BENCH_OUTPUT             report file [BENCHMARKS.md]
 """
 

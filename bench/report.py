@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from bench.backlog import BacklogResult
 from bench.common import Sizes, percentile
+from bench.replicas import ReplicasResult
 from bench.rest import CeilingResult, LatencyResult, RestResult
 from bench.results import Throughput, Unavailable
 from bench.scale import ScalePoint
@@ -40,6 +42,8 @@ class Report:
     engines: list[Throughput | Unavailable] = field(default_factory=list)
     peers: list[Throughput | Unavailable] = field(default_factory=list)
     scale: list[ScalePoint] | Unavailable | None = None
+    backlog: BacklogResult | Unavailable | None = None
+    replicas: ReplicasResult | Unavailable | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -218,6 +222,37 @@ def results_table(r: Report) -> list[list[str]]:
     elif isinstance(r.scale, Unavailable):
         rows.append([f"5. {r.scale.what}", f"not available: {r.scale.why}", "p99 within 1.5x",
                      "n/a"])
+    if isinstance(r.backlog, BacklogResult):
+        b = r.backlog
+        base = r.scale[0].claim if isinstance(r.scale, list) and r.scale else None
+        ratio = b.claim.p(99) / base.p(99) if base is not None and base.ms else float("nan")
+        rows.append([
+            f"5. claim p99 with {b.pending:,} pending behind saturated agents, assigner running",
+            f"claim p50 {_f(b.claim.p(50), 2)} / p99 {_f(b.claim.p(99), 2)} ms, complete p50 "
+            f"{_f(b.complete.p(50), 2)} / p99 {_f(b.complete.p(99), 2)} ms; {len(b.rounds.ms)} "
+            f"assign rounds, p50 {_f(b.rounds.p(50), 2)} / p99 {_f(b.rounds.p(99), 2)} ms, "
+            f"{b.assigned} assigned; claim p99 ratio to the 10 k-row point {ratio:.2f}",
+            "p99 within 1.5x", _verdict(ratio <= 1.5),
+        ])
+    elif isinstance(r.backlog, Unavailable):
+        rows.append([f"5. {r.backlog.what}", f"not available: {r.backlog.why}",
+                     "p99 within 1.5x", "n/a"])
+    if isinstance(r.replicas, ReplicasResult):
+        x = r.replicas
+        ok = x.all_done_s is not None and x.all_done_s <= 30
+        rows.append([
+            f"replicas: {x.replicas} serve, {x.agents} agents (limit {x.limit}), {x.tasks:,} "
+            f"backlog, kill -9 of a replica every {x.kill_every_s:.0f} s",
+            (f"all done in {x.all_done_s:.1f} s" if x.all_done_s is not None
+             else f"{x.unfinished} unfinished after {x.waited_s:.0f} s")
+            + f"; {x.kills} kills, {x.double} double assignments, {x.lost} lost, "
+            f"{x.over_limit} over limit",
+            "<= 30 s, 0, 0, 0",
+            _verdict(ok and x.double == 0 and x.lost == 0 and x.over_limit == 0),
+        ])
+    elif isinstance(r.replicas, Unavailable):
+        rows.append([f"replicas: {r.replicas.what}", f"not available: {r.replicas.why}",
+                     "<= 30 s, 0, 0, 0", "n/a"])
     rows.append(["5. dead tuples and claim latency over a soak", "see `make bench-soak` "
                  "(section below when it has been run)", "bounded in a 30-minute soak", "n/a"])
     # 6

@@ -23,6 +23,7 @@ from dispatch.broker import Broker
 from dispatch.db import CONNECT_KWARGS
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
+from tests.history import replay
 from tests.serve import ServeProcess, start_serve
 
 TASKS = 2000
@@ -100,35 +101,6 @@ class Swarm:
             self.done.set()
 
 
-def replay(events: list[dict[str, Any]]) -> tuple[int, int]:
-    """Walk the history in id order (ids are taken under the task's and the agent's row locks, so
-    per task and per agent they follow the order of the changes). Returns (max held by one agent,
-    number of assignments)."""
-    holder: dict[Any, str | None] = {}
-    active: Counter[str] = Counter()
-    peak = 0
-    assignments = 0
-    for e in events:
-        task, kind, payload = e["task_id"], e["event"], e["payload"]
-        if kind == "assigned":
-            assert holder.get(task) is None, f"task {task} assigned while held by {holder[task]}"
-            agent = payload["assigned_agent"]
-            holder[task] = agent
-            active[agent] += 1
-            assignments += 1
-            assert active[agent] <= LIMIT, f"{agent} held {active[agent]} tasks (limit {LIMIT})"
-            peak = max(peak, active[agent])
-        elif kind in ("started", "progress", "failed", "completed"):
-            assert e["actor"] == holder.get(task), f"{kind} of {task} by {e['actor']}, not holder"
-            if kind == "completed":
-                active[holder[task]] -= 1  # type: ignore[index]
-                holder[task] = None
-        elif kind in ("retry", "dlq", "reassigned", "cancelled") and holder.get(task) is not None:
-            active[holder[task]] -= 1  # type: ignore[index]
-            holder[task] = None
-    return peak, assignments
-
-
 async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_path: Path) -> None:
     env = {
         "DISPATCH_RETRY_BACKOFF_MS": "20",
@@ -188,7 +160,9 @@ async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_
 
     assert statuses == {"completed": TASKS}
     assert completions is not None and completions["n"] == TASKS  # each exactly once
-    peak, assignments = replay(events)
+    history = replay(events, LIMIT)
+    assert not history.double and not history.over_limit and not history.foreign_reports, history
+    peak, assignments = history.peak, history.assignments
     assert all(r["active_tasks"] == r["counted_active_tasks"] == 0 for r in load), load
     assert len(load) == AGENTS
     by_mode = Counter(e["payload"].get("mode") for e in events if e["event"] == "assigned")

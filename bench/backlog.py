@@ -1,0 +1,98 @@
+"""Claim and complete latency against a deep backlog: 10 k pending tasks behind saturated agents,
+with the assigner running rounds back to back on its own connection the whole time, as it does
+on a busy replica. A round must not make claims and completions wait, and must cost O(batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.rows import dict_row
+
+from bench.common import Latencies, Sizes
+from bench.pg import Cluster, prepare_dispatch
+from dispatch.db import CONNECT_KWARGS, create_pool
+from dispatch.store import Store
+
+PUSHED = 12  # agents the assigner fills (limit 1 each): saturated from the first round on
+PULLERS = 4  # agents that complete and claim again in a loop, timed
+_PENDING = """
+INSERT INTO dispatch.tasks (title, requester, source, required_capabilities)
+SELECT 'backlog ' || g, 'bench', 'bench', '{work}' FROM generate_series(1, %(n)s::integer) g
+"""
+
+
+@dataclass
+class BacklogResult:
+    pending: int
+    claim: Latencies
+    complete: Latencies
+    rounds: Latencies
+    assigned: int
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection[dict[str, object]]:
+    return await psycopg.AsyncConnection.connect(
+        url, **CONNECT_KWARGS, row_factory=dict_row  # type: ignore[arg-type]
+    )
+
+
+async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
+    url = cluster.create_database("backlog")
+    await asyncio.to_thread(prepare_dispatch, url)
+    store = Store(create_pool(url))  # never opened: every call passes its own connection
+    claim, complete, rounds = Latencies(), Latencies(), Latencies()
+    assigned = 0
+    async with await _connect(url) as setup:
+        for i in range(PUSHED):
+            await store.agent_upsert(f"pushed-{i}", capabilities=["work"], max_concurrent=1,
+                                     conn=setup)
+        for i in range(PULLERS):
+            await store.agent_upsert(f"puller-{i}", capabilities=["work"], max_concurrent=1,
+                                     conn=setup)
+        await setup.execute(_PENDING, {"n": sizes.backlog_pending})  # type: ignore[arg-type]
+        await setup.execute("VACUUM (ANALYZE) dispatch.tasks")
+    stop = asyncio.Event()
+
+    async def assigner() -> None:
+        nonlocal assigned
+        async with await _connect(url) as conn:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                got = await store.task_assign(sizes.assign_batch, conn=conn)
+                rounds.add_since(t0)
+                assigned += len(got)
+                await asyncio.sleep(0)
+
+    async def puller(i: int, n: int) -> None:
+        agent = f"puller-{i}"
+        async with await _connect(url) as conn:
+            for _ in range(n):
+                # What it holds: its last claim, or what the assigner pushed to it meanwhile.
+                cur = await conn.execute(
+                    "SELECT task_id FROM dispatch.tasks"
+                    " WHERE assigned_agent = %s AND status IN ('assigned', 'running')",
+                    (agent,),
+                )
+                for row in await cur.fetchall():
+                    t0 = time.perf_counter()
+                    await store.task_complete(row["task_id"], agent, conn=conn)  # type: ignore[arg-type]
+                    complete.add_since(t0)
+                t0 = time.perf_counter()
+                await store.task_claim(agent, conn=conn)
+                claim.add_since(t0)
+
+    task = asyncio.create_task(assigner())
+    try:
+        per = max(sizes.backlog_samples // PULLERS, 1)
+        await asyncio.wait_for(
+            asyncio.gather(*(puller(i, per) for i in range(PULLERS))), sizes.phase_timeout
+        )
+    finally:
+        stop.set()
+        await task
+    with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
+        admin.execute('DROP DATABASE "backlog" WITH (FORCE)')
+    return BacklogResult(sizes.backlog_pending, claim, complete, rounds, assigned)
