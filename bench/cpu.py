@@ -55,6 +55,25 @@ def postgres_seconds(postmaster: int | None) -> float:
     return total
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of pid (the workers of `serve --workers N`)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st and st[0] == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def tree_seconds(pid: int) -> float:
+    """CPU of a process, its live children and the children it has reaped."""
+    own = _stat(pid)
+    if own is None:
+        return 0.0
+    return own[1] + own[2] + sum(process_seconds(c) for c in children(pid))
+
+
 def process_seconds(pid: int) -> float:
     st = _stat(pid)
     return st[1] if st else 0.0

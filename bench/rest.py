@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 
 from bench.common import Latencies, Sizes, percentile
-from bench.cpu import CpuSplit, postgres_seconds, process_seconds, self_seconds
+from bench.cpu import CpuSplit, postgres_seconds, self_seconds, tree_seconds
 from bench.http import Connection, Response
 from bench.pg import Cluster, Cost, cost_between, prepare_dispatch, read_counters
 from bench.serve import RssSampler, dispatch_serve, trivial_serve
@@ -205,7 +205,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         sampler.start()
         profiler = start_profiler(serve.proc.pid)
         pm = cluster.postmaster
-        cpu0 = (process_seconds(serve.proc.pid), postgres_seconds(pm), self_seconds())
+        cpu0 = (tree_seconds(serve.proc.pid), postgres_seconds(pm), self_seconds())
         created = iter(range(n))
         completed = 0
         claimed = pushed = 0
@@ -275,7 +275,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         )
         seconds = time.perf_counter() - t0
         cpu = CpuSplit(
-            seconds, process_seconds(serve.proc.pid) - cpu0[0], postgres_seconds(pm) - cpu0[1],
+            seconds, tree_seconds(serve.proc.pid) - cpu0[0], postgres_seconds(pm) - cpu0[1],
             self_seconds() - cpu0[2],
         )
         peak, hwm = sampler.stop()

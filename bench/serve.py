@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cpu import children
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,14 +28,17 @@ def free_port() -> int:
 
 
 def _status(pid: int, key: str) -> int:
-    """A kB value of /proc/PID/status (VmRSS, VmHWM); 0 when unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """A kB value of /proc/PID/status (VmRSS, VmHWM) summed over the process and its live
+    children (the workers of `serve --workers N`); 0 when unreadable."""
+    total = 0
+    for p in (pid, *children(pid)):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 @dataclass

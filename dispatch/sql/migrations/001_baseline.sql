@@ -953,6 +953,15 @@ $$;
 -- statement with the eligibility rule in its WHERE and a LIMIT invites the planner, whenever its
 -- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
 -- walk; the caller locks the one it takes, SKIP LOCKED.
+CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
+RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
+               unmatched_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents, tk.unmatched_at
+    FROM dispatch.tasks tk
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now
+    ORDER BY tk.priority DESC, tk.created_at
+$$;
 
 -- Moves a locked pending task to an agent (assigner and pull claim share it), and tells the reapers
 -- of every replica the attempt's first deadline (channel dispatch_due, payload: its epoch). A
@@ -1000,11 +1009,7 @@ CREATE FUNCTION dispatch.task_claim(
 ) RETURNS SETOF dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    walk NO SCROLL CURSOR FOR
-        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
-        FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-        ORDER BY tk.priority DESC, tk.created_at;
+    walk NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
     c     dispatch.config;
     a     dispatch.agents;
     t     dispatch.tasks;
@@ -1081,11 +1086,7 @@ CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestam
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
 DECLARE
-    walk NO SCROLL CURSOR FOR
-        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
-        FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-        ORDER BY tk.priority DESC, tk.created_at;
+    walk NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
     c     dispatch.config;
     free  dispatch.agents[];
     room  integer;
@@ -1165,11 +1166,7 @@ CREATE FUNCTION dispatch.task_report_unmatched(
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    walk NO SCROLL CURSOR FOR
-        SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.unmatched_at
-        FROM dispatch.tasks tk
-        WHERE tk.status = 'pending' AND tk.available_at <= p_now
-        ORDER BY tk.priority DESC, tk.created_at;
+    walk NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
     c      dispatch.config;
     cand   record;
     n      integer := 0;
