@@ -213,25 +213,30 @@ BEGIN
 END
 $$;
 
--- The assigner: walk the pending queue and give each task the best eligible agent, up to p_batch
--- tasks or the room the agents have. The agents are read unlocked; an agent's row (the semaphore) is
--- locked, SKIP LOCKED, only when the round gives it a task, and checked again as it is then; a
--- task's row is locked, SKIP LOCKED, only when an agent is found for it. So a round never waits,
--- never holds a row it does not assign, cannot deadlock with another replica, and active_count
--- rises with each assignment, so the limit holds inside the round too.
+-- The assigner, in two steps. Plan: walk the pending queue and pick each task's best eligible
+-- agent from an unlocked snapshot of the agents that have room (counting the plan's own picks
+-- against their room), locking each picked task (SKIP LOCKED: a claim or another replica has the
+-- others). Apply: lock the picked agents' rows, in agent_id order, check each again as it is now,
+-- and give it its tasks up to its room; a task whose agent can no longer take it stays pending.
+-- An agent row (the semaphore) is held only from its lock to the commit, for the agents that get
+-- work: claims and completions of other agents never wait for a round, and those of a picked
+-- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
+-- and active_count rises with each assignment, so the limit holds inside the round too.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
 DECLARE
-    walk NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
+    walk  NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
     c     dispatch.config;
     free  dispatch.agents[];
     room  integer;
     cand  record;
-    t     dispatch.tasks;
     a     dispatch.agents;
     held  dispatch.agents;
-    given integer := 0;
+    t     dispatch.tasks;
+    picks uuid[] := '{}';
+    pickd text[] := '{}';  -- the agent of each pick
+    id    text;
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     free := ARRAY(SELECT ag FROM dispatch.agents ag
@@ -243,54 +248,56 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
-    PERFORM dispatch.fn_enter();
     OPEN walk;
-    WHILE given < room LOOP
+    WHILE cardinality(picks) < room LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
-        held := NULL;
-        t := NULL;
-        LOOP
-            SELECT s.* INTO a FROM unnest(free) s
-            WHERE cardinality(dispatch.agent_ineligibility(
-                      s, cand.required_capabilities, cand.owner, c)) = 0
-            ORDER BY s.agent_id = ANY (cand.previous_agents),
-                     dispatch.availability(s.status) DESC,
-                     s.active_count,
-                     s.last_assigned_at NULLS FIRST,
-                     s.agent_id
-            LIMIT 1;
-            EXIT WHEN NOT FOUND;
-            IF t.task_id IS NULL THEN
-                SELECT * INTO t FROM dispatch.tasks tk
-                WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
-                FOR UPDATE SKIP LOCKED;
-                EXIT WHEN t.task_id IS NULL;    -- a claim or another replica has it
+        SELECT s.* INTO a FROM unnest(free) s
+        WHERE cardinality(dispatch.agent_ineligibility(
+                  s, cand.required_capabilities, cand.owner, c)) = 0
+        ORDER BY s.agent_id = ANY (cand.previous_agents),
+                 dispatch.availability(s.status) DESC,
+                 s.active_count,
+                 s.last_assigned_at NULLS FIRST,
+                 s.agent_id
+        LIMIT 1;
+        CONTINUE WHEN NOT FOUND;
+        PERFORM 1 FROM dispatch.tasks tk
+        WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        picks := picks || cand.task_id;
+        pickd := pickd || a.agent_id;
+        -- The pick counts against the agent's room in the snapshot, and spreads ties.
+        a.active_count := a.active_count + 1;
+        a.last_assigned_at := p_now;
+        FOR k IN 1 .. cardinality(free) LOOP
+            IF (free[k]).agent_id = a.agent_id THEN
+                free[k] := a;
+                EXIT;
             END IF;
-            SELECT * INTO held FROM dispatch.agents ag
-            WHERE ag.agent_id = a.agent_id
-            FOR UPDATE SKIP LOCKED;
-            EXIT WHEN held.agent_id IS NOT NULL
-                 AND cardinality(dispatch.agent_ineligibility(
-                         held, t.required_capabilities, t.owner, c)) = 0;
-            -- Held by someone else, or changed since the snapshot: out of this round.
-            held := NULL;
-            free := ARRAY(SELECT s FROM unnest(free) s WHERE s.agent_id <> a.agent_id);
         END LOOP;
-        CONTINUE WHEN held.agent_id IS NULL;
-        task_id := t.task_id;
-        agent_id := held.agent_id;
-        score := dispatch.task_score(held, t);
-        wake := held.status = 'sleeping';
-        waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
-        PERFORM dispatch.task_give(t, held, score, 'push', p_now);
-        given := given + 1;
-        SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = held.agent_id;
-        free := ARRAY(SELECT CASE WHEN s.agent_id = held.agent_id THEN held ELSE s END
-                      FROM unnest(free) s);
-        RETURN NEXT;
     END LOOP;
     CLOSE walk;
+    PERFORM dispatch.fn_enter();
+    FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
+        SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
+        FOR i IN 1 .. cardinality(picks) LOOP
+            CONTINUE WHEN pickd[i] <> id;
+            SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
+            CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
+                held, t.required_capabilities, t.owner, c)) > 0;
+            task_id := t.task_id;
+            agent_id := held.agent_id;
+            score := dispatch.task_score(held, t);
+            wake := held.status = 'sleeping';
+            waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)),
+                               0);
+            PERFORM dispatch.task_give(t, held, score, 'push', p_now);
+            held.active_count := held.active_count + 1;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
     PERFORM dispatch.fn_leave();
 END
 $$;
