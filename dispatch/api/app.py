@@ -8,7 +8,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import HeaderParameter
-from litestar.plugins.prometheus import PrometheusConfig
 
 import dispatch
 from dispatch.api.agents import AgentController, stats
@@ -19,8 +18,6 @@ from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.settings import Settings
 from dispatch.wire import AGENT_ID_PATTERN
-
-HTTP_METRICS_PREFIX = "dispatch_http"
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -33,16 +30,6 @@ def openapi_config() -> OpenAPIConfig:
         components=Components(
             security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer")}
         ),
-    )
-
-
-def prometheus_config() -> PrometheusConfig:
-    """HTTP metrics (dispatch_http_*) on the process's default registry; the ops app serves them."""
-    return PrometheusConfig(
-        app_name="dispatch",
-        prefix=HTTP_METRICS_PREFIX,
-        group_path=True,
-        exclude_unhandled_paths=True,
     )
 
 
@@ -65,11 +52,13 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         },
         dependencies={"caller": Provide(provide_caller, sync_to_thread=False)},
     )
+    metrics = getattr(broker, "metrics", None)  # None also for an app built for its schema only
     return Litestar(
         route_handlers=[api],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.server.max_body_bytes,
-        middleware=[prometheus_config().middleware],
+        # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
+        middleware=[metrics.http.middleware] if metrics is not None else [],
         openapi_config=openapi_config(),
         state=State({"admin_token": admin_token or settings.server.admin_token, "broker": broker}),
         logging_config=None,  # dispatch.logs configured the process's logging

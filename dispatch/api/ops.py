@@ -69,8 +69,8 @@ def create_ops_app(service: OpsSource) -> Litestar:
 
     @get("/metrics")
     async def metrics() -> Response[bytes]:
-        """The process's dispatch_ metrics, the HTTP metrics of the API app (the default
-        registry, where Litestar's Prometheus middleware records) and the database gauges."""
+        """The process's dispatch_ metrics (with the API's dispatch_http_*), the database
+        gauges, and the default registry (the Python process collectors)."""
         try:
             values: Mapping[str, Any] | None = await service.gauges()
         except Exception:  # any failure to read the database shows as dispatch_database_up 0
