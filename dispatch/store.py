@@ -101,11 +101,12 @@ UPDATE dispatch.config SET
     retry_backoff_max_ms = %(backoff_max)s,
     wake_timeout_ms = %(wake)s,
     unmatched_repeat_ms = %(unmatched)s,
+    tick_interval_ms = %(tick)s,
     updated_at = now()
 WHERE (default_timeout_seconds, max_concurrent_per_agent, owner_filter_enabled, retry_backoff_ms,
-       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms)
+       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms, tick_interval_ms)
    IS DISTINCT FROM (greatest(1, %(timeout)s / 1000), %(max_concurrent)s, %(owner_filter)s,
-                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s)
+                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s, %(tick)s)
 """
 
 _STATS = """
@@ -622,12 +623,21 @@ class Store:
             "backoff_max": a.retry_backoff_max_ms,
             "wake": a.wake_timeout_ms,
             "unmatched": a.unmatched_repeat_ms,
+            "tick": a.tick_interval_ms,
         }
         async with self._borrow(conn) as c:
             try:
                 await c.execute(_APPLY_CONFIG, params)
             except psycopg.Error as exc:
                 raise db.translate(exc) from exc
+
+    async def config_relay_running(self, *, conn: Conn | None = None) -> None:
+        """A relay runs: from now on new event rows NOTIFY dispatch_events (it stays on; a DBA
+        can turn it off when no replica relays any more)."""
+        await self._rows(
+            "UPDATE dispatch.config SET events_notify = true WHERE NOT events_notify"
+            " RETURNING 1", (), conn,
+        )
 
     async def stats(self, *, now: datetime | None = None, conn: Conn | None = None) -> Stats:
         rows = await self._rows(_STATS, {"now": now}, conn)

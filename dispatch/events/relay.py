@@ -157,6 +157,11 @@ class Relay(BackgroundLoop):
     def arm(self) -> None:
         self._woken = self.listener.event(EVENTS_CHANNEL)
 
+    async def start(self) -> None:
+        # New event rows NOTIFY only while a relay runs: tell the database one does.
+        await self.store.config_relay_running()
+        await super().start()
+
     async def run_once(self) -> bool:
         """Make sure of the stream, then relay one batch; True when there may be more."""
         if not self._stream_ready:

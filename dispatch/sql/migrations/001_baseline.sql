@@ -25,6 +25,11 @@ CREATE TABLE dispatch.config (
     retry_backoff_max_ms     integer NOT NULL DEFAULT 300000 CHECK (retry_backoff_max_ms >= 0),
     wake_timeout_ms          integer NOT NULL DEFAULT 30000 CHECK (wake_timeout_ms > 0),
     unmatched_repeat_ms      integer NOT NULL DEFAULT 600000 CHECK (unmatched_repeat_ms > 0),
+    -- The reapers wake at least this often: a deadline further away needs no NOTIFY.
+    tick_interval_ms         integer NOT NULL DEFAULT 5000 CHECK (tick_interval_ms > 0),
+    -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
+    -- event rows NOTIFY dispatch_events only then.
+    events_notify            boolean NOT NULL DEFAULT false,
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
 
@@ -160,8 +165,9 @@ CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE publ
 --
 -- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
 --   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
---   dispatch_events new rows in task_events (wakes the relay)
---   dispatch_due    (payload: an epoch) an assignment set a deadline (wakes sleeping reapers)
+--   dispatch_events new rows in task_events (wakes the relay; sent only while config.events_notify)
+--   dispatch_due    (payload: an epoch) an assignment set a deadline nearer than the reapers'
+--                   tick (wakes sleeping reapers)
 CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce(array_agg(DISTINCT c ORDER BY c), '{}')
@@ -182,7 +188,10 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
     VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
-    PERFORM pg_notify('dispatch_events', '');
+    -- Only a relay listens: without one the NOTIFY would only serialise commits.
+    IF (SELECT c.events_notify FROM dispatch.config c) THEN
+        PERFORM pg_notify('dispatch_events', '');
+    END IF;
 END
 $$;
 
@@ -963,20 +972,20 @@ LANGUAGE sql STABLE AS $$
     ORDER BY tk.priority DESC, tk.created_at
 $$;
 
--- Moves a locked pending task to an agent (assigner and pull claim share it), and tells the reapers
--- of every replica the attempt's first deadline (channel dispatch_due, payload: its epoch). A
--- reaper sleeping past it wakes; identical payloads fold, so a batch with one timeout sends one.
+-- Moves a locked pending task to an agent (assigner and pull claim share it). When the attempt's
+-- first deadline comes before the reapers' next tick, it tells the reapers of every replica
+-- (channel dispatch_due, payload: the deadline's epoch): a reaper sleeping past it wakes.
+-- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, p_score real, p_mode text, p_now timestamptz
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    c dispatch.config;
-    r dispatch.tasks;
+    c     dispatch.config;
+    r     dispatch.tasks;
+    first timestamptz;
 BEGIN
-    IF a.status = 'sleeping' THEN
-        SELECT * INTO c FROM dispatch.config;
-    END IF;
+    SELECT * INTO c FROM dispatch.config;
     UPDATE dispatch.tasks
     SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
@@ -991,9 +1000,11 @@ BEGIN
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
                            'attempt', t.retry_count + 1, 'mode', p_mode,
                            'wake', a.status = 'sleeping'), p_now);
-    PERFORM pg_notify('dispatch_due', extract(epoch FROM least(
-        r.deadline_at, r.wake_deadline_at,
-        p_now + make_interval(secs => r.heartbeat_seconds)))::text);
+    first := least(r.deadline_at, r.wake_deadline_at,
+                   p_now + make_interval(secs => r.heartbeat_seconds));
+    IF first < p_now + make_interval(secs => c.tick_interval_ms / 1000.0) THEN
+        PERFORM pg_notify('dispatch_due', extract(epoch FROM first)::text);
+    END IF;
     RETURN r;
 END
 $$;

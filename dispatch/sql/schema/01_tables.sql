@@ -19,6 +19,11 @@ CREATE TABLE dispatch.config (
     retry_backoff_max_ms     integer NOT NULL DEFAULT 300000 CHECK (retry_backoff_max_ms >= 0),
     wake_timeout_ms          integer NOT NULL DEFAULT 30000 CHECK (wake_timeout_ms > 0),
     unmatched_repeat_ms      integer NOT NULL DEFAULT 600000 CHECK (unmatched_repeat_ms > 0),
+    -- The reapers wake at least this often: a deadline further away needs no NOTIFY.
+    tick_interval_ms         integer NOT NULL DEFAULT 5000 CHECK (tick_interval_ms > 0),
+    -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
+    -- event rows NOTIFY dispatch_events only then.
+    events_notify            boolean NOT NULL DEFAULT false,
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
 

@@ -8,8 +8,9 @@
 --
 -- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
 --   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
---   dispatch_events new rows in task_events (wakes the relay)
---   dispatch_due    (payload: an epoch) an assignment set a deadline (wakes sleeping reapers)
+--   dispatch_events new rows in task_events (wakes the relay; sent only while config.events_notify)
+--   dispatch_due    (payload: an epoch) an assignment set a deadline nearer than the reapers'
+--                   tick (wakes sleeping reapers)
 CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce(array_agg(DISTINCT c ORDER BY c), '{}')
@@ -30,7 +31,10 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
     VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
-    PERFORM pg_notify('dispatch_events', '');
+    -- Only a relay listens: without one the NOTIFY would only serialise commits.
+    IF (SELECT c.events_notify FROM dispatch.config c) THEN
+        PERFORM pg_notify('dispatch_events', '');
+    END IF;
 END
 $$;
 

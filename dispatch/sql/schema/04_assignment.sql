@@ -100,20 +100,20 @@ LANGUAGE sql STABLE AS $$
     ORDER BY tk.priority DESC, tk.created_at
 $$;
 
--- Moves a locked pending task to an agent (assigner and pull claim share it), and tells the reapers
--- of every replica the attempt's first deadline (channel dispatch_due, payload: its epoch). A
--- reaper sleeping past it wakes; identical payloads fold, so a batch with one timeout sends one.
+-- Moves a locked pending task to an agent (assigner and pull claim share it). When the attempt's
+-- first deadline comes before the reapers' next tick, it tells the reapers of every replica
+-- (channel dispatch_due, payload: the deadline's epoch): a reaper sleeping past it wakes.
+-- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, p_score real, p_mode text, p_now timestamptz
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    c dispatch.config;
-    r dispatch.tasks;
+    c     dispatch.config;
+    r     dispatch.tasks;
+    first timestamptz;
 BEGIN
-    IF a.status = 'sleeping' THEN
-        SELECT * INTO c FROM dispatch.config;
-    END IF;
+    SELECT * INTO c FROM dispatch.config;
     UPDATE dispatch.tasks
     SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
@@ -128,9 +128,11 @@ BEGIN
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
                            'attempt', t.retry_count + 1, 'mode', p_mode,
                            'wake', a.status = 'sleeping'), p_now);
-    PERFORM pg_notify('dispatch_due', extract(epoch FROM least(
-        r.deadline_at, r.wake_deadline_at,
-        p_now + make_interval(secs => r.heartbeat_seconds)))::text);
+    first := least(r.deadline_at, r.wake_deadline_at,
+                   p_now + make_interval(secs => r.heartbeat_seconds));
+    IF first < p_now + make_interval(secs => c.tick_interval_ms / 1000.0) THEN
+        PERFORM pg_notify('dispatch_due', extract(epoch FROM first)::text);
+    END IF;
     RETURN r;
 END
 $$;
