@@ -100,20 +100,20 @@ LANGUAGE sql STABLE AS $$
     ORDER BY tk.priority DESC, tk.created_at
 $$;
 
--- Moves a locked pending task to an agent (assigner and pull claim share it). When the attempt's
--- first deadline comes before the reapers' next tick, it tells the reapers of every replica
--- (channel dispatch_due, payload: the deadline's epoch): a reaper sleeping past it wakes.
+-- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
+-- the caller already read). When the attempt's first deadline comes before the reapers' next
+-- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
+-- epoch): a reaper sleeping past it wakes.
 -- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
-    t dispatch.tasks, a dispatch.agents, p_score real, p_mode text, p_now timestamptz
+    t dispatch.tasks, a dispatch.agents, c dispatch.config, p_score real, p_mode text,
+    p_now timestamptz
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    c     dispatch.config;
     r     dispatch.tasks;
     first timestamptz;
 BEGIN
-    SELECT * INTO c FROM dispatch.config;
     UPDATE dispatch.tasks
     SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
@@ -205,7 +205,7 @@ BEGIN
     FOR i IN 1 .. cardinality(taken) LOOP
         SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = taken[i];
         PERFORM dispatch.fn_enter();
-        t := dispatch.task_give(t, a, dispatch.task_score(a, t), 'claim', p_now);
+        t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
         IF p_start THEN
             t := dispatch.task_start(t.task_id, p_agent_id, p_now);
@@ -295,7 +295,7 @@ BEGIN
             wake := held.status = 'sleeping';
             waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)),
                                0);
-            PERFORM dispatch.task_give(t, held, score, 'push', p_now);
+            PERFORM dispatch.task_give(t, held, c, score, 'push', p_now);
             held.active_count := held.active_count + 1;
             RETURN NEXT;
         END LOOP;
