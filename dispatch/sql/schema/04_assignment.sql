@@ -154,7 +154,7 @@ DECLARE
     t     dispatch.tasks;
     cand  record;
     room  integer;
-    taken uuid[] := '{}';
+    taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -186,24 +186,23 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
-        PERFORM 1 FROM dispatch.tasks tk
+        SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR UPDATE SKIP LOCKED;
         IF FOUND THEN
-            taken := taken || cand.task_id;
+            taken := taken || t;
         END IF;
     END LOOP;
     CLOSE walk;
     IF cardinality(taken) < room AND cardinality(again) > 0 THEN
         taken := taken || ARRAY(
-            SELECT tk.task_id FROM dispatch.tasks tk
+            SELECT tk FROM dispatch.tasks tk
             WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
             FOR UPDATE SKIP LOCKED);
     END IF;
-    FOR i IN 1 .. cardinality(taken) LOOP
-        SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = taken[i];
+    FOREACH t IN ARRAY taken LOOP
         PERFORM dispatch.fn_enter();
         t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
