@@ -12,7 +12,7 @@ from datetime import datetime
 
 import msgspec
 
-from dispatch.errors import Conflict
+from dispatch.errors import Conflict, InvalidInput
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
@@ -120,6 +120,38 @@ class Broker:
             "updated",
         )
 
+    async def patch(
+        self,
+        task_id: uuid.UUID,
+        actor: str,
+        *,
+        cancel: bool = False,
+        reason: str | None = None,
+        metadata_patch: dict[str, object] | None = None,
+        priority: int | None = None,
+        admin: bool = False,
+        now: datetime | None = None,
+    ) -> Task:
+        """PATCH: cancel and merge-patch in one transaction, so a refused part undoes the rest."""
+
+        async def change() -> Task:
+            async with self.store.transaction() as conn:
+                task = None
+                if cancel:
+                    task = await self.store.task_cancel(
+                        task_id, actor, reason, admin=admin, now=now, conn=conn
+                    )
+                if metadata_patch is not None or priority is not None:
+                    task = await self.store.task_update(
+                        task_id, actor, metadata_patch=metadata_patch, priority=priority,
+                        admin=admin, now=now, conn=conn,
+                    )
+                if task is None:
+                    raise InvalidInput("nothing to change: give status, metadata or priority")
+                return task
+
+        return await self._fenced(task_id, change(), "cancelled" if cancel else "updated")
+
     async def cancel(
         self,
         task_id: uuid.UUID,
@@ -188,9 +220,16 @@ class Broker:
             except TimeoutError:
                 return []
 
-    async def start(self, task_id: uuid.UUID, agent_id: str, now: datetime | None = None) -> Task:
+    async def start(
+        self,
+        task_id: uuid.UUID,
+        agent_id: str,
+        *,
+        lease: int | None = None,
+        now: datetime | None = None,
+    ) -> Task:
         return await self._fenced(
-            task_id, self.store.task_start(task_id, agent_id, now=now), "started"
+            task_id, self.store.task_start(task_id, agent_id, lease=lease, now=now), "started"
         )
 
     async def progress(
@@ -201,12 +240,14 @@ class Broker:
         percent: float | None = None,
         message: str | None = None,
         data: object = None,
+        lease: int | None = None,
         now: datetime | None = None,
     ) -> Task:
         return await self._fenced(
             task_id,
             self.store.task_progress(
-                task_id, agent_id, percent=percent, message=message, data=data, now=now
+                task_id, agent_id, percent=percent, message=message, data=data, lease=lease,
+                now=now,
             ),
             "progress",
         )
@@ -218,11 +259,12 @@ class Broker:
         result: object = None,
         *,
         admin: bool = False,
+        lease: int | None = None,
         now: datetime | None = None,
     ) -> Task:
         return await self._fenced(
             task_id,
-            self.store.task_complete(task_id, actor, result, admin=admin, now=now),
+            self.store.task_complete(task_id, actor, result, admin=admin, lease=lease, now=now),
             "completed",
         )
 
@@ -233,11 +275,14 @@ class Broker:
         error: str | None = None,
         *,
         retry_eligible: bool = True,
+        lease: int | None = None,
         now: datetime | None = None,
     ) -> Task:
         return await self._fenced(
             task_id,
-            self.store.task_fail(task_id, agent_id, error, retry_eligible=retry_eligible, now=now),
+            self.store.task_fail(
+                task_id, agent_id, error, retry_eligible=retry_eligible, lease=lease, now=now
+            ),
             "failed",
         )
 

@@ -43,6 +43,12 @@ class Unauthorized(DispatchError):
     status = 401
 
 
+class UnsupportedMediaType(DispatchError):
+    """A request body that is not JSON."""
+
+    status = 415
+
+
 class Conflict(DispatchError):
     """The task is not in a state that allows the change; `task` is its current state."""
 

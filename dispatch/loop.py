@@ -56,6 +56,11 @@ class BackgroundLoop:
         log.warning("%s failed: %s; retrying in %.1fs", self.name, reason, retry_in)
         return reason
 
+    def progressed(self) -> None:
+        """A long round calls this when a step of it worked: health is "ok" again now, not only
+        once the whole round is done."""
+        self.last_error = None
+
     def health(self) -> dict[str, object]:
         return {self.name: "ok" if self.last_error is None else "error"}
 

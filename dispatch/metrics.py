@@ -22,6 +22,11 @@ class Metrics:
             "dispatch_task_transitions_total", "Lifecycle transitions by event", ["event"],
             registry=r,
         )
+        self.events_set_aside = Counter(
+            "dispatch_events_set_aside_total",
+            "Events the relay set aside because NATS refused them while accepting others",
+            registry=r,
+        )
         self.nats_publish_failures = Counter(
             "dispatch_nats_publish_failures_total", "Failed publishes to NATS", registry=r
         )

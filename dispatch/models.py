@@ -52,6 +52,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     assigned_agent: str | None
     previous_agents: list[str]
     retry_count: int
+    # The number of the current (or last) assignment; reports may present it (SPEC §5 leases).
+    lease: int = 0
     max_retries: int
     timeout_seconds: int
     heartbeat_seconds: int | None

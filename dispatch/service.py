@@ -15,6 +15,7 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch import db
+from dispatch.api.protocol import protocol_class
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
@@ -166,7 +167,9 @@ class Service:
         for i, (app, port) in enumerate(apps):
             config = uvicorn.Config(
                 app, host=s.server.host, port=port, log_config=None, access_log=False,
-                lifespan="on", loop="none", http="auto",
+                lifespan="on", loop="none",
+                http=protocol_class(s.server.read_timeout_ms / 1000),
+                timeout_keep_alive=max(1, s.server.keep_alive_ms // 1000),
             )
             server = _Server(config)
             self.servers.append(server)

@@ -32,6 +32,10 @@ class ServerSettings(_Section, frozen=True):
     metrics_port: Port = DEFAULT_METRICS_PORT
     admin_token: str = ""
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    # A request must arrive whole (headers and body) this soon after its first byte (or after the
+    # connection opens); an idle keep-alive connection is closed after keep_alive_ms.
+    read_timeout_ms: Annotated[int, msgspec.Meta(ge=100)] = 10000
+    keep_alive_ms: Annotated[int, msgspec.Meta(ge=1000)] = 5000
     # Processes of `dispatch serve`, each a full replica sharing the API port; 0: one per CPU.
     workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     # Set by `serve --workers N` for its workers: the API socket is shared with SO_REUSEPORT.

@@ -334,12 +334,13 @@ class Store:
         task_id: uuid.UUID,
         agent_id: str,
         *,
+        lease: int | None = None,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> Task:
         return await self._task(
-            "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()))",
-            (task_id, agent_id, now),
+            "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
+            (task_id, agent_id, now, lease),
             conn,
         )
 
@@ -351,12 +352,14 @@ class Store:
         percent: float | None = None,
         message: str | None = None,
         data: object = None,
+        lease: int | None = None,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> Task:
         return await self._task(
-            "SELECT * FROM dispatch.task_progress(%s, %s, %s::real, %s, %s, coalesce(%s, now()))",
-            (task_id, agent_id, percent, message, _jsonb(data), now),
+            "SELECT * FROM dispatch.task_progress("
+            "%s, %s, %s::real, %s, %s, coalesce(%s, now()), %s)",
+            (task_id, agent_id, percent, message, _jsonb(data), now, lease),
             conn,
         )
 
@@ -367,12 +370,13 @@ class Store:
         result: object = None,
         *,
         admin: bool = False,
+        lease: int | None = None,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> Task:
         return await self._task(
-            "SELECT * FROM dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()))",
-            (task_id, actor, _jsonb(result), admin, now),
+            "SELECT * FROM dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+            (task_id, actor, _jsonb(result), admin, now, lease),
             conn,
         )
 
@@ -383,12 +387,13 @@ class Store:
         error: str | None = None,
         *,
         retry_eligible: bool = True,
+        lease: int | None = None,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> Task:
         return await self._task(
-            "SELECT * FROM dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()))",
-            (task_id, agent_id, error, retry_eligible, now),
+            "SELECT * FROM dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+            (task_id, agent_id, error, retry_eligible, now, lease),
             conn,
         )
 
@@ -685,6 +690,13 @@ class Store:
         ends."""
         rows = await self._rows("SELECT * FROM dispatch.event_relay_batch(%s)", (limit,), conn)
         return [_convert(r, TaskEvent) for r in rows]
+
+    async def event_set_aside(
+        self, ids: Sequence[int], error: str, *, conn: Conn | None = None
+    ) -> int:
+        return await self._count(
+            "SELECT dispatch.event_set_aside(%s, %s) AS n", (list(ids), error), conn
+        )
 
     async def event_mark_published(
         self, ids: Sequence[int], *, now: datetime | None = None, conn: Conn | None = None

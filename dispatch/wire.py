@@ -8,7 +8,7 @@ No `from __future__ import annotations`: Litestar reads these annotations at run
 
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -37,6 +37,11 @@ WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=30)]
 MaxTasks = Annotated[int, msgspec.Meta(ge=1, le=100)]
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+# The number of the assignment a report belongs to (the task's `lease`).
+Lease = Annotated[int, msgspec.Meta(ge=1, le=2_147_483_647)]
+# Every timestamp a client sends must lie here (dispatch.time_in_range says the same in SQL).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 JsonObject = dict[str, Any]
 
 
@@ -84,24 +89,32 @@ class ClaimRequest(_Body):
     start: bool = False
 
 
+class StartReport(_Body):
+    lease: Lease | None = None
+
+
 class ProgressReport(_Body):
     """Ours: percent, message, data. The original service's: progress (a fraction up to 1, else a
-    percentage) and detail (a string is the message, anything else the data)."""
+    percentage) and detail (a string is the message, anything else the data). `lease`, in every
+    report, names the assignment it belongs to: a stale one is refused."""
 
     percent: Percent | None = None
     message: LongText | None = None
     data: Any = None
     progress: Percent | None = None
     detail: Any = None
+    lease: Lease | None = None
 
 
 class CompleteReport(_Body):
     result: Any = None
+    lease: Lease | None = None
 
 
 class FailReport(_Body):
     error: LongText | None = None
     retry_eligible: bool = True
+    lease: Lease | None = None
 
 
 class ReportItem(_Body):
@@ -110,6 +123,7 @@ class ReportItem(_Body):
 
     task_id: uuid.UUID
     action: Literal["start", "progress", "complete", "fail"]
+    lease: Lease | None = None
     percent: Percent | None = None
     message: LongText | None = None
     data: Any = None
@@ -141,6 +155,8 @@ def report_body(item: ReportItem) -> dict[str, object]:
         if getattr(item, name) is not None and name not in _REPORT_FIELDS[item.action]:
             raise InvalidInput(f"{name} is not a field of a {item.action} report", field=name)
     body: dict[str, object] = {"task_id": str(item.task_id), "action": item.action}
+    if item.lease is not None:
+        body["lease"] = item.lease
     if item.action == "progress":
         fields = progress_fields(item.percent, item.message, item.data, item.progress, item.detail)
         body |= {"percent": fields.percent, "message": fields.message, "data": fields.data}
@@ -214,9 +230,18 @@ def progress_fields(
     return ProgressFields(percent, message, data)
 
 
+def check_time(value: datetime | None, field: str) -> None:
+    """A timestamp outside EARLIEST..LATEST is refused before anything is written."""
+    if value is not None and not EARLIEST <= value < LATEST:
+        raise InvalidInput(
+            f"{field} must be from 1970-01-01 to before 9999-01-01 (UTC)", field=field
+        )
+
+
 def new_task(req: TaskCreate) -> NewTask:
     """The NewTask a create request asks for; InvalidInput when a field and its alias clash."""
     one_of(req.required_capabilities, req.scope, ("required_capabilities", "scope"))
+    check_time(req.available_at, "available_at")
     one_of(req.metadata, req.context, ("metadata", "context"))
     caps = req.required_capabilities
     if caps is None:

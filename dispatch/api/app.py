@@ -12,6 +12,7 @@ from litestar.params import HeaderParameter
 import dispatch
 from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import require_agent
+from dispatch.api.content import require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.tasks import TaskController
@@ -40,7 +41,7 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
     api = Router(
         path="/api/v1",
         route_handlers=[TaskController, AgentController, stats],
-        guards=[require_agent],
+        guards=[require_agent, require_json_body],
         parameters={
             "x_agent_id": HeaderParameter(
                 annotation=str,

@@ -37,6 +37,7 @@ ERRORS: dict[int, ResponseSpec] = {
         (404, "Unknown task or agent"),
         (409, "The task's state forbids this: `detail` is the task as it is now"),
         (413, "Body over server.max_body_bytes"),
+        (415, "A body that is not JSON (Content-Type: application/json)"),
         (503, "The database cannot be reached"),
     )
 }

@@ -34,6 +34,7 @@ from dispatch.wire import (
     FailReport,
     ProgressReport,
     Reports,
+    StartReport,
     TaskCreate,
     TaskPatch,
     new_task,
@@ -49,6 +50,24 @@ TaskIdPath = Annotated[
         description="The task's id (a UUID).", examples=[Example(value=str(uuid.UUID(int=1)))]
     ),
 ]
+
+
+LeaseHeader = Annotated[
+    int | None,
+    HeaderParameter(
+        name="X-Dispatch-Lease",
+        ge=1,
+        le=2_147_483_647,
+        description="The lease the task was given with; a report naming an earlier one is 409.",
+    ),
+]
+
+
+def lease_of(body: int | None, header: int | None) -> int | None:
+    """The report's lease, from its body or the X-Dispatch-Lease header (the two must agree)."""
+    if body is not None and header is not None and body != header:
+        raise InvalidInput("lease and X-Dispatch-Lease differ", field="lease")
+    return body if body is not None else header
 
 
 def parse_task_id(raw: str) -> uuid.UUID:
@@ -237,19 +256,15 @@ class TaskController(Controller):
             raise InvalidInput("a cancelled task has no priority to change", field="priority")
         if data.status is None and metadata is None and data.priority is None:
             raise InvalidInput("nothing to change: give status, metadata or priority", field=None)
-        task = None
-        if data.status == "cancelled":
-            task = await caller.broker.cancel(tid, caller.agent_id, data.reason, admin=caller.admin)
-        if metadata is not None or data.priority is not None:
-            task = await caller.broker.update(
-                tid,
-                caller.agent_id,
-                metadata_patch=metadata,
-                priority=data.priority,
-                admin=caller.admin,
-            )
-        assert task is not None
-        return task
+        return await caller.broker.patch(
+            tid,
+            caller.agent_id,
+            cancel=data.status == "cancelled",
+            reason=data.reason,
+            metadata_patch=metadata,
+            priority=data.priority,
+            admin=caller.admin,
+        )
 
     @post(
         "/claim",
@@ -305,8 +320,17 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         summary="The assigned agent starts",
     )
-    async def start(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return await caller.broker.start(parse_task_id(task_id), caller.agent_id)
+    async def start(
+        self,
+        task_id: TaskIdPath,
+        caller: CallerDep,
+        lease_header: LeaseHeader = None,
+        data: JSONBody[StartReport | None] = None,
+    ) -> Task:
+        body = data or StartReport()
+        return await caller.broker.start(
+            parse_task_id(task_id), caller.agent_id, lease=lease_of(body.lease, lease_header)
+        )
 
     @post(
         "/{task_id:str}/progress",
@@ -318,6 +342,7 @@ class TaskController(Controller):
         self,
         task_id: TaskIdPath,
         caller: CallerDep,
+        lease_header: LeaseHeader = None,
         data: JSONBody[ProgressReport | None] = None,
     ) -> Task:
         body = data or ProgressReport()
@@ -328,6 +353,7 @@ class TaskController(Controller):
             percent=fields.percent,
             message=fields.message,
             data=fields.data,
+            lease=lease_of(body.lease, lease_header),
         )
 
     @post(
@@ -340,11 +366,16 @@ class TaskController(Controller):
         self,
         task_id: TaskIdPath,
         caller: CallerDep,
+        lease_header: LeaseHeader = None,
         data: JSONBody[CompleteReport | None] = None,
     ) -> Task:
         body = data or CompleteReport()
         return await caller.broker.complete(
-            parse_task_id(task_id), caller.agent_id, body.result, admin=caller.admin
+            parse_task_id(task_id),
+            caller.agent_id,
+            body.result,
+            admin=caller.admin,
+            lease=lease_of(body.lease, lease_header),
         )
 
     @post(
@@ -357,11 +388,16 @@ class TaskController(Controller):
         self,
         task_id: TaskIdPath,
         caller: CallerDep,
+        lease_header: LeaseHeader = None,
         data: JSONBody[FailReport | None] = None,
     ) -> Task:
         body = data or FailReport()
         return await caller.broker.fail(
-            parse_task_id(task_id), caller.agent_id, body.error, retry_eligible=body.retry_eligible
+            parse_task_id(task_id),
+            caller.agent_id,
+            body.error,
+            retry_eligible=body.retry_eligible,
+            lease=lease_of(body.lease, lease_header),
         )
 
     @get(

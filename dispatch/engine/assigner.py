@@ -115,6 +115,7 @@ class Assigner(TickLoop):
         made: list[Assignment] = []
         while True:
             batch = await self.broker.assign(batch=self.batch)
+            self.progressed()
             if not batch:
                 return made
             if self.metrics is not None:

@@ -174,20 +174,23 @@ class NatsInbound:
         task: Task
         match report:
             case StartedReport():
-                task = await self.broker.start(task_id, report.agent_id)
+                task = await self.broker.start(task_id, report.agent_id, lease=report.lease)
             case ProgressReport():
                 fields = progress_fields(
                     report.percent, report.message, report.data, report.progress, report.detail
                 )
                 task = await self.broker.progress(
                     task_id, report.agent_id, percent=fields.percent, message=fields.message,
-                    data=fields.data,
+                    data=fields.data, lease=report.lease,
                 )
             case CompletedReport():
-                task = await self.broker.complete(task_id, report.agent_id, report.result)
+                task = await self.broker.complete(
+                    task_id, report.agent_id, report.result, lease=report.lease
+                )
             case FailedReport():
                 task = await self.broker.fail(
-                    task_id, report.agent_id, report.error, retry_eligible=report.retry_eligible
+                    task_id, report.agent_id, report.error, retry_eligible=report.retry_eligible,
+                    lease=report.lease,
                 )
         return task
 

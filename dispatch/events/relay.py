@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from nats.errors import Error as NatsError
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from dispatch.errors import DispatchError
 from dispatch.events.connection import NatsConnection
@@ -44,6 +44,11 @@ STREAM_SUBJECTS = ("swarm.task.*.*", "swarm.dispatch.>")
 # marking must be replaced within this window for its re-publish to be dropped as a duplicate.
 DUPLICATE_WINDOW_SECONDS = 120.0
 MSG_ID_HEADER = "Nats-Msg-Id"
+# An event JetStream refuses (an error, or no ack: an oversized message gets none) this many times,
+# while it accepts other events, is set aside (marked with the reason in task_events.relay_error)
+# so that it cannot hold up the events behind it. An outage or a full stream refuses everything and
+# sets nothing aside.
+REFUSALS_BEFORE_SET_ASIDE = 3
 
 
 _ENVELOPE_KEYS = frozenset(EventMessage.__struct_fields__)
@@ -141,14 +146,24 @@ class Relay(BackgroundLoop):
         self.batch_size = batch_size
         self.publish_timeout = publish_timeout
         self.published = 0
+        self.set_aside = 0
+        self._last_set_aside: str | None = None
+        # event id -> (refusals, self.published at the first refusal)
+        self._refusals: dict[int, tuple[int, int]] = {}
         self._stream_ready = False
         self._woken = asyncio.Event()
 
     def health(self) -> dict[str, object]:
         """For /health: whether the last relay attempt worked (NATS itself is the connection's)."""
-        if self.last_error is None:
-            return {"event_relay": "ok"}
-        return {"event_relay": "failing", "event_relay_error": self.last_error}
+        report: dict[str, object] = (
+            {"event_relay": "ok"}
+            if self.last_error is None
+            else {"event_relay": "failing", "event_relay_error": self.last_error}
+        )
+        if self.set_aside:
+            report["events_set_aside"] = self.set_aside
+            report["events_set_aside_last"] = self._last_set_aside
+        return report
 
     def _failed(self, n: int = 1) -> None:
         if self.metrics is not None:
@@ -241,10 +256,40 @@ class Relay(BackgroundLoop):
             acked, error = await self.publish(events, tasks)
             if acked:
                 await self.store.event_mark_published(acked, conn=conn)
+            aside = self._to_set_aside(len(acked))
+            reason = f"refused by JetStream {REFUSALS_BEFORE_SET_ASIDE} times: {error}"
+            if aside:
+                await self.store.event_set_aside(aside, reason, conn=conn)
         self.published += len(acked)
+        if aside:
+            self._set_aside(aside, reason)
+            return True  # what waited behind them goes out now
         if error is not None:
             raise error
         return len(events) == self.batch_size
+
+    def _refused(self, event_id: int) -> None:
+        count, since = self._refusals.get(event_id, (0, self.published))
+        self._refusals[event_id] = (count + 1, since)
+
+    def _to_set_aside(self, acked_now: int) -> list[int]:
+        """Events refused often enough, while JetStream accepted others since their first refusal
+        (so the refusal is theirs, not an outage or a full stream: those stop everything)."""
+        published = self.published + acked_now
+        return [
+            event_id
+            for event_id, (count, since) in self._refusals.items()
+            if count >= REFUSALS_BEFORE_SET_ASIDE and published > since
+        ]
+
+    def _set_aside(self, ids: list[int], reason: str) -> None:
+        for event_id in ids:
+            self._refusals.pop(event_id, None)
+        self.set_aside += len(ids)
+        self._last_set_aside = f"events {ids}: {reason}"
+        if self.metrics is not None:
+            self.metrics.events_set_aside.inc(len(ids))
+        log.error("event relay: set aside %s", self._last_set_aside)
 
     def headers(self, message: Outgoing) -> dict[str, str]:
         return {MSG_ID_HEADER: message.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
@@ -280,9 +325,12 @@ class Relay(BackgroundLoop):
                 if fut.cancelled():
                     failed.add(m.event_id)
                     problem = problem or f"no ack within {self.publish_timeout}s"
+                    self._refused(m.event_id)
                 elif fut.exception() is not None or fut.result().stream != STREAM:
                     failed.add(m.event_id)
                     problem = problem or fut.exception() or "an ack from another stream"
+                    if isinstance(fut.exception(), APIError):
+                        self._refused(m.event_id)  # not another stream's ack: a config error
             acked.extend(e.id for e in wave if e.id not in failed)
             if failed:
                 self._failed(len(failed))

@@ -56,6 +56,7 @@ class TaskRequest(TaskCreate, kw_only=True):
 
 class StartedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agent_id: str
+    lease: wire.Lease | None = None
 
 
 class ProgressReport(wire.ProgressReport, kw_only=True):
@@ -67,12 +68,14 @@ class ProgressReport(wire.ProgressReport, kw_only=True):
 class CompletedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agent_id: str
     result: dict[str, object] | None = None
+    lease: wire.Lease | None = None
 
 
 class FailedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agent_id: str
     error: str | None = None
     retry_eligible: bool = True
+    lease: wire.Lease | None = None
 
 
 Report = StartedReport | ProgressReport | CompletedReport | FailedReport

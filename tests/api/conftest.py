@@ -39,6 +39,13 @@ async def client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+async def register(client: httpx.AsyncClient, *agent_ids: str, **body: Any) -> None:
+    """Agents register themselves before they claim (a claim is not a registration)."""
+    for agent_id in agent_ids:
+        r = await client.put(f"/api/v1/agents/{agent_id}", json=body, headers=agent(agent_id))
+        assert r.status_code == 200, r.text
+
+
 def counts(sql: psycopg.Connection[dict[str, Any]]) -> tuple[int, int, int]:
     """Rows of tasks, task_events and agents: a bad request must change none of them."""
     row = sql.execute(

@@ -12,7 +12,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.api.conftest import ADMIN_TOKEN, MAX_BODY, admin, agent
+from tests.api.conftest import ADMIN_TOKEN, MAX_BODY, admin, agent, register
 
 UNKNOWN = str(uuid.uuid4())
 ALICE = agent("alice")
@@ -201,6 +201,7 @@ CASES = [
 @pytest.fixture
 async def world(client: httpx.AsyncClient) -> dict[str, str]:
     """A pending, a running and a completed task of alice's; bob runs the others."""
+    await register(client, "bob")
     ids = {}
     for name in ("done", "running"):
         r = await client.post("/api/v1/tasks", json={"title": name}, headers=ALICE)

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.api.conftest import agent, counts
+from tests.api.conftest import agent, counts, register
 from tests.api.test_tasks_api import create
 
 BOB = agent("bob")
@@ -16,6 +16,7 @@ BOB = agent("bob")
 async def test_unstorable_content_in_a_report_is_400_and_changes_nothing(
     client: httpx.AsyncClient, sql: psycopg.Connection[dict[str, Any]]
 ) -> None:
+    await register(client, "bob")
     task = await create(client)
     await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
     before = counts(sql)

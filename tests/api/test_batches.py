@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.api.conftest import agent, counts
+from tests.api.conftest import agent, counts, register
 from tests.api.test_tasks_api import ALICE, create
 
 BOB = agent("bob")
@@ -43,6 +43,7 @@ async def test_claim_several_and_start_them(client: httpx.AsyncClient) -> None:
 
 
 async def test_claim_max_tasks_out_of_range_is_400(client: httpx.AsyncClient) -> None:
+    await register(client, "bob")
     await create(client)
     for bad in (0, 101, True, -1):
         r = await client.post("/api/v1/tasks/claim", json={"max_tasks": bad}, headers=BOB)
@@ -91,6 +92,7 @@ async def test_reports_apply_each_on_its_own(client: httpx.AsyncClient) -> None:
 async def test_a_malformed_batch_changes_nothing(
     client: httpx.AsyncClient, sql: psycopg.Connection[dict[str, Any]]
 ) -> None:
+    await register(client, "bob")
     task = await create(client)
     await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
     before = counts(sql)

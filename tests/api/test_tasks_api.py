@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from tests.api.conftest import admin, agent
+from tests.api.conftest import admin, agent, register
 
 ALICE = agent("alice")
 BOB = agent("bob")
@@ -87,6 +87,7 @@ async def test_pull_lifecycle_and_history(client: httpx.AsyncClient) -> None:
 
 
 async def test_claim_with_nothing_to_do_is_204(client: httpx.AsyncClient) -> None:
+    await register(client, "bob")
     await create(client, required_capabilities=["gpu"])
     r = await client.post("/api/v1/tasks/claim", json={"capabilities": ["cpu"]}, headers=BOB)
     assert r.status_code == 204 and r.content == b""
@@ -97,6 +98,7 @@ async def test_claim_with_nothing_to_do_is_204(client: httpx.AsyncClient) -> Non
 async def test_fail_retries_then_dead_letters_then_admin_requeues(
     client: httpx.AsyncClient,
 ) -> None:
+    await register(client, "bob")
     tid = (await create(client, max_retries=1))["task_id"]
     await client.post("/api/v1/tasks/claim", headers=BOB)
     r = await client.post(f"/api/v1/tasks/{tid}/fail", json={"error": "boom"}, headers=BOB)
@@ -121,6 +123,7 @@ async def test_fail_retries_then_dead_letters_then_admin_requeues(
 
 
 async def test_cancel_while_running_then_late_complete_is_409(client: httpx.AsyncClient) -> None:
+    await register(client, "bob")
     tid = (await create(client))["task_id"]
     await client.post("/api/v1/tasks/claim", headers=BOB)
     await client.post(f"/api/v1/tasks/{tid}/start", headers=BOB)
@@ -132,6 +135,7 @@ async def test_cancel_while_running_then_late_complete_is_409(client: httpx.Asyn
 
 
 async def test_requester_resolves_and_admin_acts_on_any_task(client: httpx.AsyncClient) -> None:
+    await register(client, "bob")
     tid = (await create(client))["task_id"]
     await client.post("/api/v1/tasks/claim", headers=BOB)
     r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"result": "by hand"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,16 @@ def wait_for(fetch: Callable[[], Task], ok: Callable[[Task], bool], timeout: flo
         time.sleep(0.05)
 
 
+def take(worker: DispatchClient, agent_id: str, task_id: str) -> Task:
+    """The task, claimed by `worker`: by its claim, or pushed to it by the assigner first (a
+    registered agent is a candidate of both)."""
+    task = worker.claim(wait_seconds=5)
+    if task is None:
+        task = wait_for(lambda: worker.get(task_id), lambda t: t.assigned_agent == agent_id)
+    assert task.task_id == task_id and task.assigned_agent == agent_id
+    return task
+
+
 def test_original_smoke_flow(db_url: str, tmp_path: Path) -> None:
     """The original service's smoke test, with its defaults (owner filter on)."""
     with serving(db_url, tmp_path) as sp:
@@ -72,14 +83,11 @@ def test_original_smoke_flow(db_url: str, tmp_path: Path) -> None:
 
 def test_pull_lifecycle(sp: ServeProcess) -> None:
     with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
-        # Registered for other work, the worker is no candidate of the assigner for this task;
-        # it pulls it by naming the capability in its claim.
-        agent = worker.register(capabilities=["review"], max_concurrent=2)
+        agent = worker.register(capabilities=["review", "pull-only"], max_concurrent=2)
         assert agent.agent_id == "worker-1" and agent.max_concurrent == 2
         created = alice.create("pull me", required_capabilities=["pull-only"],
                                metadata={"n": 1})
-        task = worker.claim(["pull-only"], wait_seconds=5)
-        assert task is not None and task.task_id == created.task_id
+        task = take(worker, "worker-1", created.task_id)
         assert (task.status, task.assigned_agent) == ("assigned", "worker-1")
         assert worker.start(task.task_id).status == "running"
         progressed = worker.progress(task.task_id, 50, "half way", {"step": 2})
@@ -96,10 +104,9 @@ def test_pull_lifecycle(sp: ServeProcess) -> None:
 def test_cancel_while_running_then_late_complete_is_409(sp: ServeProcess) -> None:
     with client(sp, "alice") as alice, client(sp, "worker-1") as worker, \
             client(sp, "mallory") as mallory:
-        worker.register(capabilities=["review"])
+        worker.register(capabilities=["review", "pull-only"])
         created = alice.create("long job", required_capabilities=["pull-only"])
-        task = worker.claim(["pull-only"], wait_seconds=5)
-        assert task is not None
+        task = take(worker, "worker-1", created.task_id)
         worker.start(task.task_id)
         with pytest.raises(Forbidden):
             mallory.cancel(created.task_id)
@@ -113,14 +120,12 @@ def test_cancel_while_running_then_late_complete_is_409(sp: ServeProcess) -> Non
 
 def test_fail_with_retry_then_success(sp: ServeProcess) -> None:
     with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
-        worker.register(capabilities=["review"])  # no candidate of the assigner for pull-only
+        worker.register(capabilities=["review", "pull-only"])
         created = alice.create("flaky", required_capabilities=["pull-only"], max_retries=2)
-        first = worker.claim(["pull-only"], wait_seconds=5)
-        assert first is not None
+        first = take(worker, "worker-1", created.task_id)
         failed = worker.fail(first.task_id, "transient")
         assert (failed.status, failed.retry_count, failed.error) == ("pending", 1, "transient")
-        again = worker.claim(["pull-only"], wait_seconds=5)
-        assert again is not None and again.task_id == created.task_id
+        again = take(worker, "worker-1", created.task_id)
         assert worker.complete(again.task_id, "ok").status == "completed"
         events = [e.event for e in alice.events(created.task_id)]
         assert events == ["created", "assigned", "failed", "retry", "assigned", "completed"]
@@ -157,10 +162,9 @@ def test_idempotent_create_filters_and_pagination(sp: ServeProcess) -> None:
 def test_metrics_show_queue_gauges_and_http_requests(sp: ServeProcess) -> None:
     with client(sp, "alice") as alice, client(sp, "worker-1") as worker:
         alice.create("counted", required_capabilities=["nobody-has-this"])
-        worker.register(capabilities=["review"])
-        alice.create("done", required_capabilities=["pull-only"], source="ci")
-        task = worker.claim(["pull-only"], wait_seconds=5)
-        assert task is not None
+        worker.register(capabilities=["review", "pull-only"])
+        done = alice.create("done", required_capabilities=["pull-only"], source="ci")
+        task = take(worker, "worker-1", done.task_id)
         worker.complete(task.task_id, 1)
     text = httpx.get(f"{sp.ops}/metrics").text
     assert 'dispatch_tasks_created_total{source="api"} 1.0' in text
@@ -179,9 +183,14 @@ def test_metrics_show_queue_gauges_and_http_requests(sp: ServeProcess) -> None:
 async def test_async_client_lifecycle(sp: ServeProcess) -> None:
     async with AsyncDispatchClient(sp.api, "alice") as alice, \
             AsyncDispatchClient(sp.api, "worker-a") as worker:
-        await worker.register(capabilities=["review"], max_concurrent=1)
+        await worker.register(capabilities=["review", "pull-only"], max_concurrent=1)
         created = await alice.create("async", required_capabilities=["pull-only"])
-        task = await worker.claim(["pull-only"], wait_seconds=5)
+        task = await worker.claim(wait_seconds=5)
+        deadline = time.monotonic() + 10
+        while task is None and time.monotonic() < deadline:  # pushed to it by the assigner
+            await asyncio.sleep(0.05)
+            got = await worker.get(created.task_id)
+            task = got if got.assigned_agent == "worker-a" else None
         assert task is not None and task.task_id == created.task_id
         assert (await worker.start(task.task_id)).status == "running"
         assert (await worker.progress(task.task_id, 10)).progress == {"percent": 10.0}

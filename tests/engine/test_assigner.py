@@ -144,3 +144,21 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
         await reaper.stop()
         await assigner.stop()
         await client.close()
+
+
+async def test_health_recovers_with_the_first_batch_of_a_long_round(broker: Broker) -> None:
+    """After a failed round, a round working through a backlog reports ok as soon as a batch
+    works, not only when the whole backlog is assigned (which can take many seconds)."""
+    await broker.store.agent_upsert("big", max_concurrent=1000)
+    for i in range(300):
+        await submit(broker, priority=i % 3)
+    assigner = Assigner(broker, None, tick_interval_ms=SLOW_TICK_MS)
+    assigner.batch = 10
+    assigner.last_error = "database unavailable"  # what a failed round leaves behind
+    assert assigner.health() == {"assigner": "error"}
+    round_ = asyncio.create_task(assigner.run_once())
+    while assigner.health() != {"assigner": "ok"}:
+        assert not round_.done(), "health stayed 'error' for the whole round"
+        await asyncio.sleep(0)
+    assert not round_.done()
+    assert len(await round_) == 300

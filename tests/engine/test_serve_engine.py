@@ -149,9 +149,13 @@ def test_a_deadline_fires_on_time_whatever_the_tick(db_url: str, tmp_path: Path)
             headers={"X-Agent-ID": "alice"},
         )
         here = uuid.UUID(r.json()["task_id"])
-        r = httpx.post(f"{sp.api}/api/v1/tasks/claim", json={"capabilities": ["x"]},
+        r = httpx.put(f"{sp.api}/api/v1/agents/puller", json={"capabilities": ["x"]},
+                      headers={"X-Agent-ID": "puller"})
+        assert r.status_code == 200
+        r = httpx.post(f"{sp.api}/api/v1/tasks/claim", json={"wait_seconds": 5},
                        headers={"X-Agent-ID": "puller"})
-        assert r.status_code == 200 and r.json()["task_id"] == str(here)
+        assert r.status_code in (200, 204)  # 204: this replica's assigner pushed it first
+        wait_for(lambda: task_row(db_url, here)["assigned_agent"] == "puller", 10, "assignment")
 
         # Another replica assigns: the task is created and claimed in one transaction elsewhere,
         # so this replica's engine never saw it pending.
@@ -162,6 +166,7 @@ def test_a_deadline_fires_on_time_whatever_the_tick(db_url: str, tmp_path: Path)
                     " max_retries => 0, required_capabilities => '{y}')"
                 ).fetchone()
                 assert row is not None
+                conn.execute("SELECT dispatch.agent_upsert('other-replica-agent', '{y}')")
                 claimed = conn.execute(
                     "SELECT task_id FROM dispatch.task_claim('other-replica-agent', '{y}')"
                 ).fetchone()

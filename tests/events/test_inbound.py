@@ -144,6 +144,8 @@ async def test_a_repeated_idempotency_key_returns_the_same_task(
 async def test_agent_reports_follow_the_fencing_rules(
     inbound: NatsInbound, relay: Relay, broker: Broker, client: Client
 ) -> None:
+    await broker.store.agent_upsert("agent-a")
+    await broker.store.agent_upsert("agent-c")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
@@ -195,6 +197,7 @@ async def test_agent_reports_follow_the_fencing_rules(
 async def test_a_report_without_reply_subject_is_applied(
     inbound: NatsInbound, broker: Broker, client: Client
 ) -> None:
+    await broker.store.agent_upsert("agent-a")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
@@ -213,6 +216,7 @@ async def test_a_report_without_reply_subject_is_applied(
 async def test_dispatch_does_not_take_its_own_events_for_reports(
     inbound: NatsInbound, relay: Relay, broker: Broker, client: Client, sql: Sql
 ) -> None:
+    await broker.store.agent_upsert("agent-a")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
@@ -232,6 +236,7 @@ async def test_dispatch_does_not_take_its_own_events_for_reports(
 async def test_agent_state_messages_update_the_directory(
     inbound: NatsInbound, broker: Broker, client: Client
 ) -> None:
+    await broker.store.agent_upsert("worker.1")
     # An agent id may contain dots: it is every token between swarm.agent and the state.
     agent = await ask(client, "swarm.agent.worker.1.ready", {"capabilities": ["Code"]})
     assert agent["agent_id"] == "worker.1" and agent["capabilities"] == ["code"]

@@ -71,6 +71,7 @@ def assert_stream_matches_log(stored: list[Stored], log: list[dict[str, Any]]) -
 
 async def lifecycle(broker: Broker, agent: str, title: str) -> Task:
     """created, assigned, started, completed; the agent only claims work of its own lane."""
+    await broker.store.agent_upsert(agent, capabilities=[agent])
     await broker.submit(NewTask(title=title, required_capabilities=[agent]), requester="req")
     claimed = await broker.claim(agent, [agent])
     assert claimed is not None
@@ -81,6 +82,8 @@ async def lifecycle(broker: Broker, agent: str, title: str) -> Task:
 async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
     broker: Broker, relay: Relay, client: Client, sql: Sql
 ) -> None:
+    await broker.store.agent_upsert("agent-a")
+    await broker.store.agent_upsert("agent-b")
     later = datetime.now(UTC) + timedelta(hours=1)
     # created, assigned, started, progress, completed
     t1, _ = await broker.submit(NewTask(title="one", metadata={"k": 1}), requester="req")
@@ -298,3 +301,52 @@ async def test_a_failed_publish_never_lets_a_later_event_of_its_task_overtake_it
     assert relay.refuse is None
     assert metrics.registry.get_sample_value("dispatch_nats_publish_failures_total") == 1
     assert_stream_matches_log(await read_stream(client), log)
+
+
+async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_flow(
+    broker: Broker, relay: Relay, client: Client, sql: Sql, metrics: Metrics
+) -> None:
+    """An operator capped the stream's message size; one task's event is larger. It is refused,
+    retried, then set aside (marked with the reason, counted, shown by health) while every other
+    event goes out."""
+    import dataclasses
+
+    await eventually(lambda: _stream_exists(client), 10, "the stream")
+    js = client.jetstream()
+    info = await js.stream_info("DISPATCH_EVENTS")
+    await js.update_stream(dataclasses.replace(info.config, max_msg_size=4096))
+    relay.publish_timeout = 1.0  # JetStream does not ack an oversized message: it times out
+    small, _ = await broker.submit(NewTask(title="small"), requester="req")
+    big, _ = await broker.submit(NewTask(title="big", metadata={"blob": "x" * 20_000}),
+                                 requester="req")
+    after, _ = await broker.submit(NewTask(title="after"), requester="req")
+
+    async def settled() -> bool:
+        return unpublished(sql) == 0
+
+    await eventually(settled, 30, "every event published or set aside")
+    aside = sql.execute(
+        "SELECT task_id, event, relay_error FROM dispatch.task_events"
+        " WHERE relay_error IS NOT NULL"
+    ).fetchall()
+    assert [(r["task_id"], r["event"]) for r in aside] == [(big.task_id, "created")]
+    assert "refused by JetStream 3 times" in aside[0]["relay_error"]
+    assert "no ack" in aside[0]["relay_error"]
+    assert relay.health()["events_set_aside"] == 1
+    assert metrics.events_set_aside._value.get() == 1
+    # What comes after flows: a new task's events go out at once.
+    later, _ = await broker.submit(NewTask(title="later"), requester="req")
+    await eventually(settled, 30, "the later task published")
+    subjects = {m.subject for m in await read_stream(client)}
+    for task in (small, after, later):
+        assert f"swarm.task.{task.task_id}.created" in subjects
+    assert f"swarm.task.{big.task_id}.created" not in subjects
+    assert relay.health()["event_relay"] == "ok"
+
+
+async def _stream_exists(client: Client) -> bool:
+    try:
+        await client.jetstream().stream_info("DISPATCH_EVENTS")
+    except Exception:
+        return False
+    return True

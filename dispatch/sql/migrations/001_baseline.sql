@@ -6,6 +6,14 @@
 
 -- Tables: tasks, their event log (history and outbox), the agent directory, the settings row.
 -- The migrator creates the schema `dispatch` and dispatch.schema_migrations before these files run.
+-- Every timestamp a row holds lies in this range, so that every client (Python's datetime ends at
+-- year 9999, a deadline's epoch travels in a NOTIFY) can read it back. Checked by constraint, so a
+-- value outside it is refused before anything is written, from psql too.
+CREATE FUNCTION dispatch.time_in_range(t timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT t IS NULL OR (t >= '1970-01-01 00:00:00+00' AND t < '9999-01-01 00:00:00+00')
+$$;
+
 CREATE TYPE dispatch.task_status AS ENUM (
     'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
 );
@@ -53,7 +61,10 @@ CREATE TABLE dispatch.agents (
     last_assigned_at timestamptz,
     last_seen_at     timestamptz NOT NULL DEFAULT now(),
     created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now()
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT agents_times_range CHECK (
+        dispatch.time_in_range(last_assigned_at) AND dispatch.time_in_range(last_seen_at)
+        AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at))
 );
 
 -- Device ownership (Alexandria): agent_id belongs to owner.
@@ -82,18 +93,20 @@ CREATE TABLE dispatch.tasks (
     assigned_agent        text,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    -- The number of the current (or last) assignment, raised by each one. Reports may present
+    -- it: a report naming an earlier assignment is stale, even from the same agent.
+    lease                 integer NOT NULL DEFAULT 0 CHECK (lease >= 0),
     max_retries           integer NOT NULL DEFAULT 3
                           CONSTRAINT tasks_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
     timeout_seconds       integer NOT NULL
                           CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
     heartbeat_seconds     integer
                           CONSTRAINT tasks_heartbeat_positive CHECK (heartbeat_seconds > 0),
-    available_at          timestamptz NOT NULL DEFAULT now(),
+    available_at          timestamptz NOT NULL DEFAULT now()
+                          CONSTRAINT tasks_available_at_range CHECK (dispatch.time_in_range(available_at)),
     deadline_at           timestamptz,
     -- Set when the assigned agent was asleep: it must start before this or the task goes back.
     wake_deadline_at      timestamptz,
-    -- When the last `unmatched` event was written (reported once, then after unmatched_repeat_ms).
-    unmatched_at          timestamptz,
     metadata              jsonb NOT NULL DEFAULT '{}'
                           CONSTRAINT tasks_metadata_object CHECK (jsonb_typeof(metadata) = 'object'),
     progress              jsonb,
@@ -107,7 +120,12 @@ CREATE TABLE dispatch.tasks (
     assigned_at           timestamptz,
     started_at            timestamptz,
     last_progress_at      timestamptz,
-    completed_at          timestamptz
+    completed_at          timestamptz,
+    CONSTRAINT tasks_times_range CHECK (
+        dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
+        AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
+        AND dispatch.time_in_range(assigned_at) AND dispatch.time_in_range(started_at)
+        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at))
 );
 
 -- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
@@ -146,7 +164,11 @@ CREATE TABLE dispatch.task_events (
     actor        text NOT NULL,
     payload      jsonb NOT NULL DEFAULT '{}',
     created_at   timestamptz NOT NULL DEFAULT now(),
-    published_at timestamptz
+    published_at timestamptz,
+    -- Set (with published_at) when the relay gave up on the event: NATS refused it for good.
+    relay_error  text,
+    CONSTRAINT task_events_times_range CHECK (
+        dispatch.time_in_range(created_at) AND dispatch.time_in_range(published_at))
 );
 
 CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
@@ -383,7 +405,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks;
 BEGIN
-    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR UPDATE;
+    -- NO KEY UPDATE: exclusive among transitions, yet it lets event rows (whose foreign key takes
+    -- KEY SHARE) be written for the task meanwhile.
+    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
     END IF;
@@ -392,10 +416,18 @@ END
 $$;
 
 -- Fencing for agent reports: only the current assigned agent may report. An agent that held an
--- earlier attempt gets a conflict (its report is stale); anyone else is refused.
-CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text) RETURNS void
+-- earlier attempt gets a conflict (its report is stale); anyone else is refused. A report that
+-- names its lease (the assignment it was given) must name the current one: the same agent may have
+-- been given the task again since, and its late report of the earlier attempt is stale too.
+CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text, p_lease integer DEFAULT NULL)
+RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF p_lease IS NOT NULL AND p_lease <> t.lease THEN
+        RAISE EXCEPTION 'lease % of task % is stale: the task is on lease % (status %, assigned to %)',
+            p_lease, t.task_id, t.lease, t.status, coalesce(t.assigned_agent, 'nobody')
+            USING ERRCODE = 'UD409';
+    END IF;
     IF p_agent_id IS NOT DISTINCT FROM t.assigned_agent THEN
         RETURN;
     END IF;
@@ -502,13 +534,13 @@ END
 $$;
 
 CREATE FUNCTION dispatch.task_start(
-    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now()
+    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
 BEGIN
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     IF t.status = 'running' THEN
         RETURN t;   -- a repeated start changes nothing
     END IF;
@@ -528,7 +560,7 @@ $$;
 
 CREATE FUNCTION dispatch.task_progress(
     p_task_id uuid, p_agent_id text, p_percent real DEFAULT NULL, p_message text DEFAULT NULL,
-    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now()
+    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -539,7 +571,7 @@ BEGIN
         RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', p_percent
             USING ERRCODE = 'UD400', COLUMN = 'percent';
     END IF;
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     IF t.status = 'assigned' THEN
         t := dispatch.task_start(p_task_id, p_agent_id, p_now);
@@ -563,17 +595,20 @@ $$;
 -- Completion by the assigned agent, or manual resolution by the requester, the owner or an admin
 -- (also of a task still pending; event `completed` with manual: true). An agent never completes a
 -- task it does not hold. A repeated complete by the agent that completed it returns the task
--- unchanged.
+-- unchanged. A manual resolution takes the task from its agent (it joins previous_agents), so the
+-- agent's own complete after it is a conflict, not a repeat.
 CREATE FUNCTION dispatch.task_complete(
     p_task_id uuid, p_actor text, p_result jsonb DEFAULT NULL, p_admin boolean DEFAULT false,
-    p_now timestamptz DEFAULT now()
+    p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
+    holder text := t.assigned_agent;
     manual boolean;
 BEGIN
     IF t.status = 'completed' AND p_actor = t.assigned_agent THEN
+        PERFORM dispatch.task_fence(t, p_actor, p_lease);
         RETURN t;
     END IF;
     manual := dispatch.task_is_resolver(t, p_actor, p_admin)
@@ -581,17 +616,20 @@ BEGIN
     IF manual THEN
         PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
     ELSE
-        PERFORM dispatch.task_fence(t, p_actor);
+        PERFORM dispatch.task_fence(t, p_actor, p_lease);
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     END IF;
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
-        deadline_at = NULL, wake_deadline_at = NULL
+        deadline_at = NULL, wake_deadline_at = NULL,
+        assigned_agent = CASE WHEN manual THEN NULL ELSE assigned_agent END,
+        previous_agents = CASE WHEN NOT manual OR holder IS NULL OR holder = ANY (previous_agents)
+                               THEN previous_agents ELSE previous_agents || holder END
     WHERE task_id = p_task_id
     RETURNING * INTO t;
     PERFORM dispatch.event_write(p_task_id, 'completed', p_actor,
-        jsonb_build_object('assigned_agent', t.assigned_agent, 'result', p_result)
+        jsonb_build_object('assigned_agent', holder, 'result', p_result)
         || CASE WHEN manual THEN '{"manual": true}'::jsonb ELSE '{}'::jsonb END, p_now);
     PERFORM dispatch.fn_leave();
     RETURN t;
@@ -600,13 +638,14 @@ $$;
 
 CREATE FUNCTION dispatch.task_fail(
     p_task_id uuid, p_agent_id text, p_error text DEFAULT NULL,
-    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now()
+    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now(),
+    p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
 BEGIN
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     PERFORM dispatch.fn_enter();
     PERFORM dispatch.event_write(p_task_id, 'failed', p_agent_id,
@@ -713,7 +752,7 @@ BEGIN
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'pending', retry_count = 0, assigned_agent = NULL, available_at = p_now,
-        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL, unmatched_at = NULL,
+        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL,
         updated_at = p_now
     WHERE task_id = p_task_id
     RETURNING * INTO t;
@@ -810,7 +849,7 @@ $$;
 
 -- Several reports of one agent in one transaction, each fenced and applied on its own: each runs in
 -- a subtransaction, so a refused report changes nothing and the others still apply. p_reports is a
--- JSON array of {task_id, action: start|progress|complete|fail, percent?, message?, data?,
+-- JSON array of {task_id, action: start|progress|complete|fail, lease?, percent?, message?, data?,
 -- result?, error?, retry_eligible?}. One row per report, in order: the HTTP status the single call
 -- would give, the error and the field it names, and the task (after the report; on a conflict, as
 -- it is now).
@@ -820,9 +859,10 @@ CREATE FUNCTION dispatch.task_report_batch(
 LANGUAGE plpgsql AS $$
 DECLARE
     r    jsonb;
-    id   uuid;
-    t    dispatch.tasks;
-    code text;
+    id    uuid;
+    lease integer;
+    t     dispatch.tasks;
+    code  text;
 BEGIN
     IF jsonb_typeof(p_reports) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'reports must be a JSON array' USING ERRCODE = 'UD400', COLUMN = 'reports';
@@ -836,17 +876,20 @@ BEGIN
         id := NULL;
         BEGIN
             id := (r ->> 'task_id')::uuid;
+            lease := (r ->> 'lease')::integer;
             CASE r ->> 'action'
                 WHEN 'start' THEN
-                    t := dispatch.task_start(id, p_agent_id, p_now);
+                    t := dispatch.task_start(id, p_agent_id, p_now, lease);
                 WHEN 'progress' THEN
                     t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::real,
-                                                r ->> 'message', r -> 'data', p_now);
+                                                r ->> 'message', r -> 'data', p_now, lease);
                 WHEN 'complete' THEN
-                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now);
+                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now,
+                                                lease);
                 WHEN 'fail' THEN
                     t := dispatch.task_fail(id, p_agent_id, r ->> 'error',
-                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now);
+                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now,
+                                            lease);
                 ELSE
                     RAISE EXCEPTION 'action must be start, progress, complete or fail'
                         USING ERRCODE = 'UD400', COLUMN = 'action';
@@ -963,10 +1006,9 @@ $$;
 -- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
 -- walk; the caller locks the one it takes, SKIP LOCKED.
 CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
-RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
-               unmatched_at timestamptz)
+RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[])
 LANGUAGE sql STABLE AS $$
-    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents, tk.unmatched_at
+    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
     FROM dispatch.tasks tk
     WHERE tk.status = 'pending' AND tk.available_at <= p_now
     ORDER BY tk.priority DESC, tk.created_at
@@ -987,18 +1029,18 @@ DECLARE
     first timestamptz;
 BEGIN
     UPDATE dispatch.tasks
-    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
+    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now, lease = t.lease + 1,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping'
                                 THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
-        started_at = NULL, last_progress_at = NULL, progress = NULL, unmatched_at = NULL,
+        started_at = NULL, last_progress_at = NULL, progress = NULL,
         updated_at = p_now
     WHERE task_id = t.task_id
     RETURNING * INTO r;
     PERFORM dispatch.event_write(t.task_id, 'assigned',
         CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
-                           'attempt', t.retry_count + 1, 'mode', p_mode,
+                           'attempt', t.retry_count + 1, 'lease', r.lease, 'mode', p_mode,
                            'wake', a.status = 'sleeping'), p_now);
     first := least(r.deadline_at, r.wake_deadline_at,
                    p_now + make_interval(secs => r.heartbeat_seconds));
@@ -1011,9 +1053,9 @@ $$;
 
 -- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
 -- the room under its limit, or nothing. With p_start they are started in the same transaction
--- (claim-and-start: one round trip instead of two). Registers an unknown agent in the built-in
--- registry. p_capabilities, when given, narrows what the agent wants now (and becomes its
--- capabilities if it was unknown).
+-- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
+-- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
+-- takes now to those of its registered capabilities; it never widens them.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -1034,19 +1076,24 @@ BEGIN
             USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
     END IF;
     SELECT * INTO c FROM dispatch.config;
-    INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
-    VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_now)
-    ON CONFLICT (agent_id) DO UPDATE
-        SET last_seen_at = p_now,
-            status = CASE WHEN agents.status IN ('unknown', 'stopped', 'sleeping')
-                          THEN 'ready'::dispatch.agent_status ELSE agents.status END
+    UPDATE dispatch.agents ag
+    SET last_seen_at = p_now,
+        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
+                      THEN 'ready'::dispatch.agent_status ELSE ag.status END
+    WHERE ag.agent_id = p_agent_id
     RETURNING * INTO a;     -- also locks the agent row: it is the semaphore
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
+            p_agent_id, p_agent_id USING ERRCODE = 'UD404';
+    END IF;
     IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
     room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
     IF p_capabilities IS NOT NULL THEN
-        a.capabilities := dispatch.normalize_capabilities(p_capabilities);
+        a.capabilities := ARRAY(
+            SELECT x FROM unnest(dispatch.normalize_capabilities(p_capabilities)) x
+            WHERE x = ANY (a.capabilities));
     END IF;
     OPEN walk;
     WHILE cardinality(taken) < room LOOP
@@ -1060,7 +1107,7 @@ BEGIN
         END IF;
         SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
-        FOR UPDATE SKIP LOCKED;
+        FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
         END IF;
@@ -1072,7 +1119,7 @@ BEGIN
             WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
-            FOR UPDATE SKIP LOCKED);
+            FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
     FOREACH t IN ARRAY taken LOOP
         PERFORM dispatch.fn_enter();
@@ -1137,7 +1184,7 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         PERFORM 1 FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
-        FOR UPDATE SKIP LOCKED;
+        FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         picks := picks || cand.task_id;
         pickd := pickd || a.agent_id;
@@ -1176,8 +1223,11 @@ END
 $$;
 
 -- Pending, available tasks that no agent in the directory could take (capacity aside) get one
--- `unmatched` event, and another only after unmatched_repeat_ms. Nothing is locked but the rows
--- it marks (SKIP LOCKED), so the report never hides work from a claim.
+-- `unmatched` event, and another only after unmatched_repeat_ms (the last one is found in the
+-- task's history). The report takes no row lock on the tasks (the event's foreign key takes KEY
+-- SHARE, which a claim's NO KEY UPDATE does not wait for or skip), so it never hides work from a
+-- claim. The price: an `unmatched` event is advisory, written without the task's row lock, and may
+-- follow an assignment that raced it.
 CREATE FUNCTION dispatch.task_report_unmatched(
     p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
 ) RETURNS integer
@@ -1193,17 +1243,17 @@ BEGIN
     WHILE n < p_limit LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
-        CONTINUE WHEN cand.unmatched_at
-                      > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0);
         CONTINUE WHEN EXISTS (
             SELECT 1 FROM dispatch.agents ag
             WHERE cardinality(dispatch.agent_ineligibility(
                       ag, cand.required_capabilities, cand.owner, c, false)) = 0);
-        UPDATE dispatch.tasks tk SET unmatched_at = p_now
-        WHERE tk.task_id = (SELECT l.task_id FROM dispatch.tasks l
-                            WHERE l.task_id = cand.task_id AND l.status = 'pending'
-                            FOR UPDATE SKIP LOCKED);
-        CONTINUE WHEN NOT FOUND;
+        -- Reported already, and not assigned since: again only after unmatched_repeat_ms.
+        CONTINUE WHEN EXISTS (
+            SELECT 1 FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
+                           WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
+                           ORDER BY e.id DESC LIMIT 1) last
+            WHERE last.event = 'unmatched'
+              AND last.created_at > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0));
         PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
             jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
                                'owner', cand.owner), p_now);
@@ -1537,6 +1587,20 @@ RETURNS integer
 LANGUAGE sql VOLATILE AS $$
     WITH marked AS (
         UPDATE dispatch.task_events SET published_at = p_now
+        WHERE id = ANY (p_ids) AND published_at IS NULL
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM marked
+$$;
+
+-- Events NATS refuses for good (the relay tried them and JetStream answered with an error each
+-- time) are set aside: marked published, with the reason, so one bad event never stops the
+-- relay. `SELECT * FROM dispatch.task_events WHERE relay_error IS NOT NULL` lists them.
+CREATE FUNCTION dispatch.event_set_aside(p_ids bigint[], p_error text, p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    WITH marked AS (
+        UPDATE dispatch.task_events SET published_at = p_now, relay_error = p_error
         WHERE id = ANY (p_ids) AND published_at IS NULL
         RETURNING 1
     )

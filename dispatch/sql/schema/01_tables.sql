@@ -1,5 +1,13 @@
 -- Tables: tasks, their event log (history and outbox), the agent directory, the settings row.
 -- The migrator creates the schema `dispatch` and dispatch.schema_migrations before these files run.
+-- Every timestamp a row holds lies in this range, so that every client (Python's datetime ends at
+-- year 9999, a deadline's epoch travels in a NOTIFY) can read it back. Checked by constraint, so a
+-- value outside it is refused before anything is written, from psql too.
+CREATE FUNCTION dispatch.time_in_range(t timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT t IS NULL OR (t >= '1970-01-01 00:00:00+00' AND t < '9999-01-01 00:00:00+00')
+$$;
+
 CREATE TYPE dispatch.task_status AS ENUM (
     'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
 );
@@ -47,7 +55,10 @@ CREATE TABLE dispatch.agents (
     last_assigned_at timestamptz,
     last_seen_at     timestamptz NOT NULL DEFAULT now(),
     created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now()
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT agents_times_range CHECK (
+        dispatch.time_in_range(last_assigned_at) AND dispatch.time_in_range(last_seen_at)
+        AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at))
 );
 
 -- Device ownership (Alexandria): agent_id belongs to owner.
@@ -76,18 +87,20 @@ CREATE TABLE dispatch.tasks (
     assigned_agent        text,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    -- The number of the current (or last) assignment, raised by each one. Reports may present
+    -- it: a report naming an earlier assignment is stale, even from the same agent.
+    lease                 integer NOT NULL DEFAULT 0 CHECK (lease >= 0),
     max_retries           integer NOT NULL DEFAULT 3
                           CONSTRAINT tasks_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
     timeout_seconds       integer NOT NULL
                           CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
     heartbeat_seconds     integer
                           CONSTRAINT tasks_heartbeat_positive CHECK (heartbeat_seconds > 0),
-    available_at          timestamptz NOT NULL DEFAULT now(),
+    available_at          timestamptz NOT NULL DEFAULT now()
+                          CONSTRAINT tasks_available_at_range CHECK (dispatch.time_in_range(available_at)),
     deadline_at           timestamptz,
     -- Set when the assigned agent was asleep: it must start before this or the task goes back.
     wake_deadline_at      timestamptz,
-    -- When the last `unmatched` event was written (reported once, then after unmatched_repeat_ms).
-    unmatched_at          timestamptz,
     metadata              jsonb NOT NULL DEFAULT '{}'
                           CONSTRAINT tasks_metadata_object CHECK (jsonb_typeof(metadata) = 'object'),
     progress              jsonb,
@@ -101,7 +114,12 @@ CREATE TABLE dispatch.tasks (
     assigned_at           timestamptz,
     started_at            timestamptz,
     last_progress_at      timestamptz,
-    completed_at          timestamptz
+    completed_at          timestamptz,
+    CONSTRAINT tasks_times_range CHECK (
+        dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
+        AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
+        AND dispatch.time_in_range(assigned_at) AND dispatch.time_in_range(started_at)
+        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at))
 );
 
 -- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
@@ -140,7 +158,11 @@ CREATE TABLE dispatch.task_events (
     actor        text NOT NULL,
     payload      jsonb NOT NULL DEFAULT '{}',
     created_at   timestamptz NOT NULL DEFAULT now(),
-    published_at timestamptz
+    published_at timestamptz,
+    -- Set (with published_at) when the relay gave up on the event: NATS refused it for good.
+    relay_error  text,
+    CONSTRAINT task_events_times_range CHECK (
+        dispatch.time_in_range(created_at) AND dispatch.time_in_range(published_at))
 );
 
 CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);

@@ -16,7 +16,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks;
 BEGIN
-    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR UPDATE;
+    -- NO KEY UPDATE: exclusive among transitions, yet it lets event rows (whose foreign key takes
+    -- KEY SHARE) be written for the task meanwhile.
+    SELECT * INTO t FROM dispatch.tasks WHERE task_id = p_task_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
     END IF;
@@ -25,10 +27,18 @@ END
 $$;
 
 -- Fencing for agent reports: only the current assigned agent may report. An agent that held an
--- earlier attempt gets a conflict (its report is stale); anyone else is refused.
-CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text) RETURNS void
+-- earlier attempt gets a conflict (its report is stale); anyone else is refused. A report that
+-- names its lease (the assignment it was given) must name the current one: the same agent may have
+-- been given the task again since, and its late report of the earlier attempt is stale too.
+CREATE FUNCTION dispatch.task_fence(t dispatch.tasks, p_agent_id text, p_lease integer DEFAULT NULL)
+RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF p_lease IS NOT NULL AND p_lease <> t.lease THEN
+        RAISE EXCEPTION 'lease % of task % is stale: the task is on lease % (status %, assigned to %)',
+            p_lease, t.task_id, t.lease, t.status, coalesce(t.assigned_agent, 'nobody')
+            USING ERRCODE = 'UD409';
+    END IF;
     IF p_agent_id IS NOT DISTINCT FROM t.assigned_agent THEN
         RETURN;
     END IF;
@@ -135,13 +145,13 @@ END
 $$;
 
 CREATE FUNCTION dispatch.task_start(
-    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now()
+    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
 BEGIN
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     IF t.status = 'running' THEN
         RETURN t;   -- a repeated start changes nothing
     END IF;
@@ -161,7 +171,7 @@ $$;
 
 CREATE FUNCTION dispatch.task_progress(
     p_task_id uuid, p_agent_id text, p_percent real DEFAULT NULL, p_message text DEFAULT NULL,
-    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now()
+    p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -172,7 +182,7 @@ BEGIN
         RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', p_percent
             USING ERRCODE = 'UD400', COLUMN = 'percent';
     END IF;
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     IF t.status = 'assigned' THEN
         t := dispatch.task_start(p_task_id, p_agent_id, p_now);
@@ -196,17 +206,20 @@ $$;
 -- Completion by the assigned agent, or manual resolution by the requester, the owner or an admin
 -- (also of a task still pending; event `completed` with manual: true). An agent never completes a
 -- task it does not hold. A repeated complete by the agent that completed it returns the task
--- unchanged.
+-- unchanged. A manual resolution takes the task from its agent (it joins previous_agents), so the
+-- agent's own complete after it is a conflict, not a repeat.
 CREATE FUNCTION dispatch.task_complete(
     p_task_id uuid, p_actor text, p_result jsonb DEFAULT NULL, p_admin boolean DEFAULT false,
-    p_now timestamptz DEFAULT now()
+    p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
+    holder text := t.assigned_agent;
     manual boolean;
 BEGIN
     IF t.status = 'completed' AND p_actor = t.assigned_agent THEN
+        PERFORM dispatch.task_fence(t, p_actor, p_lease);
         RETURN t;
     END IF;
     manual := dispatch.task_is_resolver(t, p_actor, p_admin)
@@ -214,17 +227,20 @@ BEGIN
     IF manual THEN
         PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
     ELSE
-        PERFORM dispatch.task_fence(t, p_actor);
+        PERFORM dispatch.task_fence(t, p_actor, p_lease);
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     END IF;
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
-        deadline_at = NULL, wake_deadline_at = NULL
+        deadline_at = NULL, wake_deadline_at = NULL,
+        assigned_agent = CASE WHEN manual THEN NULL ELSE assigned_agent END,
+        previous_agents = CASE WHEN NOT manual OR holder IS NULL OR holder = ANY (previous_agents)
+                               THEN previous_agents ELSE previous_agents || holder END
     WHERE task_id = p_task_id
     RETURNING * INTO t;
     PERFORM dispatch.event_write(p_task_id, 'completed', p_actor,
-        jsonb_build_object('assigned_agent', t.assigned_agent, 'result', p_result)
+        jsonb_build_object('assigned_agent', holder, 'result', p_result)
         || CASE WHEN manual THEN '{"manual": true}'::jsonb ELSE '{}'::jsonb END, p_now);
     PERFORM dispatch.fn_leave();
     RETURN t;
@@ -233,13 +249,14 @@ $$;
 
 CREATE FUNCTION dispatch.task_fail(
     p_task_id uuid, p_agent_id text, p_error text DEFAULT NULL,
-    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now()
+    p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now(),
+    p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
 BEGIN
-    PERFORM dispatch.task_fence(t, p_agent_id);
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     PERFORM dispatch.fn_enter();
     PERFORM dispatch.event_write(p_task_id, 'failed', p_agent_id,
@@ -346,7 +363,7 @@ BEGIN
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'pending', retry_count = 0, assigned_agent = NULL, available_at = p_now,
-        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL, unmatched_at = NULL,
+        deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL,
         updated_at = p_now
     WHERE task_id = p_task_id
     RETURNING * INTO t;
@@ -443,7 +460,7 @@ $$;
 
 -- Several reports of one agent in one transaction, each fenced and applied on its own: each runs in
 -- a subtransaction, so a refused report changes nothing and the others still apply. p_reports is a
--- JSON array of {task_id, action: start|progress|complete|fail, percent?, message?, data?,
+-- JSON array of {task_id, action: start|progress|complete|fail, lease?, percent?, message?, data?,
 -- result?, error?, retry_eligible?}. One row per report, in order: the HTTP status the single call
 -- would give, the error and the field it names, and the task (after the report; on a conflict, as
 -- it is now).
@@ -453,9 +470,10 @@ CREATE FUNCTION dispatch.task_report_batch(
 LANGUAGE plpgsql AS $$
 DECLARE
     r    jsonb;
-    id   uuid;
-    t    dispatch.tasks;
-    code text;
+    id    uuid;
+    lease integer;
+    t     dispatch.tasks;
+    code  text;
 BEGIN
     IF jsonb_typeof(p_reports) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'reports must be a JSON array' USING ERRCODE = 'UD400', COLUMN = 'reports';
@@ -469,17 +487,20 @@ BEGIN
         id := NULL;
         BEGIN
             id := (r ->> 'task_id')::uuid;
+            lease := (r ->> 'lease')::integer;
             CASE r ->> 'action'
                 WHEN 'start' THEN
-                    t := dispatch.task_start(id, p_agent_id, p_now);
+                    t := dispatch.task_start(id, p_agent_id, p_now, lease);
                 WHEN 'progress' THEN
                     t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::real,
-                                                r ->> 'message', r -> 'data', p_now);
+                                                r ->> 'message', r -> 'data', p_now, lease);
                 WHEN 'complete' THEN
-                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now);
+                    t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now,
+                                                lease);
                 WHEN 'fail' THEN
                     t := dispatch.task_fail(id, p_agent_id, r ->> 'error',
-                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now);
+                                            coalesce((r ->> 'retry_eligible')::boolean, true), p_now,
+                                            lease);
                 ELSE
                     RAISE EXCEPTION 'action must be start, progress, complete or fail'
                         USING ERRCODE = 'UD400', COLUMN = 'action';

@@ -91,10 +91,9 @@ $$;
 -- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
 -- walk; the caller locks the one it takes, SKIP LOCKED.
 CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
-RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
-               unmatched_at timestamptz)
+RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[])
 LANGUAGE sql STABLE AS $$
-    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents, tk.unmatched_at
+    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
     FROM dispatch.tasks tk
     WHERE tk.status = 'pending' AND tk.available_at <= p_now
     ORDER BY tk.priority DESC, tk.created_at
@@ -115,18 +114,18 @@ DECLARE
     first timestamptz;
 BEGIN
     UPDATE dispatch.tasks
-    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now,
+    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now, lease = t.lease + 1,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping'
                                 THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
-        started_at = NULL, last_progress_at = NULL, progress = NULL, unmatched_at = NULL,
+        started_at = NULL, last_progress_at = NULL, progress = NULL,
         updated_at = p_now
     WHERE task_id = t.task_id
     RETURNING * INTO r;
     PERFORM dispatch.event_write(t.task_id, 'assigned',
         CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
-                           'attempt', t.retry_count + 1, 'mode', p_mode,
+                           'attempt', t.retry_count + 1, 'lease', r.lease, 'mode', p_mode,
                            'wake', a.status = 'sleeping'), p_now);
     first := least(r.deadline_at, r.wake_deadline_at,
                    p_now + make_interval(secs => r.heartbeat_seconds));
@@ -139,9 +138,9 @@ $$;
 
 -- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
 -- the room under its limit, or nothing. With p_start they are started in the same transaction
--- (claim-and-start: one round trip instead of two). Registers an unknown agent in the built-in
--- registry. p_capabilities, when given, narrows what the agent wants now (and becomes its
--- capabilities if it was unknown).
+-- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
+-- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
+-- takes now to those of its registered capabilities; it never widens them.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -162,19 +161,24 @@ BEGIN
             USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
     END IF;
     SELECT * INTO c FROM dispatch.config;
-    INSERT INTO dispatch.agents (agent_id, capabilities, last_seen_at)
-    VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_now)
-    ON CONFLICT (agent_id) DO UPDATE
-        SET last_seen_at = p_now,
-            status = CASE WHEN agents.status IN ('unknown', 'stopped', 'sleeping')
-                          THEN 'ready'::dispatch.agent_status ELSE agents.status END
+    UPDATE dispatch.agents ag
+    SET last_seen_at = p_now,
+        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
+                      THEN 'ready'::dispatch.agent_status ELSE ag.status END
+    WHERE ag.agent_id = p_agent_id
     RETURNING * INTO a;     -- also locks the agent row: it is the semaphore
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
+            p_agent_id, p_agent_id USING ERRCODE = 'UD404';
+    END IF;
     IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
     room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
     IF p_capabilities IS NOT NULL THEN
-        a.capabilities := dispatch.normalize_capabilities(p_capabilities);
+        a.capabilities := ARRAY(
+            SELECT x FROM unnest(dispatch.normalize_capabilities(p_capabilities)) x
+            WHERE x = ANY (a.capabilities));
     END IF;
     OPEN walk;
     WHILE cardinality(taken) < room LOOP
@@ -188,7 +192,7 @@ BEGIN
         END IF;
         SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
-        FOR UPDATE SKIP LOCKED;
+        FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
         END IF;
@@ -200,7 +204,7 @@ BEGIN
             WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
-            FOR UPDATE SKIP LOCKED);
+            FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
     FOREACH t IN ARRAY taken LOOP
         PERFORM dispatch.fn_enter();
@@ -265,7 +269,7 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         PERFORM 1 FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
-        FOR UPDATE SKIP LOCKED;
+        FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         picks := picks || cand.task_id;
         pickd := pickd || a.agent_id;
@@ -304,8 +308,11 @@ END
 $$;
 
 -- Pending, available tasks that no agent in the directory could take (capacity aside) get one
--- `unmatched` event, and another only after unmatched_repeat_ms. Nothing is locked but the rows
--- it marks (SKIP LOCKED), so the report never hides work from a claim.
+-- `unmatched` event, and another only after unmatched_repeat_ms (the last one is found in the
+-- task's history). The report takes no row lock on the tasks (the event's foreign key takes KEY
+-- SHARE, which a claim's NO KEY UPDATE does not wait for or skip), so it never hides work from a
+-- claim. The price: an `unmatched` event is advisory, written without the task's row lock, and may
+-- follow an assignment that raced it.
 CREATE FUNCTION dispatch.task_report_unmatched(
     p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
 ) RETURNS integer
@@ -321,17 +328,17 @@ BEGIN
     WHILE n < p_limit LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
-        CONTINUE WHEN cand.unmatched_at
-                      > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0);
         CONTINUE WHEN EXISTS (
             SELECT 1 FROM dispatch.agents ag
             WHERE cardinality(dispatch.agent_ineligibility(
                       ag, cand.required_capabilities, cand.owner, c, false)) = 0);
-        UPDATE dispatch.tasks tk SET unmatched_at = p_now
-        WHERE tk.task_id = (SELECT l.task_id FROM dispatch.tasks l
-                            WHERE l.task_id = cand.task_id AND l.status = 'pending'
-                            FOR UPDATE SKIP LOCKED);
-        CONTINUE WHEN NOT FOUND;
+        -- Reported already, and not assigned since: again only after unmatched_repeat_ms.
+        CONTINUE WHEN EXISTS (
+            SELECT 1 FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
+                           WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
+                           ORDER BY e.id DESC LIMIT 1) last
+            WHERE last.event = 'unmatched'
+              AND last.created_at > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0));
         PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
             jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
                                'owner', cand.owner), p_now);

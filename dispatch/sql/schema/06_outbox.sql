@@ -46,3 +46,17 @@ LANGUAGE sql VOLATILE AS $$
     )
     SELECT count(*)::integer FROM marked
 $$;
+
+-- Events NATS refuses for good (the relay tried them and JetStream answered with an error each
+-- time) are set aside: marked published, with the reason, so one bad event never stops the
+-- relay. `SELECT * FROM dispatch.task_events WHERE relay_error IS NOT NULL` lists them.
+CREATE FUNCTION dispatch.event_set_aside(p_ids bigint[], p_error text, p_now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    WITH marked AS (
+        UPDATE dispatch.task_events SET published_at = p_now, relay_error = p_error
+        WHERE id = ANY (p_ids) AND published_at IS NULL
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM marked
+$$;
