@@ -260,11 +260,10 @@ async def test_the_unmatched_report_does_not_hide_work_from_a_claim(
     """The reaper reports a task no agent can take; while its transaction is still open, an agent
     that can take it registers and claims without waiting: it gets the task."""
     tid = (await create(client, required_capabilities=["rare"]))["task_id"]
-    with psycopg.connect(db_url, **CONNECT_KWARGS) as reaper:  # type: ignore[arg-type]
-        with reaper.transaction():
-            row = reaper.execute("SELECT dispatch.task_report_unmatched()").fetchone()
-            assert row is not None and row[0] == 1
-            await register(client, "bob", capabilities=["rare"])
-            r = await client.post("/api/v1/tasks/claim", json={"wait_seconds": 0}, headers=BOB)
-            assert r.status_code == 200, r.status_code
-            assert r.json()["task_id"] == tid
+    with psycopg.connect(db_url, **CONNECT_KWARGS) as reaper, reaper.transaction():  # type: ignore[arg-type]
+        row = reaper.execute("SELECT dispatch.task_report_unmatched()").fetchone()
+        assert row is not None and row[0] == 1
+        await register(client, "bob", capabilities=["rare"])
+        r = await client.post("/api/v1/tasks/claim", json={"wait_seconds": 0}, headers=BOB)
+        assert r.status_code == 200, r.status_code
+        assert r.json()["task_id"] == tid
