@@ -20,8 +20,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from dispatch.api.app import create_app
 from dispatch.broker import Broker
+from dispatch.errors import ConfigError
 from dispatch.notify import Listener
-from dispatch.settings import AuthSettings, ServerSettings, Settings
+from dispatch.settings import AuthSettings, ServerSettings, Settings, load_settings
 from dispatch.store import Store
 from tests.api.conftest import ADMIN_TOKEN, MAX_BODY, admin, counts
 
@@ -71,6 +72,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
     while not await check():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+def test_the_auth_settings_default_to_open_and_come_from_the_environment() -> None:
+    assert load_settings(None, {}).auth == AuthSettings(mode="open", token_cache_ms=5000)
+    s = load_settings(None, {"DISPATCH_AUTH_MODE": "Tokens", "DISPATCH_AUTH_TOKEN_CACHE_MS": "0"})
+    assert (s.auth.mode, s.auth.token_cache_ms) == ("tokens", 0)
+    with pytest.raises(ConfigError, match=r"auth\.mode"):
+        load_settings(None, {"DISPATCH_AUTH_MODE": "trusting"})
 
 
 # -- the token lifecycle --------------------------------------------------------------------------
