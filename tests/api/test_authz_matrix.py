@@ -31,12 +31,12 @@ Sql = psycopg.Connection[dict[str, Any]]
 # Callers: who they say they are (X-Agent-ID) and what they present.
 #   requester, owner, assigned, previous, stranger: their own token in tokens mode, none in open
 #   admin: X-Agent-ID `ops` with the admin token
-#   wrong_token: the requester's id with a token nobody issued
-#   no_token: the requester's id with no Authorization at all
+#   wrong_token: the admin's X-Agent-ID with a token nobody issued
+#   no_token: the admin's X-Agent-ID with no Authorization at all (in open mode: a stranger)
 ROLES = ("requester", "owner", "assigned", "previous", "stranger", "admin", "wrong_token",
          "no_token")
 IDS = {"requester": "req", "owner": "own", "assigned": "agent-b", "previous": "agent-a",
-       "stranger": "mallory", "admin": "ops", "wrong_token": "req", "no_token": "req"}
+       "stranger": "mallory", "admin": "ops", "wrong_token": "ops", "no_token": "ops"}
 AGENT = "agent-b"
 
 
@@ -71,10 +71,10 @@ MATRIX: dict[str, Row] = {
     "explain": Row("GET", "/tasks/{task}/explain", None,
                    open=ADMIN_ONLY_OPEN, tokens=ADMIN_ONLY_TOKENS),
     "patch metadata": Row("PATCH", "/tasks/{task}", {"metadata": {"k": 1}},
-                          open=(200, 200, 403, 403, 403, 200, 403, 200),
+                          open=(200, 200, 403, 403, 403, 200, 403, 403),
                           tokens=(200, 200, 403, 403, 404, 200, 403, 401)),
     "cancel": Row("PATCH", "/tasks/{task}", {"status": "cancelled"},
-                  open=(200, 200, 403, 403, 403, 200, 403, 200),
+                  open=(200, 200, 403, 403, 403, 200, 403, 403),
                   tokens=(200, 200, 403, 403, 404, 200, 403, 401)),
     "claim": Row("POST", "/tasks/claim", {"capabilities": ["nothing-needs-this"]},
                  open=(204, 204, 204, 204, 204, 204, 403, 204),
@@ -87,7 +87,7 @@ MATRIX: dict[str, Row] = {
                     tokens=(403, 403, 200, 409, 404, 403, 403, 401)),
     # The requester, the owner and an admin may resolve a task by hand (SPEC §3).
     "complete": Row("POST", "/tasks/{task}/complete", {"result": {}},
-                    open=(200, 200, 200, 409, 403, 200, 403, 200),
+                    open=(200, 200, 200, 409, 403, 200, 403, 403),
                     tokens=(200, 200, 200, 409, 404, 200, 403, 401)),
     "fail": Row("POST", "/tasks/{task}/fail", {"error": "no", "retry_eligible": False},
                 open=(403, 403, 200, 409, 403, 403, 403, 403),
