@@ -12,7 +12,7 @@ from datetime import datetime
 
 import msgspec
 
-from dispatch.errors import Conflict, InvalidInput
+from dispatch.errors import Conflict, Forbidden, InvalidInput
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
@@ -287,10 +287,11 @@ class Broker:
         )
 
     async def _fenced(self, task_id: uuid.UUID, change: Awaitable[Task], event: str) -> Task:
-        """Run a transition; a conflict carries the task's current state for the 409 body."""
+        """Run a transition; a conflict carries the task's current state for the 409 body, a
+        refusal carries it for the API's visibility rule (auth.mode tokens)."""
         try:
             task = await change
-        except Conflict as exc:
+        except (Conflict, Forbidden) as exc:
             exc.task = (await self.store.tasks_by_id([task_id])).get(task_id)
             raise
         self._count(event, task)

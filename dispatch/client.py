@@ -118,6 +118,15 @@ def _omit_none(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
     return {k: v for k, v in pairs if v is not None}
 
 
+def _identity(agent_id: str, token: str | None) -> dict[str, str]:
+    """Every request's headers: X-Agent-ID, and the agent's own token when it has one
+    (auth.mode tokens); admin calls send the admin token instead."""
+    headers = {"X-Agent-ID": agent_id}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
 class _Requests:
     """The API's requests, built once for both the sync and the async client."""
 
@@ -221,7 +230,8 @@ def _claimed(response: httpx.Response) -> Task | None:
 
 
 class DispatchClient:
-    """Synchronous client; `agent_id` is sent as X-Agent-ID on every request."""
+    """Synchronous client; `agent_id` is sent as X-Agent-ID on every request, with `token` (the
+    agent's own, auth.mode tokens) when given."""
 
     def __init__(
         self,
@@ -229,13 +239,14 @@ class DispatchClient:
         agent_id: str,
         *,
         admin_token: str | None = None,
+        token: str | None = None,
         timeout: float = 40.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._r = _Requests(agent_id, admin_token)
         self._http = httpx.Client(
             base_url=base_url, timeout=timeout, transport=transport,
-            headers={"X-Agent-ID": agent_id},
+            headers=_identity(agent_id, token),
         )
 
     def __enter__(self) -> DispatchClient:
@@ -346,13 +357,14 @@ class AsyncDispatchClient:
         agent_id: str,
         *,
         admin_token: str | None = None,
+        token: str | None = None,
         timeout: float = 40.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._r = _Requests(agent_id, admin_token)
         self._http = httpx.AsyncClient(
             base_url=base_url, timeout=timeout, transport=transport,
-            headers={"X-Agent-ID": agent_id},
+            headers=_identity(agent_id, token),
         )
 
     async def __aenter__(self) -> AsyncDispatchClient:

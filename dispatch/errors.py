@@ -32,9 +32,11 @@ class NotFound(DispatchError):
 
 
 class Forbidden(DispatchError):
-    """The actor may not do this to this task."""
+    """The actor may not do this to this task; `task`, when known, is the task (never sent back:
+    it decides whether the caller may even learn that the task exists)."""
 
     status = 403
+    task: object = None
 
 
 class Unauthorized(DispatchError):

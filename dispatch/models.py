@@ -159,6 +159,8 @@ class TaskFilter(msgspec.Struct, frozen=True, kw_only=True):
     capability: str | None = None
     source: str | None = None
     parent_task_id: uuid.UUID | None = None
+    # Only the tasks this caller is involved in (auth.mode tokens; deps.task_visible).
+    visible_to: str | None = None
 
 
 class Cursor(msgspec.Struct, frozen=True, array_like=True):

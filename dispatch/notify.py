@@ -18,6 +18,8 @@ WORK_CHANNEL = "dispatch_work"
 EVENTS_CHANNEL = "dispatch_events"
 # Payload: the epoch of a deadline an assignment just set (wakes reapers that sleep past it).
 DUE_CHANNEL = "dispatch_due"
+# Payload: an agent id whose tokens were revoked (dispatch.agent_token_revoke).
+AUTH_CHANNEL = "dispatch_auth"
 
 
 class Listener:
@@ -29,7 +31,9 @@ class Listener:
     """
 
     def __init__(
-        self, url: str, channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL)
+        self,
+        url: str,
+        channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL, AUTH_CHANNEL),
     ) -> None:
         self._url = url
         self._channels = tuple(channels)

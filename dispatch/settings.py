@@ -79,6 +79,16 @@ class RetentionSettings(_Section, frozen=True):
     hours: Annotated[int, msgspec.Meta(ge=1)] = 168
 
 
+class AuthSettings(_Section, frozen=True):
+    # open: X-Agent-ID is trusted (the original service's model). tokens: every /api/v1 request
+    # carries the admin token or a token issued to its X-Agent-ID, and tasks are visible only to
+    # those involved in them.
+    mode: Literal["open", "tokens"] = "open"
+    # How long a replica trusts a verified agent token without asking the database again: the
+    # bound on how late a revocation takes effect on a replica that missed its NOTIFY.
+    token_cache_ms: Annotated[int, msgspec.Meta(ge=0, le=300000)] = 5000
+
+
 class LoggingSettings(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -96,6 +106,7 @@ class Settings(_Section, frozen=True):
     assignment: AssignmentSettings = AssignmentSettings()
     directory: DirectorySettings = DirectorySettings()
     retention: RetentionSettings = RetentionSettings()
+    auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: str = DEFAULT_DATA_DIR
 

@@ -78,6 +78,8 @@ WHERE (%(statuses)s::dispatch.task_status[] IS NULL OR status = ANY (%(statuses)
   AND (%(capability)s::text IS NULL OR required_capabilities @> ARRAY[%(capability)s::text])
   AND (%(source)s::text IS NULL OR source = %(source)s)
   AND (%(parent)s::uuid IS NULL OR parent_task_id = %(parent)s)
+  AND (%(viewer)s::text IS NULL OR requester = %(viewer)s OR owner = %(viewer)s
+       OR assigned_agent = %(viewer)s OR %(viewer)s = ANY (previous_agents))
   AND (%(c_priority)s::integer IS NULL
        OR priority < %(c_priority)s
        OR priority = %(c_priority)s AND (created_at, task_id) > (%(c_created)s, %(c_id)s::uuid))
@@ -253,6 +255,7 @@ class Store:
             "capability": filters.capability.strip().lower() if filters.capability else None,
             "source": filters.source,
             "parent": filters.parent_task_id,
+            "viewer": filters.visible_to,
             "c_priority": after.priority if after else None,
             "c_created": after.created_at if after else None,
             "c_id": after.task_id if after else None,
@@ -610,6 +613,28 @@ class Store:
         """Agents not refreshed for stale_ms become unknown; returns how many."""
         return await self._count(
             "SELECT dispatch.agent_mark_stale(%s, coalesce(%s, now())) AS n", (stale_ms, now), conn
+        )
+
+    # -- agent tokens ----------------------------------------------------------------------------
+
+    async def agent_token_issue(self, agent_id: str, *, conn: Conn | None = None) -> str:
+        """A new token for agent_id; only its hash is stored, so this is the one time it is seen."""
+        rows = await self._rows(
+            "SELECT dispatch.agent_token_issue(%s) AS token", (agent_id,), conn
+        )
+        token: str = rows[0]["token"]
+        return token
+
+    async def agent_token_agent(self, token: str, *, conn: Conn | None = None) -> str | None:
+        """The identity the token is good for; None when it is unknown or revoked."""
+        rows = await self._rows("SELECT dispatch.agent_token_agent(%s) AS agent_id", (token,), conn)
+        agent_id: str | None = rows[0]["agent_id"]
+        return agent_id
+
+    async def agent_token_revoke(self, agent_id: str, *, conn: Conn | None = None) -> int:
+        """Revoke every token of agent_id; returns how many there were."""
+        return await self._count(
+            "SELECT dispatch.agent_token_revoke(%s) AS n", (agent_id,), conn
         )
 
     # -- configuration and statistics ------------------------------------------------------------

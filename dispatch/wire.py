@@ -19,7 +19,9 @@ from dispatch.models import AgentStatus, NewTask
 # PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
 NO_NUL = r"^[^\x00]*$"
 AGENT_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
-AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
+# The pattern, and no /-separated segment `.` or `..` (dispatch.agent_id_valid): clients put ids in
+# URL paths, where such a segment names another resource; \Z, unlike $, refuses a final newline.
+AGENT_ID_RE = re.compile(r"^(?!(?:[^/]*/)*\.\.?(?:/|\Z))[A-Za-z0-9._:@/-]{1,128}\Z")
 
 Text = Annotated[str, msgspec.Meta(pattern=NO_NUL)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL)]

@@ -1,25 +1,39 @@
 """Agent directory endpoints and the admin statistics."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, get, post, put
+import msgspec
+from litestar import Controller, Request, delete, get, post, put
 from litestar.params import JSONBody, PathParameter
-from litestar.status_codes import HTTP_200_OK
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from dispatch.api.auth import ADMIN_SECURITY, require_admin
+from dispatch.api.auth import ADMIN_SECURITY, Authenticator, require_admin
 from dispatch.api.deps import Caller, CallerDep
 from dispatch.api.errors import ERRORS
 from dispatch.errors import Forbidden, InvalidInput
 from dispatch.models import Agent, Stats
 from dispatch.wire import AGENT_ID_RE, AgentRegistration, Heartbeat
 
-AgentIdPath = Annotated[str, PathParameter(description="The agent id: 1-128 of [A-Za-z0-9._:@/-].")]
+AgentIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The agent id: 1-128 of [A-Za-z0-9._:@/-], no /-separated segment . or ..",
+    ),
+]
+
+
+class IssuedToken(msgspec.Struct, frozen=True, kw_only=True):
+    """A new agent token: shown this once (only its hash is stored)."""
+
+    agent_id: str
+    token: str
 
 
 def checked_agent_id(raw: str) -> str:
     if not AGENT_ID_RE.match(raw):
         raise InvalidInput(
-            "agent id must be 1 to 128 characters of [A-Za-z0-9._:@/-]", field="agent_id"
+            "agent id must be 1 to 128 characters of [A-Za-z0-9._:@/-], no segment . or ..",
+            field="agent_id",
         )
     return raw
 
@@ -49,6 +63,12 @@ class AgentController(Controller):
         agent_id = checked_agent_id(agent_id)
         require_self_or_admin(agent_id, caller)
         body = data or AgentRegistration()
+        if body.owner is not None and not caller.admin:
+            # Ownership decides whose tasks an agent is given: an agent naming its own owner
+            # could take anyone's work. Only an admin or the directory (Alexandria) sets it.
+            raise Forbidden(
+                "owner is set by an admin or the directory (Alexandria), not by the agent"
+            )
         return await caller.store.agent_upsert(
             agent_id,
             capabilities=body.capabilities,
@@ -104,6 +124,37 @@ class AgentController(Controller):
     )
     async def undrain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
         return await caller.store.agent_drain(checked_agent_id(agent_id), False)
+
+    @post(
+        "/{agent_id:str}/tokens",
+        responses=ERRORS,
+        status_code=HTTP_201_CREATED,
+        summary="Admin: issue a token for this agent (shown once)",
+        description=(
+            "The agent sends it as Authorization: Bearer <token> with X-Agent-ID: <agent id>."
+            " Its earlier tokens stay valid until revoked."
+        ),
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
+    async def issue_token(
+        self, agent_id: AgentIdPath, request: Request[Any, Any, Any]
+    ) -> IssuedToken:
+        agent_id = checked_agent_id(agent_id)
+        auth: Authenticator = request.app.state.auth
+        return IssuedToken(agent_id=agent_id, token=await auth.issue(agent_id))
+
+    @delete(
+        "/{agent_id:str}/tokens",
+        responses=ERRORS,
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Admin: revoke every token of this agent",
+        guards=[require_admin],
+        security=ADMIN_SECURITY,
+    )
+    async def revoke_tokens(self, agent_id: AgentIdPath, request: Request[Any, Any, Any]) -> None:
+        auth: Authenticator = request.app.state.auth
+        await auth.revoke(checked_agent_id(agent_id))
 
 
 @get(

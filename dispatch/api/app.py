@@ -11,12 +11,13 @@ from litestar.params import HeaderParameter
 
 import dispatch
 from dispatch.api.agents import AgentController, stats
-from dispatch.api.auth import require_agent
+from dispatch.api.auth import Authenticator, require_agent
 from dispatch.api.content import require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
+from dispatch.notify import AUTH_CHANNEL
 from dispatch.settings import Settings
 from dispatch.wire import AGENT_ID_PATTERN
 
@@ -53,7 +54,17 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         },
         dependencies={"caller": Provide(provide_caller, sync_to_thread=False)},
     )
-    metrics = getattr(broker, "metrics", None)  # None also for an app built for its schema only
+    # getattr: broker is None for an app built for its schema only.
+    auth = Authenticator(
+        getattr(broker, "store", None),  # type: ignore[arg-type]
+        settings.auth,
+        admin_token or settings.server.admin_token,
+    )
+    listener = getattr(broker, "listener", None)
+    if listener is not None:
+        # Revocations made through any replica reach this one's token cache.
+        listener.watch(AUTH_CHANNEL, auth.forget)
+    metrics = getattr(broker, "metrics", None)
     return Litestar(
         route_handlers=[api],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -61,7 +72,7 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
         middleware=[metrics.http.middleware] if metrics is not None else [],
         openapi_config=openapi_config(),
-        state=State({"admin_token": admin_token or settings.server.admin_token, "broker": broker}),
+        state=State({"auth": auth, "broker": broker}),
         logging_config=None,  # dispatch.logs configured the process's logging
         debug=False,
     )

@@ -19,7 +19,9 @@ from litestar.status_codes import (
 from litestar.types import ExceptionHandlersMap
 from psycopg_pool import PoolTimeout
 
-from dispatch.errors import Conflict, DispatchError, InvalidInput, Unauthorized
+from dispatch.api.deps import Caller
+from dispatch.errors import Conflict, DispatchError, InvalidInput, NotFound, Unauthorized
+from dispatch.models import Task
 from dispatch.wire import ErrorBody, error_path
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,9 @@ ERRORS: dict[int, ResponseSpec] = {
     status: ResponseSpec(data_container=ErrorBody, description=description)
     for status, description in (
         (400, "Bad input: `detail.field` names it"),
-        (401, "Missing or malformed X-Agent-ID, or no admin token"),
-        (403, "Not allowed for this caller, or a wrong admin token"),
-        (404, "Unknown task or agent"),
+        (401, "Missing or malformed X-Agent-ID, or no token where one is needed"),
+        (403, "Not allowed for this caller, or a wrong, revoked or another agent's token"),
+        (404, "Unknown task or agent, or (auth.mode tokens) a task the caller may not see"),
         (409, "The task's state forbids this: `detail` is the task as it is now"),
         (413, "Body over server.max_body_bytes"),
         (415, "A body that is not JSON (Content-Type: application/json)"),
@@ -50,6 +52,11 @@ def error_response(
 
 
 def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Response[ErrorBody]:
+    task = getattr(exc, "task", None)  # the task a refused or conflicting change was about
+    caller: Caller | None = request.state.get("dispatch_caller")
+    if isinstance(task, Task) and caller is not None and not caller.sees(task):
+        # auth.mode tokens: whether a task the caller may not see exists is none of its business.
+        exc = NotFound(f"task {task.task_id} not found")
     status = exc.status
     headers = None
     detail: Any = exc.detail

@@ -14,7 +14,7 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParam
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
-from dispatch.api.deps import CallerDep
+from dispatch.api.deps import CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
 from dispatch.errors import InvalidInput
 from dispatch.models import (
@@ -214,6 +214,7 @@ class TaskController(Controller):
             capability=capability if capability is not None else scope_filter,
             source=source,
             parent_task_id=parent_task_id,
+            visible_to=caller.viewer,
         )
         after = decode_cursor(cursor) if cursor else None
         tasks = await caller.store.task_list(filters, limit=limit + 1, after=after)
@@ -225,11 +226,14 @@ class TaskController(Controller):
 
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return await caller.store.task_get(parse_task_id(task_id))
+        return caller.shown(await caller.store.task_get(parse_task_id(task_id)))
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:
-        return await caller.store.task_events(parse_task_id(task_id))
+        tid = parse_task_id(task_id)
+        if caller.viewer is not None:
+            caller.shown(await caller.store.task_get(tid))
+        return await caller.store.task_events(tid)
 
     @patch(
         "/{task_id:str}",
@@ -312,7 +316,8 @@ class TaskController(Controller):
                 f"reports: 1 to {MAX_REPORTS} per request, got {len(data)}", field="reports"
             )
         bodies = [report_body(item) for item in data]
-        return await caller.broker.report(caller.agent_id, bodies, admin=caller.admin)
+        outcomes = await caller.broker.report(caller.agent_id, bodies, admin=caller.admin)
+        return await hide_unseen(caller, outcomes)
 
     @post(
         "/{task_id:str}/start",

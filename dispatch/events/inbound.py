@@ -150,7 +150,7 @@ class NatsInbound:
         # The original service's publishers send no requester: the header, else the owner, else
         # "nats" stands for whoever asked.
         requester = req.requester or headers.get(AGENT_ID_HEADER) or req.owner or "nats"
-        if not AGENT_ID_RE.match(requester) or requester in {".", ".."}:
+        if not AGENT_ID_RE.match(requester):
             return _invalid(
                 "requester (or header X-Agent-ID, or owner) must be 1-128 characters of "
                 "[A-Za-z0-9._:@/-]",
@@ -212,6 +212,14 @@ class NatsInbound:
                 body = msgspec.json.decode(msg.data, type=AgentAnnouncement)
             except msgspec.DecodeError as exc:
                 return _invalid("invalid agent announcement", str(exc))
+        if body.owner is not None:
+            # As over REST: ownership decides whose tasks an agent gets, so an agent never sets
+            # its own; an admin (REST) or the directory (Alexandria) does.
+            return ErrorReply(
+                error="owner is set by an admin or the directory (Alexandria), not by the agent",
+                status=403,
+                detail={"field": "owner"},
+            )
         if status is AgentStatus.STOPPED:
             try:
                 reassigned = await self.store.agent_stop(agent_id)
@@ -221,9 +229,9 @@ class NatsInbound:
             if reassigned:
                 log.info("agent %s stopped: %d task(s) back to pending", agent_id, reassigned)
             return await self.store.agent_get(agent_id)
-        if body.capabilities is not None or body.owner is not None or body.max_concurrent:
+        if body.capabilities is not None or body.max_concurrent:
             return await self.store.agent_upsert(
-                agent_id, capabilities=body.capabilities, owner=body.owner,
+                agent_id, capabilities=body.capabilities,
                 max_concurrent=body.max_concurrent, status=status,
             )
         try:

@@ -216,10 +216,12 @@ async def test_pagination_follows_the_cursor_in_listing_order(client: httpx.Asyn
 
 async def test_agents_directory_and_admin_endpoints(client: httpx.AsyncClient) -> None:
     r = await client.put("/api/v1/agents/bob",
-                         json={"capabilities": ["Code", "code", " review "], "max_concurrent": 2,
-                               "owner": "team"}, headers=BOB)
+                         json={"capabilities": ["Code", "code", " review "], "max_concurrent": 2},
+                         headers=BOB)
     assert r.status_code == 200
     assert sorted(r.json()["capabilities"]) == ["code", "review"]
+    r = await client.put("/api/v1/agents/bob", json={"owner": "team"}, headers=admin())
+    assert r.status_code == 200 and r.json()["owner"] == "team"
     r = await client.put("/api/v1/agents/carol", json={"status": "sleeping"}, headers=admin())
     assert r.status_code == 200 and r.json()["status"] == "sleeping"
     r = await client.post("/api/v1/agents/bob/heartbeat", json={"status": "busy"}, headers=BOB)

@@ -43,9 +43,17 @@ CREATE TABLE dispatch.config (
 
 INSERT INTO dispatch.config DEFAULT VALUES;
 
+-- An agent id (also the X-Agent-ID of any caller): 1-128 of [A-Za-z0-9._:@/-], and no
+-- /-separated segment may be `.` or `..`: clients put the id in URL paths
+-- (/api/v1/agents/{id}), where such a segment means "this" or "the parent" path.
+CREATE FUNCTION dispatch.agent_id_valid(p_agent_id text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$' AND p_agent_id !~ '(^|/)\.\.?(/|$)'
+$$;
+
 CREATE TABLE dispatch.agents (
     agent_id         text PRIMARY KEY
-                     CONSTRAINT agents_agent_id_format CHECK (agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$'),
+                     CONSTRAINT agents_agent_id_format CHECK (dispatch.agent_id_valid(agent_id)),
     capabilities     text[] NOT NULL DEFAULT '{}',
     owner            text,
     status           dispatch.agent_status NOT NULL DEFAULT 'ready',
@@ -1538,6 +1546,55 @@ BEGIN
     )
     SELECT count(*) INTO n FROM marked;
     DELETE FROM dispatch.agent_owners o WHERE o.updated_at < horizon;
+    RETURN n;
+END
+$$;
+
+-- Per-caller API tokens (auth.mode `tokens`). Only the SHA-256 of a token is stored: the token
+-- itself is shown once, to whoever issued it. agent_id is any caller identity (the X-Agent-ID a
+-- token is good for), a registered agent or a requester, so there is no foreign key to agents.
+CREATE TABLE dispatch.agent_tokens (
+    token_hash bytea PRIMARY KEY CONSTRAINT agent_tokens_hash_length
+               CHECK (octet_length(token_hash) = 32),
+    agent_id   text NOT NULL CONSTRAINT agent_tokens_agent_id_format
+               CHECK (dispatch.agent_id_valid(agent_id)),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX agent_tokens_agent_idx ON dispatch.agent_tokens (agent_id);
+
+-- Issues a new token for p_agent_id and returns it; its earlier tokens stay valid. The token is
+-- 244 random bits (two version-4 UUIDs, drawn from pg_strong_random) in hex behind a `dsp_` prefix
+-- that lets secret scanners recognise it.
+CREATE FUNCTION dispatch.agent_token_issue(p_agent_id text, p_now timestamptz DEFAULT now())
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    token text := 'dsp_' || replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+BEGIN
+    INSERT INTO dispatch.agent_tokens (token_hash, agent_id, created_at)
+    VALUES (sha256(convert_to(token, 'UTF8')), p_agent_id, p_now);
+    RETURN token;
+END
+$$;
+
+-- The identity a token is good for, or NULL when it is unknown or revoked.
+CREATE FUNCTION dispatch.agent_token_agent(p_token text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT t.agent_id FROM dispatch.agent_tokens t
+    WHERE t.token_hash = sha256(convert_to(p_token, 'UTF8'))
+$$;
+
+-- Revokes every token of p_agent_id; returns how many. The NOTIFY (payload: the agent id) makes
+-- every replica forget the tokens it verified for that agent at once.
+CREATE FUNCTION dispatch.agent_token_revoke(p_agent_id text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    DELETE FROM dispatch.agent_tokens WHERE agent_id = p_agent_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pg_notify('dispatch_auth', p_agent_id);
     RETURN n;
 END
 $$;

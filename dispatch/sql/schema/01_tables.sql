@@ -37,9 +37,17 @@ CREATE TABLE dispatch.config (
 
 INSERT INTO dispatch.config DEFAULT VALUES;
 
+-- An agent id (also the X-Agent-ID of any caller): 1-128 of [A-Za-z0-9._:@/-], and no
+-- /-separated segment may be `.` or `..`: clients put the id in URL paths
+-- (/api/v1/agents/{id}), where such a segment means "this" or "the parent" path.
+CREATE FUNCTION dispatch.agent_id_valid(p_agent_id text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$' AND p_agent_id !~ '(^|/)\.\.?(/|$)'
+$$;
+
 CREATE TABLE dispatch.agents (
     agent_id         text PRIMARY KEY
-                     CONSTRAINT agents_agent_id_format CHECK (agent_id ~ '^[A-Za-z0-9._:@/-]{1,128}$'),
+                     CONSTRAINT agents_agent_id_format CHECK (dispatch.agent_id_valid(agent_id)),
     capabilities     text[] NOT NULL DEFAULT '{}',
     owner            text,
     status           dispatch.agent_status NOT NULL DEFAULT 'ready',
