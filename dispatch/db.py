@@ -6,12 +6,15 @@ import contextlib
 import logging
 import warnings
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -100,10 +103,41 @@ async def connection(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.As
         raise Unavailable(f"database unavailable: {exc}") from exc
 
 
+class ReadableTimestamptz(Loader):
+    """timestamptz as psycopg reads it, except that a value Python cannot hold (infinity, or a
+    year outside 1..9999 in UTC) reads as the earliest or latest datetime instead of failing the
+    whole result. The database refuses such values (dispatch.time_in_range), so only a row written
+    around that check can hold one; it must not stop every list or the event relay. Text format,
+    which is what every query here uses; costs well under a microsecond per value."""
+
+    _LATEST = datetime.max.replace(tzinfo=UTC)
+    _EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        self._inner = _TIMESTAMPTZ_LOADER(oid, context)
+
+    def load(self, data: Buffer) -> datetime:
+        try:
+            value: datetime = self._inner.load(data)
+            return value
+        except psycopg.DataError:
+            raw = bytes(data)
+            return self._EARLIEST if raw.startswith(b"-") or raw.endswith(b"BC") else self._LATEST
+
+
+_found = psycopg.adapters.get_loader(
+    psycopg.adapters.types["timestamptz"].oid, psycopg.pq.Format.TEXT
+)
+assert _found is not None
+_TIMESTAMPTZ_LOADER = _found
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # msgspec parses and writes jsonb several times faster than the json module.
     set_json_loads(msgspec.json.decode, conn)
     set_json_dumps(msgspec.json.encode, conn)
+    conn.adapters.register_loader("timestamptz", ReadableTimestamptz)
 
 
 def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool[Any]:

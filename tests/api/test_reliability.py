@@ -267,3 +267,27 @@ async def test_the_unmatched_report_does_not_hide_work_from_a_claim(
         r = await client.post("/api/v1/tasks/claim", json={"wait_seconds": 0}, headers=BOB)
         assert r.status_code == 200, r.status_code
         assert r.json()["task_id"] == tid
+
+
+async def test_a_row_written_around_the_range_check_does_not_stop_the_list(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """A row that holds an unreadable time anyway (written before the check existed, or by a DBA
+    who dropped it) reads as the earliest or latest time: it cannot stop the list for everyone."""
+    task = await create(client)
+    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_available_at_range")
+    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range")
+    sql.execute(
+        "UPDATE dispatch.tasks SET available_at = '9999-12-31T23:59:59-01:00',"
+        " deadline_at = 'infinity', started_at = '0001-01-01T00:30:00+01:00' WHERE task_id = %s",
+        (task["task_id"],),
+    )
+    other = await create(client)
+    for query in ("", "?status=pending"):
+        r = await client.get(f"/api/v1/tasks{query}", headers=BOB)
+        assert r.status_code == 200, r.text
+        assert {t["task_id"] for t in r.json()} == {task["task_id"], other["task_id"]}
+    got = (await client.get(f"/api/v1/tasks/{task['task_id']}", headers=ALICE)).json()
+    assert got["available_at"].startswith("9999-12-31T23:59:59")
+    assert got["deadline_at"].startswith("9999-12-31T23:59:59")
+    assert got["started_at"].startswith("0001-01-01T00:00:00")

@@ -350,3 +350,26 @@ async def _stream_exists(client: Client) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_a_task_row_with_an_unreadable_time_does_not_stall_the_relay(
+    broker: Broker, relay: Relay, client: Client, sql: Sql
+) -> None:
+    """A row holding a time Python cannot read (written around the range check: here a DBA
+    dropped it) is relayed like any other, with the time read as the latest one."""
+    task, _ = await broker.submit(NewTask(title="odd"), requester="req")
+    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range")
+    sql.execute("UPDATE dispatch.tasks SET started_at = 'infinity' WHERE task_id = %s",
+                (task.task_id,))
+    await broker.cancel(task.task_id, "req", "odd")
+    after, _ = await broker.submit(NewTask(title="after"), requester="req")
+
+    async def settled() -> bool:
+        return unpublished(sql) == 0
+
+    await eventually(settled, 30, "every event published")
+    stored = {m.subject: m for m in await read_stream(client)}
+    cancelled = stored[f"swarm.task.{task.task_id}.cancelled"]
+    assert cancelled.body["task"]["started_at"].startswith("9999-12-31")
+    assert f"swarm.task.{after.task_id}.created" in stored
+    assert relay.health()["event_relay"] == "ok"
