@@ -187,6 +187,14 @@ async def test_agent_reports_follow_the_fencing_rules(
     assert reply["status"] == 409
     assert reply["detail"]["assigned_agent"] == "agent-c"
     assert reply["detail"]["status"] == "assigned"
+    # A report naming an earlier lease is stale, even from the agent that holds the task now.
+    assert second.lease == 1
+    reply = await ask(client, f"swarm.task.{second.task_id}.completed",
+                      {"agent_id": "agent-c", "result": {"x": 1}, "lease": 1})
+    assert reply["status"] == 409 and reply["detail"]["lease"] == 2
+    reply = await ask(client, f"swarm.task.{second.task_id}.started",
+                      {"agent_id": "agent-c", "lease": 2})
+    assert reply["status"] == "running"
     # Unknown task; a report without agent_id (e.g. an outbound event body) is refused.
     reply = await ask(client, f"swarm.task.{uuid.uuid4()}.started", {"agent_id": "agent-a"})
     assert reply["status"] == 404
