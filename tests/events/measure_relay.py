@@ -29,6 +29,7 @@ LIFECYCLES = """
 DO $$
 DECLARE t dispatch.tasks;
 BEGIN
+    PERFORM dispatch.agent_upsert('bench-agent', p_max_concurrent => 1000);
     FOR i IN 1..%s LOOP
         INSERT INTO dispatch.tasks (title) VALUES ('bench ' || i);
         SELECT * INTO t FROM dispatch.task_claim('bench-agent', NULL, now());
