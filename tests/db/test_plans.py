@@ -39,10 +39,12 @@ SELECT 'done', 'req-' || (i % 50), 'api', 'completed', 300, i % 11, 'agent-' || 
        now() - interval '3 days', now() - interval '2 days' + i * interval '1 ms'
 FROM generate_series(1, {TERMINAL}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
-                            required_capabilities, created_at, updated_at, available_at)
+                            required_capabilities, created_at, updated_at, available_at,
+                            queue_priority, queue_at)
 SELECT 'todo', 'req-' || (i % 50), 'api', 'pending', 300, i % 11,
        CASE WHEN i % 2 = 0 THEN '{{code}}'::text[] ELSE '{{}}'::text[] END,
-       now() - interval '1 hour' + i * interval '1 ms', now(), now() - interval '1 hour'
+       now() - interval '1 hour' + i * interval '1 ms', now(), now() - interval '1 hour',
+       i % 11, now() - interval '1 hour' + i * interval '1 ms'
 FROM generate_series(1, {PENDING}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
                             assigned_agent, created_at, updated_at, available_at, assigned_at,
