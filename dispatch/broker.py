@@ -311,6 +311,7 @@ class Broker:
         async with self.store.transaction() as conn:
             task = await self.store.task_get(task_id, conn=conn)
             rows = await self.store.task_explain(task_id, conn=conn)
+            hold = await self.store.task_hold(task_id, conn=conn)
             config = await self.store.config_get(conn=conn)
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
@@ -327,4 +328,7 @@ class Broker:
             owner_scoped=filter_on and task.owner is not None,
             notes=notes,
             candidates=[msgspec.convert(dict(r), Candidate) for r in rows],
+            tenant=hold["tenant"],
+            effective_priority=hold["effective_priority"],
+            held_back=list(hold["reasons"]),
         )

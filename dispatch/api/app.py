@@ -14,6 +14,7 @@ from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import require_agent
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
+from dispatch.api.limits import LimitController, TenantController
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.settings import Settings
@@ -39,7 +40,8 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
 
     api = Router(
         path="/api/v1",
-        route_handlers=[TaskController, AgentController, stats],
+        route_handlers=[TaskController, AgentController, stats, LimitController,
+                        TenantController],
         guards=[require_agent],
         parameters={
             "x_agent_id": HeaderParameter(

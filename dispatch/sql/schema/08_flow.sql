@@ -422,8 +422,9 @@ LANGUAGE sql STABLE AS $$
     FROM dispatch.rate_limits l ORDER BY l.key
 $$;
 
--- Pending, available tasks held back now, by rule: a concurrency key at its cap or a rate key
--- short of the task's cost (for the metrics, read at scrape time).
+-- Pending, available tasks held back now, by rule: a concurrency key at its cap, a rate key short
+-- of the task's cost, or fair share (placed in line after its tenant's earlier tasks, keyed by
+-- tenant). For the metrics, read at scrape time.
 CREATE FUNCTION dispatch.flow_held(p_now timestamptz DEFAULT now())
 RETURNS TABLE (rule text, key text, tasks bigint)
 LANGUAGE sql STABLE AS $$
@@ -439,4 +440,9 @@ LANGUAGE sql STABLE AS $$
     WHERE tk.status = 'pending' AND tk.available_at <= p_now
       AND dispatch.rate_tokens(l, p_now) < tk.cost
     GROUP BY l.key
+    UNION ALL
+    SELECT 'fair_share', coalesce(tk.owner, tk.requester), count(*)
+    FROM dispatch.tasks tk
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now AND tk.queue_at > tk.available_at
+    GROUP BY 2
 $$;
