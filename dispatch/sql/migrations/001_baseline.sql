@@ -1788,7 +1788,7 @@ CREATE TABLE dispatch.tenant_weights (
     tenant     text PRIMARY KEY
                CONSTRAINT tenant_weights_tenant_length CHECK (char_length(tenant) BETWEEN 1 AND 256),
     -- A tenant of weight 2 gets two tasks assigned for every one of a tenant of weight 1.
-    weight     real NOT NULL CONSTRAINT tenant_weights_weight_range CHECK (weight > 0 AND weight <= 1000),
+    weight     float8 NOT NULL CONSTRAINT tenant_weights_weight_range CHECK (weight > 0 AND weight <= 1000),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -1836,7 +1836,7 @@ CREATE FUNCTION dispatch.tasks_queue_place() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     who   text := coalesce(NEW.owner, NEW.requester);
-    w     real;
+    w     float8;
     prev  timestamptz;
     aging integer;
 BEGIN
@@ -2073,7 +2073,9 @@ END
 $$;
 
 -- A tenant's weight for fair share (default 1); it places the tenant's tasks queued from now on.
-CREATE FUNCTION dispatch.tenant_weight_set(p_tenant text, p_weight real, p_now timestamptz DEFAULT now())
+CREATE FUNCTION dispatch.tenant_weight_set(
+    p_tenant text, p_weight float8, p_now timestamptz DEFAULT now()
+)
 RETURNS dispatch.tenant_weights
 LANGUAGE plpgsql AS $$
 DECLARE
