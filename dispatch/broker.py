@@ -47,6 +47,7 @@ def _config_row(a: AssignmentSettings) -> dict[str, tuple[str, object]]:
         "wake_timeout_ms": ("wake_timeout_ms", a.wake_timeout_ms),
         "unmatched_repeat_ms": ("unmatched_repeat_ms", a.unmatched_repeat_ms),
         "tick_interval_ms": ("tick_interval_ms", a.tick_interval_ms),
+        "aging_ms": ("aging_ms", a.aging_ms),
     }
 
 

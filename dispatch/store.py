@@ -107,11 +107,12 @@ UPDATE dispatch.config SET
     wake_timeout_ms = %(wake)s,
     unmatched_repeat_ms = %(unmatched)s,
     tick_interval_ms = %(tick)s,
+    aging_ms = %(aging)s,
     updated_at = now()
 WHERE (default_timeout_seconds, max_concurrent_per_agent, owner_filter_enabled, retry_backoff_ms,
-       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms, tick_interval_ms)
+       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms, tick_interval_ms, aging_ms)
    IS DISTINCT FROM (greatest(1, %(timeout)s / 1000), %(max_concurrent)s, %(owner_filter)s,
-                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s, %(tick)s)
+                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s, %(tick)s, %(aging)s)
 """
 
 _STATS = """
@@ -724,6 +725,7 @@ class Store:
             "wake": a.wake_timeout_ms,
             "unmatched": a.unmatched_repeat_ms,
             "tick": a.tick_interval_ms,
+            "aging": a.aging_ms,
         }
         async with self._borrow(conn) as c:
             try:
