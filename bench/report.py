@@ -253,6 +253,22 @@ def results_table(r: Report) -> list[list[str]]:
     elif isinstance(r.replicas, Unavailable):
         rows.append([f"replicas: {r.replicas.what}", f"not available: {r.replicas.why}",
                      "<= 30 s, 0, 0, 0", "n/a"])
+    # Flow control's cost: each engine drain beside the same drain with flow control configured.
+    for e in r.engines:
+        if not isinstance(e, Throughput) or not e.system.endswith(", flow control)"):
+            continue
+        without = next((b for b in r.engines if isinstance(b, Throughput)
+                     and b.system == e.system.replace(", flow control)", ")")), None)
+        if without is None:
+            continue
+        ratio = e.drain_rate / without.drain_rate
+        rows.append([
+            f"flow control overhead, {without.system}: fair share (4 tenants, 2 weighted), one "
+            "concurrency key and one rate limit on every task, limits not binding",
+            f"drain {_f(e.drain_rate, 0)}/s with vs {_f(without.drain_rate, 0)}/s without: "
+            f"{ratio:.2f}x",
+            ">= 0.8x", _verdict(ratio >= 0.8),
+        ])
     rows.append(["5. dead tuples and claim latency over a soak", "see `make bench-soak` "
                  "(section below when it has been run)", "bounded in a 30-minute soak", "n/a"])
     # 6
