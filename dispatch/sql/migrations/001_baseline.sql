@@ -1135,14 +1135,14 @@ BEGIN
         keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
                                   WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
     END IF;
-    IF keyed THEN
+    IF keyed AND cardinality(taken) > 1 THEN
         PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
                                    ARRAY(SELECT x.rate_key FROM unnest(taken) x));
     END IF;
     FOREACH t IN ARRAY taken LOOP
         IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            -- As the limits are now, this transaction's earlier gives included.
-            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now);
+            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                       p_lock => true);
             IF hold.reason IS NOT NULL THEN
                 refill := least(refill, hold.until);
                 CONTINUE;
@@ -1207,7 +1207,8 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
-    IF c.aging_ms > 0 THEN
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
         PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
     END IF;
     OPEN walk;
@@ -1269,8 +1270,8 @@ BEGIN
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
             IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                -- As the limits are now, this transaction's earlier gives included.
-                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now);
+                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                           p_lock => true);
                 IF hold.reason IS NOT NULL THEN
                     refill := least(refill, hold.until);
                     CONTINUE;
@@ -1857,13 +1858,14 @@ BEGIN
           AND NEW.available_at = OLD.available_at THEN
         RETURN NEW;  -- still in line where it was
     END IF;
-    SELECT tw.weight INTO w FROM dispatch.tenant_weights tw WHERE tw.tenant = who;
-    SELECT max(tk.queue_at) INTO prev FROM dispatch.tasks tk
-    WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
-      AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id;
+    SELECT (SELECT tw.weight FROM dispatch.tenant_weights tw WHERE tw.tenant = who),
+           (SELECT max(tk.queue_at) FROM dispatch.tasks tk
+            WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
+              AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id),
+           c.aging_ms
+    INTO w, prev, aging FROM dispatch.config c;
     NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
     NEW.queue_priority := NEW.priority;
-    SELECT c.aging_ms INTO aging FROM dispatch.config c;
     NEW.age_due_at := CASE WHEN aging > 0 AND NEW.priority < 10
                            THEN NEW.queue_at + make_interval(secs => aging / 1000.0) END;
     RETURN NEW;
@@ -1916,14 +1918,16 @@ $$;
 -- What holds back a task with these flow fields at p_now (reason NULL: nothing), and for a rate
 -- limit the instant its bucket will hold enough. The p_*_taken arrays are what the caller has
 -- already picked in this transaction but not yet given (counted against the limits); a caller
--- that holds the limit rows and has given its earlier picks passes none.
+-- that is about to give the task passes none and p_lock: the limit rows are then locked (the
+-- concurrency key's, then the rate key's: flow_lock's order) and read as they are now, this
+-- transaction's earlier gives included.
 CREATE FUNCTION dispatch.flow_hold(
     p_concurrency_key text, p_rate_key text, p_cost integer, p_now timestamptz,
     p_keys_taken text[] DEFAULT '{}', p_rates_taken text[] DEFAULT '{}',
-    p_costs_taken integer[] DEFAULT '{}',
+    p_costs_taken integer[] DEFAULT '{}', p_lock boolean DEFAULT false,
     OUT reason text, OUT until timestamptz
 )
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     cl   dispatch.concurrency_limits;
     rl   dispatch.rate_limits;
@@ -1931,7 +1935,12 @@ DECLARE
     have float8;
 BEGIN
     IF p_concurrency_key IS NOT NULL THEN
-        SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+        IF p_lock THEN
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
+            FOR UPDATE;
+        ELSE
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+        END IF;
         IF FOUND THEN
             used := cl.active_count + cardinality(array_positions(p_keys_taken, p_concurrency_key));
             IF used >= cl.max_active THEN
@@ -1941,7 +1950,11 @@ BEGIN
         END IF;
     END IF;
     IF p_rate_key IS NOT NULL THEN
-        SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+        IF p_lock THEN
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
+        ELSE
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+        END IF;
         IF FOUND THEN
             have := dispatch.rate_tokens(rl, p_now);
             IF cardinality(p_rates_taken) > 0 THEN

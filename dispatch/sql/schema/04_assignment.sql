@@ -231,14 +231,14 @@ BEGIN
         keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
                                   WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
     END IF;
-    IF keyed THEN
+    IF keyed AND cardinality(taken) > 1 THEN
         PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
                                    ARRAY(SELECT x.rate_key FROM unnest(taken) x));
     END IF;
     FOREACH t IN ARRAY taken LOOP
         IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            -- As the limits are now, this transaction's earlier gives included.
-            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now);
+            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                       p_lock => true);
             IF hold.reason IS NOT NULL THEN
                 refill := least(refill, hold.until);
                 CONTINUE;
@@ -303,7 +303,8 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
-    IF c.aging_ms > 0 THEN
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
         PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
     END IF;
     OPEN walk;
@@ -365,8 +366,8 @@ BEGIN
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
             IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                -- As the limits are now, this transaction's earlier gives included.
-                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now);
+                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                           p_lock => true);
                 IF hold.reason IS NOT NULL THEN
                     refill := least(refill, hold.until);
                     CONTINUE;

@@ -89,13 +89,14 @@ BEGIN
           AND NEW.available_at = OLD.available_at THEN
         RETURN NEW;  -- still in line where it was
     END IF;
-    SELECT tw.weight INTO w FROM dispatch.tenant_weights tw WHERE tw.tenant = who;
-    SELECT max(tk.queue_at) INTO prev FROM dispatch.tasks tk
-    WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
-      AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id;
+    SELECT (SELECT tw.weight FROM dispatch.tenant_weights tw WHERE tw.tenant = who),
+           (SELECT max(tk.queue_at) FROM dispatch.tasks tk
+            WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
+              AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id),
+           c.aging_ms
+    INTO w, prev, aging FROM dispatch.config c;
     NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
     NEW.queue_priority := NEW.priority;
-    SELECT c.aging_ms INTO aging FROM dispatch.config c;
     NEW.age_due_at := CASE WHEN aging > 0 AND NEW.priority < 10
                            THEN NEW.queue_at + make_interval(secs => aging / 1000.0) END;
     RETURN NEW;
@@ -148,14 +149,16 @@ $$;
 -- What holds back a task with these flow fields at p_now (reason NULL: nothing), and for a rate
 -- limit the instant its bucket will hold enough. The p_*_taken arrays are what the caller has
 -- already picked in this transaction but not yet given (counted against the limits); a caller
--- that holds the limit rows and has given its earlier picks passes none.
+-- that is about to give the task passes none and p_lock: the limit rows are then locked (the
+-- concurrency key's, then the rate key's: flow_lock's order) and read as they are now, this
+-- transaction's earlier gives included.
 CREATE FUNCTION dispatch.flow_hold(
     p_concurrency_key text, p_rate_key text, p_cost integer, p_now timestamptz,
     p_keys_taken text[] DEFAULT '{}', p_rates_taken text[] DEFAULT '{}',
-    p_costs_taken integer[] DEFAULT '{}',
+    p_costs_taken integer[] DEFAULT '{}', p_lock boolean DEFAULT false,
     OUT reason text, OUT until timestamptz
 )
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     cl   dispatch.concurrency_limits;
     rl   dispatch.rate_limits;
@@ -163,7 +166,12 @@ DECLARE
     have float8;
 BEGIN
     IF p_concurrency_key IS NOT NULL THEN
-        SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+        IF p_lock THEN
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
+            FOR UPDATE;
+        ELSE
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+        END IF;
         IF FOUND THEN
             used := cl.active_count + cardinality(array_positions(p_keys_taken, p_concurrency_key));
             IF used >= cl.max_active THEN
@@ -173,7 +181,11 @@ BEGIN
         END IF;
     END IF;
     IF p_rate_key IS NOT NULL THEN
-        SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+        IF p_lock THEN
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
+        ELSE
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+        END IF;
         IF FOUND THEN
             have := dispatch.rate_tokens(rl, p_now);
             IF cardinality(p_rates_taken) > 0 THEN
