@@ -155,8 +155,8 @@ SELECT
                      '[]') FROM dispatch.flow_held() h) AS flow_held,
     (SELECT coalesce(jsonb_object_agg(r.key, r.tokens), '{}') FROM dispatch.rate_limit_list() r)
         AS rate_tokens,
-    (SELECT coalesce(jsonb_object_agg(l.key, jsonb_build_array(l.active_count, l.max_active)),
-                     '{}') FROM dispatch.concurrency_limits l) AS concurrency_active
+    (SELECT coalesce(jsonb_object_agg(l.key, jsonb_build_array(l.active_tasks, l.max_active)),
+                     '{}') FROM dispatch.concurrency_limit_list() l) AS concurrency_active
 """
 
 
@@ -511,20 +511,17 @@ class Store:
     async def concurrency_limit_set(
         self, key: str, max_active: int, *, conn: Conn | None = None
     ) -> ConcurrencyLimit:
-        rows = await self._rows(
-            "SELECT key, max_active, active_count AS active_tasks, updated_at"
-            " FROM dispatch.concurrency_limit_set(%s, %s)", (key, max_active), conn,
-        )
-        return _convert(rows[0], ConcurrencyLimit)
+        async with self._borrow(conn) as c:
+            await self._rows("SELECT dispatch.concurrency_limit_set(%s, %s)", (key, max_active), c)
+            return (await self.concurrency_limits(key, conn=c))[0]
 
     async def concurrency_limits(
         self, key: str | None = None, *, conn: Conn | None = None
     ) -> list[ConcurrencyLimit]:
         """Every concurrency limit, or the one of `key`."""
         rows = await self._rows(
-            "SELECT key, max_active, active_count AS active_tasks, updated_at"
-            " FROM dispatch.concurrency_limits WHERE %(key)s::text IS NULL OR key = %(key)s"
-            " ORDER BY key", {"key": key}, conn,
+            "SELECT * FROM dispatch.concurrency_limit_list()"
+            " WHERE %(key)s::text IS NULL OR key = %(key)s", {"key": key}, conn,
         )
         return [_convert(r, ConcurrencyLimit) for r in rows]
 

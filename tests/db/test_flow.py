@@ -166,8 +166,8 @@ def test_a_concurrency_key_caps_its_active_tasks(sql: Conn, mode: str) -> None:
         got += assign(sql, 100) if mode == "push" else claim(sql, f"w{i}")
     held = [r for r in got if r["requester"] == "alice"]
     assert len(held) == 3 and sum(r["requester"] == "bob" for r in got) == 2
-    limit = sql.execute("SELECT * FROM dispatch.concurrency_limits").fetchone()
-    assert limit is not None and limit["active_count"] == 3
+    limit = sql.execute("SELECT * FROM dispatch.concurrency_limit_list()").fetchone()
+    assert limit is not None and limit["active_tasks"] == 3
     hold = sql.execute(
         "SELECT reasons FROM dispatch.task_hold((SELECT task_id FROM dispatch.tasks"
         " WHERE status = 'pending' LIMIT 1))").fetchone()
@@ -190,8 +190,9 @@ def test_a_new_cap_counts_the_tasks_already_active(sql: Conn) -> None:
     flood(sql, "alice", 5, concurrency_key="k")
     agent(sql, "w")
     assert len(assign(sql, 2)) == 2
-    row = sql.execute("SELECT * FROM dispatch.concurrency_limit_set('k', 2)").fetchone()
-    assert row is not None and row["active_count"] == 2
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 2)")
+    row = sql.execute("SELECT * FROM dispatch.concurrency_limit_list()").fetchone()
+    assert row is not None and row["active_tasks"] == 2
     assert assign(sql) == []
     # Failing one (back to pending) frees its slot: counted by the status trigger, raw SQL too.
     sql.execute("UPDATE dispatch.tasks SET status = 'cancelled'"

@@ -112,8 +112,8 @@ async def test_a_cap_of_three_holds_across_three_replicas_and_twenty_agents(
         peak = max(peak, active)
     assert assigned == keyed and active == 0
     assert peak == 3, peak
-    state = rows(db_url, "SELECT active_count FROM dispatch.concurrency_limits")
-    assert state == [{"active_count": 0}]
+    state = rows(db_url, "SELECT active_tasks FROM dispatch.concurrency_limit_list()")
+    assert state == [{"active_tasks": 0}]
 
 
 async def test_a_bucket_of_sixty_a_minute_lets_sixty_through_across_three_replicas(
@@ -149,6 +149,12 @@ async def test_a_bucket_of_sixty_a_minute_lets_sixty_through_across_three_replic
                                    " WHERE status = 'assigned'")[0]["n"]
                 if got >= 80:
                     break
+            # The metrics show the bucket and the tasks it holds back.
+            text = (await http.get(f"{procs[1].ops}/metrics")).text
+            assert 'dispatch_rate_limit_tokens{key="openai"}' in text
+            held = next(line for line in text.splitlines()
+                        if line.startswith('dispatch_flow_held_tasks{rule="rate",key="openai"}'))
+            assert float(held.split()[-1]) > 50, held
     finally:
         await stop(procs)
 

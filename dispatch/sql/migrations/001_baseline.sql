@@ -1782,8 +1782,11 @@ WHERE t.status IN ('assigned', 'running')
 --     when due (age_due_at); the assigner and the claim run the sweep before they walk.
 -- Concurrency keys and rate limits decide whether a task may be assigned now. Both live in rows
 -- that the assigning transaction locks (after the agents' rows, keys in key order, so it never
--- deadlocks with another assignment or a completion), and the trigger tasks_flow_count keeps them
--- in step with every status change, from raw SQL too.
+-- deadlocks with another assignment). A key's row is its semaphore: under its lock the key's
+-- active tasks are counted (tasks_active_concurrency_idx), so the row is never updated and a
+-- completion does not touch it (a counter updated by every assignment and completion of a busy
+-- key made that one row the hot spot of the whole queue). A bucket's row is updated by every
+-- assignment that takes its tokens (the trigger tasks_flow_count, from raw SQL too).
 
 CREATE TABLE dispatch.tenant_weights (
     tenant     text PRIMARY KEY
@@ -1799,9 +1802,6 @@ CREATE TABLE dispatch.concurrency_limits (
     -- 0 pauses the key.
     max_active   integer NOT NULL
                  CONSTRAINT concurrency_limits_max_active_range CHECK (max_active BETWEEN 0 AND 1000000),
-    -- The key's semaphore, like agents.active_count: its tasks assigned or running, kept by the
-    -- trigger tasks_flow_count under this row's lock.
-    active_count integer NOT NULL DEFAULT 0,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
@@ -1942,7 +1942,11 @@ BEGIN
             SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
         END IF;
         IF FOUND THEN
-            used := cl.active_count + cardinality(array_positions(p_keys_taken, p_concurrency_key));
+            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
+            used := (SELECT count(*) FROM dispatch.tasks tk
+                     WHERE tk.status IN ('assigned', 'running')
+                       AND tk.concurrency_key = p_concurrency_key)
+                    + cardinality(array_positions(p_keys_taken, p_concurrency_key));
             IF used >= cl.max_active THEN
                 reason := format('concurrency key %s at %s/%s', cl.key, used, cl.max_active);
                 RETURN;
@@ -1976,8 +1980,8 @@ END
 $$;
 
 -- Locks the limit rows of these keys, after the agents' rows and in key order (concurrency keys,
--- then rate keys): every assigning transaction takes them in this order, and a completion takes
--- an agent row and then one concurrency key, so none of them can deadlock.
+-- then rate keys): every assigning transaction takes them in this order, so none of them can
+-- deadlock (a completion takes no key row; a raw-SQL assignment takes its bucket's row last).
 CREATE FUNCTION dispatch.flow_lock(p_concurrency_keys text[], p_rate_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -1996,26 +2000,15 @@ LANGUAGE sql AS $$
     SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
 $$;
 
--- Keeps the limits in step with every status change of a task that has flow keys: a task entering
--- or leaving assigned/running moves its key's active_count; an assignment takes its cost from its
--- bucket (a raw-SQL assignment too: the bucket may go below zero, and waits to refill).
--- Named to run after tasks_before_update, so the agent's row is locked before the key's.
+-- An assignment of a task with a rate key takes its cost from the key's bucket (a raw-SQL
+-- assignment too: the bucket may go below zero, and waits to refill). Named to run after
+-- tasks_before_update, so the agent's row is locked before the bucket's.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    was_active boolean := OLD.status IN ('assigned', 'running');
-    is_active  boolean := NEW.status IN ('assigned', 'running');
-    at         timestamptz := coalesce(NEW.assigned_at, now());
+    at timestamptz := coalesce(NEW.assigned_at, now());
 BEGIN
-    IF NEW.concurrency_key IS NOT NULL AND was_active <> is_active THEN
-        UPDATE dispatch.concurrency_limits l
-        SET active_count = greatest(l.active_count + CASE WHEN is_active THEN 1 ELSE -1 END, 0)
-        WHERE l.key = NEW.concurrency_key;
-        IF NOT is_active THEN
-            PERFORM pg_notify('dispatch_work', '');
-        END IF;
-    END IF;
-    IF NEW.rate_key IS NOT NULL AND OLD.status = 'pending' AND NEW.status = 'assigned' THEN
+    IF OLD.status = 'pending' AND NEW.status = 'assigned' THEN
         UPDATE dispatch.rate_limits l
         SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
             refilled_at = greatest(l.refilled_at, at)
@@ -2026,8 +2019,7 @@ END
 $$;
 
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
-    FOR EACH ROW WHEN (NEW.concurrency_key IS NOT NULL OR NEW.rate_key IS NOT NULL)
-    EXECUTE FUNCTION dispatch.tasks_flow_count();
+    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL) EXECUTE FUNCTION dispatch.tasks_flow_count();
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
@@ -2113,9 +2105,7 @@ LANGUAGE sql AS $$
     SELECT EXISTS (SELECT 1 FROM gone)
 $$;
 
--- Sets a key's cap. A new cap starts from the key's tasks active now: the table lock waits for
--- every transaction that may have moved such a task without a row to count it in, and holds off
--- new ones until this commits (caps change rarely; assignments pass one another meanwhile).
+-- Sets a key's cap; it counts the key's tasks active from then on, those already active included.
 CREATE FUNCTION dispatch.concurrency_limit_set(
     p_key text, p_max_active integer, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.concurrency_limits
@@ -2128,11 +2118,8 @@ BEGIN
         RAISE EXCEPTION 'max_active must be between 0 and 1000000 (got %)', p_max_active
             USING ERRCODE = 'UD400', COLUMN = 'max_active';
     END IF;
-    LOCK TABLE dispatch.concurrency_limits IN SHARE ROW EXCLUSIVE MODE;
-    INSERT INTO dispatch.concurrency_limits AS l (key, max_active, active_count, updated_at)
-    VALUES (p_key, p_max_active,
-            (SELECT count(*) FROM dispatch.tasks tk
-             WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = p_key), p_now)
+    INSERT INTO dispatch.concurrency_limits AS l (key, max_active, updated_at)
+    VALUES (p_key, p_max_active, p_now)
     ON CONFLICT (key) DO UPDATE SET max_active = EXCLUDED.max_active, updated_at = p_now
     RETURNING * INTO r;
     PERFORM pg_notify('dispatch_work', '');
@@ -2196,6 +2183,17 @@ BEGIN
 END
 $$;
 
+-- The caps with the tasks of each key assigned or running now, for the API, the metrics and psql.
+CREATE FUNCTION dispatch.concurrency_limit_list()
+RETURNS TABLE (key text, max_active integer, active_tasks integer, updated_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT l.key, l.max_active,
+           (SELECT count(*) FROM dispatch.tasks tk
+            WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = l.key)::integer,
+           l.updated_at
+    FROM dispatch.concurrency_limits l ORDER BY l.key
+$$;
+
 -- The buckets as of p_now, for the API, the metrics and psql.
 CREATE FUNCTION dispatch.rate_limit_list(p_now timestamptz DEFAULT now())
 RETURNS TABLE (key text, capacity float8, refill_per_second float8, tokens float8,
@@ -2212,9 +2210,9 @@ CREATE FUNCTION dispatch.flow_held(p_now timestamptz DEFAULT now())
 RETURNS TABLE (rule text, key text, tasks bigint)
 LANGUAGE sql STABLE AS $$
     SELECT 'concurrency', l.key, count(*)
-    FROM dispatch.concurrency_limits l
+    FROM dispatch.concurrency_limit_list() l
     JOIN dispatch.tasks tk ON tk.concurrency_key = l.key
-    WHERE tk.status = 'pending' AND tk.available_at <= p_now AND l.active_count >= l.max_active
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now AND l.active_tasks >= l.max_active
     GROUP BY l.key
     UNION ALL
     SELECT 'rate', l.key, count(*)
