@@ -279,6 +279,9 @@ def test_a_rate_limit_lets_tasks_through_as_its_bucket_refills(sql: Conn, mode: 
         " WHERE status = 'pending' LIMIT 1), %s)", (at(1),)).fetchone()
     assert hold is not None
     assert hold["reasons"] == ["rate key openai empty until 2030-01-01T12:00:02.000Z"]
+    held = sql.execute("SELECT rule, key, tasks FROM dispatch.flow_held(%s) WHERE rule = 'rate'",
+                       (at(1),)).fetchall()
+    assert held == [{"rule": "rate", "key": "openai", "tasks": 4}]
     assert go(at(2)) == 1
     assert go(at(10)) == 2  # four seconds' refill, but the bucket holds two
     left = sql.execute("SELECT tokens FROM dispatch.rate_limit_list(%s)", (at(10),)).fetchone()
