@@ -355,6 +355,13 @@ METHOD = """\
   floor with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)` claim and one
   `UPDATE` complete per row. "lifecycle" = N / (enqueue time + drain time); "drain" = N / drain
   time. The peers do enqueue, claim, complete; Dispatch also writes `start` and an event per step.
+- flow control overhead: the Dispatch engine drain of row 3 (push and pull) run a second time,
+  right after the first, with flow control configured: tasks spread round-robin over 4 tenants
+  (requesters; two with weights 2 and 0.5), and every task under one concurrency key (cap
+  1,000,000) and one rate key (bucket of 10^12 tokens, refilling 10^12 a second), so that each
+  assignment pays for the checks, the key rows' locks and the bucket's update without ever being
+  held back. Ratio = drain with / drain without; the two runs are consecutive, so load from other
+  work on the machine lands on one more than the other.
 - 4: `xact_commit` of the system's database in pg_stat_database (read-only transactions count
   too) and `pg_current_wal_lsn()` difference (cluster-wide) over the measured phase, divided by N;
   write xacts = transaction ids consumed. All client connections are closed before the second
