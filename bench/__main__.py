@@ -65,6 +65,12 @@ async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report)
                 f"Dispatch engine in-process ({mode})", f"Dispatch engine ({mode})",
                 lambda mode=mode: engine.run_engine(cl, sizes, mode),  # type: ignore[misc]
             ))
+            # Beside it, the same drain with flow control configured (SPEC §10's overhead row).
+            rep.engines.append(await _phase(
+                f"Dispatch engine in-process ({mode}, flow control)",
+                f"Dispatch engine ({mode}, flow control)",
+                lambda mode=mode: engine.run_engine(cl, sizes, mode, flow=True),  # type: ignore[misc]
+            ))
     if "peers" in only:
         for name, fn in (("raw SKIP LOCKED (floor)", peers.run_raw),
                          ("pgqueuer", peers.run_pgqueuer),

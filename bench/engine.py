@@ -19,14 +19,37 @@ from dispatch.store import Store
 REQUESTER = "bench-requester"
 RESULT = {"ok": True}
 
+# Flow control configured for the drain (SPEC §10's overhead row): four tenants, two of them
+# weighted, and every task under one concurrency key and one rate key whose limits are far above
+# what the drain reaches, so they cost their checks and locks but never hold a task back.
+FLOW_TENANTS = ("bench-tenant-a", "bench-tenant-b", "bench-tenant-c", "bench-tenant-d")
+FLOW_KEY = "bench-key"
 
-async def submit_all(broker: Broker, n: int, producers: int, prefix: str = "bench") -> float:
+
+def new_task(i: int, prefix: str, flow: bool) -> tuple[NewTask, str]:
+    if not flow:
+        return NewTask(title=f"{prefix} {i}"), REQUESTER
+    return (NewTask(title=f"{prefix} {i}", concurrency_key=FLOW_KEY, rate_key=FLOW_KEY),
+            FLOW_TENANTS[i % len(FLOW_TENANTS)])
+
+
+async def configure_flow(broker: Broker) -> None:
+    await broker.store.tenant_weight_set(FLOW_TENANTS[0], 2)
+    await broker.store.tenant_weight_set(FLOW_TENANTS[1], 0.5)
+    await broker.store.concurrency_limit_set(FLOW_KEY, 1_000_000)
+    await broker.store.rate_limit_set(FLOW_KEY, 1e12, 1e12)
+
+
+async def submit_all(
+    broker: Broker, n: int, producers: int, prefix: str = "bench", flow: bool = False
+) -> float:
     """n single-task submits from `producers` concurrent requesters; returns seconds."""
     counter = iter(range(n))
 
     async def producer() -> None:
         for i in counter:
-            await broker.submit(NewTask(title=f"{prefix} {i}"), requester=REQUESTER)
+            task, requester = new_task(i, prefix, flow)
+            await broker.submit(task, requester=requester)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(producer() for _ in range(producers)))
@@ -113,9 +136,10 @@ async def drain_push(
     return time.perf_counter() - t0
 
 
-async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
-    """mode `push` (task_assign batches) or `pull` (task_claim per agent)."""
-    dbname = f"engine_{mode}"
+async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = False) -> Throughput:
+    """mode `push` (task_assign batches) or `pull` (task_claim per agent); with `flow`, fair
+    share across weighted tenants, a concurrency key and a rate limit configured."""
+    dbname = f"engine_{mode}_flow" if flow else f"engine_{mode}"
     url = cluster.create_database(dbname)
     await asyncio.to_thread(prepare_dispatch, url)
     n = sizes.engine_tasks
@@ -125,6 +149,8 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
     try:
         broker = Broker(Store(pool))
         await broker.apply_config()
+        if flow:
+            await configure_flow(broker)
         if mode == "pull":
             # One coroutine per agent, each holding one task at a time.
             agents = await register_agents(broker, "pull", sizes.connections * 2, 1)
@@ -135,7 +161,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
         before = read_counters(cluster.admin_url, dbname)
         meter = CpuMeter(cluster.postmaster)
         enqueue_s = await asyncio.wait_for(
-            submit_all(broker, n, sizes.producers), sizes.phase_timeout
+            submit_all(broker, n, sizes.producers, flow=flow), sizes.phase_timeout
         )
         if mode == "pull":
             drain = drain_pull(broker, agents, n, lat)
@@ -155,7 +181,11 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str) -> Throughput:
             f"{sizes.pgq_consumers} agents x {sizes.pgq_batch} slots, pool {sizes.connections}, "
             f"task_assign batch {sizes.assign_batch}"
         )
+    if flow:
+        settings += (f", flow control: {len(FLOW_TENANTS)} tenants (2 weighted), every task under"
+                     " one concurrency key and one rate key (limits not binding)")
     return Throughput(
-        system=f"Dispatch engine ({mode})", n=n, enqueue_s=enqueue_s, drain_s=drain_s,
+        system=f"Dispatch engine ({mode}{', flow control' if flow else ''})", n=n,
+        enqueue_s=enqueue_s, drain_s=drain_s,
         cost=cost, settings=settings + f", {sizes.producers} producers", claim_ms=lat.ms, cpu=cpu,
     )

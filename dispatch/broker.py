@@ -47,6 +47,7 @@ def _config_row(a: AssignmentSettings) -> dict[str, tuple[str, object]]:
         "wake_timeout_ms": ("wake_timeout_ms", a.wake_timeout_ms),
         "unmatched_repeat_ms": ("unmatched_repeat_ms", a.unmatched_repeat_ms),
         "tick_interval_ms": ("tick_interval_ms", a.tick_interval_ms),
+        "aging_ms": ("aging_ms", a.aging_ms),
     }
 
 
@@ -357,6 +358,7 @@ class Broker:
         async with self.store.transaction() as conn:
             task = await self.store.task_get(task_id, conn=conn)
             rows = await self.store.task_explain(task_id, conn=conn)
+            hold = await self.store.task_hold(task_id, conn=conn)
             config = await self.store.config_get(conn=conn)
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
@@ -373,4 +375,7 @@ class Broker:
             owner_scoped=filter_on and task.owner is not None,
             notes=notes,
             candidates=[msgspec.convert(dict(r), Candidate) for r in rows],
+            tenant=hold["tenant"],
+            effective_priority=hold["effective_priority"],
+            held_back=list(hold["reasons"]),
         )

@@ -71,6 +71,11 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     last_progress_at: datetime | None
     completed_at: datetime | None
+    # Flow control (SPEC §12): the key whose cap it counts against, the bucket it takes `cost`
+    # tokens from when assigned.
+    concurrency_key: str | None = None
+    rate_key: str | None = None
+    cost: int = 1
 
 
 class NewTask(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +93,9 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     parent_task_id: uuid.UUID | None = None
     available_at: datetime | None = None
     source: str = "api"
+    concurrency_key: str | None = None
+    rate_key: str | None = None
+    cost: int = 1
 
 
 class ReportOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,3 +227,35 @@ class Explanation(msgspec.Struct, frozen=True, kw_only=True):
     owner_scoped: bool
     notes: list[str]
     candidates: list[Candidate]
+    # Flow control: whose fair share the task counts in, its priority after aging (while
+    # pending), and every rule holding it back now (rate key, concurrency key, fair share).
+    tenant: str | None = None
+    effective_priority: int | None = None
+    held_back: list[str] = msgspec.field(default_factory=list)
+
+
+class ConcurrencyLimit(msgspec.Struct, frozen=True, kw_only=True):
+    """A concurrency key's cap and the tasks of the key assigned or running now."""
+
+    key: str
+    max_active: int
+    active_tasks: int
+    updated_at: datetime
+
+
+class RateLimit(msgspec.Struct, frozen=True, kw_only=True):
+    """A rate key's token bucket, with the tokens it holds now."""
+
+    key: str
+    capacity: float
+    refill_per_second: float
+    tokens: float
+    updated_at: datetime
+
+
+class TenantWeight(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's fair-share weight; `default` when none was set (weight 1)."""
+
+    tenant: str
+    weight: float
+    default: bool = False

@@ -67,6 +67,9 @@ class AssignmentSettings(_Section, frozen=True):
     retry_backoff_ms: Annotated[int, msgspec.Meta(ge=0)] = 1000
     retry_backoff_max_ms: Annotated[int, msgspec.Meta(ge=0)] = 300000
     unmatched_repeat_ms: PositiveMs = 600000
+    # Priority aging: a pending task's effective priority rises one level per aging_ms of waiting
+    # (up to 10); 0 turns it off.
+    aging_ms: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] = 300000
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
 
 

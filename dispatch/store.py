@@ -22,14 +22,17 @@ from dispatch.models import (
     Agent,
     AgentStatus,
     Assignment,
+    ConcurrencyLimit,
     Cursor,
     Expiry,
     NewTask,
+    RateLimit,
     ReportOutcome,
     Stats,
     Task,
     TaskEvent,
     TaskFilter,
+    TenantWeight,
 )
 from dispatch.settings import AssignmentSettings
 
@@ -57,10 +60,12 @@ def _jsonb(value: object) -> Jsonb | None:
 _INSERT_TASK = """
 INSERT INTO dispatch.tasks (title, description, requester, owner, required_capabilities, priority,
                             timeout_seconds, heartbeat_seconds, max_retries, metadata,
-                            parent_task_id, available_at, source, idempotency_key)
+                            parent_task_id, available_at, source, idempotency_key,
+                            concurrency_key, rate_key, cost)
 VALUES (%(title)s, %(description)s, %(requester)s, %(owner)s, %(required_capabilities)s,
         %(priority)s, %(timeout_seconds)s, %(heartbeat_seconds)s, %(max_retries)s, %(metadata)s,
-        %(parent_task_id)s, %(available_at)s, %(source)s, %(idempotency_key)s)
+        %(parent_task_id)s, %(available_at)s, %(source)s, %(idempotency_key)s,
+        %(concurrency_key)s, %(rate_key)s, %(cost)s)
 ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *
 """
@@ -104,11 +109,12 @@ UPDATE dispatch.config SET
     wake_timeout_ms = %(wake)s,
     unmatched_repeat_ms = %(unmatched)s,
     tick_interval_ms = %(tick)s,
+    aging_ms = %(aging)s,
     updated_at = now()
 WHERE (default_timeout_seconds, max_concurrent_per_agent, owner_filter_enabled, retry_backoff_ms,
-       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms, tick_interval_ms)
+       retry_backoff_max_ms, wake_timeout_ms, unmatched_repeat_ms, tick_interval_ms, aging_ms)
    IS DISTINCT FROM (greatest(1, %(timeout)s / 1000), %(max_concurrent)s, %(owner_filter)s,
-                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s, %(tick)s)
+                     %(backoff)s, %(backoff_max)s, %(wake)s, %(unmatched)s, %(tick)s, %(aging)s)
 """
 
 _STATS = """
@@ -146,7 +152,13 @@ SELECT
            FROM unnest(enum_range(NULL::dispatch.agent_status)) AS s (status)
            LEFT JOIN dispatch.agents a ON a.status = s.status
            GROUP BY s.status) per_status) AS agents,
-    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished
+    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished,
+    (SELECT coalesce(jsonb_agg(jsonb_build_object('rule', h.rule, 'key', h.key, 'tasks', h.tasks)),
+                     '[]') FROM dispatch.flow_held() h) AS flow_held,
+    (SELECT coalesce(jsonb_object_agg(r.key, r.tokens), '{}') FROM dispatch.rate_limit_list() r)
+        AS rate_tokens,
+    (SELECT coalesce(jsonb_object_agg(l.key, jsonb_build_array(l.active_tasks, l.max_active)),
+                     '{}') FROM dispatch.concurrency_limit_list() l) AS concurrency_active
 """
 
 
@@ -214,6 +226,9 @@ class Store:
             "available_at": new.available_at,
             "source": new.source,
             "idempotency_key": idempotency_key,
+            "concurrency_key": new.concurrency_key,
+            "rate_key": new.rate_key,
+            "cost": new.cost,
         }
         async with self._borrow(conn) as c:
             rows = await self._rows(_INSERT_TASK, params, c)
@@ -489,6 +504,89 @@ class Store:
     async def task_explain(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[Row]:
         return await self._rows("SELECT * FROM dispatch.task_explain(%s)", (task_id,), conn)
 
+    async def task_hold(
+        self, task_id: uuid.UUID, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> Row:
+        """The task's tenant, effective priority and the flow rules holding it back now."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_hold(%s, coalesce(%s::timestamptz, now()))",
+            (task_id, now), conn,
+        )
+        return rows[0]
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    async def concurrency_limit_set(
+        self, key: str, max_active: int, *, conn: Conn | None = None
+    ) -> ConcurrencyLimit:
+        async with self._borrow(conn) as c:
+            await self._rows("SELECT dispatch.concurrency_limit_set(%s, %s)", (key, max_active), c)
+            return (await self.concurrency_limits(key, conn=c))[0]
+
+    async def concurrency_limits(
+        self, key: str | None = None, *, conn: Conn | None = None
+    ) -> list[ConcurrencyLimit]:
+        """Every concurrency limit, or the one of `key`."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.concurrency_limit_list()"
+            " WHERE %(key)s::text IS NULL OR key = %(key)s", {"key": key}, conn,
+        )
+        return [_convert(r, ConcurrencyLimit) for r in rows]
+
+    async def concurrency_limit_delete(self, key: str, *, conn: Conn | None = None) -> bool:
+        rows = await self._rows(
+            "SELECT dispatch.concurrency_limit_delete(%s) AS gone", (key,), conn
+        )
+        return bool(rows[0]["gone"])
+
+    async def rate_limit_set(
+        self, key: str, capacity: float, refill_per_second: float, *, conn: Conn | None = None
+    ) -> RateLimit:
+        rows = await self._rows(
+            "SELECT l.key, l.capacity, l.refill_per_second, dispatch.rate_tokens(l, now()) AS"
+            " tokens, l.updated_at FROM dispatch.rate_limit_set(%s, %s, %s) l",
+            (key, capacity, refill_per_second), conn,
+        )
+        return _convert(rows[0], RateLimit)
+
+    async def rate_limits(
+        self, key: str | None = None, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> list[RateLimit]:
+        """Every bucket with the tokens it holds now, or the one of `key`."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.rate_limit_list(coalesce(%(now)s::timestamptz, now()))"
+            " WHERE %(key)s::text IS NULL OR key = %(key)s", {"key": key, "now": now}, conn,
+        )
+        return [_convert(r, RateLimit) for r in rows]
+
+    async def rate_limit_delete(self, key: str, *, conn: Conn | None = None) -> bool:
+        rows = await self._rows("SELECT dispatch.rate_limit_delete(%s) AS gone", (key,), conn)
+        return bool(rows[0]["gone"])
+
+    async def tenant_weight_set(
+        self, tenant: str, weight: float, *, conn: Conn | None = None
+    ) -> TenantWeight:
+        rows = await self._rows(
+            "SELECT tenant, weight FROM dispatch.tenant_weight_set(%s, %s)", (tenant, weight),
+            conn,
+        )
+        return _convert(rows[0], TenantWeight)
+
+    async def tenant_weight(self, tenant: str, *, conn: Conn | None = None) -> TenantWeight:
+        """The tenant's weight; weight 1 and `default` when none was set."""
+        rows = await self._rows(
+            "SELECT %(t)s AS tenant, coalesce(w.weight, 1) AS weight, w.tenant IS NULL AS default"
+            " FROM (SELECT 1) one LEFT JOIN dispatch.tenant_weights w ON w.tenant = %(t)s",
+            {"t": tenant}, conn,
+        )
+        return _convert(rows[0], TenantWeight)
+
+    async def tenant_weight_delete(self, tenant: str, *, conn: Conn | None = None) -> bool:
+        rows = await self._rows(
+            "SELECT dispatch.tenant_weight_delete(%s) AS gone", (tenant,), conn
+        )
+        return bool(rows[0]["gone"])
+
     # -- agents ----------------------------------------------------------------------------------
 
     async def _agent(self, source: str, params: Sequence[object], conn: Conn | None) -> Agent:
@@ -654,6 +752,7 @@ class Store:
             "wake": a.wake_timeout_ms,
             "unmatched": a.unmatched_repeat_ms,
             "tick": a.tick_interval_ms,
+            "aging": a.aging_ms,
         }
         async with self._borrow(conn) as c:
             try:
@@ -684,7 +783,8 @@ class Store:
 
     async def metrics_gauges(self, *, conn: Conn | None = None) -> dict[str, Any]:
         """The queue gauges read at scrape time: queue_depth {status: n}, oldest_pending_seconds,
-        agents {status: n}, event_log_unpublished."""
+        agents {status: n}, event_log_unpublished; flow control's flow_held [{rule, key, tasks}],
+        rate_tokens {key: tokens}, concurrency_active {key: [active, max_active]}."""
         rows = await self._rows(_GAUGES, (), conn)
         return dict(rows[0])
 

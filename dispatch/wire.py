@@ -44,6 +44,11 @@ Lease = Annotated[int, msgspec.Meta(ge=1, le=2_147_483_647)]
 # Every timestamp a client sends must lie here (dispatch.time_in_range says the same in SQL).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+Cost = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
+MaxActive = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Capacity = Annotated[float, msgspec.Meta(ge=1, le=1e12)]
+Refill = Annotated[float, msgspec.Meta(gt=0, le=1e12)]
+Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
 JsonObject = dict[str, Any]
 
 
@@ -69,6 +74,9 @@ class TaskCreate(_Body):
     parent_task_id: uuid.UUID | None = None
     available_at: AwareDatetime | None = None
     source: Source = "api"
+    concurrency_key: ShortText | None = None
+    rate_key: ShortText | None = None
+    cost: Cost = 1
 
 
 class TaskPatch(_Body):
@@ -261,4 +269,36 @@ def new_task(req: TaskCreate) -> NewTask:
         parent_task_id=req.parent_task_id,
         available_at=req.available_at,
         source=req.source,
+        concurrency_key=req.concurrency_key,
+        rate_key=req.rate_key,
+        cost=req.cost,
     )
+
+
+class ConcurrencyLimitBody(_Body):
+    """PUT /api/v1/limits/concurrency/{key}: at most max_active tasks of the key assigned or
+    running at once (0 pauses the key)."""
+
+    max_active: MaxActive
+
+
+class RateLimitBody(_Body):
+    """PUT /api/v1/limits/rate/{key}: a token bucket of `capacity` tokens that gains
+    refill_per_second tokens a second (60 per minute: capacity 60, refill_per_second 1)."""
+
+    capacity: Capacity
+    refill_per_second: Refill
+
+
+class TenantWeightBody(_Body):
+    """PUT /api/v1/tenants/{tenant}/weight: the tenant's share of assignments against others
+    waiting at the same priority (default 1)."""
+
+    weight: Weight
+
+
+def flow_key(raw: str, field: str) -> str:
+    """A concurrency key, rate key or tenant from a path: 1 to 256 characters, no NUL."""
+    if not 1 <= len(raw) <= 256 or "\x00" in raw:
+        raise InvalidInput(f"{field} must be 1 to 256 characters, no NUL", field=field)
+    return raw

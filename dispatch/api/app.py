@@ -15,6 +15,7 @@ from dispatch.api.auth import Authenticator, require_agent
 from dispatch.api.content import require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
+from dispatch.api.limits import LimitController, TenantController
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.notify import AUTH_CHANNEL
@@ -41,7 +42,8 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
 
     api = Router(
         path="/api/v1",
-        route_handlers=[TaskController, AgentController, stats],
+        route_handlers=[TaskController, AgentController, stats, LimitController,
+                        TenantController],
         guards=[require_agent, require_json_body],
         parameters={
             "x_agent_id": HeaderParameter(

@@ -46,7 +46,7 @@ class _Snapshot(Collector):
         for status, n in sorted(dict(self.values.get("agents") or {}).items()):
             agents.add_metric([status], float(n))
         oldest = self.values.get("oldest_pending_seconds")
-        return [
+        return [*self._flow(self.values),
             up,
             depth,
             GaugeMetricFamily(
@@ -59,6 +59,33 @@ class _Snapshot(Collector):
                 value=float(self.values.get("event_log_unpublished") or 0),
             ),
         ]
+
+    @staticmethod
+    def _flow(values: Mapping[str, Any]) -> list[GaugeMetricFamily]:
+        """Flow control: tasks held back by rule, tokens left, active tasks per capped key."""
+        held = GaugeMetricFamily(
+            "dispatch_flow_held_tasks",
+            "Pending available tasks held back by a flow rule (concurrency, rate, fair_share)",
+            labels=["rule", "key"],
+        )
+        for h in values.get("flow_held") or []:
+            held.add_metric([h["rule"], h["key"]], float(h["tasks"]))
+        tokens = GaugeMetricFamily(
+            "dispatch_rate_limit_tokens", "Tokens left in a rate key's bucket", labels=["key"]
+        )
+        for key, n in sorted(dict(values.get("rate_tokens") or {}).items()):
+            tokens.add_metric([key], float(n))
+        active = GaugeMetricFamily(
+            "dispatch_concurrency_active", "Tasks of a capped concurrency key assigned or running",
+            labels=["key"],
+        )
+        cap = GaugeMetricFamily(
+            "dispatch_concurrency_limit", "A concurrency key's cap", labels=["key"]
+        )
+        for key, (n, limit) in sorted(dict(values.get("concurrency_active") or {}).items()):
+            active.add_metric([key], float(n))
+            cap.add_metric([key], float(limit))
+        return [held, tokens, active, cap]
 
 
 def create_ops_app(service: OpsSource) -> Litestar:

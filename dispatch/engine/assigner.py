@@ -1,13 +1,17 @@
 """The assigner loop: woken by NOTIFY dispatch_work (new or newly available work, freed capacity,
 directory changes), it runs assignment batches until nothing more is assignable, then sleeps until
 the next notification, the next scheduled task or the tick, whichever comes first. Sleeping agents
-that win a task are woken through Warren after the commit, in the background."""
+that win a task are woken through Warren after the commit, in the background.
+
+A rate limit that held a task back announces on dispatch_due when its bucket will have refilled;
+the assigner of every replica wakes then instead of at the next tick."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from dispatch.broker import Broker
@@ -15,7 +19,7 @@ from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
-from dispatch.notify import WORK_CHANNEL, Listener
+from dispatch.notify import DUE_CHANNEL, WORK_CHANNEL, Listener
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,19 @@ class Assigner(TickLoop):
         self.batch = broker.assignment.batch_size
         self.assigned = 0
         self._woken: asyncio.Event | None = None
+        self._due = float("inf")  # wall-clock epoch of the nearest refill announced
+        self._nearer = asyncio.Event()
+        if listener is not None:
+            listener.watch(DUE_CHANNEL, self._on_due)
+
+    def _on_due(self, payload: str) -> None:
+        try:
+            due = float(payload)
+        except ValueError:
+            return  # a reconnect: the work channel wakes the assigner for that
+        if due < self._due:
+            self._due = due
+            self._nearer.set()
 
     async def _close(self) -> None:
         if self.waker is not None:
@@ -135,10 +152,24 @@ class Assigner(TickLoop):
         return await self.until_due()
 
     async def sleep(self, seconds: float) -> None:
-        """Until the next NOTIFY dispatch_work, or seconds."""
+        """Until the next NOTIFY dispatch_work, an announced refill, or seconds."""
         woken = self._woken
         if woken is None:
             await asyncio.sleep(seconds)
-        elif not woken.is_set() and seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), seconds)
+            return
+        until = time.time() + seconds
+        while not woken.is_set():
+            # A little past the refill, so that the bucket holds the tokens when we look.
+            left = min(until, self._due + 0.005) - time.time()
+            if left <= 0:
+                break
+            self._nearer.clear()
+            waits = [asyncio.ensure_future(woken.wait()),
+                     asyncio.ensure_future(self._nearer.wait())]
+            try:
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        if self._due <= time.time():
+            self._due = float("inf")

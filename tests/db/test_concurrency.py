@@ -106,7 +106,7 @@ _CLAIM_QUERY = (
     "EXPLAIN (FORMAT JSON) SELECT * FROM dispatch.tasks tk"
     " WHERE tk.status = 'pending' AND tk.available_at <= now()"
     "   AND tk.required_capabilities <@ '{}'::text[]"
-    " ORDER BY tk.priority DESC, tk.created_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    " ORDER BY tk.queue_priority DESC, tk.queue_at LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
 
 

@@ -39,10 +39,13 @@ SELECT 'done', 'req-' || (i % 50), 'api', 'completed', 300, i % 11, 'agent-' || 
        now() - interval '3 days', now() - interval '2 days' + i * interval '1 ms'
 FROM generate_series(1, {TERMINAL}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
-                            required_capabilities, created_at, updated_at, available_at)
+                            required_capabilities, created_at, updated_at, available_at,
+                            queue_priority, queue_at, age_due_at)
 SELECT 'todo', 'req-' || (i % 50), 'api', 'pending', 300, i % 11,
        CASE WHEN i % 2 = 0 THEN '{{code}}'::text[] ELSE '{{}}'::text[] END,
-       now() - interval '1 hour' + i * interval '1 ms', now(), now() - interval '1 hour'
+       now() - interval '1 hour' + i * interval '1 ms', now(), now() - interval '1 hour',
+       i % 11, now() - interval '1 hour' + i * interval '1 ms',
+       CASE WHEN i % 11 < 10 THEN now() + interval '1 minute' + i * interval '1 ms' END
 FROM generate_series(1, {PENDING}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
                             assigned_agent, created_at, updated_at, available_at, assigned_at,
@@ -229,3 +232,25 @@ def test_the_reapers_calls_read_no_pending_or_terminal_rows(conn: Conn, call: st
     assert reads.seq_scans == 0
     assert pending_reads(reads) <= 10, reads.index_tuples
     assert sum(reads.index_tuples.values()) <= 2 * ACTIVE, reads.index_tuples
+
+
+def test_create_places_the_task_in_line_reading_its_tenants_last_one(conn: Conn) -> None:
+    # Fair share reads where the tenant's last pending task at this priority stands (200 of the
+    # pending rows are this tenant's): one probe of the tenant index, not a walk of the queue.
+    reads = measure(
+        conn, "SELECT * FROM dispatch.create_task('t', requester => 'req-7', priority => 7)"
+    )
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 10, reads.index_tuples
+
+
+def test_the_aging_sweep_reads_only_what_is_due(conn: Conn) -> None:
+    reads = measure(conn, "SELECT dispatch.queue_age(now(), 100)")
+    check_plans(reads)
+    assert reads.seq_scans == 0 and pending_reads(reads) == 0, reads.index_tuples
+    # Ten minutes on, every pending task below 10 is due: the sweep takes its 100 and stops.
+    reads = measure(conn, "SELECT dispatch.queue_age(now() + interval '10 minutes', 100)")
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 300, reads.index_tuples

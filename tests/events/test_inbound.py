@@ -291,3 +291,17 @@ async def test_two_replicas_handle_each_request_once(
     finally:
         await other.stop()
         await other_conn.stop()
+
+
+async def test_a_request_carries_flow_control_fields(
+    inbound: NatsInbound, client: Client, sql: Sql
+) -> None:
+    task = await ask(client, "swarm.task.request", {
+        "title": "call", "requester": "req-1", "concurrency_key": "repo-x", "rate_key": "openai",
+        "cost": 25})
+    assert (task["concurrency_key"], task["rate_key"], task["cost"]) == ("repo-x", "openai", 25)
+    for body, field in (({"title": "x", "requester": "r", "cost": 0}, "cost"),
+                        ({"title": "x", "requester": "r", "rate_key": ""}, "rate_key")):
+        reply = await ask(client, "swarm.task.request", body)
+        assert reply["status"] == 400 and reply["detail"]["field"] == field, reply
+    assert task_count(sql) == 1

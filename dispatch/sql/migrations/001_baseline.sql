@@ -38,6 +38,9 @@ CREATE TABLE dispatch.config (
     -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
     -- event rows NOTIFY dispatch_events only then.
     events_notify            boolean NOT NULL DEFAULT false,
+    -- Priority aging (flow control, 08_flow.sql): a pending task's effective priority rises one
+    -- level per aging_ms of waiting, up to 10; 0 turns aging off.
+    aging_ms                 integer NOT NULL DEFAULT 300000 CHECK (aging_ms >= 0),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
 
@@ -129,20 +132,46 @@ CREATE TABLE dispatch.tasks (
     started_at            timestamptz,
     last_progress_at      timestamptz,
     completed_at          timestamptz,
+    -- Flow control (08_flow.sql): at most concurrency_limits.max_active tasks of one
+    -- concurrency_key are active at once; a task with a rate_key takes `cost` tokens from that
+    -- key's bucket when it is assigned.
+    concurrency_key       text CONSTRAINT tasks_concurrency_key_length
+                          CHECK (char_length(concurrency_key) BETWEEN 1 AND 256),
+    rate_key              text CONSTRAINT tasks_rate_key_length
+                          CHECK (char_length(rate_key) BETWEEN 1 AND 256),
+    cost                  integer NOT NULL DEFAULT 1
+                          CONSTRAINT tasks_cost_range CHECK (cost BETWEEN 1 AND 1000000000),
+    -- The task's place in the pending queue, kept by the tasks_queue_place trigger and the aging
+    -- sweep (dispatch.queue_age): its effective priority (priority, raised by aging), the instant
+    -- it queues at (available_at, or later when its tenant already has tasks waiting at this
+    -- priority: fair share) and when it next ages.
+    queue_priority        integer NOT NULL DEFAULT 0,
+    queue_at              timestamptz NOT NULL DEFAULT now(),
+    age_due_at            timestamptz,
     CONSTRAINT tasks_times_range CHECK (
         dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
         AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
         AND dispatch.time_in_range(assigned_at) AND dispatch.time_in_range(started_at)
-        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at))
+        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at)
+        AND dispatch.time_in_range(queue_at) AND dispatch.time_in_range(age_due_at))
 );
 
 -- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
 -- small however long the history grows. Progress/heartbeat columns are in no index: progress
 -- reports are HOT updates.
 --
--- The claim and the assigner walk the pending rows in this order and stop at their LIMIT.
-CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
+-- The claim and the assigner walk the pending rows in this order (effective priority, then the
+-- place in line that fair share gave each task) and stop when they have enough.
+CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (queue_priority DESC, queue_at)
     WHERE status = 'pending';
+
+-- Fair share: the last place in line a tenant (owner, else requester) holds at a priority.
+CREATE INDEX tasks_pending_tenant_idx ON dispatch.tasks
+    ((coalesce(owner, requester)), priority, queue_at) WHERE status = 'pending';
+
+-- Aging: the pending tasks whose effective priority is due to rise next.
+CREATE INDEX tasks_pending_aging_idx ON dispatch.tasks (age_due_at)
+    WHERE status = 'pending' AND age_due_at IS NOT NULL;
 
 -- Pending rows whose availability was moved past their creation (scheduled, retried, reassigned,
 -- requeued): next_due finds the next one to become available. Only those rows, on purpose: an
@@ -153,6 +182,10 @@ CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
 
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');
+
+-- A concurrency limit set on a key that already has active tasks starts from their count.
+CREATE INDEX tasks_active_concurrency_idx ON dispatch.tasks (concurrency_key)
+    WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL;
 
 -- Retention, stats over the last hour and the dead-letter listing read terminal rows by time.
 CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)
@@ -1007,19 +1040,22 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The walk of the pending queue that the claim, the assigner and the unmatched report share: the
--- pending, available rows in priority order, fetched one at a time through a cursor. A cursor is
+-- pending, available rows in queue order (effective priority, then place in line: 08_flow.sql),
+-- fetched one at a time through a cursor. A cursor is
 -- planned for its first rows, so its natural plan reads tasks_pending_order_idx in order and stops
 -- when the caller stops fetching: O(rows looked at), whatever the statistics say. (A single
 -- statement with the eligibility rule in its WHERE and a LIMIT invites the planner, whenever its
 -- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
 -- walk; the caller locks the one it takes, SKIP LOCKED.
 CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
-RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[])
+RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
+               concurrency_key text, rate_key text, cost integer)
 LANGUAGE sql STABLE AS $$
-    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
+    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents,
+           tk.concurrency_key, tk.rate_key, tk.cost
     FROM dispatch.tasks tk
     WHERE tk.status = 'pending' AND tk.available_at <= p_now
-    ORDER BY tk.priority DESC, tk.created_at
+    ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
 -- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
@@ -1063,7 +1099,9 @@ $$;
 -- the room under its limit, or nothing. With p_start they are started in the same transaction
 -- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
 -- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
--- takes now to those of its registered capabilities; it never widens them.
+-- takes now to those of its registered capabilities; it never widens them. Flow control: tasks
+-- whose concurrency key or rate key holds them back are passed over, checked again once their
+-- limit rows are locked.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -1078,6 +1116,12 @@ DECLARE
     room  integer;
     taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
+    keyed boolean := false;  -- some task taken has flow keys
+    ckeys text[] := '{}';    -- the flow keys of the tasks taken, counted against their limits
+    rkeys text[] := '{}';
+    costs integer[] := '{}';
+    hold  record;
+    refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -1098,6 +1142,10 @@ BEGIN
         RETURN;
     END IF;
     room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+        PERFORM dispatch.queue_age(p_now, 10);
+    END IF;
     IF p_capabilities IS NOT NULL THEN
         a.capabilities := ARRAY(
             SELECT x FROM unnest(dispatch.normalize_capabilities(p_capabilities)) x
@@ -1113,11 +1161,25 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
+                                       ckeys, rkeys, costs);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
+            IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
+                keyed := true;
+                ckeys := ckeys || t.concurrency_key;
+                rkeys := rkeys || t.rate_key;
+                costs := costs || t.cost;
+            END IF;
         END IF;
     END LOOP;
     CLOSE walk;
@@ -1128,8 +1190,22 @@ BEGIN
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
             FOR NO KEY UPDATE SKIP LOCKED);
+        keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
+                                  WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
+    END IF;
+    IF keyed AND cardinality(taken) > 1 THEN
+        PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
+                                   ARRAY(SELECT x.rate_key FROM unnest(taken) x));
     END IF;
     FOREACH t IN ARRAY taken LOOP
+        IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
+            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                       p_lock => true);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         PERFORM dispatch.fn_enter();
         t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
@@ -1138,6 +1214,9 @@ BEGIN
         END IF;
         RETURN NEXT t;
     END LOOP;
+    IF refill IS NOT NULL THEN
+        PERFORM dispatch.flow_wake(refill);
+    END IF;
 END
 $$;
 
@@ -1150,6 +1229,10 @@ $$;
 -- work: claims and completions of other agents never wait for a round, and those of a picked
 -- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
 -- and active_count rises with each assignment, so the limit holds inside the round too.
+-- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
+-- (counting its own picks); when a pick has flow keys, the apply step locks every picked agent and
+-- then the keys' limit rows (flow_lock's order) before it gives anything, and checks each keyed
+-- task again as the limits are then.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
@@ -1165,6 +1248,12 @@ DECLARE
     picks uuid[] := '{}';
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
+    keyed boolean := false;  -- some pick has flow keys
+    ckeys text[] := '{}';    -- the flow keys of the keyed picks, counted against their limits
+    rkeys text[] := '{}';
+    costs integer[] := '{}';
+    hold  record;
+    refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     free := ARRAY(SELECT ag FROM dispatch.agents ag
@@ -1176,10 +1265,22 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+        PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
+    END IF;
     OPEN walk;
     WHILE cardinality(picks) < room LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
+                                       ckeys, rkeys, costs);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         SELECT s.* INTO a FROM unnest(free) s
         WHERE cardinality(dispatch.agent_ineligibility(
                   s, cand.required_capabilities, cand.owner, c)) = 0
@@ -1196,6 +1297,12 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         picks := picks || cand.task_id;
         pickd := pickd || a.agent_id;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            keyed := true;
+            ckeys := ckeys || cand.concurrency_key;
+            rkeys := rkeys || cand.rate_key;
+            costs := costs || cand.cost;
+        END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
         a.last_assigned_at := p_now;
@@ -1207,6 +1314,11 @@ BEGIN
         END LOOP;
     END LOOP;
     CLOSE walk;
+    IF keyed THEN
+        PERFORM 1 FROM dispatch.agents ag WHERE ag.agent_id = ANY (pickd)
+        ORDER BY ag.agent_id FOR UPDATE;
+        PERFORM dispatch.flow_lock(ckeys, rkeys);
+    END IF;
     PERFORM dispatch.fn_enter();
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
         SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
@@ -1215,6 +1327,14 @@ BEGIN
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
+            IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
+                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                           p_lock => true);
+                IF hold.reason IS NOT NULL THEN
+                    refill := least(refill, hold.until);
+                    CONTINUE;
+                END IF;
+            END IF;
             task_id := t.task_id;
             agent_id := held.agent_id;
             score := dispatch.task_score(held, t);
@@ -1227,6 +1347,9 @@ BEGIN
         END LOOP;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    IF refill IS NOT NULL THEN
+        PERFORM dispatch.flow_wake(refill);
+    END IF;
 END
 $$;
 
@@ -1682,7 +1805,10 @@ CREATE FUNCTION dispatch.create_task(
     parent_task_id uuid DEFAULT NULL,
     available_at timestamptz DEFAULT NULL,
     source text DEFAULT 'sql',
-    idempotency_key text DEFAULT NULL
+    idempotency_key text DEFAULT NULL,
+    concurrency_key text DEFAULT NULL,
+    rate_key text DEFAULT NULL,
+    cost integer DEFAULT 1
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -1692,13 +1818,14 @@ BEGIN
     INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
                                       priority, timeout_seconds, heartbeat_seconds, max_retries,
                                       metadata, parent_task_id, available_at, source,
-                                      idempotency_key)
+                                      idempotency_key, concurrency_key, rate_key, cost)
     VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
             create_task.owner, coalesce(create_task.required_capabilities, '{}'),
             coalesce(create_task.priority, 0), create_task.timeout_seconds,
             create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
             coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
-            create_task.available_at, create_task.source, create_task.idempotency_key)
+            create_task.available_at, create_task.source, create_task.idempotency_key,
+            create_task.concurrency_key, create_task.rate_key, create_task.cost)
     ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING * INTO t;
     IF t.task_id IS NULL THEN
@@ -1761,3 +1888,466 @@ WHERE t.status IN ('assigned', 'running')
        OR t.heartbeat_seconds IS NOT NULL
           AND coalesce(t.last_progress_at, t.started_at, t.assigned_at)
               + make_interval(secs => t.heartbeat_seconds) <= now());
+
+-- ---- schema/08_flow.sql at 0.1.0
+
+-- Flow control (SPEC §12): fair share across tenants, priority aging, concurrency keys and rate
+-- limits. All of it is enforced here, in the transaction that assigns (task_assign and task_claim
+-- in 04_assignment.sql call these functions), so no replica, agent or psql session gets around it.
+--
+-- Fair share and aging decide the order of the pending queue, and they are kept in the rows the
+-- walk reads (tasks.queue_priority, tasks.queue_at) so that the walk stays one ordered index scan:
+--   * A task's place in line (queue_at) is its available_at, or, when its tenant (owner, else
+--     requester) already has tasks waiting at the same priority, 1/weight seconds after the last
+--     of them. A tenant's flood is spread out in time, and another tenant's task lands between
+--     its first ones instead of behind all of them (weighted fair queuing with a virtual clock).
+--   * Its effective priority (queue_priority) is its priority, raised by one level per
+--     config.aging_ms that it has waited in line, up to 10. The sweep dispatch.queue_age raises it
+--     when due (age_due_at); the assigner and the claim run the sweep before they walk.
+-- Concurrency keys and rate limits decide whether a task may be assigned now. Both live in rows
+-- that the assigning transaction locks (after the agents' rows, keys in key order, so it never
+-- deadlocks with another assignment). A key's row is its semaphore: under its lock the key's
+-- active tasks are counted (tasks_active_concurrency_idx), so the row is never updated and a
+-- completion does not touch it (a counter updated by every assignment and completion of a busy
+-- key made that one row the hot spot of the whole queue). A bucket's row is updated by every
+-- assignment that takes its tokens (the trigger tasks_flow_count, from raw SQL too).
+
+CREATE TABLE dispatch.tenant_weights (
+    tenant     text PRIMARY KEY
+               CONSTRAINT tenant_weights_tenant_length CHECK (char_length(tenant) BETWEEN 1 AND 256),
+    -- A tenant of weight 2 gets two tasks assigned for every one of a tenant of weight 1.
+    weight     float8 NOT NULL CONSTRAINT tenant_weights_weight_range CHECK (weight > 0 AND weight <= 1000),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE dispatch.concurrency_limits (
+    key          text PRIMARY KEY
+                 CONSTRAINT concurrency_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
+    -- 0 pauses the key.
+    max_active   integer NOT NULL
+                 CONSTRAINT concurrency_limits_max_active_range CHECK (max_active BETWEEN 0 AND 1000000),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- A token bucket per key: `tokens` as of `refilled_at`; it gains refill_per_second tokens a second
+-- up to `capacity`, and every assignment of a task with this rate_key takes the task's cost.
+CREATE TABLE dispatch.rate_limits (
+    key               text PRIMARY KEY
+                      CONSTRAINT rate_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
+    capacity          float8 NOT NULL
+                      CONSTRAINT rate_limits_capacity_range CHECK (capacity >= 1 AND capacity <= 1e12),
+    refill_per_second float8 NOT NULL
+                      CONSTRAINT rate_limits_refill_range
+                      CHECK (refill_per_second > 0 AND refill_per_second <= 1e12),
+    tokens            float8 NOT NULL,
+    refilled_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- The tokens in the bucket at p_now.
+CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT least(r.capacity, r.tokens + greatest(extract(epoch FROM p_now - r.refilled_at)::float8, 0)
+                                        * r.refill_per_second)
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- The queue order: fair share and aging
+---------------------------------------------------------------------------------------------------
+
+-- Places a task that (re)enters the pending queue or changes priority, and checks the flow fields
+-- of a new task.
+CREATE FUNCTION dispatch.tasks_queue_place() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    who   text := coalesce(NEW.owner, NEW.requester);
+    w     float8;
+    prev  timestamptz;
+    aging integer;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.concurrency_key IS NOT NULL AND char_length(NEW.concurrency_key) NOT BETWEEN 1 AND 256 THEN
+            RAISE EXCEPTION 'concurrency_key must be 1 to 256 characters'
+                USING ERRCODE = 'UD400', COLUMN = 'concurrency_key';
+        END IF;
+        IF NEW.rate_key IS NOT NULL AND char_length(NEW.rate_key) NOT BETWEEN 1 AND 256 THEN
+            RAISE EXCEPTION 'rate_key must be 1 to 256 characters'
+                USING ERRCODE = 'UD400', COLUMN = 'rate_key';
+        END IF;
+        IF NEW.cost IS NULL OR NEW.cost NOT BETWEEN 1 AND 1000000000 THEN
+            RAISE EXCEPTION 'cost must be between 1 and 1000000000 (got %)', NEW.cost
+                USING ERRCODE = 'UD400', COLUMN = 'cost';
+        END IF;
+    ELSIF OLD.status = 'pending' AND NEW.priority = OLD.priority
+          AND NEW.available_at = OLD.available_at THEN
+        RETURN NEW;  -- still in line where it was
+    END IF;
+    SELECT (SELECT tw.weight FROM dispatch.tenant_weights tw WHERE tw.tenant = who),
+           (SELECT max(tk.queue_at) FROM dispatch.tasks tk
+            WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
+              AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id),
+           c.aging_ms
+    INTO w, prev, aging FROM dispatch.config c;
+    NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
+    NEW.queue_priority := NEW.priority;
+    NEW.age_due_at := CASE WHEN aging > 0 AND NEW.priority < 10
+                           THEN NEW.queue_at + make_interval(secs => aging / 1000.0) END;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_queue_place
+    BEFORE INSERT OR UPDATE OF status, priority, available_at ON dispatch.tasks
+    FOR EACH ROW WHEN (NEW.status = 'pending') EXECUTE FUNCTION dispatch.tasks_queue_place();
+
+-- Raises the effective priority of up to p_limit pending tasks whose next level is due; returns
+-- how many. Rows another transaction holds are left for the next sweep.
+CREATE FUNCTION dispatch.queue_age(p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    aging integer := (SELECT c.aging_ms FROM dispatch.config c);
+    n     integer;
+BEGIN
+    IF aging = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH due AS (
+        SELECT tk.task_id,
+               least(10, tk.priority + floor(extract(epoch FROM p_now - tk.queue_at) * 1000
+                                             / aging)::integer) AS level
+        FROM dispatch.tasks tk
+        WHERE tk.status = 'pending' AND tk.age_due_at <= p_now
+        ORDER BY tk.age_due_at
+        LIMIT p_limit
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), aged AS (
+        UPDATE dispatch.tasks tk
+        SET queue_priority = due.level,
+            age_due_at = CASE WHEN due.level < 10
+                              THEN tk.queue_at + make_interval(
+                                  secs => (due.level - tk.priority + 1) * aging / 1000.0) END
+        FROM due WHERE tk.task_id = due.task_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM aged;
+    RETURN n;
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- Whether a task may be assigned now: concurrency keys and rate limits
+---------------------------------------------------------------------------------------------------
+
+-- What holds back a task with these flow fields at p_now (reason NULL: nothing), and for a rate
+-- limit the instant its bucket will hold enough. The p_*_taken arrays are what the caller has
+-- already picked in this transaction but not yet given (counted against the limits); a caller
+-- that is about to give the task passes none and p_lock: the limit rows are then locked (the
+-- concurrency key's, then the rate key's: flow_lock's order) and read as they are now, this
+-- transaction's earlier gives included.
+CREATE FUNCTION dispatch.flow_hold(
+    p_concurrency_key text, p_rate_key text, p_cost integer, p_now timestamptz,
+    p_keys_taken text[] DEFAULT '{}', p_rates_taken text[] DEFAULT '{}',
+    p_costs_taken integer[] DEFAULT '{}', p_lock boolean DEFAULT false,
+    OUT reason text, OUT until timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    cl   dispatch.concurrency_limits;
+    rl   dispatch.rate_limits;
+    used integer;
+    have float8;
+BEGIN
+    IF p_concurrency_key IS NOT NULL THEN
+        IF p_lock THEN
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
+            FOR UPDATE;
+        ELSE
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+        END IF;
+        IF FOUND THEN
+            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
+            used := (SELECT count(*) FROM dispatch.tasks tk
+                     WHERE tk.status IN ('assigned', 'running')
+                       AND tk.concurrency_key = p_concurrency_key)
+                    + cardinality(array_positions(p_keys_taken, p_concurrency_key));
+            IF used >= cl.max_active THEN
+                reason := format('concurrency key %s at %s/%s', cl.key, used, cl.max_active);
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF p_rate_key IS NOT NULL THEN
+        IF p_lock THEN
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
+        ELSE
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+        END IF;
+        IF FOUND THEN
+            have := dispatch.rate_tokens(rl, p_now);
+            IF cardinality(p_rates_taken) > 0 THEN
+                have := have - coalesce((SELECT sum(x.c) FROM unnest(p_rates_taken, p_costs_taken)
+                                         AS x (k, c) WHERE x.k = p_rate_key), 0);
+            END IF;
+            IF p_cost > rl.capacity THEN
+                reason := format('rate key %s: cost %s exceeds its capacity %s', rl.key, p_cost,
+                                 rl.capacity);
+            ELSIF have < p_cost THEN
+                until := p_now + make_interval(secs => (p_cost - have) / rl.refill_per_second);
+                reason := format('rate key %s empty until %s', rl.key,
+                                 to_char(until AT TIME ZONE 'UTC',
+                                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+            END IF;
+        END IF;
+    END IF;
+END
+$$;
+
+-- Locks the limit rows of these keys, after the agents' rows and in key order (concurrency keys,
+-- then rate keys): every assigning transaction takes them in this order, so none of them can
+-- deadlock (a completion takes no key row; a raw-SQL assignment takes its bucket's row last).
+CREATE FUNCTION dispatch.flow_lock(p_concurrency_keys text[], p_rate_keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM dispatch.concurrency_limits l WHERE l.key = ANY (p_concurrency_keys)
+    ORDER BY l.key FOR UPDATE;
+    PERFORM 1 FROM dispatch.rate_limits l WHERE l.key = ANY (p_rate_keys)
+    ORDER BY l.key FOR UPDATE;
+END
+$$;
+
+-- Tells the engines of every replica when a rate limit that held a task back will have refilled
+-- (channel dispatch_due, payload its epoch), so that assignment resumes then and not at the next
+-- tick. Identical payloads fold.
+CREATE FUNCTION dispatch.flow_wake(p_at timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
+$$;
+
+-- An assignment of a task with a rate key takes its cost from the key's bucket (a raw-SQL
+-- assignment too: the bucket may go below zero, and waits to refill). Named to run after
+-- tasks_before_update, so the agent's row is locked before the bucket's.
+CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    at timestamptz := coalesce(NEW.assigned_at, now());
+BEGIN
+    IF OLD.status = 'pending' AND NEW.status = 'assigned' THEN
+        UPDATE dispatch.rate_limits l
+        SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
+            refilled_at = greatest(l.refilled_at, at)
+        WHERE l.key = NEW.rate_key;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
+    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL) EXECUTE FUNCTION dispatch.tasks_flow_count();
+
+-- Every rule that holds back a pending task now (empty: none does): its availability, its
+-- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
+-- line. With the task's tenant and effective priority, for explain.
+CREATE FUNCTION dispatch.task_hold(p_task_id uuid, p_now timestamptz DEFAULT now())
+RETURNS TABLE (tenant text, effective_priority integer, reasons text[])
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    t     dispatch.tasks;
+    hold  record;
+    ahead bigint;
+BEGIN
+    SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = p_task_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
+    END IF;
+    tenant := coalesce(t.owner, t.requester);
+    effective_priority := CASE WHEN t.status = 'pending' THEN t.queue_priority END;
+    reasons := '{}';
+    IF t.status = 'pending' THEN
+        IF t.available_at > p_now THEN
+            reasons := reasons || format('not available until %s',
+                to_char(t.available_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+        END IF;
+        hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now);
+        IF hold.reason IS NOT NULL THEN
+            reasons := reasons || hold.reason;
+        END IF;
+        IF t.queue_at > t.available_at THEN
+            SELECT count(*) INTO ahead FROM dispatch.tasks tk
+            WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = tenant
+              AND tk.priority = t.priority AND tk.queue_at < t.queue_at;
+            IF ahead > 0 THEN
+                reasons := reasons || format(
+                    'tenant %s''s fair share: %s of its tasks at priority %s are ahead in line',
+                    tenant, ahead, t.priority);
+            END IF;
+        END IF;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- The DBA and admin surface: weights, caps and buckets
+---------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION dispatch.flow_check_key(p_key text, p_column text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_key IS NULL OR char_length(p_key) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION '% must be 1 to 256 characters', p_column
+            USING ERRCODE = 'UD400', COLUMN = p_column;
+    END IF;
+END
+$$;
+
+-- A tenant's weight for fair share (default 1); it places the tenant's tasks queued from now on.
+CREATE FUNCTION dispatch.tenant_weight_set(
+    p_tenant text, p_weight float8, p_now timestamptz DEFAULT now()
+)
+RETURNS dispatch.tenant_weights
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tenant_weights;
+BEGIN
+    PERFORM dispatch.flow_check_key(p_tenant, 'tenant');
+    IF p_weight IS NULL OR NOT (p_weight > 0 AND p_weight <= 1000) THEN
+        RAISE EXCEPTION 'weight must be greater than 0 and at most 1000 (got %)', p_weight
+            USING ERRCODE = 'UD400', COLUMN = 'weight';
+    END IF;
+    INSERT INTO dispatch.tenant_weights AS tw (tenant, weight, updated_at)
+    VALUES (p_tenant, p_weight, p_now)
+    ON CONFLICT (tenant) DO UPDATE SET weight = EXCLUDED.weight, updated_at = p_now
+    RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION dispatch.tenant_weight_delete(p_tenant text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH gone AS (DELETE FROM dispatch.tenant_weights WHERE tenant = p_tenant RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+
+-- Sets a key's cap; it counts the key's tasks active from then on, those already active included.
+CREATE FUNCTION dispatch.concurrency_limit_set(
+    p_key text, p_max_active integer, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.concurrency_limits
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.concurrency_limits;
+BEGIN
+    PERFORM dispatch.flow_check_key(p_key, 'key');
+    IF p_max_active IS NULL OR p_max_active NOT BETWEEN 0 AND 1000000 THEN
+        RAISE EXCEPTION 'max_active must be between 0 and 1000000 (got %)', p_max_active
+            USING ERRCODE = 'UD400', COLUMN = 'max_active';
+    END IF;
+    INSERT INTO dispatch.concurrency_limits AS l (key, max_active, updated_at)
+    VALUES (p_key, p_max_active, p_now)
+    ON CONFLICT (key) DO UPDATE SET max_active = EXCLUDED.max_active, updated_at = p_now
+    RETURNING * INTO r;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION dispatch.concurrency_limit_delete(p_key text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM dispatch.concurrency_limits WHERE key = p_key;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN true;
+END
+$$;
+
+-- Sets a key's bucket. A new bucket starts full; a changed one keeps the tokens it has (refilled
+-- at its old rate up to now, and at most the new capacity).
+CREATE FUNCTION dispatch.rate_limit_set(
+    p_key text, p_capacity float8, p_refill_per_second float8, p_now timestamptz DEFAULT now()
+) RETURNS dispatch.rate_limits
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.rate_limits;
+BEGIN
+    PERFORM dispatch.flow_check_key(p_key, 'key');
+    IF p_capacity IS NULL OR NOT (p_capacity >= 1 AND p_capacity <= 1e12) THEN
+        RAISE EXCEPTION 'capacity must be between 1 and 1e12 (got %)', p_capacity
+            USING ERRCODE = 'UD400', COLUMN = 'capacity';
+    END IF;
+    IF p_refill_per_second IS NULL OR NOT (p_refill_per_second > 0 AND p_refill_per_second <= 1e12) THEN
+        RAISE EXCEPTION 'refill_per_second must be greater than 0 and at most 1e12 (got %)',
+            p_refill_per_second USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
+    END IF;
+    INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, tokens, refilled_at,
+                                           updated_at)
+    VALUES (p_key, p_capacity, p_refill_per_second, p_capacity, p_now, p_now)
+    ON CONFLICT (key) DO UPDATE
+        SET tokens = least(EXCLUDED.capacity, dispatch.rate_tokens(l, p_now)),
+            refilled_at = greatest(l.refilled_at, p_now),
+            capacity = EXCLUDED.capacity, refill_per_second = EXCLUDED.refill_per_second,
+            updated_at = p_now
+    RETURNING * INTO r;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION dispatch.rate_limit_delete(p_key text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM dispatch.rate_limits WHERE key = p_key;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN true;
+END
+$$;
+
+-- The caps with the tasks of each key assigned or running now, for the API, the metrics and psql.
+CREATE FUNCTION dispatch.concurrency_limit_list()
+RETURNS TABLE (key text, max_active integer, active_tasks integer, updated_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT l.key, l.max_active,
+           (SELECT count(*) FROM dispatch.tasks tk
+            WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = l.key)::integer,
+           l.updated_at
+    FROM dispatch.concurrency_limits l ORDER BY l.key
+$$;
+
+-- The buckets as of p_now, for the API, the metrics and psql.
+CREATE FUNCTION dispatch.rate_limit_list(p_now timestamptz DEFAULT now())
+RETURNS TABLE (key text, capacity float8, refill_per_second float8, tokens float8,
+               updated_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT l.key, l.capacity, l.refill_per_second, dispatch.rate_tokens(l, p_now), l.updated_at
+    FROM dispatch.rate_limits l ORDER BY l.key
+$$;
+
+-- Pending, available tasks held back now, by rule: a concurrency key at its cap, a rate key short
+-- of the task's cost, or fair share (placed in line after its tenant's earlier tasks, keyed by
+-- tenant). For the metrics, read at scrape time.
+CREATE FUNCTION dispatch.flow_held(p_now timestamptz DEFAULT now())
+RETURNS TABLE (rule text, key text, tasks bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT 'concurrency', l.key, count(*)
+    FROM dispatch.concurrency_limit_list() l
+    JOIN dispatch.tasks tk ON tk.concurrency_key = l.key
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now AND l.active_tasks >= l.max_active
+    GROUP BY l.key
+    UNION ALL
+    SELECT 'rate', l.key, count(*)
+    FROM dispatch.rate_limits l
+    JOIN dispatch.tasks tk ON tk.rate_key = l.key
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now
+      AND dispatch.rate_tokens(l, p_now) < tk.cost
+    GROUP BY l.key
+    UNION ALL
+    SELECT 'fair_share', coalesce(tk.owner, tk.requester), count(*)
+    FROM dispatch.tasks tk
+    WHERE tk.status = 'pending' AND tk.available_at <= p_now AND tk.queue_at > tk.available_at
+    GROUP BY 2
+$$;

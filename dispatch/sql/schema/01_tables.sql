@@ -32,6 +32,9 @@ CREATE TABLE dispatch.config (
     -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
     -- event rows NOTIFY dispatch_events only then.
     events_notify            boolean NOT NULL DEFAULT false,
+    -- Priority aging (flow control, 08_flow.sql): a pending task's effective priority rises one
+    -- level per aging_ms of waiting, up to 10; 0 turns aging off.
+    aging_ms                 integer NOT NULL DEFAULT 300000 CHECK (aging_ms >= 0),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
 
@@ -123,20 +126,46 @@ CREATE TABLE dispatch.tasks (
     started_at            timestamptz,
     last_progress_at      timestamptz,
     completed_at          timestamptz,
+    -- Flow control (08_flow.sql): at most concurrency_limits.max_active tasks of one
+    -- concurrency_key are active at once; a task with a rate_key takes `cost` tokens from that
+    -- key's bucket when it is assigned.
+    concurrency_key       text CONSTRAINT tasks_concurrency_key_length
+                          CHECK (char_length(concurrency_key) BETWEEN 1 AND 256),
+    rate_key              text CONSTRAINT tasks_rate_key_length
+                          CHECK (char_length(rate_key) BETWEEN 1 AND 256),
+    cost                  integer NOT NULL DEFAULT 1
+                          CONSTRAINT tasks_cost_range CHECK (cost BETWEEN 1 AND 1000000000),
+    -- The task's place in the pending queue, kept by the tasks_queue_place trigger and the aging
+    -- sweep (dispatch.queue_age): its effective priority (priority, raised by aging), the instant
+    -- it queues at (available_at, or later when its tenant already has tasks waiting at this
+    -- priority: fair share) and when it next ages.
+    queue_priority        integer NOT NULL DEFAULT 0,
+    queue_at              timestamptz NOT NULL DEFAULT now(),
+    age_due_at            timestamptz,
     CONSTRAINT tasks_times_range CHECK (
         dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
         AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
         AND dispatch.time_in_range(assigned_at) AND dispatch.time_in_range(started_at)
-        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at))
+        AND dispatch.time_in_range(last_progress_at) AND dispatch.time_in_range(completed_at)
+        AND dispatch.time_in_range(queue_at) AND dispatch.time_in_range(age_due_at))
 );
 
 -- The hot path. Only pending rows are in these two, only active rows in the third, so they stay
 -- small however long the history grows. Progress/heartbeat columns are in no index: progress
 -- reports are HOT updates.
 --
--- The claim and the assigner walk the pending rows in this order and stop at their LIMIT.
-CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (priority DESC, created_at)
+-- The claim and the assigner walk the pending rows in this order (effective priority, then the
+-- place in line that fair share gave each task) and stop when they have enough.
+CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (queue_priority DESC, queue_at)
     WHERE status = 'pending';
+
+-- Fair share: the last place in line a tenant (owner, else requester) holds at a priority.
+CREATE INDEX tasks_pending_tenant_idx ON dispatch.tasks
+    ((coalesce(owner, requester)), priority, queue_at) WHERE status = 'pending';
+
+-- Aging: the pending tasks whose effective priority is due to rise next.
+CREATE INDEX tasks_pending_aging_idx ON dispatch.tasks (age_due_at)
+    WHERE status = 'pending' AND age_due_at IS NOT NULL;
 
 -- Pending rows whose availability was moved past their creation (scheduled, retried, reassigned,
 -- requeued): next_due finds the next one to become available. Only those rows, on purpose: an
@@ -147,6 +176,10 @@ CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
 
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');
+
+-- A concurrency limit set on a key that already has active tasks starts from their count.
+CREATE INDEX tasks_active_concurrency_idx ON dispatch.tasks (concurrency_key)
+    WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL;
 
 -- Retention, stats over the last hour and the dead-letter listing read terminal rows by time.
 CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)

@@ -84,19 +84,22 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The walk of the pending queue that the claim, the assigner and the unmatched report share: the
--- pending, available rows in priority order, fetched one at a time through a cursor. A cursor is
+-- pending, available rows in queue order (effective priority, then place in line: 08_flow.sql),
+-- fetched one at a time through a cursor. A cursor is
 -- planned for its first rows, so its natural plan reads tasks_pending_order_idx in order and stops
 -- when the caller stops fetching: O(rows looked at), whatever the statistics say. (A single
 -- statement with the eligibility rule in its WHERE and a LIMIT invites the planner, whenever its
 -- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
 -- walk; the caller locks the one it takes, SKIP LOCKED.
 CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
-RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[])
+RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
+               concurrency_key text, rate_key text, cost integer)
 LANGUAGE sql STABLE AS $$
-    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents
+    SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents,
+           tk.concurrency_key, tk.rate_key, tk.cost
     FROM dispatch.tasks tk
     WHERE tk.status = 'pending' AND tk.available_at <= p_now
-    ORDER BY tk.priority DESC, tk.created_at
+    ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
 -- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
@@ -140,7 +143,9 @@ $$;
 -- the room under its limit, or nothing. With p_start they are started in the same transaction
 -- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
 -- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
--- takes now to those of its registered capabilities; it never widens them.
+-- takes now to those of its registered capabilities; it never widens them. Flow control: tasks
+-- whose concurrency key or rate key holds them back are passed over, checked again once their
+-- limit rows are locked.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -155,6 +160,12 @@ DECLARE
     room  integer;
     taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
+    keyed boolean := false;  -- some task taken has flow keys
+    ckeys text[] := '{}';    -- the flow keys of the tasks taken, counted against their limits
+    rkeys text[] := '{}';
+    costs integer[] := '{}';
+    hold  record;
+    refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -175,6 +186,10 @@ BEGIN
         RETURN;
     END IF;
     room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+        PERFORM dispatch.queue_age(p_now, 10);
+    END IF;
     IF p_capabilities IS NOT NULL THEN
         a.capabilities := ARRAY(
             SELECT x FROM unnest(dispatch.normalize_capabilities(p_capabilities)) x
@@ -190,11 +205,25 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
+                                       ckeys, rkeys, costs);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
+            IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
+                keyed := true;
+                ckeys := ckeys || t.concurrency_key;
+                rkeys := rkeys || t.rate_key;
+                costs := costs || t.cost;
+            END IF;
         END IF;
     END LOOP;
     CLOSE walk;
@@ -205,8 +234,22 @@ BEGIN
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
             FOR NO KEY UPDATE SKIP LOCKED);
+        keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
+                                  WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
+    END IF;
+    IF keyed AND cardinality(taken) > 1 THEN
+        PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
+                                   ARRAY(SELECT x.rate_key FROM unnest(taken) x));
     END IF;
     FOREACH t IN ARRAY taken LOOP
+        IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
+            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                       p_lock => true);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         PERFORM dispatch.fn_enter();
         t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
@@ -215,6 +258,9 @@ BEGIN
         END IF;
         RETURN NEXT t;
     END LOOP;
+    IF refill IS NOT NULL THEN
+        PERFORM dispatch.flow_wake(refill);
+    END IF;
 END
 $$;
 
@@ -227,6 +273,10 @@ $$;
 -- work: claims and completions of other agents never wait for a round, and those of a picked
 -- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
 -- and active_count rises with each assignment, so the limit holds inside the round too.
+-- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
+-- (counting its own picks); when a pick has flow keys, the apply step locks every picked agent and
+-- then the keys' limit rows (flow_lock's order) before it gives anything, and checks each keyed
+-- task again as the limits are then.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
@@ -242,6 +292,12 @@ DECLARE
     picks uuid[] := '{}';
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
+    keyed boolean := false;  -- some pick has flow keys
+    ckeys text[] := '{}';    -- the flow keys of the keyed picks, counted against their limits
+    rkeys text[] := '{}';
+    costs integer[] := '{}';
+    hold  record;
+    refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     free := ARRAY(SELECT ag FROM dispatch.agents ag
@@ -253,10 +309,22 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
+    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
+                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+        PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
+    END IF;
     OPEN walk;
     WHILE cardinality(picks) < room LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
+                                       ckeys, rkeys, costs);
+            IF hold.reason IS NOT NULL THEN
+                refill := least(refill, hold.until);
+                CONTINUE;
+            END IF;
+        END IF;
         SELECT s.* INTO a FROM unnest(free) s
         WHERE cardinality(dispatch.agent_ineligibility(
                   s, cand.required_capabilities, cand.owner, c)) = 0
@@ -273,6 +341,12 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         picks := picks || cand.task_id;
         pickd := pickd || a.agent_id;
+        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+            keyed := true;
+            ckeys := ckeys || cand.concurrency_key;
+            rkeys := rkeys || cand.rate_key;
+            costs := costs || cand.cost;
+        END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
         a.last_assigned_at := p_now;
@@ -284,6 +358,11 @@ BEGIN
         END LOOP;
     END LOOP;
     CLOSE walk;
+    IF keyed THEN
+        PERFORM 1 FROM dispatch.agents ag WHERE ag.agent_id = ANY (pickd)
+        ORDER BY ag.agent_id FOR UPDATE;
+        PERFORM dispatch.flow_lock(ckeys, rkeys);
+    END IF;
     PERFORM dispatch.fn_enter();
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
         SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
@@ -292,6 +371,14 @@ BEGIN
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
+            IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
+                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
+                                           p_lock => true);
+                IF hold.reason IS NOT NULL THEN
+                    refill := least(refill, hold.until);
+                    CONTINUE;
+                END IF;
+            END IF;
             task_id := t.task_id;
             agent_id := held.agent_id;
             score := dispatch.task_score(held, t);
@@ -304,6 +391,9 @@ BEGIN
         END LOOP;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    IF refill IS NOT NULL THEN
+        PERFORM dispatch.flow_wake(refill);
+    END IF;
 END
 $$;
 

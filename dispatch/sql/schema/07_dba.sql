@@ -14,7 +14,10 @@ CREATE FUNCTION dispatch.create_task(
     parent_task_id uuid DEFAULT NULL,
     available_at timestamptz DEFAULT NULL,
     source text DEFAULT 'sql',
-    idempotency_key text DEFAULT NULL
+    idempotency_key text DEFAULT NULL,
+    concurrency_key text DEFAULT NULL,
+    rate_key text DEFAULT NULL,
+    cost integer DEFAULT 1
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -24,13 +27,14 @@ BEGIN
     INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
                                       priority, timeout_seconds, heartbeat_seconds, max_retries,
                                       metadata, parent_task_id, available_at, source,
-                                      idempotency_key)
+                                      idempotency_key, concurrency_key, rate_key, cost)
     VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
             create_task.owner, coalesce(create_task.required_capabilities, '{}'),
             coalesce(create_task.priority, 0), create_task.timeout_seconds,
             create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
             coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
-            create_task.available_at, create_task.source, create_task.idempotency_key)
+            create_task.available_at, create_task.source, create_task.idempotency_key,
+            create_task.concurrency_key, create_task.rate_key, create_task.cost)
     ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING * INTO t;
     IF t.task_id IS NULL THEN

@@ -1,0 +1,355 @@
+"""Flow control in SQL (SPEC §12): fair share across tenants, priority aging, concurrency keys and
+rate limits, enforced by task_assign (push) and task_claim (pull) alike, and the DBA surface that
+sets them."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from dispatch.db import CONNECT_KWARGS
+from tests.factories import at
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def agent(sql: Conn, agent_id: str, max_concurrent: int = 1000) -> None:
+    sql.execute(
+        "SELECT dispatch.agent_upsert(%s, p_max_concurrent => %s)", (agent_id, max_concurrent)
+    )
+
+
+def assign(sql: Conn, batch: int = 10, now: datetime | None = None) -> list[dict[str, Any]]:
+    return sql.execute(
+        "SELECT a.task_id, a.agent_id, t.requester, t.title FROM"
+        " dispatch.task_assign(%s, coalesce(%s::timestamptz, now())) a"
+        " JOIN dispatch.tasks t USING (task_id)",
+        (batch, now),
+    ).fetchall()
+
+
+def claim(sql: Conn, agent_id: str, now: datetime | None = None) -> list[dict[str, Any]]:
+    return sql.execute(
+        "SELECT task_id, requester, title FROM"
+        " dispatch.task_claim(%s, p_now => coalesce(%s::timestamptz, now()))",
+        (agent_id, now),
+    ).fetchall()
+
+
+def flood(sql: Conn, requester: str, n: int, **fields: object) -> None:
+    """n tasks of one requester in one statement (a flood, as fast as the database takes it)."""
+    sql.execute(
+        "INSERT INTO dispatch.tasks (title, requester, priority, concurrency_key, rate_key,"
+        " available_at)"
+        " SELECT %s || '-' || g, %s, %s, %s, %s, coalesce(%s::timestamptz, now())"
+        " FROM generate_series(1, %s) g",
+        (requester, requester, fields.get("priority", 0), fields.get("concurrency_key"),
+         fields.get("rate_key"), fields.get("available_at"), n),
+    )
+
+
+# -- fair share ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_flood_does_not_starve_another_tenants_tasks(sql: Conn, mode: str) -> None:
+    flood(sql, "alice", 1000)
+    for i in range(10):
+        sql.execute("SELECT dispatch.create_task(%s, requester => 'bob')", (f"bob-{i}",))
+    agent(sql, "worker")
+    order: list[str] = []
+    while len(order) < 30:
+        got = assign(sql) if mode == "push" else claim(sql, "worker")
+        assert got, "work was left but nothing was assigned"
+        order.extend(r["requester"] for r in got)
+    assert Counter(order[:30])["bob"] == 10, order[:30]
+
+
+def test_a_heavier_tenant_gets_its_weight_in_assignments(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.tenant_weight_set('alice', 3)")
+    flood(sql, "alice", 300)
+    flood(sql, "bob", 300)
+    agent(sql, "worker")
+    order: list[str] = []
+    while len(order) < 40:
+        order.extend(r["requester"] for r in assign(sql, 40 - len(order)))
+    alice = Counter(order)["alice"]
+    assert 29 <= alice <= 31, order  # 3 to 1
+
+
+def test_the_owner_is_the_tenant_when_there_is_one(sql: Conn) -> None:
+    # Three requesters flooding on behalf of one owner are one tenant; a fourth requester's single
+    # task is not stuck behind their flood.
+    for r in ("r1", "r2", "r3"):
+        sql.execute(
+            "INSERT INTO dispatch.tasks (title, requester, owner)"
+            " SELECT 'x', %s, 'acme' FROM generate_series(1, 100)", (r,)
+        )
+    sql.execute("SELECT dispatch.create_task('mine', requester => 'dana')")
+    sql.execute("UPDATE dispatch.config SET owner_filter_enabled = false")
+    agent(sql, "worker")
+    first = [r["requester"] for r in assign(sql, 5)]
+    assert "dana" in first, first
+
+
+# -- priority aging --------------------------------------------------------------------------------
+
+
+def test_an_old_low_priority_task_overtakes_newer_urgent_work_once_aged_past_it(sql: Conn) -> None:
+    sql.execute("UPDATE dispatch.config SET aging_ms = 60000")  # a level a minute
+    sql.execute(
+        "SELECT dispatch.create_task('old p0', requester => 'a', priority => 0,"
+        " available_at => %s)", (at(0),)
+    )
+    sql.execute(
+        "SELECT dispatch.create_task('p5 early', requester => 'b', priority => 5,"
+        " available_at => %s)", (at(200),)
+    )
+    agent(sql, "worker", max_concurrent=1)
+    # At 250 s the old task is at level 4, the p5 task at 5: priority still rules.
+    assert [r["title"] for r in assign(sql, 1, at(250))] == ["p5 early"]
+    sql.execute("UPDATE dispatch.tasks SET status = 'cancelled' WHERE title = 'p5 early'")
+    sql.execute(
+        "SELECT dispatch.create_task('p5 late', requester => 'b', priority => 5,"
+        " available_at => %s)", (at(320),)
+    )
+    # At 6 minutes the old task has reached level 6 and goes before the p5 work (level 5).
+    assert [r["title"] for r in assign(sql, 1, at(360))] == ["old p0"]
+    levels = sql.execute("SELECT title, queue_priority FROM dispatch.tasks"
+                         " WHERE title <> 'p5 early' ORDER BY title").fetchall()
+    assert levels == [{"title": "old p0", "queue_priority": 6},
+                      {"title": "p5 late", "queue_priority": 5}]
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_aging_caps_at_ten_and_zero_turns_it_off(sql: Conn, mode: str) -> None:
+    sql.execute("UPDATE dispatch.config SET aging_ms = 60000")
+    sql.execute("SELECT dispatch.create_task('ancient', requester => 'a', available_at => %s)",
+                (at(0),))
+    sql.execute("SELECT dispatch.create_task('p10', requester => 'b', priority => 10,"
+                " available_at => %s)", (at(0),))
+    agent(sql, "worker", max_concurrent=1)
+    # A day later the p0 task is at 10, not beyond: the p10 task that queued at the same instant
+    # is not passed (first in line goes first among equals).
+    sql.execute("SELECT dispatch.queue_age(%s, 100)", (at(86400),))
+    levels = sql.execute(
+        "SELECT title, queue_priority FROM dispatch.tasks ORDER BY title").fetchall()
+    assert levels == [{"title": "ancient", "queue_priority": 10},
+                      {"title": "p10", "queue_priority": 10}]
+    sql.execute("UPDATE dispatch.config SET aging_ms = 0")
+    sql.execute("SELECT dispatch.create_task('later p1', requester => 'c', priority => 1,"
+                " available_at => %s)", (at(10),))
+    sql.execute("UPDATE dispatch.tasks SET status = 'cancelled' WHERE title <> 'later p1'")
+    sql.execute("SELECT dispatch.create_task('old p0', requester => 'd', available_at => %s)",
+                (at(0),))
+    got = assign(sql, 1, at(86400)) if mode == "push" else claim(sql, "worker", at(86400))
+    assert [r["title"] for r in got] == ["later p1"]
+
+
+# -- concurrency keys ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_concurrency_key_caps_its_active_tasks(sql: Conn, mode: str) -> None:
+    sql.execute("SELECT dispatch.concurrency_limit_set('repo-x', 3)")
+    flood(sql, "alice", 10, concurrency_key="repo-x")
+    flood(sql, "bob", 2)
+    for i in range(5):
+        agent(sql, f"w{i}")
+    got: list[dict[str, Any]] = []
+    for i in range(5):
+        got += assign(sql, 100) if mode == "push" else claim(sql, f"w{i}")
+    held = [r for r in got if r["requester"] == "alice"]
+    assert len(held) == 3 and sum(r["requester"] == "bob" for r in got) == 2
+    limit = sql.execute("SELECT * FROM dispatch.concurrency_limit_list()").fetchone()
+    assert limit is not None and limit["active_tasks"] == 3
+    hold = sql.execute(
+        "SELECT reasons FROM dispatch.task_hold((SELECT task_id FROM dispatch.tasks"
+        " WHERE status = 'pending' LIMIT 1))").fetchone()
+    assert hold is not None and "concurrency key repo-x at 3/3" in hold["reasons"]
+    # One finishes: exactly one more may go.
+    done = held[0]["task_id"]
+    sql.execute("SELECT dispatch.task_complete(%s, (SELECT assigned_agent FROM dispatch.tasks"
+                " WHERE task_id = %s))", (done, done))
+    more = assign(sql, 100) if mode == "push" else claim(sql, "w4") + claim(sql, "w3")
+    assert len(more) == 1
+    # Raising the cap lets more through; removing it lifts it.
+    sql.execute("SELECT dispatch.concurrency_limit_set('repo-x', 5)")
+    assert len(assign(sql, 100)) == 2
+    assert sql.execute("SELECT dispatch.concurrency_limit_delete('repo-x') AS d").fetchone() == {
+        "d": True}
+    assert len(assign(sql, 100)) == 4  # the rest of the ten
+
+
+def test_a_new_cap_counts_the_tasks_already_active(sql: Conn) -> None:
+    flood(sql, "alice", 5, concurrency_key="k")
+    agent(sql, "w")
+    assert len(assign(sql, 2)) == 2
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 2)")
+    row = sql.execute("SELECT * FROM dispatch.concurrency_limit_list()").fetchone()
+    assert row is not None and row["active_tasks"] == 2
+    assert assign(sql) == []
+    # Failing one (back to pending) frees its slot: counted by the status trigger, raw SQL too.
+    sql.execute("UPDATE dispatch.tasks SET status = 'cancelled'"
+                " WHERE task_id = (SELECT task_id FROM dispatch.tasks WHERE status = 'assigned'"
+                " LIMIT 1)")
+    assert len(assign(sql)) == 1
+
+
+def test_a_cap_holds_under_concurrent_assigners_and_claims(db_url: str, sql: Conn) -> None:
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 3)")
+    flood(sql, "alice", 200, concurrency_key="k")
+    for i in range(20):
+        agent(sql, f"w{i}", max_concurrent=2)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def run(i: int) -> None:
+        try:
+            with psycopg.connect(db_url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+                while not stop.is_set():
+                    if i < 3:
+                        conn.execute("SELECT * FROM dispatch.task_assign(10)")
+                    else:
+                        rows = conn.execute(
+                            "SELECT task_id FROM dispatch.task_claim(%s)", (f"w{i}",)
+                        ).fetchall()
+                        for (task_id,) in rows:
+                            conn.execute("SELECT dispatch.task_complete(%s, %s)",
+                                         (task_id, f"w{i}"))
+                    # Complete what the assigners pushed to this thread's agent.
+                    for (task_id,) in conn.execute(
+                        "SELECT task_id FROM dispatch.tasks WHERE status = 'assigned'"
+                        " AND assigned_agent = %s", (f"w{i}",)
+                    ).fetchall():
+                        conn.execute("SELECT dispatch.task_complete(%s, %s)", (task_id, f"w{i}"))
+                    left = conn.execute("SELECT count(*) FROM dispatch.tasks"
+                                        " WHERE status <> 'completed'").fetchone()
+                    if left == (0,):
+                        stop.set()
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    # Replay the history: never more than 3 of the key active at once.
+    events = sql.execute(
+        "SELECT event FROM dispatch.task_events WHERE event IN ('assigned', 'completed')"
+        " ORDER BY id").fetchall()
+    active = peak = 0
+    for e in events:
+        active += 1 if e["event"] == "assigned" else -1
+        peak = max(peak, active)
+    assert peak == 3 and active == 0
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'completed'"
+                       ).fetchone() == {"n": 200}
+
+
+# -- rate limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_rate_limit_lets_tasks_through_as_its_bucket_refills(sql: Conn, mode: str) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('openai', 2, 0.5, %s)", (at(0),))
+    flood(sql, "alice", 6, rate_key="openai", available_at=at(0))
+    agent(sql, "w")
+
+    def go(now: datetime) -> int:
+        if mode == "push":
+            return len(assign(sql, 100, now))
+        n = 0
+        while claim(sql, "w", now):
+            n += 1
+        return n
+
+    assert go(at(0)) == 2  # a new bucket starts full
+    assert go(at(1)) == 0  # half a token
+    hold = sql.execute(
+        "SELECT reasons FROM dispatch.task_hold((SELECT task_id FROM dispatch.tasks"
+        " WHERE status = 'pending' LIMIT 1), %s)", (at(1),)).fetchone()
+    assert hold is not None
+    assert hold["reasons"] == ["rate key openai empty until 2030-01-01T12:00:02.000Z"]
+    held = sql.execute("SELECT rule, key, tasks FROM dispatch.flow_held(%s) WHERE rule = 'rate'",
+                       (at(1),)).fetchall()
+    assert held == [{"rule": "rate", "key": "openai", "tasks": 4}]
+    assert go(at(2)) == 1
+    assert go(at(10)) == 2  # four seconds' refill, but the bucket holds two
+    left = sql.execute("SELECT tokens FROM dispatch.rate_limit_list(%s)", (at(10),)).fetchone()
+    assert left == {"tokens": 0}
+
+
+def test_a_task_held_by_its_bucket_wakes_the_engine_when_it_refills(sql: Conn, db_url: str) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('k', 1, 0.25, %s)", (at(0),))
+    flood(sql, "alice", 2, rate_key="k", available_at=at(0))
+    agent(sql, "w")
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_due")
+        assert len(assign(sql, 10, at(0))) == 1
+        notes = [n for n in listener.notifies(timeout=5, stop_after=1)]
+    assert float(notes[0].payload) == at(4).timestamp()
+
+
+def test_a_cost_above_the_capacity_is_named_and_other_work_still_flows(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('k', 5, 1)")
+    task = sql.execute("SELECT task_id FROM dispatch.create_task('big', requester => 'a')"
+                       ).fetchone()
+    assert task is not None
+    sql.execute("UPDATE dispatch.tasks SET rate_key = 'k', cost = 10")
+    sql.execute("SELECT dispatch.create_task('small', requester => 'a')")
+    agent(sql, "w")
+    assert [r["title"] for r in assign(sql)] == ["small"]
+    hold = sql.execute("SELECT reasons FROM dispatch.task_hold(%s)", (task["task_id"],)).fetchone()
+    assert hold == {"reasons": ["rate key k: cost 10 exceeds its capacity 5"]}
+
+
+# -- the DBA surface -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "column"),
+    [
+        ("SELECT dispatch.create_task('t', requester => 'a', concurrency_key => '')",
+         "concurrency_key"),
+        ("SELECT dispatch.create_task('t', requester => 'a', rate_key => repeat('x', 257))",
+         "rate_key"),
+        ("SELECT dispatch.create_task('t', requester => 'a', cost => 0)", "cost"),
+        ("SELECT dispatch.tenant_weight_set('a', 0)", "weight"),
+        ("SELECT dispatch.tenant_weight_set('', 1)", "tenant"),
+        ("SELECT dispatch.concurrency_limit_set('k', -1)", "max_active"),
+        ("SELECT dispatch.rate_limit_set('k', 0.5, 1)", "capacity"),
+        ("SELECT dispatch.rate_limit_set('k', 5, 0)", "refill_per_second"),
+    ],
+)
+def test_bad_flow_settings_are_refused_and_change_nothing(
+    sql: Conn, call: str, column: str
+) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        sql.execute(call)  # type: ignore[call-overload]
+    assert err.value.sqlstate == "UD400" and err.value.diag.column_name == column
+    counts = sql.execute(
+        "SELECT (SELECT count(*) FROM dispatch.tasks) + (SELECT count(*) FROM"
+        " dispatch.tenant_weights) + (SELECT count(*) FROM dispatch.concurrency_limits)"
+        " + (SELECT count(*) FROM dispatch.rate_limits) AS n").fetchone()
+    assert counts == {"n": 0}
+
+
+def test_fair_share_is_named_by_explain(sql: Conn) -> None:
+    flood(sql, "alice", 3)
+    last = sql.execute("SELECT task_id FROM dispatch.tasks ORDER BY queue_at DESC LIMIT 1"
+                       ).fetchone()
+    assert last is not None
+    hold = sql.execute("SELECT * FROM dispatch.task_hold(%s)", (last["task_id"],)).fetchone()
+    assert hold == {
+        "tenant": "alice", "effective_priority": 0,
+        "reasons": ["tenant alice's fair share: 2 of its tasks at priority 0 are ahead in line"],
+    }
