@@ -143,14 +143,16 @@ class Swarm:
         return set(self.created) <= set(self.completed)
 
     @contextlib.asynccontextmanager
-    async def running(self, drain_timeout: float = 90.0) -> Any:
-        """Run the swarm for the block; on leaving it, stop creating and let the agents finish
-        every acknowledged task (within drain_timeout)."""
+    async def running(self, drain_timeout: float = 90.0, *, finish: bool = True) -> Any:
+        """Run the swarm for the block; on leaving it, stop creating and (with `finish`) let the
+        agents finish every acknowledged task (within drain_timeout); without, just stop."""
         drain = asyncio.Event()
         agents = [asyncio.create_task(self.agent(a, drain=drain)) for a in self.agent_ids()]
         requesters = [asyncio.create_task(self.requester(i)) for i in range(self.requesters)]
         try:
             yield self
+            if not finish:
+                return
             self.stop.set()
             await asyncio.gather(*requesters)
             drain.set()
