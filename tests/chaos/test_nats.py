@@ -103,14 +103,14 @@ async def test_nats_down_at_start_and_mid_run_under_load(
             assert await nats_health(sp.ops) == "down"
             swarm = Swarm(sp.api)
             async with swarm.running():
-                await swarm.until(completed=20)  # the API works without NATS
+                await swarm.until(completed=15)  # the API works without NATS
                 assert unpublished(sql) > 0
                 server.start()
                 await until_nats(sp.ops, "ok")
-                await swarm.until(completed=20)
+                await swarm.until(completed=15)
                 server.stop()
                 await until_nats(sp.ops, "down")
-                await swarm.until(completed=20)
+                await swarm.until(completed=15)
                 server.start()
                 await until_nats(sp.ops, "ok")
                 await swarm.until(completed=10)
@@ -120,6 +120,9 @@ async def test_nats_down_at_start_and_mid_run_under_load(
 
             await eventually(backlog_gone, timeout=60, what="every event published")
             in_stream_once_in_order(sql, await relayed(server.url), all_events=True)
+            async with httpx.AsyncClient(timeout=10) as http:
+                report = (await http.get(f"{sp.ops}/health")).json()
+            assert report["event_relay"] == "ok", report
     finally:
         server.stop()
     all_invariants(sql, swarm)
@@ -134,7 +137,7 @@ async def test_sigterm_under_load_with_nats_exits_cleanly_and_loses_nothing(
         await until_nats(sp.ops, "ok")
         swarm = Swarm(sp.api)
         async with swarm.running(finish=False):
-            await swarm.until(completed=40)
+            await swarm.until(completed=30)
             sp.proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(sp.proc.wait, 30)
     finally:
