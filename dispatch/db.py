@@ -168,17 +168,20 @@ async def _alive(conn: psycopg.AsyncConnection[Any]) -> bool:
     return True
 
 
-async def _checkout(pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
-    """A live pooled connection within the pool's timeout. A connection the server has dropped
-    is closed (the pool replaces it) and the next one taken at once, so no request fails on a
-    connection that died while it sat in the pool."""
-    deadline = time.monotonic() + pool.timeout
+async def _checkout(
+    pool: AsyncConnectionPool[Any], timeout: float | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """A live pooled connection within `timeout` (the pool's by default). A connection the
+    server has dropped is closed (the pool replaces it) and the next one taken at once, so no
+    request fails on a connection that died while it sat in the pool."""
+    wait = pool.timeout if timeout is None else timeout
+    deadline = time.monotonic() + wait
     while True:
         try:
             conn = await pool.getconn(timeout=deadline - time.monotonic())
         except PoolTimeout as exc:
             raise Unavailable(
-                f"database busy: no pooled connection came free within {pool.timeout:g} s "
+                f"database busy: no pooled connection came free within {wait:g} s "
                 "(database.pool_timeout_ms); retry",
                 nothing_done=True,
                 detail={"reason": "pool_timeout"},
@@ -191,10 +194,12 @@ async def _checkout(pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[A
 
 
 @contextlib.asynccontextmanager
-async def connection(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A live pooled connection (see _checkout); a connection that breaks in use becomes
-    Unavailable, and the pool replaces it."""
-    conn = await _checkout(pool)
+async def connection(
+    pool: AsyncConnectionPool[Any], timeout: float | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A live pooled connection (see _checkout) within `timeout` seconds (the pool's by
+    default); a connection that breaks in use becomes Unavailable, and the pool replaces it."""
+    conn = await _checkout(pool, timeout)
     try:
         async with conn:
             yield conn

@@ -210,8 +210,10 @@ class Service:
 
     async def gauges(self) -> dict[str, object]:
         """The queue gauges read from the database at scrape time (GET /metrics)."""
-        assert self.store is not None
-        return await self.store.metrics_gauges()
+        assert self.pool is not None and self.store is not None
+        # A scrape does not queue for long behind busy requests: it reports database_up 0.
+        async with db.connection(self.pool, timeout=2.0) as conn:
+            return await self.store.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
         for server in self.servers:
