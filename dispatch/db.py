@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import select
+import time
 import warnings
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -27,11 +30,46 @@ from dispatch.errors import (
     NotFound,
     Unavailable,
 )
+from dispatch.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
 # Every session speaks UTC so that timestamps leave as RFC 3339 UTC.
 CONNECT_KWARGS: dict[str, object] = {"autocommit": True, "options": "-c TimeZone=UTC"}
+
+# A pool slot whose server went away retries its connection with a doubling delay; giving up
+# after this long (a waiting request then starts a fresh slot) keeps the delay short, so that the
+# pool is back within a couple of seconds of the database, however long the outage was.
+RECONNECT_SECONDS = 5.0
+# Retry-After of an answer to a database out of reach (busy answers say 1 s).
+UNREACHABLE_RETRY_AFTER = 2
+
+# Timeouts of our own session settings, and conflicts between transactions: nothing was done and a
+# retry may well succeed (SQLSTATE 55P03, 57014, 40001, 40P01).
+_BUSY: tuple[tuple[type[psycopg.Error], str, str], ...] = (
+    (
+        pg_errors.LockNotAvailable,
+        "lock_timeout",
+        "database busy: a row this request needs stayed locked by another session past "
+        "database.lock_timeout_ms; nothing was changed, retry",
+    ),
+    (
+        pg_errors.QueryCanceled,
+        "statement_timeout",
+        "database busy: the statement ran past database.statement_timeout_ms (or was cancelled); "
+        "nothing was changed, retry",
+    ),
+    (
+        pg_errors.SerializationFailure,
+        "conflict",
+        "database busy: conflict with a concurrent transaction; nothing was changed, retry",
+    ),
+    (
+        pg_errors.DeadlockDetected,
+        "conflict",
+        "database busy: conflict with a concurrent transaction; nothing was changed, retry",
+    ),
+)
 
 # SQLSTATEs raised by the SQL functions (see dispatch/sql/schema/02_guards.sql).
 _CODES: dict[str, type[DispatchError]] = {
@@ -88,19 +126,90 @@ def translate(exc: psycopg.Error) -> DispatchError:
         | pg_errors.DatetimeFieldOverflow,
     ):
         return InvalidInput(message)
-    if isinstance(exc, psycopg.OperationalError | pg_errors.AdminShutdown):
-        return Unavailable(f"database unavailable: {message}")
+    for error, reason, text in _BUSY:
+        if isinstance(exc, error):
+            return Unavailable(text, nothing_done=True, detail={"reason": reason})
+    if isinstance(exc, psycopg.OperationalError):
+        return unreachable(exc)
     return DispatchError(f"database error: {message}")
 
 
-@contextlib.asynccontextmanager
-async def connection(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection; a pool timeout or a refused connection becomes Unavailable."""
+def unreachable(exc: Exception) -> Unavailable:
+    """The connection broke or could not be made (a killed backend, a restart, the server down):
+    what was in flight may or may not have been committed."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return Unavailable(
+        f"database unavailable: {message}", retry_after=UNREACHABLE_RETRY_AFTER,
+        detail={"reason": "unreachable"},
+    )
+
+
+def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """True when something waits on an idle connection's socket: on a pooled connection that is
+    the server's goodbye (its backend was killed, or the server restarted), rarely a notice. A
+    healthy idle connection has nothing to read, so the common case costs one poll(2)."""
+    if conn.closed or conn.broken:
+        return True
     try:
-        async with pool.connection() as conn:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def _alive(conn: psycopg.AsyncConnection[Any]) -> bool:
+    if not _gone(conn):
+        return True
+    if conn.closed or conn.broken:
+        return False
+    try:
+        await conn.execute("")  # only a round trip tells a notice from a goodbye
+    except psycopg.Error:
+        return False
+    return True
+
+
+async def _checkout(
+    pool: AsyncConnectionPool[Any], timeout: float | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """A live pooled connection within `timeout` (the pool's by default). A connection the
+    server has dropped is closed (the pool replaces it) and the next one taken at once, so no
+    request fails on a connection that died while it sat in the pool."""
+    wait = pool.timeout if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn = await pool.getconn(timeout=deadline - time.monotonic())
+        except PoolTimeout as exc:
+            raise Unavailable(
+                f"database busy: no pooled connection came free within {wait:g} s "
+                "(database.pool_timeout_ms); retry",
+                nothing_done=True,
+                detail={"reason": "pool_timeout"},
+            ) from exc
+        if await _alive(conn):
+            return conn
+        log.info("discarding a pooled connection the server has dropped")
+        await conn.close()
+        await pool.putconn(conn)
+
+
+@contextlib.asynccontextmanager
+async def connection(
+    pool: AsyncConnectionPool[Any], timeout: float | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A live pooled connection (see _checkout) within `timeout` seconds (the pool's by
+    default); a connection that breaks in use becomes Unavailable, and the pool replaces it."""
+    conn = await _checkout(pool, timeout)
+    try:
+        async with conn:
             yield conn
-    except (PoolTimeout, psycopg.OperationalError) as exc:
-        raise Unavailable(f"database unavailable: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        raise translate(exc) from exc
+    finally:
+        await pool.putconn(conn)
 
 
 class ReadableTimestamptz(Loader):
@@ -140,17 +249,80 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     conn.adapters.register_loader("timestamptz", ReadableTimestamptz)
 
 
-def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool[Any]:
-    """An unopened pool of autocommit UTC connections with dict rows; open it with wait=True."""
+def session_options(database: DatabaseSettings) -> str:
+    """The libpq options of a pooled session: UTC, and the lock and statement bounds."""
+    return (
+        f"-c TimeZone=UTC -c lock_timeout={database.lock_timeout_ms}"
+        f" -c statement_timeout={database.statement_timeout_ms}"
+    )
+
+
+def create_pool(
+    url: str,
+    database: DatabaseSettings | None = None,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> AsyncConnectionPool[Any]:
+    """An unopened pool of autocommit UTC connections with dict rows, bounded as `database` says
+    (its defaults when None; min_size/max_size override its pool size); open it with wait=True.
+    Take connections with `connection(pool)`, which never hands out one the server dropped."""
+    database = database or DatabaseSettings()
     return AsyncConnectionPool(
         url,
-        min_size=min_size,
-        max_size=max_size,
+        min_size=database.pool_min if min_size is None else min_size,
+        max_size=database.pool_max if max_size is None else max_size,
         open=False,
-        kwargs={**CONNECT_KWARGS, "row_factory": dict_row},
+        kwargs={
+            **CONNECT_KWARGS,
+            "options": session_options(database),
+            "row_factory": dict_row,
+            "connect_timeout": 5,
+        },
         configure=_configure,
-        timeout=10.0,
+        timeout=database.pool_timeout_ms / 1000,
+        reconnect_timeout=RECONNECT_SECONDS,
     )
+
+
+class HealthProbe:
+    """/health's connection to the database, of its own: a pool whose every connection waits on
+    a locked row is not a database that is down. Reconnects on demand; a check is bounded by
+    `timeout` seconds whatever the server does."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> bool:
+        """Whether the database answers; a broken connection is replaced once before saying no."""
+        async with self._lock:
+            for _ in range(2):
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        if self._conn is None or self._conn.closed or self._conn.broken:
+                            self._conn = await psycopg.AsyncConnection.connect(
+                                self.url, autocommit=True,
+                                connect_timeout=max(1, int(self.timeout)),
+                                options=f"-c statement_timeout={int(self.timeout * 1000)}",
+                            )
+                        await self._conn.execute("SELECT 1")
+                    return True
+                except (psycopg.Error, OSError, TimeoutError):
+                    await self._drop()
+            return False
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # it is broken already; closing may fail too
+                await self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
 
 
 def start_embedded(data_dir: str | Path) -> str:

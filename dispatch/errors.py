@@ -62,9 +62,20 @@ class Conflict(DispatchError):
 
 
 class Unavailable(DispatchError):
-    """A dependency (the database) cannot be reached."""
+    """The database cannot serve the request now: out of reach, or busy (a row locked by another
+    session past lock_timeout, a statement past statement_timeout, no free pooled connection).
+    Clients retry after `retry_after` seconds. `nothing_done` is True when the change certainly
+    did not happen (busy); False when the connection broke mid-request and it may have."""
 
     status = 503
+
+    def __init__(
+        self, message: str, *, retry_after: int = 1, nothing_done: bool = False,
+        detail: object = None,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = retry_after
+        self.nothing_done = nothing_done
 
 
 class ConfigError(DispatchError):

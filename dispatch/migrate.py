@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).parent / "sql"
 SCHEMA_DIR = SQL_DIR / "schema"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
+# A migration runs as long as it needs (it may rewrite a large table, or wait for the locks it
+# takes): no lock or statement bound from a server or role default cuts it short. The pooled
+# sessions of the replicas that keep serving meanwhile have theirs, so they answer 503 rather than
+# queue behind it without end.
+MIGRATE_KWARGS: dict[str, object] = {
+    **CONNECT_KWARGS,
+    "options": f"{CONNECT_KWARGS['options']} -c lock_timeout=0 -c statement_timeout=0",
+}
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_KEY = 0x44495350  # "DISP"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -62,7 +70,7 @@ def migrate(
     """Bring the database to this code's schema; return the versions recorded (empty when it was
     up to date)."""
     migrations = discover(migrations_dir)
-    with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(url, **MIGRATE_KWARGS) as conn:  # type: ignore[arg-type]
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             conn.execute("CREATE SCHEMA IF NOT EXISTS dispatch")

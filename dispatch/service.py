@@ -68,6 +68,7 @@ class Service:
         self.database_url = ""
         self.metrics = Metrics()
         self.pool: AsyncConnectionPool[Any] | None = None
+        self.probe: db.HealthProbe | None = None
         self.listener: Listener | None = None
         self.store: Store | None = None
         self.broker: Broker | None = None
@@ -82,10 +83,9 @@ class Service:
         applied = await asyncio.to_thread(migrate, self.database_url)
         if applied:
             log.info("migrations applied: %s", applied)
-        self.pool = db.create_pool(
-            self.database_url, min_size=s.database.pool_min, max_size=s.database.pool_max
-        )
+        self.pool = db.create_pool(self.database_url, s.database)
         await self.pool.open(wait=True, timeout=30)
+        self.probe = db.HealthProbe(self.database_url)
         self.listener = Listener(self.database_url)
         await self.listener.start()
         self.store = Store(self.pool)
@@ -189,18 +189,21 @@ class Service:
         )
 
     async def health(self) -> tuple[bool, dict[str, object]]:
-        """(database reachable, report) for GET /health."""
+        """(database reachable, report) for GET /health. The database is checked on the probe's
+        own connection; the pool's state is reported beside it (`waiting` > 0 for long: requests
+        queue for a connection, e.g. behind rows another session keeps locked)."""
         report: dict[str, object] = {"status": "ok"}
-        ok = True
-        try:
-            assert self.pool is not None
-            async with self.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
-            report["database"] = "ok"
-        except Exception:  # any failure to reach the database is "down", whatever its kind
-            ok = False
-            report["database"] = "down"
+        assert self.probe is not None and self.pool is not None
+        ok = await self.probe.check()
+        report["database"] = "ok" if ok else "down"
+        if not ok:
             report["status"] = "degraded"
+        stats = self.pool.get_stats()
+        report["database_pool"] = {
+            "size": stats.get("pool_size", 0),
+            "idle": stats.get("pool_available", 0),
+            "waiting": stats.get("requests_waiting", 0),
+        }
         report["nats"] = "disabled"
         for loop in self.loops:
             extra = getattr(loop, "health", None)
@@ -211,7 +214,8 @@ class Service:
     async def gauges(self) -> dict[str, object]:
         """The queue gauges read from the database at scrape time (GET /metrics)."""
         assert self.pool is not None and self.store is not None
-        async with self.pool.connection(timeout=2.0) as conn:
+        # A scrape does not queue for long behind busy requests: it reports database_up 0.
+        async with db.connection(self.pool, timeout=2.0) as conn:
             return await self.store.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
@@ -226,6 +230,8 @@ class Service:
                 log.exception("error stopping %s", type(loop).__name__)
         if self.listener is not None:
             await self.listener.stop()
+        if self.probe is not None:
+            await self.probe.close()
         if self.pool is not None:
             await self.pool.close()
         self.stopped.set()

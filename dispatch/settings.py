@@ -46,6 +46,12 @@ class DatabaseSettings(_Section, frozen=True):
     url: Url = ""
     pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    # Bounds of every pooled session (the API and the loops, not LISTEN nor migrations): a row
+    # held by a stuck session, a runaway statement or a pool with no free connection is answered
+    # 503 with Retry-After instead of a request that hangs.
+    lock_timeout_ms: PositiveMs = 2000
+    statement_timeout_ms: PositiveMs = 15000
+    pool_timeout_ms: PositiveMs = 10000
 
 
 class ServiceSettings(_Section, frozen=True):

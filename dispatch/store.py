@@ -184,6 +184,19 @@ class Store:
         async with db.connection(self.pool) as conn, conn.transaction():
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def maintenance(self, statement_timeout_ms: int) -> AsyncIterator[Conn]:
+        """A transaction whose statements may run up to statement_timeout_ms instead of the
+        pool's bound (database.statement_timeout_ms): for background maintenance whose batches
+        may legitimately take longer than a request should. Lock waits keep the pool's bound."""
+        async with self.transaction() as conn:
+            await self._rows(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (str(statement_timeout_ms),),
+                conn,
+            )
+            yield conn
+
     async def _rows(self, query: str, params: Params, conn: Conn | None) -> list[Row]:
         async with self._borrow(conn) as c:
             try:

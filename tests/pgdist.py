@@ -46,43 +46,74 @@ def _as_owner(args: list[str]) -> list[str]:
     return [runuser, "-u", "postgres", "--", *args]
 
 
-@contextlib.contextmanager
-def cluster(*, durable: bool = False, settings: dict[str, str] | None = None) -> Iterator[str]:
-    """Start a cluster; yield a superuser URL to its `postgres` database; stop and delete it."""
-    bin_path = bindir()
-    root = Path(tempfile.mkdtemp(prefix="dispatch-pgdist-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        root.chmod(0o755)
-    port = _free_port()
-    try:
-        subprocess.run(
-            _as_owner([str(bin_path / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                       "-E", "UTF8", "--locale", "C"]),
-            check=True, capture_output=True,
-        )
+class Cluster:
+    """A throwaway cluster that can be stopped and started again (same port, same data), e.g. to
+    restart the server under load."""
+
+    def __init__(self, *, durable: bool = False, settings: dict[str, str] | None = None) -> None:
+        self.bin = bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="dispatch-pgdist-"))
+        self.data = self.root / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self.root.chmod(0o755)
+        port = _free_port()
+        try:
+            subprocess.run(
+                _as_owner([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                           "postgres", "-E", "UTF8", "--locale", "C"]),
+                check=True, capture_output=True,
+            )
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         options = {
             "port": str(port), "listen_addresses": "127.0.0.1",
-            "unix_socket_directories": str(root), "max_connections": "400",
+            "unix_socket_directories": str(self.root), "max_connections": "400",
             **({} if durable else {"fsync": "off", "synchronous_commit": "off",
                                    "full_page_writes": "off"}),
             **(settings or {}),
         }
-        flags = " ".join(f"-c {k}={v}" for k, v in options.items())
+        self.flags = " ".join(f"-c {k}={v}" for k, v in options.items())
+        # A superuser URL to its `postgres` database.
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def start(self) -> None:
         subprocess.run(
-            _as_owner([str(bin_path / "pg_ctl"), "-D", str(data), "-w", "-t", "60",
-                       "-l", str(root / "server.log"), "-o", flags, "start"]),
+            _as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60",
+                       "-l", str(self.root / "server.log"), "-o", self.flags, "start"]),
             check=True, capture_output=True,
         )
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        if (data / "postmaster.pid").exists():
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
             subprocess.run(
-                _as_owner([str(bin_path / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                _as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", mode,
+                           "stop"]),
                 capture_output=True,
             )
-        shutil.rmtree(root, ignore_errors=True)
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(*, durable: bool = False, settings: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Start a cluster; yield it; stop and delete it."""
+    c = Cluster(durable=durable, settings=settings)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+
+
+@contextlib.contextmanager
+def cluster(*, durable: bool = False, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a cluster; yield a superuser URL to its `postgres` database; stop and delete it."""
+    with running(durable=durable, settings=settings) as c:
+        yield c.url
 
 
 if __name__ == "__main__":

@@ -20,7 +20,14 @@ from litestar.types import ExceptionHandlersMap
 from psycopg_pool import PoolTimeout
 
 from dispatch.api.deps import Caller
-from dispatch.errors import Conflict, DispatchError, InvalidInput, NotFound, Unauthorized
+from dispatch.errors import (
+    Conflict,
+    DispatchError,
+    InvalidInput,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from dispatch.models import Task
 from dispatch.wire import ErrorBody, error_path
 
@@ -40,7 +47,12 @@ ERRORS: dict[int, ResponseSpec] = {
         (409, "The task's state forbids this: `detail` is the task as it is now"),
         (413, "Body over server.max_body_bytes"),
         (415, "A body that is not JSON (Content-Type: application/json)"),
-        (503, "The database cannot be reached"),
+        (
+            503,
+            "The database is out of reach, or busy (a row locked past database.lock_timeout_ms, "
+            "a statement past database.statement_timeout_ms, no free pooled connection): retry "
+            "after the Retry-After header's seconds",
+        ),
     )
 }
 
@@ -67,6 +79,12 @@ def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Respo
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"} if exc.detail == "admin" else None
         detail = None
+    elif isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+        detail = {**(exc.detail if isinstance(exc.detail, dict) else {}),
+                  "retry_after": exc.retry_after}
+        log.warning("request failed: %s", exc.message, extra={"path": request.url.path})
+        return error_response(status, exc.message, detail, headers)
     if status >= HTTP_500_INTERNAL_SERVER_ERROR:
         log.error("request failed: %s", exc.message, extra={"path": request.url.path})
     return error_response(status, exc.message, detail, headers)
@@ -113,9 +131,13 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
 
 
 def database_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-    """The pool could not hand out a connection in time: the database is out of reach."""
+    """A pool or connection failure that reached the app without passing through dispatch.db
+    (which turns them into Unavailable): answered the same way."""
     log.warning("database unavailable: %s", exc, extra={"path": request.url.path})
-    return error_response(HTTP_503_SERVICE_UNAVAILABLE, "database unavailable")
+    return error_response(
+        HTTP_503_SERVICE_UNAVAILABLE, "database unavailable", {"retry_after": 1},
+        {"Retry-After": "1"},
+    )
 
 
 def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:

@@ -13,6 +13,10 @@ log = logging.getLogger(__name__)
 
 PRUNE_LOCK_KEY = 0x44495301  # any constant shared by every replica
 PRUNE_BATCH = 1000
+# A batch deletes up to PRUNE_BATCH tasks with their events; on a large or cold table that may take
+# longer than the bound of an API statement (database.statement_timeout_ms), so each batch runs
+# with this one instead. Lock waits keep the pool's bound (and the batch skips locked rows).
+PRUNE_STATEMENT_TIMEOUT_MS = 300_000
 
 
 class Pruner(BackgroundLoop):
@@ -36,7 +40,8 @@ class Pruner(BackgroundLoop):
                 return None
             total = 0
             while True:
-                n = await self.store.task_prune(before, PRUNE_BATCH)
+                async with self.store.maintenance(PRUNE_STATEMENT_TIMEOUT_MS) as conn:
+                    n = await self.store.task_prune(before, PRUNE_BATCH, conn=conn)
                 total += n
                 if n < PRUNE_BATCH:
                     break

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from dispatch.broker import Broker
-from dispatch.errors import Conflict, DispatchError, InvalidInput, NotFound
+from dispatch.errors import Conflict, DispatchError, InvalidInput, NotFound, Unavailable
 from dispatch.events.connection import NatsConnection
 from dispatch.events.schemas import (
     AGENT_ID_HEADER,
@@ -39,6 +39,13 @@ from dispatch.models import AgentStatus, Task
 from dispatch.wire import AGENT_ID_RE, error_path, new_task, progress_fields
 
 log = logging.getLogger(__name__)
+
+# How long a message is retried while the database is busy or out of reach (a locked row, a
+# restart) before the 503 goes to its reply subject. Core NATS does not redeliver: a report that is
+# answered 503 and has no reply subject is lost, so it is retried here; the subscription handles
+# the next message only afterwards, which keeps each subject's messages in order.
+RETRY_SECONDS = 30.0
+
 
 def _error_reply(exc: DispatchError) -> ErrorReply:
     detail: object = None
@@ -120,7 +127,7 @@ class NatsInbound:
                 return  # our own outbound event, not an agent's report
             self._busy += 1
             try:
-                reply = await handler(msg)
+                reply = await self._retrying(handler, msg)
             except DispatchError as exc:
                 reply = _error_reply(exc)
             except Exception:  # a bug must not kill the subscription; answer like a 500
@@ -139,6 +146,36 @@ class NatsInbound:
                     log.warning("could not reply on %s: %s", msg.subject, exc)
 
         return run
+
+    async def _retrying(self, handler: _Handler, msg: Msg) -> object:
+        """handler(msg), again after a 503 while that is safe: always when nothing was done (a
+        lock or statement timeout, no free connection); after a broken connection only for what
+        is safe to apply twice (a report, an announcement, a request with an idempotency key)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                return await handler(msg)
+            except Unavailable as exc:
+                if not (exc.nothing_done or self._repeatable(msg)):
+                    raise
+                if loop.time() + delay > deadline:
+                    raise
+                log.info("NATS %s: %s; retrying in %.1fs", msg.subject, exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _repeatable(msg: Msg) -> bool:
+        if msg.subject != SUBJECT_REQUEST:
+            return True  # a repeated report or announcement is answered like a repeat
+        if (msg.headers or {}).get(IDEMPOTENCY_HEADER):
+            return True
+        try:
+            return bool(msgspec.json.decode(msg.data, type=TaskRequest).idempotency_key)
+        except msgspec.DecodeError:
+            return False
 
     async def _on_request(self, msg: Msg) -> object:
         try:

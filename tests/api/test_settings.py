@@ -76,6 +76,11 @@ def test_every_setting_has_an_environment_name_derived_from_the_tree() -> None:
     assert (s.assignment.batch_size, s.assignment.owner_filter_enabled) == (7, False)
     assert (s.logging.level, s.hermes.poll_interval_ms) == ("warning", 250)
     assert s.assignment.tick_interval_ms == 200  # the derived name wins over its alias
+    s = load_settings(None, {"DISPATCH_DATABASE_LOCK_TIMEOUT_MS": "500",
+                             "DISPATCH_DATABASE_STATEMENT_TIMEOUT_MS": "4000",
+                             "DISPATCH_DATABASE_POOL_TIMEOUT_MS": "3000"})
+    assert (s.database.lock_timeout_ms, s.database.statement_timeout_ms,
+            s.database.pool_timeout_ms) == (500, 4000, 3000)
 
 
 def test_the_relay_polls_on_its_own_setting_not_the_tick() -> None:
@@ -93,6 +98,8 @@ def test_the_relay_polls_on_its_own_setting_not_the_tick() -> None:
         ({"DISPATCH_LOG_LEVEL": "loud"}, "logging.level"),
         ({"DISPATCH_LOG_FORMAT": "xml"}, "logging.format"),
         ({"DISPATCH_MAX_CONCURRENT_PER_AGENT": "-1"}, "assignment.max_concurrent_per_agent"),
+        ({"DISPATCH_DATABASE_LOCK_TIMEOUT_MS": "0"}, "database.lock_timeout_ms"),
+        ({"DISPATCH_DATABASE_STATEMENT_TIMEOUT_MS": "soon"}, "database.statement_timeout_ms"),
     ],
 )
 def test_an_invalid_value_names_its_key(environ: dict[str, str], key: str) -> None:
