@@ -22,6 +22,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(count: int) -> int:
+    """A port p with p .. p+count-1 all free: `serve --workers N` gives worker i the ops port
+    metrics_port + i."""
+    while True:
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
 @dataclass
 class ServeProcess:
     proc: subprocess.Popen[bytes]
@@ -57,7 +72,7 @@ def start_serve(
     timeout: float = 30.0,
 ) -> ServeProcess:
     """Start `python -m dispatch serve` against database_url; return once /health answers 200."""
-    api_port, ops_port = free_port(), free_port()
+    api_port, ops_port = free_port(), free_port_run(8)
     full_env = {
         **os.environ,
         "DISPATCH_DATABASE_URL": database_url,
