@@ -49,8 +49,16 @@ log = logging.getLogger("dispatch.worker")
 LOST = (Conflict, Forbidden, NotFound)
 
 
-class Permanent(Exception):
+class TaskError(Exception):
+    """Raised by a handler: fail the task with exactly this message (no traceback); retryable."""
+
+    retryable = True
+
+
+class Permanent(TaskError):
     """Raised by a handler: fail the task without a retry (it would fail the same way again)."""
+
+    retryable = False
 
 
 class TaskLost(Exception):
@@ -304,8 +312,9 @@ class Worker:
                 raise
             except TaskLost:
                 return
-            except Permanent as exc:
-                await self._report_fail(attempt, _describe(exc), retry=False)
+            except TaskError as exc:
+                log.info("task %s failed: %s", task.task_id, exc)
+                await self._report_fail(attempt, str(exc), retry=exc.retryable)
                 return
             except Exception as exc:
                 log.info("task %s failed: %s", task.task_id, _describe(exc))
