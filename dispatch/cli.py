@@ -382,7 +382,8 @@ def worker(args: argparse.Namespace, conn: Conn) -> int:
         raise CliError("worker needs an agent id: --agent-id or DISPATCH_AGENT_ID")
     w = Worker(conn.url, conn.agent_id, capabilities=args.capability or None,
                concurrency=args.concurrency, token=conn.token,
-               grace_seconds=args.grace, poll_seconds=args.poll)
+               grace_seconds=args.grace, poll_seconds=args.poll,
+               nats_url=args.nats or os.environ.get("DISPATCH_NATS_URL") or None)
     w.handler(command_handler(command))  # type: ignore[arg-type]
     print(f"worker {conn.agent_id}: running {' '.join(command)} per task "
           f"({args.concurrency} at once) from {conn.url}", file=sys.stderr, flush=True)
@@ -559,6 +560,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     work.add_argument("--grace", type=float, default=30.0,
                       help="seconds running commands get on SIGTERM before they are killed")
     work.add_argument("--poll", type=float, default=5.0, help="long-poll wait, seconds")
+    work.add_argument("--nats", metavar="URL",
+                      help="push mode: hear of assignments from NATS (else $DISPATCH_NATS_URL;"
+                           " needs the push extra)")
     work.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
     work.set_defaults(run=worker)
 

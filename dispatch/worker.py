@@ -35,6 +35,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 
@@ -128,6 +129,10 @@ class TaskContext:
 Handler = Callable[[TaskContext], Coroutine[object, object, object]]
 
 
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
 class Worker:
     """An agent: registers, takes tasks, runs `handler` on each (see the module docstring)."""
 
@@ -143,6 +148,9 @@ class Worker:
         poll_seconds: float = 5.0,
         grace_seconds: float = 30.0,
         watch_seconds: float = 0.5,
+        nats_url: str | None = None,
+        claim: bool = True,
+        adopt_seconds: float | None = None,
     ) -> None:
         if not 1 <= concurrency <= 100:
             raise ValueError("concurrency must be between 1 and 100")
@@ -155,6 +163,13 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
         self.watch_seconds = watch_seconds
+        # Push: the relay announces each assignment on the agent's subject, which wakes the
+        # search for pushed tasks at once; the periodic search is then only a safety net.
+        self.nats_url = nats_url
+        # False: take only what the assigner gives (its scoring and fair share decide), no claims.
+        self.claim = claim
+        self.adopt_seconds = adopt_seconds if adopt_seconds is not None else (
+            10.0 if nats_url else 0.5)
         self.completed = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -197,16 +212,17 @@ class Worker:
             target=self._keep, args=(keeper_stop,), name=f"dispatch-keeper-{self.agent_id}",
             daemon=True,
         )
+        push = None
         try:
-            await self._client.register(
-                capabilities=self.capabilities, max_concurrent=self.concurrency, status="ready"
-            )
-            log.info("worker %s registered", self.agent_id)
+            push = await self._subscribe(self.nats_url) if self.nats_url else None
+            await self._register()
             keeper.start()
-            loops = [asyncio.create_task(self._claim_loop()),
-                     asyncio.create_task(self._adopt_loop())]
+            loops = [asyncio.create_task(self._adopt_loop())]
+            if self.claim:
+                loops.append(asyncio.create_task(self._claim_loop()))
             await self._stopping.wait()
             log.info("worker %s stopping", self.agent_id)
+            self._freed.set()  # the search for pushed tasks may be waiting: it ends now
             with contextlib.suppress(DispatchError, httpx.HTTPError):
                 # Out of the assigner's choices (and a claim does not make it ready again).
                 await self._client.heartbeat("degraded")
@@ -216,6 +232,9 @@ class Worker:
             with contextlib.suppress(DispatchError, httpx.HTTPError):
                 await self._client.heartbeat("stopped")
         finally:
+            if push is not None:
+                with contextlib.suppress(Exception):
+                    await push.close()
             keeper_stop.set()
             if keeper.is_alive():
                 await asyncio.to_thread(keeper.join, 10)
@@ -223,6 +242,44 @@ class Worker:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     self._loop.remove_signal_handler(sig)
+
+    async def _register(self) -> None:
+        """Register, waiting out an API that is not up yet (a refusal is final)."""
+        assert self._stopping is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._client.register(
+                    capabilities=self.capabilities, max_concurrent=self.concurrency,
+                    status="ready",
+                )
+                log.info("worker %s registered", self.agent_id)
+                return
+            except httpx.TransportError as exc:
+                log.warning("cannot reach %s (%s); retrying", self.url, exc)
+                if self._stopping.is_set():
+                    raise
+                await self._pause(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _subscribe(self, url: str) -> _Closable:
+        try:
+            import nats
+        except ImportError:
+            raise RuntimeError(
+                "push mode needs nats-py: pip install 'dispatch[push]'"
+            ) from None
+        assert self._freed is not None
+        freed = self._freed
+
+        async def assigned(_msg: object) -> None:
+            freed.set()
+
+        nc = await nats.connect(servers=[url], name=f"dispatch-worker-{self.agent_id}",
+                                allow_reconnect=True, max_reconnect_attempts=-1)
+        await nc.subscribe(f"swarm.dispatch.agent.{self.agent_id}.assigned", cb=assigned)
+        log.info("worker %s: pushes from %s", self.agent_id, self.nats_url)
+        return nc
 
     # taking work
 
@@ -252,6 +309,8 @@ class Worker:
         `assigned`: start them, with their lease, and run them like claimed ones."""
         assert self._stopping is not None and self._freed is not None
         while not self._stopping.is_set():
+            # Cleared before looking, so a push that lands while we look is not forgotten.
+            self._freed.clear()
             if self._room() > 0:
                 try:
                     page = await self._client.list(
@@ -271,10 +330,10 @@ class Worker:
                         self._launch(started)
                 except (DispatchError, httpx.HTTPError) as exc:
                     log.warning("looking for pushed tasks failed: %s", exc)
-            # Check again soon after a slot frees (the assigner fills it), else now and then.
-            self._freed.clear()
+            # Check again soon after a slot frees (the assigner fills it) or a push arrives,
+            # else now and then.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), 1.0)
+                await asyncio.wait_for(self._freed.wait(), self.adopt_seconds)
             await self._pause(0.05)
 
     async def _pause(self, seconds: float) -> None:

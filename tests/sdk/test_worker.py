@@ -128,23 +128,24 @@ def test_a_cancelled_task_cancels_its_handler_within_a_second(sp: ServeProcess) 
 
 
 def test_a_handler_that_blocks_its_loop_keeps_its_task(sp: ServeProcess) -> None:
-    """heartbeat_seconds 1: without progress for a second the reaper times the attempt out. The
-    handler blocks the worker's event loop for 4 s; the keeper thread's heartbeats hold the
-    lease."""
+    """heartbeat_seconds 2: without progress for two seconds the reaper times the attempt out.
+    The handler blocks the worker's event loop for 5 s; the keeper thread's heartbeats hold the
+    lease. (2, not 1: a task the assigner pushes is found by the worker's next look, every
+    half second, and the heartbeat clock runs from the assignment.)"""
     worker = Worker(sp.api, "w-block", concurrency=1)
 
     @worker.handler
     async def blocking(ctx: TaskContext) -> object:
         await ctx.progress(10, "about to block")
-        time.sleep(4)  # a CPU-bound or blocking call in an async handler
-        return {"blocked_for": 4}
+        time.sleep(5)  # a CPU-bound or blocking call in an async handler
+        return {"blocked_for": 5}
 
     with DispatchClient(sp.api, "alice") as alice, working(worker):
-        task = alice.create("blocks", heartbeat_seconds=1, max_retries=0)
+        task = alice.create("blocks", heartbeat_seconds=2, max_retries=0)
         done = eventually(lambda: alice.get(task.task_id), lambda t: t.status in TERMINAL)
         events = alice.events(task.task_id)
         assert done.status == "completed", [(e.created_at.time(), e.event, e.actor) for e in events]
-        assert done.result == {"blocked_for": 4}
+        assert done.result == {"blocked_for": 5}
         names = [e.event for e in events]
         assert "timeout" not in names and names.count("assigned") == 1
         beats = [e for e in events if e.event == "progress"]
