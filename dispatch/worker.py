@@ -19,8 +19,10 @@ no longer holds. A thread with its own HTTP client keeps the leases alive and wa
 cancellation, so a handler that blocks the event loop keeps its task, and one whose task was
 cancelled, timed out or given to someone else is cancelled. On SIGTERM (or SIGINT) it stops
 claiming, lets running handlers finish within `grace_seconds`, then fails the rest as retryable.
+With `nats_url` (push mode, nats-py) the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
+once that the assigner gave it a task.
 
-Imports only httpx and msgspec (the client install): no server dependency.
+Imports only httpx and msgspec (the client install; nats-py in push mode): no server dependency.
 """
 
 from __future__ import annotations
