@@ -174,6 +174,7 @@ class Worker:
             10.0 if nats_url else 0.5)
         self.completed = 0
         self.failed = 0
+        self.looks = 0  # searches for pushed tasks done (a signal tests can wait for)
         self._lock = threading.Lock()
         self._running: dict[uuid.UUID, _Attempt] = {}
         self._client: AsyncDispatchClient
@@ -231,6 +232,7 @@ class Worker:
             # The claim in flight finishes: a task it took is run, not lost.
             await asyncio.gather(*loops, return_exceptions=True)
             await self._drain()
+            await self._sweep()
             with contextlib.suppress(DispatchError, httpx.HTTPError):
                 await self._client.heartbeat("stopped")
         finally:
@@ -332,6 +334,7 @@ class Worker:
                         self._launch(started)
                 except (DispatchError, httpx.HTTPError) as exc:
                     log.warning("looking for pushed tasks failed: %s", exc)
+            self.looks += 1
             # Check again soon after a slot frees (the assigner fills it) or a push arrives,
             # else now and then.
             with contextlib.suppress(TimeoutError):
@@ -433,6 +436,24 @@ class Worker:
         waiting = [a.job for a in left if a.job is not None]
         if waiting:
             await asyncio.wait(waiting, timeout=10)
+
+    async def _sweep(self) -> None:
+        """Tasks the assigner gave this agent that it never started (or whose claim's answer was
+        lost) go back now, rather than wait out their timeout."""
+        try:
+            page = await self._client.list(
+                assignee=self.agent_id, status=[TaskStatus.ASSIGNED, TaskStatus.RUNNING],
+                limit=500,
+            )
+        except (DispatchError, httpx.HTTPError) as exc:
+            log.warning("could not look for tasks left behind: %s", exc)
+            return
+        for task in page.tasks:
+            with self._lock:
+                if task.task_id in self._running:
+                    continue
+            await self._report_fail(_Attempt(task=task, started=0.0), "worker shut down",
+                                    retry=True)
 
     # the keeper thread: leases and cancellation, outside the handlers' event loop
 

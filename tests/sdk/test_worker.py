@@ -243,3 +243,25 @@ def test_sigterm_mid_run_loses_nothing(sp: ServeProcess, tmp_path: Path) -> None
     with DispatchClient(sp.api, "ops", admin_token=sp.admin_token) as ops:
         agent = next(a for a in ops.agents() if a.agent_id == "w-term")
         assert agent.status == "stopped" and agent.active_tasks == 0
+
+
+def test_a_task_pushed_but_never_started_goes_back_at_shutdown(sp: ServeProcess) -> None:
+    """The assigner gives the worker a task after its last look, then the worker stops: the task
+    is failed as retryable (pending again) instead of waiting out its timeout in `assigned`."""
+    ran: list[str] = []
+    worker = Worker(sp.api, "w-sweep", claim=False, adopt_seconds=600)
+
+    @worker.handler
+    async def never(ctx: TaskContext) -> object:
+        ran.append(ctx.task.title)
+        return None
+
+    with DispatchClient(sp.api, "alice") as alice:
+        with working(worker):
+            eventually(lambda: worker.looks, lambda n: n >= 1, what="the first look")
+            task = alice.create("pushed late", timeout_seconds=3600)
+            eventually(lambda: alice.get(task.task_id), lambda t: t.status == "assigned")
+        now = alice.get(task.task_id)
+        assert ran == []
+        assert now.status == "pending" and now.retry_count == 1
+        assert now.error == "worker shut down" and now.previous_agents == ["w-sweep"]
