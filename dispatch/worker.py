@@ -42,7 +42,7 @@ from typing import Protocol
 import httpx
 
 from dispatch.client import AsyncDispatchClient, DispatchClient
-from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound
+from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
 from dispatch.models import Task, TaskStatus
 
 log = logging.getLogger("dispatch.worker")
@@ -113,7 +113,8 @@ class TaskContext:
 
     async def progress(self, percent: float | None = None, message: str | None = None,
                        data: object = None) -> None:
-        """Report progress; raises TaskLost when the task was cancelled or taken away."""
+        """Report progress; raises TaskLost when the task was cancelled or taken away, and
+        InvalidInput for a bad report (percent over 100); one the network lost is only logged."""
         report = {k: v for k, v in (("percent", percent), ("message", message), ("data", data))
                   if v is not None}
         with self._worker._lock:
@@ -126,6 +127,10 @@ class TaskContext:
         except LOST as exc:
             self._worker._lose(self._attempt, exc.message)
             raise TaskLost(exc.message) from None
+        except (Unavailable, httpx.HTTPError) as exc:
+            # Progress is advice: a report lost to the network does not fail the work (the
+            # keeper repeats it while the task has a heartbeat).
+            log.warning("task %s: progress not reported: %s", self.task_id, exc)
 
 
 Handler = Callable[[TaskContext], Coroutine[object, object, object]]
