@@ -228,7 +228,11 @@ class Worker:
             loops = [asyncio.create_task(self._adopt_loop())]
             if self.claim:
                 loops.append(asyncio.create_task(self._claim_loop()))
-            await self._stopping.wait()
+            stopping = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
+            # A loop only ends early on a bug: shut down gracefully all the same, then say so.
+            crashed = next((t for t in loops if t.done()), None)
+            self._stopping.set()
             log.info("worker %s stopping", self.agent_id)
             self._freed.set()  # the search for pushed tasks may be waiting: it ends now
             with contextlib.suppress(DispatchError, httpx.HTTPError):
@@ -240,6 +244,8 @@ class Worker:
             await self._sweep()
             with contextlib.suppress(DispatchError, httpx.HTTPError):
                 await self._client.heartbeat("stopped")
+            if crashed is not None:
+                crashed.result()
         finally:
             if push is not None:
                 with contextlib.suppress(Exception):
