@@ -323,34 +323,45 @@ class Worker:
         """Tasks the assigner pushed to this agent (it does to every registered agent) wait in
         `assigned`: start them, with their lease, and run them like claimed ones."""
         assert self._stopping is not None and self._freed is not None
+        # After a slot frees, the assigner's push follows within milliseconds: look at once,
+        # then a few times more at growing intervals, then only now and then (or on a push).
+        soon: list[float] = []
         while not self._stopping.is_set():
             # Cleared before looking, so a push that lands while we look is not forgotten.
             self._freed.clear()
-            if self._room() > 0:
-                try:
-                    page = await self._client.list(
-                        assignee=self.agent_id, status=[TaskStatus.ASSIGNED],
-                        limit=self.concurrency,
-                    )
-                    for task in page.tasks:
-                        if self._room() <= 0 or self._stopping.is_set():
-                            break
-                        with self._lock:
-                            if task.task_id in self._running:
-                                continue
-                        try:
-                            started = await self._client.start(task.task_id, lease=task.lease)
-                        except LOST:
-                            continue
-                        self._launch(started)
-                except (DispatchError, httpx.HTTPError) as exc:
-                    log.warning("looking for pushed tasks failed: %s", exc)
+            found = await self._adopt() if self._room() > 0 else 0
             self.looks += 1
-            # Check again soon after a slot frees (the assigner fills it) or a push arrives,
-            # else now and then.
+            if found:
+                soon = []
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), self.adopt_seconds)
-            await self._pause(0.05)
+                await asyncio.wait_for(self._freed.wait(), soon.pop(0) if soon else
+                                       self.adopt_seconds)
+                soon = [0.01, 0.03, 0.1]
+
+    async def _adopt(self) -> int:
+        """Start and run the tasks pushed to this agent; how many were found."""
+        try:
+            page = await self._client.list(
+                assignee=self.agent_id, status=[TaskStatus.ASSIGNED], limit=self.concurrency,
+            )
+        except (DispatchError, httpx.HTTPError) as exc:
+            log.warning("looking for pushed tasks failed: %s", exc)
+            return 0
+        for task in page.tasks:
+            if self._room() <= 0 or self._stopping is None or self._stopping.is_set():
+                break
+            with self._lock:
+                if task.task_id in self._running:
+                    continue
+            try:
+                started = await self._client.start(task.task_id, lease=task.lease)
+            except LOST:
+                continue
+            except (DispatchError, httpx.HTTPError) as exc:
+                log.warning("task %s: start failed: %s", task.task_id, exc)
+                continue
+            self._launch(started)
+        return len(page.tasks)
 
     async def _pause(self, seconds: float) -> None:
         assert self._stopping is not None
