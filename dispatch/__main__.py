@@ -1,25 +1,27 @@
-"""Command line: `dispatch serve` and `dispatch migrate`."""
+"""Command line: `dispatch serve` and `dispatch migrate` (the server), and the client's commands
+`task`, `agent`, `worker` and `top` (dispatch/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 
-import msgspec
+from dispatch import cli
 
-from dispatch.errors import ConfigError, DispatchError
-from dispatch.logs import configure_logging
-from dispatch.settings import Settings, load_settings
+SERVER_EXTRA = (
+    "dispatch: {command} needs the server's dependencies, which this install lacks ({missing}):"
+    " pip install 'dispatch[server]'"
+)
 
-log = logging.getLogger("dispatch")
 
+def _serve(settings: object, config: str | None) -> None:
+    import asyncio
 
-def _serve(settings: Settings, config: str | None) -> None:
     from dispatch import workers
     from dispatch.service import Service
+    from dispatch.settings import Settings
 
+    assert isinstance(settings, Settings)
     if workers.worker_count(settings) > 1:
         workers.run(settings, config)
         return
@@ -33,26 +35,27 @@ def _serve(settings: Settings, config: str | None) -> None:
     asyncio.run(Service(settings).run())
 
 
-def _migrate(settings: Settings) -> None:
+def _migrate(settings: object) -> None:
     from dispatch.migrate import migrate
     from dispatch.service import resolve_database_url
+    from dispatch.settings import Settings
 
+    assert isinstance(settings, Settings)
     applied = migrate(resolve_database_url(settings))
     print(f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dispatch", description=__doc__)
-    parser.add_argument("--config", help="YAML configuration file (else $DISPATCH_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the broker: API, ops port and background loops")
-    serve.add_argument(
-        "--workers", type=int, metavar="N",
-        help="processes, each a full replica sharing the API port (default: server.workers, "
-             "0 = one per CPU)",
-    )
-    sub.add_parser("migrate", help="apply pending database migrations and exit")
-    args = parser.parse_args(argv)
+def _server(args: argparse.Namespace) -> int:
+    """serve and migrate: they load the settings and need the server extra."""
+    try:
+        import msgspec
+
+        from dispatch.errors import ConfigError, DispatchError
+        from dispatch.logs import configure_logging
+        from dispatch.settings import load_settings
+    except ImportError as exc:
+        print(SERVER_EXTRA.format(command=args.command, missing=exc.name), file=sys.stderr)
+        return 2
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -72,12 +75,33 @@ def main(argv: list[str] | None = None) -> int:
             _serve(settings, args.config)
         else:
             _migrate(settings)
+    except ImportError as exc:
+        print(SERVER_EXTRA.format(command=args.command, missing=exc.name), file=sys.stderr)
+        return 2
     except DispatchError as exc:
         print(f"dispatch: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dispatch", description=__doc__)
+    parser.add_argument("--config", help="YAML configuration file (else $DISPATCH_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the broker: API, ops port and background loops")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="processes, each a full replica sharing the API port (default: server.workers, "
+             "0 = one per CPU)",
+    )
+    sub.add_parser("migrate", help="apply pending database migrations and exit")
+    cli.add_commands(sub)
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "migrate"):
+        return _server(args)
+    return cli.run(args)
 
 
 if __name__ == "__main__":

@@ -194,19 +194,39 @@ class _Requests:
         body = {"status": str(status)} if status else {}
         return self.agent(self.agent_id, "heartbeat", body=body)
 
-    def claim(self, capabilities: Sequence[str] | None, wait_seconds: float) -> _Call:
+    def claim(self, capabilities: Sequence[str] | None, wait_seconds: float,
+              max_tasks: int | None = None, start: bool = False) -> _Call:
         body: dict[str, object] = {"wait_seconds": wait_seconds}
         if capabilities is not None:
             body["capabilities"] = list(capabilities)
+        if max_tasks is not None:
+            body["max_tasks"] = max_tasks
+        if start:
+            body["start"] = True
         return _Call("POST", "/api/v1/tasks/claim", body)
 
-    def progress(self, task_id: TaskRef, percent: float | None, message: str | None,
-                 data: object) -> _Call:
-        body = _omit_none([("percent", percent), ("message", message), ("data", data)])
-        return self.task(task_id, "progress", body=body)
+    def report(self, task_id: TaskRef, action: str, lease: int | None,
+               fields: Sequence[tuple[str, object]] = ()) -> _Call:
+        """A report on an attempt; with `lease`, one the task is no longer on is refused (409)."""
+        body = _omit_none([*fields, ("lease", lease)])
+        return self.task(task_id, action, body=body)
 
-    def fail(self, task_id: TaskRef, error: str | None, retry_eligible: bool) -> _Call:
-        return self.task(task_id, "fail", body={"error": error, "retry_eligible": retry_eligible})
+    def progress(self, task_id: TaskRef, percent: float | None, message: str | None,
+                 data: object, lease: int | None = None) -> _Call:
+        fields = [("percent", percent), ("message", message), ("data", data)]
+        return self.report(task_id, "progress", lease, fields)
+
+    def fail(self, task_id: TaskRef, error: str | None, retry_eligible: bool,
+             lease: int | None = None) -> _Call:
+        fields = [("error", error), ("retry_eligible", retry_eligible)]
+        return self.report(task_id, "fail", lease, fields)
+
+    def complete(self, task_id: TaskRef, result: object, admin: bool,
+                 lease: int | None = None) -> _Call:
+        body: dict[str, object] = {"result": result}
+        if lease is not None:
+            body["lease"] = lease
+        return self.task(task_id, "complete", body=body, admin=admin)
 
     def stats(self) -> _Call:
         return _Call("GET", "/api/v1/stats", headers=self._admin())
@@ -227,6 +247,12 @@ def _claimed(response: httpx.Response) -> Task | None:
     if response.status_code == 204:
         return None
     return _decode(response, Task)
+
+
+def _claimed_many(response: httpx.Response) -> list[Task]:
+    if response.status_code == 204:
+        return []
+    return _decode(response, list[Task])
 
 
 class DispatchClient:
@@ -315,20 +341,28 @@ class DispatchClient:
               wait_seconds: float = 0) -> Task | None:
         return _claimed(self._send(self._r.claim(capabilities, wait_seconds)))
 
-    def start(self, task_id: TaskRef) -> Task:
-        return _decode(self._send(self._r.task(task_id, "start")), Task)
+    def claim_many(self, max_tasks: int, *, capabilities: Sequence[str] | None = None,
+                   wait_seconds: float = 0, start: bool = False) -> builtins.list[Task]:
+        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds."""
+        call = self._r.claim(capabilities, wait_seconds, max_tasks, start)
+        return _claimed_many(self._send(call))
+
+    def start(self, task_id: TaskRef, *, lease: int | None = None) -> Task:
+        return _decode(self._send(self._r.report(task_id, "start", lease)), Task)
 
     def progress(self, task_id: TaskRef, percent: float | None = None,
-                 message: str | None = None, data: object = None) -> Task:
-        return _decode(self._send(self._r.progress(task_id, percent, message, data)), Task)
-
-    def complete(self, task_id: TaskRef, result: object = None, *, admin: bool = False) -> Task:
-        call = self._r.task(task_id, "complete", body={"result": result}, admin=admin)
+                 message: str | None = None, data: object = None, *,
+                 lease: int | None = None) -> Task:
+        call = self._r.progress(task_id, percent, message, data, lease)
         return _decode(self._send(call), Task)
 
+    def complete(self, task_id: TaskRef, result: object = None, *, admin: bool = False,
+                 lease: int | None = None) -> Task:
+        return _decode(self._send(self._r.complete(task_id, result, admin, lease)), Task)
+
     def fail(self, task_id: TaskRef, error: str | None = None, *,
-             retry_eligible: bool = True) -> Task:
-        return _decode(self._send(self._r.fail(task_id, error, retry_eligible)), Task)
+             retry_eligible: bool = True, lease: int | None = None) -> Task:
+        return _decode(self._send(self._r.fail(task_id, error, retry_eligible, lease)), Task)
 
     # admin
     def stats(self) -> Stats:
@@ -436,21 +470,29 @@ class AsyncDispatchClient:
                     wait_seconds: float = 0) -> Task | None:
         return _claimed(await self._send(self._r.claim(capabilities, wait_seconds)))
 
-    async def start(self, task_id: TaskRef) -> Task:
-        return _decode(await self._send(self._r.task(task_id, "start")), Task)
+    async def claim_many(self, max_tasks: int, *, capabilities: Sequence[str] | None = None,
+                         wait_seconds: float = 0, start: bool = False) -> builtins.list[Task]:
+        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds."""
+        call = self._r.claim(capabilities, wait_seconds, max_tasks, start)
+        return _claimed_many(await self._send(call))
+
+    async def start(self, task_id: TaskRef, *, lease: int | None = None) -> Task:
+        return _decode(await self._send(self._r.report(task_id, "start", lease)), Task)
 
     async def progress(self, task_id: TaskRef, percent: float | None = None,
-                       message: str | None = None, data: object = None) -> Task:
-        return _decode(await self._send(self._r.progress(task_id, percent, message, data)), Task)
-
-    async def complete(self, task_id: TaskRef, result: object = None, *,
-                       admin: bool = False) -> Task:
-        call = self._r.task(task_id, "complete", body={"result": result}, admin=admin)
+                       message: str | None = None, data: object = None, *,
+                       lease: int | None = None) -> Task:
+        call = self._r.progress(task_id, percent, message, data, lease)
         return _decode(await self._send(call), Task)
 
+    async def complete(self, task_id: TaskRef, result: object = None, *,
+                       admin: bool = False, lease: int | None = None) -> Task:
+        return _decode(await self._send(self._r.complete(task_id, result, admin, lease)), Task)
+
     async def fail(self, task_id: TaskRef, error: str | None = None, *,
-                   retry_eligible: bool = True) -> Task:
-        return _decode(await self._send(self._r.fail(task_id, error, retry_eligible)), Task)
+                   retry_eligible: bool = True, lease: int | None = None) -> Task:
+        call = self._r.fail(task_id, error, retry_eligible, lease)
+        return _decode(await self._send(call), Task)
 
     # admin
     async def stats(self) -> Stats:

@@ -1,0 +1,591 @@
+"""The client side of the `dispatch` command: tasks, agents, a worker that runs a command per task,
+and `top`. Imports only the client (httpx, msgspec): it runs on an agent host without the server.
+
+Connection settings come from options or the environment: DISPATCH_URL (default
+http://localhost:8600), DISPATCH_AGENT_ID (the X-Agent-ID; default the login name),
+DISPATCH_ADMIN_TOKEN (admin commands) and DISPATCH_TOKEN (the agent's own token, auth.mode tokens).
+Human tables by default, --json for scripts; any error exits non-zero with the server's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+
+from dispatch.client import CreateFields, DispatchClient, ListFilters
+from dispatch.errors import DispatchError
+from dispatch.models import TERMINAL_STATUSES, Agent, Stats, Task, TaskEvent
+from dispatch.worker import TaskContext, TaskError, TaskLost, Worker
+
+DEFAULT_URL = "http://localhost:8600"
+# How much of a failed command's stderr becomes the task's error.
+STDERR_TAIL = 2000
+
+
+class CliError(Exception):
+    """A usage problem found after parsing (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Conn:
+    url: str
+    agent_id: str
+    admin_token: str | None
+    token: str | None
+
+    def client(self, *, agent_id: str | None = None) -> DispatchClient:
+        return DispatchClient(self.url, agent_id or self.agent_id,
+                              admin_token=self.admin_token, token=self.token)
+
+
+def _conn(args: argparse.Namespace) -> Conn:
+    return Conn(
+        url=args.url or os.environ.get("DISPATCH_URL") or DEFAULT_URL,
+        agent_id=args.agent_id or os.environ.get("DISPATCH_AGENT_ID") or _login(),
+        admin_token=args.admin_token or os.environ.get("DISPATCH_ADMIN_TOKEN") or None,
+        token=args.token or os.environ.get("DISPATCH_TOKEN") or None,
+    )
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+# output
+
+def _print_json(value: object) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned to their widest cell; the last column is left ragged."""
+    cells = [[str(h) for h in headers], *([_cell(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value).replace("\n", " ")
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+TASK_COLUMNS = ("TASK_ID", "STATUS", "PRI", "AGENT", "TRY", "AGE", "TITLE")
+
+
+def _age(since: datetime) -> str:
+    seconds = max(0, int((datetime.now(UTC) - since).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _task_row(t: Task) -> list[object]:
+    return [t.task_id, t.status, t.priority, t.assigned_agent, f"{t.retry_count}/{t.max_retries}",
+            _age(t.created_at), _short(t.title, 50)]
+
+
+def _task_detail(t: Task) -> str:
+    fields = msgspec.structs.asdict(t)
+    return table(("FIELD", "VALUE"), [(k, v) for k, v in fields.items()])
+
+
+def _event_row(e: TaskEvent) -> list[object]:
+    return [e.id, e.created_at, e.event, e.actor, _short(_cell(e.payload), 80)]
+
+
+EVENT_COLUMNS = ("ID", "AT", "EVENT", "ACTOR", "PAYLOAD")
+
+
+def _agent_row(a: Agent) -> list[object]:
+    return [a.agent_id, a.status, f"{a.active_tasks}/{a.max_concurrent}",
+            "yes" if a.drained else "no", a.capabilities, a.owner, a.source]
+
+
+AGENT_COLUMNS = ("AGENT", "STATUS", "LOAD", "DRAINED", "CAPABILITIES", "OWNER", "SOURCE")
+
+
+class Progress:
+    """One self-overwriting line on stderr, when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+
+    def show(self, text: str) -> None:
+        if self.live:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.live:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+# task commands
+
+def _metadata(raw: str | None) -> dict[str, object] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--metadata is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CliError("--metadata must be a JSON object")
+    return value
+
+
+def task_create(args: argparse.Namespace, conn: Conn) -> int:
+    fields: CreateFields = {}
+    if args.description is not None:
+        fields["description"] = args.description
+    if args.capability:
+        fields["required_capabilities"] = args.capability
+    for name, value in (("priority", args.priority), ("timeout_seconds", args.timeout),
+                        ("heartbeat_seconds", args.heartbeat), ("max_retries", args.max_retries)):
+        if value is not None:
+            fields[name] = value  # type: ignore[literal-required]
+    if args.owner is not None:
+        fields["owner"] = args.owner
+    metadata = _metadata(args.metadata)
+    if metadata is not None:
+        fields["metadata"] = metadata
+    if args.count < 1:
+        raise CliError("--count must be at least 1")
+    if args.count > 1 and args.idempotency_key:
+        raise CliError("--idempotency-key names one task: it cannot go with --count")
+    created: list[Task] = []
+    progress = Progress()
+    with conn.client() as client:
+        for i in range(args.count):
+            created.append(client.create(args.title, idempotency_key=args.idempotency_key,
+                                         **fields))
+            progress.show(f"created {i + 1}/{args.count}")
+    progress.done()
+    if args.json:
+        _print_json(created[0] if args.count == 1 else created)
+    else:
+        print(table(TASK_COLUMNS, [_task_row(t) for t in created]))
+    return 0
+
+
+def task_list(args: argparse.Namespace, conn: Conn) -> int:
+    filters: ListFilters = {"limit": min(args.limit, 500)}
+    if args.status:
+        filters["status"] = args.status.split(",")
+    for name in ("requester", "owner", "assignee", "capability"):
+        if getattr(args, name) is not None:
+            filters[name] = getattr(args, name)  # type: ignore[literal-required]
+    tasks: list[Task] = []
+    progress = Progress()
+    with conn.client() as client:
+        while True:
+            page = client.list(**filters)
+            tasks.extend(page.tasks)
+            cursor = filters["cursor"] = page.next_cursor
+            if not args.all or cursor is None:
+                break
+            progress.show(f"{len(tasks)} tasks so far")
+    progress.done()
+    tasks = tasks if args.all else tasks[: args.limit]
+    if args.json:
+        _print_json(tasks)
+    else:
+        print(table(TASK_COLUMNS, [_task_row(t) for t in tasks]))
+        if cursor is not None and not args.all:
+            print("(more: --all lists every page)", file=sys.stderr)
+    return 0
+
+
+def task_get(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        task = client.get(args.task_id)
+    _print_json(task) if args.json else print(_task_detail(task))
+    return 0
+
+
+def task_events(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        events = client.events(args.task_id)
+    if args.json:
+        _print_json(events)
+    else:
+        print(table(EVENT_COLUMNS, [_event_row(e) for e in events]))
+    return 0
+
+
+def task_cancel(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        task = client.cancel(args.task_id, args.reason, admin=conn.admin_token is not None)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
+def task_requeue(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        task = client.requeue(args.task_id)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
+def task_explain(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        explanation = client.explain(args.task_id)
+    if args.json:
+        _print_json(explanation)
+        return 0
+    print(f"task {explanation.task_id} is {explanation.status}; owner {explanation.owner or '-'}"
+          f" ({'owner-scoped' if explanation.owner_scoped else 'not owner-scoped'})")
+    for note in explanation.notes:
+        print(f"note: {note}")
+    rows = [[c.agent_id, "yes" if c.eligible else "no", f"{c.score:.2f}",
+             f"{c.active_tasks}/{c.max_concurrent}", c.status, "; ".join(c.reasons) or "-"]
+            for c in explanation.candidates]
+    print(table(("AGENT", "ELIGIBLE", "SCORE", "LOAD", "STATUS", "WHY_NOT"), rows))
+    return 0
+
+
+def task_watch(args: argparse.Namespace, conn: Conn) -> int:
+    """Follow a task's history until it ends: exit 0 when it completed, 1 otherwise."""
+    seen = 0
+    progress = Progress()
+    with conn.client() as client:
+        while True:
+            task = client.get(args.task_id)
+            events = client.events(args.task_id)
+            fresh, seen = events[seen:], len(events)
+            if fresh:
+                progress.done()
+            for event in fresh:
+                if args.json:
+                    print(msgspec.json.encode(event).decode(), flush=True)
+                else:
+                    print("  ".join(_cell(c) for c in _event_row(event)), flush=True)
+            if task.status in TERMINAL_STATUSES:
+                progress.done()
+                if args.json:
+                    print(msgspec.json.encode(task).decode(), flush=True)
+                else:
+                    print(f"task {task.task_id} {task.status}"
+                          + (f": {_cell(task.result)}" if task.result is not None else "")
+                          + (f": {task.error}" if task.error else ""), flush=True)
+                return 0 if task.status == "completed" else 1
+            percent = (task.progress or {}).get("percent")
+            progress.show(f"{task.status}" + (f" {percent}%" if percent is not None else ""))
+            time.sleep(args.interval)
+
+
+# agent commands
+
+def agent_list(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        agents = client.agents()
+    if args.json:
+        _print_json(agents)
+    else:
+        print(table(AGENT_COLUMNS, [_agent_row(a) for a in agents]))
+    return 0
+
+
+def agent_register(args: argparse.Namespace, conn: Conn) -> int:
+    admin = conn.admin_token is not None
+    with conn.client(agent_id=None if admin else args.agent) as client:
+        agent = client.register(
+            agent_id=args.agent, capabilities=args.capability or None, owner=args.owner,
+            max_concurrent=args.max_concurrent, status=args.status, admin=admin,
+        )
+    _print_json(agent) if args.json else print(table(AGENT_COLUMNS, [_agent_row(agent)]))
+    return 0
+
+
+def agent_drain(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        agent = client.drain(args.agent, args.command_name == "drain")
+    _print_json(agent) if args.json else print(table(AGENT_COLUMNS, [_agent_row(agent)]))
+    return 0
+
+
+# worker
+
+def command_handler(command: Sequence[str]) -> Callable[[TaskContext], object]:
+    """A handler that runs `command` once per task: the task's JSON on stdin, its stdout the
+    result (JSON when it parses, else the text), exit status 0 completes, anything else fails
+    with the tail of stderr."""
+
+    async def run(ctx: TaskContext) -> object:
+        env = {**os.environ, "DISPATCH_TASK_ID": str(ctx.task_id),
+               "DISPATCH_TASK_LEASE": str(ctx.lease)}
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        try:
+            out, err = await proc.communicate(msgspec.json.encode(ctx.task))
+        except (asyncio.CancelledError, TaskLost):
+            # Cancelled, or the shutdown's grace ran out: the command goes with it.
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace").strip()[-STDERR_TAIL:]
+            raise TaskError(f"exit status {proc.returncode}" + (f": {tail}" if tail else ""))
+        text = out.decode(errors="replace")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text.strip()
+
+    return run
+
+
+def worker(args: argparse.Namespace, conn: Conn) -> int:
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CliError("worker needs a command: dispatch worker -- COMMAND ARGS")
+    if not (args.agent_id or os.environ.get("DISPATCH_AGENT_ID")):
+        raise CliError("worker needs an agent id: --agent-id or DISPATCH_AGENT_ID")
+    w = Worker(conn.url, conn.agent_id, capabilities=args.capability or None,
+               concurrency=args.concurrency, token=conn.token,
+               grace_seconds=args.grace, poll_seconds=args.poll,
+               nats_url=args.nats or os.environ.get("DISPATCH_NATS_URL") or None)
+    w.handler(command_handler(command))  # type: ignore[arg-type]
+    print(f"worker {conn.agent_id}: running {' '.join(command)} per task "
+          f"({args.concurrency} at once) from {conn.url}", file=sys.stderr, flush=True)
+    w.run()
+    print(f"worker {conn.agent_id}: stopped; {w.completed} completed, {w.failed} failed",
+          file=sys.stderr, flush=True)
+    return 0
+
+
+# top
+
+@dataclass
+class _Sample:
+    at: float
+    completed: int
+    failed: int
+
+
+def top_frame(conn: Conn, client: DispatchClient, previous: _Sample | None,
+              width: int) -> tuple[list[str], _Sample]:
+    """One screen of `top`: the queue, throughput since the previous frame, the agents."""
+    stats: Stats = client.stats()
+    agents = client.agents()
+    sample = _Sample(time.monotonic(), stats.total_completed, stats.total_failed)
+    rate = "-"
+    if previous is not None and sample.at > previous.at:
+        dt = sample.at - previous.at
+        rate = (f"{(sample.completed - previous.completed) / dt:.1f} completed/s, "
+                f"{(sample.failed - previous.failed) / dt:.1f} failed/s")
+    q = stats.queue
+    order = ("pending", "assigned", "running", "completed", "failed", "timed_out", "cancelled")
+    lines = [
+        f"dispatch top  {conn.url}  {datetime.now(UTC):%H:%M:%S} UTC  (Ctrl-C quits)",
+        "",
+        "QUEUE  " + "  ".join(f"{s} {q.get(s, 0)}" for s in order),
+        f"oldest pending {_seconds(stats.oldest_pending_seconds)}  "
+        f"wait p50 {_ms(stats.wait_ms_p50)}  p95 {_ms(stats.wait_ms_p95)}  "
+        f"dead letter {stats.dead_letter}",
+        f"throughput  {rate}  (last hour: {stats.completed_last_hour} completed, "
+        f"{stats.failed_last_hour} failed)",
+        "",
+        f"AGENTS {len(agents)}",
+        *table(AGENT_COLUMNS, [_agent_row(a) for a in agents]).splitlines(),
+    ]
+    return [_short(line, width) for line in lines], sample
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def top(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        if args.json:
+            _print_json({"stats": client.stats(), "agents": client.agents()})
+            return 0
+        if args.once:
+            lines, _ = top_frame(conn, client, None, shutil.get_terminal_size().columns)
+            print("\n".join(lines))
+            return 0
+        previous: _Sample | None = None
+        # The alternate screen, as top(1) does: the shell's screen comes back on exit.
+        sys.stdout.write("\x1b[?1049h\x1b[?25l")
+        try:
+            while True:
+                size = shutil.get_terminal_size()
+                lines, previous = top_frame(conn, client, previous, size.columns)
+                # Home, each line cleared to its end, then the rest of the screen: in place,
+                # without the flicker of clearing first.
+                frame = "".join(line + "\x1b[K\r\n" for line in lines[: size.lines - 1])
+                sys.stdout.write("\x1b[H" + frame + "\x1b[J")
+                sys.stdout.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            sys.stdout.write("\x1b[?25h\x1b[?1049l")
+            sys.stdout.flush()
+
+
+# the parser
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the API (else $DISPATCH_URL, else " + DEFAULT_URL + ")")
+    common.add_argument("--agent-id", help="X-Agent-ID (else $DISPATCH_AGENT_ID, else the login)")
+    common.add_argument("--admin-token", help="for admin commands (else $DISPATCH_ADMIN_TOKEN)")
+    common.add_argument("--token", help="the agent's own token (else $DISPATCH_TOKEN)")
+    common.add_argument("--json", action="store_true", help="JSON output, for scripts")
+    return common
+
+
+def _task_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a task id (a UUID): {raw!r}") from None
+
+
+Command = Callable[[argparse.Namespace, Conn], int]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The client commands, beside the server's serve and migrate."""
+    common = _common()
+
+    task = sub.add_parser("task", help="create, list, follow and manage tasks")
+    tasks = task.add_subparsers(dest="command_name", required=True, metavar="ACTION")
+    create = tasks.add_parser("create", parents=[common], help="create a task")
+    create.add_argument("title")
+    create.add_argument("--description")
+    create.add_argument("-c", "--capability", action="append",
+                        help="a required capability (repeatable)")
+    create.add_argument("--priority", type=int)
+    create.add_argument("--timeout", type=int, metavar="SECONDS")
+    create.add_argument("--heartbeat", type=int, metavar="SECONDS")
+    create.add_argument("--max-retries", type=int)
+    create.add_argument("--owner")
+    create.add_argument("--metadata", metavar="JSON")
+    create.add_argument("--idempotency-key")
+    create.add_argument("--count", type=int, default=1, help="create N such tasks")
+    create.set_defaults(run=task_create)
+
+    listing = tasks.add_parser("list", parents=[common], help="list tasks")
+    listing.add_argument("--status", help="comma list, e.g. pending,running")
+    listing.add_argument("--requester")
+    listing.add_argument("--owner")
+    listing.add_argument("--assignee")
+    listing.add_argument("--capability")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--all", action="store_true", help="follow every page")
+    listing.set_defaults(run=task_list)
+
+    for name, run, text in (("get", task_get, "one task"), ("events", task_events, "its history"),
+                            ("requeue", task_requeue, "admin: start a dead task over"),
+                            ("explain", task_explain, "admin: who could run it, and why not")):
+        one = tasks.add_parser(name, parents=[common], help=text)
+        one.add_argument("task_id", type=_task_id)
+        one.set_defaults(run=run)
+    cancel = tasks.add_parser("cancel", parents=[common], help="cancel a task")
+    cancel.add_argument("task_id", type=_task_id)
+    cancel.add_argument("--reason")
+    cancel.set_defaults(run=task_cancel)
+    watch = tasks.add_parser("watch", parents=[common],
+                             help="follow a task until it ends (exit 0 if it completed)")
+    watch.add_argument("task_id", type=_task_id)
+    watch.add_argument("--interval", type=float, default=0.5)
+    watch.set_defaults(run=task_watch)
+
+    agent = sub.add_parser("agent", help="list, register, drain agents")
+    agents = agent.add_subparsers(dest="command_name", required=True, metavar="ACTION")
+    agents.add_parser("list", parents=[common], help="admin: the directory").set_defaults(
+        run=agent_list)
+    register = agents.add_parser("register", parents=[common], help="register an agent")
+    register.add_argument("agent")
+    register.add_argument("-c", "--capability", action="append")
+    register.add_argument("--max-concurrent", type=int)
+    register.add_argument("--owner", help="admin only")
+    register.add_argument("--status")
+    register.set_defaults(run=agent_register)
+    for name in ("drain", "undrain"):
+        one = agents.add_parser(name, parents=[common], help=f"admin: {name} an agent")
+        one.add_argument("agent")
+        one.set_defaults(run=agent_drain)
+
+    work = sub.add_parser("worker", parents=[common],
+                          help="run a command per task: dispatch worker -- COMMAND ARGS")
+    work.add_argument("-c", "--capability", action="append")
+    work.add_argument("--concurrency", type=int, default=1)
+    work.add_argument("--grace", type=float, default=30.0,
+                      help="seconds running commands get on SIGTERM before they are killed")
+    work.add_argument("--poll", type=float, default=5.0, help="long-poll wait, seconds")
+    work.add_argument("--nats", metavar="URL",
+                      help="push mode: hear of assignments from NATS (else $DISPATCH_NATS_URL;"
+                           " needs the push extra)")
+    work.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
+    work.set_defaults(run=worker)
+
+    live = sub.add_parser("top", parents=[common],
+                          help="admin: a live view of the queue, throughput and agents")
+    live.add_argument("--interval", type=float, default=1.0)
+    live.add_argument("--once", action="store_true", help="print one frame and exit")
+    live.set_defaults(run=top)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a client command; errors become a message on stderr and a non-zero status."""
+    command: Command = args.run
+    try:
+        return command(args, _conn(args))
+    except CliError as exc:
+        print(f"dispatch: {exc}", file=sys.stderr)
+        return 2
+    except DispatchError as exc:
+        print(f"dispatch: {exc.message} (HTTP {exc.status})", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"dispatch: cannot reach the API: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,562 @@
+"""The worker SDK: an agent in ten lines.
+
+    from dispatch.worker import TaskContext, Worker
+
+    worker = Worker("http://localhost:8600", "summariser-1", capabilities=["summarise"])
+
+    @worker.handler
+    async def summarise(ctx: TaskContext) -> object:
+        await ctx.progress(50, "reading")
+        return {"summary": ctx.task.description[:200]}
+
+    worker.run()
+
+The worker registers its agent, claims tasks (a long poll, several at once, started in the same
+step) and picks up the ones the assigner pushed to it, runs the handler once per task, completes
+the task with what the handler returns or fails it with what it raises (retryable, unless it raises
+Permanent), and presents the task's lease with every report so it never reports on an attempt it
+no longer holds. A thread with its own HTTP client keeps the leases alive and watches for
+cancellation, so a handler that blocks the event loop keeps its task, and one whose task was
+cancelled, timed out or given to someone else is cancelled. On SIGTERM (or SIGINT) it stops
+claiming, lets running handlers finish within `grace_seconds`, then fails the rest as retryable.
+With `nats_url` (push mode, nats-py) the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
+once that the assigner gave it a task.
+
+Imports only httpx and msgspec (the client install; nats-py in push mode): no server dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from dispatch.client import AsyncDispatchClient, DispatchClient
+from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
+from dispatch.models import Task, TaskStatus
+
+log = logging.getLogger("dispatch.worker")
+
+# Reports that say the worker no longer holds the attempt: cancelled, timed out, reassigned (409),
+# or the task is not ours (403) or gone (404).
+LOST = (Conflict, Forbidden, NotFound)
+
+
+class TaskError(Exception):
+    """Raised by a handler: fail the task with exactly this message (no traceback); retryable."""
+
+    retryable = True
+
+
+class Permanent(TaskError):
+    """Raised by a handler: fail the task without a retry (it would fail the same way again)."""
+
+    retryable = False
+
+
+class TaskLost(Exception):
+    """The worker no longer holds this attempt; raised by TaskContext.progress, and the reason
+    the handler was cancelled."""
+
+
+@dataclass
+class _Attempt:
+    """One task this worker is running: the handler's asyncio task, and what the keeper thread
+    needs to keep its lease alive (read and written under Worker._lock)."""
+
+    task: Task
+    started: float
+    job: asyncio.Task[None] | None = None  # _run: the handler, then the report
+    runner: asyncio.Task[object] | None = None  # the handler itself
+    progress: dict[str, object] = field(default_factory=dict)
+    last_beat: float = 0.0
+    lost: str | None = None
+
+
+class TaskContext:
+    """What a handler gets: the task, its metadata, progress reports and cancellation."""
+
+    def __init__(self, worker: Worker, attempt: _Attempt) -> None:
+        self._worker = worker
+        self._attempt = attempt
+
+    @property
+    def task(self) -> Task:
+        return self._attempt.task
+
+    @property
+    def task_id(self) -> uuid.UUID:
+        return self._attempt.task.task_id
+
+    @property
+    def metadata(self) -> dict[str, object]:
+        return self._attempt.task.metadata
+
+    @property
+    def lease(self) -> int:
+        return self._attempt.task.lease
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the worker knows it no longer holds the task (the handler is cancelled too)."""
+        return self._attempt.lost is not None
+
+    async def progress(self, percent: float | None = None, message: str | None = None,
+                       data: object = None) -> None:
+        """Report progress; raises TaskLost when the task was cancelled or taken away, and
+        InvalidInput for a bad report (percent over 100); one the network lost is only logged."""
+        report = {k: v for k, v in (("percent", percent), ("message", message), ("data", data))
+                  if v is not None}
+        with self._worker._lock:
+            self._attempt.progress = report
+            self._attempt.last_beat = time.monotonic()
+        try:
+            await self._worker._client.progress(
+                self.task_id, percent, message, data, lease=self.lease
+            )
+        except LOST as exc:
+            self._worker._lose(self._attempt, exc.message)
+            raise TaskLost(exc.message) from None
+        except (Unavailable, httpx.HTTPError) as exc:
+            # Progress is advice: a report lost to the network does not fail the work (the
+            # keeper repeats it while the task has a heartbeat).
+            log.warning("task %s: progress not reported: %s", self.task_id, exc)
+
+
+Handler = Callable[[TaskContext], Coroutine[object, object, object]]
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+class Worker:
+    """An agent: registers, takes tasks, runs `handler` on each (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        agent_id: str,
+        *,
+        capabilities: Sequence[str] | None = None,
+        concurrency: int = 4,
+        token: str | None = None,
+        handler: Handler | None = None,
+        poll_seconds: float = 5.0,
+        grace_seconds: float = 30.0,
+        watch_seconds: float = 0.5,
+        nats_url: str | None = None,
+        claim: bool = True,
+        adopt_seconds: float | None = None,
+    ) -> None:
+        if not 1 <= concurrency <= 100:
+            raise ValueError("concurrency must be between 1 and 100")
+        self.url = url
+        self.agent_id = agent_id
+        self.capabilities = list(capabilities) if capabilities is not None else None
+        self.concurrency = concurrency
+        self.token = token
+        self._handler = handler
+        self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
+        self.watch_seconds = watch_seconds
+        # Push: the relay announces each assignment on the agent's subject, which wakes the
+        # search for pushed tasks at once; the periodic search is then only a safety net.
+        self.nats_url = nats_url
+        # False: take only what the assigner gives (its scoring and fair share decide), no claims.
+        self.claim = claim
+        self.adopt_seconds = adopt_seconds if adopt_seconds is not None else (
+            10.0 if nats_url else 0.5)
+        self.completed = 0
+        self.failed = 0
+        self.looks = 0  # searches for pushed tasks done (a signal tests can wait for)
+        self._lock = threading.Lock()
+        self._running: dict[uuid.UUID, _Attempt] = {}
+        self._client: AsyncDispatchClient
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._freed: asyncio.Event | None = None
+
+    def handler(self, fn: Handler) -> Handler:
+        """Decorator: the coroutine function run once per task."""
+        self._handler = fn
+        return fn
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        asyncio.run(self.serve(install_signals=True))
+
+    def stop(self) -> None:
+        """Stop claiming and shut down (safe from any thread)."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def serve(self, *, install_signals: bool = False) -> None:
+        """Work until stop() (or a signal, with install_signals), then shut down gracefully."""
+        if self._handler is None:
+            raise ValueError("no handler: decorate a coroutine function with @worker.handler")
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._freed = asyncio.Event()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stopping.set)
+        # Long polls must outlast their wait on the server.
+        self._client = AsyncDispatchClient(
+            self.url, self.agent_id, token=self.token, timeout=self.poll_seconds + 30
+        )
+        keeper_stop = threading.Event()
+        keeper = threading.Thread(
+            target=self._keep, args=(keeper_stop,), name=f"dispatch-keeper-{self.agent_id}",
+            daemon=True,
+        )
+        push = None
+        try:
+            push = await self._subscribe(self.nats_url) if self.nats_url else None
+            await self._register()
+            keeper.start()
+            loops = [asyncio.create_task(self._adopt_loop())]
+            if self.claim:
+                loops.append(asyncio.create_task(self._claim_loop()))
+            stopping = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
+            # A loop only ends early on a bug: shut down gracefully all the same, then say so.
+            crashed = next((t for t in loops if t.done()), None)
+            self._stopping.set()
+            log.info("worker %s stopping", self.agent_id)
+            self._freed.set()  # the search for pushed tasks may be waiting: it ends now
+            with contextlib.suppress(DispatchError, httpx.HTTPError):
+                # Out of the assigner's choices (and a claim does not make it ready again).
+                await self._client.heartbeat("degraded")
+            # The claim in flight finishes: a task it took is run, not lost.
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._drain()
+            await self._sweep()
+            with contextlib.suppress(DispatchError, httpx.HTTPError):
+                await self._client.heartbeat("stopped")
+            if crashed is not None:
+                crashed.result()
+        finally:
+            if push is not None:
+                with contextlib.suppress(Exception):
+                    await push.close()
+            keeper_stop.set()
+            if keeper.is_alive():
+                await asyncio.to_thread(keeper.join, 10)
+            await self._client.aclose()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(sig)
+
+    async def _register(self) -> None:
+        """Register, waiting out an API that is not up yet (a refusal is final)."""
+        assert self._stopping is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._client.register(
+                    capabilities=self.capabilities, max_concurrent=self.concurrency,
+                    status="ready",
+                )
+                log.info("worker %s registered", self.agent_id)
+                return
+            except httpx.TransportError as exc:
+                log.warning("cannot reach %s (%s); retrying", self.url, exc)
+                if self._stopping.is_set():
+                    raise
+                await self._pause(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _subscribe(self, url: str) -> _Closable:
+        try:
+            import nats
+        except ImportError:
+            raise RuntimeError(
+                "push mode needs nats-py: pip install 'dispatch[push]'"
+            ) from None
+        assert self._freed is not None
+        freed = self._freed
+
+        async def assigned(_msg: object) -> None:
+            freed.set()
+
+        nc = await nats.connect(servers=[url], name=f"dispatch-worker-{self.agent_id}",
+                                allow_reconnect=True, max_reconnect_attempts=-1)
+        await nc.subscribe(f"swarm.dispatch.agent.{self.agent_id}.assigned", cb=assigned)
+        log.info("worker %s: pushes from %s", self.agent_id, self.nats_url)
+        return nc
+
+    # taking work
+
+    def _room(self) -> int:
+        with self._lock:
+            return self.concurrency - len(self._running)
+
+    async def _claim_loop(self) -> None:
+        assert self._stopping is not None
+        while not self._stopping.is_set():
+            # Ask for at least one: while full, the server holds the claim until room frees up
+            # (its limit is ours), so a freed slot is filled without a round trip.
+            try:
+                tasks = await self._client.claim_many(
+                    max(1, self._room()), capabilities=self.capabilities,
+                    wait_seconds=self.poll_seconds, start=True,
+                )
+            except (DispatchError, httpx.HTTPError) as exc:
+                log.warning("claim failed: %s", exc)
+                await self._pause(1.0)
+                continue
+            for task in tasks:
+                self._launch(task)
+
+    async def _adopt_loop(self) -> None:
+        """Tasks the assigner pushed to this agent (it does to every registered agent) wait in
+        `assigned`: start them, with their lease, and run them like claimed ones."""
+        assert self._stopping is not None and self._freed is not None
+        # After a slot frees, the assigner's push follows within milliseconds: look at once,
+        # then a few times more at growing intervals, then only now and then (or on a push).
+        soon: list[float] = []
+        while not self._stopping.is_set():
+            # Cleared before looking, so a push that lands while we look is not forgotten.
+            self._freed.clear()
+            found = await self._adopt() if self._room() > 0 else 0
+            self.looks += 1
+            if found:
+                soon = []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), soon.pop(0) if soon else
+                                       self.adopt_seconds)
+                soon = [0.01, 0.03, 0.1]
+
+    async def _adopt(self) -> int:
+        """Start and run the tasks pushed to this agent; how many were found."""
+        try:
+            page = await self._client.list(
+                assignee=self.agent_id, status=[TaskStatus.ASSIGNED], limit=self.concurrency,
+            )
+        except (DispatchError, httpx.HTTPError) as exc:
+            log.warning("looking for pushed tasks failed: %s", exc)
+            return 0
+        for task in page.tasks:
+            if self._room() <= 0 or self._stopping is None or self._stopping.is_set():
+                break
+            with self._lock:
+                if task.task_id in self._running:
+                    continue
+            try:
+                started = await self._client.start(task.task_id, lease=task.lease)
+            except LOST:
+                continue
+            except (DispatchError, httpx.HTTPError) as exc:
+                log.warning("task %s: start failed: %s", task.task_id, exc)
+                continue
+            self._launch(started)
+        return len(page.tasks)
+
+    async def _pause(self, seconds: float) -> None:
+        assert self._stopping is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _launch(self, task: Task) -> None:
+        attempt = _Attempt(task=task, started=time.monotonic(), last_beat=time.monotonic())
+        with self._lock:
+            if task.task_id in self._running:
+                return
+            self._running[task.task_id] = attempt
+        assert self._handler is not None
+        attempt.runner = asyncio.create_task(self._handler(TaskContext(self, attempt)))
+        attempt.job = asyncio.create_task(self._run(attempt), name=str(task.task_id))
+
+    # running one task
+
+    async def _run(self, attempt: _Attempt) -> None:
+        task = attempt.task
+        handler = attempt.runner
+        assert handler is not None
+        try:
+            try:
+                result = await handler
+            except asyncio.CancelledError:
+                if attempt.lost is not None:
+                    log.info("task %s: handler cancelled, %s", task.task_id, attempt.lost)
+                    return
+                if handler.cancelled():
+                    # The shutdown's grace ran out: someone else may run it.
+                    await self._report_fail(attempt, "worker shut down", retry=True)
+                    return
+                raise
+            except TaskLost:
+                return
+            except TaskError as exc:
+                log.info("task %s failed: %s", task.task_id, exc)
+                await self._report_fail(attempt, str(exc), retry=exc.retryable)
+                return
+            except Exception as exc:
+                log.info("task %s failed: %s", task.task_id, _describe(exc))
+                await self._report_fail(attempt, _failure(exc), retry=True)
+                return
+            if attempt.lost is None:
+                try:
+                    await self._client.complete(task.task_id, result, lease=task.lease)
+                    self.completed += 1
+                except LOST as exc:
+                    log.info("task %s: completion refused, %s", task.task_id, exc.message)
+                except (DispatchError, httpx.HTTPError) as exc:
+                    log.warning("task %s: completion failed: %s", task.task_id, exc)
+            return
+        finally:
+            with self._lock:
+                self._running.pop(task.task_id, None)
+            if self._freed is not None:
+                self._freed.set()
+
+    async def _report_fail(self, attempt: _Attempt, error: str, *, retry: bool) -> None:
+        if attempt.lost is not None:
+            return
+        try:
+            await self._client.fail(
+                attempt.task.task_id, error[:4000], retry_eligible=retry, lease=attempt.task.lease
+            )
+            self.failed += 1
+        except LOST as exc:
+            log.info("task %s: failure refused, %s", attempt.task.task_id, exc.message)
+        except (DispatchError, httpx.HTTPError) as exc:
+            log.warning("task %s: reporting the failure failed: %s", attempt.task.task_id, exc)
+
+    def _lose(self, attempt: _Attempt, reason: str) -> None:
+        """The attempt is no longer ours: cancel its handler (from any thread)."""
+        with self._lock:
+            if attempt.lost is not None:
+                return
+            attempt.lost = reason
+        runner = attempt.runner
+        if runner is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(runner.cancel)
+
+    async def _drain(self) -> None:
+        """Let running handlers finish within the grace period; cancel the rest (each fails,
+        retryable: see _run)."""
+        deadline = time.monotonic() + self.grace_seconds
+        while self._room() < self.concurrency and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with self._lock:
+            left = list(self._running.values())
+        for attempt in left:
+            if attempt.runner is not None:
+                attempt.runner.cancel()
+        waiting = [a.job for a in left if a.job is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=10)
+
+    async def _sweep(self) -> None:
+        """Tasks the assigner gave this agent that it never started (or whose claim's answer was
+        lost) go back now, rather than wait out their timeout."""
+        try:
+            page = await self._client.list(
+                assignee=self.agent_id, status=[TaskStatus.ASSIGNED, TaskStatus.RUNNING],
+                limit=500,
+            )
+        except (DispatchError, httpx.HTTPError) as exc:
+            log.warning("could not look for tasks left behind: %s", exc)
+            return
+        for task in page.tasks:
+            with self._lock:
+                if task.task_id in self._running:
+                    continue
+            await self._report_fail(_Attempt(task=task, started=0.0), "worker shut down",
+                                    retry=True)
+
+    # the keeper thread: leases and cancellation, outside the handlers' event loop
+
+    def _keep(self, stop: threading.Event) -> None:
+        watched = 0.0
+        with DispatchClient(self.url, self.agent_id, token=self.token, timeout=10) as client:
+            while not stop.wait(self._keeper_pause()):
+                try:
+                    self._beat(client)
+                    if time.monotonic() - watched >= self.watch_seconds:
+                        watched = time.monotonic()
+                        self._watch(client)
+                except (DispatchError, httpx.HTTPError) as exc:
+                    log.warning("lease keeper: %s", exc)
+
+    def _keeper_pause(self) -> float:
+        """A quarter of the shortest heartbeat interval in flight, at most watch_seconds."""
+        with self._lock:
+            beats = [a.task.heartbeat_seconds for a in self._running.values()
+                     if a.task.heartbeat_seconds is not None]
+        return min([self.watch_seconds, *(b / 4 for b in beats)])
+
+    def _beat(self, client: DispatchClient) -> None:
+        """A task with heartbeat_seconds times out without progress: repeat the handler's last
+        report (a bare one would erase what it said) every third of that interval."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(a, dict(a.progress)) for a in self._running.values()
+                   if a.lost is None and a.task.heartbeat_seconds is not None
+                   and now - a.last_beat >= a.task.heartbeat_seconds / 3]
+        for attempt, report in due:
+            task = attempt.task
+            try:
+                client.progress(
+                    task.task_id, report.get("percent"),  # type: ignore[arg-type]
+                    report.get("message"),  # type: ignore[arg-type]
+                    report.get("data"), lease=task.lease,
+                )
+                with self._lock:
+                    attempt.last_beat = now
+            except LOST as exc:
+                self._lose(attempt, exc.message)
+
+    def _watch(self, client: DispatchClient) -> None:
+        """One read tells which attempts are still ours: a cancellation (or a timeout, or a
+        reassignment) shows here within watch_seconds, without a write per task."""
+        asked = time.monotonic()
+        with self._lock:
+            attempts = [a for a in self._running.values() if a.lost is None]
+        if not attempts:
+            return
+        page = client.list(
+            assignee=self.agent_id, status=[TaskStatus.ASSIGNED, TaskStatus.RUNNING],
+            limit=500,
+        )
+        held = {t.task_id: t.lease for t in page.tasks}
+        for attempt in attempts:
+            if attempt.started < asked and held.get(attempt.task.task_id) != attempt.task.lease:
+                self._lose_checked(client, attempt)
+
+    def _lose_checked(self, client: DispatchClient, attempt: _Attempt) -> None:
+        """The listing no longer shows the attempt: confirm with the task itself (it may have
+        just finished here) before cancelling the handler."""
+        with self._lock:
+            if attempt.task.task_id not in self._running:
+                return
+        try:
+            now = client.get(attempt.task.task_id)
+        except NotFound:
+            self._lose(attempt, "the task is gone")
+            return
+        if (now.lease != attempt.task.lease or now.assigned_agent != self.agent_id
+                or now.status not in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)):
+            self._lose(attempt, f"the task is {now.status} (lease {now.lease})")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _failure(exc: BaseException) -> str:
+    """The error a failed task records: the exception and the end of its traceback."""
+    tail = "".join(traceback.format_exception(exc)[-3:])
+    return f"{_describe(exc)}\n{tail}".strip()
