@@ -5,6 +5,7 @@ is a 4xx that changes nothing, and afterwards the list, the stats and /health st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,24 +83,23 @@ def fingerprint(db_url: str) -> tuple[Any, ...]:
 
 @pytest.fixture
 def world(db_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, dict[str, str]]]:
-    with serving(db_url, tmp_path) as sp:
+    with serving(db_url, tmp_path) as sp, httpx.Client(base_url=sp.api, timeout=30) as http:
         alice = {"X-Agent-ID": "alice"}
         worker = {"X-Agent-ID": "worker"}
-        r = httpx.put(f"{sp.api}/api/v1/agents/worker", json={"capabilities": ["w"]},
-                      headers=worker)
+        r = http.put("/api/v1/agents/worker", json={"capabilities": ["w"]}, headers=worker)
         assert r.status_code == 200
-        running = httpx.post(f"{sp.api}/api/v1/tasks", json={"title": "run", "scope": "w"},
-                             headers=alice).json()["task_id"]
-        r = httpx.post(f"{sp.api}/api/v1/tasks/claim",
-                       json={"wait_seconds": 5, "start": True, "max_tasks": 1}, headers=worker)
-        if r.status_code == 200 and r.json():
-            httpx.post(f"{sp.api}/api/v1/tasks/{running}/start", headers=worker)
-        else:  # the assigner pushed it first
-            r = httpx.post(f"{sp.api}/api/v1/tasks/{running}/start", headers=worker)
-        assert httpx.get(f"{sp.api}/api/v1/tasks/{running}",
-                         headers=alice).json()["status"] == "running"
-        pending = httpx.post(f"{sp.api}/api/v1/tasks", json={"title": "wait", "scope": "nobody"},
-                             headers=alice).json()["task_id"]
+        running = http.post("/api/v1/tasks", json={"title": "run", "scope": "w"},
+                            headers=alice).json()["task_id"]
+        # The worker claims it and starts it, or the assigner pushed it first and it starts it.
+        http.post("/api/v1/tasks/claim", json={"wait_seconds": 1, "start": True, "max_tasks": 1},
+                  headers=worker)
+        deadline = time.monotonic() + 20
+        while http.get(f"/api/v1/tasks/{running}", headers=alice).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the worker never got its task"
+            http.post(f"/api/v1/tasks/{running}/start", headers=worker)
+            time.sleep(0.05)
+        pending = http.post("/api/v1/tasks", json={"title": "wait", "scope": "nobody"},
+                            headers=alice).json()["task_id"]
         yield sp, {"running": running, "pending": pending}
 
 

@@ -152,7 +152,7 @@ def test_a_deadline_fires_on_time_whatever_the_tick(db_url: str, tmp_path: Path)
         r = httpx.put(f"{sp.api}/api/v1/agents/puller", json={"capabilities": ["x"]},
                       headers={"X-Agent-ID": "puller"})
         assert r.status_code == 200
-        r = httpx.post(f"{sp.api}/api/v1/tasks/claim", json={"wait_seconds": 5},
+        r = httpx.post(f"{sp.api}/api/v1/tasks/claim", json={"wait_seconds": 1},
                        headers={"X-Agent-ID": "puller"})
         assert r.status_code in (200, 204)  # 204: this replica's assigner pushed it first
         wait_for(lambda: task_row(db_url, here)["assigned_agent"] == "puller", 10, "assignment")
