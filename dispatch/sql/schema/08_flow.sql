@@ -89,10 +89,14 @@ BEGIN
           AND NEW.available_at = OLD.available_at THEN
         RETURN NEW;  -- still in line where it was
     END IF;
+    -- The tenant's last place in line: one step back from the top of tasks_pending_tenant_idx.
+    -- (Written as max(), the planner read every pending task of the tenant to aggregate them, so
+    -- each insert of a tenant with a deep queue cost O(its queue).)
     SELECT (SELECT tw.weight FROM dispatch.tenant_weights tw WHERE tw.tenant = who),
-           (SELECT max(tk.queue_at) FROM dispatch.tasks tk
+           (SELECT tk.queue_at FROM dispatch.tasks tk
             WHERE tk.status = 'pending' AND coalesce(tk.owner, tk.requester) = who
-              AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id),
+              AND tk.priority = NEW.priority AND tk.task_id <> NEW.task_id
+            ORDER BY tk.queue_at DESC LIMIT 1),
            c.aging_ms
     INTO w, prev, aging FROM dispatch.config c;
     NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
