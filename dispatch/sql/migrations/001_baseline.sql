@@ -22,6 +22,24 @@ CREATE TYPE dispatch.agent_status AS ENUM (
     'ready', 'sleeping', 'busy', 'degraded', 'stopped', 'unknown'
 );
 
+-- Flow control (08_flow.sql): what an assigning transaction knows of the flow limits it has met.
+-- Each concurrency key's cap and the tasks it counts as active (those active when the key was
+-- first read, plus what this transaction has taken since); each rate key's bucket and the tokens
+-- left in it. Each key is read once per state, so a walk past many tasks of one key counts its
+-- active tasks once, not once per task. reason/until: the verdict of the last flow_admit (reason
+-- NULL: admitted).
+CREATE TYPE dispatch.flow_state AS (
+    ckeys   text[],
+    cmax    integer[],  -- NULL: the key has no cap
+    cused   integer[],
+    rkeys   text[],
+    rcap    float8[],   -- NULL: the key has no bucket
+    rrefill float8[],
+    rtokens float8[],
+    reason  text,
+    until   timestamptz -- for a rate limit: when its bucket will hold the task's cost
+);
+
 -- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
 -- configuration, so that psql callers get exactly the behaviour of the API.
 CREATE TABLE dispatch.config (
@@ -1117,10 +1135,8 @@ DECLARE
     taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
     keyed boolean := false;  -- some task taken has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the tasks taken, counted against their limits
-    rkeys text[] := '{}';
-    costs integer[] := '{}';
-    hold  record;
+    plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
+    held  dispatch.flow_state;  -- the same under their locks, with what was given
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -1162,10 +1178,10 @@ BEGIN
             CONTINUE;
         END IF;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
-            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
-                                       ckeys, rkeys, costs);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, false);
+            IF plan.reason IS NOT NULL THEN
+                refill := least(refill, plan.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -1176,9 +1192,8 @@ BEGIN
             taken := taken || t;
             IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
                 keyed := true;
-                ckeys := ckeys || t.concurrency_key;
-                rkeys := rkeys || t.rate_key;
-                costs := costs || t.cost;
+                plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                            false, true);
             END IF;
         END IF;
     END LOOP;
@@ -1199,10 +1214,10 @@ BEGIN
     END IF;
     FOREACH t IN ARRAY taken LOOP
         IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
-                                       p_lock => true);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            held := dispatch.flow_admit(held, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                        true, true);
+            IF held.reason IS NOT NULL THEN
+                refill := least(refill, held.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -1249,10 +1264,10 @@ DECLARE
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
     keyed boolean := false;  -- some pick has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the keyed picks, counted against their limits
+    ckeys text[] := '{}';    -- the flow keys of the keyed picks, to lock
     rkeys text[] := '{}';
-    costs integer[] := '{}';
-    hold  record;
+    plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
+    hold  dispatch.flow_state;  -- the same under their locks, with what was given
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -1274,10 +1289,10 @@ BEGIN
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
-            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
-                                       ckeys, rkeys, costs);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, false);
+            IF plan.reason IS NOT NULL THEN
+                refill := least(refill, plan.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -1301,7 +1316,8 @@ BEGIN
             keyed := true;
             ckeys := ckeys || cand.concurrency_key;
             rkeys := rkeys || cand.rate_key;
-            costs := costs || cand.cost;
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, true);
         END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
@@ -1328,8 +1344,8 @@ BEGIN
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
             IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
-                                           p_lock => true);
+                hold := dispatch.flow_admit(hold, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                            true, true);
                 IF hold.reason IS NOT NULL THEN
                     refill := least(refill, hold.until);
                     CONTINUE;
@@ -2043,67 +2059,100 @@ $$;
 -- Whether a task may be assigned now: concurrency keys and rate limits
 ---------------------------------------------------------------------------------------------------
 
+-- Whether a task with these flow fields may be assigned at p_now, given what state s (the type
+-- dispatch.flow_state, in 01_tables.sql: 04_assignment.sql declares it too) has seen and
+-- taken; with p_take an admitted task is counted against its limits in the returned state. A key
+-- met for the first time is read, and with p_lock its limit row is locked first (the concurrency
+-- key's, then the rate key's: flow_lock's order) so that it is counted as it is now, this
+-- transaction's earlier gives included. Without p_lock the verdict is a plan, checked again
+-- under the lock before anything is given.
+CREATE FUNCTION dispatch.flow_admit(
+    s dispatch.flow_state, p_concurrency_key text, p_rate_key text, p_cost integer,
+    p_now timestamptz, p_lock boolean, p_take boolean
+) RETURNS dispatch.flow_state
+LANGUAGE plpgsql AS $$
+DECLARE
+    i  integer;
+    j  integer;
+    cl dispatch.concurrency_limits;
+    rl dispatch.rate_limits;
+BEGIN
+    s.reason := NULL;
+    s.until := NULL;
+    IF p_concurrency_key IS NOT NULL THEN
+        i := array_position(s.ckeys, p_concurrency_key);
+        IF i IS NULL THEN
+            IF p_lock THEN
+                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
+                FOR UPDATE;
+            ELSE
+                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
+            END IF;
+            s.ckeys := s.ckeys || p_concurrency_key;
+            s.cmax := s.cmax || cl.max_active;
+            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
+            s.cused := s.cused || CASE WHEN cl.key IS NULL THEN 0 ELSE (
+                SELECT count(*) FROM dispatch.tasks tk
+                WHERE tk.status IN ('assigned', 'running')
+                  AND tk.concurrency_key = p_concurrency_key)::integer END;
+            i := cardinality(s.ckeys);
+        END IF;
+        IF s.cused[i] >= s.cmax[i] THEN
+            s.reason := format('concurrency key %s at %s/%s', p_concurrency_key, s.cused[i],
+                               s.cmax[i]);
+            RETURN s;
+        END IF;
+    END IF;
+    IF p_rate_key IS NOT NULL THEN
+        j := array_position(s.rkeys, p_rate_key);
+        IF j IS NULL THEN
+            IF p_lock THEN
+                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
+            ELSE
+                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
+            END IF;
+            s.rkeys := s.rkeys || p_rate_key;
+            s.rcap := s.rcap || rl.capacity;
+            s.rrefill := s.rrefill || rl.refill_per_second;
+            s.rtokens := s.rtokens || dispatch.rate_tokens(rl, p_now);
+            j := cardinality(s.rkeys);
+        END IF;
+        IF p_cost > s.rcap[j] THEN
+            s.reason := format('rate key %s: cost %s exceeds its capacity %s', p_rate_key, p_cost,
+                               s.rcap[j]);
+            RETURN s;
+        ELSIF s.rtokens[j] < p_cost THEN
+            s.until := p_now + make_interval(secs => (p_cost - s.rtokens[j]) / s.rrefill[j]);
+            s.reason := format('rate key %s empty until %s', p_rate_key,
+                               to_char(s.until AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+            RETURN s;
+        END IF;
+    END IF;
+    IF p_take THEN
+        IF i IS NOT NULL THEN
+            s.cused[i] := s.cused[i] + 1;
+        END IF;
+        IF j IS NOT NULL THEN
+            s.rtokens[j] := s.rtokens[j] - p_cost;
+        END IF;
+    END IF;
+    RETURN s;
+END
+$$;
+
 -- What holds back a task with these flow fields at p_now (reason NULL: nothing), and for a rate
--- limit the instant its bucket will hold enough. The p_*_taken arrays are what the caller has
--- already picked in this transaction but not yet given (counted against the limits); a caller
--- that is about to give the task passes none and p_lock: the limit rows are then locked (the
--- concurrency key's, then the rate key's: flow_lock's order) and read as they are now, this
--- transaction's earlier gives included.
+-- limit the instant its bucket will hold enough; for explain and the metrics.
 CREATE FUNCTION dispatch.flow_hold(
     p_concurrency_key text, p_rate_key text, p_cost integer, p_now timestamptz,
-    p_keys_taken text[] DEFAULT '{}', p_rates_taken text[] DEFAULT '{}',
-    p_costs_taken integer[] DEFAULT '{}', p_lock boolean DEFAULT false,
     OUT reason text, OUT until timestamptz
 )
 LANGUAGE plpgsql AS $$
 DECLARE
-    cl   dispatch.concurrency_limits;
-    rl   dispatch.rate_limits;
-    used integer;
-    have float8;
+    s dispatch.flow_state;  -- nothing seen yet
 BEGIN
-    IF p_concurrency_key IS NOT NULL THEN
-        IF p_lock THEN
-            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
-            FOR UPDATE;
-        ELSE
-            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
-        END IF;
-        IF FOUND THEN
-            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
-            used := (SELECT count(*) FROM dispatch.tasks tk
-                     WHERE tk.status IN ('assigned', 'running')
-                       AND tk.concurrency_key = p_concurrency_key)
-                    + cardinality(array_positions(p_keys_taken, p_concurrency_key));
-            IF used >= cl.max_active THEN
-                reason := format('concurrency key %s at %s/%s', cl.key, used, cl.max_active);
-                RETURN;
-            END IF;
-        END IF;
-    END IF;
-    IF p_rate_key IS NOT NULL THEN
-        IF p_lock THEN
-            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
-        ELSE
-            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
-        END IF;
-        IF FOUND THEN
-            have := dispatch.rate_tokens(rl, p_now);
-            IF cardinality(p_rates_taken) > 0 THEN
-                have := have - coalesce((SELECT sum(x.c) FROM unnest(p_rates_taken, p_costs_taken)
-                                         AS x (k, c) WHERE x.k = p_rate_key), 0);
-            END IF;
-            IF p_cost > rl.capacity THEN
-                reason := format('rate key %s: cost %s exceeds its capacity %s', rl.key, p_cost,
-                                 rl.capacity);
-            ELSIF have < p_cost THEN
-                until := p_now + make_interval(secs => (p_cost - have) / rl.refill_per_second);
-                reason := format('rate key %s empty until %s', rl.key,
-                                 to_char(until AT TIME ZONE 'UTC',
-                                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
-            END IF;
-        END IF;
-    END IF;
+    s := dispatch.flow_admit(s, p_concurrency_key, p_rate_key, p_cost, p_now, false, false);
+    reason := s.reason;
+    until := s.until;
 END
 $$;
 

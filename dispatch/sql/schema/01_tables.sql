@@ -16,6 +16,24 @@ CREATE TYPE dispatch.agent_status AS ENUM (
     'ready', 'sleeping', 'busy', 'degraded', 'stopped', 'unknown'
 );
 
+-- Flow control (08_flow.sql): what an assigning transaction knows of the flow limits it has met.
+-- Each concurrency key's cap and the tasks it counts as active (those active when the key was
+-- first read, plus what this transaction has taken since); each rate key's bucket and the tokens
+-- left in it. Each key is read once per state, so a walk past many tasks of one key counts its
+-- active tasks once, not once per task. reason/until: the verdict of the last flow_admit (reason
+-- NULL: admitted).
+CREATE TYPE dispatch.flow_state AS (
+    ckeys   text[],
+    cmax    integer[],  -- NULL: the key has no cap
+    cused   integer[],
+    rkeys   text[],
+    rcap    float8[],   -- NULL: the key has no bucket
+    rrefill float8[],
+    rtokens float8[],
+    reason  text,
+    until   timestamptz -- for a rate limit: when its bucket will hold the task's cost
+);
+
 -- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
 -- configuration, so that psql callers get exactly the behaviour of the API.
 CREATE TABLE dispatch.config (

@@ -161,10 +161,8 @@ DECLARE
     taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
     keyed boolean := false;  -- some task taken has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the tasks taken, counted against their limits
-    rkeys text[] := '{}';
-    costs integer[] := '{}';
-    hold  record;
+    plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
+    held  dispatch.flow_state;  -- the same under their locks, with what was given
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -206,10 +204,10 @@ BEGIN
             CONTINUE;
         END IF;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
-            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
-                                       ckeys, rkeys, costs);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, false);
+            IF plan.reason IS NOT NULL THEN
+                refill := least(refill, plan.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -220,9 +218,8 @@ BEGIN
             taken := taken || t;
             IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
                 keyed := true;
-                ckeys := ckeys || t.concurrency_key;
-                rkeys := rkeys || t.rate_key;
-                costs := costs || t.cost;
+                plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                            false, true);
             END IF;
         END IF;
     END LOOP;
@@ -243,10 +240,10 @@ BEGIN
     END IF;
     FOREACH t IN ARRAY taken LOOP
         IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
-                                       p_lock => true);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            held := dispatch.flow_admit(held, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                        true, true);
+            IF held.reason IS NOT NULL THEN
+                refill := least(refill, held.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -293,10 +290,10 @@ DECLARE
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
     keyed boolean := false;  -- some pick has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the keyed picks, counted against their limits
+    ckeys text[] := '{}';    -- the flow keys of the keyed picks, to lock
     rkeys text[] := '{}';
-    costs integer[] := '{}';
-    hold  record;
+    plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
+    hold  dispatch.flow_state;  -- the same under their locks, with what was given
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -318,10 +315,10 @@ BEGIN
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
-            hold := dispatch.flow_hold(cand.concurrency_key, cand.rate_key, cand.cost, p_now,
-                                       ckeys, rkeys, costs);
-            IF hold.reason IS NOT NULL THEN
-                refill := least(refill, hold.until);
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, false);
+            IF plan.reason IS NOT NULL THEN
+                refill := least(refill, plan.until);
                 CONTINUE;
             END IF;
         END IF;
@@ -345,7 +342,8 @@ BEGIN
             keyed := true;
             ckeys := ckeys || cand.concurrency_key;
             rkeys := rkeys || cand.rate_key;
-            costs := costs || cand.cost;
+            plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
+                                        p_now, false, true);
         END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
@@ -372,8 +370,8 @@ BEGIN
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
             IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                hold := dispatch.flow_hold(t.concurrency_key, t.rate_key, t.cost, p_now,
-                                           p_lock => true);
+                hold := dispatch.flow_admit(hold, t.concurrency_key, t.rate_key, t.cost, p_now,
+                                            true, true);
                 IF hold.reason IS NOT NULL THEN
                     refill := least(refill, hold.until);
                     CONTINUE;
