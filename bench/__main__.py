@@ -61,16 +61,31 @@ async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report)
         )
     if "engine" in only:
         for mode in ("push", "pull"):
-            rep.engines.append(await _phase(
+            plain = await _phase(
                 f"Dispatch engine in-process ({mode})", f"Dispatch engine ({mode})",
                 lambda mode=mode: engine.run_engine(cl, sizes, mode),  # type: ignore[misc]
-            ))
+            )
             # Beside it, the same drain with flow control configured (SPEC §10's overhead row).
-            rep.engines.append(await _phase(
+            flowed = await _phase(
                 f"Dispatch engine in-process ({mode}, flow control)",
                 f"Dispatch engine ({mode}, flow control)",
                 lambda mode=mode: engine.run_engine(cl, sizes, mode, flow=True),  # type: ignore[misc]
-            ))
+            )
+            rep.engines += [plain, flowed]
+            if isinstance(plain, Throughput) and isinstance(flowed, Throughput):
+                rep.flow_pairs[mode] = [(plain.drain_rate, flowed.drain_rate)]
+                for r in range(1, sizes.flow_rounds):
+                    got: dict[bool, Throughput | Unavailable] = {}
+                    for flow in (True, False) if r % 2 else (False, True):
+                        label = f"Dispatch engine ({mode}{', flow control' if flow else ''})"
+                        got[flow] = await _phase(
+                            f"{label}, flow overhead round {r + 1}", label,
+                            lambda mode=mode, flow=flow: engine.run_engine(  # type: ignore[misc]
+                                cl, sizes, mode, flow=flow),
+                        )
+                    without, with_flow = got[False], got[True]
+                    if isinstance(without, Throughput) and isinstance(with_flow, Throughput):
+                        rep.flow_pairs[mode].append((without.drain_rate, with_flow.drain_rate))
     if "peers" in only:
         for name, fn in (("raw SKIP LOCKED (floor)", peers.run_raw),
                          ("pgqueuer", peers.run_pgqueuer),

@@ -28,6 +28,7 @@ class Sizes:
     rest_producers: int = field(default_factory=lambda: _int("BENCH_REST_PRODUCERS", 4))
     ceiling_seconds: float = field(default_factory=lambda: _float("BENCH_CEILING_SECONDS", 8))
     engine_tasks: int = field(default_factory=lambda: _int("BENCH_ENGINE_TASKS", 10000))
+    flow_rounds: int = field(default_factory=lambda: _int("BENCH_FLOW_ROUNDS", 3))
     producers: int = field(default_factory=lambda: _int("BENCH_PRODUCERS", 4))
     connections: int = field(default_factory=lambda: _int("BENCH_CONNECTIONS", 8))
     pgq_consumers: int = field(default_factory=lambda: _int("BENCH_PGQ_CONSUMERS", 4))
@@ -57,6 +58,7 @@ ENV_HELP = """Environment variables (defaults in brackets):
   BENCH_REST_PRODUCERS     concurrent requesters creating over REST [4]
   BENCH_CEILING_SECONDS    duration of the trivial Litestar endpoint ceiling [8]
   BENCH_ENGINE_TASKS       tasks per in-process engine / peer run [10000]
+  BENCH_FLOW_ROUNDS        drains with and without flow control per mode, alternating order [3]
   BENCH_PRODUCERS          concurrent single-row enqueuers for every system [4]
   BENCH_CONNECTIONS        database connections of the consumers (Dispatch, raw, procrastinate) [8]
   BENCH_PGQ_CONSUMERS      pgqueuer consumers (QueueManagers) [4]
