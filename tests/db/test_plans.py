@@ -253,13 +253,10 @@ def test_placing_behind_a_flood_in_a_young_database_reads_one_entry(pg_server: s
     try:
         with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as young:  # type: ignore[arg-type]
             young.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
+            create = "SELECT * FROM dispatch.create_task(%s, requester => 'flood', priority => 3)"
             for i in range(2000):
-                young.execute(
-                    "SELECT dispatch.create_task(%s, requester => 'flood', priority => 3)", (str(i),)
-                )
-            reads = measure(
-                young, "SELECT * FROM dispatch.create_task('t', requester => 'flood', priority => 3)"
-            )
+                young.execute(create, (str(i),))
+            reads = measure(young, create, ("t",))
             check_plans(reads)
             assert pending_reads(reads) <= 10, reads.index_tuples
     finally:

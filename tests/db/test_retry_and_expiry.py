@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from dispatch.broker import Broker
@@ -108,6 +109,26 @@ async def test_deadline_timeout_retries_then_times_out(broker: Broker) -> None:
     timeouts = [e for e in events if e.event == "timeout"]
     assert timeouts[0].payload["timed_out_in_state"] == "running"
     assert timeouts[1].payload["timed_out_in_state"] == "assigned"
+
+
+async def test_a_locked_agent_row_holds_back_only_its_own_tasks_expiry(
+    broker: Broker, db_url: str
+) -> None:
+    # A psql session holds agent-1's row (an UPDATE left uncommitted): the reaper's round expires
+    # agent-2's task without waiting for it, and agent-1's once the row is free.
+    stuck = await make_running(broker, "agent-1", timeout_seconds=60)
+    other = await make_running(broker, "agent-2", timeout_seconds=60)
+    async with await psycopg.AsyncConnection.connect(db_url) as dba:
+        await dba.execute(
+            "UPDATE dispatch.agents SET last_seen_at = now() WHERE agent_id = 'agent-1'"
+        )
+        expired = await broker.expire(now=at(61))
+        assert [e.task_id for e in expired] == [other.task_id]
+        assert (await broker.store.task_get(stuck.task_id)).status is TaskStatus.RUNNING
+        await dba.rollback()
+    [later] = await broker.expire(now=at(62))
+    assert later.task_id == stuck.task_id and later.event == "timeout"
+    assert (await broker.store.agent_get("agent-1")).active_tasks == 0
 
 
 async def test_heartbeat_expiry_and_progress_keeps_alive(broker: Broker) -> None:
