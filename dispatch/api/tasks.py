@@ -152,6 +152,13 @@ class TaskController(Controller):
         ] = None,
     ) -> Response[Task]:
         new = new_task(data)
+        if caller.viewer is not None and new.parent_task_id is not None:
+            # A parent the caller may not see answers as one that does not exist (the foreign
+            # key's own answer), so that task ids do not leak.
+            parents = await caller.store.tasks_by_id([new.parent_task_id])
+            parent = parents.get(new.parent_task_id)
+            if parent is None or not caller.sees(parent):
+                raise InvalidInput("parent_task_id does not exist", field="parent_task_id")
         task, created = await caller.broker.submit(
             new, requester=caller.agent_id, idempotency_key=idempotency_key
         )

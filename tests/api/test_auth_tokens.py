@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -144,6 +145,32 @@ async def test_tokens_mode_refuses_missing_wrong_and_borrowed_tokens(
     # The admin token acts under any X-Agent-ID.
     r = await tokens_client.get("/api/v1/stats", headers=admin("anyone"))
     assert r.status_code == 200
+
+
+async def test_a_parent_the_caller_cannot_see_reads_as_one_that_does_not_exist(
+    tokens_client: httpx.AsyncClient, sql: Sql
+) -> None:
+    mine = await issue(tokens_client, "worker-1")
+    theirs = await issue(tokens_client, "worker-2")
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "private"},
+                                 headers=as_agent("worker-2", theirs))
+    hidden = r.json()["task_id"]
+    before = counts(sql)
+    unknown = await tokens_client.post(
+        "/api/v1/tasks", json={"title": "child", "parent_task_id": str(uuid.uuid4())},
+        headers=as_agent("worker-1", mine))
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "child", "parent_task_id": hidden},
+                                 headers=as_agent("worker-1", mine))
+    assert (r.status_code, r.json()["detail"]) == (400, unknown.json()["detail"]), r.text
+    assert unknown.status_code == 400
+    assert counts(sql) == before
+    # Its own task, and for an admin any task, is a parent as before.
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "child", "parent_task_id": hidden},
+                                 headers=as_agent("worker-2", theirs))
+    assert r.status_code == 201 and r.json()["parent_task_id"] == hidden
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "child", "parent_task_id": hidden},
+                                 headers=admin("worker-1"))
+    assert r.status_code == 201
 
 
 async def test_a_revoked_token_is_refused_at_once(
