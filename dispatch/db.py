@@ -34,8 +34,21 @@ from dispatch.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
-# Every session speaks UTC so that timestamps leave as RFC 3339 UTC.
-CONNECT_KWARGS: dict[str, object] = {"autocommit": True, "options": "-c TimeZone=UTC"}
+# Every session speaks UTC so that timestamps leave as RFC 3339 UTC. Over TCP, a server that has
+# gone without a goodbye (a partition, a host that died: the connection is half-open) is given up
+# on after about 30 s: keepalive probes find it while the connection waits for an answer or for a
+# NOTIFY, and tcp_user_timeout while a request goes unacknowledged. The kernel's own defaults wait
+# two hours and 15 minutes, and meanwhile the request (or the LISTEN) hangs. libpq ignores these
+# for Unix sockets.
+CONNECT_KWARGS: dict[str, object] = {
+    "autocommit": True,
+    "options": "-c TimeZone=UTC",
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
 
 # A pool slot whose server went away retries its connection with a doubling delay; giving up
 # after this long (a waiting request then starts a fresh slot) keeps the delay short, so that the
