@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+from dispatch.metrics import Metrics
 from dispatch.notify import EVENTS_CHANNEL, WORK_CHANNEL, Listener
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ class Hub:
         keep: Callable[[], Awaitable[None]] | None = None,
         refresh_seconds: float = 1.0,
         tick_seconds: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._compute = compute
+        self._metrics = metrics
         self._keep = keep
         self.refresh_seconds = refresh_seconds
         self.tick_seconds = tick_seconds
@@ -73,6 +76,8 @@ class Hub:
             yield queue
             return
         self._topics.setdefault(topic, set()).add(queue)
+        if self._metrics is not None:
+            self._metrics.ui_streams.inc()
         # The page it came from was rendered a moment ago: a refresh soon covers what changed
         # since (subscribers arriving together share it).
         self._dirty.set()
@@ -81,6 +86,8 @@ class Hub:
         try:
             yield queue
         finally:
+            if self._metrics is not None:
+                self._metrics.ui_streams.dec()
             queues = self._topics.get(topic)
             if queues is not None:
                 queues.discard(queue)
@@ -119,6 +126,8 @@ class Hub:
                 log.warning("dashboard refresh failed", exc_info=True)
                 payloads = {}
             self.refreshes += 1
+            if self._metrics is not None:
+                self._metrics.ui_refreshes.inc()
             for topic, payload in payloads.items():
                 for queue in self._topics.get(topic, ()):
                     _offer(queue, payload)

@@ -401,6 +401,7 @@ def create_ui(
         keep=keep,
         refresh_seconds=settings.refresh_ms / 1000,
         tick_seconds=settings.tick_ms / 1000,
+        metrics=broker.metrics,
     )
     assets = {
         name: resources.files("dispatch.ui").joinpath("static", name).read_bytes()

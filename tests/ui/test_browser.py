@@ -50,7 +50,9 @@ async def assert_not_reloaded(page: Page) -> None:
     assert await page.evaluate("window.__sameDocument === true"), "the page was reloaded"
 
 
-async def register(rest: httpx.AsyncClient, agent_id: str, caps: list[str], limit: int = 10) -> None:
+async def register(
+    rest: httpx.AsyncClient, agent_id: str, caps: list[str], limit: int = 10
+) -> None:
     r = await rest.put(f"/api/v1/agents/{agent_id}", headers={"X-Agent-ID": agent_id},
                        json={"capabilities": caps, "max_concurrent": limit})
     assert r.status_code == 200, r.text
@@ -159,7 +161,6 @@ async def test_drain_and_undrain_from_the_agents_page(
 
     await _row_button(page, "alpha", "Drain")
     await expect(page.locator('tr[data-agent="alpha"] .badge.drained')).to_be_visible()
-    await page.screenshot(path=screenshot_dir / "agents.png", full_page=True)
     batch = [await create(rest, f"drained {i}", "code") for i in range(4)]
     assert await until(lambda: _assignees(rest, batch), "the batch assigned") == ["beta"] * 4
 
@@ -172,6 +173,7 @@ async def test_drain_and_undrain_from_the_agents_page(
     assert not agents["alpha"]["drained"] and agents["beta"]["drained"]
     # The load column followed the assignments.
     await expect(page.locator('tr[data-agent="alpha"] .load')).to_have_text("3/10")
+    await page.screenshot(path=screenshot_dir / "agents.png", full_page=True)
 
 
 async def test_task_page_timeline_and_explain_update_live(
