@@ -29,6 +29,10 @@ QUEUE_SIZE = 2
 KEEP_EVERY_SECONDS = 20
 KEEP_SECONDS = 60
 
+# After a refresh that took t seconds the next waits at least BUSY_FACTOR * t: the dashboards
+# take at most 1 / (1 + BUSY_FACTOR) of one connection's time however large the tables grow.
+BUSY_FACTOR = 4
+
 Compute = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
 
 
@@ -115,6 +119,7 @@ class Hub:
             topics = list(self._topics)
             if not topics:
                 break
+            started = loop.time()
             try:
                 if self._keep is not None and loop.time() >= keep_due:
                     await self._keep()
@@ -132,7 +137,10 @@ class Hub:
                 for queue in self._topics.get(topic, ()):
                     _offer(queue, payload)
             # Notifications that arrive meanwhile only set _dirty: one refresh covers them all.
-            await asyncio.sleep(self.refresh_seconds)
+            # A refresh that took long (the queue counts read every row of a long history) spaces
+            # out the next ones, so open dashboards never keep the database busy.
+            elapsed = loop.time() - started
+            await asyncio.sleep(max(self.refresh_seconds, BUSY_FACTOR * elapsed))
 
 
 def _offer(queue: asyncio.Queue[str | None], item: str | None) -> None:
