@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import PathParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -40,6 +41,8 @@ TASK_TOPIC = "task:"
 # Filter values longer than this are no filter anyone types.
 MAX_FILTER_LENGTH = 256
 FILTERS = ("status", "capability", "requester", "owner", "assignee")
+# Checked by the handlers themselves (a clear 4xx page), so only the type here.
+PathText = Annotated[str, PathParameter()]
 STATIC = {
     "dispatch.css": "text/css; charset=utf-8",
     "dispatch.js": "text/javascript; charset=utf-8",
@@ -290,7 +293,7 @@ def _task_id(raw: str) -> uuid.UUID:
 
 
 @get("/tasks/{task_id:str}", opt={"page": True}, include_in_schema=False)
-async def task_page(request: Request[Any, Any, Any], task_id: str) -> Response[str]:
+async def task_page(request: Request[Any, Any, Any], task_id: PathText) -> Response[str]:
     ui = _ui(request)
     tid = _task_id(task_id)
     ctx = await ui.task_context(tid)
@@ -301,14 +304,14 @@ async def task_page(request: Request[Any, Any, Any], task_id: str) -> Response[s
 
 
 @post("/tasks/{task_id:str}/cancel", include_in_schema=False)
-async def cancel(request: Request[Any, Any, Any], task_id: str) -> Redirect:
+async def cancel(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
     tid = _task_id(task_id)
     await _ui(request).broker.cancel(tid, UI_ACTOR, "cancelled from the dashboard", admin=True)
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
 
 
 @post("/tasks/{task_id:str}/requeue", include_in_schema=False)
-async def requeue(request: Request[Any, Any, Any], task_id: str) -> Redirect:
+async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
     tid = _task_id(task_id)
     await _ui(request).broker.requeue(tid, UI_ACTOR)
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
@@ -337,7 +340,7 @@ async def undrain(request: Request[Any, Any, Any]) -> Redirect:
 
 
 @get("/static/{name:str}", include_in_schema=False)
-async def static(request: Request[Any, Any, Any], name: str) -> Response[bytes]:
+async def static(request: Request[Any, Any, Any], name: PathText) -> Response[bytes]:
     ui = _ui(request)
     if name not in ui.assets:
         raise NotFound(f"no asset {name[:64]!r}")

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from litestar.testing import AsyncTestClient
 
+from dispatch.api.app import create_app
+from dispatch.broker import Broker
+from dispatch.models import NewTask
+from dispatch.settings import ServerSettings, Settings
 from tests.serve import ServeProcess, serving
 from tests.ui.conftest import ADMIN_TOKEN, sign_in
 
@@ -160,3 +165,21 @@ async def test_task_filters_and_cursor_pagination(
     assert writes.text.count("data-task=") == 3
     assert (await ui.get("/ui/tasks", params={"status": "completed"})).text.count(
         "data-task=") == 0
+
+
+async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
+    # The app in this process, where the suite turns every warning into an error (a deprecated
+    # declaration in a handler, say), which a `serve` subprocess would only log.
+    settings = Settings(server=ServerSettings(admin_token=ADMIN_TOKEN))
+    task, _ = await broker.submit(NewTask(title="in process"), requester="alice")
+    await broker.store.agent_upsert("a1", capabilities=["code"])
+    async with AsyncTestClient(app=create_app(settings, broker)) as client:
+        r = await client.post("/ui/login", data={"token": ADMIN_TOKEN}, follow_redirects=False)
+        assert r.status_code == 303
+        for url in ("/ui", "/ui/agents", "/ui/tasks?status=pending", f"/ui/tasks/{task.task_id}",
+                    "/ui/static/dispatch.css", "/ui/login"):
+            r = await client.get(url)
+            assert r.status_code == 200, (url, r.text[:300])
+        r = await client.post(f"/ui/tasks/{task.task_id}/cancel", follow_redirects=False)
+        assert r.status_code == 303
+        assert (await broker.store.task_get(task.task_id)).status == "cancelled"
