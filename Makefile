@@ -32,6 +32,10 @@ migrate: $(STAMP) ## apply pending migrations to the configured database
 test: $(STAMP) ## run the test suite against real Postgres (and real NATS)
 	$(BIN)/pytest
 
+.PHONY: screenshots
+screenshots: $(STAMP) ## run the dashboard's browser tests, saving their screenshots in docs/screenshots
+	DISPATCH_SCREENSHOT_DIR=docs/screenshots DISPATCH_REQUIRE_BROWSER=1 $(BIN)/pytest tests/ui/test_browser.py -q
+
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check dispatch tests

@@ -41,6 +41,15 @@ class Metrics:
             registry=r,
         )
         self.http = HttpMetrics(r)
+        self.ui_streams = Gauge(
+            "dispatch_ui_streams", "Open live streams of the dashboard (/ui/events)", registry=r
+        )
+        self.ui_refreshes = Counter(
+            "dispatch_ui_refreshes_total",
+            "Refreshes of what open dashboards show (one set of queries per topic each, however "
+            "many streams are open)",
+            registry=r,
+        )
         self.assign_batch_size = Histogram(
             "dispatch_assign_batch_size", "Tasks assigned per assignment batch",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),

@@ -9,7 +9,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
@@ -22,6 +22,9 @@ from dispatch.migrate import migrate
 from dispatch.notify import Listener
 from dispatch.settings import Settings
 from dispatch.store import Store
+
+if TYPE_CHECKING:
+    from dispatch.ui.hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class Service:
         self.broker: Broker | None = None
         self.loops: list[Loop] = []
         self.servers: list[_Server] = []
+        # The dashboard's live streams, ended before the servers stop: uvicorn waits for open
+        # responses, and an event stream stays open until its client goes.
+        self.hubs: list[Hub] = []
         self._server_tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
 
@@ -160,8 +166,12 @@ class Service:
             admin_token = secrets.token_urlsafe(32)
             # Logged once, so that an operator of a default start-up can use the admin endpoints.
             log.warning("server.admin_token is empty; generated admin token: %s", admin_token)
+        api_app = create_app(s, self.broker, admin_token=admin_token)
+        dashboard = api_app.state.get("ui")
+        if dashboard is not None:
+            self.hubs.append(dashboard.hub)
         apps = [
-            (create_app(s, self.broker, admin_token=admin_token), s.server.port),
+            (api_app, s.server.port),
             (create_ops_app(self), s.server.metrics_port),
         ]
         for i, (app, port) in enumerate(apps):
@@ -219,6 +229,8 @@ class Service:
             return await self.store.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
+        for hub in self.hubs:
+            await hub.close()
         for server in self.servers:
             server.should_exit = True
         if self._server_tasks:

@@ -98,6 +98,17 @@ class AuthSettings(_Section, frozen=True):
     token_cache_ms: Annotated[int, msgspec.Meta(ge=0, le=300000)] = 5000
 
 
+class UiSettings(_Section, frozen=True):
+    # The dashboard at /ui on the API port (sign-in with the admin token).
+    enabled: bool = True
+    # Live updates: at most one refresh of what the open dashboards show per refresh_ms, however
+    # many notifications arrive, and one every tick_ms without any (charts and ages move on).
+    refresh_ms: Annotated[int, msgspec.Meta(ge=100, le=60000)] = 1000
+    tick_ms: Annotated[int, msgspec.Meta(ge=1000, le=600000)] = 5000
+    # How long a sign-in lasts.
+    session_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 365)] = 12
+
+
 class LoggingSettings(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -117,6 +128,7 @@ class Settings(_Section, frozen=True):
     retention: RetentionSettings = RetentionSettings()
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
+    ui: UiSettings = UiSettings()
     data_dir: str = DEFAULT_DATA_DIR
 
 

@@ -141,6 +141,50 @@ SELECT
     (SELECT count(*) FROM dispatch.tasks WHERE status IN ('failed', 'timed_out')) AS dead_letter
 """
 
+# The dashboard's charts: per minute of the last hour, the tasks that ended (completed, or
+# failed for good) and the create-to-assign wait of the tasks assigned. Only terminal rows of the
+# last hour (tasks_terminal_completed_idx) and the active rows (tasks_active_deadline_idx) are read,
+# however deep the queue or long the history. `since` is written out at each use, not joined from
+# a clock CTE, so that the planner estimates the last hour's rows from the column's statistics (a
+# join's guess, a third of the history, plans a sort of them, and JIT where JIT is on).
+_UI_SERIES = """
+WITH ended AS (
+    SELECT status, created_at, assigned_at, completed_at FROM dispatch.tasks
+    WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled')
+      AND completed_at >= {since}
+),
+assigned AS (
+    SELECT created_at, assigned_at FROM ended WHERE assigned_at >= {since}
+    UNION ALL
+    SELECT created_at, assigned_at FROM dispatch.tasks
+    WHERE status IN ('assigned', 'running') AND assigned_at >= {since}
+)
+SELECT g.minute,
+       coalesce(d.completed, 0) AS completed,
+       coalesce(d.failed, 0) AS failed,
+       w.wait_ms_p50,
+       w.wait_ms_p95
+FROM generate_series({since}, {since} + interval '59 minutes', interval '1 minute')
+     AS g (minute)
+LEFT JOIN (
+    SELECT date_trunc('minute', completed_at) AS minute,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status IN ('failed', 'timed_out')) AS failed
+    FROM ended GROUP BY 1
+) d USING (minute)
+LEFT JOIN (
+    SELECT date_trunc('minute', assigned_at) AS minute,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY waited) * 1000 AS wait_ms_p50,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY waited) * 1000 AS wait_ms_p95
+    FROM (SELECT assigned_at, extract(epoch FROM assigned_at - created_at) AS waited
+          FROM assigned) a
+    GROUP BY 1
+) w USING (minute)
+ORDER BY g.minute
+""".format(
+    since="(date_trunc('minute', coalesce(%(now)s::timestamptz, now())) - interval '59 minutes')"
+)
+
 _GAUGES = """
 SELECT
     (SELECT coalesce(jsonb_object_agg(status, count), '{}') FROM dispatch.queue_depth)
@@ -793,6 +837,31 @@ class Store:
         row["total_completed"] = queue.get("completed", 0)
         row["total_failed"] = queue.get("failed", 0) + queue.get("timed_out", 0)
         return _convert(row, Stats)
+
+    async def ui_series(
+        self, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> list[Row]:
+        """Per minute of the last hour (60 rows, oldest first): completed, failed, wait_ms_p50,
+        wait_ms_p95 (None in a minute without assignments)."""
+        rows = await self._rows(_UI_SERIES, {"now": now}, conn)
+        return [
+            {**r, "wait_ms_p50": None if r["wait_ms_p50"] is None else float(r["wait_ms_p50"]),
+             "wait_ms_p95": None if r["wait_ms_p95"] is None else float(r["wait_ms_p95"])}
+            for r in rows
+        ]
+
+    async def ui_notify_keep(self, seconds: int, *, conn: Conn | None = None) -> None:
+        """Dashboards are open here: new event rows NOTIFY dispatch_events for `seconds` more.
+        Written only once the lease is half gone, so open dashboards cost one small update per
+        half lease, not one per refresh."""
+        await self._rows(
+            "UPDATE dispatch.config SET ui_notify_until = now() + make_interval(secs => %(s)s)"
+            " WHERE ui_notify_until IS NULL"
+            "    OR ui_notify_until < now() + make_interval(secs => %(s)s / 2.0)"
+            " RETURNING 1",
+            {"s": seconds},
+            conn,
+        )
 
     async def metrics_gauges(self, *, conn: Conn | None = None) -> dict[str, Any]:
         """The queue gauges read at scrape time: queue_depth {status: n}, oldest_pending_seconds,

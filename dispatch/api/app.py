@@ -1,5 +1,5 @@
-"""The API app on port 8600: every endpoint under /api/v1, and its OpenAPI
-document under /schema (openapi.json, openapi.yaml, a browsable page)."""
+"""The API app on port 8600: every endpoint under /api/v1, its OpenAPI document under /schema
+(openapi.json, openapi.yaml, a browsable page) and the dashboard under /ui (dispatch.ui)."""
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
@@ -67,14 +67,24 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         # Revocations made through any replica reach this one's token cache.
         listener.watch(AUTH_CHANNEL, auth.forget)
     metrics = getattr(broker, "metrics", None)
+    handlers: list[Router] = [api]
+    state: dict[str, object] = {"auth": auth, "broker": broker}
+    if settings.ui.enabled and broker is not None:
+        # Imported here: jinja2 and the templates are needed only where the dashboard is served.
+        from dispatch.ui.views import create_ui
+
+        ui_router, state["ui"] = create_ui(
+            settings.ui, broker, admin_token or settings.server.admin_token, listener
+        )
+        handlers.append(ui_router)
     return Litestar(
-        route_handlers=[api],
+        route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.server.max_body_bytes,
         # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
         middleware=[metrics.http.middleware] if metrics is not None else [],
         openapi_config=openapi_config(),
-        state=State({"auth": auth, "broker": broker}),
+        state=State(state),
         logging_config=None,  # dispatch.logs configured the process's logging
         debug=False,
     )

@@ -272,3 +272,16 @@ def test_the_aging_sweep_reads_only_what_is_due(conn: Conn) -> None:
     check_plans(reads)
     assert reads.seq_scans == 0
     assert pending_reads(reads) <= 300, reads.index_tuples
+
+
+def test_the_dashboards_charts_read_only_the_last_hour(conn: Conn) -> None:
+    # Per minute of the last hour: the terminal rows of that hour (none here: the history is two
+    # days old) and the active rows, never the history or the queue.
+    from dispatch.store import _UI_SERIES
+
+    reads = measure(conn, _UI_SERIES.replace("%(now)s", "NULL"))
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) == 0, reads.index_tuples
+    assert sum(reads.index_tuples.values()) <= 2 * ACTIVE, reads.index_tuples
+

@@ -56,6 +56,9 @@ CREATE TABLE dispatch.config (
     -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
     -- event rows NOTIFY dispatch_events only then.
     events_notify            boolean NOT NULL DEFAULT false,
+    -- While a replica serves open dashboards (/ui) it keeps moving this a minute ahead: new event
+    -- rows NOTIFY dispatch_events until then too, and with no dashboard open it lapses by itself.
+    ui_notify_until          timestamptz CHECK (dispatch.time_in_range(ui_notify_until)),
     -- Priority aging (flow control, 08_flow.sql): a pending task's effective priority rises one
     -- level per aging_ms of waiting, up to 10; 0 turns aging off.
     aging_ms                 integer NOT NULL DEFAULT 300000 CHECK (aging_ms >= 0),
@@ -246,7 +249,8 @@ CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE publ
 --
 -- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
 --   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
---   dispatch_events new rows in task_events (wakes the relay; sent only while config.events_notify)
+--   dispatch_events new rows in task_events (wakes the relay and the dashboards; sent only while
+--                   config.events_notify, or before config.ui_notify_until)
 --   dispatch_due    (payload: an epoch) an assignment set a deadline nearer than the reapers'
 --                   tick (wakes sleeping reapers)
 CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
@@ -269,8 +273,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
     VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
-    -- Only a relay listens: without one the NOTIFY would only serialise commits.
-    IF (SELECT c.events_notify FROM dispatch.config c) THEN
+    -- Only a relay or an open dashboard listens: without one the NOTIFY would only serialise
+    -- commits.
+    IF (SELECT c.events_notify OR c.ui_notify_until > now() FROM dispatch.config c) THEN
         PERFORM pg_notify('dispatch_events', '');
     END IF;
 END

@@ -50,6 +50,9 @@ CREATE TABLE dispatch.config (
     -- Whether an event relay runs (a replica with NATS configured turns it on at start-up): new
     -- event rows NOTIFY dispatch_events only then.
     events_notify            boolean NOT NULL DEFAULT false,
+    -- While a replica serves open dashboards (/ui) it keeps moving this a minute ahead: new event
+    -- rows NOTIFY dispatch_events until then too, and with no dashboard open it lapses by itself.
+    ui_notify_until          timestamptz CHECK (dispatch.time_in_range(ui_notify_until)),
     -- Priority aging (flow control, 08_flow.sql): a pending task's effective priority rises one
     -- level per aging_ms of waiting, up to 10; 0 turns aging off.
     aging_ms                 integer NOT NULL DEFAULT 300000 CHECK (aging_ms >= 0),

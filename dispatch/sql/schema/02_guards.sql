@@ -8,7 +8,8 @@
 --
 -- NOTIFY channels carry an empty payload so that Postgres folds them within a transaction:
 --   dispatch_work   there may be new assignable work or freed capacity (wakes the assigner)
---   dispatch_events new rows in task_events (wakes the relay; sent only while config.events_notify)
+--   dispatch_events new rows in task_events (wakes the relay and the dashboards; sent only while
+--                   config.events_notify, or before config.ui_notify_until)
 --   dispatch_due    (payload: an epoch) an assignment set a deadline nearer than the reapers'
 --                   tick (wakes sleeping reapers)
 CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
@@ -31,8 +32,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
     VALUES (p_task_id, p_event, p_actor, coalesce(p_payload, '{}'), p_now);
-    -- Only a relay listens: without one the NOTIFY would only serialise commits.
-    IF (SELECT c.events_notify FROM dispatch.config c) THEN
+    -- Only a relay or an open dashboard listens: without one the NOTIFY would only serialise
+    -- commits.
+    IF (SELECT c.events_notify OR c.ui_notify_until > now() FROM dispatch.config c) THEN
         PERFORM pg_notify('dispatch_events', '');
     END IF;
 END

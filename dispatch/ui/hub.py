@@ -1,0 +1,150 @@
+"""One hub per process: what the open dashboards show, computed once and sent to all of them.
+
+Each server-sent-event stream subscribes to a topic ("overview", or "task:<id>" for a task's
+page). The hub refreshes every topic that has subscribers when the process's Listener hears a
+notification (new events, new work), and every tick without one, but at most once per refresh
+interval however many notifications arrive; each refresh runs one set of queries per topic and
+puts the result in every subscriber's queue. So the database load of the dashboards does not grow
+with the number of tabs, and nothing runs while no dashboard is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from dispatch.metrics import Metrics
+from dispatch.notify import EVENTS_CHANNEL, WORK_CHANNEL, Listener
+
+log = logging.getLogger(__name__)
+
+# A snapshot replaces the one before it, so a slow client needs only the newest: its queue keeps
+# this many and drops the oldest.
+QUEUE_SIZE = 2
+# While dashboards are open the hub renews the lease that makes event rows NOTIFY
+# (Store.ui_notify_keep) this often; the lease lasts twice as long, so it lapses soon after the
+# last dashboard closes.
+KEEP_EVERY_SECONDS = 20
+KEEP_SECONDS = 60
+
+# After a refresh that took t seconds the next waits at least BUSY_FACTOR * t: the dashboards
+# take at most 1 / (1 + BUSY_FACTOR) of one connection's time however large the tables grow.
+BUSY_FACTOR = 4
+
+Compute = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
+
+
+class Hub:
+    """`compute(topics)` returns each topic's payload; `keep()` renews the notification lease."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        *,
+        listener: Listener | None = None,
+        keep: Callable[[], Awaitable[None]] | None = None,
+        refresh_seconds: float = 1.0,
+        tick_seconds: float = 5.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._compute = compute
+        self._metrics = metrics
+        self._keep = keep
+        self.refresh_seconds = refresh_seconds
+        self.tick_seconds = tick_seconds
+        self._topics: dict[str, set[asyncio.Queue[str | None]]] = {}
+        self._dirty = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        # Refreshes done (each one set of queries per topic): for tests and the curious.
+        self.refreshes = 0
+        if listener is not None:
+            listener.watch(EVENTS_CHANNEL, self._changed)
+            listener.watch(WORK_CHANNEL, self._changed)
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(queues) for queues in self._topics.values())
+
+    def _changed(self, _payload: str) -> None:
+        self._dirty.set()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[asyncio.Queue[str | None]]:
+        """A queue that receives the topic's payloads, and None when the hub closes."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_SIZE)
+        if self._closed:
+            queue.put_nowait(None)
+            yield queue
+            return
+        self._topics.setdefault(topic, set()).add(queue)
+        if self._metrics is not None:
+            self._metrics.ui_streams.inc()
+        # The page it came from was rendered a moment ago: a refresh soon covers what changed
+        # since (subscribers arriving together share it).
+        self._dirty.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="dispatch-ui-hub")
+        try:
+            yield queue
+        finally:
+            if self._metrics is not None:
+                self._metrics.ui_streams.dec()
+            queues = self._topics.get(topic)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._topics[topic]
+
+    async def close(self) -> None:
+        """End every stream (server shutdown: uvicorn waits for open responses)."""
+        self._closed = True
+        for queues in self._topics.values():
+            for queue in queues:
+                _offer(queue, None)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        keep_due = 0.0
+        while self._topics and not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.tick_seconds)
+            self._dirty.clear()
+            topics = list(self._topics)
+            if not topics:
+                break
+            started = loop.time()
+            try:
+                if self._keep is not None and loop.time() >= keep_due:
+                    await self._keep()
+                    keep_due = loop.time() + KEEP_EVERY_SECONDS
+                payloads = await self._compute(topics)
+            except Exception:
+                # The database is away or busy: the dashboards keep what they show, and the
+                # next notification or tick tries again.
+                log.warning("dashboard refresh failed", exc_info=True)
+                payloads = {}
+            self.refreshes += 1
+            if self._metrics is not None:
+                self._metrics.ui_refreshes.inc()
+            for topic, payload in payloads.items():
+                for queue in self._topics.get(topic, ()):
+                    _offer(queue, payload)
+            # Notifications that arrive meanwhile only set _dirty: one refresh covers them all.
+            # A refresh that took long (the queue counts read every row of a long history) spaces
+            # out the next ones, so open dashboards never keep the database busy.
+            elapsed = loop.time() - started
+            await asyncio.sleep(max(self.refresh_seconds, BUSY_FACTOR * elapsed))
+
+
+def _offer(queue: asyncio.Queue[str | None], item: str | None) -> None:
+    """Put without waiting: a full queue (a client that does not read) loses its oldest item."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)

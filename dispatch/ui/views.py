@@ -1,0 +1,433 @@
+"""The dashboard's routes under /ui: pages rendered on the server, the actions behind their buttons
+(plain form POSTs that redirect back), the static assets and the live stream.
+
+The pages call the Broker and Store in-process, as the API controllers do. Live parts of a page
+are elements whose id names a fragment; the hub pushes {id: html} and dispatch.js swaps them in,
+so a page and its updates come from the same templates.
+"""
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from litestar import MediaType, Request, Response, Router, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import PathParameter
+from litestar.response import Redirect, ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+
+from dispatch.api.tasks import decode_cursor, encode_cursor, parse_statuses
+from dispatch.broker import Broker
+from dispatch.errors import DispatchError, InvalidInput, NotFound
+from dispatch.models import TERMINAL_STATUSES, TaskFilter, TaskStatus
+from dispatch.notify import Listener
+from dispatch.settings import UiSettings
+from dispatch.ui import charts
+from dispatch.ui.hub import KEEP_SECONDS, Hub
+from dispatch.ui.session import COOKIE, Sessions, same_origin
+from dispatch.wire import AGENT_ID_RE
+
+# The actor of the events the dashboard's buttons write.
+UI_ACTOR = "admin"
+PAGE_SIZE = 50
+OVERVIEW = "overview"
+TASK_TOPIC = "task:"
+# Filter values longer than this are no filter anyone types.
+MAX_FILTER_LENGTH = 256
+FILTERS = ("status", "capability", "requester", "owner", "assignee")
+# Checked by the handlers themselves (a clear 4xx page), so only the type here.
+PathText = Annotated[str, PathParameter()]
+STATIC = {
+    "dispatch.css": "text/css; charset=utf-8",
+    "dispatch.js": "text/javascript; charset=utf-8",
+}
+
+
+def _age(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "never"
+    seconds = max(0, int((now - then).total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "none"
+    if value < 120:
+        return f"{value:.0f} s"
+    if value < 7200:
+        return f"{value / 60:.0f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f} ms" if value < 10000 else f"{value / 1000:.1f} s"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("dispatch.ui", "templates"),
+        autoescape=select_autoescape(default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["ago"] = _age
+    env.filters["seconds"] = _seconds
+    env.filters["ms"] = _ms
+    env.filters["tojson_pretty"] = _json
+    env.filters["time"] = lambda t: "" if t is None else f"{t:%Y-%m-%d %H:%M:%S} UTC"
+    return env
+
+
+@dataclass
+class Dashboard:
+    """What the /ui handlers share (in app.state.ui): one per process."""
+
+    broker: Broker
+    sessions: Sessions
+    env: Environment
+    hub: Hub
+    assets: dict[str, bytes]
+
+    def render(self, template: str, **context: Any) -> str:
+        return self.env.get_template(template).render(**context)
+
+    def page(self, template: str, status_code: int = 200, **context: Any) -> Response[str]:
+        return Response(
+            self.render(template, **context),
+            status_code=status_code,
+            media_type=MediaType.HTML,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    # -- what the hub computes: one set of queries per topic, however many tabs show it ----------
+
+    async def overview_context(self) -> dict[str, Any]:
+        store = self.broker.store
+        async with store.transaction() as conn:
+            stats = await store.stats(conn=conn)
+            series = await store.ui_series(conn=conn)
+            agents = await store.agent_list(conn=conn)
+        return {
+            "stats": stats,
+            "statuses": [s.value for s in TaskStatus],
+            "throughput": charts.throughput(series),
+            "wait": charts.wait(series),
+            "agents": agents,
+            "now": datetime.now(UTC),
+        }
+
+    async def task_context(self, task_id: uuid.UUID) -> dict[str, Any]:
+        store = self.broker.store
+        task = await store.task_get(task_id)
+        events = await store.task_events(task_id)
+        explanation = await self.broker.explain(task_id)
+        return {
+            "task": task,
+            "events": events,
+            "explain": explanation,
+            "terminal": task.status in TERMINAL_STATUSES,
+            "now": datetime.now(UTC),
+        }
+
+    async def compute(self, topics: Sequence[str]) -> dict[str, str]:
+        payloads: dict[str, str] = {}
+        for topic in topics:
+            fragments: dict[str, str]
+            if topic == OVERVIEW:
+                ctx = await self.overview_context()
+                fragments = {
+                    "overview-cards": self.render("_overview_cards.html", **ctx),
+                    "overview-charts": self.render("_overview_charts.html", **ctx),
+                    "agents-table": self.render("_agents_table.html", **ctx),
+                }
+            else:
+                task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
+                try:
+                    ctx = await self.task_context(task_id)
+                except NotFound:
+                    # Pruned while its page was open.
+                    fragments = {"task-summary": "<p>This task no longer exists.</p>"}
+                else:
+                    fragments = {
+                        "task-summary": self.render("_task_summary.html", **ctx),
+                        "task-timeline": self.render("_task_timeline.html", **ctx),
+                        "task-explain": self.render("_task_explain.html", **ctx),
+                    }
+            payloads[topic] = json.dumps(fragments)
+        return payloads
+
+
+def _ui(request: Request[Any, Any, Any]) -> Dashboard:
+    ui: Dashboard = request.app.state.ui
+    return ui
+
+
+# -- sign-in -------------------------------------------------------------------------------------
+
+
+async def require_session(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """Before every /ui handler: no session, no dashboard (pages redirect to the sign-in, the
+    rest is 401); and no state change from another site's page (403)."""
+    opt = request.route_handler.opt
+    ui = _ui(request)
+    if request.method == "POST" and not same_origin(request.headers, request.headers.get("host")):
+        return Response("cross-site request refused", status_code=403,
+                        media_type=MediaType.TEXT)
+    if opt.get("public"):
+        return None
+    if not ui.sessions.valid(request.cookies.get(COOKIE)):
+        if opt.get("page"):
+            return Redirect("/ui/login", status_code=303)
+        return Response("sign in at /ui/login first", status_code=401, media_type=MediaType.TEXT)
+    return None
+
+
+@get("/login", opt={"public": True}, include_in_schema=False)
+async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
+    return _ui(request).page("login.html", error=None)
+
+
+@post("/login", opt={"public": True}, include_in_schema=False)
+async def login(request: Request[Any, Any, Any]) -> Response[Any]:
+    ui = _ui(request)
+    form = await request.form()
+    token = form.get("token")
+    if not isinstance(token, str) or not ui.sessions.token_matches(token.strip()):
+        return ui.page("login.html", status_code=403, error="That is not the admin token.")
+    response: Response[Any] = Redirect("/ui", status_code=303)
+    response.set_cookie(
+        COOKIE, ui.sessions.issue(), max_age=ui.sessions.lifetime, path="/ui", httponly=True,
+        samesite="strict", secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@post("/logout", include_in_schema=False)
+async def logout(request: Request[Any, Any, Any]) -> Response[Any]:
+    response: Response[Any] = Redirect("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+# -- pages ---------------------------------------------------------------------------------------
+
+
+@get("/", opt={"page": True}, include_in_schema=False)
+async def overview(request: Request[Any, Any, Any]) -> Response[str]:
+    ui = _ui(request)
+    ctx = await ui.overview_context()
+    return ui.page("overview.html", topic=OVERVIEW, nav="overview", **ctx)
+
+
+@get("/agents", opt={"page": True}, include_in_schema=False)
+async def agents(request: Request[Any, Any, Any]) -> Response[str]:
+    ui = _ui(request)
+    store = ui.broker.store
+    return ui.page(
+        "agents.html", topic=OVERVIEW, nav="agents", agents=await store.agent_list(),
+        now=datetime.now(UTC),
+    )
+
+
+def _filter_value(request: Request[Any, Any, Any], name: str) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if len(value) > MAX_FILTER_LENGTH or "\x00" in value:
+        raise InvalidInput(f"{name} filter: at most {MAX_FILTER_LENGTH} characters", field=name)
+    return value
+
+
+@get("/tasks", opt={"page": True}, include_in_schema=False)
+async def tasks(request: Request[Any, Any, Any]) -> Response[str]:
+    ui = _ui(request)
+    values = {name: _filter_value(request, name) for name in FILTERS}
+    filters = TaskFilter(
+        statuses=parse_statuses(values["status"]) if values["status"] else None,
+        requester=values["requester"],
+        owner=values["owner"],
+        assignee=values["assignee"],
+        capability=values["capability"],
+    )
+    raw_cursor = _filter_value(request, "cursor")
+    after = decode_cursor(raw_cursor) if raw_cursor else None
+    rows = await ui.broker.store.task_list(filters, limit=PAGE_SIZE + 1, after=after)
+    next_link = None
+    if len(rows) > PAGE_SIZE:
+        rows = rows[:PAGE_SIZE]
+        query = {k: v for k, v in values.items() if v}
+        next_link = "/ui/tasks?" + urlencode({**query, "cursor": encode_cursor(rows[-1])})
+    first_link = "/ui/tasks?" + urlencode({k: v for k, v in values.items() if v})
+    return ui.page(
+        "tasks.html", nav="tasks", tasks=rows, filters=values,
+        statuses=[s.value for s in TaskStatus],
+        next_link=next_link, first_link=first_link if after else None, now=datetime.now(UTC),
+    )
+
+
+def _task_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidInput(f"task id must be a UUID, got {raw[:64]!r}", field="task_id") from None
+
+
+@get("/tasks/{task_id:str}", opt={"page": True}, include_in_schema=False)
+async def task_page(request: Request[Any, Any, Any], task_id: PathText) -> Response[str]:
+    ui = _ui(request)
+    tid = _task_id(task_id)
+    ctx = await ui.task_context(tid)
+    return ui.page("task.html", topic=f"{TASK_TOPIC}{tid}", nav="tasks", **ctx)
+
+
+# -- actions: the buttons, with the API's validation and events ------------------------------------
+
+
+@post("/tasks/{task_id:str}/cancel", include_in_schema=False)
+async def cancel(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
+    tid = _task_id(task_id)
+    await _ui(request).broker.cancel(tid, UI_ACTOR, "cancelled from the dashboard", admin=True)
+    return Redirect(f"/ui/tasks/{tid}", status_code=303)
+
+
+@post("/tasks/{task_id:str}/requeue", include_in_schema=False)
+async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
+    tid = _task_id(task_id)
+    await _ui(request).broker.requeue(tid, UI_ACTOR)
+    return Redirect(f"/ui/tasks/{tid}", status_code=303)
+
+
+async def _agent_action(request: Request[Any, Any, Any], drained: bool) -> Redirect:
+    # The agent id travels in the form, not the path: an id may contain "/".
+    agent_id = (await request.form()).get("agent_id")
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
+        raise InvalidInput("agent_id: 1 to 128 characters of [A-Za-z0-9._:@/-]", field="agent_id")
+    await _ui(request).broker.store.agent_drain(agent_id, drained)
+    return Redirect("/ui/agents", status_code=303)
+
+
+@post("/agents/drain", include_in_schema=False)
+async def drain(request: Request[Any, Any, Any]) -> Redirect:
+    return await _agent_action(request, True)
+
+
+@post("/agents/undrain", include_in_schema=False)
+async def undrain(request: Request[Any, Any, Any]) -> Redirect:
+    return await _agent_action(request, False)
+
+
+# -- assets and the live stream ------------------------------------------------------------------
+
+
+@get("/static/{name:str}", include_in_schema=False)
+async def static(request: Request[Any, Any, Any], name: PathText) -> Response[bytes]:
+    ui = _ui(request)
+    if name not in ui.assets:
+        raise NotFound(f"no asset {name[:64]!r}")
+    return Response(
+        ui.assets[name], media_type=STATIC[name], headers={"Cache-Control": "private, max-age=300"}
+    )
+
+
+@get("/events", include_in_schema=False)
+async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
+    """The live stream of one topic; it holds no database connection while it waits."""
+    ui = _ui(request)
+    topic = request.query_params.get("topic", "")
+    if topic != OVERVIEW:
+        if not topic.startswith(TASK_TOPIC):
+            raise InvalidInput("topic is overview or task:<task id>", field="topic")
+        topic = f"{TASK_TOPIC}{_task_id(topic.removeprefix(TASK_TOPIC))}"
+
+    async def stream() -> Any:
+        # A first comment, so that the browser's EventSource reports the stream open at once.
+        yield ServerSentEventMessage(comment="live")
+        async with ui.hub.subscribe(topic) as queue:
+            while (payload := await queue.get()) is not None:
+                yield ServerSentEventMessage(event="update", data=payload)
+
+    return ServerSentEvent(stream(), headers={"Cache-Control": "no-store"})
+
+
+# -- errors: a page that says what was wrong, never a 500 for bad input -------------------------
+
+
+def _error_page(request: Request[Any, Any, Any], status: int, message: str) -> Response[str]:
+    return _ui(request).page("error.html", status_code=status, status=status, message=message)
+
+
+def dispatch_error(request: Request[Any, Any, Any], exc: DispatchError) -> Response[str]:
+    return _error_page(request, exc.status, exc.message)
+
+
+def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[str]:
+    return _error_page(request, 400, f"invalid request: {exc.detail}")
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[str]:
+    return _error_page(request, exc.status_code, str(exc.detail))
+
+
+def create_ui(
+    settings: UiSettings, broker: Broker, admin_token: str, listener: Listener | None
+) -> tuple[Router, Dashboard]:
+    """The /ui router and the process's Dashboard (with its hub) to put in app.state.ui."""
+    store = broker.store
+
+    async def keep() -> None:
+        await store.ui_notify_keep(KEEP_SECONDS)
+
+    dashboard: Dashboard
+    hub = Hub(
+        lambda topics: dashboard.compute(topics),
+        listener=listener,
+        keep=keep,
+        refresh_seconds=settings.refresh_ms / 1000,
+        tick_seconds=settings.tick_ms / 1000,
+        metrics=broker.metrics,
+    )
+    assets = {
+        name: resources.files("dispatch.ui").joinpath("static", name).read_bytes()
+        for name in STATIC
+    }
+    dashboard = Dashboard(
+        broker=broker,
+        sessions=Sessions(admin_token, settings.session_hours * 3600),
+        env=_environment(),
+        hub=hub,
+        assets=assets,
+    )
+    router = Router(
+        path="/ui",
+        route_handlers=[login_form, login, logout, overview, agents, tasks, task_page, cancel,
+                        requeue, drain, undrain, static, events],
+        before_request=require_session,
+        exception_handlers={
+            DispatchError: dispatch_error,  # type: ignore[dict-item]
+            ValidationException: validation_error,  # type: ignore[dict-item]
+            HTTPException: http_error,  # type: ignore[dict-item]
+        },
+        include_in_schema=False,
+    )
+    return router, dashboard
+
