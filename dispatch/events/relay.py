@@ -49,6 +49,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 # so that it cannot hold up the events behind it. An outage or a full stream refuses everything and
 # sets nothing aside.
 REFUSALS_BEFORE_SET_ASIDE = 3
+# Room kept under the stream's max_msg_size for the message's headers (JetStream counts them):
+# "NATS/1.0", the message id and the origin header need well under this.
+HEADER_ROOM = 256
 
 
 _ENVELOPE_KEYS = frozenset(EventMessage.__struct_fields__)
@@ -151,6 +154,8 @@ class Relay(BackgroundLoop):
         # event id -> (refusals, self.published at the first refusal)
         self._refusals: dict[int, tuple[int, int]] = {}
         self._stream_ready = False
+        # The stream's max_msg_size when an operator set one: bodies are sized to fit it.
+        self._stream_max_msg: int | None = None
         self._woken = asyncio.Event()
 
     def health(self) -> dict[str, object]:
@@ -224,11 +229,16 @@ class Relay(BackgroundLoop):
             try:
                 await js.add_stream(wanted)
                 log.info("created JetStream stream %s", STREAM)
+                self._stream_max_msg = None
                 self._stream_ready = True
                 return
             except BadRequestError:  # another replica created it just now
                 info = await js.stream_info(STREAM)
         config = info.config
+        # Read again after every failed batch (ensure_stream runs then): an operator who lowers
+        # the limit gets events that fit it, without their task snapshot if need be.
+        limit = config.max_msg_size
+        self._stream_max_msg = limit if limit is not None and limit > 0 else None
         if (
             sorted(config.subjects or []) != sorted(STREAM_SUBJECTS)
             or config.duplicate_window < DUPLICATE_WINDOW_SECONDS
@@ -303,6 +313,8 @@ class Relay(BackgroundLoop):
         assert nc is not None
         js = self.nats.jetstream()
         max_payload = nc.max_payload
+        if self._stream_max_msg is not None:
+            max_payload = min(max_payload, max(self._stream_max_msg - HEADER_ROOM, 0))
         acked: list[int] = []
         for wave in waves(events):
             pending: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []

@@ -34,7 +34,8 @@ class EventMessage(msgspec.Struct, frozen=True, kw_only=True):
     """What every event message starts with. The event row's own payload fields (see the README,
     "Events (NATS)") follow at the top level of the same JSON object. `task` is the task as it is
     when the relay publishes (so a late `created` may already show it running); it is null, with
-    `truncated` true, when the message would exceed the server's max_payload."""
+    `truncated` true, when the message would exceed the server's max_payload or the stream's
+    max_msg_size (then the payload fields are dropped too, if need be)."""
 
     event: str
     task_id: uuid.UUID

@@ -306,19 +306,26 @@ async def test_a_failed_publish_never_lets_a_later_event_of_its_task_overtake_it
 async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_flow(
     broker: Broker, relay: Relay, client: Client, sql: Sql, metrics: Metrics
 ) -> None:
-    """An operator capped the stream's message size; one task's event is larger. It is refused,
-    retried, then set aside (marked with the reason, counted, shown by health) while every other
-    event goes out."""
+    """An operator allowed one message per subject, refusing new ones; one task is cancelled a
+    second time (after a requeue), so its second `cancelled` is refused. It is retried, then set
+    aside (marked with the reason, counted, shown by health) while every other event goes out."""
     import dataclasses
+
+    from nats.js.api import DiscardPolicy
 
     await eventually(lambda: _stream_exists(client), 10, "the stream")
     js = client.jetstream()
     info = await js.stream_info("DISPATCH_EVENTS")
-    await js.update_stream(dataclasses.replace(info.config, max_msg_size=4096))
-    relay.publish_timeout = 1.0  # JetStream does not ack an oversized message: it times out
+    await js.update_stream(dataclasses.replace(
+        info.config, max_msgs_per_subject=1, discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+    ))
+    relay.publish_timeout = 1.0  # the refused message gets no ack: it times out
     small, _ = await broker.submit(NewTask(title="small"), requester="req")
-    big, _ = await broker.submit(NewTask(title="big", metadata={"blob": "x" * 20_000}),
-                                 requester="req")
+    twice, _ = await broker.submit(NewTask(title="twice"), requester="req")
+    await broker.cancel(twice.task_id, "req")
+    await broker.requeue(twice.task_id, "admin")
+    await broker.cancel(twice.task_id, "req")
     after, _ = await broker.submit(NewTask(title="after"), requester="req")
 
     async def settled() -> bool:
@@ -329,9 +336,8 @@ async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_flo
         "SELECT task_id, event, relay_error FROM dispatch.task_events"
         " WHERE relay_error IS NOT NULL"
     ).fetchall()
-    assert [(r["task_id"], r["event"]) for r in aside] == [(big.task_id, "created")]
+    assert [(r["task_id"], r["event"]) for r in aside] == [(twice.task_id, "cancelled")]
     assert "refused by JetStream 3 times" in aside[0]["relay_error"]
-    assert "no ack" in aside[0]["relay_error"]
     assert relay.health()["events_set_aside"] == 1
     assert metrics.events_set_aside._value.get() == 1
     # What comes after flows: a new task's events go out at once.
@@ -340,8 +346,40 @@ async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_flo
     subjects = {m.subject for m in await read_stream(client)}
     for task in (small, after, later):
         assert f"swarm.task.{task.task_id}.created" in subjects
-    assert f"swarm.task.{big.task_id}.created" not in subjects
+    assert f"swarm.task.{twice.task_id}.requeued" in subjects
     assert relay.health()["event_relay"] == "ok"
+
+
+async def test_an_event_larger_than_the_streams_limit_goes_out_without_its_task(
+    broker: Broker, relay: Relay, client: Client, sql: Sql
+) -> None:
+    """An operator capped the stream's message size after the relay started; one task is larger.
+    JetStream refuses its first message (no ack); the relay reads the limit again and sends the
+    event without the task snapshot, marked truncated. Nothing is set aside."""
+    import dataclasses
+
+    await eventually(lambda: _stream_exists(client), 10, "the stream")
+    js = client.jetstream()
+    info = await js.stream_info("DISPATCH_EVENTS")
+    await js.update_stream(dataclasses.replace(info.config, max_msg_size=4096))
+    relay.publish_timeout = 1.0  # JetStream does not ack an oversized message: it times out
+    big, _ = await broker.submit(NewTask(title="big", metadata={"blob": "x" * 20_000}),
+                                 requester="req")
+    small, _ = await broker.submit(NewTask(title="small"), requester="req")
+
+    async def settled() -> bool:
+        return unpublished(sql) == 0
+
+    await eventually(settled, 30, "every event published")
+    stored = {m.subject: m for m in await read_stream(client)}
+    sent = stored[f"swarm.task.{big.task_id}.created"].body
+    assert sent["truncated"] is True and sent["task"] is None
+    assert sent["task_id"] == str(big.task_id) and sent["event"] == "created"
+    assert stored[f"swarm.task.{small.task_id}.created"].body["task"]["title"] == "small"
+    assert sql.execute(
+        "SELECT count(*) AS n FROM dispatch.task_events WHERE relay_error IS NOT NULL"
+    ).fetchone()["n"] == 0
+    assert "events_set_aside" not in relay.health()
 
 
 async def _stream_exists(client: Client) -> bool:
