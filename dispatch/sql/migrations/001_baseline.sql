@@ -212,6 +212,11 @@ CREATE INDEX tasks_active_concurrency_idx ON dispatch.tasks (concurrency_key)
 CREATE INDEX tasks_terminal_completed_idx ON dispatch.tasks (completed_at)
     WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled');
 
+-- The dead letters (failed for good or timed out), counted by the stats without reading the
+-- rest of the history. Rows enter it only when a task ends that way.
+CREATE INDEX tasks_dead_letter_idx ON dispatch.tasks (completed_at)
+    WHERE status IN ('failed', 'timed_out');
+
 CREATE UNIQUE INDEX tasks_idempotency_key_idx ON dispatch.tasks (requester, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
@@ -1152,6 +1157,8 @@ DECLARE
     keyed boolean := false;  -- some task taken has flow keys
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
     held  dispatch.flow_state;  -- the same under their locks, with what was given
+    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
+    costs integer[] := '{}';
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -1239,11 +1246,18 @@ BEGIN
         PERFORM dispatch.fn_enter();
         t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
+        IF t.rate_key IS NOT NULL THEN
+            rated := rated || t.rate_key;
+            costs := costs || t.cost;
+        END IF;
         IF p_start THEN
             t := dispatch.task_start(t.task_id, p_agent_id, p_now);
         END IF;
         RETURN NEXT t;
     END LOOP;
+    IF cardinality(rated) > 0 THEN
+        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -1283,6 +1297,8 @@ DECLARE
     rkeys text[] := '{}';
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
     hold  dispatch.flow_state;  -- the same under their locks, with what was given
+    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
+    costs integer[] := '{}';
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -1374,10 +1390,17 @@ BEGIN
                                0);
             PERFORM dispatch.task_give(t, held, c, score, 'push', p_now);
             held.active_count := held.active_count + 1;
+            IF t.rate_key IS NOT NULL THEN
+                rated := rated || t.rate_key;
+                costs := costs || t.cost;
+            END IF;
             RETURN NEXT;
         END LOOP;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    IF cardinality(rated) > 0 THEN
+        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -2192,15 +2215,19 @@ LANGUAGE sql AS $$
     SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
 $$;
 
--- An assignment of a task with a rate key takes its cost from the key's bucket (a raw-SQL
--- assignment too: the bucket may go below zero, and waits to refill). Named to run after
--- tasks_before_update, so the agent's row is locked before the bucket's.
+-- An assignment of a task with a rate key takes its cost from the key's bucket: a raw-SQL
+-- assignment here (the bucket may go below zero, and waits to refill). Named to run after
+-- tasks_before_update, so the agent's row is locked before the bucket's. The claim and the
+-- assigner (dispatch.via = 'fn') charge what they gave themselves, with flow_charge, once per key
+-- and transaction instead of once per task: a new version of the bucket's row per task was most
+-- of what flow control added to an assignment's WAL.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := coalesce(NEW.assigned_at, now());
 BEGIN
-    IF OLD.status = 'pending' AND NEW.status = 'assigned' THEN
+    IF OLD.status = 'pending' AND NEW.status = 'assigned'
+       AND coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
         UPDATE dispatch.rate_limits l
         SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
             refilled_at = greatest(l.refilled_at, at)
@@ -2208,6 +2235,19 @@ BEGIN
     END IF;
     RETURN NEW;
 END
+$$;
+
+-- Takes from each bucket the costs of the tasks just given under these rate keys (NULL keys
+-- skipped), in one update per key; the caller holds the buckets' rows (flow_admit's lock).
+CREATE FUNCTION dispatch.flow_charge(p_rate_keys text[], p_costs integer[], p_now timestamptz)
+RETURNS void
+LANGUAGE sql AS $$
+    UPDATE dispatch.rate_limits l
+    SET tokens = dispatch.rate_tokens(l, p_now) - x.cost,
+        refilled_at = greatest(l.refilled_at, p_now)
+    FROM (SELECT u.k, sum(u.c) AS cost FROM unnest(p_rate_keys, p_costs) AS u (k, c)
+          WHERE u.k IS NOT NULL GROUP BY u.k) x
+    WHERE l.key = x.k
 $$;
 
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks

@@ -163,6 +163,8 @@ DECLARE
     keyed boolean := false;  -- some task taken has flow keys
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
     held  dispatch.flow_state;  -- the same under their locks, with what was given
+    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
+    costs integer[] := '{}';
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -250,11 +252,18 @@ BEGIN
         PERFORM dispatch.fn_enter();
         t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
         PERFORM dispatch.fn_leave();
+        IF t.rate_key IS NOT NULL THEN
+            rated := rated || t.rate_key;
+            costs := costs || t.cost;
+        END IF;
         IF p_start THEN
             t := dispatch.task_start(t.task_id, p_agent_id, p_now);
         END IF;
         RETURN NEXT t;
     END LOOP;
+    IF cardinality(rated) > 0 THEN
+        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -294,6 +303,8 @@ DECLARE
     rkeys text[] := '{}';
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
     hold  dispatch.flow_state;  -- the same under their locks, with what was given
+    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
+    costs integer[] := '{}';
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -385,10 +396,17 @@ BEGIN
                                0);
             PERFORM dispatch.task_give(t, held, c, score, 'push', p_now);
             held.active_count := held.active_count + 1;
+            IF t.rate_key IS NOT NULL THEN
+                rated := rated || t.rate_key;
+                costs := costs || t.cost;
+            END IF;
             RETURN NEXT;
         END LOOP;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    IF cardinality(rated) > 0 THEN
+        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;

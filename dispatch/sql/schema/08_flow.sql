@@ -268,15 +268,19 @@ LANGUAGE sql AS $$
     SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
 $$;
 
--- An assignment of a task with a rate key takes its cost from the key's bucket (a raw-SQL
--- assignment too: the bucket may go below zero, and waits to refill). Named to run after
--- tasks_before_update, so the agent's row is locked before the bucket's.
+-- An assignment of a task with a rate key takes its cost from the key's bucket: a raw-SQL
+-- assignment here (the bucket may go below zero, and waits to refill). Named to run after
+-- tasks_before_update, so the agent's row is locked before the bucket's. The claim and the
+-- assigner (dispatch.via = 'fn') charge what they gave themselves, with flow_charge, once per key
+-- and transaction instead of once per task: a new version of the bucket's row per task was most
+-- of what flow control added to an assignment's WAL.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := coalesce(NEW.assigned_at, now());
 BEGIN
-    IF OLD.status = 'pending' AND NEW.status = 'assigned' THEN
+    IF OLD.status = 'pending' AND NEW.status = 'assigned'
+       AND coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
         UPDATE dispatch.rate_limits l
         SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
             refilled_at = greatest(l.refilled_at, at)
@@ -284,6 +288,19 @@ BEGIN
     END IF;
     RETURN NEW;
 END
+$$;
+
+-- Takes from each bucket the costs of the tasks just given under these rate keys (NULL keys
+-- skipped), in one update per key; the caller holds the buckets' rows (flow_admit's lock).
+CREATE FUNCTION dispatch.flow_charge(p_rate_keys text[], p_costs integer[], p_now timestamptz)
+RETURNS void
+LANGUAGE sql AS $$
+    UPDATE dispatch.rate_limits l
+    SET tokens = dispatch.rate_tokens(l, p_now) - x.cost,
+        refilled_at = greatest(l.refilled_at, p_now)
+    FROM (SELECT u.k, sum(u.c) AS cost FROM unnest(p_rate_keys, p_costs) AS u (k, c)
+          WHERE u.k IS NOT NULL GROUP BY u.k) x
+    WHERE l.key = x.k
 $$;
 
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
