@@ -274,6 +274,18 @@ def test_the_aging_sweep_reads_only_what_is_due(conn: Conn) -> None:
     assert pending_reads(reads) <= 300, reads.index_tuples
 
 
+def test_the_stats_read_the_history_once_not_four_times(conn: Conn) -> None:
+    # GET /api/v1/stats (and the dashboard's overview, and `dispatch top`): the counts by status
+    # read every row once; the last hour comes from tasks_terminal_completed_idx (nothing there:
+    # the history is two days old) and the dead letters from tasks_dead_letter_idx (none).
+    from dispatch.store import _STATS
+
+    reads = measure(conn, _STATS.replace("%(now)s", "NULL"))
+    assert reads.seq_scans <= 1, reads
+    terminal = reads.index_tuples.get("tasks_terminal_completed_idx", 0)
+    assert terminal == 0, reads.index_tuples
+
+
 def test_the_dashboards_charts_read_only_the_last_hour(conn: Conn) -> None:
     # Per minute of the last hour: the terminal rows of that hour (none here: the history is two
     # days old) and the active rows, never the history or the queue.
