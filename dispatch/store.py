@@ -226,6 +226,15 @@ class Store:
             yield pooled
 
     @contextlib.asynccontextmanager
+    async def _borrow_transaction(self, conn: Conn | None) -> AsyncIterator[Conn]:
+        """`conn` as it is, or a pooled connection inside one transaction."""
+        if conn is not None:
+            yield conn
+            return
+        async with self.transaction() as pooled:
+            yield pooled
+
+    @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
         """A pooled connection inside one transaction; pass it as `conn=` to the methods."""
         async with db.connection(self.pool) as conn, conn.transaction():
@@ -579,7 +588,7 @@ class Store:
     async def concurrency_limit_set(
         self, key: str, max_active: int, *, conn: Conn | None = None
     ) -> ConcurrencyLimit:
-        async with self._borrow(conn) as c:
+        async with self._borrow_transaction(conn) as c:  # a delete cannot come in between
             await self._rows("SELECT dispatch.concurrency_limit_set(%s, %s)", (key, max_active), c)
             return (await self.concurrency_limits(key, conn=c))[0]
 
@@ -602,12 +611,10 @@ class Store:
     async def rate_limit_set(
         self, key: str, capacity: float, refill_per_second: float, *, conn: Conn | None = None
     ) -> RateLimit:
-        rows = await self._rows(
-            "SELECT l.key, l.capacity, l.refill_per_second, dispatch.rate_tokens(l, now()) AS"
-            " tokens, l.updated_at FROM dispatch.rate_limit_set(%s, %s, %s) l",
-            (key, capacity, refill_per_second), conn,
-        )
-        return _convert(rows[0], RateLimit)
+        async with self._borrow_transaction(conn) as c:  # a delete cannot come in between
+            await self._rows("SELECT dispatch.rate_limit_set(%s, %s, %s)",
+                             (key, capacity, refill_per_second), c)
+            return (await self.rate_limits(key, conn=c))[0]
 
     async def rate_limits(
         self, key: str | None = None, *, now: datetime | None = None, conn: Conn | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from dispatch.db import CONNECT_KWARGS
 from tests.factories import at
@@ -310,6 +311,187 @@ def test_a_cost_above_the_capacity_is_named_and_other_work_still_flows(sql: Conn
     assert [r["title"] for r in assign(sql)] == ["small"]
     hold = sql.execute("SELECT reasons FROM dispatch.task_hold(%s)", (task["task_id"],)).fetchone()
     assert hold == {"reasons": ["rate key k: cost 10 exceeds its capacity 5"]}
+
+
+# -- busy keys: assignments far from a limit do not queue on it ------------------------------------
+
+
+def open_claim(db_url: str, agent_id: str) -> psycopg.Connection[dict[str, Any]]:
+    """A connection inside a transaction that has claimed for `agent_id` and not committed; the
+    caller checks what it got and ends it. lock_timeout turns a wait for another claim's lock
+    into an error, so a claim that would queue is seen queueing."""
+    conn = psycopg.connect(db_url, row_factory=dict_row, **CONNECT_KWARGS)  # type: ignore[arg-type]
+    conn.autocommit = False
+    conn.execute("SET LOCAL lock_timeout = '1s'")
+    return conn
+
+
+def claimed(conn: psycopg.Connection[dict[str, Any]], agent_id: str) -> list[Any]:
+    return [r["task_id"] for r in conn.execute(
+        "SELECT task_id FROM dispatch.task_claim(%s)", (agent_id,)).fetchall()]
+
+
+@pytest.mark.parametrize(
+    ("setup", "fields"),
+    [("SELECT dispatch.concurrency_limit_set('k', 1000)", {"concurrency_key": "k"}),
+     ("SELECT dispatch.rate_limit_set('k', 1000, 1)", {"rate_key": "k"})],
+    ids=["concurrency", "rate"],
+)
+def test_claims_of_one_key_far_from_its_limit_do_not_wait_for_each_other(
+    sql: Conn, db_url: str, setup: str, fields: dict[str, str]
+) -> None:
+    sql.execute(setup)
+    flood(sql, "alice", 3, **fields)
+    for i in range(3):
+        agent(sql, f"w{i}")
+    first, second = open_claim(db_url, "w0"), open_claim(db_url, "w1")
+    try:
+        a = claimed(first, "w0")
+        b = claimed(second, "w1")  # with the first still open: no wait (lock_timeout would fail)
+        assert len(a) == 1 and len(b) == 1 and a != b
+        second.commit()
+        first.commit()
+    finally:
+        first.close()
+        second.close()
+    assert len(claim(sql, "w2")) == 1
+    left = sql.execute("SELECT coalesce(sum(tokens), 0) AS t FROM dispatch.rate_limit_list()"
+                       ).fetchone()
+    assert left is not None and (left["t"] == 0 or 996.9 < left["t"] <= 1000)
+
+
+@pytest.mark.parametrize(
+    ("setup", "fields"),
+    [("SELECT dispatch.concurrency_limit_set('k', 3)", {"concurrency_key": "k"}),
+     ("SELECT dispatch.rate_limit_set('k', 3, 0.001)", {"rate_key": "k"})],
+    ids=["concurrency", "rate"],
+)
+def test_near_its_limit_a_claim_waits_for_the_one_before_and_the_limit_holds(
+    sql: Conn, db_url: str, setup: str, fields: dict[str, str]
+) -> None:
+    sql.execute(setup)
+    flood(sql, "alice", 5, **fields)
+    for i in range(5):
+        agent(sql, f"w{i}")
+    assert len(claim(sql, "w0")) == 1 and len(claim(sql, "w1")) == 1
+    first, second = open_claim(db_url, "w2"), open_claim(db_url, "w3")
+    try:
+        assert len(claimed(first, "w2")) == 1  # the last one the limit allows
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            claimed(second, "w3")  # counted exactly: it waits for the first to end
+        second.rollback()
+        first.commit()
+    finally:
+        first.close()
+        second.close()
+    assert claim(sql, "w3") == [] and claim(sql, "w4") == []
+    active = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'assigned'"
+                         ).fetchone()
+    assert active == {"n": 3}
+
+
+def test_a_cap_holds_where_claims_cross_from_tickets_to_the_exact_count(
+    db_url: str, sql: Conn
+) -> None:
+    # 32 tickets: far below a cap of 45 claims take a ticket each without waiting, from 14 active
+    # tasks on they count exactly. 16 agents claim at once and keep what they get.
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 45)")
+    flood(sql, "alice", 120, concurrency_key="k")
+    for i in range(16):
+        agent(sql, f"w{i}")
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def run(i: int) -> None:
+        try:
+            with psycopg.connect(db_url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+                start.wait()
+                misses = 0
+                while misses < 20:
+                    got = conn.execute("SELECT task_id FROM dispatch.task_claim(%s, p_max => 2)",
+                                       (f"w{i}",)).fetchall()
+                    misses = 0 if got else misses + 1
+        except BaseException as exc:
+            print(exc)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=100)
+    assert not errors, errors
+    assigned = sql.execute("SELECT count(*) AS n FROM dispatch.task_events"
+                           " WHERE event = 'assigned'").fetchone()
+    assert assigned == {"n": 45}
+    assert len(assign(sql, 100)) == 0
+    sql.execute("SELECT dispatch.task_complete(task_id, assigned_agent) FROM dispatch.tasks"
+                " WHERE status = 'assigned'")
+    assert len(assign(sql, 100)) == 45
+
+
+def test_a_bucket_of_many_shards_lets_through_its_capacity_under_concurrent_claims(
+    db_url: str, sql: Conn
+) -> None:
+    # 200 tokens in 16 shards of 12.5, barely refilling; costs 1 to 5. 16 agents claim at once.
+    sql.execute("SELECT dispatch.rate_limit_set('k', 200, 0.0001)")
+    sql.execute(
+        "INSERT INTO dispatch.tasks (title, requester, rate_key, cost)"
+        " SELECT 'call ' || g, 'alice', 'k', 1 + g % 5 FROM generate_series(1, 200) g")
+    for i in range(16):
+        agent(sql, f"w{i}")
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def run(i: int) -> None:
+        try:
+            with psycopg.connect(db_url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+                start.wait()
+                misses = 0
+                while misses < 20:
+                    got = conn.execute("SELECT task_id FROM dispatch.task_claim(%s, p_max => 3)",
+                                       (f"w{i}",)).fetchall()
+                    misses = 0 if got else misses + 1
+        except BaseException as exc:
+            print(exc)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=100)
+    assert not errors, errors
+    row = sql.execute("SELECT min(cost) AS smallest_left FROM dispatch.tasks"
+                      " WHERE status = 'pending'").fetchone()
+    spent = sql.execute("SELECT sum(cost) AS n FROM dispatch.tasks WHERE status = 'assigned'"
+                        ).fetchone()
+    assert row is not None and spent is not None
+    # Never more than the bucket (plus its refill meanwhile); and what is left in it, pooled
+    # from every shard, is less than any task still waiting would take.
+    assert 200 - 5 < spent["n"] <= 200.01
+    tokens = sql.execute("SELECT tokens FROM dispatch.rate_limit_list()").fetchone()
+    assert tokens is not None and tokens["tokens"] < row["smallest_left"]
+    assert abs(tokens["tokens"] - (200 - spent["n"])) < 0.01
+
+
+def test_an_assignment_by_hand_is_refused_at_the_cap_and_takes_its_tokens(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 1)")
+    sql.execute("SELECT dispatch.rate_limit_set('r', 100, 0.0001)")
+    flood(sql, "alice", 2, concurrency_key="k", rate_key="r")
+    agent(sql, "w")
+    hand = ("UPDATE dispatch.tasks SET status = 'assigned', assigned_agent = 'w'"
+            " WHERE task_id = (SELECT task_id FROM dispatch.tasks WHERE status = 'pending'"
+            " ORDER BY queue_at LIMIT 1)")
+    sql.execute(hand)
+    with pytest.raises(psycopg.Error) as err:
+        sql.execute(hand)
+    assert err.value.sqlstate == "UD409" and "concurrency key k is at its cap" in str(err.value)
+    counts = sql.execute("SELECT status, count(*) AS n FROM dispatch.tasks GROUP BY status"
+                         " ORDER BY status").fetchall()
+    assert counts == [{"status": "pending", "n": 1}, {"status": "assigned", "n": 1}]
+    tokens = sql.execute("SELECT tokens FROM dispatch.rate_limit_list()").fetchone()
+    assert tokens is not None and 98.99 < tokens["tokens"] < 99.01
 
 
 # -- the DBA surface -------------------------------------------------------------------------------

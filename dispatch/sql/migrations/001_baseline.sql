@@ -1138,8 +1138,8 @@ $$;
 -- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
 -- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
 -- takes now to those of its registered capabilities; it never widens them. Flow control: tasks
--- whose concurrency key or rate key holds them back are passed over, checked again once their
--- limit rows are locked.
+-- whose concurrency key or rate key holds them back are passed over, and flow_grant decides on
+-- the tasks taken, under its locks.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -1156,9 +1156,8 @@ DECLARE
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
     keyed boolean := false;  -- some task taken has flow keys
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
-    held  dispatch.flow_state;  -- the same under their locks, with what was given
-    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
-    costs integer[] := '{}';
+    ok    boolean[];         -- flow_grant's verdict on each task taken (NULL: no flow keys)
+    later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -1201,7 +1200,7 @@ BEGIN
         END IF;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, false);
+                                        p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
                 CONTINUE;
@@ -1215,7 +1214,7 @@ BEGIN
             IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
                 keyed := true;
                 plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                            false, true);
+                                            true);
             END IF;
         END IF;
     END LOOP;
@@ -1230,34 +1229,23 @@ BEGIN
         keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
                                   WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
     END IF;
-    IF keyed AND cardinality(taken) > 1 THEN
-        PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
-                                   ARRAY(SELECT x.rate_key FROM unnest(taken) x));
+    IF keyed THEN
+        SELECT f.admitted, f.until INTO ok, later
+        FROM dispatch.flow_grant(plan, ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
+                                 ARRAY(SELECT x.rate_key FROM unnest(taken) x),
+                                 ARRAY(SELECT x.cost FROM unnest(taken) x), p_now) f;
+        refill := least(refill, later);
     END IF;
-    FOREACH t IN ARRAY taken LOOP
-        IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            held := dispatch.flow_admit(held, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                        true, true);
-            IF held.reason IS NOT NULL THEN
-                refill := least(refill, held.until);
-                CONTINUE;
-            END IF;
-        END IF;
+    FOR i IN 1 .. cardinality(taken) LOOP
+        CONTINUE WHEN ok[i] IS FALSE;
         PERFORM dispatch.fn_enter();
-        t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
+        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now);
         PERFORM dispatch.fn_leave();
-        IF t.rate_key IS NOT NULL THEN
-            rated := rated || t.rate_key;
-            costs := costs || t.cost;
-        END IF;
         IF p_start THEN
             t := dispatch.task_start(t.task_id, p_agent_id, p_now);
         END IF;
         RETURN NEXT t;
     END LOOP;
-    IF cardinality(rated) > 0 THEN
-        PERFORM dispatch.flow_charge(rated, costs, p_now);
-    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -1274,9 +1262,8 @@ $$;
 -- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
 -- and active_count rises with each assignment, so the limit holds inside the round too.
 -- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
--- (counting its own picks); when a pick has flow keys, the apply step locks every picked agent and
--- then the keys' limit rows (flow_lock's order) before it gives anything, and checks each keyed
--- task again as the limits are then.
+-- (counting its own picks); the apply step, once every picked agent is locked and checked, has
+-- flow_grant decide on the tasks with flow keys before it gives anything.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
@@ -1293,12 +1280,11 @@ DECLARE
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
     keyed boolean := false;  -- some pick has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the keyed picks, to lock
-    rkeys text[] := '{}';
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
-    hold  dispatch.flow_state;  -- the same under their locks, with what was given
-    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
-    costs integer[] := '{}';
+    gives dispatch.tasks[] := '{}';   -- the picks that pass the check under their agent's lock
+    givers dispatch.agents[] := '{}';  -- and their agents, as locked
+    ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
+    later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -1321,7 +1307,7 @@ BEGIN
         EXIT WHEN NOT FOUND;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, false);
+                                        p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
                 CONTINUE;
@@ -1345,10 +1331,8 @@ BEGIN
         pickd := pickd || a.agent_id;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             keyed := true;
-            ckeys := ckeys || cand.concurrency_key;
-            rkeys := rkeys || cand.rate_key;
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, true);
+                                        p_now, true);
         END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
@@ -1361,12 +1345,6 @@ BEGIN
         END LOOP;
     END LOOP;
     CLOSE walk;
-    IF keyed THEN
-        PERFORM 1 FROM dispatch.agents ag WHERE ag.agent_id = ANY (pickd)
-        ORDER BY ag.agent_id FOR UPDATE;
-        PERFORM dispatch.flow_lock(ckeys, rkeys);
-    END IF;
-    PERFORM dispatch.fn_enter();
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
         SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
         FOR i IN 1 .. cardinality(picks) LOOP
@@ -1374,33 +1352,32 @@ BEGIN
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
-            IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                hold := dispatch.flow_admit(hold, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                            true, true);
-                IF hold.reason IS NOT NULL THEN
-                    refill := least(refill, hold.until);
-                    CONTINUE;
-                END IF;
-            END IF;
-            task_id := t.task_id;
-            agent_id := held.agent_id;
-            score := dispatch.task_score(held, t);
-            wake := held.status = 'sleeping';
-            waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)),
-                               0);
-            PERFORM dispatch.task_give(t, held, c, score, 'push', p_now);
+            gives := gives || t;
+            givers := givers || held;
             held.active_count := held.active_count + 1;
-            IF t.rate_key IS NOT NULL THEN
-                rated := rated || t.rate_key;
-                costs := costs || t.cost;
-            END IF;
-            RETURN NEXT;
         END LOOP;
     END LOOP;
-    PERFORM dispatch.fn_leave();
-    IF cardinality(rated) > 0 THEN
-        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    IF keyed THEN
+        SELECT f.admitted, f.until INTO ok, later
+        FROM dispatch.flow_grant(plan, ARRAY(SELECT x.concurrency_key FROM unnest(gives) x),
+                                 ARRAY(SELECT x.rate_key FROM unnest(gives) x),
+                                 ARRAY(SELECT x.cost FROM unnest(gives) x), p_now) f;
+        refill := least(refill, later);
     END IF;
+    PERFORM dispatch.fn_enter();
+    FOR i IN 1 .. cardinality(gives) LOOP
+        CONTINUE WHEN ok[i] IS FALSE;
+        t := gives[i];
+        a := givers[i];
+        task_id := t.task_id;
+        agent_id := a.agent_id;
+        score := dispatch.task_score(a, t);
+        wake := a.status = 'sleeping';
+        waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
+        PERFORM dispatch.task_give(t, a, c, score, 'push', p_now);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -1958,13 +1935,23 @@ WHERE t.status IN ('assigned', 'running')
 --   * Its effective priority (queue_priority) is its priority, raised by one level per
 --     config.aging_ms that it has waited in line, up to 10. The sweep dispatch.queue_age raises it
 --     when due (age_due_at); the assigner and the claim run the sweep before they walk.
--- Concurrency keys and rate limits decide whether a task may be assigned now. Both live in rows
--- that the assigning transaction locks (after the agents' rows, keys in key order, so it never
--- deadlocks with another assignment). A key's row is its semaphore: under its lock the key's
--- active tasks are counted (tasks_active_concurrency_idx), so the row is never updated and a
--- completion does not touch it (a counter updated by every assignment and completion of a busy
--- key made that one row the hot spot of the whole queue). A bucket's row is updated by every
--- assignment that takes its tokens (the trigger tasks_flow_count, from raw SQL too).
+-- Concurrency keys and rate limits decide whether a task may be assigned now (flow_grant). Every
+-- busy key is touched by every assignment of its tasks, so neither may be one row locked until
+-- commit: on a busy key, assignments would then commit one after another. Instead:
+--   * A concurrency key counts its active tasks (tasks_active_concurrency_idx) under a
+--     transaction-level advisory lock, its gate. Far below its cap, an assignment takes the gate
+--     shared plus one of flow_tickets() ticket locks per task it gives, tried without waiting, and
+--     gives when the count plus flow_tickets() is within the cap: what other transactions give
+--     meanwhile holds tickets too, so it is at most flow_tickets() in all. Near the cap, it takes
+--     the gate exclusive (waiting for every shared holder to commit) and counts exactly.
+--   * A rate key's token bucket is split into rate_limits.shards rows (rate_buckets), each with
+--     its share of the capacity and the refill. An assignment takes the fullest shard holding the
+--     cost that no other transaction holds (SKIP LOCKED); when none does, it locks every shard
+--     and pools them. The shards together never hold more than one bucket would, so the limit
+--     holds; a small bucket (capacity under 20) is one shard, exact.
+-- Locks are taken after the agents' rows, concurrency keys first and then rate keys, each in key
+-- order, and the only locks ever waited for are the exclusive gate and a bucket's shards, so no
+-- two assignments can deadlock.
 
 CREATE TABLE dispatch.tenant_weights (
     tenant     text PRIMARY KEY
@@ -1983,8 +1970,8 @@ CREATE TABLE dispatch.concurrency_limits (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- A token bucket per key: `tokens` as of `refilled_at`; it gains refill_per_second tokens a second
--- up to `capacity`, and every assignment of a task with this rate_key takes the task's cost.
+-- A token bucket per key: it gains refill_per_second tokens a second up to `capacity`, and every
+-- assignment of a task with this rate_key takes the task's cost. The tokens are in rate_buckets.
 CREATE TABLE dispatch.rate_limits (
     key               text PRIMARY KEY
                       CONSTRAINT rate_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
@@ -1993,17 +1980,59 @@ CREATE TABLE dispatch.rate_limits (
     refill_per_second float8 NOT NULL
                       CONSTRAINT rate_limits_refill_range
                       CHECK (refill_per_second > 0 AND refill_per_second <= 1e12),
-    tokens            float8 NOT NULL,
-    refilled_at       timestamptz NOT NULL DEFAULT now(),
+    -- How many rows of rate_buckets share the bucket: dispatch.rate_shards(capacity).
+    shards            smallint NOT NULL CONSTRAINT rate_limits_shards_range CHECK (shards BETWEEN 1 AND 16),
     updated_at        timestamptz NOT NULL DEFAULT now()
 );
 
--- The tokens in the bucket at p_now.
-CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+-- The bucket's tokens, in `shards` rows: each holds up to capacity/shards, `tokens` as of
+-- `refilled_at`, and refills at refill_per_second/shards.
+CREATE TABLE dispatch.rate_buckets (
+    key         text NOT NULL REFERENCES dispatch.rate_limits (key) ON DELETE CASCADE,
+    shard       smallint NOT NULL,
+    tokens      float8 NOT NULL,
+    refilled_at timestamptz NOT NULL,
+    PRIMARY KEY (key, shard)
+);
+
+-- How many shards a bucket of this capacity is split into: each holds at least 10 tokens, and
+-- there are at most 16.
+CREATE FUNCTION dispatch.rate_shards(p_capacity float8) RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT least(r.capacity, r.tokens + greatest(extract(epoch FROM p_now - r.refilled_at)::float8, 0)
-                                        * r.refill_per_second)
+    SELECT least(16, greatest(1, floor(p_capacity / 10)))::smallint
 $$;
+
+-- The tokens in one shard of bucket r at p_now.
+CREATE FUNCTION dispatch.shard_tokens(b dispatch.rate_buckets, r dispatch.rate_limits,
+                                      p_now timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT least(r.capacity / r.shards,
+                 b.tokens + greatest(extract(epoch FROM p_now - b.refilled_at)::float8, 0)
+                            * r.refill_per_second / r.shards)
+$$;
+
+-- The tokens in the bucket at p_now: its shards' together.
+CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(dispatch.shard_tokens(b, r, p_now)), 0) FROM dispatch.rate_buckets b
+    WHERE b.key = r.key
+$$;
+
+-- The tasks of a concurrency key assigned or running now.
+CREATE FUNCTION dispatch.concurrency_used(p_key text) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::integer FROM dispatch.tasks tk
+    WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = p_key
+$$;
+
+-- How many tasks of one concurrency key may be in flight on its fast path at once (see above).
+CREATE FUNCTION dispatch.flow_tickets() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 32 $$;
+
+-- The advisory lock class of a concurrency key (objid -1: its gate; 0 .. flow_tickets() - 1: its
+-- tickets).
+CREATE FUNCTION dispatch.concurrency_lock(p_key text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtext('dispatch.concurrency_key ' || p_key) $$;
 
 ---------------------------------------------------------------------------------------------------
 -- The queue order: fair share and aging
@@ -2097,16 +2126,14 @@ $$;
 -- Whether a task may be assigned now: concurrency keys and rate limits
 ---------------------------------------------------------------------------------------------------
 
--- Whether a task with these flow fields may be assigned at p_now, given what state s (the type
--- dispatch.flow_state, in 01_tables.sql: 04_assignment.sql declares it too) has seen and
--- taken; with p_take an admitted task is counted against its limits in the returned state. A key
--- met for the first time is read, and with p_lock its limit row is locked first (the concurrency
--- key's, then the rate key's: flow_lock's order) so that it is counted as it is now, this
--- transaction's earlier gives included. Without p_lock the verdict is a plan, checked again
--- under the lock before anything is given.
+-- Whether a task with these flow fields may be assigned at p_now, as far as an unlocked read
+-- shows, given what state s (the type dispatch.flow_state, in 01_tables.sql: 04_assignment.sql
+-- declares it too) has seen and taken; with p_take an admitted task is counted against its limits
+-- in the returned state. A key met for the first time is read. The walks plan with it; flow_grant
+-- decides under the locks.
 CREATE FUNCTION dispatch.flow_admit(
     s dispatch.flow_state, p_concurrency_key text, p_rate_key text, p_cost integer,
-    p_now timestamptz, p_lock boolean, p_take boolean
+    p_now timestamptz, p_take boolean
 ) RETURNS dispatch.flow_state
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -2120,19 +2147,11 @@ BEGIN
     IF p_concurrency_key IS NOT NULL THEN
         i := array_position(s.ckeys, p_concurrency_key);
         IF i IS NULL THEN
-            IF p_lock THEN
-                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
-                FOR UPDATE;
-            ELSE
-                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
-            END IF;
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
             s.ckeys := s.ckeys || p_concurrency_key;
             s.cmax := s.cmax || cl.max_active;
-            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
-            s.cused := s.cused || CASE WHEN cl.key IS NULL THEN 0 ELSE (
-                SELECT count(*) FROM dispatch.tasks tk
-                WHERE tk.status IN ('assigned', 'running')
-                  AND tk.concurrency_key = p_concurrency_key)::integer END;
+            s.cused := s.cused || CASE WHEN cl.key IS NULL THEN 0
+                                       ELSE dispatch.concurrency_used(p_concurrency_key) END;
             i := cardinality(s.ckeys);
         END IF;
         IF s.cused[i] >= s.cmax[i] THEN
@@ -2144,11 +2163,7 @@ BEGIN
     IF p_rate_key IS NOT NULL THEN
         j := array_position(s.rkeys, p_rate_key);
         IF j IS NULL THEN
-            IF p_lock THEN
-                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
-            ELSE
-                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
-            END IF;
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
             s.rkeys := s.rkeys || p_rate_key;
             s.rcap := s.rcap || rl.capacity;
             s.rrefill := s.rrefill || rl.refill_per_second;
@@ -2188,22 +2203,175 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s dispatch.flow_state;  -- nothing seen yet
 BEGIN
-    s := dispatch.flow_admit(s, p_concurrency_key, p_rate_key, p_cost, p_now, false, false);
+    s := dispatch.flow_admit(s, p_concurrency_key, p_rate_key, p_cost, p_now, false);
     reason := s.reason;
     until := s.until;
 END
 $$;
 
--- Locks the limit rows of these keys, after the agents' rows and in key order (concurrency keys,
--- then rate keys): every assigning transaction takes them in this order, so none of them can
--- deadlock (a completion takes no key row; a raw-SQL assignment takes its bucket's row last).
-CREATE FUNCTION dispatch.flow_lock(p_concurrency_keys text[], p_rate_keys text[]) RETURNS void
+-- Locks every shard of a rate key's bucket, in shard order (with p_wait false: those no other
+-- transaction holds), and reads them at p_now: the shards locked, their tokens together, and the
+-- bucket's capacity and refill (NULL: the key has no bucket, or nothing could be locked).
+CREATE FUNCTION dispatch.rate_pool(
+    p_key text, p_now timestamptz, p_wait boolean,
+    OUT shards smallint[], OUT tokens float8, OUT capacity float8, OUT refill float8
+)
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM dispatch.concurrency_limits l WHERE l.key = ANY (p_concurrency_keys)
-    ORDER BY l.key FOR UPDATE;
-    PERFORM 1 FROM dispatch.rate_limits l WHERE l.key = ANY (p_rate_keys)
-    ORDER BY l.key FOR UPDATE;
+    IF p_wait THEN
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b) x;
+    ELSE
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b SKIP LOCKED) x;
+    END IF;
+END
+$$;
+
+-- Leaves p_tokens in the locked shards of a rate key's bucket, spread evenly, as of p_now.
+CREATE FUNCTION dispatch.rate_spread(p_key text, p_shards smallint[], p_tokens float8,
+                                     p_now timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE dispatch.rate_buckets b
+    SET tokens = p_tokens / cardinality(p_shards), refilled_at = greatest(b.refilled_at, p_now)
+    WHERE b.key = p_key AND b.shard = ANY (p_shards)
+$$;
+
+-- Which of these tasks (their concurrency keys, rate keys and costs, NULL keys for none) may be
+-- given now, taken and counted in their limits: the rule of the header above. Every task admitted
+-- must then be given in this transaction (its tokens are taken here). p_plan is what the walk
+-- saw of the concurrency keys (a key it did not see is counted here). `until`: when a rate limit
+-- that held one back will have refilled. A transaction that calls it again (a second claim in one
+-- psql transaction) waits for no lock: it takes what it can without waiting, and holds back the
+-- rest, so that it cannot deadlock with the locks it took the first time.
+CREATE FUNCTION dispatch.flow_grant(
+    p_plan dispatch.flow_state, p_ckeys text[], p_rkeys text[], p_costs integer[],
+    p_now timestamptz, OUT admitted boolean[], OUT until timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    tickets integer := dispatch.flow_tickets();
+    was     text := nullif(current_setting('dispatch.flow_tickets', true), '');
+    waits   boolean := was IS NULL;  -- no flow lock taken by an earlier call of this transaction
+    pos     integer := coalesce(was::integer, 0);  -- ticket tries made by this transaction
+    k       text;
+    idx     integer[];
+    g       integer;
+    cap     integer;
+    used    integer;
+    got     integer;
+    lk      integer;
+    need    float8;
+    sh      smallint;
+    pool    record;
+    rest    float8;
+BEGIN
+    admitted := array_fill(true, ARRAY[cardinality(p_costs)]);
+    FOR k IN SELECT DISTINCT x FROM unnest(p_ckeys) x WHERE x IS NOT NULL ORDER BY x LOOP
+        SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l WHERE l.key = k;
+        CONTINUE WHEN NOT FOUND;
+        idx := ARRAY(SELECT i FROM generate_subscripts(p_ckeys, 1) i WHERE p_ckeys[i] = k
+                     ORDER BY i);
+        lk := dispatch.concurrency_lock(k);
+        g := array_position(p_plan.ckeys, k);
+        used := CASE WHEN g IS NOT NULL THEN p_plan.cused[g]
+                     ELSE dispatch.concurrency_used(k) END;
+        got := 0;
+        IF used + tickets <= cap THEN
+            -- Far below the cap: a ticket per task, tried without waiting (a ticket this
+            -- transaction tried before is never tried again: it may hold it), then the gate
+            -- shared, and a count that must leave room for every ticket.
+            WHILE got < cardinality(idx) AND pos < tickets LOOP
+                IF pg_try_advisory_xact_lock(lk, (pg_backend_pid() + pos) % tickets) THEN
+                    got := got + 1;
+                END IF;
+                pos := pos + 1;
+            END LOOP;
+            IF got > 0 AND pg_try_advisory_xact_lock_shared(lk, -1) THEN
+                -- Holding the gate shared, this transaction may not wait for it exclusive
+                -- (two would deadlock): if the count came close to the cap meanwhile, none.
+                idx := CASE WHEN dispatch.concurrency_used(k) + tickets <= cap THEN idx[got + 1:]
+                            ELSE idx END;
+            ELSE
+                got := 0;
+            END IF;
+        END IF;
+        IF got = 0 THEN
+            -- Near the cap (or the gate or every ticket taken): the gate exclusive, and an exact
+            -- count.
+            IF waits THEN
+                PERFORM pg_advisory_xact_lock(lk, -1);
+                used := dispatch.concurrency_used(k);
+            ELSIF pg_try_advisory_xact_lock(lk, -1) THEN
+                used := dispatch.concurrency_used(k);
+            ELSE
+                used := cap;
+            END IF;
+            idx := idx[greatest(cap - used, 0) + 1:];
+        END IF;
+        FOREACH g IN ARRAY idx LOOP
+            admitted[g] := false;
+        END LOOP;
+    END LOOP;
+    FOR k IN SELECT DISTINCT x FROM unnest(p_rkeys) x WHERE x IS NOT NULL ORDER BY x LOOP
+        idx := ARRAY(SELECT i FROM generate_subscripts(p_rkeys, 1) i
+                     WHERE p_rkeys[i] = k AND admitted[i] ORDER BY i);
+        CONTINUE WHEN cardinality(idx) = 0;
+        need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
+        -- The fullest shard that holds all of it and that no other transaction holds. (Locked
+        -- by key and shard alone: a lock with the tokens in its condition could keep a row it
+        -- then skips, and this transaction would hold a shard it does not know of.)
+        sh := NULL;
+        FOREACH g IN ARRAY ARRAY(
+            SELECT b.shard FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+            WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
+            ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
+        LOOP
+            SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+            FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+            WHERE b.key = k AND b.shard = g
+            FOR UPDATE OF b SKIP LOCKED;
+            EXIT WHEN FOUND;
+        END LOOP;
+        IF sh IS NOT NULL AND rest >= need THEN
+            UPDATE dispatch.rate_buckets b
+            SET tokens = rest - need, refilled_at = greatest(b.refilled_at, p_now)
+            WHERE b.key = k AND b.shard = sh;
+            CONTINUE;
+        END IF;
+        -- Else all its shards, pooled; the tasks that fit take their cost in order. Holding a
+        -- shard already (another transaction took from it since this one looked), it waits for
+        -- none of the others: it pools those it can lock.
+        pool := dispatch.rate_pool(k, p_now, waits AND sh IS NULL);
+        IF pool.shards IS NULL THEN
+            CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.rate_limits l WHERE l.key = k);
+            pool.tokens := 0;  -- every shard held by others: none of them this time
+        END IF;
+        rest := pool.tokens;
+        FOREACH g IN ARRAY idx LOOP
+            IF p_costs[g] <= rest THEN
+                rest := rest - p_costs[g];
+            ELSE
+                admitted[g] := false;
+                IF pool.refill IS NOT NULL AND p_costs[g] <= pool.capacity THEN
+                    until := least(until, p_now + make_interval(
+                        secs => (p_costs[g] - rest) / pool.refill));
+                END IF;
+            END IF;
+        END LOOP;
+        IF pool.shards IS NOT NULL THEN
+            PERFORM dispatch.rate_spread(k, pool.shards, rest, p_now);
+        END IF;
+    END LOOP;
+    PERFORM set_config('dispatch.flow_tickets', pos::text, true);
 END
 $$;
 
@@ -2215,43 +2383,52 @@ LANGUAGE sql AS $$
     SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
 $$;
 
--- An assignment of a task with a rate key takes its cost from the key's bucket: a raw-SQL
--- assignment here (the bucket may go below zero, and waits to refill). Named to run after
--- tasks_before_update, so the agent's row is locked before the bucket's. The claim and the
--- assigner (dispatch.via = 'fn') charge what they gave themselves, with flow_charge, once per key
--- and transaction instead of once per task: a new version of the bucket's row per task was most
--- of what flow control added to an assignment's WAL.
+-- An assignment by hand (raw SQL: the claim and the assigner, dispatch.via = 'fn', use
+-- flow_grant) is held to the limits too: it is refused while its concurrency key is at its cap,
+-- and it takes its cost from its bucket (which may go below zero, and waits to refill). Named to
+-- run after tasks_before_update, so the agent's row is locked before the flow locks.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    at timestamptz := coalesce(NEW.assigned_at, now());
+    at   timestamptz := coalesce(NEW.assigned_at, now());
+    cap  integer;
+    used integer;
+    pool record;
 BEGIN
     IF OLD.status = 'pending' AND NEW.status = 'assigned'
        AND coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
-        UPDATE dispatch.rate_limits l
-        SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
-            refilled_at = greatest(l.refilled_at, at)
-        WHERE l.key = NEW.rate_key;
+        IF NEW.concurrency_key IS NOT NULL THEN
+            SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l
+            WHERE l.key = NEW.concurrency_key;
+            IF FOUND THEN
+                PERFORM pg_advisory_xact_lock(dispatch.concurrency_lock(NEW.concurrency_key), -1);
+                -- The rows this statement assigned before this one are counted too.
+                SELECT count(*) INTO used FROM dispatch.tasks tk
+                WHERE tk.status IN ('assigned', 'running')
+                  AND tk.concurrency_key = NEW.concurrency_key;
+                IF used >= cap THEN
+                    RAISE EXCEPTION 'concurrency key % is at its cap (% of % active): task % stays pending',
+                        NEW.concurrency_key, used, cap, NEW.task_id
+                        USING ERRCODE = 'UD409', COLUMN = 'concurrency_key';
+                END IF;
+            END IF;
+        END IF;
+        IF NEW.rate_key IS NOT NULL THEN
+            pool := dispatch.rate_pool(NEW.rate_key, at, true);
+            IF pool.shards IS NOT NULL THEN
+                PERFORM dispatch.rate_spread(NEW.rate_key, pool.shards, pool.tokens - NEW.cost, at);
+            END IF;
+        END IF;
+        PERFORM set_config('dispatch.flow_tickets',
+            coalesce(nullif(current_setting('dispatch.flow_tickets', true), ''), '0'), true);
     END IF;
     RETURN NEW;
 END
 $$;
 
--- Takes from each bucket the costs of the tasks just given under these rate keys (NULL keys
--- skipped), in one update per key; the caller holds the buckets' rows (flow_admit's lock).
-CREATE FUNCTION dispatch.flow_charge(p_rate_keys text[], p_costs integer[], p_now timestamptz)
-RETURNS void
-LANGUAGE sql AS $$
-    UPDATE dispatch.rate_limits l
-    SET tokens = dispatch.rate_tokens(l, p_now) - x.cost,
-        refilled_at = greatest(l.refilled_at, p_now)
-    FROM (SELECT u.k, sum(u.c) AS cost FROM unnest(p_rate_keys, p_costs) AS u (k, c)
-          WHERE u.k IS NOT NULL GROUP BY u.k) x
-    WHERE l.key = x.k
-$$;
-
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
-    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL) EXECUTE FUNCTION dispatch.tasks_flow_count();
+    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL OR NEW.concurrency_key IS NOT NULL)
+    EXECUTE FUNCTION dispatch.tasks_flow_count();
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
@@ -2372,13 +2549,15 @@ END
 $$;
 
 -- Sets a key's bucket. A new bucket starts full; a changed one keeps the tokens it has (refilled
--- at its old rate up to now, and at most the new capacity).
+-- at its old rate up to now, and at most the new capacity), spread over the shards of its new
+-- capacity.
 CREATE FUNCTION dispatch.rate_limit_set(
     p_key text, p_capacity float8, p_refill_per_second float8, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.rate_limits
 LANGUAGE plpgsql AS $$
 DECLARE
-    r dispatch.rate_limits;
+    r    dispatch.rate_limits;
+    pool record;
 BEGIN
     PERFORM dispatch.flow_check_key(p_key, 'key');
     IF p_capacity IS NULL OR NOT (p_capacity >= 1 AND p_capacity <= 1e12) THEN
@@ -2389,15 +2568,19 @@ BEGIN
         RAISE EXCEPTION 'refill_per_second must be greater than 0 and at most 1e12 (got %)',
             p_refill_per_second USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
     END IF;
-    INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, tokens, refilled_at,
-                                           updated_at)
-    VALUES (p_key, p_capacity, p_refill_per_second, p_capacity, p_now, p_now)
-    ON CONFLICT (key) DO UPDATE
-        SET tokens = least(EXCLUDED.capacity, dispatch.rate_tokens(l, p_now)),
-            refilled_at = greatest(l.refilled_at, p_now),
-            capacity = EXCLUDED.capacity, refill_per_second = EXCLUDED.refill_per_second,
-            updated_at = p_now
+    INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, shards, updated_at)
+    VALUES (p_key, p_capacity, p_refill_per_second, dispatch.rate_shards(p_capacity), p_now)
+    ON CONFLICT (key) DO UPDATE SET updated_at = p_now;  -- locks the row of an existing one
+    pool := dispatch.rate_pool(p_key, p_now, true);
+    UPDATE dispatch.rate_limits l
+    SET capacity = p_capacity, refill_per_second = p_refill_per_second,
+        shards = dispatch.rate_shards(p_capacity)
+    WHERE l.key = p_key
     RETURNING * INTO r;
+    DELETE FROM dispatch.rate_buckets b WHERE b.key = p_key;
+    INSERT INTO dispatch.rate_buckets (key, shard, tokens, refilled_at)
+    SELECT p_key, g, least(p_capacity, coalesce(pool.tokens, p_capacity)) / r.shards, p_now
+    FROM generate_series(0, r.shards - 1) g;
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
 END

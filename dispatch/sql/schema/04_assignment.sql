@@ -144,8 +144,8 @@ $$;
 -- (claim-and-start: one round trip instead of two). The agent must be registered (an unknown id
 -- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
 -- takes now to those of its registered capabilities; it never widens them. Flow control: tasks
--- whose concurrency key or rate key holds them back are passed over, checked again once their
--- limit rows are locked.
+-- whose concurrency key or rate key holds them back are passed over, and flow_grant decides on
+-- the tasks taken, under its locks.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false
@@ -162,9 +162,8 @@ DECLARE
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
     keyed boolean := false;  -- some task taken has flow keys
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it took
-    held  dispatch.flow_state;  -- the same under their locks, with what was given
-    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
-    costs integer[] := '{}';
+    ok    boolean[];         -- flow_grant's verdict on each task taken (NULL: no flow keys)
+    later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -207,7 +206,7 @@ BEGIN
         END IF;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, false);
+                                        p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
                 CONTINUE;
@@ -221,7 +220,7 @@ BEGIN
             IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
                 keyed := true;
                 plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                            false, true);
+                                            true);
             END IF;
         END IF;
     END LOOP;
@@ -236,34 +235,23 @@ BEGIN
         keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
                                   WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
     END IF;
-    IF keyed AND cardinality(taken) > 1 THEN
-        PERFORM dispatch.flow_lock(ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
-                                   ARRAY(SELECT x.rate_key FROM unnest(taken) x));
+    IF keyed THEN
+        SELECT f.admitted, f.until INTO ok, later
+        FROM dispatch.flow_grant(plan, ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
+                                 ARRAY(SELECT x.rate_key FROM unnest(taken) x),
+                                 ARRAY(SELECT x.cost FROM unnest(taken) x), p_now) f;
+        refill := least(refill, later);
     END IF;
-    FOREACH t IN ARRAY taken LOOP
-        IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-            held := dispatch.flow_admit(held, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                        true, true);
-            IF held.reason IS NOT NULL THEN
-                refill := least(refill, held.until);
-                CONTINUE;
-            END IF;
-        END IF;
+    FOR i IN 1 .. cardinality(taken) LOOP
+        CONTINUE WHEN ok[i] IS FALSE;
         PERFORM dispatch.fn_enter();
-        t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'claim', p_now);
+        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now);
         PERFORM dispatch.fn_leave();
-        IF t.rate_key IS NOT NULL THEN
-            rated := rated || t.rate_key;
-            costs := costs || t.cost;
-        END IF;
         IF p_start THEN
             t := dispatch.task_start(t.task_id, p_agent_id, p_now);
         END IF;
         RETURN NEXT t;
     END LOOP;
-    IF cardinality(rated) > 0 THEN
-        PERFORM dispatch.flow_charge(rated, costs, p_now);
-    END IF;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -280,9 +268,8 @@ $$;
 -- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
 -- and active_count rises with each assignment, so the limit holds inside the round too.
 -- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
--- (counting its own picks); when a pick has flow keys, the apply step locks every picked agent and
--- then the keys' limit rows (flow_lock's order) before it gives anything, and checks each keyed
--- task again as the limits are then.
+-- (counting its own picks); the apply step, once every picked agent is locked and checked, has
+-- flow_grant decide on the tasks with flow keys before it gives anything.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
@@ -299,12 +286,11 @@ DECLARE
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
     keyed boolean := false;  -- some pick has flow keys
-    ckeys text[] := '{}';    -- the flow keys of the keyed picks, to lock
-    rkeys text[] := '{}';
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
-    hold  dispatch.flow_state;  -- the same under their locks, with what was given
-    rated text[] := '{}';    -- the rate keys and costs of the tasks given, to charge
-    costs integer[] := '{}';
+    gives dispatch.tasks[] := '{}';   -- the picks that pass the check under their agent's lock
+    givers dispatch.agents[] := '{}';  -- and their agents, as locked
+    ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
+    later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
 BEGIN
     SELECT * INTO c FROM dispatch.config;
@@ -327,7 +313,7 @@ BEGIN
         EXIT WHEN NOT FOUND;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, false);
+                                        p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
                 CONTINUE;
@@ -351,10 +337,8 @@ BEGIN
         pickd := pickd || a.agent_id;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             keyed := true;
-            ckeys := ckeys || cand.concurrency_key;
-            rkeys := rkeys || cand.rate_key;
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
-                                        p_now, false, true);
+                                        p_now, true);
         END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
         a.active_count := a.active_count + 1;
@@ -367,12 +351,6 @@ BEGIN
         END LOOP;
     END LOOP;
     CLOSE walk;
-    IF keyed THEN
-        PERFORM 1 FROM dispatch.agents ag WHERE ag.agent_id = ANY (pickd)
-        ORDER BY ag.agent_id FOR UPDATE;
-        PERFORM dispatch.flow_lock(ckeys, rkeys);
-    END IF;
-    PERFORM dispatch.fn_enter();
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
         SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
         FOR i IN 1 .. cardinality(picks) LOOP
@@ -380,33 +358,32 @@ BEGIN
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
-            IF keyed AND (t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL) THEN
-                hold := dispatch.flow_admit(hold, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                            true, true);
-                IF hold.reason IS NOT NULL THEN
-                    refill := least(refill, hold.until);
-                    CONTINUE;
-                END IF;
-            END IF;
-            task_id := t.task_id;
-            agent_id := held.agent_id;
-            score := dispatch.task_score(held, t);
-            wake := held.status = 'sleeping';
-            waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)),
-                               0);
-            PERFORM dispatch.task_give(t, held, c, score, 'push', p_now);
+            gives := gives || t;
+            givers := givers || held;
             held.active_count := held.active_count + 1;
-            IF t.rate_key IS NOT NULL THEN
-                rated := rated || t.rate_key;
-                costs := costs || t.cost;
-            END IF;
-            RETURN NEXT;
         END LOOP;
     END LOOP;
-    PERFORM dispatch.fn_leave();
-    IF cardinality(rated) > 0 THEN
-        PERFORM dispatch.flow_charge(rated, costs, p_now);
+    IF keyed THEN
+        SELECT f.admitted, f.until INTO ok, later
+        FROM dispatch.flow_grant(plan, ARRAY(SELECT x.concurrency_key FROM unnest(gives) x),
+                                 ARRAY(SELECT x.rate_key FROM unnest(gives) x),
+                                 ARRAY(SELECT x.cost FROM unnest(gives) x), p_now) f;
+        refill := least(refill, later);
     END IF;
+    PERFORM dispatch.fn_enter();
+    FOR i IN 1 .. cardinality(gives) LOOP
+        CONTINUE WHEN ok[i] IS FALSE;
+        t := gives[i];
+        a := givers[i];
+        task_id := t.task_id;
+        agent_id := a.agent_id;
+        score := dispatch.task_score(a, t);
+        wake := a.status = 'sleeping';
+        waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
+        PERFORM dispatch.task_give(t, a, c, score, 'push', p_now);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM dispatch.fn_leave();
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;

@@ -11,13 +11,23 @@
 --   * Its effective priority (queue_priority) is its priority, raised by one level per
 --     config.aging_ms that it has waited in line, up to 10. The sweep dispatch.queue_age raises it
 --     when due (age_due_at); the assigner and the claim run the sweep before they walk.
--- Concurrency keys and rate limits decide whether a task may be assigned now. Both live in rows
--- that the assigning transaction locks (after the agents' rows, keys in key order, so it never
--- deadlocks with another assignment). A key's row is its semaphore: under its lock the key's
--- active tasks are counted (tasks_active_concurrency_idx), so the row is never updated and a
--- completion does not touch it (a counter updated by every assignment and completion of a busy
--- key made that one row the hot spot of the whole queue). A bucket's row is updated by every
--- assignment that takes its tokens (the trigger tasks_flow_count, from raw SQL too).
+-- Concurrency keys and rate limits decide whether a task may be assigned now (flow_grant). Every
+-- busy key is touched by every assignment of its tasks, so neither may be one row locked until
+-- commit: on a busy key, assignments would then commit one after another. Instead:
+--   * A concurrency key counts its active tasks (tasks_active_concurrency_idx) under a
+--     transaction-level advisory lock, its gate. Far below its cap, an assignment takes the gate
+--     shared plus one of flow_tickets() ticket locks per task it gives, tried without waiting, and
+--     gives when the count plus flow_tickets() is within the cap: what other transactions give
+--     meanwhile holds tickets too, so it is at most flow_tickets() in all. Near the cap, it takes
+--     the gate exclusive (waiting for every shared holder to commit) and counts exactly.
+--   * A rate key's token bucket is split into rate_limits.shards rows (rate_buckets), each with
+--     its share of the capacity and the refill. An assignment takes the fullest shard holding the
+--     cost that no other transaction holds (SKIP LOCKED); when none does, it locks every shard
+--     and pools them. The shards together never hold more than one bucket would, so the limit
+--     holds; a small bucket (capacity under 20) is one shard, exact.
+-- Locks are taken after the agents' rows, concurrency keys first and then rate keys, each in key
+-- order, and the only locks ever waited for are the exclusive gate and a bucket's shards, so no
+-- two assignments can deadlock.
 
 CREATE TABLE dispatch.tenant_weights (
     tenant     text PRIMARY KEY
@@ -36,8 +46,8 @@ CREATE TABLE dispatch.concurrency_limits (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- A token bucket per key: `tokens` as of `refilled_at`; it gains refill_per_second tokens a second
--- up to `capacity`, and every assignment of a task with this rate_key takes the task's cost.
+-- A token bucket per key: it gains refill_per_second tokens a second up to `capacity`, and every
+-- assignment of a task with this rate_key takes the task's cost. The tokens are in rate_buckets.
 CREATE TABLE dispatch.rate_limits (
     key               text PRIMARY KEY
                       CONSTRAINT rate_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
@@ -46,17 +56,59 @@ CREATE TABLE dispatch.rate_limits (
     refill_per_second float8 NOT NULL
                       CONSTRAINT rate_limits_refill_range
                       CHECK (refill_per_second > 0 AND refill_per_second <= 1e12),
-    tokens            float8 NOT NULL,
-    refilled_at       timestamptz NOT NULL DEFAULT now(),
+    -- How many rows of rate_buckets share the bucket: dispatch.rate_shards(capacity).
+    shards            smallint NOT NULL CONSTRAINT rate_limits_shards_range CHECK (shards BETWEEN 1 AND 16),
     updated_at        timestamptz NOT NULL DEFAULT now()
 );
 
--- The tokens in the bucket at p_now.
-CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+-- The bucket's tokens, in `shards` rows: each holds up to capacity/shards, `tokens` as of
+-- `refilled_at`, and refills at refill_per_second/shards.
+CREATE TABLE dispatch.rate_buckets (
+    key         text NOT NULL REFERENCES dispatch.rate_limits (key) ON DELETE CASCADE,
+    shard       smallint NOT NULL,
+    tokens      float8 NOT NULL,
+    refilled_at timestamptz NOT NULL,
+    PRIMARY KEY (key, shard)
+);
+
+-- How many shards a bucket of this capacity is split into: each holds at least 10 tokens, and
+-- there are at most 16.
+CREATE FUNCTION dispatch.rate_shards(p_capacity float8) RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT least(r.capacity, r.tokens + greatest(extract(epoch FROM p_now - r.refilled_at)::float8, 0)
-                                        * r.refill_per_second)
+    SELECT least(16, greatest(1, floor(p_capacity / 10)))::smallint
 $$;
+
+-- The tokens in one shard of bucket r at p_now.
+CREATE FUNCTION dispatch.shard_tokens(b dispatch.rate_buckets, r dispatch.rate_limits,
+                                      p_now timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT least(r.capacity / r.shards,
+                 b.tokens + greatest(extract(epoch FROM p_now - b.refilled_at)::float8, 0)
+                            * r.refill_per_second / r.shards)
+$$;
+
+-- The tokens in the bucket at p_now: its shards' together.
+CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(dispatch.shard_tokens(b, r, p_now)), 0) FROM dispatch.rate_buckets b
+    WHERE b.key = r.key
+$$;
+
+-- The tasks of a concurrency key assigned or running now.
+CREATE FUNCTION dispatch.concurrency_used(p_key text) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::integer FROM dispatch.tasks tk
+    WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = p_key
+$$;
+
+-- How many tasks of one concurrency key may be in flight on its fast path at once (see above).
+CREATE FUNCTION dispatch.flow_tickets() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 32 $$;
+
+-- The advisory lock class of a concurrency key (objid -1: its gate; 0 .. flow_tickets() - 1: its
+-- tickets).
+CREATE FUNCTION dispatch.concurrency_lock(p_key text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtext('dispatch.concurrency_key ' || p_key) $$;
 
 ---------------------------------------------------------------------------------------------------
 -- The queue order: fair share and aging
@@ -150,16 +202,14 @@ $$;
 -- Whether a task may be assigned now: concurrency keys and rate limits
 ---------------------------------------------------------------------------------------------------
 
--- Whether a task with these flow fields may be assigned at p_now, given what state s (the type
--- dispatch.flow_state, in 01_tables.sql: 04_assignment.sql declares it too) has seen and
--- taken; with p_take an admitted task is counted against its limits in the returned state. A key
--- met for the first time is read, and with p_lock its limit row is locked first (the concurrency
--- key's, then the rate key's: flow_lock's order) so that it is counted as it is now, this
--- transaction's earlier gives included. Without p_lock the verdict is a plan, checked again
--- under the lock before anything is given.
+-- Whether a task with these flow fields may be assigned at p_now, as far as an unlocked read
+-- shows, given what state s (the type dispatch.flow_state, in 01_tables.sql: 04_assignment.sql
+-- declares it too) has seen and taken; with p_take an admitted task is counted against its limits
+-- in the returned state. A key met for the first time is read. The walks plan with it; flow_grant
+-- decides under the locks.
 CREATE FUNCTION dispatch.flow_admit(
     s dispatch.flow_state, p_concurrency_key text, p_rate_key text, p_cost integer,
-    p_now timestamptz, p_lock boolean, p_take boolean
+    p_now timestamptz, p_take boolean
 ) RETURNS dispatch.flow_state
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -173,19 +223,11 @@ BEGIN
     IF p_concurrency_key IS NOT NULL THEN
         i := array_position(s.ckeys, p_concurrency_key);
         IF i IS NULL THEN
-            IF p_lock THEN
-                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key
-                FOR UPDATE;
-            ELSE
-                SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
-            END IF;
+            SELECT * INTO cl FROM dispatch.concurrency_limits l WHERE l.key = p_concurrency_key;
             s.ckeys := s.ckeys || p_concurrency_key;
             s.cmax := s.cmax || cl.max_active;
-            -- Counted after the lock (a new snapshot): what earlier holders gave is included.
-            s.cused := s.cused || CASE WHEN cl.key IS NULL THEN 0 ELSE (
-                SELECT count(*) FROM dispatch.tasks tk
-                WHERE tk.status IN ('assigned', 'running')
-                  AND tk.concurrency_key = p_concurrency_key)::integer END;
+            s.cused := s.cused || CASE WHEN cl.key IS NULL THEN 0
+                                       ELSE dispatch.concurrency_used(p_concurrency_key) END;
             i := cardinality(s.ckeys);
         END IF;
         IF s.cused[i] >= s.cmax[i] THEN
@@ -197,11 +239,7 @@ BEGIN
     IF p_rate_key IS NOT NULL THEN
         j := array_position(s.rkeys, p_rate_key);
         IF j IS NULL THEN
-            IF p_lock THEN
-                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key FOR UPDATE;
-            ELSE
-                SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
-            END IF;
+            SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = p_rate_key;
             s.rkeys := s.rkeys || p_rate_key;
             s.rcap := s.rcap || rl.capacity;
             s.rrefill := s.rrefill || rl.refill_per_second;
@@ -241,22 +279,175 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s dispatch.flow_state;  -- nothing seen yet
 BEGIN
-    s := dispatch.flow_admit(s, p_concurrency_key, p_rate_key, p_cost, p_now, false, false);
+    s := dispatch.flow_admit(s, p_concurrency_key, p_rate_key, p_cost, p_now, false);
     reason := s.reason;
     until := s.until;
 END
 $$;
 
--- Locks the limit rows of these keys, after the agents' rows and in key order (concurrency keys,
--- then rate keys): every assigning transaction takes them in this order, so none of them can
--- deadlock (a completion takes no key row; a raw-SQL assignment takes its bucket's row last).
-CREATE FUNCTION dispatch.flow_lock(p_concurrency_keys text[], p_rate_keys text[]) RETURNS void
+-- Locks every shard of a rate key's bucket, in shard order (with p_wait false: those no other
+-- transaction holds), and reads them at p_now: the shards locked, their tokens together, and the
+-- bucket's capacity and refill (NULL: the key has no bucket, or nothing could be locked).
+CREATE FUNCTION dispatch.rate_pool(
+    p_key text, p_now timestamptz, p_wait boolean,
+    OUT shards smallint[], OUT tokens float8, OUT capacity float8, OUT refill float8
+)
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM dispatch.concurrency_limits l WHERE l.key = ANY (p_concurrency_keys)
-    ORDER BY l.key FOR UPDATE;
-    PERFORM 1 FROM dispatch.rate_limits l WHERE l.key = ANY (p_rate_keys)
-    ORDER BY l.key FOR UPDATE;
+    IF p_wait THEN
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b) x;
+    ELSE
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b SKIP LOCKED) x;
+    END IF;
+END
+$$;
+
+-- Leaves p_tokens in the locked shards of a rate key's bucket, spread evenly, as of p_now.
+CREATE FUNCTION dispatch.rate_spread(p_key text, p_shards smallint[], p_tokens float8,
+                                     p_now timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE dispatch.rate_buckets b
+    SET tokens = p_tokens / cardinality(p_shards), refilled_at = greatest(b.refilled_at, p_now)
+    WHERE b.key = p_key AND b.shard = ANY (p_shards)
+$$;
+
+-- Which of these tasks (their concurrency keys, rate keys and costs, NULL keys for none) may be
+-- given now, taken and counted in their limits: the rule of the header above. Every task admitted
+-- must then be given in this transaction (its tokens are taken here). p_plan is what the walk
+-- saw of the concurrency keys (a key it did not see is counted here). `until`: when a rate limit
+-- that held one back will have refilled. A transaction that calls it again (a second claim in one
+-- psql transaction) waits for no lock: it takes what it can without waiting, and holds back the
+-- rest, so that it cannot deadlock with the locks it took the first time.
+CREATE FUNCTION dispatch.flow_grant(
+    p_plan dispatch.flow_state, p_ckeys text[], p_rkeys text[], p_costs integer[],
+    p_now timestamptz, OUT admitted boolean[], OUT until timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    tickets integer := dispatch.flow_tickets();
+    was     text := nullif(current_setting('dispatch.flow_tickets', true), '');
+    waits   boolean := was IS NULL;  -- no flow lock taken by an earlier call of this transaction
+    pos     integer := coalesce(was::integer, 0);  -- ticket tries made by this transaction
+    k       text;
+    idx     integer[];
+    g       integer;
+    cap     integer;
+    used    integer;
+    got     integer;
+    lk      integer;
+    need    float8;
+    sh      smallint;
+    pool    record;
+    rest    float8;
+BEGIN
+    admitted := array_fill(true, ARRAY[cardinality(p_costs)]);
+    FOR k IN SELECT DISTINCT x FROM unnest(p_ckeys) x WHERE x IS NOT NULL ORDER BY x LOOP
+        SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l WHERE l.key = k;
+        CONTINUE WHEN NOT FOUND;
+        idx := ARRAY(SELECT i FROM generate_subscripts(p_ckeys, 1) i WHERE p_ckeys[i] = k
+                     ORDER BY i);
+        lk := dispatch.concurrency_lock(k);
+        g := array_position(p_plan.ckeys, k);
+        used := CASE WHEN g IS NOT NULL THEN p_plan.cused[g]
+                     ELSE dispatch.concurrency_used(k) END;
+        got := 0;
+        IF used + tickets <= cap THEN
+            -- Far below the cap: a ticket per task, tried without waiting (a ticket this
+            -- transaction tried before is never tried again: it may hold it), then the gate
+            -- shared, and a count that must leave room for every ticket.
+            WHILE got < cardinality(idx) AND pos < tickets LOOP
+                IF pg_try_advisory_xact_lock(lk, (pg_backend_pid() + pos) % tickets) THEN
+                    got := got + 1;
+                END IF;
+                pos := pos + 1;
+            END LOOP;
+            IF got > 0 AND pg_try_advisory_xact_lock_shared(lk, -1) THEN
+                -- Holding the gate shared, this transaction may not wait for it exclusive
+                -- (two would deadlock): if the count came close to the cap meanwhile, none.
+                idx := CASE WHEN dispatch.concurrency_used(k) + tickets <= cap THEN idx[got + 1:]
+                            ELSE idx END;
+            ELSE
+                got := 0;
+            END IF;
+        END IF;
+        IF got = 0 THEN
+            -- Near the cap (or the gate or every ticket taken): the gate exclusive, and an exact
+            -- count.
+            IF waits THEN
+                PERFORM pg_advisory_xact_lock(lk, -1);
+                used := dispatch.concurrency_used(k);
+            ELSIF pg_try_advisory_xact_lock(lk, -1) THEN
+                used := dispatch.concurrency_used(k);
+            ELSE
+                used := cap;
+            END IF;
+            idx := idx[greatest(cap - used, 0) + 1:];
+        END IF;
+        FOREACH g IN ARRAY idx LOOP
+            admitted[g] := false;
+        END LOOP;
+    END LOOP;
+    FOR k IN SELECT DISTINCT x FROM unnest(p_rkeys) x WHERE x IS NOT NULL ORDER BY x LOOP
+        idx := ARRAY(SELECT i FROM generate_subscripts(p_rkeys, 1) i
+                     WHERE p_rkeys[i] = k AND admitted[i] ORDER BY i);
+        CONTINUE WHEN cardinality(idx) = 0;
+        need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
+        -- The fullest shard that holds all of it and that no other transaction holds. (Locked
+        -- by key and shard alone: a lock with the tokens in its condition could keep a row it
+        -- then skips, and this transaction would hold a shard it does not know of.)
+        sh := NULL;
+        FOREACH g IN ARRAY ARRAY(
+            SELECT b.shard FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+            WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
+            ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
+        LOOP
+            SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+            FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+            WHERE b.key = k AND b.shard = g
+            FOR UPDATE OF b SKIP LOCKED;
+            EXIT WHEN FOUND;
+        END LOOP;
+        IF sh IS NOT NULL AND rest >= need THEN
+            UPDATE dispatch.rate_buckets b
+            SET tokens = rest - need, refilled_at = greatest(b.refilled_at, p_now)
+            WHERE b.key = k AND b.shard = sh;
+            CONTINUE;
+        END IF;
+        -- Else all its shards, pooled; the tasks that fit take their cost in order. Holding a
+        -- shard already (another transaction took from it since this one looked), it waits for
+        -- none of the others: it pools those it can lock.
+        pool := dispatch.rate_pool(k, p_now, waits AND sh IS NULL);
+        IF pool.shards IS NULL THEN
+            CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.rate_limits l WHERE l.key = k);
+            pool.tokens := 0;  -- every shard held by others: none of them this time
+        END IF;
+        rest := pool.tokens;
+        FOREACH g IN ARRAY idx LOOP
+            IF p_costs[g] <= rest THEN
+                rest := rest - p_costs[g];
+            ELSE
+                admitted[g] := false;
+                IF pool.refill IS NOT NULL AND p_costs[g] <= pool.capacity THEN
+                    until := least(until, p_now + make_interval(
+                        secs => (p_costs[g] - rest) / pool.refill));
+                END IF;
+            END IF;
+        END LOOP;
+        IF pool.shards IS NOT NULL THEN
+            PERFORM dispatch.rate_spread(k, pool.shards, rest, p_now);
+        END IF;
+    END LOOP;
+    PERFORM set_config('dispatch.flow_tickets', pos::text, true);
 END
 $$;
 
@@ -268,43 +459,52 @@ LANGUAGE sql AS $$
     SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
 $$;
 
--- An assignment of a task with a rate key takes its cost from the key's bucket: a raw-SQL
--- assignment here (the bucket may go below zero, and waits to refill). Named to run after
--- tasks_before_update, so the agent's row is locked before the bucket's. The claim and the
--- assigner (dispatch.via = 'fn') charge what they gave themselves, with flow_charge, once per key
--- and transaction instead of once per task: a new version of the bucket's row per task was most
--- of what flow control added to an assignment's WAL.
+-- An assignment by hand (raw SQL: the claim and the assigner, dispatch.via = 'fn', use
+-- flow_grant) is held to the limits too: it is refused while its concurrency key is at its cap,
+-- and it takes its cost from its bucket (which may go below zero, and waits to refill). Named to
+-- run after tasks_before_update, so the agent's row is locked before the flow locks.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    at timestamptz := coalesce(NEW.assigned_at, now());
+    at   timestamptz := coalesce(NEW.assigned_at, now());
+    cap  integer;
+    used integer;
+    pool record;
 BEGIN
     IF OLD.status = 'pending' AND NEW.status = 'assigned'
        AND coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
-        UPDATE dispatch.rate_limits l
-        SET tokens = dispatch.rate_tokens(l, at) - NEW.cost,
-            refilled_at = greatest(l.refilled_at, at)
-        WHERE l.key = NEW.rate_key;
+        IF NEW.concurrency_key IS NOT NULL THEN
+            SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l
+            WHERE l.key = NEW.concurrency_key;
+            IF FOUND THEN
+                PERFORM pg_advisory_xact_lock(dispatch.concurrency_lock(NEW.concurrency_key), -1);
+                -- The rows this statement assigned before this one are counted too.
+                SELECT count(*) INTO used FROM dispatch.tasks tk
+                WHERE tk.status IN ('assigned', 'running')
+                  AND tk.concurrency_key = NEW.concurrency_key;
+                IF used >= cap THEN
+                    RAISE EXCEPTION 'concurrency key % is at its cap (% of % active): task % stays pending',
+                        NEW.concurrency_key, used, cap, NEW.task_id
+                        USING ERRCODE = 'UD409', COLUMN = 'concurrency_key';
+                END IF;
+            END IF;
+        END IF;
+        IF NEW.rate_key IS NOT NULL THEN
+            pool := dispatch.rate_pool(NEW.rate_key, at, true);
+            IF pool.shards IS NOT NULL THEN
+                PERFORM dispatch.rate_spread(NEW.rate_key, pool.shards, pool.tokens - NEW.cost, at);
+            END IF;
+        END IF;
+        PERFORM set_config('dispatch.flow_tickets',
+            coalesce(nullif(current_setting('dispatch.flow_tickets', true), ''), '0'), true);
     END IF;
     RETURN NEW;
 END
 $$;
 
--- Takes from each bucket the costs of the tasks just given under these rate keys (NULL keys
--- skipped), in one update per key; the caller holds the buckets' rows (flow_admit's lock).
-CREATE FUNCTION dispatch.flow_charge(p_rate_keys text[], p_costs integer[], p_now timestamptz)
-RETURNS void
-LANGUAGE sql AS $$
-    UPDATE dispatch.rate_limits l
-    SET tokens = dispatch.rate_tokens(l, p_now) - x.cost,
-        refilled_at = greatest(l.refilled_at, p_now)
-    FROM (SELECT u.k, sum(u.c) AS cost FROM unnest(p_rate_keys, p_costs) AS u (k, c)
-          WHERE u.k IS NOT NULL GROUP BY u.k) x
-    WHERE l.key = x.k
-$$;
-
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
-    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL) EXECUTE FUNCTION dispatch.tasks_flow_count();
+    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL OR NEW.concurrency_key IS NOT NULL)
+    EXECUTE FUNCTION dispatch.tasks_flow_count();
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
@@ -425,13 +625,15 @@ END
 $$;
 
 -- Sets a key's bucket. A new bucket starts full; a changed one keeps the tokens it has (refilled
--- at its old rate up to now, and at most the new capacity).
+-- at its old rate up to now, and at most the new capacity), spread over the shards of its new
+-- capacity.
 CREATE FUNCTION dispatch.rate_limit_set(
     p_key text, p_capacity float8, p_refill_per_second float8, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.rate_limits
 LANGUAGE plpgsql AS $$
 DECLARE
-    r dispatch.rate_limits;
+    r    dispatch.rate_limits;
+    pool record;
 BEGIN
     PERFORM dispatch.flow_check_key(p_key, 'key');
     IF p_capacity IS NULL OR NOT (p_capacity >= 1 AND p_capacity <= 1e12) THEN
@@ -442,15 +644,19 @@ BEGIN
         RAISE EXCEPTION 'refill_per_second must be greater than 0 and at most 1e12 (got %)',
             p_refill_per_second USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
     END IF;
-    INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, tokens, refilled_at,
-                                           updated_at)
-    VALUES (p_key, p_capacity, p_refill_per_second, p_capacity, p_now, p_now)
-    ON CONFLICT (key) DO UPDATE
-        SET tokens = least(EXCLUDED.capacity, dispatch.rate_tokens(l, p_now)),
-            refilled_at = greatest(l.refilled_at, p_now),
-            capacity = EXCLUDED.capacity, refill_per_second = EXCLUDED.refill_per_second,
-            updated_at = p_now
+    INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, shards, updated_at)
+    VALUES (p_key, p_capacity, p_refill_per_second, dispatch.rate_shards(p_capacity), p_now)
+    ON CONFLICT (key) DO UPDATE SET updated_at = p_now;  -- locks the row of an existing one
+    pool := dispatch.rate_pool(p_key, p_now, true);
+    UPDATE dispatch.rate_limits l
+    SET capacity = p_capacity, refill_per_second = p_refill_per_second,
+        shards = dispatch.rate_shards(p_capacity)
+    WHERE l.key = p_key
     RETURNING * INTO r;
+    DELETE FROM dispatch.rate_buckets b WHERE b.key = p_key;
+    INSERT INTO dispatch.rate_buckets (key, shard, tokens, refilled_at)
+    SELECT p_key, g, least(p_capacity, coalesce(pool.tokens, p_capacity)) / r.shards, p_now
+    FROM generate_series(0, r.shards - 1) g;
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
 END
