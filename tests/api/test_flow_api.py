@@ -61,6 +61,22 @@ async def test_bad_flow_input_is_400_and_writes_nothing(
     assert flow_rows(sql) == 0
 
 
+async def test_a_cost_its_bucket_can_never_hold_is_400_and_writes_nothing(
+    client: httpx.AsyncClient, sql: Conn
+) -> None:
+    r = await client.put("/api/v1/limits/rate/openai", headers=admin(),
+                         json={"capacity": 5, "refill_per_second": 1})
+    assert r.status_code == 200, r.text
+    r = await client.post("/api/v1/tasks", headers=agent(),
+                          json={"title": "t", "rate_key": "openai", "cost": 6})
+    assert r.status_code == 400, r.text
+    assert "cost 6 exceeds the capacity 5 of rate key openai" in r.text and "cost" in r.text
+    assert flow_rows(sql) == 1  # the bucket, no task
+    r = await client.post("/api/v1/tasks", headers=agent(),
+                          json={"title": "t", "rate_key": "openai", "cost": 5})
+    assert r.status_code == 201, r.text
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

@@ -165,6 +165,11 @@ DECLARE
     ok    boolean[];         -- flow_grant's verdict on each task taken (NULL: no flow keys)
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
+    fits  text[];            -- the keys and cost the plan last admitted, nothing taken since:
+                             -- a task with the same ones (the next in a busy key's line) fits too
+    ckeys text[] := '{}';    -- the flow fields of the tasks taken, for flow_grant
+    rkeys text[] := '{}';
+    costs integer[] := '{}';
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -204,23 +209,32 @@ BEGIN
             again := again || cand.task_id;
             CONTINUE;
         END IF;
-        IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
+        IF (cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL)
+           AND fits IS DISTINCT FROM ARRAY[cand.concurrency_key, cand.rate_key, cand.cost::text]
+        THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
                                         p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
                 CONTINUE;
             END IF;
+            fits := ARRAY[cand.concurrency_key, cand.rate_key, cand.cost::text];
         END IF;
         SELECT * INTO t FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
+            ckeys := ckeys || t.concurrency_key;
+            rkeys := rkeys || t.rate_key;
+            costs := costs || t.cost;
             IF t.concurrency_key IS NOT NULL OR t.rate_key IS NOT NULL THEN
                 keyed := true;
-                plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost, p_now,
-                                            true);
+                fits := NULL;
+                IF cardinality(taken) < room THEN  -- counted for the tasks still to come
+                    plan := dispatch.flow_admit(plan, t.concurrency_key, t.rate_key, t.cost,
+                                                p_now, true);
+                END IF;
             END IF;
         END IF;
     END LOOP;
@@ -232,14 +246,15 @@ BEGIN
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
             FOR NO KEY UPDATE SKIP LOCKED);
+        ckeys := ARRAY(SELECT x.concurrency_key FROM unnest(taken) x);
+        rkeys := ARRAY(SELECT x.rate_key FROM unnest(taken) x);
+        costs := ARRAY(SELECT x.cost FROM unnest(taken) x);
         keyed := keyed OR EXISTS (SELECT 1 FROM unnest(taken) x
                                   WHERE x.concurrency_key IS NOT NULL OR x.rate_key IS NOT NULL);
     END IF;
     IF keyed THEN
         SELECT f.admitted, f.until INTO ok, later
-        FROM dispatch.flow_grant(plan, ARRAY(SELECT x.concurrency_key FROM unnest(taken) x),
-                                 ARRAY(SELECT x.rate_key FROM unnest(taken) x),
-                                 ARRAY(SELECT x.cost FROM unnest(taken) x), p_now) f;
+        FROM dispatch.flow_grant(plan, ckeys, rkeys, costs, p_now) f;
         refill := least(refill, later);
     END IF;
     FOR i IN 1 .. cardinality(taken) LOOP

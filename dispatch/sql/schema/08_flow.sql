@@ -21,7 +21,7 @@
 --     meanwhile holds tickets too, so it is at most flow_tickets() in all. Near the cap, it takes
 --     the gate exclusive (waiting for every shared holder to commit) and counts exactly.
 --   * A rate key's token bucket is split into rate_limits.shards rows (rate_buckets), each with
---     its share of the capacity and the refill. An assignment takes the fullest shard holding the
+--     its share of the capacity and the refill. An assignment takes a shard holding the
 --     cost that no other transaction holds (SKIP LOCKED); when none does, it locks every shard
 --     and pools them. The shards together never hold more than one bucket would, so the limit
 --     holds; a small bucket (capacity under 20) is one shard, exact.
@@ -87,18 +87,24 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                             * r.refill_per_second / r.shards)
 $$;
 
--- The tokens in the bucket at p_now: its shards' together.
+-- The tokens in the bucket at p_now: its shards' together. (PL/pgSQL, like concurrency_used,
+-- for its cached plan: a SQL function whose body cannot be inlined is planned on every call, and
+-- the assigning transactions call these on every claim.)
 CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(sum(dispatch.shard_tokens(b, r, p_now)), 0) FROM dispatch.rate_buckets b
-    WHERE b.key = r.key
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(dispatch.shard_tokens(b, r, p_now)), 0)
+            FROM dispatch.rate_buckets b WHERE b.key = r.key);
+END
 $$;
 
 -- The tasks of a concurrency key assigned or running now.
 CREATE FUNCTION dispatch.concurrency_used(p_key text) RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT count(*)::integer FROM dispatch.tasks tk
-    WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = p_key
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM dispatch.tasks tk
+            WHERE tk.status IN ('assigned', 'running') AND tk.concurrency_key = p_key);
+END
 $$;
 
 -- How many tasks of one concurrency key may be in flight on its fast path at once (see above).
@@ -136,6 +142,15 @@ BEGIN
         IF NEW.cost IS NULL OR NEW.cost NOT BETWEEN 1 AND 1000000000 THEN
             RAISE EXCEPTION 'cost must be between 1 and 1000000000 (got %)', NEW.cost
                 USING ERRCODE = 'UD400', COLUMN = 'cost';
+        END IF;
+        -- A cost its bucket can never hold would wait for ever. (A bucket made smaller later
+        -- leaves such a task pending; explain names it.)
+        IF NEW.rate_key IS NOT NULL AND NEW.cost > 1 THEN
+            SELECT l.capacity INTO w FROM dispatch.rate_limits l WHERE l.key = NEW.rate_key;
+            IF NEW.cost > w THEN
+                RAISE EXCEPTION 'cost % exceeds the capacity % of rate key %, so the task could never be assigned',
+                    NEW.cost, w, NEW.rate_key USING ERRCODE = 'UD400', COLUMN = 'cost';
+            END IF;
         END IF;
     ELSIF OLD.status = 'pending' AND NEW.priority = OLD.priority
           AND NEW.available_at = OLD.available_at THEN
@@ -338,6 +353,7 @@ DECLARE
     was     text := nullif(current_setting('dispatch.flow_tickets', true), '');
     waits   boolean := was IS NULL;  -- no flow lock taken by an earlier call of this transaction
     pos     integer := coalesce(was::integer, 0);  -- ticket tries made by this transaction
+    keys    text[];
     k       text;
     idx     integer[];
     g       integer;
@@ -349,13 +365,26 @@ DECLARE
     sh      smallint;
     pool    record;
     rest    float8;
+    holding boolean;         -- this transaction holds a shard of the key
+    one     boolean := cardinality(p_costs) = 1;  -- a single task (most claims): no key to sort
 BEGIN
     admitted := array_fill(true, ARRAY[cardinality(p_costs)]);
-    FOR k IN SELECT DISTINCT x FROM unnest(p_ckeys) x WHERE x IS NOT NULL ORDER BY x LOOP
+    -- (Written with IF, not CASE: a CASE with a subquery in any branch runs through the executor
+    -- even when the branch taken has none.)
+    IF one THEN
+        keys := array_remove(p_ckeys, NULL);
+    ELSE
+        keys := ARRAY(SELECT DISTINCT x FROM unnest(p_ckeys) x WHERE x IS NOT NULL ORDER BY x);
+    END IF;
+    FOREACH k IN ARRAY keys LOOP
         SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l WHERE l.key = k;
         CONTINUE WHEN NOT FOUND;
-        idx := ARRAY(SELECT i FROM generate_subscripts(p_ckeys, 1) i WHERE p_ckeys[i] = k
-                     ORDER BY i);
+        IF one THEN
+            idx := '{1}';
+        ELSE
+            idx := ARRAY(SELECT i FROM generate_subscripts(p_ckeys, 1) i WHERE p_ckeys[i] = k
+                         ORDER BY i);
+        END IF;
         lk := dispatch.concurrency_lock(k);
         g := array_position(p_plan.ckeys, k);
         used := CASE WHEN g IS NOT NULL THEN p_plan.cused[g]
@@ -397,26 +426,47 @@ BEGIN
             admitted[g] := false;
         END LOOP;
     END LOOP;
-    FOR k IN SELECT DISTINCT x FROM unnest(p_rkeys) x WHERE x IS NOT NULL ORDER BY x LOOP
-        idx := ARRAY(SELECT i FROM generate_subscripts(p_rkeys, 1) i
-                     WHERE p_rkeys[i] = k AND admitted[i] ORDER BY i);
-        CONTINUE WHEN cardinality(idx) = 0;
-        need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
-        -- The fullest shard that holds all of it and that no other transaction holds. (Locked
-        -- by key and shard alone: a lock with the tokens in its condition could keep a row it
-        -- then skips, and this transaction would hold a shard it does not know of.)
-        sh := NULL;
-        FOREACH g IN ARRAY ARRAY(
-            SELECT b.shard FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-            WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
-            ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
-        LOOP
-            SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
-            FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-            WHERE b.key = k AND b.shard = g
-            FOR UPDATE OF b SKIP LOCKED;
-            EXIT WHEN FOUND;
-        END LOOP;
+    IF one THEN
+        keys := array_remove(p_rkeys, NULL);
+    ELSE
+        keys := ARRAY(SELECT DISTINCT x FROM unnest(p_rkeys) x WHERE x IS NOT NULL ORDER BY x);
+    END IF;
+    FOREACH k IN ARRAY keys LOOP
+        IF one THEN
+            CONTINUE WHEN NOT admitted[1];
+            idx := '{1}';
+            need := p_costs[1];
+        ELSE
+            idx := ARRAY(SELECT i FROM generate_subscripts(p_rkeys, 1) i
+                         WHERE p_rkeys[i] = k AND admitted[i] ORDER BY i);
+            CONTINUE WHEN cardinality(idx) = 0;
+            need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
+        END IF;
+        -- A shard that holds all of it and that no other transaction holds: first the one of
+        -- this backend (no other's, mostly), then the fullest. (Locked by key and shard alone: a
+        -- lock with the tokens in its condition could keep a row it then skips, and this
+        -- transaction would hold a shard it does not know of.)
+        SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+        FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+        WHERE b.key = k AND b.shard = pg_backend_pid() % l.shards
+        FOR UPDATE OF b SKIP LOCKED;
+        holding := FOUND;
+        IF NOT holding OR rest < need THEN
+            sh := NULL;
+            FOREACH g IN ARRAY ARRAY(
+                SELECT b.shard FROM dispatch.rate_buckets b
+                JOIN dispatch.rate_limits l ON l.key = b.key
+                WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
+                ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
+            LOOP
+                SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+                FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+                WHERE b.key = k AND b.shard = g
+                FOR UPDATE OF b SKIP LOCKED;
+                holding := holding OR FOUND;
+                EXIT WHEN FOUND;
+            END LOOP;
+        END IF;
         IF sh IS NOT NULL AND rest >= need THEN
             UPDATE dispatch.rate_buckets b
             SET tokens = rest - need, refilled_at = greatest(b.refilled_at, p_now)
@@ -426,7 +476,7 @@ BEGIN
         -- Else all its shards, pooled; the tasks that fit take their cost in order. Holding a
         -- shard already (another transaction took from it since this one looked), it waits for
         -- none of the others: it pools those it can lock.
-        pool := dispatch.rate_pool(k, p_now, waits AND sh IS NULL);
+        pool := dispatch.rate_pool(k, p_now, waits AND NOT holding);
         IF pool.shards IS NULL THEN
             CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.rate_limits l WHERE l.key = k);
             pool.tokens := 0;  -- every shard held by others: none of them this time
@@ -471,8 +521,7 @@ DECLARE
     used integer;
     pool record;
 BEGIN
-    IF OLD.status = 'pending' AND NEW.status = 'assigned'
-       AND coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
+    IF coalesce(current_setting('dispatch.via', true), '') <> 'fn' THEN
         IF NEW.concurrency_key IS NOT NULL THEN
             SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l
             WHERE l.key = NEW.concurrency_key;
@@ -503,7 +552,8 @@ END
 $$;
 
 CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
-    FOR EACH ROW WHEN (NEW.rate_key IS NOT NULL OR NEW.concurrency_key IS NOT NULL)
+    FOR EACH ROW WHEN (OLD.status = 'pending' AND NEW.status = 'assigned'
+                       AND (NEW.rate_key IS NOT NULL OR NEW.concurrency_key IS NOT NULL))
     EXECUTE FUNCTION dispatch.tasks_flow_count();
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
