@@ -104,7 +104,7 @@ async def test_concurrent_assigners_respect_every_agent_limit(
 
 _CLAIM_QUERY = (
     "EXPLAIN (FORMAT JSON) SELECT * FROM dispatch.tasks tk"
-    " WHERE tk.status = 'pending' AND tk.available_at <= now()"
+    " WHERE tk.status = 'pending' AND NOT tk.parked AND tk.available_at <= now()"
     "   AND tk.required_capabilities <@ '{}'::text[]"
     " ORDER BY tk.queue_priority DESC, tk.queue_at LIMIT 1 FOR UPDATE SKIP LOCKED"
 )

@@ -37,7 +37,8 @@ CREATE TYPE dispatch.flow_state AS (
     rrefill float8[],
     rtokens float8[],
     reason  text,
-    until   timestamptz -- for a rate limit: when its bucket will hold the task's cost
+    until   timestamptz, -- for a rate limit: when its bucket will hold the task's cost
+    capped  boolean      -- the reason is the task's concurrency key at its cap
 );
 
 -- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
@@ -169,6 +170,9 @@ CREATE TABLE dispatch.tasks (
     queue_priority        integer NOT NULL DEFAULT 0,
     queue_at              timestamptz NOT NULL DEFAULT now(),
     age_due_at            timestamptz,
+    -- A pending task that its concurrency key's cap holds back is parked out of the walk
+    -- (tasks_pending_order_idx) until a task of its key ends (08_flow.sql).
+    parked                boolean NOT NULL DEFAULT false,
     CONSTRAINT tasks_times_range CHECK (
         dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
         AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
@@ -182,9 +186,14 @@ CREATE TABLE dispatch.tasks (
 -- reports are HOT updates.
 --
 -- The claim and the assigner walk the pending rows in this order (effective priority, then the
--- place in line that fair share gave each task) and stop when they have enough.
+-- place in line that fair share gave each task) and stop when they have enough. Parked rows are
+-- left out, so a deep backlog that a concurrency key holds back is not read on every walk.
 CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (queue_priority DESC, queue_at)
-    WHERE status = 'pending';
+    WHERE status = 'pending' AND NOT parked;
+
+-- The parked rows of a key, in the order they come back.
+CREATE INDEX tasks_parked_idx ON dispatch.tasks (concurrency_key, queue_priority DESC, queue_at)
+    WHERE status = 'pending' AND parked;
 
 -- Fair share: the last place in line a tenant (owner, else requester) holds at a priority.
 CREATE INDEX tasks_pending_tenant_idx ON dispatch.tasks
@@ -774,6 +783,8 @@ BEGIN
         RETURN NEXT;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    -- Flow control's sweep (08_flow.sql): parked tasks whose key has room go back in line.
+    PERFORM dispatch.flow_unpark();
 END
 $$;
 
@@ -1092,7 +1103,7 @@ LANGUAGE sql STABLE AS $$
     SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents,
            tk.concurrency_key, tk.rate_key, tk.cost
     FROM dispatch.tasks tk
-    WHERE tk.status = 'pending' AND tk.available_at <= p_now
+    WHERE tk.status = 'pending' AND NOT tk.parked AND tk.available_at <= p_now
     ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
@@ -1164,6 +1175,7 @@ DECLARE
     ckeys text[] := '{}';    -- the flow fields of the tasks taken, for flow_grant
     rkeys text[] := '{}';
     costs integer[] := '{}';
+    park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -1210,6 +1222,9 @@ BEGIN
                                         p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
+                IF plan.capped AND cardinality(park) < 1000 THEN
+                    park := park || cand.task_id;
+                END IF;
                 CONTINUE;
             END IF;
             fits := ARRAY[cand.concurrency_key, cand.rate_key, cand.cost::text];
@@ -1264,6 +1279,9 @@ BEGIN
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
+    IF cardinality(park) > 0 THEN
+        PERFORM dispatch.flow_park(park);
+    END IF;
 END
 $$;
 
@@ -1301,6 +1319,7 @@ DECLARE
     ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
+    park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     free := ARRAY(SELECT ag FROM dispatch.agents ag
@@ -1325,6 +1344,9 @@ BEGIN
                                         p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
+                IF plan.capped AND cardinality(park) < 1000 THEN
+                    park := park || cand.task_id;
+                END IF;
                 CONTINUE;
             END IF;
         END IF;
@@ -1395,6 +1417,9 @@ BEGIN
     PERFORM dispatch.fn_leave();
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
+    END IF;
+    IF cardinality(park) > 0 THEN
+        PERFORM dispatch.flow_park(park);
     END IF;
 END
 $$;
@@ -2107,6 +2132,7 @@ BEGIN
     INTO w, prev, aging FROM dispatch.config c;
     NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
     NEW.queue_priority := NEW.priority;
+    NEW.parked := false;  -- back in line: the walk parks it again if its key is still at its cap
     NEW.age_due_at := CASE WHEN aging > 0 AND NEW.priority < 10
                            THEN NEW.queue_at + make_interval(secs => aging / 1000.0) END;
     RETURN NEW;
@@ -2174,6 +2200,7 @@ DECLARE
 BEGIN
     s.reason := NULL;
     s.until := NULL;
+    s.capped := false;
     IF p_concurrency_key IS NOT NULL THEN
         i := array_position(s.ckeys, p_concurrency_key);
         IF i IS NULL THEN
@@ -2187,6 +2214,7 @@ BEGIN
         IF s.cused[i] >= s.cmax[i] THEN
             s.reason := format('concurrency key %s at %s/%s', p_concurrency_key, s.cused[i],
                                s.cmax[i]);
+            s.capped := true;
             RETURN s;
         END IF;
     END IF;
@@ -2495,6 +2523,97 @@ CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
                        AND (NEW.rate_key IS NOT NULL OR NEW.concurrency_key IS NOT NULL))
     EXECUTE FUNCTION dispatch.tasks_flow_count();
 
+---------------------------------------------------------------------------------------------------
+-- Parking: a backlog held back by a concurrency key's cap out of the walk
+---------------------------------------------------------------------------------------------------
+
+-- Parks these pending tasks, which the walk found held back by their concurrency key's cap. Rows
+-- another transaction holds are left in the walk.
+CREATE FUNCTION dispatch.flow_park(p_task_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE dispatch.tasks tk SET parked = true
+    FROM (SELECT x.task_id FROM dispatch.tasks x
+          WHERE x.task_id = ANY (p_task_ids) AND x.status = 'pending' AND NOT x.parked
+            AND x.concurrency_key IS NOT NULL
+          FOR NO KEY UPDATE SKIP LOCKED) p
+    WHERE tk.task_id = p.task_id;
+END
+$$;
+
+-- Returns up to p_count parked tasks of a key to the walk, first in line first; how many.
+CREATE FUNCTION dispatch.flow_unpark_key(p_key text, p_count integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH back AS (
+        UPDATE dispatch.tasks tk SET parked = false
+        FROM (SELECT x.task_id FROM dispatch.tasks x
+              WHERE x.status = 'pending' AND x.parked AND x.concurrency_key = p_key
+              ORDER BY x.queue_priority DESC, x.queue_at
+              LIMIT p_count
+              FOR NO KEY UPDATE SKIP LOCKED) b
+        WHERE tk.task_id = b.task_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM back;
+    RETURN n;
+END
+$$;
+
+-- A task of a key that stops being active (ends, or goes back to pending) frees a slot: the
+-- first parked task of its key comes back to the walk.
+CREATE FUNCTION dispatch.tasks_flow_unpark() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dispatch.flow_unpark_key(NEW.concurrency_key, 1);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_flow_unpark AFTER UPDATE OF status ON dispatch.tasks
+    FOR EACH ROW WHEN (OLD.status IN ('assigned', 'running')
+                       AND NEW.status NOT IN ('assigned', 'running')
+                       AND NEW.concurrency_key IS NOT NULL)
+    EXECUTE FUNCTION dispatch.tasks_flow_unpark();
+
+-- The reaper's sweep, every tick: a key with parked tasks and room under its cap (a walk parked
+-- a task on a count taken just before a task of its key ended, so that no end unparked it; or
+-- its cap went away) gets as many back as it has room for. Reads one index entry per key with
+-- parked tasks.
+CREATE FUNCTION dispatch.flow_unpark() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k    text;
+    cap  integer;
+    room integer;
+    n    integer := 0;
+BEGIN
+    FOR k IN
+        WITH RECURSIVE keys AS (
+            SELECT (SELECT min(tk.concurrency_key) FROM dispatch.tasks tk
+                    WHERE tk.status = 'pending' AND tk.parked) AS key
+            UNION ALL
+            SELECT (SELECT min(tk.concurrency_key) FROM dispatch.tasks tk
+                    WHERE tk.status = 'pending' AND tk.parked AND tk.concurrency_key > keys.key)
+            FROM keys WHERE keys.key IS NOT NULL
+        )
+        SELECT keys.key FROM keys WHERE keys.key IS NOT NULL
+    LOOP
+        SELECT l.max_active INTO cap FROM dispatch.concurrency_limits l WHERE l.key = k;
+        room := CASE WHEN cap IS NULL THEN 1000000 ELSE cap - dispatch.concurrency_used(k) END;
+        IF room > 0 THEN
+            n := n + dispatch.flow_unpark_key(k, room);
+        END IF;
+    END LOOP;
+    IF n > 0 THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    RETURN n;
+END
+$$;
+
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
 -- line. With the task's tenant and effective priority, for explain.
@@ -2596,6 +2715,7 @@ BEGIN
     VALUES (p_key, p_max_active, p_now)
     ON CONFLICT (key) DO UPDATE SET max_active = EXCLUDED.max_active, updated_at = p_now
     RETURNING * INTO r;
+    PERFORM dispatch.flow_unpark_key(p_key, 1000000);  -- the walk parks again what still waits
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
 END
@@ -2608,6 +2728,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM dispatch.flow_unpark_key(p_key, 1000000);
     PERFORM pg_notify('dispatch_work', '');
     RETURN true;
 END

@@ -31,7 +31,8 @@ CREATE TYPE dispatch.flow_state AS (
     rrefill float8[],
     rtokens float8[],
     reason  text,
-    until   timestamptz -- for a rate limit: when its bucket will hold the task's cost
+    until   timestamptz, -- for a rate limit: when its bucket will hold the task's cost
+    capped  boolean      -- the reason is the task's concurrency key at its cap
 );
 
 -- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
@@ -163,6 +164,9 @@ CREATE TABLE dispatch.tasks (
     queue_priority        integer NOT NULL DEFAULT 0,
     queue_at              timestamptz NOT NULL DEFAULT now(),
     age_due_at            timestamptz,
+    -- A pending task that its concurrency key's cap holds back is parked out of the walk
+    -- (tasks_pending_order_idx) until a task of its key ends (08_flow.sql).
+    parked                boolean NOT NULL DEFAULT false,
     CONSTRAINT tasks_times_range CHECK (
         dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)
         AND dispatch.time_in_range(created_at) AND dispatch.time_in_range(updated_at)
@@ -176,9 +180,14 @@ CREATE TABLE dispatch.tasks (
 -- reports are HOT updates.
 --
 -- The claim and the assigner walk the pending rows in this order (effective priority, then the
--- place in line that fair share gave each task) and stop when they have enough.
+-- place in line that fair share gave each task) and stop when they have enough. Parked rows are
+-- left out, so a deep backlog that a concurrency key holds back is not read on every walk.
 CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (queue_priority DESC, queue_at)
-    WHERE status = 'pending';
+    WHERE status = 'pending' AND NOT parked;
+
+-- The parked rows of a key, in the order they come back.
+CREATE INDEX tasks_parked_idx ON dispatch.tasks (concurrency_key, queue_priority DESC, queue_at)
+    WHERE status = 'pending' AND parked;
 
 -- Fair share: the last place in line a tenant (owner, else requester) holds at a priority.
 CREATE INDEX tasks_pending_tenant_idx ON dispatch.tasks

@@ -98,7 +98,7 @@ LANGUAGE sql STABLE AS $$
     SELECT tk.task_id, tk.required_capabilities, tk.owner, tk.previous_agents,
            tk.concurrency_key, tk.rate_key, tk.cost
     FROM dispatch.tasks tk
-    WHERE tk.status = 'pending' AND tk.available_at <= p_now
+    WHERE tk.status = 'pending' AND NOT tk.parked AND tk.available_at <= p_now
     ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
@@ -170,6 +170,7 @@ DECLARE
     ckeys text[] := '{}';    -- the flow fields of the tasks taken, for flow_grant
     rkeys text[] := '{}';
     costs integer[] := '{}';
+    park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -216,6 +217,9 @@ BEGIN
                                         p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
+                IF plan.capped AND cardinality(park) < 1000 THEN
+                    park := park || cand.task_id;
+                END IF;
                 CONTINUE;
             END IF;
             fits := ARRAY[cand.concurrency_key, cand.rate_key, cand.cost::text];
@@ -270,6 +274,9 @@ BEGIN
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
+    IF cardinality(park) > 0 THEN
+        PERFORM dispatch.flow_park(park);
+    END IF;
 END
 $$;
 
@@ -307,6 +314,7 @@ DECLARE
     ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
+    park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     free := ARRAY(SELECT ag FROM dispatch.agents ag
@@ -331,6 +339,9 @@ BEGIN
                                         p_now, false);
             IF plan.reason IS NOT NULL THEN
                 refill := least(refill, plan.until);
+                IF plan.capped AND cardinality(park) < 1000 THEN
+                    park := park || cand.task_id;
+                END IF;
                 CONTINUE;
             END IF;
         END IF;
@@ -401,6 +412,9 @@ BEGIN
     PERFORM dispatch.fn_leave();
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
+    END IF;
+    IF cardinality(park) > 0 THEN
+        PERFORM dispatch.flow_park(park);
     END IF;
 END
 $$;
