@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 from bench.common import Latencies, Sizes
 from bench.pg import Cluster, prepare_dispatch
 from dispatch.db import CONNECT_KWARGS, create_pool
+from dispatch.models import Complete
 from dispatch.store import Store
 
 PUSHED = 12  # agents the assigner fills (limit 1 each): saturated from the first round on
@@ -47,10 +48,10 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
     assigned = 0
     async with await _connect(url) as setup:
         for i in range(PUSHED):
-            await store.agent_upsert(f"pushed-{i}", capabilities=["work"], max_concurrent=1,
+            await store.agents.upsert(f"pushed-{i}", capabilities=["work"], max_concurrent=1,
                                      conn=setup)
         for i in range(PULLERS):
-            await store.agent_upsert(f"puller-{i}", capabilities=["work"], max_concurrent=1,
+            await store.agents.upsert(f"puller-{i}", capabilities=["work"], max_concurrent=1,
                                      conn=setup)
         await setup.execute(_PENDING, {"n": sizes.backlog_pending})  # type: ignore[arg-type]
         await setup.execute("VACUUM (ANALYZE) dispatch.tasks")
@@ -61,7 +62,7 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
         async with await _connect(url) as conn:
             while not stop.is_set():
                 t0 = time.perf_counter()
-                got = await store.task_assign(sizes.assign_batch, conn=conn)
+                got = await store.tasks.assign(sizes.assign_batch, conn=conn)
                 rounds.add_since(t0)
                 assigned += len(got)
                 await asyncio.sleep(0)
@@ -78,10 +79,11 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
                 )
                 for row in await cur.fetchall():
                     t0 = time.perf_counter()
-                    await store.task_complete(row["task_id"], agent, conn=conn)  # type: ignore[arg-type]
+                    done = Complete(task_id=row["task_id"], actor=agent)
+                    await store.tasks.apply(done, conn=conn)
                     complete.add_since(t0)
                 t0 = time.perf_counter()
-                await store.task_claim(agent, conn=conn)
+                await store.tasks.claim(agent, conn=conn)
                 claim.add_since(t0)
 
     task = asyncio.create_task(assigner())

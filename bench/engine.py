@@ -13,7 +13,7 @@ from bench.pg import Cluster, cost_between, prepare_dispatch, read_counters
 from bench.results import Throughput
 from dispatch import db
 from dispatch.broker import Broker
-from dispatch.models import Assignment, NewTask
+from dispatch.models import Assignment, Complete, NewTask, Start
 from dispatch.store import Store
 
 REQUESTER = "bench-requester"
@@ -34,10 +34,10 @@ def new_task(i: int, prefix: str, flow: bool) -> tuple[NewTask, str]:
 
 
 async def configure_flow(broker: Broker) -> None:
-    await broker.store.tenant_weight_set(FLOW_TENANTS[0], 2)
-    await broker.store.tenant_weight_set(FLOW_TENANTS[1], 0.5)
-    await broker.store.concurrency_limit_set(FLOW_KEY, 1_000_000)
-    await broker.store.rate_limit_set(FLOW_KEY, 1e12, 1e12)
+    await broker.flow.tenant_weight_set(FLOW_TENANTS[0], 2)
+    await broker.flow.tenant_weight_set(FLOW_TENANTS[1], 0.5)
+    await broker.flow.concurrency_limit_set(FLOW_KEY, 1_000_000)
+    await broker.flow.rate_limit_set(FLOW_KEY, 1e12, 1e12)
 
 
 async def submit_all(
@@ -61,7 +61,7 @@ async def register_agents(
 ) -> list[str]:
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     for agent_id in ids:
-        await broker.store.agent_upsert(agent_id, owner=REQUESTER, max_concurrent=max_concurrent)
+        await broker.agents.upsert(agent_id, owner=REQUESTER, max_concurrent=max_concurrent)
     return ids
 
 
@@ -81,8 +81,8 @@ async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) 
                 await asyncio.sleep(0.002)
                 continue
             misses = 0
-            await broker.start(task.task_id, agent_id)
-            await broker.complete(task.task_id, agent_id, RESULT)
+            await broker.apply(Start(task_id=task.task_id, agent_id=agent_id))
+            await broker.apply(Complete(task_id=task.task_id, actor=agent_id, result=RESULT))
             done += 1
 
     t0 = time.perf_counter()
@@ -104,8 +104,8 @@ async def drain_push(
     async def worker() -> None:
         nonlocal done
         while (a := await queue.get()) is not None:
-            await broker.start(a.task_id, a.agent_id)
-            await broker.complete(a.task_id, a.agent_id, RESULT)
+            await broker.apply(Start(task_id=a.task_id, agent_id=a.agent_id))
+            await broker.apply(Complete(task_id=a.task_id, actor=a.agent_id, result=RESULT))
             done += 1
             freed.set()
 

@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from bench.common import Latencies, Sizes
 from bench.pg import Cluster, prepare_dispatch
 from dispatch.db import CONNECT_KWARGS, create_pool
+from dispatch.models import Complete
 from dispatch.store import Store
 
 REQUESTER = "bench-requester"
@@ -71,29 +72,31 @@ async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint
     ) as conn:
         store = Store(create_pool(url))  # never opened: every call below passes conn
         for i in range(4):
-            await store.agent_upsert(
+            await store.agents.upsert(
                 f"scale-{i}", owner=REQUESTER, max_concurrent=10, conn=conn
             )
         # pull: one agent claims, then completes, `samples` times
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         for _ in range(samples):
             t0 = time.perf_counter()
-            claimed = await store.task_claim("scale-0", conn=conn)
+            claimed = await store.tasks.claim("scale-0", conn=conn)
             claim.add_since(t0)
             if not claimed:
                 raise RuntimeError("scale: nothing to claim")
-            await store.task_complete(claimed[0].task_id, "scale-0", conn=conn)
+            await store.tasks.apply(
+                Complete(task_id=claimed[0].task_id, actor="scale-0"), conn=conn
+            )
         # push: task_assign batches over 4 agents, completed before the next batch
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         left = samples
         while left > 0:
             t0 = time.perf_counter()
-            got = await store.task_assign(sizes.assign_batch, conn=conn)
+            got = await store.tasks.assign(sizes.assign_batch, conn=conn)
             assign.add_since(t0)
             if not got:
                 raise RuntimeError("scale: nothing assigned")
             for a in got:
-                await store.task_complete(a.task_id, a.agent_id, conn=conn)
+                await store.tasks.apply(Complete(task_id=a.task_id, actor=a.agent_id), conn=conn)
             left -= len(got)
         cur = await conn.execute(
             "SELECT pg_total_relation_size('dispatch.tasks') / 1048576.0 AS mb"

@@ -15,7 +15,7 @@ from bench.engine import REQUESTER, RESULT, register_agents
 from bench.pg import Cluster, prepare_dispatch
 from dispatch import db
 from dispatch.broker import Broker
-from dispatch.models import NewTask
+from dispatch.models import Complete, NewTask, Start
 from dispatch.notify import WORK_CHANNEL, Listener
 from dispatch.store import Store
 
@@ -86,8 +86,8 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
                     await asyncio.wait_for(woken.wait(), 0.5)
                 continue
             window.add_since(t0)
-            await broker.start(task.task_id, agent_id)
-            await broker.complete(task.task_id, agent_id, RESULT)
+            await broker.apply(Start(task_id=task.task_id, agent_id=agent_id))
+            await broker.apply(Complete(task_id=task.task_id, actor=agent_id, result=RESULT))
             completed += 1
 
     async def sampler() -> None:

@@ -1,13 +1,15 @@
-"""The use cases with logic of their own: the claim's long poll, conflict details on 409, the
-transition metrics, the assignment settings check, explain. Plain reads and writes go straight to
-the Store."""
+"""The one door to the data for the API, NATS, the dashboard and the loops. The broker decides
+what the data layer does not: the claim's long poll, a conflict's details for the 409, the
+transition metrics, the assignment settings check, explain. Every change to a task is one call,
+`apply(change)`; plain reads and writes of a role go to that role of the data layer, which the
+broker holds as `tasks`, `agents`, `flow`, `outbox`, `insights` and `config`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import msgspec
@@ -18,6 +20,7 @@ from dispatch.models import (
     TERMINAL_STATUSES,
     Assignment,
     Candidate,
+    Change,
     Expiry,
     Explanation,
     NewTask,
@@ -36,21 +39,6 @@ _REPORT_EVENTS = {"start": "started", "progress": "progress", "complete": "compl
                   "fail": "failed"}
 
 
-def _config_row(a: AssignmentSettings) -> dict[str, tuple[str, object]]:
-    """dispatch.config column -> (the setting it holds, the value config_apply writes)."""
-    return {
-        "default_timeout_seconds": ("default_timeout_ms", max(1, a.default_timeout_ms // 1000)),
-        "max_concurrent_per_agent": ("max_concurrent_per_agent", a.max_concurrent_per_agent),
-        "owner_filter_enabled": ("owner_filter_enabled", a.owner_filter_enabled),
-        "retry_backoff_ms": ("retry_backoff_ms", a.retry_backoff_ms),
-        "retry_backoff_max_ms": ("retry_backoff_max_ms", a.retry_backoff_max_ms),
-        "wake_timeout_ms": ("wake_timeout_ms", a.wake_timeout_ms),
-        "unmatched_repeat_ms": ("unmatched_repeat_ms", a.unmatched_repeat_ms),
-        "tick_interval_ms": ("tick_interval_ms", a.tick_interval_ms),
-        "aging_ms": ("aging_ms", a.aging_ms),
-    }
-
-
 class Broker:
     """The lifecycle over a Store. `now` parameters exist for tests (an injected clock);
     production passes None and the database's clock decides."""
@@ -63,7 +51,12 @@ class Broker:
         assignment: AssignmentSettings | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
+        self.tasks = store.tasks
+        self.agents = store.agents
+        self.flow = store.flow
+        self.outbox = store.outbox
+        self.insights = store.insights
+        self.config = store.config
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics
@@ -72,21 +65,14 @@ class Broker:
         """Write this process's assignment settings where the SQL functions read them. Replicas
         share that one row, so settings that differ from the ones there (written by another
         replica, or by an earlier start) are logged as a warning naming the keys, then replaced."""
-        async with self.store.transaction() as conn:
-            current = await self.store.config_get(conn=conn)
-            differing = [
-                key
-                for column, (key, value) in _config_row(self.assignment).items()
-                if current[column] != value
-            ]
-            if differing:
-                log.warning(
-                    "dispatch.config holds other assignment settings than this replica's "
-                    "(replicas should share them); replacing: %s",
-                    ", ".join(f"assignment.{k}" for k in differing),
-                    extra={"keys": differing},
-                )
-            await self.store.config_apply(self.assignment, conn=conn)
+        differing = await self.config.apply(self.assignment)
+        if differing:
+            log.warning(
+                "dispatch.config holds other assignment settings than this replica's "
+                "(replicas should share them); replacing: %s",
+                ", ".join(f"assignment.{k}" for k in differing),
+                extra={"keys": differing},
+            )
 
     # -- requesters ------------------------------------------------------------------------------
 
@@ -94,7 +80,7 @@ class Broker:
         self, new: NewTask, *, requester: str, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
         """Create a task; returns (task, created). A repeated idempotency key returns the first."""
-        task, created = await self.store.task_create(
+        task, created = await self.tasks.create(
             new, requester=requester, idempotency_key=idempotency_key
         )
         if created and self.metrics is not None:
@@ -102,76 +88,25 @@ class Broker:
             self.metrics.task_transitions.labels("created").inc()
         return task, created
 
-    async def update(
-        self,
-        task_id: uuid.UUID,
-        actor: str,
-        *,
-        metadata_patch: dict[str, object] | None = None,
-        priority: int | None = None,
-        admin: bool = False,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id,
-            self.store.task_update(
-                task_id, actor, metadata_patch=metadata_patch, priority=priority, admin=admin,
-                now=now,
-            ),
-            "updated",
-        )
-
-    async def patch(
-        self,
-        task_id: uuid.UUID,
-        actor: str,
-        *,
-        cancel: bool = False,
-        reason: str | None = None,
-        metadata_patch: dict[str, object] | None = None,
-        priority: int | None = None,
-        admin: bool = False,
-        now: datetime | None = None,
-    ) -> Task:
-        """PATCH: cancel and merge-patch in one transaction, so a refused part undoes the rest."""
-
-        async def change() -> Task:
-            async with self.store.transaction() as conn:
-                task = None
-                if cancel:
-                    task = await self.store.task_cancel(
-                        task_id, actor, reason, admin=admin, now=now, conn=conn
-                    )
-                if metadata_patch is not None or priority is not None:
-                    task = await self.store.task_update(
-                        task_id, actor, metadata_patch=metadata_patch, priority=priority,
-                        admin=admin, now=now, conn=conn,
-                    )
-                if task is None:
-                    raise InvalidInput("nothing to change: give status, metadata or priority")
-                return task
-
-        return await self._fenced(task_id, change(), "cancelled" if cancel else "updated")
-
-    async def cancel(
-        self,
-        task_id: uuid.UUID,
-        actor: str,
-        reason: str | None = None,
-        *,
-        admin: bool = False,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id,
-            self.store.task_cancel(task_id, actor, reason, admin=admin, now=now),
-            "cancelled",
-        )
-
-    async def requeue(self, task_id: uuid.UUID, actor: str, now: datetime | None = None) -> Task:
-        return await self._fenced(
-            task_id, self.store.task_requeue(task_id, actor, now=now), "requeued"
-        )
+    async def apply(self, *changes: Change, now: datetime | None = None) -> Task:
+        """Apply changes to one task in one transaction (PATCH cancels and merge-patches at once,
+        so a refused part undoes the rest); returns the task after the last. A conflict or
+        refusal carries the task's current state (the 409 body, the visibility rule)."""
+        if not changes:
+            raise InvalidInput("nothing to change: give status, metadata or priority")
+        task_id = changes[0].task_id
+        try:
+            if len(changes) == 1:
+                task = await self.tasks.apply(changes[0], now=now)
+            else:
+                async with self.tasks.transaction() as conn:
+                    for change in changes:
+                        task = await self.tasks.apply(change, now=now, conn=conn)
+        except (Conflict, Forbidden) as exc:
+            exc.task = (await self.tasks.by_id([task_id])).get(task_id)
+            raise
+        self._count(changes[0].event, task)
+        return task
 
     # -- agents reporting ------------------------------------------------------------------------
 
@@ -203,7 +138,7 @@ class Broker:
         deadline = loop.time() + wait_seconds
         while True:
             woken = self.listener.event(WORK_CHANNEL) if self.listener else None
-            tasks = await self.store.task_claim(
+            tasks = await self.tasks.claim(
                 agent_id, capabilities, max_tasks=max_tasks, start=start, now=now
             )
             remaining = deadline - loop.time()
@@ -221,83 +156,6 @@ class Broker:
             except TimeoutError:
                 return []
 
-    async def start(
-        self,
-        task_id: uuid.UUID,
-        agent_id: str,
-        *,
-        lease: int | None = None,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id, self.store.task_start(task_id, agent_id, lease=lease, now=now), "started"
-        )
-
-    async def progress(
-        self,
-        task_id: uuid.UUID,
-        agent_id: str,
-        *,
-        percent: float | None = None,
-        message: str | None = None,
-        data: object = None,
-        lease: int | None = None,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id,
-            self.store.task_progress(
-                task_id, agent_id, percent=percent, message=message, data=data, lease=lease,
-                now=now,
-            ),
-            "progress",
-        )
-
-    async def complete(
-        self,
-        task_id: uuid.UUID,
-        actor: str,
-        result: object = None,
-        *,
-        admin: bool = False,
-        lease: int | None = None,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id,
-            self.store.task_complete(task_id, actor, result, admin=admin, lease=lease, now=now),
-            "completed",
-        )
-
-    async def fail(
-        self,
-        task_id: uuid.UUID,
-        agent_id: str,
-        error: str | None = None,
-        *,
-        retry_eligible: bool = True,
-        lease: int | None = None,
-        now: datetime | None = None,
-    ) -> Task:
-        return await self._fenced(
-            task_id,
-            self.store.task_fail(
-                task_id, agent_id, error, retry_eligible=retry_eligible, lease=lease, now=now
-            ),
-            "failed",
-        )
-
-    async def _fenced(self, task_id: uuid.UUID, change: Awaitable[Task], event: str) -> Task:
-        """Run a transition; a conflict carries the task's current state for the 409 body, a
-        refusal carries it for the API's visibility rule (auth.mode tokens)."""
-        try:
-            task = await change
-        except (Conflict, Forbidden) as exc:
-            exc.task = (await self.store.tasks_by_id([task_id])).get(task_id)
-            raise
-        self._count(event, task)
-        return task
-
     async def report(
         self,
         agent_id: str,
@@ -307,7 +165,7 @@ class Broker:
         now: datetime | None = None,
     ) -> list[ReportOutcome]:
         """Several reports of one agent in one transaction, each fenced on its own."""
-        outcomes = await self.store.task_report_batch(agent_id, reports, admin=admin, now=now)
+        outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome.status == 200 and outcome.task is not None:
                 self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
@@ -337,14 +195,14 @@ class Broker:
         self, *, batch: int | None = None, now: datetime | None = None
     ) -> list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
-        assignments = await self.store.task_assign(batch or self.assignment.batch_size, now=now)
+        assignments = await self.tasks.assign(batch or self.assignment.batch_size, now=now)
         if assignments and self.metrics is not None:
             self.metrics.task_transitions.labels("assigned").inc(len(assignments))
         return assignments
 
     async def expire(self, *, now: datetime | None = None, limit: int = 100) -> list[Expiry]:
         """End the overdue attempts (deadline, heartbeat, wake timeout)."""
-        expiries = await self.store.task_expire(now=now, limit=limit)
+        expiries = await self.tasks.expire(now=now, limit=limit)
         if self.metrics is not None:
             for expiry in expiries:
                 self.metrics.task_transitions.labels(expiry.event).inc()
@@ -355,11 +213,11 @@ class Broker:
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
         """Every candidate agent for the task with its score factors or exclusion reasons."""
-        async with self.store.transaction() as conn:
-            task = await self.store.task_get(task_id, conn=conn)
-            rows = await self.store.task_explain(task_id, conn=conn)
-            hold = await self.store.task_hold(task_id, conn=conn)
-            config = await self.store.config_get(conn=conn)
+        async with self.tasks.transaction() as conn:
+            task = await self.tasks.get(task_id, conn=conn)
+            rows = await self.tasks.explain(task_id, conn=conn)
+            hold = await self.tasks.hold(task_id, conn=conn)
+            config = await self.config.get(conn=conn)
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
             notes = ["the task has no owner: it is not owner-scoped, any eligible agent may run it"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
+from typing import ClassVar
 
 import msgspec
 
@@ -96,6 +97,74 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     rate_key: str | None = None
     cost: int = 1
+
+
+# A change to one task, as one value: the broker applies any of them the same way (fenced on the
+# task, counted under `event`) and the store maps each to its SQL function. `lease`, where a
+# report may present it, is the assignment the reporter holds; a stale one is refused (409).
+
+
+class Start(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "started"
+    task_id: uuid.UUID
+    agent_id: str
+    lease: int | None = None
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "progress"
+    task_id: uuid.UUID
+    agent_id: str
+    percent: float | None = None
+    message: str | None = None
+    data: object = None
+    lease: int | None = None
+
+
+class Complete(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "completed"
+    task_id: uuid.UUID
+    actor: str
+    result: object = None
+    admin: bool = False
+    lease: int | None = None
+
+
+class Fail(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "failed"
+    task_id: uuid.UUID
+    agent_id: str
+    error: str | None = None
+    retry_eligible: bool = True
+    lease: int | None = None
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "cancelled"
+    task_id: uuid.UUID
+    actor: str
+    reason: str | None = None
+    admin: bool = False
+
+
+class Update(msgspec.Struct, frozen=True, kw_only=True):
+    """A merge patch of the task's metadata and/or a new priority."""
+
+    event: ClassVar[str] = "updated"
+    task_id: uuid.UUID
+    actor: str
+    metadata_patch: dict[str, object] | None = None
+    priority: int | None = None
+    admin: bool = False
+
+
+class Requeue(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "requeued"
+    task_id: uuid.UUID
+    actor: str
+
+
+Change = Start | Progress | Complete | Fail | Cancel | Update | Requeue
 
 
 class ReportOutcome(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,6 +24,8 @@ from dispatch.settings import Settings
 from dispatch.store import Store
 
 if TYPE_CHECKING:
+    from litestar import Litestar, Router
+
     from dispatch.ui.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,34 @@ class _Server(uvicorn.Server):
         yield
 
 
+def web_app(
+    settings: Settings,
+    broker: Broker,
+    *,
+    admin_token: str | None = None,
+    listener: Listener | None = None,
+    metrics: Metrics | None = None,
+) -> Litestar:
+    """The API on port 8600, with the dashboard under /ui when ui.enabled."""
+    from dispatch.api.app import create_app
+
+    token = admin_token or settings.server.admin_token
+    mounts: list[Router] = []
+    state: dict[str, object] = {}
+    if settings.ui.enabled:
+        # Imported here: jinja2 and the templates are needed only where the dashboard is served.
+        from dispatch.ui.views import create_ui
+
+        router, state["ui"] = create_ui(
+            settings.ui, broker, token, listener=listener, metrics=metrics
+        )
+        mounts.append(router)
+    return create_app(
+        settings, broker, admin_token=token, listener=listener, metrics=metrics, mounts=mounts,
+        state=state,
+    )
+
+
 class Service:
     """Everything one process runs. `start()` is ready when both ports accept connections."""
 
@@ -73,7 +103,6 @@ class Service:
         self.pool: AsyncConnectionPool[Any] | None = None
         self.probe: db.HealthProbe | None = None
         self.listener: Listener | None = None
-        self.store: Store | None = None
         self.broker: Broker | None = None
         self.loops: list[Loop] = []
         self.servers: list[_Server] = []
@@ -94,9 +123,8 @@ class Service:
         self.probe = db.HealthProbe(self.database_url)
         self.listener = Listener(self.database_url)
         await self.listener.start()
-        self.store = Store(self.pool)
         self.broker = Broker(
-            self.store, listener=self.listener, assignment=s.assignment, metrics=self.metrics
+            Store(self.pool), listener=self.listener, assignment=s.assignment, metrics=self.metrics
         )
         await self.broker.apply_config()
         self.loops = self._build_loops()
@@ -124,7 +152,7 @@ class Service:
             ),
             Reaper(self.broker, self.listener),
             DirectorySync(
-                self.broker.store,
+                self.broker,
                 warren=warren,
                 promptforge=PromptForgeClient(s.promptforge.url) if s.promptforge.url else None,
                 alexandria=AlexandriaClient(s.alexandria.url) if s.alexandria.url else None,
@@ -132,7 +160,7 @@ class Service:
                 stale_ms=s.directory.stale_ms,
                 metrics=self.metrics,
             ),
-            Pruner(self.broker.store, retention_hours=s.retention.hours),
+            Pruner(self.broker, retention_hours=s.retention.hours),
         ]
         loops += self._nats_loops()
         return loops
@@ -150,13 +178,12 @@ class Service:
         conn = NatsConnection(self.settings.hermes.url)
         poll = self.settings.hermes.poll_interval_ms / 1000
         relay = Relay(
-            self.broker.store, self.listener, conn, metrics=self.metrics, poll_interval=poll
+            self.broker, self.listener, conn, metrics=self.metrics, poll_interval=poll
         )
         # Started in this order, stopped in reverse: inbound and relay before the connection.
         return [conn, relay, NatsInbound(conn, self.broker)]
 
     async def _start_servers(self) -> None:
-        from dispatch.api.app import create_app
         from dispatch.api.ops import create_ops_app
 
         assert self.broker is not None
@@ -166,7 +193,10 @@ class Service:
             admin_token = secrets.token_urlsafe(32)
             # Logged once, so that an operator of a default start-up can use the admin endpoints.
             log.warning("server.admin_token is empty; generated admin token: %s", admin_token)
-        api_app = create_app(s, self.broker, admin_token=admin_token)
+        api_app = web_app(
+            s, self.broker, admin_token=admin_token, listener=self.listener,
+            metrics=self.metrics,
+        )
         dashboard = api_app.state.get("ui")
         if dashboard is not None:
             self.hubs.append(dashboard.hub)
@@ -223,10 +253,10 @@ class Service:
 
     async def gauges(self) -> dict[str, object]:
         """The queue gauges read from the database at scrape time (GET /metrics)."""
-        assert self.pool is not None and self.store is not None
+        assert self.pool is not None and self.broker is not None
         # A scrape does not queue for long behind busy requests: it reports database_up 0.
         async with db.connection(self.pool, timeout=2.0) as conn:
-            return await self.store.metrics_gauges(conn=conn)
+            return await self.broker.insights.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
         for hub in self.hubs:

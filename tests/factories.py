@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dispatch.broker import Broker
-from dispatch.models import NewTask, Task
+from dispatch.models import NewTask, Start, Task
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -27,12 +27,12 @@ async def make_running(
     broker: Broker, agent: str = "agent-1", now: datetime = T0, **fields: Any
 ) -> Task:
     """A task claimed and started by `agent` at `now`."""
-    await broker.store.agent_upsert(agent, capabilities=fields.get("required_capabilities", []))
+    await broker.agents.upsert(agent, capabilities=fields.get("required_capabilities", []))
     task = await make_task(broker, **fields)
     claimed = await broker.claim(agent, now=now)
     assert claimed is not None and claimed.task_id == task.task_id
-    return await broker.start(task.task_id, agent, now=now)
+    return await broker.apply(Start(task_id=task.task_id, agent_id=agent), now=now)
 
 
 async def event_names(broker: Broker, task: Task) -> list[str]:
-    return [e.event for e in await broker.store.task_events(task.task_id)]
+    return [e.event for e in await broker.tasks.events(task.task_id)]

@@ -69,7 +69,7 @@ class AgentController(Controller):
             raise Forbidden(
                 "owner is set by an admin or the directory (Alexandria), not by the agent"
             )
-        return await caller.store.agent_upsert(
+        return await caller.broker.agents.upsert(
             agent_id,
             capabilities=body.capabilities,
             owner=body.owner,
@@ -85,7 +85,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def list_agents(self, caller: CallerDep) -> list[Agent]:
-        return await caller.store.agent_list()
+        return await caller.broker.agents.all()
 
     @post(
         "/{agent_id:str}/heartbeat",
@@ -101,7 +101,7 @@ class AgentController(Controller):
     ) -> Agent:
         agent_id = checked_agent_id(agent_id)
         require_self_or_admin(agent_id, caller)
-        return await caller.store.agent_heartbeat(agent_id, (data or Heartbeat()).status)
+        return await caller.broker.agents.heartbeat(agent_id, (data or Heartbeat()).status)
 
     @post(
         "/{agent_id:str}/drain",
@@ -112,7 +112,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def drain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
-        return await caller.store.agent_drain(checked_agent_id(agent_id), True)
+        return await caller.broker.agents.drain(checked_agent_id(agent_id), True)
 
     @post(
         "/{agent_id:str}/undrain",
@@ -123,7 +123,7 @@ class AgentController(Controller):
         security=ADMIN_SECURITY,
     )
     async def undrain(self, agent_id: AgentIdPath, caller: CallerDep) -> Agent:
-        return await caller.store.agent_drain(checked_agent_id(agent_id), False)
+        return await caller.broker.agents.drain(checked_agent_id(agent_id), False)
 
     @post(
         "/{agent_id:str}/tokens",
@@ -166,4 +166,4 @@ class AgentController(Controller):
     security=ADMIN_SECURITY,
 )
 async def stats(caller: CallerDep) -> Stats:
-    return await caller.store.stats()
+    return await caller.broker.insights.stats()

@@ -1,5 +1,8 @@
 """The API app on port 8600: every endpoint under /api/v1, its OpenAPI document under /schema
-(openapi.json, openapi.yaml, a browsable page) and the dashboard under /ui (dispatch.ui)."""
+(openapi.json, openapi.yaml, a browsable page). Further routers (the dashboard, which
+dispatch.service mounts under /ui) come in as `mounts`."""
+
+from collections.abc import Mapping, Sequence
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
@@ -18,7 +21,8 @@ from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.limits import LimitController, TenantController
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
-from dispatch.notify import AUTH_CHANNEL
+from dispatch.metrics import Metrics
+from dispatch.notify import AUTH_CHANNEL, Listener
 from dispatch.settings import Settings
 from dispatch.wire import AGENT_ID_PATTERN
 
@@ -36,9 +40,20 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = None) -> Litestar:
-    """The API app. `admin_token`, when given, replaces settings.server.admin_token (`serve`
-    passes the one it generated when the setting is empty)."""
+def create_app(
+    settings: Settings,
+    broker: Broker,
+    *,
+    admin_token: str | None = None,
+    listener: Listener | None = None,
+    metrics: Metrics | None = None,
+    mounts: Sequence[Router] = (),
+    state: Mapping[str, object] | None = None,
+) -> Litestar:
+    """The API app over `broker`. `admin_token`,
+    when given, replaces settings.server.admin_token (`serve` passes the one it generated when
+    the setting is empty); `listener` brings other replicas' token revocations; `metrics`
+    counts HTTP requests; `mounts` are further routers (the dashboard) with their `state`."""
 
     api = Router(
         path="/api/v1",
@@ -56,27 +71,16 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         },
         dependencies={"caller": Provide(provide_caller, sync_to_thread=False)},
     )
-    # getattr: broker is None for an app built for its schema only.
     auth = Authenticator(
-        getattr(broker, "store", None),  # type: ignore[arg-type]
+        broker.agents,
         settings.auth,
         admin_token or settings.server.admin_token,
     )
-    listener = getattr(broker, "listener", None)
     if listener is not None:
         # Revocations made through any replica reach this one's token cache.
         listener.watch(AUTH_CHANNEL, auth.forget)
-    metrics = getattr(broker, "metrics", None)
-    handlers: list[Router] = [api]
-    state: dict[str, object] = {"auth": auth, "broker": broker}
-    if settings.ui.enabled and broker is not None:
-        # Imported here: jinja2 and the templates are needed only where the dashboard is served.
-        from dispatch.ui.views import create_ui
-
-        ui_router, state["ui"] = create_ui(
-            settings.ui, broker, admin_token or settings.server.admin_token, listener
-        )
-        handlers.append(ui_router)
+    handlers: list[Router] = [api, *mounts]
+    app_state: dict[str, object] = {**(state or {}), "auth": auth, "broker": broker}
     return Litestar(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,
@@ -84,7 +88,7 @@ def create_app(settings: Settings, broker: Broker, *, admin_token: str | None = 
         # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
         middleware=[metrics.http.middleware] if metrics is not None else [],
         openapi_config=openapi_config(),
-        state=State(state),
+        state=State(app_state),
         logging_config=None,  # dispatch.logs configured the process's logging
         debug=False,
     )

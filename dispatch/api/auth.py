@@ -21,7 +21,7 @@ from litestar.handlers.base import BaseRouteHandler
 from dispatch.api.deps import Caller
 from dispatch.errors import Forbidden, Unauthorized
 from dispatch.settings import AuthSettings
-from dispatch.store import Store
+from dispatch.store import Agents
 from dispatch.wire import AGENT_ID_RE
 
 AGENT_HEADER = "x-agent-id"
@@ -39,8 +39,8 @@ class Authenticator:
     through this replica takes effect here at once, and on the others when its NOTIFY arrives
     (`forget`), at the latest after token_cache_ms."""
 
-    def __init__(self, store: Store, settings: AuthSettings, admin_token: str) -> None:
-        self.store = store
+    def __init__(self, agents: Agents, settings: AuthSettings, admin_token: str) -> None:
+        self.agents = agents
         self.mode = settings.mode
         self.admin_token = admin_token
         self._ttl = settings.token_cache_ms / 1000
@@ -62,7 +62,7 @@ class Authenticator:
         if hit is not None and now - hit[1] < self._ttl:
             return hit[0]
         generation = self._generation
-        agent_id = await self.store.agent_token_agent(token)
+        agent_id = await self.agents.token_agent(token)
         if agent_id is None:
             self._verified.pop(key, None)
         elif generation == self._generation and self._ttl > 0:
@@ -82,10 +82,10 @@ class Authenticator:
             del self._verified[key]
 
     async def issue(self, agent_id: str) -> str:
-        return await self.store.agent_token_issue(agent_id)
+        return await self.agents.token_issue(agent_id)
 
     async def revoke(self, agent_id: str) -> int:
-        revoked = await self.store.agent_token_revoke(agent_id)
+        revoked = await self.agents.token_revoke(agent_id)
         self.forget(agent_id)
         return revoked
 
@@ -134,7 +134,7 @@ async def require_agent(
         raise Forbidden(f"invalid token: neither the admin token nor a live token of {agent_id}")
     broker = connection.app.state.broker
     viewer = agent_id if auth.mode == "tokens" and not admin else None
-    connection.state.dispatch_caller = Caller(broker, broker.store, agent_id, admin, viewer)
+    connection.state.dispatch_caller = Caller(broker, agent_id, admin, viewer)
 
 
 async def require_admin(

@@ -1,4 +1,4 @@
-"""What the handlers receive by dependency injection: one Caller (the broker and its store, who
+"""What the handlers receive by dependency injection: one Caller (the broker, who
 is calling, whether they presented the admin token, and which tasks they may see). One
 dependency, not several: Litestar resolves several dependencies of one handler in an anyio task
 group, which costs more than the work itself."""
@@ -12,7 +12,6 @@ from litestar.di import NamedDependency
 from dispatch.broker import Broker
 from dispatch.errors import NotFound
 from dispatch.models import ReportOutcome, Task
-from dispatch.store import Store
 
 
 def task_visible(task: Task, agent_id: str) -> bool:
@@ -29,7 +28,6 @@ def task_visible(task: Task, agent_id: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Caller:
     broker: Broker
-    store: Store
     agent_id: str
     admin: bool
     # Whose tasks the caller is limited to (auth.mode tokens, not an admin); None: every task.
@@ -62,7 +60,7 @@ async def hide_unseen(caller: Caller, outcomes: list[ReportOutcome]) -> list[Rep
     refused = [o.task_id for o in outcomes if o.status in (403, 409) and o.task_id is not None]
     if not refused:
         return outcomes
-    tasks = await caller.store.tasks_by_id(refused)
+    tasks = await caller.broker.tasks.by_id(refused)
     hidden = {tid for tid, task in tasks.items() if not caller.sees(task)}
     return [
         ReportOutcome(task_id=o.task_id, status=404, task=None, error=f"task {o.task_id} not found")

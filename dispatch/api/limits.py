@@ -28,11 +28,11 @@ class LimitController(Controller):
 
     @get("/concurrency", responses=ERRORS, summary="Every concurrency key's cap and active tasks")
     async def concurrency_list(self, caller: CallerDep) -> list[ConcurrencyLimit]:
-        return await caller.store.concurrency_limits()
+        return await caller.broker.flow.concurrency_limits()
 
     @get("/concurrency/{key:str}", responses=ERRORS, summary="A concurrency key's cap")
     async def concurrency_get(self, key: KeyPath, caller: CallerDep) -> ConcurrencyLimit:
-        found = await caller.store.concurrency_limits(flow_key(key, "key"))
+        found = await caller.broker.flow.concurrency_limits(flow_key(key, "key"))
         if not found:
             raise NotFound(f"concurrency key {key} has no limit")
         return found[0]
@@ -44,23 +44,23 @@ class LimitController(Controller):
     async def concurrency_put(
         self, key: KeyPath, caller: CallerDep, data: JSONBody[ConcurrencyLimitBody]
     ) -> ConcurrencyLimit:
-        return await caller.store.concurrency_limit_set(flow_key(key, "key"), data.max_active)
+        return await caller.broker.flow.concurrency_limit_set(flow_key(key, "key"), data.max_active)
 
     @delete(
         "/concurrency/{key:str}", responses=ERRORS, status_code=HTTP_204_NO_CONTENT,
         summary="Remove a concurrency key's cap",
     )
     async def concurrency_delete(self, key: KeyPath, caller: CallerDep) -> None:
-        if not await caller.store.concurrency_limit_delete(flow_key(key, "key")):
+        if not await caller.broker.flow.concurrency_limit_delete(flow_key(key, "key")):
             raise NotFound(f"concurrency key {key} has no limit")
 
     @get("/rate", responses=ERRORS, summary="Every rate key's bucket and the tokens left")
     async def rate_list(self, caller: CallerDep) -> list[RateLimit]:
-        return await caller.store.rate_limits()
+        return await caller.broker.flow.rate_limits()
 
     @get("/rate/{key:str}", responses=ERRORS, summary="A rate key's bucket and the tokens left")
     async def rate_get(self, key: KeyPath, caller: CallerDep) -> RateLimit:
-        found = await caller.store.rate_limits(flow_key(key, "key"))
+        found = await caller.broker.flow.rate_limits(flow_key(key, "key"))
         if not found:
             raise NotFound(f"rate key {key} has no limit")
         return found[0]
@@ -72,7 +72,7 @@ class LimitController(Controller):
     async def rate_put(
         self, key: KeyPath, caller: CallerDep, data: JSONBody[RateLimitBody]
     ) -> RateLimit:
-        return await caller.store.rate_limit_set(
+        return await caller.broker.flow.rate_limit_set(
             flow_key(key, "key"), data.capacity, data.refill_per_second
         )
 
@@ -81,7 +81,7 @@ class LimitController(Controller):
         summary="Remove a rate key's bucket",
     )
     async def rate_delete(self, key: KeyPath, caller: CallerDep) -> None:
-        if not await caller.store.rate_limit_delete(flow_key(key, "key")):
+        if not await caller.broker.flow.rate_limit_delete(flow_key(key, "key")):
             raise NotFound(f"rate key {key} has no limit")
 
 
@@ -93,7 +93,7 @@ class TenantController(Controller):
 
     @get("/{tenant:str}/weight", responses=ERRORS, summary="A tenant's fair-share weight")
     async def weight_get(self, tenant: TenantPath, caller: CallerDep) -> TenantWeight:
-        return await caller.store.tenant_weight(flow_key(tenant, "tenant"))
+        return await caller.broker.flow.tenant_weight(flow_key(tenant, "tenant"))
 
     @put(
         "/{tenant:str}/weight", responses=ERRORS, status_code=HTTP_200_OK,
@@ -102,12 +102,12 @@ class TenantController(Controller):
     async def weight_put(
         self, tenant: TenantPath, caller: CallerDep, data: JSONBody[TenantWeightBody]
     ) -> TenantWeight:
-        return await caller.store.tenant_weight_set(flow_key(tenant, "tenant"), data.weight)
+        return await caller.broker.flow.tenant_weight_set(flow_key(tenant, "tenant"), data.weight)
 
     @delete(
         "/{tenant:str}/weight", responses=ERRORS, status_code=HTTP_204_NO_CONTENT,
         summary="Set a tenant's weight back to the default",
     )
     async def weight_delete(self, tenant: TenantPath, caller: CallerDep) -> None:
-        if not await caller.store.tenant_weight_delete(flow_key(tenant, "tenant")):
+        if not await caller.broker.flow.tenant_weight_delete(flow_key(tenant, "tenant")):
             raise NotFound(f"tenant {tenant} has no weight set")

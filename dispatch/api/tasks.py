@@ -18,13 +18,21 @@ from dispatch.api.deps import CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
 from dispatch.errors import InvalidInput
 from dispatch.models import (
+    Cancel,
+    Change,
+    Complete,
     Cursor,
     Explanation,
+    Fail,
+    Progress,
     ReportOutcome,
+    Requeue,
+    Start,
     Task,
     TaskEvent,
     TaskFilter,
     TaskStatus,
+    Update,
 )
 from dispatch.wire import (
     MAX_REPORTS,
@@ -155,7 +163,7 @@ class TaskController(Controller):
         if caller.viewer is not None and new.parent_task_id is not None:
             # A parent the caller may not see answers as one that does not exist (the foreign
             # key's own answer), so that task ids do not leak.
-            parents = await caller.store.tasks_by_id([new.parent_task_id])
+            parents = await caller.broker.tasks.by_id([new.parent_task_id])
             parent = parents.get(new.parent_task_id)
             if parent is None or not caller.sees(parent):
                 raise InvalidInput("parent_task_id does not exist", field="parent_task_id")
@@ -224,7 +232,7 @@ class TaskController(Controller):
             visible_to=caller.viewer,
         )
         after = decode_cursor(cursor) if cursor else None
-        tasks = await caller.store.task_list(filters, limit=limit + 1, after=after)
+        tasks = await caller.broker.tasks.page(filters, limit=limit + 1, after=after)
         headers = {}
         if len(tasks) > limit:
             tasks = tasks[:limit]
@@ -233,14 +241,14 @@ class TaskController(Controller):
 
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return caller.shown(await caller.store.task_get(parse_task_id(task_id)))
+        return caller.shown(await caller.broker.tasks.get(parse_task_id(task_id)))
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:
         tid = parse_task_id(task_id)
         if caller.viewer is not None:
-            caller.shown(await caller.store.task_get(tid))
-        return await caller.store.task_events(tid)
+            caller.shown(await caller.broker.tasks.get(tid))
+        return await caller.broker.tasks.events(tid)
 
     @patch(
         "/{task_id:str}",
@@ -267,15 +275,19 @@ class TaskController(Controller):
             raise InvalidInput("a cancelled task has no priority to change", field="priority")
         if data.status is None and metadata is None and data.priority is None:
             raise InvalidInput("nothing to change: give status, metadata or priority", field=None)
-        return await caller.broker.patch(
-            tid,
-            caller.agent_id,
-            cancel=data.status == "cancelled",
-            reason=data.reason,
-            metadata_patch=metadata,
-            priority=data.priority,
-            admin=caller.admin,
-        )
+        changes: list[Change] = []
+        if data.status == "cancelled":
+            changes.append(
+                Cancel(task_id=tid, actor=caller.agent_id, reason=data.reason, admin=caller.admin)
+            )
+        if metadata is not None or data.priority is not None:
+            changes.append(
+                Update(
+                    task_id=tid, actor=caller.agent_id, metadata_patch=metadata,
+                    priority=data.priority, admin=caller.admin,
+                )
+            )
+        return await caller.broker.apply(*changes)
 
     @post(
         "/claim",
@@ -340,8 +352,11 @@ class TaskController(Controller):
         data: JSONBody[StartReport | None] = None,
     ) -> Task:
         body = data or StartReport()
-        return await caller.broker.start(
-            parse_task_id(task_id), caller.agent_id, lease=lease_of(body.lease, lease_header)
+        return await caller.broker.apply(
+            Start(
+                task_id=parse_task_id(task_id), agent_id=caller.agent_id,
+                lease=lease_of(body.lease, lease_header),
+            )
         )
 
     @post(
@@ -359,13 +374,15 @@ class TaskController(Controller):
     ) -> Task:
         body = data or ProgressReport()
         fields = progress_fields(body.percent, body.message, body.data, body.progress, body.detail)
-        return await caller.broker.progress(
-            parse_task_id(task_id),
-            caller.agent_id,
-            percent=fields.percent,
-            message=fields.message,
-            data=fields.data,
-            lease=lease_of(body.lease, lease_header),
+        return await caller.broker.apply(
+            Progress(
+                task_id=parse_task_id(task_id),
+                agent_id=caller.agent_id,
+                percent=fields.percent,
+                message=fields.message,
+                data=fields.data,
+                lease=lease_of(body.lease, lease_header),
+            )
         )
 
     @post(
@@ -382,12 +399,14 @@ class TaskController(Controller):
         data: JSONBody[CompleteReport | None] = None,
     ) -> Task:
         body = data or CompleteReport()
-        return await caller.broker.complete(
-            parse_task_id(task_id),
-            caller.agent_id,
-            body.result,
-            admin=caller.admin,
-            lease=lease_of(body.lease, lease_header),
+        return await caller.broker.apply(
+            Complete(
+                task_id=parse_task_id(task_id),
+                actor=caller.agent_id,
+                result=body.result,
+                admin=caller.admin,
+                lease=lease_of(body.lease, lease_header),
+            )
         )
 
     @post(
@@ -404,12 +423,14 @@ class TaskController(Controller):
         data: JSONBody[FailReport | None] = None,
     ) -> Task:
         body = data or FailReport()
-        return await caller.broker.fail(
-            parse_task_id(task_id),
-            caller.agent_id,
-            body.error,
-            retry_eligible=body.retry_eligible,
-            lease=lease_of(body.lease, lease_header),
+        return await caller.broker.apply(
+            Fail(
+                task_id=parse_task_id(task_id),
+                agent_id=caller.agent_id,
+                error=body.error,
+                retry_eligible=body.retry_eligible,
+                lease=lease_of(body.lease, lease_header),
+            )
         )
 
     @get(
@@ -431,4 +452,6 @@ class TaskController(Controller):
         security=ADMIN_SECURITY,
     )
     async def requeue(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
-        return await caller.broker.requeue(parse_task_id(task_id), caller.agent_id)
+        return await caller.broker.apply(
+            Requeue(task_id=parse_task_id(task_id), actor=caller.agent_id)
+        )

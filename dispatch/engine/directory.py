@@ -13,13 +13,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from dispatch.broker import Broker
 from dispatch.integrations import describe
 from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenAgent, WarrenClient, agent_status
 from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
-from dispatch.store import Store
 from dispatch.wire import AGENT_ID_RE
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class DirectorySync(BackgroundLoop):
 
     def __init__(
         self,
-        store: Store,
+        broker: Broker,
         *,
         warren: WarrenClient | None = None,
         promptforge: PromptForgeClient | None = None,
@@ -45,7 +45,7 @@ class DirectorySync(BackgroundLoop):
         metrics: Metrics | None = None,
     ) -> None:
         super().__init__(interval=refresh_ms / 1000.0)
-        self.store = store
+        self.agents = broker.agents
         self.warren = warren
         self.promptforge = promptforge
         self.alexandria = alexandria
@@ -83,7 +83,7 @@ class DirectorySync(BackgroundLoop):
 
     async def run_once(self, now: datetime | None = None) -> bool:
         """One refresh; False when another replica holds the lock (it refreshes instead)."""
-        async with self.store.exclusive(DIRECTORY_LOCK_KEY) as mine:
+        async with self.agents.exclusive(DIRECTORY_LOCK_KEY) as mine:
             if not mine:
                 return False
             w, pf, ax = self.warren, self.promptforge, self.alexandria
@@ -93,12 +93,12 @@ class DirectorySync(BackgroundLoop):
                 self._fetch("alexandria", ax.ownership() if ax else None),
             )
             entries = self._entries(warren, personas)
-            async with self.store.transaction() as conn:
+            async with self.agents.transaction() as conn:
                 if entries:
-                    await self.store.agent_sync(entries, now=now, conn=conn)
+                    await self.agents.sync(entries, now=now, conn=conn)
                 if owners is not None:
-                    await self.store.agent_owners_sync(owners, "alexandria", now=now, conn=conn)
-            marked = await self.store.agent_mark_stale(self.stale_ms, now=now)
+                    await self.agents.owners_sync(owners, "alexandria", now=now, conn=conn)
+            marked = await self.agents.mark_stale(self.stale_ms, now=now)
             if marked:
                 log.warning(
                     "%d agents not refreshed for %d ms are now unknown", marked, self.stale_ms

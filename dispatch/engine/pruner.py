@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
+from dispatch.broker import Broker
 from dispatch.loop import BackgroundLoop
-from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +25,23 @@ class Pruner(BackgroundLoop):
     name = "pruner"
 
     def __init__(
-        self, store: Store, *, retention_hours: int, interval_seconds: float = 60.0
+        self, broker: Broker, *, retention_hours: int, interval_seconds: float = 60.0
     ) -> None:
         super().__init__(interval=interval_seconds)
-        self.store = store
+        self.tasks = broker.tasks
         self.retention = timedelta(hours=retention_hours)
         self.pruned = 0
 
     async def run_once(self, now: datetime | None = None) -> int | None:
         """Prune once; None when another replica holds the lock."""
         before = (now or datetime.now(UTC)) - self.retention
-        async with self.store.exclusive(PRUNE_LOCK_KEY) as mine:
+        async with self.tasks.exclusive(PRUNE_LOCK_KEY) as mine:
             if not mine:
                 return None
             total = 0
             while True:
-                async with self.store.maintenance(PRUNE_STATEMENT_TIMEOUT_MS) as conn:
-                    n = await self.store.task_prune(before, PRUNE_BATCH, conn=conn)
+                async with self.tasks.maintenance(PRUNE_STATEMENT_TIMEOUT_MS) as conn:
+                    n = await self.tasks.prune(before, PRUNE_BATCH, conn=conn)
                 total += n
                 if n < PRUNE_BATCH:
                     break

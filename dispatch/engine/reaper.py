@@ -60,7 +60,7 @@ class Reaper(TickLoop):
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_unmatched >= self.interval:
             self._last_unmatched = loop.time()
-            self.unmatched += await self.broker.store.task_report_unmatched()
+            self.unmatched += await self.broker.tasks.report_unmatched()
         return ended
 
     async def round(self) -> float:

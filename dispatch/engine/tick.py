@@ -22,7 +22,7 @@ class TickLoop(BackgroundLoop):
     async def until_due(self) -> float:
         """Seconds to sleep: a little past the next due instant, so that `available_at <= now`
         holds when the loop looks again; never longer than the tick."""
-        due = await self.broker.store.seconds_until_due()
+        due = await self.broker.tasks.seconds_until_due()
         if due is None:
             return self.interval
         return min(self.interval, max(due + 0.005, 0.0))

@@ -35,7 +35,14 @@ from dispatch.events.schemas import (
     StartedReport,
     TaskRequest,
 )
-from dispatch.models import AgentStatus, Task
+from dispatch.models import (
+    AgentStatus,
+    Change,
+    Complete,
+    Fail,
+    Progress,
+    Start,
+)
 from dispatch.wire import AGENT_ID_RE, error_path, new_task, progress_fields
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,6 @@ class NatsInbound:
     def __init__(self, nats_conn: NatsConnection, broker: Broker) -> None:
         self.nats = nats_conn
         self.broker = broker
-        self.store = broker.store
         self.handled = 0
         self._subs: list[Subscription] = []
         self._busy = 0
@@ -208,28 +214,29 @@ class NatsInbound:
             report = msgspec.json.decode(msg.data, type=REPORT_TYPES[kind])
         except msgspec.DecodeError as exc:
             return _invalid(f"invalid {kind} report", str(exc))
-        task: Task
+        change: Change
         match report:
             case StartedReport():
-                task = await self.broker.start(task_id, report.agent_id, lease=report.lease)
+                change = Start(task_id=task_id, agent_id=report.agent_id, lease=report.lease)
             case ProgressReport():
                 fields = progress_fields(
                     report.percent, report.message, report.data, report.progress, report.detail
                 )
-                task = await self.broker.progress(
-                    task_id, report.agent_id, percent=fields.percent, message=fields.message,
-                    data=fields.data, lease=report.lease,
+                change = Progress(
+                    task_id=task_id, agent_id=report.agent_id, percent=fields.percent,
+                    message=fields.message, data=fields.data, lease=report.lease,
                 )
             case CompletedReport():
-                task = await self.broker.complete(
-                    task_id, report.agent_id, report.result, lease=report.lease
-                )
-            case FailedReport():
-                task = await self.broker.fail(
-                    task_id, report.agent_id, report.error, retry_eligible=report.retry_eligible,
+                change = Complete(
+                    task_id=task_id, actor=report.agent_id, result=report.result,
                     lease=report.lease,
                 )
-        return task
+            case FailedReport():
+                change = Fail(
+                    task_id=task_id, agent_id=report.agent_id, error=report.error,
+                    retry_eligible=report.retry_eligible, lease=report.lease,
+                )
+        return await self.broker.apply(change)
 
     async def _on_agent(self, msg: Msg) -> object:
         # swarm.agent.<agent id, which may itself contain dots>.<state>
@@ -259,19 +266,19 @@ class NatsInbound:
             )
         if status is AgentStatus.STOPPED:
             try:
-                reassigned = await self.store.agent_stop(agent_id)
+                reassigned = await self.broker.agents.stop(agent_id)
             except NotFound:
-                await self.store.agent_upsert(agent_id, status=status)
+                await self.broker.agents.upsert(agent_id, status=status)
                 reassigned = 0
             if reassigned:
                 log.info("agent %s stopped: %d task(s) back to pending", agent_id, reassigned)
-            return await self.store.agent_get(agent_id)
+            return await self.broker.agents.get(agent_id)
         if body.capabilities is not None or body.max_concurrent:
-            return await self.store.agent_upsert(
+            return await self.broker.agents.upsert(
                 agent_id, capabilities=body.capabilities,
                 max_concurrent=body.max_concurrent, status=status,
             )
         try:
-            return await self.store.agent_heartbeat(agent_id, status)
+            return await self.broker.agents.heartbeat(agent_id, status)
         except NotFound:
-            return await self.store.agent_upsert(agent_id, status=status)
+            return await self.broker.agents.upsert(agent_id, status=status)

@@ -23,6 +23,7 @@ from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
+from dispatch.broker import Broker
 from dispatch.errors import DispatchError
 from dispatch.events.connection import NatsConnection
 from dispatch.events.schemas import ORIGIN_HEADER, ORIGIN_RELAY, EventMessage
@@ -30,7 +31,6 @@ from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Task, TaskEvent
 from dispatch.notify import EVENTS_CHANNEL, Listener
-from dispatch.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Relay(BackgroundLoop):
 
     def __init__(
         self,
-        store: Store,
+        broker: Broker,
         listener: Listener,
         nats_conn: NatsConnection,
         *,
@@ -142,7 +142,7 @@ class Relay(BackgroundLoop):
         publish_timeout: float = 5.0,
     ) -> None:
         super().__init__(interval=poll_interval, backoff=(0.1, 5.0))
-        self.store = store
+        self.broker = broker
         self.listener = listener
         self.nats = nats_conn
         self.metrics = metrics
@@ -179,7 +179,7 @@ class Relay(BackgroundLoop):
 
     async def start(self) -> None:
         # New event rows NOTIFY only while a relay runs: tell the database one does.
-        await self.store.config_relay_running()
+        await self.broker.config.relay_running()
         await super().start()
 
     async def run_once(self) -> bool:
@@ -254,22 +254,22 @@ class Relay(BackgroundLoop):
 
     async def relay_once(self) -> bool:
         """Publish and mark one batch. True when there may be more to do right away."""
-        # The transaction spans the publish on purpose (lock, publish, mark, commit), so the relay
-        # owns it rather than going through the broker.
-        async with self.store.transaction() as conn:
-            if not await self.store.event_relay_lock(conn=conn):
+        # The transaction spans the publish on purpose (lock, publish, mark, commit).
+        outbox = self.broker.outbox
+        async with outbox.transaction() as conn:
+            if not await outbox.relay_lock(conn=conn):
                 return False  # another replica is relaying; its NOTIFY wake-ups are ours too
-            events = await self.store.event_relay_batch(self.batch_size, conn=conn)
+            events = await outbox.relay_batch(self.batch_size, conn=conn)
             if not events:
                 return False
-            tasks = await self.store.tasks_by_id(list({e.task_id for e in events}), conn=conn)
+            tasks = await self.broker.tasks.by_id(list({e.task_id for e in events}), conn=conn)
             acked, error = await self.publish(events, tasks)
             if acked:
-                await self.store.event_mark_published(acked, conn=conn)
+                await outbox.mark_published(acked, conn=conn)
             aside = self._to_set_aside(len(acked))
             reason = f"refused by JetStream {REFUSALS_BEFORE_SET_ASIDE} times: {error}"
             if aside:
-                await self.store.event_set_aside(aside, reason, conn=conn)
+                await outbox.set_aside(aside, reason, conn=conn)
         self.published += len(acked)
         if aside:
             self._set_aside(aside, reason)

@@ -25,7 +25,8 @@ from litestar.response.sse import ServerSentEventMessage
 from dispatch.api.tasks import decode_cursor, encode_cursor, parse_statuses
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError, InvalidInput, NotFound
-from dispatch.models import TERMINAL_STATUSES, TaskFilter, TaskStatus
+from dispatch.metrics import Metrics
+from dispatch.models import TERMINAL_STATUSES, Cancel, Requeue, TaskFilter, TaskStatus
 from dispatch.notify import Listener
 from dispatch.settings import UiSettings
 from dispatch.ui import charts
@@ -121,11 +122,11 @@ class Dashboard:
     # -- what the hub computes: one set of queries per topic, however many tabs show it ----------
 
     async def overview_context(self) -> dict[str, Any]:
-        store = self.broker.store
-        async with store.transaction() as conn:
-            stats = await store.stats(conn=conn)
-            series = await store.ui_series(conn=conn)
-            agents = await store.agent_list(conn=conn)
+        insights = self.broker.insights
+        async with insights.transaction() as conn:
+            stats = await insights.stats(conn=conn)
+            series = await insights.ui_series(conn=conn)
+            agents = await self.broker.agents.all(conn=conn)
         return {
             "stats": stats,
             "statuses": [s.value for s in TaskStatus],
@@ -136,9 +137,8 @@ class Dashboard:
         }
 
     async def task_context(self, task_id: uuid.UUID) -> dict[str, Any]:
-        store = self.broker.store
-        task = await store.task_get(task_id)
-        events = await store.task_events(task_id)
+        task = await self.broker.tasks.get(task_id)
+        events = await self.broker.tasks.events(task_id)
         explanation = await self.broker.explain(task_id)
         return {
             "task": task,
@@ -241,9 +241,8 @@ async def overview(request: Request[Any, Any, Any]) -> Response[str]:
 @get("/agents", opt={"page": True}, include_in_schema=False)
 async def agents(request: Request[Any, Any, Any]) -> Response[str]:
     ui = _ui(request)
-    store = ui.broker.store
     return ui.page(
-        "agents.html", topic=OVERVIEW, nav="agents", agents=await store.agent_list(),
+        "agents.html", topic=OVERVIEW, nav="agents", agents=await ui.broker.agents.all(),
         now=datetime.now(UTC),
     )
 
@@ -271,7 +270,7 @@ async def tasks(request: Request[Any, Any, Any]) -> Response[str]:
     )
     raw_cursor = _filter_value(request, "cursor")
     after = decode_cursor(raw_cursor) if raw_cursor else None
-    rows = await ui.broker.store.task_list(filters, limit=PAGE_SIZE + 1, after=after)
+    rows = await ui.broker.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
     next_link = None
     if len(rows) > PAGE_SIZE:
         rows = rows[:PAGE_SIZE]
@@ -306,14 +305,16 @@ async def task_page(request: Request[Any, Any, Any], task_id: PathText) -> Respo
 @post("/tasks/{task_id:str}/cancel", include_in_schema=False)
 async def cancel(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
     tid = _task_id(task_id)
-    await _ui(request).broker.cancel(tid, UI_ACTOR, "cancelled from the dashboard", admin=True)
+    await _ui(request).broker.apply(
+        Cancel(task_id=tid, actor=UI_ACTOR, reason="cancelled from the dashboard", admin=True)
+    )
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
 
 
 @post("/tasks/{task_id:str}/requeue", include_in_schema=False)
 async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
     tid = _task_id(task_id)
-    await _ui(request).broker.requeue(tid, UI_ACTOR)
+    await _ui(request).broker.apply(Requeue(task_id=tid, actor=UI_ACTOR))
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
 
 
@@ -322,7 +323,7 @@ async def _agent_action(request: Request[Any, Any, Any], drained: bool) -> Redir
     agent_id = (await request.form()).get("agent_id")
     if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
         raise InvalidInput("agent_id: 1 to 128 characters of [A-Za-z0-9._:@/-]", field="agent_id")
-    await _ui(request).broker.store.agent_drain(agent_id, drained)
+    await _ui(request).broker.agents.drain(agent_id, drained)
     return Redirect("/ui/agents", status_code=303)
 
 
@@ -389,13 +390,17 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
 
 
 def create_ui(
-    settings: UiSettings, broker: Broker, admin_token: str, listener: Listener | None
+    settings: UiSettings,
+    broker: Broker,
+    admin_token: str,
+    *,
+    listener: Listener | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[Router, Dashboard]:
     """The /ui router and the process's Dashboard (with its hub) to put in app.state.ui."""
-    store = broker.store
 
     async def keep() -> None:
-        await store.ui_notify_keep(KEEP_SECONDS)
+        await broker.config.ui_notify_keep(KEEP_SECONDS)
 
     dashboard: Dashboard
     hub = Hub(
@@ -404,7 +409,7 @@ def create_ui(
         keep=keep,
         refresh_seconds=settings.refresh_ms / 1000,
         tick_seconds=settings.tick_ms / 1000,
-        metrics=broker.metrics,
+        metrics=metrics,
     )
     assets = {
         name: resources.files("dispatch.ui").joinpath("static", name).read_bytes()

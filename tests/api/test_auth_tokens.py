@@ -212,7 +212,7 @@ async def test_a_revocation_reaches_another_replica_through_notify(
         replica = Broker(Store(pool), listener=listener)
         apps: list[Litestar] = [
             create_app(settings("tokens"), broker),
-            create_app(settings("tokens", token_cache_ms=300_000), replica),
+            create_app(settings("tokens", token_cache_ms=300_000), replica, listener=listener),
         ]
         async with AsyncTestClient(app=apps[0]) as one, AsyncTestClient(app=apps[1]) as two:
             token = await issue(one, "worker-1")
@@ -262,7 +262,8 @@ async def test_dbas_issue_and_revoke_tokens_from_sql(
     await listener.start()
     try:
         app = create_app(
-            settings("tokens", token_cache_ms=300_000), Broker(Store(pool), listener=listener)
+            settings("tokens", token_cache_ms=300_000), Broker(Store(pool), listener=listener),
+            listener=listener,
         )
         async with AsyncTestClient(app=app) as client:
             row = sql.execute("SELECT dispatch.agent_token_issue('worker-9') AS token").fetchone()

@@ -22,7 +22,7 @@ from litestar.testing import AsyncTestClient
 
 from dispatch.api.app import create_app
 from dispatch.broker import Broker
-from dispatch.models import NewTask
+from dispatch.models import Cancel, Fail, NewTask
 from dispatch.settings import AssignmentSettings, AuthSettings, ServerSettings, Settings
 from tests.api.conftest import ADMIN_TOKEN, MAX_BODY
 
@@ -149,11 +149,11 @@ async def world(request: pytest.FixtureRequest, broker: Broker) -> AsyncIterator
     )
     for agent_id in ("agent-a", "agent-b"):
         # Alice's-style ownership, set the admin's way; room for every prepared task.
-        await broker.store.agent_upsert(agent_id, owner="own", max_concurrent=1000)
+        await broker.agents.upsert(agent_id, owner="own", max_concurrent=1000)
     tokens = {}
     if mode == "tokens":
         for role in ("requester", "owner", "assigned", "previous", "stranger"):
-            tokens[role] = await broker.store.agent_token_issue(IDS[role])
+            tokens[role] = await broker.agents.token_issue(IDS[role])
     async with AsyncTestClient(app=create_app(settings, broker)) as client:
         yield World(client, broker, tokens)
 
@@ -178,15 +178,19 @@ async def prepare(broker: Broker, how: str) -> uuid.UUID:
         requester="req",
     )
     for worker in ("agent-a", "agent-b"):  # a claim takes only what its agent is registered for
-        await broker.store.agent_upsert(worker, capabilities=[cap])
+        await broker.agents.upsert(worker, capabilities=[cap])
     first = await broker.claim("agent-a", [cap])
     assert first is not None and first.task_id == task.task_id
-    await broker.fail(task.task_id, "agent-a", "first attempt", retry_eligible=True)
+    await broker.apply(
+        Fail(task_id=task.task_id, agent_id="agent-a", error="first attempt", retry_eligible=True)
+    )
     second = await broker.claim("agent-b", [cap])
     assert second is not None and second.task_id == task.task_id
     assert second.previous_agents == ["agent-a"]
     if how == "cancelled":
-        await broker.cancel(task.task_id, "ops", "for the requeue row", admin=True)
+        await broker.apply(
+            Cancel(task_id=task.task_id, actor="ops", reason="for the requeue row", admin=True)
+        )
     return task.task_id
 
 

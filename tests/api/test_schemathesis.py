@@ -13,14 +13,19 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from dispatch.api.app import create_app
+from dispatch.broker import Broker
+from dispatch.db import create_pool
 from dispatch.settings import Settings
+from dispatch.store import Store
 from tests import pg
 from tests.serve import ServeProcess, serving
 
-# The document the API serves at /schema/openapi.json, built from the app's routes (no database is
-# needed for that). Loaded at import time: schemathesis' lazy fixture loader predates pytest 9.
+# The document the API serves at /schema/openapi.json, built from the app's routes (over a pool
+# that is never opened: no database is needed for that). Loaded at import time: schemathesis' lazy
+# fixture loader predates pytest 9.
 schema = schemathesis.openapi.from_dict(
-    create_app(Settings(), None).openapi_schema.to_schema()  # type: ignore[arg-type]
+    create_app(Settings(), Broker(Store(create_pool("", min_size=1, max_size=1))))
+    .openapi_schema.to_schema()
 )
 
 

@@ -61,14 +61,14 @@ async def scenario(url: str) -> dict[str, object]:
     listener = Listener(url, channels=(WORK_CHANNEL,))
     await listener.start()
     try:
-        await store.agent_upsert("agent-1")
+        await store.agents.upsert("agent-1")
         out["woken_before"] = await woken(url, listener)
 
         loopback("down")
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(HUNG):
-                await store.agent_upsert("agent-1")
+                await store.agents.upsert("agent-1")
             out["request"] = "answered"
         except Unavailable as exc:
             out["request"] = f"unavailable ({exc.status})"
@@ -84,7 +84,7 @@ async def scenario(url: str) -> dict[str, object]:
         loopback("up")
 
         async def serves() -> bool:
-            await store.agent_upsert("agent-1")
+            await store.agents.upsert("agent-1")
             return True
 
         out["request_after_seconds"] = await until(serves, 60)

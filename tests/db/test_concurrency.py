@@ -26,7 +26,7 @@ async def test_eight_connections_claim_a_thousand_tasks_exactly_once(
     )
     agents = [f"worker-{i}" for i in range(8)]
     for a in agents:
-        await broker.store.agent_upsert(a, max_concurrent=1000)
+        await broker.agents.upsert(a, max_concurrent=1000)
 
     async def worker(agent: str) -> list[str]:
         claimed: list[str] = []

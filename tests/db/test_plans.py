@@ -278,7 +278,7 @@ def test_the_stats_read_the_history_once_not_four_times(conn: Conn) -> None:
     # GET /api/v1/stats (and the dashboard's overview, and `dispatch top`): the counts by status
     # read every row once; the last hour comes from tasks_terminal_completed_idx (nothing there:
     # the history is two days old) and the dead letters from tasks_dead_letter_idx (none).
-    from dispatch.store import _STATS
+    from dispatch.store.insights import _STATS
 
     reads = measure(conn, _STATS.replace("%(now)s", "NULL"))
     assert reads.seq_scans <= 1, reads
@@ -289,7 +289,7 @@ def test_the_stats_read_the_history_once_not_four_times(conn: Conn) -> None:
 def test_the_dashboards_charts_read_only_the_last_hour(conn: Conn) -> None:
     # Per minute of the last hour: the terminal rows of that hour (none here: the history is two
     # days old) and the active rows, never the history or the queue.
-    from dispatch.store import _UI_SERIES
+    from dispatch.store.insights import _UI_SERIES
 
     reads = measure(conn, _UI_SERIES.replace("%(now)s", "NULL"))
     check_plans(reads)

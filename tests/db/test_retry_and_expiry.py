@@ -9,7 +9,7 @@ import pytest
 
 from dispatch.broker import Broker
 from dispatch.errors import Conflict, Forbidden
-from dispatch.models import AgentStatus, TaskStatus
+from dispatch.models import AgentStatus, Cancel, Complete, Fail, Progress, Start, TaskStatus
 from dispatch.settings import AssignmentSettings
 from tests.factories import T0, at, event_names, make_running, make_task
 
@@ -24,14 +24,16 @@ def assignment_settings() -> AssignmentSettings:
 
 
 async def test_fail_retries_with_exponential_backoff_then_dead_letters(broker: Broker) -> None:
-    await broker.store.agent_upsert("a1")
+    await broker.agents.upsert("a1")
     task = await make_task(broker, max_retries=3)
     now = T0
     expected_backoff = [1.0, 2.0, 4.0]  # seconds, before jitter
     for attempt, base in enumerate(expected_backoff, start=1):
         claimed = await broker.claim("a1", now=now)
         assert claimed is not None and claimed.task_id == task.task_id
-        failed = await broker.fail(task.task_id, "a1", f"boom {attempt}", now=now)
+        failed = await broker.apply(
+            Fail(task_id=task.task_id, agent_id="a1", error=f"boom {attempt}"), now=now
+        )
         assert failed.status is TaskStatus.PENDING
         assert failed.retry_count == attempt
         assert failed.assigned_agent is None and failed.previous_agents == ["a1"]
@@ -41,49 +43,55 @@ async def test_fail_retries_with_exponential_backoff_then_dead_letters(broker: B
         assert await broker.claim("a1", now=failed.available_at - timedelta(milliseconds=1)) is None
         now = failed.available_at
     await broker.claim("a1", now=now)
-    dead = await broker.fail(task.task_id, "a1", "final", now=now)
+    dead = await broker.apply(Fail(task_id=task.task_id, agent_id="a1", error="final"), now=now)
     assert dead.status is TaskStatus.FAILED and dead.error == "final"
-    events = await broker.store.task_events(task.task_id)
+    events = await broker.tasks.events(task.task_id)
     names = [e.event for e in events]
     assert names.count("retry") == 3 and names[-2:] == ["failed", "dlq"]
     assert events[-1].payload == {"reason": "retries exhausted", "retry_count": 3, "max_retries": 3}
-    assert (await broker.store.agent_get("a1")).active_tasks == 0
+    assert (await broker.agents.get("a1")).active_tasks == 0
 
 
 async def test_backoff_is_capped(broker: Broker) -> None:
-    await broker.store.agent_upsert("a1")
+    await broker.agents.upsert("a1")
     task = await make_task(broker, max_retries=10)
     now = T0
     for _ in range(5):
         await broker.claim("a1", now=now)
-        failed = await broker.fail(task.task_id, "a1", "x", now=now)
+        failed = await broker.apply(Fail(task_id=task.task_id, agent_id="a1", error="x"), now=now)
         now = failed.available_at
     # 1000 * 2^4 = 16000 ms, capped at 5000 ms (+-20 %).
     await broker.claim("a1", now=now)
-    failed = await broker.fail(task.task_id, "a1", "x", now=now)
+    failed = await broker.apply(Fail(task_id=task.task_id, agent_id="a1", error="x"), now=now)
     assert (failed.available_at - now).total_seconds() <= 6.0
 
 
 async def test_not_retry_eligible_goes_straight_to_dead_letter(broker: Broker) -> None:
     task = await make_running(broker, max_retries=5)
-    dead = await broker.fail(task.task_id, "agent-1", "bad input", retry_eligible=False)
+    dead = await broker.apply(
+        Fail(task_id=task.task_id, agent_id="agent-1", error="bad input", retry_eligible=False)
+    )
     assert dead.status is TaskStatus.FAILED and dead.retry_count == 0
-    events = await broker.store.task_events(task.task_id)
+    events = await broker.tasks.events(task.task_id)
     assert events[-2].payload["retry_eligible"] is False
     assert events[-1].event == "dlq" and events[-1].payload["reason"] == "not retry eligible"
 
 
 async def test_retry_prefers_another_agent(broker: Broker) -> None:
-    await broker.store.agent_upsert("a1")
-    await broker.store.agent_upsert("a2")
+    await broker.agents.upsert("a1")
+    await broker.agents.upsert("a2")
     task = await make_task(broker)
     [first] = await broker.assign(now=T0)
-    failed = await broker.fail(task.task_id, first.agent_id, "x", now=T0)
+    failed = await broker.apply(
+        Fail(task_id=task.task_id, agent_id=first.agent_id, error="x"), now=T0
+    )
     [second] = await broker.assign(now=failed.available_at)
     assert second.agent_id != first.agent_id
     # With nobody else, the previous agent gets it again rather than nobody.
-    failed = await broker.fail(task.task_id, second.agent_id, "x", now=failed.available_at)
-    await broker.store.agent_drain(first.agent_id)
+    failed = await broker.apply(
+        Fail(task_id=task.task_id, agent_id=second.agent_id, error="x"), now=failed.available_at
+    )
+    await broker.agents.drain(first.agent_id)
     [third] = await broker.assign(now=failed.available_at)
     assert third.agent_id == second.agent_id
 
@@ -97,7 +105,7 @@ async def test_deadline_timeout_retries_then_times_out(broker: Broker) -> None:
         "timeout",
         TaskStatus.PENDING,
     )
-    t = await broker.store.task_get(task.task_id)
+    t = await broker.tasks.get(task.task_id)
     assert t.retry_count == 1 and t.previous_agents == ["agent-1"]
     claimed = await broker.claim("agent-1", now=t.available_at)
     assert claimed is not None
@@ -105,7 +113,7 @@ async def test_deadline_timeout_retries_then_times_out(broker: Broker) -> None:
     assert expired.status is TaskStatus.TIMED_OUT
     names = await event_names(broker, task)
     assert names[-2:] == ["timeout", "dlq"]
-    events = await broker.store.task_events(task.task_id)
+    events = await broker.tasks.events(task.task_id)
     timeouts = [e for e in events if e.event == "timeout"]
     assert timeouts[0].payload["timed_out_in_state"] == "running"
     assert timeouts[1].payload["timed_out_in_state"] == "assigned"
@@ -124,45 +132,45 @@ async def test_a_locked_agent_row_holds_back_only_its_own_tasks_expiry(
         )
         expired = await broker.expire(now=at(61))
         assert [e.task_id for e in expired] == [other.task_id]
-        assert (await broker.store.task_get(stuck.task_id)).status is TaskStatus.RUNNING
+        assert (await broker.tasks.get(stuck.task_id)).status is TaskStatus.RUNNING
         await dba.rollback()
     [later] = await broker.expire(now=at(62))
     assert later.task_id == stuck.task_id and later.event == "timeout"
-    assert (await broker.store.agent_get("agent-1")).active_tasks == 0
+    assert (await broker.agents.get("agent-1")).active_tasks == 0
 
 
 async def test_heartbeat_expiry_and_progress_keeps_alive(broker: Broker) -> None:
     task = await make_running(broker, heartbeat_seconds=10, timeout_seconds=3600)
-    await broker.progress(task.task_id, "agent-1", percent=5, now=at(8))
+    await broker.apply(Progress(task_id=task.task_id, agent_id="agent-1", percent=5), now=at(8))
     assert await broker.expire(now=at(17)) == []
     [expired] = await broker.expire(now=at(18))
     assert expired.event == "timeout"
-    events = await broker.store.task_events(task.task_id)
+    events = await broker.tasks.events(task.task_id)
     timeout = next(e for e in events if e.event == "timeout")
     assert timeout.payload["reason"] == "heartbeat"
 
 
 async def test_wake_timeout_sends_task_back_and_counts_an_attempt(broker: Broker) -> None:
-    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agents.upsert("sleepy", status=AgentStatus.SLEEPING)
     task = await make_task(broker, max_retries=1)
     [a] = await broker.assign(now=T0)
     assert a.agent_id == "sleepy" and a.wake is True
     assert await broker.expire(now=at(29)) == []
     [expired] = await broker.expire(now=at(30))
     assert expired.event == "reassigned" and expired.status is TaskStatus.PENDING
-    t = await broker.store.task_get(task.task_id)
+    t = await broker.tasks.get(task.task_id)
     assert t.retry_count == 1 and t.previous_agents == ["sleepy"]
     assert t.available_at == at(30)  # no backoff: another agent may take it now
-    events = await broker.store.task_events(task.task_id)
+    events = await broker.tasks.events(task.task_id)
     assert events[-1].payload == {"previous_agent": "sleepy", "reason": "wake_timeout"}
     # Starting in time clears the wake timer.
     [again] = await broker.assign(now=at(31))
-    await broker.start(task.task_id, again.agent_id, now=at(40))
+    await broker.apply(Start(task_id=task.task_id, agent_id=again.agent_id), now=at(40))
     assert await broker.expire(now=at(100)) == []
 
 
 async def test_wake_timeout_with_no_retries_left_times_out(broker: Broker) -> None:
-    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agents.upsert("sleepy", status=AgentStatus.SLEEPING)
     task = await make_task(broker, max_retries=0)
     await broker.assign(now=T0)
     [expired] = await broker.expire(now=at(30))
@@ -172,20 +180,20 @@ async def test_wake_timeout_with_no_retries_left_times_out(broker: Broker) -> No
 
 async def test_agent_stopped_sends_active_tasks_back(broker: Broker) -> None:
     running = await make_running(broker, agent="a1")
-    n = await broker.store.agent_stop("a1", now=at(1))
+    n = await broker.agents.stop("a1", now=at(1))
     assert n == 1
-    t = await broker.store.task_get(running.task_id)
+    t = await broker.tasks.get(running.task_id)
     assert t.status is TaskStatus.PENDING and t.retry_count == 1
-    assert (await broker.store.agent_get("a1")).active_tasks == 0
+    assert (await broker.agents.get("a1")).active_tasks == 0
     assert (await event_names(broker, running))[-1] == "reassigned"
 
 
 async def test_seconds_until_due_counts_to_the_earliest_deadline(broker: Broker) -> None:
-    assert await broker.store.seconds_until_due(now=T0) is None
+    assert await broker.tasks.seconds_until_due(now=T0) is None
     await make_running(broker, timeout_seconds=100)
-    assert await broker.store.seconds_until_due(now=T0) == 100
+    assert await broker.tasks.seconds_until_due(now=T0) == 100
     await make_task(broker, available_at=at(50))
-    assert await broker.store.seconds_until_due(now=T0) == 50
+    assert await broker.tasks.seconds_until_due(now=T0) == 50
 
 
 class TestFencing:
@@ -193,44 +201,44 @@ class TestFencing:
         self, broker: Broker
     ) -> None:
         task = await make_running(broker)
-        before = await broker.store.task_events(task.task_id)
+        before = await broker.tasks.events(task.task_id)
         for report in (
-            broker.start(task.task_id, "intruder"),
-            broker.progress(task.task_id, "intruder", percent=50),
-            broker.complete(task.task_id, "intruder", {"x": 1}),
-            broker.fail(task.task_id, "intruder", "x"),
+            broker.apply(Start(task_id=task.task_id, agent_id="intruder")),
+            broker.apply(Progress(task_id=task.task_id, agent_id="intruder", percent=50)),
+            broker.apply(Complete(task_id=task.task_id, actor="intruder", result={"x": 1})),
+            broker.apply(Fail(task_id=task.task_id, agent_id="intruder", error="x")),
         ):
             with pytest.raises(Forbidden):
                 await report
-        assert await broker.store.task_events(task.task_id) == before
-        assert (await broker.store.task_get(task.task_id)).status is TaskStatus.RUNNING
+        assert await broker.tasks.events(task.task_id) == before
+        assert (await broker.tasks.get(task.task_id)).status is TaskStatus.RUNNING
 
     async def test_stale_agent_after_retry_gets_conflict_with_current_task(
         self, broker: Broker
     ) -> None:
         task = await make_running(broker, agent="old", timeout_seconds=10)
         await broker.expire(now=at(10))
-        await broker.store.agent_upsert("new")
-        t = await broker.store.task_get(task.task_id)
+        await broker.agents.upsert("new")
+        t = await broker.tasks.get(task.task_id)
         claimed = await broker.claim("new", now=t.available_at)
         assert claimed is not None
         with pytest.raises(Conflict) as exc:
-            await broker.complete(task.task_id, "old", {"late": True})
+            await broker.apply(Complete(task_id=task.task_id, actor="old", result={"late": True}))
         current = exc.value.task
         assert current is not None and current.assigned_agent == "new"  # type: ignore[attr-defined]
-        assert (await broker.store.task_get(task.task_id)).status is TaskStatus.ASSIGNED
+        assert (await broker.tasks.get(task.task_id)).status is TaskStatus.ASSIGNED
 
     async def test_reports_on_terminal_tasks_conflict(self, broker: Broker) -> None:
         task = await make_running(broker)
-        await broker.cancel(task.task_id, "req", "stop")
+        await broker.apply(Cancel(task_id=task.task_id, actor="req", reason="stop"))
         for report in (
-            broker.complete(task.task_id, "agent-1", {"late": True}),
-            broker.fail(task.task_id, "agent-1", "late"),
-            broker.progress(task.task_id, "agent-1", percent=90),
-            broker.start(task.task_id, "agent-1"),
+            broker.apply(Complete(task_id=task.task_id, actor="agent-1", result={"late": True})),
+            broker.apply(Fail(task_id=task.task_id, agent_id="agent-1", error="late")),
+            broker.apply(Progress(task_id=task.task_id, agent_id="agent-1", percent=90)),
+            broker.apply(Start(task_id=task.task_id, agent_id="agent-1")),
         ):
             with pytest.raises(Conflict) as exc:
                 await report
             assert exc.value.task.status is TaskStatus.CANCELLED  # type: ignore[attr-defined]
-        t = await broker.store.task_get(task.task_id)
+        t = await broker.tasks.get(task.task_id)
         assert t.result is None and t.status is TaskStatus.CANCELLED

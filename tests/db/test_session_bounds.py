@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from dispatch import db
 from dispatch.broker import Broker
 from dispatch.errors import Unavailable
+from dispatch.models import Complete
 from dispatch.settings import DatabaseSettings
 from dispatch.store import Store
 from tests.factories import make_running
@@ -38,7 +39,7 @@ async def test_pooled_sessions_carry_the_bounds_and_maintenance_lifts_the_statem
         cur = await conn.execute("SELECT current_setting('lock_timeout') AS l,"
                                  " current_setting('statement_timeout') AS s")
         assert await cur.fetchone() == {"l": "100ms", "s": "300ms"}
-    async with Store(tight_pool).maintenance(600_000) as conn:
+    async with Store(tight_pool).tasks.maintenance(600_000) as conn:
         cur = await conn.execute("SELECT current_setting('statement_timeout') AS s")
         assert await cur.fetchone() == {"s": "10min"}
 
@@ -62,12 +63,14 @@ async def test_a_locked_task_row_is_unavailable_after_lock_timeout(
     sql.execute("SELECT 1 FROM dispatch.tasks WHERE task_id = %s FOR UPDATE", (task.task_id,))
     try:
         with pytest.raises(Unavailable) as info:
-            await bounded.complete(task.task_id, "agent-1", {"ok": True})
+            await bounded.apply(
+                Complete(task_id=task.task_id, actor="agent-1", result={"ok": True})
+            )
     finally:
         sql.execute("ROLLBACK")
     assert info.value.nothing_done and info.value.detail == {"reason": "lock_timeout"}
     assert info.value.retry_after >= 1
-    done = await bounded.complete(task.task_id, "agent-1", {"ok": True})
+    done = await bounded.apply(Complete(task_id=task.task_id, actor="agent-1", result={"ok": True}))
     assert done.result == {"ok": True}
 
 
@@ -93,6 +96,6 @@ async def test_a_connection_killed_in_the_pool_is_not_handed_out(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     # The pool's only connection is dead; the call gets a fresh one instead of the 503.
-    assert (await store.config_get())["max_concurrent_per_agent"] >= 1
+    assert (await store.config.get())["max_concurrent_per_agent"] >= 1
     async with db.connection(tight_pool) as conn:
         assert conn.info.backend_pid != pid

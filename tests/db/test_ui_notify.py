@@ -29,11 +29,11 @@ async def test_event_rows_notify_only_while_the_lease_runs(
         await listen.execute("LISTEN dispatch_events")
         assert not await _notified(listen, got, broker)
 
-        await broker.store.ui_notify_keep(60)
+        await broker.config.ui_notify_keep(60)
         assert await _notified(listen, got, broker)
         until = sql.execute("SELECT ui_notify_until FROM dispatch.config").fetchone()
         # Renewing while more than half the lease is left writes nothing.
-        await broker.store.ui_notify_keep(60)
+        await broker.config.ui_notify_keep(60)
         assert sql.execute("SELECT ui_notify_until FROM dispatch.config").fetchone() == until
 
         sql.execute("UPDATE dispatch.config SET ui_notify_until = now() - interval '1 second'")

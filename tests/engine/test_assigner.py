@@ -14,7 +14,7 @@ from dispatch.engine.assigner import Assigner, Waker
 from dispatch.engine.reaper import Reaper
 from dispatch.integrations.warren import WarrenClient
 from dispatch.metrics import Metrics
-from dispatch.models import AgentStatus, NewTask, TaskStatus
+from dispatch.models import AgentStatus, Complete, NewTask, TaskStatus
 from dispatch.notify import Listener
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
@@ -31,7 +31,7 @@ async def submit(broker: Broker, **fields: Any) -> uuid.UUID:
 async def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
     broker: Broker, listener: Listener
 ) -> None:
-    await broker.store.agent_upsert("idle")
+    await broker.agents.upsert("idle")
     assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
     await assigner.start()
     try:
@@ -39,25 +39,25 @@ async def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
         task_id = await submit(broker)
         # Woken by NOTIFY: well before the 60 s tick could have fired.
         await assigner.wait_until(lambda a: a.assigned >= 1, 5)
-        task = await broker.store.task_get(task_id)
+        task = await broker.tasks.get(task_id)
         assert (task.status, task.assigned_agent) == (TaskStatus.ASSIGNED, "idle")
     finally:
         await assigner.stop()
 
 
 async def test_freed_capacity_wakes_the_assigner(broker: Broker, listener: Listener) -> None:
-    await broker.store.agent_upsert("solo", max_concurrent=1)
+    await broker.agents.upsert("solo", max_concurrent=1)
     first = await submit(broker)
     second = await submit(broker)
     assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
     await assigner.start()
     try:
         await assigner.wait_until(lambda a: a.assigned >= 1, 5)
-        assert (await broker.store.task_get(first)).assigned_agent == "solo"
-        assert (await broker.store.task_get(second)).status is TaskStatus.PENDING
-        await broker.complete(first, "solo", {"done": True})
+        assert (await broker.tasks.get(first)).assigned_agent == "solo"
+        assert (await broker.tasks.get(second)).status is TaskStatus.PENDING
+        await broker.apply(Complete(task_id=first, actor="solo", result={"done": True}))
         await assigner.wait_until(lambda a: a.assigned >= 2, 5)
-        assert (await broker.store.task_get(second)).assigned_agent == "solo"
+        assert (await broker.tasks.get(second)).assigned_agent == "solo"
     finally:
         await assigner.stop()
 
@@ -65,7 +65,7 @@ async def test_freed_capacity_wakes_the_assigner(broker: Broker, listener: Liste
 async def test_scheduled_task_is_assigned_when_it_becomes_available(
     broker: Broker, listener: Listener
 ) -> None:
-    await broker.store.agent_upsert("idle")
+    await broker.agents.upsert("idle")
     assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
     await assigner.start()
     try:
@@ -73,7 +73,7 @@ async def test_scheduled_task_is_assigned_when_it_becomes_available(
         soon = datetime.now(UTC) + timedelta(milliseconds=400)
         task_id = await submit(broker, available_at=soon)
         await assigner.wait_until(lambda a: a.assigned >= 1, 5)
-        task = await broker.store.task_get(task_id)
+        task = await broker.tasks.get(task_id)
         assert task.assigned_agent == "idle"
         assert task.available_at <= task.deadline_at - timedelta(seconds=task.timeout_seconds)
     finally:
@@ -84,9 +84,9 @@ async def test_batches_assign_everything_and_are_measured(
     broker: Broker, listener: Listener
 ) -> None:
     for i in range(4):
-        await broker.store.agent_upsert(f"agent-{i}", max_concurrent=50)
+        await broker.agents.upsert(f"agent-{i}", max_concurrent=50)
     metrics = Metrics()
-    async with broker.store.pool.connection() as conn:
+    async with broker.tasks.pool.connection() as conn:
         await conn.execute(
             "INSERT INTO dispatch.tasks (title, requester) SELECT 'bulk ' || g, 'req'"
             " FROM generate_series(1, 250) g"
@@ -97,7 +97,7 @@ async def test_batches_assign_everything_and_are_measured(
         await assigner.wait_until(lambda a: a.assigned >= 200, 10)
     finally:
         await assigner.stop()
-    agents = await broker.store.agent_list()
+    agents = await broker.agents.all()
     assert [a.active_tasks for a in agents] == [50, 50, 50, 50]
     r = metrics.registry
     assert r.get_sample_value("dispatch_assign_batch_size_sum") == 200
@@ -111,8 +111,8 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
         Store(pool), assignment=AssignmentSettings(wake_timeout_ms=300)
     )
     await broker.apply_config()
-    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
-    await broker.store.agent_upsert("busy", status=AgentStatus.BUSY)
+    await broker.agents.upsert("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agents.upsert("busy", status=AgentStatus.BUSY)
     warren.set("sleepy", "sleeping")
     warren.wake_fails = 2  # Warren hiccups: the wake is retried
     client = WarrenClient(warren.url, "warren-token")
@@ -123,7 +123,7 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
     try:
         task_id = await submit(broker, timeout_seconds=600)
         await assigner.wait_until(lambda a: a.assigned >= 1, 5)
-        assert (await broker.store.task_get(task_id)).assigned_agent == "sleepy"
+        assert (await broker.tasks.get(task_id)).assigned_agent == "sleepy"
         assert await asyncio.to_thread(warren.wake_event.wait, 5)
         assert warren.wakes == ["sleepy"]
         wake_calls = [r for r in warren.requests if r[0] == "POST"]
@@ -134,11 +134,11 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
         # takes the task back and the assigner gives it to the other agent.
         await reaper.start()
         await assigner.wait_until(lambda a: a.assigned >= 2, 5)
-        task = await broker.store.task_get(task_id)
+        task = await broker.tasks.get(task_id)
         assert (task.assigned_agent, task.retry_count, task.previous_agents) == (
             "busy", 1, ["sleepy"],
         )
-        events = [e.event for e in await broker.store.task_events(task_id)]
+        events = [e.event for e in await broker.tasks.events(task_id)]
         assert events == ["created", "assigned", "reassigned", "assigned"]
     finally:
         await reaper.stop()
@@ -149,7 +149,7 @@ async def test_sleeping_winner_is_woken_and_reassigned_after_the_wake_timeout(
 async def test_health_recovers_with_the_first_batch_of_a_long_round(broker: Broker) -> None:
     """After a failed round, a round working through a backlog reports ok as soon as a batch
     works, not only when the whole backlog is assigned (which can take many seconds)."""
-    await broker.store.agent_upsert("big", max_concurrent=1000)
+    await broker.agents.upsert("big", max_concurrent=1000)
     for i in range(300):
         await submit(broker, priority=i % 3)
     assigner = Assigner(broker, None, tick_interval_ms=SLOW_TICK_MS)

@@ -17,7 +17,7 @@ from dispatch.integrations.alexandria import AlexandriaClient
 from dispatch.integrations.promptforge import PromptForgeClient
 from dispatch.integrations.warren import WarrenClient
 from dispatch.metrics import Metrics
-from dispatch.models import Agent, AgentStatus
+from dispatch.models import Agent, AgentStatus, Complete
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
 from tests.factories import at, make_task
@@ -47,7 +47,7 @@ async def sync(
     alexandria.own("alice", name="coder")
     alexandria.own("bob", identifier="writer")
     ds = DirectorySync(
-        owner_broker.store,
+        owner_broker,
         warren=WarrenClient(warren.url),
         promptforge=PromptForgeClient(promptforge.url),
         alexandria=AlexandriaClient(alexandria.url),
@@ -59,7 +59,7 @@ async def sync(
 
 
 async def directory(broker: Broker) -> dict[str, Agent]:
-    return {a.agent_id: a for a in await broker.store.agent_list()}
+    return {a.agent_id: a for a in await broker.agents.all()}
 
 
 async def test_the_directory_comes_from_the_three_services(
@@ -105,7 +105,9 @@ async def test_warren_down_keeps_the_last_known_directory_until_it_goes_stale(
     # Still assignable while the last known state is fresh.
     task = await make_task(owner_broker, owner="alice")
     assert [m.agent_id for m in await owner_broker.assign(now=at(31))] == ["coder"]
-    await owner_broker.complete(task.task_id, "coder", {"ok": True}, now=at(32))
+    await owner_broker.apply(
+        Complete(task_id=task.task_id, actor="coder", result={"ok": True}), now=at(32)
+    )
 
     await sync.run_once(now=at(61))  # nothing refreshed for longer than stale_ms
     d = await directory(owner_broker)
@@ -145,7 +147,7 @@ async def test_alexandria_down_keeps_ownership_then_fails_closed(
     await sync.run_once(now=at(30))
     task = await make_task(owner_broker, owner="alice")
     assert [m.agent_id for m in await owner_broker.assign(now=at(31))] == ["coder"]
-    await owner_broker.complete(task.task_id, "coder", {}, now=at(32))
+    await owner_broker.apply(Complete(task_id=task.task_id, actor="coder", result={}), now=at(32))
 
     await sync.run_once(now=at(61))  # Warren still answers, but ownership is too old to trust
     task = await make_task(owner_broker, owner="alice")
@@ -168,13 +170,13 @@ async def test_only_one_replica_refreshes_at_a_time(
 
 
 async def test_registry_agents_go_stale_without_heartbeats_and_come_back(broker: Broker) -> None:
-    ds = DirectorySync(broker.store, stale_ms=STALE_MS)
-    await broker.store.agent_upsert("reg", capabilities=["x"], now=at(0))
+    ds = DirectorySync(broker, stale_ms=STALE_MS)
+    await broker.agents.upsert("reg", capabilities=["x"], now=at(0))
     await ds.run_once(now=at(59))
-    assert (await broker.store.agent_get("reg")).status is AgentStatus.READY
+    assert (await broker.agents.get("reg")).status is AgentStatus.READY
     await ds.run_once(now=at(61))
-    assert (await broker.store.agent_get("reg")).status is AgentStatus.UNKNOWN
-    await broker.store.agent_heartbeat("reg", now=at(62))
-    agent = await broker.store.agent_get("reg")
+    assert (await broker.agents.get("reg")).status is AgentStatus.UNKNOWN
+    await broker.agents.heartbeat("reg", now=at(62))
+    agent = await broker.agents.get("reg")
     assert (agent.status, agent.source) == (AgentStatus.READY, "registry")
     assert ds.health()["warren"] == "disabled"

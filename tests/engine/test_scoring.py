@@ -10,7 +10,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
-from dispatch.models import AgentStatus, Explanation
+from dispatch.models import AgentStatus, Complete, Explanation, Fail
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
 from tests.factories import at, make_task
@@ -29,18 +29,18 @@ def reasons(explanation: Explanation) -> dict[str, list[str]]:
 
 
 async def test_ready_beats_sleeping_beats_busy(broker: Broker) -> None:
-    await broker.store.agent_upsert("busy", status=AgentStatus.BUSY)
-    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
-    await broker.store.agent_upsert("ready", status=AgentStatus.READY)
+    await broker.agents.upsert("busy", status=AgentStatus.BUSY)
+    await broker.agents.upsert("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agents.upsert("ready", status=AgentStatus.READY)
     assert await assigned_to(broker) == "ready"
-    await broker.store.agent_drain("ready")
+    await broker.agents.drain("ready")
     assert await assigned_to(broker) == "sleepy"
-    await broker.store.agent_drain("sleepy")
+    await broker.agents.drain("sleepy")
     assert await assigned_to(broker) == "busy"
 
 
 async def test_score_is_availability_times_priority_weight(broker: Broker) -> None:
-    await broker.store.agent_upsert("sleepy", status=AgentStatus.SLEEPING)
+    await broker.agents.upsert("sleepy", status=AgentStatus.SLEEPING)
     task = await make_task(broker, priority=5)
     [made] = await broker.assign(now=at(1))
     assert made.agent_id == "sleepy"
@@ -54,7 +54,7 @@ async def test_score_is_availability_times_priority_weight(broker: Broker) -> No
 
 @pytest.mark.parametrize("status", ["degraded", "stopped", "unknown"])
 async def test_unavailable_agents_never_get_work(broker: Broker, status: str) -> None:
-    await broker.store.agent_upsert("a", status=AgentStatus(status))
+    await broker.agents.upsert("a", status=AgentStatus(status))
     task = await make_task(broker)
     assert await broker.assign(now=at(1)) == []
     explanation = await broker.explain(task.task_id)
@@ -65,30 +65,30 @@ async def test_unavailable_agents_never_get_work(broker: Broker, status: str) ->
 
 @pytest.mark.parametrize("status", ["ready", "sleeping", "busy"])
 async def test_the_limit_holds_in_every_state(broker: Broker, status: str) -> None:
-    await broker.store.agent_upsert("a", status=AgentStatus(status), max_concurrent=2)
+    await broker.agents.upsert("a", status=AgentStatus(status), max_concurrent=2)
     tasks = [await make_task(broker, title=f"t{i}") for i in range(3)]
     made = await broker.assign(now=at(1))
     assert [m.agent_id for m in made] == ["a", "a"]
     assert await broker.assign(now=at(2)) == []
-    assert (await broker.store.agent_get("a")).active_tasks == 2
+    assert (await broker.agents.get("a")).active_tasks == 2
     left = next(t for t in tasks if t.task_id not in {m.task_id for m in made})
     explained = reasons(await broker.explain(left.task_id))
     assert explained == {"a": ["at its limit (2 of 2 tasks active)"]}
 
 
 async def test_drained_agent_excluded_until_undrained(broker: Broker) -> None:
-    await broker.store.agent_upsert("a")
-    await broker.store.agent_drain("a")
+    await broker.agents.upsert("a")
+    await broker.agents.drain("a")
     task = await make_task(broker)
     assert await broker.assign(now=at(1)) == []
     assert reasons(await broker.explain(task.task_id)) == {"a": ["drained"]}
-    await broker.store.agent_drain("a", False)
+    await broker.agents.drain("a", False)
     assert [m.agent_id for m in await broker.assign(now=at(2))] == ["a"]
 
 
 async def test_capabilities_must_cover_the_requirement_case_insensitively(broker: Broker) -> None:
-    await broker.store.agent_upsert("coder", capabilities=["Python", "SQL"])
-    await broker.store.agent_upsert("writer", capabilities=["prose"])
+    await broker.agents.upsert("coder", capabilities=["Python", "SQL"])
+    await broker.agents.upsert("writer", capabilities=["prose"])
     assert await assigned_to(broker, required_capabilities=["sql", " PYTHON "]) == "coder"
     task = await make_task(broker, required_capabilities=["python", "rust"])
     assert await broker.assign(now=at(1)) == []
@@ -107,9 +107,9 @@ async def owner_broker(pool: AsyncConnectionPool[Any]) -> Broker:
 
 async def test_owner_filter_on(owner_broker: Broker, sql: psycopg.Connection[Any]) -> None:
     b = owner_broker
-    await b.store.agent_upsert("alices-agent", owner="alice")
-    await b.store.agent_upsert("device-agent")  # ownership from Alexandria (agent_owners)
-    await b.store.agent_upsert("nobodys-agent")  # ownership unknown: fails closed
+    await b.agents.upsert("alices-agent", owner="alice")
+    await b.agents.upsert("device-agent")  # ownership from Alexandria (agent_owners)
+    await b.agents.upsert("nobodys-agent")  # ownership unknown: fails closed
     sql.execute(
         "INSERT INTO dispatch.agent_owners (agent_id, owner) VALUES ('device-agent', 'bob')"
     )
@@ -130,8 +130,8 @@ async def test_a_task_without_owner_runs_on_any_eligible_agent_on_the_defaults(
     broker: Broker,
 ) -> None:
     """The owner filter is on by default, and scopes only tasks that name an owner."""
-    await broker.store.agent_upsert("alices-agent", owner="alice")
-    await broker.store.agent_upsert("unowned-agent")
+    await broker.agents.upsert("alices-agent", owner="alice")
+    await broker.agents.upsert("unowned-agent")
     task = await make_task(broker, requester="carol")
     assert task.owner is None
     assert len(await broker.assign(now=at(1))) == 1
@@ -152,7 +152,7 @@ async def open_broker(pool: AsyncConnectionPool[Any]) -> Broker:
 
 async def test_owner_filter_off_lets_any_capable_agent_work(open_broker: Broker) -> None:
     broker = open_broker
-    await broker.store.agent_upsert("alices-agent", owner="alice")
+    await broker.agents.upsert("alices-agent", owner="alice")
     task = await make_task(broker, owner="carol")
     assert [m.agent_id for m in await broker.assign(now=at(1))] == ["alices-agent"]
     explanation = await broker.explain(task.task_id)
@@ -161,11 +161,11 @@ async def test_owner_filter_off_lets_any_capable_agent_work(open_broker: Broker)
 
 
 async def test_a_retry_avoids_the_previous_agent_unless_it_is_the_only_one(broker: Broker) -> None:
-    await broker.store.agent_upsert("a")
-    await broker.store.agent_upsert("b")
+    await broker.agents.upsert("a")
+    await broker.agents.upsert("b")
     task = await make_task(broker, max_retries=5)
     [first] = await broker.assign(now=at(1))
-    await broker.fail(task.task_id, first.agent_id, "boom", now=at(2))
+    await broker.apply(Fail(task_id=task.task_id, agent_id=first.agent_id, error="boom"), now=at(2))
     other = "b" if first.agent_id == "a" else "a"
     explanation = await broker.explain(task.task_id)
     r = reasons(explanation)
@@ -175,15 +175,15 @@ async def test_a_retry_avoids_the_previous_agent_unless_it_is_the_only_one(broke
     assert second.agent_id == other
     # Both have failed it now; the agent with no failures is gone: a previous agent is better than
     # nobody.
-    await broker.fail(task.task_id, other, "boom", now=at(101))
-    await broker.store.agent_drain(other)
+    await broker.apply(Fail(task_id=task.task_id, agent_id=other, error="boom"), now=at(101))
+    await broker.agents.drain(other)
     [third] = await broker.assign(now=at(1000))
     assert third.agent_id == first.agent_id
 
 
 async def test_equal_agents_share_the_load(broker: Broker) -> None:
     for name in ("a", "b", "c"):
-        await broker.store.agent_upsert(name, max_concurrent=1000)
+        await broker.agents.upsert(name, max_concurrent=1000)
     # Arriving all at once: fewest active tasks first.
     for i in range(300):
         await make_task(broker, title=f"bulk {i}")
@@ -199,5 +199,7 @@ async def test_equal_agents_share_the_load(broker: Broker) -> None:
         task = await make_task(broker, title=f"rolling {i}")
         [m] = await broker.assign(now=at(2 + i))
         rolling[m.agent_id] += 1
-        await broker.complete(task.task_id, m.agent_id, {"ok": True}, now=at(2 + i))
+        await broker.apply(
+            Complete(task_id=task.task_id, actor=m.agent_id, result={"ok": True}), now=at(2 + i)
+        )
     assert rolling == {"a": 10, "b": 10, "c": 10}

@@ -54,7 +54,7 @@ async def relay(
     pool: AsyncConnectionPool[Any], listener: Listener, nats_conn: NatsConnection, metrics: Metrics
 ) -> AsyncIterator[Relay]:
     # A poll interval far beyond any test's deadline: only NOTIFY can wake the relay in time.
-    r = Relay(Store(pool), listener, nats_conn, metrics=metrics, poll_interval=600)
+    r = Relay(Broker(Store(pool)), listener, nats_conn, metrics=metrics, poll_interval=600)
     await r.start()
     yield r
     await r.stop()

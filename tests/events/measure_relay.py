@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from dispatch.broker import Broker
 from dispatch.db import CONNECT_KWARGS, create_pool
 from dispatch.events.connection import NatsConnection
 from dispatch.events.relay import Relay
@@ -67,7 +68,7 @@ async def run_relay(
 ) -> tuple[NatsConnection, Relay]:
     conn = NatsConnection(nats_url)
     await conn.start()
-    relay = Relay(Store(pool), listener, conn, poll_interval=5.0)
+    relay = Relay(Broker(Store(pool)), listener, conn, poll_interval=5.0)
     await relay.start()
     return conn, relay
 

@@ -15,7 +15,7 @@ from dispatch.broker import Broker
 from dispatch.events.connection import NatsConnection
 from dispatch.events.inbound import NatsInbound
 from dispatch.events.relay import Relay
-from dispatch.models import AgentStatus, NewTask, TaskStatus
+from dispatch.models import AgentStatus, Complete, NewTask, Progress, Start, TaskStatus
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import read_stream
 from tests.natsfix import NatsServer
@@ -144,8 +144,8 @@ async def test_a_repeated_idempotency_key_returns_the_same_task(
 async def test_agent_reports_follow_the_fencing_rules(
     inbound: NatsInbound, relay: Relay, broker: Broker, client: Client
 ) -> None:
-    await broker.store.agent_upsert("agent-a")
-    await broker.store.agent_upsert("agent-c")
+    await broker.agents.upsert("agent-a")
+    await broker.agents.upsert("agent-c")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
@@ -154,7 +154,7 @@ async def test_agent_reports_follow_the_fencing_rules(
     # An agent that never held the task: 403 as over REST, and nothing changes.
     reply = await ask(client, f"{subject}.started", {"agent_id": "agent-b"})
     assert reply["status"] == 403
-    assert (await broker.store.task_get(claimed.task_id)).status is TaskStatus.ASSIGNED
+    assert (await broker.tasks.get(claimed.task_id)).status is TaskStatus.ASSIGNED
 
     reply = await ask(client, f"{subject}.started", {"agent_id": "agent-a"})
     assert reply["status"] == "running"
@@ -181,7 +181,7 @@ async def test_agent_reports_follow_the_fencing_rules(
     await broker.submit(NewTask(title="second"), requester="req")
     second = await broker.claim("agent-a")
     assert second is not None
-    await broker.store.agent_stop("agent-a")
+    await broker.agents.stop("agent-a")
     assert (await broker.claim("agent-c")) is not None
     reply = await ask(client, f"swarm.task.{second.task_id}.started", {"agent_id": "agent-a"})
     assert reply["status"] == 409
@@ -205,7 +205,7 @@ async def test_agent_reports_follow_the_fencing_rules(
 async def test_a_report_without_reply_subject_is_applied(
     inbound: NatsInbound, broker: Broker, client: Client
 ) -> None:
-    await broker.store.agent_upsert("agent-a")
+    await broker.agents.upsert("agent-a")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
@@ -215,52 +215,52 @@ async def test_a_report_without_reply_subject_is_applied(
     )
 
     async def failed() -> bool:
-        return (await broker.store.task_get(claimed.task_id)).status is TaskStatus.FAILED
+        return (await broker.tasks.get(claimed.task_id)).status is TaskStatus.FAILED
 
     await eventually(failed, what="fire-and-forget failure report applied")
-    assert (await broker.store.task_get(claimed.task_id)).error == "no GPU"
+    assert (await broker.tasks.get(claimed.task_id)).error == "no GPU"
 
 
 async def test_dispatch_does_not_take_its_own_events_for_reports(
     inbound: NatsInbound, relay: Relay, broker: Broker, client: Client, sql: Sql
 ) -> None:
-    await broker.store.agent_upsert("agent-a")
+    await broker.agents.upsert("agent-a")
     await broker.submit(NewTask(title="work"), requester="req")
     claimed = await broker.claim("agent-a")
     assert claimed is not None
-    await broker.start(claimed.task_id, "agent-a")
-    await broker.progress(claimed.task_id, "agent-a", percent=10)
-    await broker.complete(claimed.task_id, "agent-a", {"ok": True})
-    events_before = len(await broker.store.task_events(claimed.task_id))
+    await broker.apply(Start(task_id=claimed.task_id, agent_id="agent-a"))
+    await broker.apply(Progress(task_id=claimed.task_id, agent_id="agent-a", percent=10))
+    await broker.apply(Complete(task_id=claimed.task_id, actor="agent-a", result={"ok": True}))
+    events_before = len(await broker.tasks.events(claimed.task_id))
     # The relay publishes started/progress/completed on the inbound report subjects.
     await eventually(lambda: _async(unpublished(sql) == 0), what="events published")
     published = {m.subject.rsplit(".", 1)[1] for m in await read_stream(client)}
     assert {"started", "progress", "completed"} <= published
     assert await inbound.idle(10)
     assert inbound.handled == 0
-    assert len(await broker.store.task_events(claimed.task_id)) == events_before
+    assert len(await broker.tasks.events(claimed.task_id)) == events_before
 
 
 async def test_agent_state_messages_update_the_directory(
     inbound: NatsInbound, broker: Broker, client: Client
 ) -> None:
-    await broker.store.agent_upsert("worker.1")
+    await broker.agents.upsert("worker.1")
     # An agent id may contain dots: it is every token between swarm.agent and the state.
     agent = await ask(client, "swarm.agent.worker.1.ready", {"capabilities": ["Code"]})
     assert agent["agent_id"] == "worker.1" and agent["capabilities"] == ["code"]
     assert agent["status"] == "ready"
     agent = await ask(client, "swarm.agent.worker.1.busy", b"")
     assert agent["status"] == "busy"
-    assert (await broker.store.agent_get("worker.1")).status is AgentStatus.BUSY
+    assert (await broker.agents.get("worker.1")).status is AgentStatus.BUSY
 
     await broker.submit(NewTask(title="work", required_capabilities=["code"]), requester="req")
     claimed = await broker.claim("worker.1")
     assert claimed is not None
     agent = await ask(client, "swarm.agent.worker.1.stopped", b"")
     assert agent["status"] == "stopped"
-    task = await broker.store.task_get(claimed.task_id)
+    task = await broker.tasks.get(claimed.task_id)
     assert task.status is TaskStatus.PENDING and task.assigned_agent is None
-    assert [e.event for e in await broker.store.task_events(claimed.task_id)][-1] == "reassigned"
+    assert [e.event for e in await broker.tasks.events(claimed.task_id)][-1] == "reassigned"
 
     reply = await ask(client, "swarm.agent.worker.1.dancing", b"")
     assert reply["status"] == 400

@@ -37,7 +37,7 @@ async def test_an_announcement_cannot_set_the_agents_owner(
     assert agents(sql) == before
 
     # The admin's way (REST, or the directory) is untouched; announcements then keep it.
-    await broker.store.agent_upsert("worker-1", owner="alice")
+    await broker.agents.upsert("worker-1", owner="alice")
     agent = await ask(client, "swarm.agent.worker-1.busy", {"capabilities": ["code"]})
     assert agent["owner"] == "alice" and agent["status"] == "busy"
 

@@ -16,7 +16,7 @@ from dispatch.broker import Broker
 from dispatch.events.connection import NatsConnection
 from dispatch.events.relay import Outgoing, Relay
 from dispatch.metrics import Metrics
-from dispatch.models import NewTask, Task
+from dispatch.models import Cancel, Complete, Fail, NewTask, Progress, Requeue, Start, Task, Update
 from dispatch.notify import Listener
 from dispatch.store import Store
 from tests.events.conftest import eventually, unpublished
@@ -71,50 +71,52 @@ def assert_stream_matches_log(stored: list[Stored], log: list[dict[str, Any]]) -
 
 async def lifecycle(broker: Broker, agent: str, title: str) -> Task:
     """created, assigned, started, completed; the agent only claims work of its own lane."""
-    await broker.store.agent_upsert(agent, capabilities=[agent])
+    await broker.agents.upsert(agent, capabilities=[agent])
     await broker.submit(NewTask(title=title, required_capabilities=[agent]), requester="req")
     claimed = await broker.claim(agent, [agent])
     assert claimed is not None
-    await broker.start(claimed.task_id, agent)
-    return await broker.complete(claimed.task_id, agent, {"ok": True})
+    await broker.apply(Start(task_id=claimed.task_id, agent_id=agent))
+    return await broker.apply(Complete(task_id=claimed.task_id, actor=agent, result={"ok": True}))
 
 
 async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
     broker: Broker, relay: Relay, client: Client, sql: Sql
 ) -> None:
-    await broker.store.agent_upsert("agent-a")
-    await broker.store.agent_upsert("agent-b")
+    await broker.agents.upsert("agent-a")
+    await broker.agents.upsert("agent-b")
     later = datetime.now(UTC) + timedelta(hours=1)
     # created, assigned, started, progress, completed
     t1, _ = await broker.submit(NewTask(title="one", metadata={"k": 1}), requester="req")
     assert (await broker.claim("agent-a")) is not None
-    await broker.start(t1.task_id, "agent-a")
-    await broker.progress(t1.task_id, "agent-a", percent=50, message="half", data={"n": 1})
-    await broker.complete(t1.task_id, "agent-a", {"answer": 42})
+    await broker.apply(Start(task_id=t1.task_id, agent_id="agent-a"))
+    await broker.apply(
+        Progress(task_id=t1.task_id, agent_id="agent-a", percent=50, message="half", data={"n": 1})
+    )
+    await broker.apply(Complete(task_id=t1.task_id, actor="agent-a", result={"answer": 42}))
     # failed + retry, failed + dlq, requeued, cancelled
     t2, _ = await broker.submit(NewTask(title="two", max_retries=1), requester="req")
     assert (await broker.claim("agent-a")) is not None
-    await broker.fail(t2.task_id, "agent-a", "boom")
+    await broker.apply(Fail(task_id=t2.task_id, agent_id="agent-a", error="boom"))
     assert (await broker.claim("agent-b", now=later)) is not None
-    await broker.fail(t2.task_id, "agent-b", "boom again")
-    await broker.requeue(t2.task_id, "admin")
-    await broker.cancel(t2.task_id, "req", "not needed")
+    await broker.apply(Fail(task_id=t2.task_id, agent_id="agent-b", error="boom again"))
+    await broker.apply(Requeue(task_id=t2.task_id, actor="admin"))
+    await broker.apply(Cancel(task_id=t2.task_id, actor="req", reason="not needed"))
     # timeout (+ retry)
     t3, _ = await broker.submit(NewTask(title="three"), requester="req")
     assert (await broker.claim("agent-a")) is not None
     assert [x.event for x in await broker.expire(now=later + timedelta(days=1))] == ["timeout"]
     # reassigned (agent stopped)
-    await broker.cancel(t3.task_id, "req")
+    await broker.apply(Cancel(task_id=t3.task_id, actor="req"))
     t4, _ = await broker.submit(NewTask(title="four"), requester="req")
     assert (await broker.claim("agent-b")) is not None
-    assert await broker.store.agent_stop("agent-b") == 1
-    await broker.cancel(t4.task_id, "req")
+    assert await broker.agents.stop("agent-b") == 1
+    await broker.apply(Cancel(task_id=t4.task_id, actor="req"))
     # unmatched, updated
     t5, _ = await broker.submit(
         NewTask(title="five", required_capabilities=["nobody-has-this"]), requester="req"
     )
-    assert await broker.store.task_report_unmatched() == 1
-    await broker.update(t5.task_id, "req", metadata_patch={"x": "y"})
+    assert await broker.tasks.report_unmatched() == 1
+    await broker.apply(Update(task_id=t5.task_id, actor="req", metadata_patch={"x": "y"}))
 
     log = event_log(sql)
     kinds = {e["event"] for e in log}
@@ -173,7 +175,7 @@ async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
     for i in range(20):
         await lifecycle(broker, "agent-a", f"task {i}")
     log = event_log(sql)
-    doomed = KilledBeforeMark(Store(pool), listener, nats_conn)
+    doomed = KilledBeforeMark(Broker(Store(pool)), listener, nats_conn)
     await doomed.ensure_stream()
     try:
         await doomed.relay_once()
@@ -184,7 +186,7 @@ async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
     assert await stream_count(client) == expected_messages(log)
     assert unpublished(sql) == len(log)
 
-    successor = Relay(Store(pool), listener, nats_conn, poll_interval=600)
+    successor = Relay(Broker(Store(pool)), listener, nats_conn, poll_interval=600)
     await successor.start()
     try:
         await eventually(lambda: _async(unpublished(sql) == 0), what="successor marks all")
@@ -199,7 +201,9 @@ async def test_two_relay_replicas_publish_each_event_once_in_task_order(
     nats_server: NatsServer, client: Client, sql: Sql,
 ) -> None:
     conns = [NatsConnection(nats_server.url) for _ in range(2)]
-    relays = [Relay(Store(pool), listener, c, poll_interval=600, batch_size=20) for c in conns]
+    relays = [
+        Relay(Broker(Store(pool)), listener, c, poll_interval=600, batch_size=20) for c in conns
+    ]
     for c in conns:
         await c.start()
         assert await c.wait_connected(10)
@@ -253,7 +257,7 @@ async def test_start_up_brings_an_existing_stream_into_line_and_keeps_its_limits
     await js.add_stream(
         name="DISPATCH_EVENTS", subjects=["swarm.task.>"], max_age=3600, duplicate_window=10
     )
-    relay = Relay(Store(pool), listener, nats_conn)
+    relay = Relay(Broker(Store(pool)), listener, nats_conn)
     await relay.ensure_stream()
     config = (await js.stream_info("DISPATCH_EVENTS")).config
     assert sorted(config.subjects or []) == ["swarm.dispatch.>", "swarm.task.*.*"]
@@ -294,7 +298,7 @@ async def test_a_failed_publish_never_lets_a_later_event_of_its_task_overtake_it
     first_of_third_task = log[8]["id"]  # the third task's `created`; its 3 later events follow
     assert log[8]["event"] == "created"
     relay = RefusedOnce(
-        Store(pool), listener, nats_conn, metrics=metrics, publish_timeout=1,
+        Broker(Store(pool)), listener, nats_conn, metrics=metrics, publish_timeout=1,
         refuse=first_of_third_task,
     )
     await relay.start()
@@ -327,9 +331,9 @@ async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_flo
     relay.publish_timeout = 1.0  # the refused message gets no ack: it times out
     small, _ = await broker.submit(NewTask(title="small"), requester="req")
     twice, _ = await broker.submit(NewTask(title="twice"), requester="req")
-    await broker.cancel(twice.task_id, "req")
-    await broker.requeue(twice.task_id, "admin")
-    await broker.cancel(twice.task_id, "req")
+    await broker.apply(Cancel(task_id=twice.task_id, actor="req"))
+    await broker.apply(Requeue(task_id=twice.task_id, actor="admin"))
+    await broker.apply(Cancel(task_id=twice.task_id, actor="req"))
     after, _ = await broker.submit(NewTask(title="after"), requester="req")
 
     async def settled() -> bool:
@@ -405,7 +409,7 @@ async def test_a_task_row_with_an_unreadable_time_does_not_stall_the_relay(
     sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range")
     sql.execute("UPDATE dispatch.tasks SET started_at = 'infinity' WHERE task_id = %s",
                 (task.task_id,))
-    await broker.cancel(task.task_id, "req", "odd")
+    await broker.apply(Cancel(task_id=task.task_id, actor="req", reason="odd"))
     after, _ = await broker.submit(NewTask(title="after"), requester="req")
 
     async def settled() -> bool:

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from dispatch.api.app import create_app
 from dispatch.broker import Broker
 from dispatch.models import NewTask
+from dispatch.service import web_app
 from dispatch.settings import ServerSettings, Settings
 from tests.serve import ServeProcess, serving
 from tests.ui.conftest import ADMIN_TOKEN, sign_in
@@ -172,8 +172,8 @@ async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
     # declaration in a handler, say), which a `serve` subprocess would only log.
     settings = Settings(server=ServerSettings(admin_token=ADMIN_TOKEN))
     task, _ = await broker.submit(NewTask(title="in process"), requester="alice")
-    await broker.store.agent_upsert("a1", capabilities=["code"])
-    async with AsyncTestClient(app=create_app(settings, broker)) as client:
+    await broker.agents.upsert("a1", capabilities=["code"])
+    async with AsyncTestClient(app=web_app(settings, broker)) as client:
         r = await client.post("/ui/login", data={"token": ADMIN_TOKEN}, follow_redirects=False)
         assert r.status_code == 303
         for url in ("/ui", "/ui/agents", "/ui/tasks?status=pending", f"/ui/tasks/{task.task_id}",
@@ -182,4 +182,4 @@ async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
             assert r.status_code == 200, (url, r.text[:300])
         r = await client.post(f"/ui/tasks/{task.task_id}/cancel", follow_redirects=False)
         assert r.status_code == 303
-        assert (await broker.store.task_get(task.task_id)).status == "cancelled"
+        assert (await broker.tasks.get(task.task_id)).status == "cancelled"

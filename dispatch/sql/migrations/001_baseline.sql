@@ -1862,6 +1862,55 @@ $$;
 
 -- The DBA surface: functions that behave exactly like the API, and views to look at the queue from
 -- psql.
+-- Creation: the one way a task row is made, by the API, NATS and psql (dispatch.create_task).
+-- A repeated (requester, idempotency key) returns the task it made first, with created false.
+-- Unset arguments take the column defaults' values; the requester defaults to the session's actor.
+CREATE FUNCTION dispatch.task_create(
+    title text,
+    description text DEFAULT '',
+    requester text DEFAULT NULL,
+    owner text DEFAULT NULL,
+    required_capabilities text[] DEFAULT '{}',
+    priority integer DEFAULT 0,
+    timeout_seconds integer DEFAULT NULL,
+    heartbeat_seconds integer DEFAULT NULL,
+    max_retries integer DEFAULT 3,
+    metadata jsonb DEFAULT '{}',
+    parent_task_id uuid DEFAULT NULL,
+    available_at timestamptz DEFAULT NULL,
+    source text DEFAULT 'sql',
+    idempotency_key text DEFAULT NULL,
+    concurrency_key text DEFAULT NULL,
+    rate_key text DEFAULT NULL,
+    cost integer DEFAULT 1,
+    OUT task dispatch.tasks,
+    OUT created boolean
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
+                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                      metadata, parent_task_id, available_at, source,
+                                      idempotency_key, concurrency_key, rate_key, cost)
+    VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
+            task_create.owner, coalesce(task_create.required_capabilities, '{}'),
+            coalesce(task_create.priority, 0), task_create.timeout_seconds,
+            task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
+            coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
+            task_create.available_at, task_create.source, task_create.idempotency_key,
+            task_create.concurrency_key, task_create.rate_key, task_create.cost)
+    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING * INTO task;
+    created := task.task_id IS NOT NULL;
+    IF NOT created THEN
+        SELECT * INTO task FROM dispatch.tasks tk
+        WHERE tk.requester = coalesce(task_create.requester, dispatch.session_actor())
+          AND tk.idempotency_key = task_create.idempotency_key;
+    END IF;
+END
+$$;
+
 CREATE FUNCTION dispatch.create_task(
     title text,
     description text DEFAULT '',
@@ -1881,31 +1930,11 @@ CREATE FUNCTION dispatch.create_task(
     rate_key text DEFAULT NULL,
     cost integer DEFAULT 1
 ) RETURNS dispatch.tasks
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    t dispatch.tasks;
-BEGIN
-    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
-                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
-                                      metadata, parent_task_id, available_at, source,
-                                      idempotency_key, concurrency_key, rate_key, cost)
-    VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
-            create_task.owner, coalesce(create_task.required_capabilities, '{}'),
-            coalesce(create_task.priority, 0), create_task.timeout_seconds,
-            create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
-            coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
-            create_task.available_at, create_task.source, create_task.idempotency_key,
-            create_task.concurrency_key, create_task.rate_key, create_task.cost)
-    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING * INTO t;
-    IF t.task_id IS NULL THEN
-        SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.requester = coalesce(create_task.requester, dispatch.session_actor())
-          AND tk.idempotency_key = create_task.idempotency_key;
-    END IF;
-    RETURN t;
-END
+LANGUAGE sql AS $$
+    SELECT (dispatch.task_create(title, description, requester, owner, required_capabilities,
+                                 priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                 metadata, parent_task_id, available_at, source, idempotency_key,
+                                 concurrency_key, rate_key, cost)).task
 $$;
 
 CREATE FUNCTION dispatch.cancel_task(task_id uuid, actor text DEFAULT NULL, reason text DEFAULT NULL)

@@ -144,6 +144,55 @@ BEGIN
 END
 $$;
 
+-- Creation: the one way a task row is made, by the API, NATS and psql (dispatch.create_task).
+-- A repeated (requester, idempotency key) returns the task it made first, with created false.
+-- Unset arguments take the column defaults' values; the requester defaults to the session's actor.
+CREATE FUNCTION dispatch.task_create(
+    title text,
+    description text DEFAULT '',
+    requester text DEFAULT NULL,
+    owner text DEFAULT NULL,
+    required_capabilities text[] DEFAULT '{}',
+    priority integer DEFAULT 0,
+    timeout_seconds integer DEFAULT NULL,
+    heartbeat_seconds integer DEFAULT NULL,
+    max_retries integer DEFAULT 3,
+    metadata jsonb DEFAULT '{}',
+    parent_task_id uuid DEFAULT NULL,
+    available_at timestamptz DEFAULT NULL,
+    source text DEFAULT 'sql',
+    idempotency_key text DEFAULT NULL,
+    concurrency_key text DEFAULT NULL,
+    rate_key text DEFAULT NULL,
+    cost integer DEFAULT 1,
+    OUT task dispatch.tasks,
+    OUT created boolean
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
+                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                      metadata, parent_task_id, available_at, source,
+                                      idempotency_key, concurrency_key, rate_key, cost)
+    VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
+            task_create.owner, coalesce(task_create.required_capabilities, '{}'),
+            coalesce(task_create.priority, 0), task_create.timeout_seconds,
+            task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
+            coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
+            task_create.available_at, task_create.source, task_create.idempotency_key,
+            task_create.concurrency_key, task_create.rate_key, task_create.cost)
+    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING * INTO task;
+    created := task.task_id IS NOT NULL;
+    IF NOT created THEN
+        SELECT * INTO task FROM dispatch.tasks tk
+        WHERE tk.requester = coalesce(task_create.requester, dispatch.session_actor())
+          AND tk.idempotency_key = task_create.idempotency_key;
+    END IF;
+END
+$$;
+
 CREATE FUNCTION dispatch.task_start(
     p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks

@@ -19,31 +19,11 @@ CREATE FUNCTION dispatch.create_task(
     rate_key text DEFAULT NULL,
     cost integer DEFAULT 1
 ) RETURNS dispatch.tasks
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    t dispatch.tasks;
-BEGIN
-    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
-                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
-                                      metadata, parent_task_id, available_at, source,
-                                      idempotency_key, concurrency_key, rate_key, cost)
-    VALUES (create_task.title, coalesce(create_task.description, ''), create_task.requester,
-            create_task.owner, coalesce(create_task.required_capabilities, '{}'),
-            coalesce(create_task.priority, 0), create_task.timeout_seconds,
-            create_task.heartbeat_seconds, coalesce(create_task.max_retries, 3),
-            coalesce(create_task.metadata, '{}'), create_task.parent_task_id,
-            create_task.available_at, create_task.source, create_task.idempotency_key,
-            create_task.concurrency_key, create_task.rate_key, create_task.cost)
-    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING * INTO t;
-    IF t.task_id IS NULL THEN
-        SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.requester = coalesce(create_task.requester, dispatch.session_actor())
-          AND tk.idempotency_key = create_task.idempotency_key;
-    END IF;
-    RETURN t;
-END
+LANGUAGE sql AS $$
+    SELECT (dispatch.task_create(title, description, requester, owner, required_capabilities,
+                                 priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                 metadata, parent_task_id, available_at, source, idempotency_key,
+                                 concurrency_key, rate_key, cost)).task
 $$;
 
 CREATE FUNCTION dispatch.cancel_task(task_id uuid, actor text DEFAULT NULL, reason text DEFAULT NULL)

@@ -1,0 +1,136 @@
+"""Read-only views of the whole queue: the stats endpoint, the dashboard's charts, the metrics
+gauges read at scrape time."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from dispatch.models import Stats
+from dispatch.store.base import Conn, Queries, Row, convert
+
+# `now` is written out at each use rather than joined from a clock CTE: a join leaves the planner
+# guessing a third of the history for "the last hour" (a sequential scan of it, and JIT where JIT
+# is on); written out, the last hour is read through tasks_terminal_completed_idx and the dead
+# letters through tasks_dead_letter_idx. Only the counts by status read every row.
+_STATS = """
+WITH recent AS (
+    SELECT status, created_at, assigned_at, completed_at FROM dispatch.tasks
+    WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled')
+      AND completed_at >= coalesce(%(now)s::timestamptz, now()) - interval '1 hour'
+)
+SELECT
+    (SELECT jsonb_object_agg(status, count) FROM dispatch.queue_depth) AS queue,
+    (SELECT extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(created_at))
+     FROM dispatch.tasks WHERE status = 'pending') AS oldest_pending_seconds,
+    (SELECT avg(extract(epoch FROM completed_at - created_at)) * 1000 FROM recent
+     WHERE status = 'completed') AS avg_completion_ms,
+    (SELECT percentile_cont(0.5)
+                WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
+            * 1000 FROM recent WHERE assigned_at IS NOT NULL) AS wait_ms_p50,
+    (SELECT percentile_cont(0.95)
+                WITHIN GROUP (ORDER BY extract(epoch FROM assigned_at - created_at))
+            * 1000 FROM recent WHERE assigned_at IS NOT NULL) AS wait_ms_p95,
+    (SELECT count(*) FROM recent WHERE status = 'completed') AS completed_last_hour,
+    (SELECT count(*) FROM recent WHERE status IN ('failed', 'timed_out')) AS failed_last_hour,
+    (SELECT count(*) FROM dispatch.tasks WHERE status IN ('failed', 'timed_out')) AS dead_letter
+"""
+
+# The dashboard's charts: per minute of the last hour, the tasks that ended (completed, or
+# failed for good) and the create-to-assign wait of the tasks assigned. Only terminal rows of the
+# last hour (tasks_terminal_completed_idx) and the active rows (tasks_active_deadline_idx) are read,
+# however deep the queue or long the history. `since` is written out at each use, not joined from
+# a clock CTE, so that the planner estimates the last hour's rows from the column's statistics (a
+# join's guess, a third of the history, plans a sort of them, and JIT where JIT is on).
+_UI_SERIES = """
+WITH ended AS (
+    SELECT status, created_at, assigned_at, completed_at FROM dispatch.tasks
+    WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled')
+      AND completed_at >= {since}
+),
+assigned AS (
+    SELECT created_at, assigned_at FROM ended WHERE assigned_at >= {since}
+    UNION ALL
+    SELECT created_at, assigned_at FROM dispatch.tasks
+    WHERE status IN ('assigned', 'running') AND assigned_at >= {since}
+)
+SELECT g.minute,
+       coalesce(d.completed, 0) AS completed,
+       coalesce(d.failed, 0) AS failed,
+       w.wait_ms_p50,
+       w.wait_ms_p95
+FROM generate_series({since}, {since} + interval '59 minutes', interval '1 minute')
+     AS g (minute)
+LEFT JOIN (
+    SELECT date_trunc('minute', completed_at) AS minute,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status IN ('failed', 'timed_out')) AS failed
+    FROM ended GROUP BY 1
+) d USING (minute)
+LEFT JOIN (
+    SELECT date_trunc('minute', assigned_at) AS minute,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY waited) * 1000 AS wait_ms_p50,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY waited) * 1000 AS wait_ms_p95
+    FROM (SELECT assigned_at, extract(epoch FROM assigned_at - created_at) AS waited
+          FROM assigned) a
+    GROUP BY 1
+) w USING (minute)
+ORDER BY g.minute
+""".format(
+    since="(date_trunc('minute', coalesce(%(now)s::timestamptz, now())) - interval '59 minutes')"
+)
+
+
+_GAUGES = """
+SELECT
+    (SELECT coalesce(jsonb_object_agg(status, count), '{}') FROM dispatch.queue_depth)
+        AS queue_depth,
+    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM dispatch.tasks
+     WHERE status = 'pending') AS oldest_pending_seconds,
+    (SELECT coalesce(jsonb_object_agg(status, n), '{}')
+     FROM (SELECT s.status, count(a.agent_id) AS n
+           FROM unnest(enum_range(NULL::dispatch.agent_status)) AS s (status)
+           LEFT JOIN dispatch.agents a ON a.status = s.status
+           GROUP BY s.status) per_status) AS agents,
+    (SELECT count(*) FROM dispatch.task_events WHERE published_at IS NULL) AS event_log_unpublished,
+    (SELECT coalesce(jsonb_agg(jsonb_build_object('rule', h.rule, 'key', h.key, 'tasks', h.tasks)),
+                     '[]') FROM dispatch.flow_held() h) AS flow_held,
+    (SELECT coalesce(jsonb_object_agg(r.key, r.tokens), '{}') FROM dispatch.rate_limit_list() r)
+        AS rate_tokens,
+    (SELECT coalesce(jsonb_object_agg(l.key, jsonb_build_array(l.active_tasks, l.max_active)),
+                     '{}') FROM dispatch.concurrency_limit_list() l) AS concurrency_active
+"""
+
+
+class Insights(Queries):
+    async def stats(self, *, now: datetime | None = None, conn: Conn | None = None) -> Stats:
+        rows = await self._rows(_STATS, {"now": now}, conn)
+        row = dict(rows[0])
+        for key in ("oldest_pending_seconds", "avg_completion_ms", "wait_ms_p50", "wait_ms_p95"):
+            if row[key] is not None:
+                row[key] = float(row[key])
+        queue = row["queue"]
+        row["total_pending"] = queue.get("pending", 0)
+        row["total_in_progress"] = queue.get("running", 0)
+        row["total_completed"] = queue.get("completed", 0)
+        row["total_failed"] = queue.get("failed", 0) + queue.get("timed_out", 0)
+        return convert(row, Stats)
+
+    async def ui_series(
+        self, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> list[Row]:
+        """Per minute of the last hour (60 rows, oldest first): completed, failed, wait_ms_p50,
+        wait_ms_p95 (None in a minute without assignments)."""
+        rows = await self._rows(_UI_SERIES, {"now": now}, conn)
+        return [
+            {**r, "wait_ms_p50": None if r["wait_ms_p50"] is None else float(r["wait_ms_p50"]),
+             "wait_ms_p95": None if r["wait_ms_p95"] is None else float(r["wait_ms_p95"])}
+            for r in rows
+        ]
+
+    async def metrics_gauges(self, *, conn: Conn | None = None) -> dict[str, Any]:
+        """The queue gauges read at scrape time: queue_depth {status: n}, oldest_pending_seconds,
+        agents {status: n}, event_log_unpublished; flow control's flow_held [{rule, key, tasks}],
+        rate_tokens {key: tokens}, concurrency_active {key: [active, max_active]}."""
+        rows = await self._rows(_GAUGES, (), conn)
+        return dict(rows[0])

@@ -1,0 +1,295 @@
+"""Tasks: creation, reads, the claim and the assigner's batch, every transition, the reaper's
+calls and explain's rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import assert_never
+
+import msgspec
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from dispatch.errors import NotFound
+from dispatch.models import (
+    Assignment,
+    Cancel,
+    Change,
+    Complete,
+    Cursor,
+    Expiry,
+    Fail,
+    NewTask,
+    Progress,
+    ReportOutcome,
+    Requeue,
+    Start,
+    Task,
+    TaskEvent,
+    TaskFilter,
+    Update,
+)
+from dispatch.store.base import Conn, Queries, Row, convert, jsonb
+
+# dispatch.task_create called with named arguments, one per field of NewTask (whose names are the
+# function's parameters), so a field is declared in the struct and the function, nowhere else.
+_NEW_TASK_FIELDS = msgspec.structs.fields(NewTask)
+_CREATE = sql.SQL(
+    "SELECT (r.task).*, r.created FROM dispatch.task_create({args}) r"
+).format(
+    args=sql.SQL(", ").join(
+        sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
+        for name in [f.name for f in _NEW_TASK_FIELDS] + ["requester", "idempotency_key"]
+    )
+)
+
+_LIST = """
+SELECT * FROM dispatch.tasks
+WHERE (%(statuses)s::dispatch.task_status[] IS NULL OR status = ANY (%(statuses)s))
+  AND (%(requester)s::text IS NULL OR requester = %(requester)s)
+  AND (%(owner)s::text IS NULL OR owner = %(owner)s)
+  AND (%(assignee)s::text IS NULL OR assigned_agent = %(assignee)s)
+  AND (%(capability)s::text IS NULL OR required_capabilities @> ARRAY[%(capability)s::text])
+  AND (%(source)s::text IS NULL OR source = %(source)s)
+  AND (%(parent)s::uuid IS NULL OR parent_task_id = %(parent)s)
+  AND (%(viewer)s::text IS NULL OR requester = %(viewer)s OR owner = %(viewer)s
+       OR assigned_agent = %(viewer)s OR %(viewer)s = ANY (previous_agents))
+  AND (%(c_priority)s::integer IS NULL
+       OR priority < %(c_priority)s
+       OR priority = %(c_priority)s AND (created_at, task_id) > (%(c_created)s, %(c_id)s::uuid))
+ORDER BY priority DESC, created_at, task_id
+LIMIT %(limit)s
+"""
+
+
+def _report_task_id(report: Mapping[str, object]) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(report.get("task_id")))
+    except ValueError:
+        return None
+
+
+class Tasks(Queries):
+    async def create(
+        self,
+        new: NewTask,
+        *,
+        requester: str,
+        idempotency_key: str | None = None,
+        conn: Conn | None = None,
+    ) -> tuple[Task, bool]:
+        """Create a task; with a repeated idempotency key return the existing one and False."""
+        params: dict[str, object] = msgspec.structs.asdict(new)
+        params["metadata"] = Jsonb(new.metadata)
+        params["requester"] = requester
+        params["idempotency_key"] = idempotency_key
+        row = dict((await self._rows(_CREATE, params, conn))[0])
+        created = bool(row.pop("created"))
+        return convert(row, Task), created
+
+    async def get(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> Task:
+        """The task; NotFound when there is none."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.tasks WHERE task_id = %s", (task_id,), conn
+        )
+        if not rows:
+            raise NotFound(f"task {task_id} not found")
+        return convert(rows[0], Task)
+
+    async def by_id(
+        self, task_ids: Sequence[uuid.UUID], *, conn: Conn | None = None
+    ) -> dict[uuid.UUID, Task]:
+        rows = await self._rows(
+            "SELECT * FROM dispatch.tasks WHERE task_id = ANY (%s)", (list(task_ids),), conn
+        )
+        return {r["task_id"]: convert(r, Task) for r in rows}
+
+    async def page(
+        self,
+        filters: TaskFilter,
+        *,
+        limit: int = 50,
+        after: Cursor | None = None,
+        conn: Conn | None = None,
+    ) -> list[Task]:
+        params = {
+            "statuses": [str(s) for s in filters.statuses] if filters.statuses else None,
+            "requester": filters.requester,
+            "owner": filters.owner,
+            "assignee": filters.assignee,
+            "capability": filters.capability.strip().lower() if filters.capability else None,
+            "source": filters.source,
+            "parent": filters.parent_task_id,
+            "viewer": filters.visible_to,
+            "c_priority": after.priority if after else None,
+            "c_created": after.created_at if after else None,
+            "c_id": after.task_id if after else None,
+            "limit": limit,
+        }
+        return [convert(r, Task) for r in await self._rows(_LIST, params, conn)]
+
+    async def events(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[TaskEvent]:
+        """The task's history, oldest first; NotFound when there is no such task."""
+        async with self._borrow(conn) as c:
+            rows = await self._rows(
+                "SELECT * FROM dispatch.task_events WHERE task_id = %s ORDER BY id", (task_id,), c
+            )
+            if not rows:
+                await self.get(task_id, conn=c)
+        return [convert(r, TaskEvent) for r in rows]
+
+    async def claim(
+        self,
+        agent_id: str,
+        capabilities: Sequence[str] | None = None,
+        *,
+        max_tasks: int = 1,
+        start: bool = False,
+        now: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> list[Task]:
+        """Up to max_tasks of the best tasks this agent may take (started with `start`)."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s)",
+            (agent_id, list(capabilities) if capabilities is not None else None, now, max_tasks,
+             start),
+            conn,
+        )
+        return [convert(r, Task) for r in rows]
+
+    async def report_batch(
+        self,
+        agent_id: str,
+        reports: Sequence[Mapping[str, object]],
+        *,
+        admin: bool = False,
+        now: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> list[ReportOutcome]:
+        """Apply several reports of one agent in one transaction, each fenced on its own."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_report_batch(%s, %s, %s, coalesce(%s, now()))"
+            " ORDER BY ord",
+            (agent_id, Jsonb(list(reports)), admin, now),
+            conn,
+        )
+        return [
+            ReportOutcome(
+                task_id=_report_task_id(reports[r["ord"] - 1]),
+                status=r["status"],
+                task=msgspec.convert(r["task"], Task, strict=False) if r["task"] else None,
+                error=r["error"],
+                field=r["field"],
+            )
+            for r in rows
+        ]
+
+    async def assign(
+        self, batch: int, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> list[Assignment]:
+        """One assignment batch (SKIP LOCKED); each with the seconds its task waited."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_assign(%s, coalesce(%s::timestamptz, now()))",
+            (batch, now),
+            conn,
+        )
+        return [convert(r, Assignment) for r in rows]
+
+    async def apply(
+        self, change: Change, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> Task:
+        """The change's SQL function; its errors (409 fencing, 403, 404) as the function raises
+        them."""
+        match change:
+            case Start():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, now, change.lease), conn,
+                )
+            case Progress():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_progress("
+                    "%s, %s, %s::real, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.percent, change.message,
+                     jsonb(change.data), now, change.lease), conn,
+                )
+            case Complete():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.actor, jsonb(change.result), change.admin, now,
+                     change.lease), conn,
+                )
+            case Fail():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.error, change.retry_eligible, now,
+                     change.lease), conn,
+                )
+            case Cancel():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_cancel(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.reason, change.admin, now), conn,
+                )
+            case Update():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_update(%s, %s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, jsonb(change.metadata_patch), change.priority,
+                     change.admin, now), conn,
+                )
+            case Requeue():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, now), conn,
+                )
+            case _:
+                assert_never(change)
+
+    async def expire(
+        self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None
+    ) -> list[Expiry]:
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_expire(coalesce(%s, now()), %s)", (now, limit), conn
+        )
+        return [convert(r, Expiry) for r in rows]
+
+    async def report_unmatched(
+        self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None
+    ) -> int:
+        """Report pending tasks no agent can take; returns how many were reported."""
+        return await self._count(
+            "SELECT dispatch.task_report_unmatched(coalesce(%s, now()), %s) AS n",
+            (now, limit),
+            conn,
+        )
+
+    async def seconds_until_due(
+        self, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> float | None:
+        """Seconds from now to dispatch.next_due, the next deadline or scheduled task (negative
+        when overdue); None if nothing is due."""
+        rows = await self._rows(
+            "SELECT extract(epoch FROM dispatch.next_due(t.now) - t.now)::float8 AS s"
+            " FROM (SELECT coalesce(%s::timestamptz, now()) AS now) t",
+            (now,),
+            conn,
+        )
+        s: float | None = rows[0]["s"]
+        return s
+
+    async def prune(self, before: datetime, limit: int = 1000, *, conn: Conn | None = None) -> int:
+        return await self._count("SELECT dispatch.task_prune(%s, %s) AS n", (before, limit), conn)
+
+    async def explain(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[Row]:
+        return await self._rows("SELECT * FROM dispatch.task_explain(%s)", (task_id,), conn)
+
+    async def hold(
+        self, task_id: uuid.UUID, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> Row:
+        """The task's tenant, effective priority and the flow rules holding it back now."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_hold(%s, coalesce(%s::timestamptz, now()))",
+            (task_id, now), conn,
+        )
+        return rows[0]
