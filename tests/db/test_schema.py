@@ -5,6 +5,7 @@ Both paths are built here, side by side, and their catalogs compared object by o
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -167,3 +168,27 @@ def test_no_migration_ships_before_the_baseline_is_frozen(tmp_path: Path) -> Non
     (tmp_path / "002_note.sql").write_text("SELECT 1;\n")
     with pytest.raises(MigrationError, match=r"ships 002_note\.sql but no frozen baseline"):
         discover(tmp_path)
+
+
+def test_each_schema_file_uses_only_what_comes_before_it() -> None:
+    """Read top to bottom, file after file, the schema names nothing before defining it (so that
+    each file can be read, and reviewed, on what precedes it). Comments and string literals (the
+    settings `dispatch.via` and the like) are left out."""
+    defined = {"schema_migrations"}  # made by the migrator before the schema files run
+    early = []
+    for path in schema_files():
+        text = re.sub(r"'(?:[^']|'')*'", "''", re.sub(r"--[^\n]*", "", path.read_text()))
+        found = [
+            (m.start(), m.group(1), True)
+            for m in re.finditer(
+                r"CREATE (?:UNIQUE )?(?:FUNCTION|TABLE|TYPE|VIEW|INDEX|TRIGGER) "
+                r"(?:dispatch\.)?(\w+)",
+                text,
+            )
+        ] + [(m.start(), m.group(1), False) for m in re.finditer(r"dispatch\.(\w+)", text)]
+        for at, name, creates in sorted(found):
+            if creates:
+                defined.add(name)
+            elif name not in defined:
+                early.append(f"{path.name}:{text.count(chr(10), 0, at) + 1} {name}")
+    assert early == []
