@@ -1,12 +1,21 @@
 """Brings a database to this code's schema, under an advisory lock.
 
-A fresh database gets `sql/schema/` as it is (the current definition of every object, one file per
-topic) and every shipped migration recorded as applied. A database made by an earlier release gets
+`sql/schema/` is the one definition of the schema: every object as it is now, one file per topic,
+run in order (each file uses only what the files before it define). A fresh database gets it as it
+is, with every shipped migration recorded as applied. A database made by an earlier release gets
 the shipped migrations it lacks, `sql/migrations/NNN_name.sql`, in order, each in its own
-transaction. The first migration is the baseline: the schema of the first release, frozen; every
-later change is a migration *and* an edit of `schema/` (tests/db/test_schema.py checks that both
-paths build the same catalog). A database whose applied migrations are not the shipped ones (newer,
-or from another build) is refused.
+transaction. A database whose applied migrations are not the shipped ones (newer, or from another
+build) is refused.
+
+Version 1, `baseline`, is the schema of the first release. Until that release it has no file: the
+baseline is `schema/` itself, so a database made by any earlier commit (it has 1 `baseline`
+recorded) counts as up to date, and no later migration may ship, since an upgrade would have no
+fixed schema to start from (`discover` refuses one). A database made before the release from an
+older `schema/` is not brought forward: make it again. The release commit freezes the baseline:
+`freeze_baseline` writes `migrations/001_baseline.sql` from `schema/`. From then on that file
+never changes, every schema change is a migration `002_...` *and* the same edit of `schema/`, and
+tests/db/test_schema.py checks that both paths build the same catalog. (sql/migrations/README.md
+says the same for whoever opens that directory.)
 """
 
 from __future__ import annotations
@@ -37,17 +46,19 @@ MIGRATE_KWARGS: dict[str, object] = {
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_KEY = 0x44495350  # "DISP"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+BASELINE_FILE = "001_baseline.sql"
 
 
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
-    path: Path
+    # None for the baseline before it is frozen: `schema/` is the baseline.
+    path: Path | None
 
 
 def discover(migrations_dir: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """The migrations shipped with this code, in version order."""
+    """The migrations shipped with this code, in version order, the baseline first."""
     found = []
     for path in sorted(migrations_dir.iterdir()):
         match = _NAME.match(path.name)
@@ -56,7 +67,39 @@ def discover(migrations_dir: Path = MIGRATIONS_DIR) -> list[Migration]:
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"duplicate migration versions in {migrations_dir}")
-    return found
+    if 1 in versions:
+        return found
+    if found:
+        raise MigrationError(
+            f"{migrations_dir} ships {', '.join(m.path.name for m in found if m.path)} but no "
+            f"frozen baseline ({BASELINE_FILE}): before the first release the schema changes "
+            "in schema/ alone; freeze the baseline first (see migrations/README.md)"
+        )
+    return [Migration(1, "baseline", None)]
+
+
+def baseline_sql(release: str, schema_dir: Path = SCHEMA_DIR) -> str:
+    """The text of the frozen baseline: the schema files in order, each under a line naming it."""
+    parts = [
+        f"-- The baseline: the schema of release {release}, frozen from schema/. Never edit this\n"
+        "-- file: a change to the schema is a new migration here and the same change in\n"
+        "-- ../schema/, and tests/db/test_schema.py checks that the two build the same catalog.\n"
+    ]
+    for path in schema_files(schema_dir):
+        parts.append(f"\n-- ---- schema/{path.name} at {release}\n\n{path.read_text()}")
+    return "".join(parts)
+
+
+def freeze_baseline(
+    release: str, schema_dir: Path = SCHEMA_DIR, migrations_dir: Path = MIGRATIONS_DIR
+) -> Path:
+    """Writes migrations/001_baseline.sql from schema/: done once, by the commit of the first
+    release."""
+    path = migrations_dir / BASELINE_FILE
+    if path.exists():
+        raise MigrationError(f"{path} exists: the baseline is frozen already")
+    path.write_text(baseline_sql(release, schema_dir))
+    return path
 
 
 def schema_files(schema_dir: Path = SCHEMA_DIR) -> list[Path]:
@@ -134,6 +177,8 @@ def _create(
 def _upgrade(conn: psycopg.Connection[tuple[object, ...]], pending: list[Migration]) -> list[int]:
     applied_now: list[int] = []
     for m in pending:
+        if m.path is None:  # an unfrozen baseline ships alone: such a database was refused
+            raise MigrationError("database has migrations recorded but not the baseline")
         try:
             with conn.transaction():
                 conn.execute(m.path.read_text())  # type: ignore[call-overload]

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from dispatch.errors import MigrationError
-from dispatch.migrate import discover, migrate
+from dispatch.migrate import BASELINE_FILE, discover, freeze_baseline, migrate
 from tests import pg
 
 
@@ -24,6 +24,16 @@ def empty_db(pg_server: str) -> str:
     url = pg.database_url(pg_server, name)
     yield url  # type: ignore[misc]
     pg.drop_database(pg_server, url)
+
+
+def _released(migrations_dir: Path) -> Path:
+    """The shipped migrations as they are once the first release has frozen the baseline."""
+    for m in discover():
+        if m.path:
+            (migrations_dir / m.path.name).write_text(m.path.read_text())
+    if not (migrations_dir / BASELINE_FILE).exists():
+        freeze_baseline("test", migrations_dir=migrations_dir)
+    return migrations_dir
 
 
 def _versions(url: str) -> list[int]:
@@ -74,19 +84,18 @@ def test_refuses_a_database_made_by_another_build(empty_db: str) -> None:
 
 def test_an_old_database_gets_the_missing_migrations(empty_db: str, tmp_path: Path) -> None:
     migrate(empty_db)  # at the baseline
-    for m in discover():
-        (tmp_path / m.path.name).write_text(m.path.read_text())
+    _released(tmp_path)
     (tmp_path / "002_note.sql").write_text("ALTER TABLE dispatch.tasks ADD COLUMN note text;")
     assert migrate(empty_db, tmp_path) == [2]
     assert migrate(empty_db, tmp_path) == []
+    assert _versions(empty_db) == [1, 2]
     with psycopg.connect(empty_db) as conn:
         conn.execute("SELECT note FROM dispatch.tasks")
 
 
 def test_a_failing_migration_leaves_nothing_half_applied(empty_db: str, tmp_path: Path) -> None:
     migrate(empty_db)
-    for m in discover():
-        (tmp_path / m.path.name).write_text(m.path.read_text())
+    _released(tmp_path)
     (tmp_path / "900_broken.sql").write_text(
         "CREATE TABLE dispatch.half_done (x int);\nSELECT no_such_function();\n"
     )

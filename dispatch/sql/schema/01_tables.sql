@@ -16,25 +16,6 @@ CREATE TYPE dispatch.agent_status AS ENUM (
     'ready', 'sleeping', 'busy', 'degraded', 'stopped', 'unknown'
 );
 
--- Flow control (08_flow.sql): what an assigning transaction knows of the flow limits it has met.
--- Each concurrency key's cap and the tasks it counts as active (those active when the key was
--- first read, plus what this transaction has taken since); each rate key's bucket and the tokens
--- left in it. Each key is read once per state, so a walk past many tasks of one key counts its
--- active tasks once, not once per task. reason/until: the verdict of the last flow_admit (reason
--- NULL: admitted).
-CREATE TYPE dispatch.flow_state AS (
-    ckeys   text[],
-    cmax    integer[],  -- NULL: the key has no cap
-    cused   integer[],
-    rkeys   text[],
-    rcap    float8[],   -- NULL: the key has no bucket
-    rrefill float8[],
-    rtokens float8[],
-    reason  text,
-    until   timestamptz, -- for a rate limit: when its bucket will hold the task's cost
-    capped  boolean      -- the reason is the task's concurrency key at its cap
-);
-
 -- One row of settings that the SQL functions read, written by `dispatch serve` at start-up from its
 -- configuration, so that psql callers get exactly the behaviour of the API.
 CREATE TABLE dispatch.config (
@@ -54,8 +35,8 @@ CREATE TABLE dispatch.config (
     -- While a replica serves open dashboards (/ui) it keeps moving this a minute ahead: new event
     -- rows NOTIFY dispatch_events until then too, and with no dashboard open it lapses by itself.
     ui_notify_until          timestamptz CHECK (dispatch.time_in_range(ui_notify_until)),
-    -- Priority aging (flow control, 08_flow.sql): a pending task's effective priority rises one
-    -- level per aging_ms of waiting, up to 10; 0 turns aging off.
+    -- Priority aging (flow control, 06_queue_order.sql): a pending task's effective priority
+    -- rises one level per aging_ms of waiting, up to 10; 0 turns aging off.
     aging_ms                 integer NOT NULL DEFAULT 300000 CHECK (aging_ms >= 0),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
@@ -148,9 +129,9 @@ CREATE TABLE dispatch.tasks (
     started_at            timestamptz,
     last_progress_at      timestamptz,
     completed_at          timestamptz,
-    -- Flow control (08_flow.sql): at most concurrency_limits.max_active tasks of one
-    -- concurrency_key are active at once; a task with a rate_key takes `cost` tokens from that
-    -- key's bucket when it is assigned.
+    -- Flow control: at most concurrency_limits.max_active tasks of one concurrency_key are
+    -- active at once (03_concurrency.sql); a task with a rate_key takes `cost` tokens from that
+    -- key's bucket when it is assigned (05_rate_limits.sql).
     concurrency_key       text CONSTRAINT tasks_concurrency_key_length
                           CHECK (char_length(concurrency_key) BETWEEN 1 AND 256),
     rate_key              text CONSTRAINT tasks_rate_key_length
@@ -165,7 +146,7 @@ CREATE TABLE dispatch.tasks (
     queue_at              timestamptz NOT NULL DEFAULT now(),
     age_due_at            timestamptz,
     -- A pending task that its concurrency key's cap holds back is parked out of the walk
-    -- (tasks_pending_order_idx) until a task of its key ends (08_flow.sql).
+    -- (tasks_pending_order_idx) until a task of its key ends (04_parking.sql).
     parked                boolean NOT NULL DEFAULT false,
     CONSTRAINT tasks_times_range CHECK (
         dispatch.time_in_range(deadline_at) AND dispatch.time_in_range(wake_deadline_at)

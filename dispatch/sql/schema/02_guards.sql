@@ -1,6 +1,6 @@
 -- Guards: the lifecycle's edges, the triggers that reject any other status change (from raw SQL
 -- too), and the event row + NOTIFY written in the transaction of every change. The transitions
--- themselves are in 03_transitions.sql, one function each.
+-- themselves are in 09_transitions.sql, one function each.
 --
 -- Errors raised here carry SQLSTATEs the Python store maps to domain errors:
 --   UD400 invalid argument, UD403 actor may not do this, UD404 no such task or agent,

@@ -365,7 +365,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
     PERFORM dispatch.fn_leave();
-    -- Flow control's sweep (08_flow.sql): parked tasks whose key has room go back in line.
+    -- Flow control's sweep (04_parking.sql): parked tasks whose key has room go back in line.
     PERFORM dispatch.flow_unpark();
 END
 $$;

@@ -84,13 +84,13 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The walk of the pending queue that the claim, the assigner and the unmatched report share: the
--- pending, available rows in queue order (effective priority, then place in line: 08_flow.sql),
--- fetched one at a time through a cursor. A cursor is
--- planned for its first rows, so its natural plan reads tasks_pending_order_idx in order and stops
--- when the caller stops fetching: O(rows looked at), whatever the statistics say. (A single
--- statement with the eligibility rule in its WHERE and a LIMIT invites the planner, whenever its
--- statistics undercount the pending rows, to read all of them and sort.) Rows are not locked by the
--- walk; the caller locks the one it takes, SKIP LOCKED.
+-- pending, available rows in queue order (effective priority, then place in line:
+-- 06_queue_order.sql), fetched one at a time through a cursor. A cursor is planned for its first
+-- rows, so its natural plan reads tasks_pending_order_idx in order and stops when the caller
+-- stops fetching: O(rows looked at), whatever the statistics say. (A single statement with the
+-- eligibility rule in its WHERE and a LIMIT invites the planner, whenever its statistics
+-- undercount the pending rows, to read all of them and sort.) Rows are not locked by the walk;
+-- the caller locks the one it takes, SKIP LOCKED.
 CREATE FUNCTION dispatch.pending_queue(p_now timestamptz)
 RETURNS TABLE (task_id uuid, required_capabilities text[], owner text, previous_agents text[],
                concurrency_key text, rate_key text, cost integer)

@@ -1,0 +1,198 @@
+-- Flow control, rate limits: a task with a rate_key takes `cost` tokens from that key's token
+-- bucket when it is assigned. Like a concurrency key, a busy bucket may not be one row locked
+-- until commit. It is split into rate_limits.shards rows (rate_buckets), each with its share of
+-- the capacity and the refill. An assignment takes a shard holding the cost that no other
+-- transaction holds (SKIP LOCKED); when none does, it locks every shard and pools them. The shards
+-- together never hold more than one bucket would, so the limit holds; a small bucket (capacity
+-- under 20) is one shard, exact.
+
+-- A token bucket per key: it gains refill_per_second tokens a second up to `capacity`, and every
+-- assignment of a task with this rate_key takes the task's cost. The tokens are in rate_buckets.
+CREATE TABLE dispatch.rate_limits (
+    key               text PRIMARY KEY
+                      CONSTRAINT rate_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
+    capacity          float8 NOT NULL
+                      CONSTRAINT rate_limits_capacity_range CHECK (capacity >= 1 AND capacity <= 1e12),
+    refill_per_second float8 NOT NULL
+                      CONSTRAINT rate_limits_refill_range
+                      CHECK (refill_per_second > 0 AND refill_per_second <= 1e12),
+    -- How many rows of rate_buckets share the bucket: dispatch.rate_shards(capacity).
+    shards            smallint NOT NULL CONSTRAINT rate_limits_shards_range CHECK (shards BETWEEN 1 AND 16),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- The bucket's tokens, in `shards` rows: each holds up to capacity/shards, `tokens` as of
+-- `refilled_at`, and refills at refill_per_second/shards.
+CREATE TABLE dispatch.rate_buckets (
+    key         text NOT NULL REFERENCES dispatch.rate_limits (key) ON DELETE CASCADE,
+    shard       smallint NOT NULL,
+    tokens      float8 NOT NULL,
+    refilled_at timestamptz NOT NULL,
+    PRIMARY KEY (key, shard)
+);
+
+-- How many shards a bucket of this capacity is split into: each holds at least 10 tokens, and
+-- there are at most 16.
+CREATE FUNCTION dispatch.rate_shards(p_capacity float8) RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT least(16, greatest(1, floor(p_capacity / 10)))::smallint
+$$;
+
+-- The tokens in one shard of bucket r at p_now.
+CREATE FUNCTION dispatch.shard_tokens(b dispatch.rate_buckets, r dispatch.rate_limits,
+                                      p_now timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT least(r.capacity / r.shards,
+                 b.tokens + greatest(extract(epoch FROM p_now - b.refilled_at)::float8, 0)
+                            * r.refill_per_second / r.shards)
+$$;
+
+-- The tokens in the bucket at p_now: its shards' together. (PL/pgSQL, like concurrency_used,
+-- for its cached plan: a SQL function whose body cannot be inlined is planned on every call, and
+-- the assigning transactions call these on every claim.)
+CREATE FUNCTION dispatch.rate_tokens(r dispatch.rate_limits, p_now timestamptz) RETURNS float8
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(dispatch.shard_tokens(b, r, p_now)), 0)
+            FROM dispatch.rate_buckets b WHERE b.key = r.key);
+END
+$$;
+
+-- Locks every shard of a rate key's bucket, in shard order (with p_wait false: those no other
+-- transaction holds), and reads them at p_now: the shards locked, their tokens together, and the
+-- bucket's capacity and refill (NULL: the key has no bucket, or nothing could be locked).
+CREATE FUNCTION dispatch.rate_pool(
+    p_key text, p_now timestamptz, p_wait boolean,
+    OUT shards smallint[], OUT tokens float8, OUT capacity float8, OUT refill float8
+)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_wait THEN
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b) x;
+    ELSE
+        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
+        INTO shards, tokens, capacity, refill
+        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
+                     l.refill_per_second AS refill
+              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b SKIP LOCKED) x;
+    END IF;
+END
+$$;
+
+-- Leaves p_tokens in the locked shards of a rate key's bucket, spread evenly, as of p_now.
+CREATE FUNCTION dispatch.rate_spread(p_key text, p_shards smallint[], p_tokens float8,
+                                     p_now timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE dispatch.rate_buckets b
+    SET tokens = p_tokens / cardinality(p_shards), refilled_at = greatest(b.refilled_at, p_now)
+    WHERE b.key = p_key AND b.shard = ANY (p_shards)
+$$;
+
+-- The rate keys' half of dispatch.flow_grant (07_admission.sql): the tasks still admitted
+-- (p_rkeys: their keys, NULL for none) take their costs from their buckets, by the shards above,
+-- key by key in key order; those the bucket cannot hold now are held back, and `until` is when
+-- the first of them will fit. p_waits: as for dispatch.concurrency_grant.
+CREATE FUNCTION dispatch.rate_grant(
+    p_rkeys text[], p_costs integer[], p_now timestamptz, p_waits boolean,
+    INOUT admitted boolean[], OUT until timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    keys    text[];
+    k       text;
+    idx     integer[];
+    g       integer;
+    need    float8;
+    sh      smallint;
+    pool    record;
+    rest    float8;
+    holding boolean;         -- this transaction holds a shard of the key
+    one     boolean := cardinality(p_costs) = 1;  -- a single task (most claims): no key to sort
+BEGIN
+    IF one THEN
+        keys := array_remove(p_rkeys, NULL);
+    ELSE
+        keys := ARRAY(SELECT DISTINCT x FROM unnest(p_rkeys) x WHERE x IS NOT NULL ORDER BY x);
+    END IF;
+    FOREACH k IN ARRAY keys LOOP
+        IF one THEN
+            CONTINUE WHEN NOT admitted[1];
+            idx := '{1}';
+            need := p_costs[1];
+        ELSE
+            idx := ARRAY(SELECT i FROM generate_subscripts(p_rkeys, 1) i
+                         WHERE p_rkeys[i] = k AND admitted[i] ORDER BY i);
+            CONTINUE WHEN cardinality(idx) = 0;
+            need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
+        END IF;
+        -- A shard that holds all of it and that no other transaction holds: first the one of
+        -- this backend (no other's, mostly), then the fullest. (Locked by key and shard alone: a
+        -- lock with the tokens in its condition could keep a row it then skips, and this
+        -- transaction would hold a shard it does not know of.)
+        SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+        FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+        WHERE b.key = k AND b.shard = pg_backend_pid() % l.shards
+        FOR UPDATE OF b SKIP LOCKED;
+        holding := FOUND;
+        IF NOT holding OR rest < need THEN
+            sh := NULL;
+            FOREACH g IN ARRAY ARRAY(
+                SELECT b.shard FROM dispatch.rate_buckets b
+                JOIN dispatch.rate_limits l ON l.key = b.key
+                WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
+                ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
+            LOOP
+                SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
+                FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+                WHERE b.key = k AND b.shard = g
+                FOR UPDATE OF b SKIP LOCKED;
+                holding := holding OR FOUND;
+                EXIT WHEN FOUND;
+            END LOOP;
+        END IF;
+        IF sh IS NOT NULL AND rest >= need THEN
+            UPDATE dispatch.rate_buckets b
+            SET tokens = rest - need, refilled_at = greatest(b.refilled_at, p_now)
+            WHERE b.key = k AND b.shard = sh;
+            CONTINUE;
+        END IF;
+        -- Else all its shards, pooled; the tasks that fit take their cost in order. Holding a
+        -- shard already (another transaction took from it since this one looked), it waits for
+        -- none of the others: it pools those it can lock.
+        pool := dispatch.rate_pool(k, p_now, p_waits AND NOT holding);
+        IF pool.shards IS NULL THEN
+            CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.rate_limits l WHERE l.key = k);
+            pool.tokens := 0;  -- every shard held by others: none of them this time
+        END IF;
+        rest := pool.tokens;
+        FOREACH g IN ARRAY idx LOOP
+            IF p_costs[g] <= rest THEN
+                rest := rest - p_costs[g];
+            ELSE
+                admitted[g] := false;
+                IF pool.refill IS NOT NULL AND p_costs[g] <= pool.capacity THEN
+                    until := least(until, p_now + make_interval(
+                        secs => (p_costs[g] - rest) / pool.refill));
+                END IF;
+            END IF;
+        END LOOP;
+        IF pool.shards IS NOT NULL THEN
+            PERFORM dispatch.rate_spread(k, pool.shards, rest, p_now);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Tells the engines of every replica when a rate limit that held a task back will have refilled
+-- (channel dispatch_due, payload its epoch), so that assignment resumes then and not at the next
+-- tick. Identical payloads fold.
+CREATE FUNCTION dispatch.flow_wake(p_at timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('dispatch_due', extract(epoch FROM p_at)::text)
+$$;
