@@ -1,12 +1,12 @@
 """Command line: `dispatch serve` and `dispatch migrate` (the server), and the client's commands
-`task`, `agent`, `worker` and `top` (dispatch/cli.py)."""
+`task`, `agent`, `worker` and `top` (dispatch/sdk/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dispatch import cli
+from dispatch.sdk import cli
 
 SERVER_EXTRA = (
     "dispatch: {command} needs the server's dependencies, which this install lacks ({missing}):"

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from dispatch.client import DispatchClient
+from dispatch.sdk.client import DispatchClient
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 

@@ -25,10 +25,10 @@ from datetime import UTC, datetime
 import httpx
 import msgspec
 
-from dispatch.client import CreateFields, DispatchClient, ListFilters
 from dispatch.errors import DispatchError
 from dispatch.models import TERMINAL_STATUSES, Agent, Stats, Task, TaskEvent
-from dispatch.worker import TaskContext, TaskError, TaskLost, Worker
+from dispatch.sdk.client import CreateFields, DispatchClient, ListFilters
+from dispatch.sdk.worker import TaskContext, TaskError, TaskLost, Worker
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
