@@ -17,13 +17,13 @@ SERVER_EXTRA = (
 def _serve(settings: object, config: str | None) -> None:
     import asyncio
 
-    from dispatch import workers
+    from dispatch import supervisor
     from dispatch.service import Service
     from dispatch.settings import Settings
 
     assert isinstance(settings, Settings)
-    if workers.worker_count(settings) > 1:
-        workers.run(settings, config)
+    if supervisor.worker_count(settings) > 1:
+        supervisor.run(settings, config)
         return
 
     try:
