@@ -1,11 +1,14 @@
 """What REST and NATS share on the way in: the request structs with their constraints (each written
 once here), the error body, and the rules that turn a request in the original service's vocabulary
-(with its aliases) into domain values. Imports no web framework, so the events package and the
-client use it too.
+(with its aliases) into domain values; also the task list's cursor and status filter, which the API
+and the dashboard both parse. Imports no web framework, so the events package and the client use
+it too.
 
 No `from __future__ import annotations`: Litestar reads these annotations at runtime.
 """
 
+import base64
+import binascii
 import re
 import uuid
 from datetime import UTC, datetime
@@ -14,7 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from dispatch.errors import InvalidInput
-from dispatch.models import AgentStatus, NewTask
+from dispatch.models import AgentStatus, Cursor, NewTask, Task, TaskStatus
 
 # PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
 NO_NUL = r"^[^\x00]*$"
@@ -238,6 +241,43 @@ def progress_fields(
             one_of(data, detail, ("data", "detail"))
             data = detail
     return ProgressFields(percent, message, data)
+
+
+def encode_cursor(task: Task) -> str:
+    """The opaque cursor of the page that follows `task` in list order."""
+    cursor = Cursor(priority=task.priority, created_at=task.created_at, task_id=task.task_id)
+    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> Cursor:
+    """A cursor encode_cursor issued; InvalidInput for anything else."""
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        return msgspec.json.decode(data, type=Cursor)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidInput("cursor is not one this server issued", field="cursor") from None
+
+
+# The original service's names for our statuses.
+STATUS_ALIASES = {"in_progress": TaskStatus.RUNNING}
+
+
+def parse_statuses(raw: str) -> list[TaskStatus]:
+    """A comma list of statuses (with the original service's aliases); InvalidInput naming them."""
+    statuses = []
+    for part in raw.split(","):
+        name = part.strip().lower()
+        if name in STATUS_ALIASES:
+            statuses.append(STATUS_ALIASES[name])
+            continue
+        try:
+            statuses.append(TaskStatus(name))
+        except ValueError:
+            allowed = ", ".join([*(s.value for s in TaskStatus), *STATUS_ALIASES])
+            raise InvalidInput(
+                f"status {name[:32]!r} is not one of {allowed}", field="status"
+            ) from None
+    return statuses
 
 
 def check_time(value: datetime | None, field: str) -> None:
