@@ -59,9 +59,10 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies reject unknown fields."""
 
 
-class TaskCreate(_Body):
-    """POST /api/v1/tasks. `scope` is the original service's single capability, `context` its
-    name for metadata."""
+class TaskCreate(_Body, omit_defaults=True):
+    """POST /api/v1/tasks, and the client's body for it (encoded without the fields left at their
+    default, which the server fills in). `scope` is the original service's single capability,
+    `context` its name for metadata."""
 
     title: Title
     description: Description = ""
@@ -293,26 +294,13 @@ def new_task(req: TaskCreate) -> NewTask:
     one_of(req.required_capabilities, req.scope, ("required_capabilities", "scope"))
     check_time(req.available_at, "available_at")
     one_of(req.metadata, req.context, ("metadata", "context"))
-    caps = req.required_capabilities
-    if caps is None:
-        caps = [req.scope] if req.scope is not None else []
-    return NewTask(
-        title=req.title,
-        description=req.description,
-        owner=req.owner,
-        required_capabilities=caps,
-        priority=req.priority,
-        timeout_seconds=req.timeout_seconds,
-        heartbeat_seconds=req.heartbeat_seconds,
-        max_retries=req.max_retries,
-        metadata=req.metadata if req.metadata is not None else (req.context or {}),
-        parent_task_id=req.parent_task_id,
-        available_at=req.available_at,
-        source=req.source,
-        concurrency_key=req.concurrency_key,
-        rate_key=req.rate_key,
-        cost=req.cost,
-    )
+    fields = msgspec.structs.asdict(req)
+    if req.required_capabilities is None:
+        fields["required_capabilities"] = [req.scope] if req.scope is not None else []
+    if req.metadata is None:
+        fields["metadata"] = req.context or {}
+    # NewTask's fields are TaskCreate's, without the aliases and what a subclass adds.
+    return NewTask(**{name: fields[name] for name in NewTask.__struct_fields__})
 
 
 class ConcurrencyLimitBody(_Body):
