@@ -1,4 +1,4 @@
-"""Flow control in SQL (SPEC §12): fair share across tenants, priority aging, concurrency keys and
+"""Flow control in SQL: fair share across tenants, priority aging, concurrency keys and
 rate limits, enforced by task_assign (push) and task_claim (pull) alike, and the DBA surface that
 sets them."""
 
