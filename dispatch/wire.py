@@ -60,9 +60,8 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class TaskCreate(_Body, omit_defaults=True):
-    """POST /api/v1/tasks, and the client's body for it (encoded without the fields left at their
-    default, which the server fills in). `scope` is the original service's single capability,
-    `context` its name for metadata."""
+    """POST /api/v1/tasks (the client sends it without defaults). `scope` is the original
+    service's single capability, `context` its name for metadata."""
 
     title: Title
     description: Description = ""

@@ -106,8 +106,7 @@ def _omit_none(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
 
 
 def _task_create(task: str | TaskCreate, fields: Mapping[str, Any]) -> TaskCreate:
-    """The request body: the TaskCreate given, or one of the title and fields by name (a name
-    TaskCreate lacks is a TypeError). The server checks the values, as for any client."""
+    """`task`, or a TaskCreate of the title and fields (TypeError for a name it lacks)."""
     if isinstance(task, TaskCreate):
         if fields:
             raise TypeError("give a TaskCreate or a title and fields, not both")

@@ -1,5 +1,4 @@
-"""The client's create: its body is dispatch.wire.TaskCreate (given by name or as the struct), so
-every field the REST API documents reaches the server, and the server still checks the values."""
+"""The client's create sends wire.TaskCreate, so every documented field reaches the server."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The sdk imports of the rest of dispatch only models, errors and wire (which import no server
-module either), so the client install never reaches the server's code."""
+"""The sdk imports of dispatch only models, errors and wire, and those import no server module."""
 
 from __future__ import annotations
 
