@@ -65,7 +65,7 @@ async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report)
                 f"Dispatch engine in-process ({mode})", f"Dispatch engine ({mode})",
                 lambda mode=mode: engine.run_engine(cl, sizes, mode),  # type: ignore[misc]
             )
-            # Beside it, the same drain with flow control configured (SPEC §10's overhead row).
+            # Beside it, the same drain with flow control configured (at least 0.8x its rate).
             flowed = await _phase(
                 f"Dispatch engine in-process ({mode}, flow control)",
                 f"Dispatch engine ({mode}, flow control)",

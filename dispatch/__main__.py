@@ -1,12 +1,12 @@
 """Command line: `dispatch serve` and `dispatch migrate` (the server), and the client's commands
-`task`, `agent`, `worker` and `top` (dispatch/cli.py)."""
+`task`, `agent`, `worker` and `top` (dispatch/sdk/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dispatch import cli
+from dispatch.sdk import cli
 
 SERVER_EXTRA = (
     "dispatch: {command} needs the server's dependencies, which this install lacks ({missing}):"
@@ -17,13 +17,13 @@ SERVER_EXTRA = (
 def _serve(settings: object, config: str | None) -> None:
     import asyncio
 
-    from dispatch import workers
+    from dispatch import supervisor
     from dispatch.service import Service
     from dispatch.settings import Settings
 
     assert isinstance(settings, Settings)
-    if workers.worker_count(settings) > 1:
-        workers.run(settings, config)
+    if supervisor.worker_count(settings) > 1:
+        supervisor.run(settings, config)
         return
 
     try:

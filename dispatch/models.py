@@ -53,7 +53,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     assigned_agent: str | None
     previous_agents: list[str]
     retry_count: int
-    # The number of the current (or last) assignment; reports may present it (SPEC §5 leases).
+    # The number of the current (or last) assignment, raised by each one; a report may present it,
+    # and one naming an earlier assignment is refused (409).
     lease: int = 0
     max_retries: int
     timeout_seconds: int
@@ -72,8 +73,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     last_progress_at: datetime | None
     completed_at: datetime | None
-    # Flow control (SPEC §12): the key whose cap it counts against, the bucket it takes `cost`
-    # tokens from when assigned.
+    # Flow control: the concurrency key whose cap on assigned and running tasks it counts against,
+    # and the rate key whose token bucket it takes `cost` tokens from when assigned.
     concurrency_key: str | None = None
     rate_key: str | None = None
     cost: int = 1

@@ -1,11 +1,14 @@
 """What REST and NATS share on the way in: the request structs with their constraints (each written
 once here), the error body, and the rules that turn a request in the original service's vocabulary
-(with its aliases) into domain values. Imports no web framework, so the events package and the
-client use it too.
+(with its aliases) into domain values; also the task list's cursor and status filter, which the API
+and the dashboard both parse. Imports no web framework, so the events package and the client use
+it too.
 
 No `from __future__ import annotations`: Litestar reads these annotations at runtime.
 """
 
+import base64
+import binascii
 import re
 import uuid
 from datetime import UTC, datetime
@@ -14,7 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from dispatch.errors import InvalidInput
-from dispatch.models import AgentStatus, NewTask
+from dispatch.models import AgentStatus, Cursor, NewTask, Task, TaskStatus
 
 # PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
 NO_NUL = r"^[^\x00]*$"
@@ -56,9 +59,9 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies reject unknown fields."""
 
 
-class TaskCreate(_Body):
-    """POST /api/v1/tasks. `scope` is the original service's single capability, `context` its
-    name for metadata."""
+class TaskCreate(_Body, omit_defaults=True):
+    """POST /api/v1/tasks (the client sends it without defaults). `scope` is the original
+    service's single capability, `context` its name for metadata."""
 
     title: Title
     description: Description = ""
@@ -240,6 +243,43 @@ def progress_fields(
     return ProgressFields(percent, message, data)
 
 
+def encode_cursor(task: Task) -> str:
+    """The opaque cursor of the page that follows `task` in list order."""
+    cursor = Cursor(priority=task.priority, created_at=task.created_at, task_id=task.task_id)
+    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> Cursor:
+    """A cursor encode_cursor issued; InvalidInput for anything else."""
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        return msgspec.json.decode(data, type=Cursor)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidInput("cursor is not one this server issued", field="cursor") from None
+
+
+# The original service's names for our statuses.
+STATUS_ALIASES = {"in_progress": TaskStatus.RUNNING}
+
+
+def parse_statuses(raw: str) -> list[TaskStatus]:
+    """A comma list of statuses (with the original service's aliases); InvalidInput naming them."""
+    statuses = []
+    for part in raw.split(","):
+        name = part.strip().lower()
+        if name in STATUS_ALIASES:
+            statuses.append(STATUS_ALIASES[name])
+            continue
+        try:
+            statuses.append(TaskStatus(name))
+        except ValueError:
+            allowed = ", ".join([*(s.value for s in TaskStatus), *STATUS_ALIASES])
+            raise InvalidInput(
+                f"status {name[:32]!r} is not one of {allowed}", field="status"
+            ) from None
+    return statuses
+
+
 def check_time(value: datetime | None, field: str) -> None:
     """A timestamp outside EARLIEST..LATEST is refused before anything is written."""
     if value is not None and not EARLIEST <= value < LATEST:
@@ -253,26 +293,13 @@ def new_task(req: TaskCreate) -> NewTask:
     one_of(req.required_capabilities, req.scope, ("required_capabilities", "scope"))
     check_time(req.available_at, "available_at")
     one_of(req.metadata, req.context, ("metadata", "context"))
-    caps = req.required_capabilities
-    if caps is None:
-        caps = [req.scope] if req.scope is not None else []
-    return NewTask(
-        title=req.title,
-        description=req.description,
-        owner=req.owner,
-        required_capabilities=caps,
-        priority=req.priority,
-        timeout_seconds=req.timeout_seconds,
-        heartbeat_seconds=req.heartbeat_seconds,
-        max_retries=req.max_retries,
-        metadata=req.metadata if req.metadata is not None else (req.context or {}),
-        parent_task_id=req.parent_task_id,
-        available_at=req.available_at,
-        source=req.source,
-        concurrency_key=req.concurrency_key,
-        rate_key=req.rate_key,
-        cost=req.cost,
-    )
+    fields = msgspec.structs.asdict(req)
+    if req.required_capabilities is None:
+        fields["required_capabilities"] = [req.scope] if req.scope is not None else []
+    if req.metadata is None:
+        fields["metadata"] = req.context or {}
+    # NewTask's fields are TaskCreate's, without the aliases and what a subclass adds.
+    return NewTask(**{name: fields[name] for name in NewTask.__struct_fields__})
 
 
 class ConcurrencyLimitBody(_Body):

@@ -1,11 +1,8 @@
 """Task endpoints: HTTP in, one broker or store call, HTTP out."""
 
-import base64
-import binascii
 import uuid
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, Response, get, patch, post
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
@@ -21,7 +18,6 @@ from dispatch.models import (
     Cancel,
     Change,
     Complete,
-    Cursor,
     Explanation,
     Fail,
     Progress,
@@ -31,7 +27,6 @@ from dispatch.models import (
     Task,
     TaskEvent,
     TaskFilter,
-    TaskStatus,
     Update,
 )
 from dispatch.wire import (
@@ -45,8 +40,11 @@ from dispatch.wire import (
     StartReport,
     TaskCreate,
     TaskPatch,
+    decode_cursor,
+    encode_cursor,
     new_task,
     one_of,
+    parse_statuses,
     progress_fields,
     report_body,
 )
@@ -83,40 +81,6 @@ def parse_task_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise InvalidInput(f"task_id must be a UUID, got {raw[:64]!r}", field="task_id") from None
-
-
-def encode_cursor(task: Task) -> str:
-    cursor = Cursor(priority=task.priority, created_at=task.created_at, task_id=task.task_id)
-    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
-
-
-def decode_cursor(raw: str) -> Cursor:
-    try:
-        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-        return msgspec.json.decode(data, type=Cursor)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise InvalidInput("cursor is not one this server issued", field="cursor") from None
-
-
-# The original service's names for our statuses.
-STATUS_ALIASES = {"in_progress": TaskStatus.RUNNING}
-
-
-def parse_statuses(raw: str) -> list[TaskStatus]:
-    statuses = []
-    for part in raw.split(","):
-        name = part.strip().lower()
-        if name in STATUS_ALIASES:
-            statuses.append(STATUS_ALIASES[name])
-            continue
-        try:
-            statuses.append(TaskStatus(name))
-        except ValueError:
-            allowed = ", ".join([*(s.value for s in TaskStatus), *STATUS_ALIASES])
-            raise InvalidInput(
-                f"status {name[:32]!r} is not one of {allowed}", field="status"
-            ) from None
-    return statuses
 
 
 # dispatch.jsonb_merge_patch recurses once per level of nested objects; a bound keeps a hostile

@@ -22,7 +22,6 @@ from litestar.params import PathParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from dispatch.api.tasks import decode_cursor, encode_cursor, parse_statuses
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError, InvalidInput, NotFound
 from dispatch.metrics import Metrics
@@ -32,7 +31,7 @@ from dispatch.settings import UiSettings
 from dispatch.ui import charts
 from dispatch.ui.hub import KEEP_SECONDS, Hub
 from dispatch.ui.session import COOKIE, Sessions, same_origin
-from dispatch.wire import AGENT_ID_RE
+from dispatch.wire import AGENT_ID_RE, decode_cursor, encode_cursor, parse_statuses
 
 # The actor of the events the dashboard's buttons write.
 UI_ACTOR = "admin"

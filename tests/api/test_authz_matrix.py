@@ -86,7 +86,7 @@ MATRIX: dict[str, Row] = {
     "progress": Row("POST", "/tasks/{task}/progress", {"percent": 50},
                     open=(403, 403, 200, 409, 403, 403, 403, 403),
                     tokens=(403, 403, 200, 409, 404, 403, 403, 401)),
-    # The requester, the owner and an admin may resolve a task by hand (SPEC §3).
+    # Besides the assigned agent, the requester, the owner and an admin may complete a task by hand.
     "complete": Row("POST", "/tasks/{task}/complete", {"result": {}},
                     open=(200, 200, 200, 409, 403, 200, 403, 403),
                     tokens=(200, 200, 200, 409, 404, 200, 403, 401)),

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatch.client import AsyncDispatchClient, DispatchClient
 from dispatch.errors import Conflict, Forbidden
 from dispatch.models import Explanation, Task
+from dispatch.sdk.client import AsyncDispatchClient, DispatchClient
 from tests.serve import ServeProcess, serving
 
 # Pull-mode tests keep the owner filter out of the way, and retry without waiting out a backoff.

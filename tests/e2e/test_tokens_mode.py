@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatch.client import AsyncDispatchClient
 from dispatch.errors import Forbidden, NotFound, Unauthorized
+from dispatch.sdk.client import AsyncDispatchClient
 from tests.serve import serving
 
 ENV = {"DISPATCH_AUTH_MODE": "tokens"}

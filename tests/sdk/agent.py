@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from dispatch.worker import TaskContext, Worker
+from dispatch.sdk.worker import TaskContext, Worker
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import pytest
 
-from dispatch.client import DispatchClient
+from dispatch.sdk.client import DispatchClient
 from tests.serve import ServeProcess, serving
 
 T = TypeVar("T")

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dispatch.client import AsyncDispatchClient
-from dispatch.worker import TaskContext, Worker
+from dispatch.sdk.client import AsyncDispatchClient
+from dispatch.sdk.worker import TaskContext, Worker
 from tests import pg
 from tests.serve import serving
 

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from dispatch.client import DispatchClient
+from dispatch.sdk.client import DispatchClient
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 
@@ -279,3 +279,22 @@ def test_top_refreshes_in_place_in_a_terminal(sp: ServeProcess) -> None:
     assert "QUEUE" in ok(once) and "pending 5" in once.stdout
     snapshot = json.loads(ok(dispatch(sp, "top", "--json", agent="ops", admin=True)))
     assert snapshot["stats"]["queue"]["pending"] == 5 and snapshot["agents"][0]["agent_id"] == "w9"
+
+
+def test_create_sends_every_documented_field(sp: ServeProcess) -> None:
+    parent = json.loads(ok(dispatch(sp, "task", "create", "parent", "--json")))["task_id"]
+    made = json.loads(ok(dispatch(
+        sp, "task", "create", "flow", "--concurrency-key", "repo-x", "--rate-key", "openai",
+        "--cost", "5", "--parent", parent, "--available-at", "2030-01-01T09:00:00Z",
+        "--source", "ci", "--timeout", "60", "--heartbeat", "30", "--description", "d", "--json",
+    )))
+    with DispatchClient(sp.api, "alice") as alice:
+        stored = alice.get(made["task_id"])
+    assert (stored.concurrency_key, stored.rate_key, stored.cost) == ("repo-x", "openai", 5)
+    assert str(stored.parent_task_id) == parent and stored.source == "ci"
+    assert stored.available_at is not None and stored.available_at.year == 2030
+    assert (stored.timeout_seconds, stored.heartbeat_seconds) == (60, 30)
+    assert stored.description == "d"
+    bad = dispatch(sp, "task", "create", "x", "--cost", "0")
+    assert bad.returncode == 1 and "cost" in bad.stderr and "(HTTP 400)" in bad.stderr
+    assert dispatch(sp, "task", "create", "x", "--available-at", "2030-01-01").returncode == 2

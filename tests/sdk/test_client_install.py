@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from dispatch.client import DispatchClient
+from dispatch.sdk.client import DispatchClient
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 
@@ -103,7 +103,7 @@ def test_the_client_venv_lacks_the_server_but_imports_the_sdk(client_python: Pat
     probe = ("import importlib.util, sys\n"
              f"missing = [m for m in {SERVER_ONLY!r} if importlib.util.find_spec(m)]\n"
              "assert not missing, missing\n"
-             "import dispatch.client, dispatch.worker, dispatch.cli\n"
+             "import dispatch.sdk.client, dispatch.sdk.worker, dispatch.sdk.cli\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
              f"{SERVER_ONLY!r}))\n")
     done = run_client(client_python, "-c", probe)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dispatch.client import DispatchClient
-from dispatch.worker import TaskContext, Worker
+from dispatch.sdk.client import DispatchClient
+from dispatch.sdk.worker import TaskContext, Worker
 from tests.natsfix import NatsServer, nats_server
 from tests.sdk.conftest import eventually
 from tests.sdk.test_worker import working

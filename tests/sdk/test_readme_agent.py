@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dispatch.client import DispatchClient
+from dispatch.sdk.client import DispatchClient
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 

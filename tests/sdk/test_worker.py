@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from dispatch.client import DispatchClient
 from dispatch.models import Task
-from dispatch.worker import Permanent, TaskContext, Worker
+from dispatch.sdk.client import DispatchClient
+from dispatch.sdk.worker import Permanent, TaskContext, Worker
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 

@@ -7,6 +7,9 @@
             dispatch.start(task.task_id)
             dispatch.complete(task.task_id, {"answer": 42})
 
+A requester creates a task from its title and the other fields of dispatch.wire.TaskCreate (the
+REST body) by name, `dispatch.create("summarise", rate_key="llm", cost=2)`, or from a TaskCreate.
+
 Failures raise the errors of dispatch.errors: InvalidInput (400), Unauthorized (401), Forbidden
 (403), NotFound (404), Conflict (409, with `.task`, the task's current state), else ApiError.
 """
@@ -17,15 +20,15 @@ import builtins
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from types import TracebackType
-from typing import TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import httpx
 import msgspec
 
 from dispatch.errors import Conflict, DispatchError, InvalidInput, error_for_status
 from dispatch.models import Agent, AgentStatus, Explanation, Stats, Task, TaskEvent, TaskStatus
+from dispatch.wire import TaskCreate
 
 T = TypeVar("T")
 TaskRef = uuid.UUID | str
@@ -84,22 +87,6 @@ def _decode(response: httpx.Response, kind: type[T]) -> T:
     return msgspec.json.decode(response.content, type=kind)
 
 
-class CreateFields(TypedDict, total=False):
-    """The optional fields of a new task; a field left out takes the server's default."""
-
-    description: str
-    owner: str
-    required_capabilities: Sequence[str]
-    priority: int
-    timeout_seconds: int
-    heartbeat_seconds: int
-    max_retries: int
-    metadata: Mapping[str, object]
-    parent_task_id: TaskRef
-    available_at: datetime
-    source: str
-
-
 class ListFilters(TypedDict, total=False):
     """Filters and paging of GET /api/v1/tasks."""
 
@@ -116,6 +103,15 @@ class ListFilters(TypedDict, total=False):
 
 def _omit_none(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
     return {k: v for k, v in pairs if v is not None}
+
+
+def _task_create(task: str | TaskCreate, fields: Mapping[str, Any]) -> TaskCreate:
+    """`task`, or a TaskCreate of the title and fields (TypeError for a name it lacks)."""
+    if isinstance(task, TaskCreate):
+        if fields:
+            raise TypeError("give a TaskCreate or a title and fields, not both")
+        return task
+    return TaskCreate(title=task, **fields)
 
 
 def _identity(agent_id: str, token: str | None) -> dict[str, str]:
@@ -137,14 +133,9 @@ class _Requests:
     def _admin(self, admin: bool = True) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"} if admin and self.admin_token else {}
 
-    def create(self, title: str, idempotency_key: str | None, fields: CreateFields) -> _Call:
-        body: dict[str, object] = {"title": title, **fields}
-        if "required_capabilities" in fields:
-            body["required_capabilities"] = list(fields["required_capabilities"])
-        if "parent_task_id" in fields:
-            body["parent_task_id"] = str(fields["parent_task_id"])
-        if "available_at" in fields:
-            body["available_at"] = fields["available_at"].isoformat()
+    def create(self, task: str | TaskCreate, idempotency_key: str | None,
+               fields: Mapping[str, Any]) -> _Call:
+        body = msgspec.to_builtins(_task_create(task, fields))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return _Call("POST", "/api/v1/tasks", body, headers=headers)
 
@@ -292,14 +283,15 @@ class DispatchClient:
         )
 
     # requesters
-    def create(self, title: str, *, idempotency_key: str | None = None,
-               **fields: Unpack[CreateFields]) -> Task:
-        return self.create_ex(title, idempotency_key=idempotency_key, **fields)[0]
+    def create(self, task: str | TaskCreate, *, idempotency_key: str | None = None,
+               **fields: Any) -> Task:
+        """A new task: a TaskCreate, or its title and any other of its fields by name."""
+        return self.create_ex(task, idempotency_key=idempotency_key, **fields)[0]
 
-    def create_ex(self, title: str, *, idempotency_key: str | None = None,
-                  **fields: Unpack[CreateFields]) -> tuple[Task, bool]:
+    def create_ex(self, task: str | TaskCreate, *, idempotency_key: str | None = None,
+                  **fields: Any) -> tuple[Task, bool]:
         """Like create; also whether the task is new (False when the idempotency key repeated)."""
-        response = self._send(self._r.create(title, idempotency_key, fields))
+        response = self._send(self._r.create(task, idempotency_key, fields))
         return _decode(response, Task), response.status_code == 201
 
     def get(self, task_id: TaskRef) -> Task:
@@ -418,14 +410,15 @@ class AsyncDispatchClient:
         )
 
     # requesters
-    async def create(self, title: str, *, idempotency_key: str | None = None,
-                     **fields: Unpack[CreateFields]) -> Task:
-        return (await self.create_ex(title, idempotency_key=idempotency_key, **fields))[0]
+    async def create(self, task: str | TaskCreate, *, idempotency_key: str | None = None,
+                     **fields: Any) -> Task:
+        """A new task: a TaskCreate, or its title and any other of its fields by name."""
+        return (await self.create_ex(task, idempotency_key=idempotency_key, **fields))[0]
 
-    async def create_ex(self, title: str, *, idempotency_key: str | None = None,
-                        **fields: Unpack[CreateFields]) -> tuple[Task, bool]:
+    async def create_ex(self, task: str | TaskCreate, *, idempotency_key: str | None = None,
+                        **fields: Any) -> tuple[Task, bool]:
         """Like create; also whether the task is new (False when the idempotency key repeated)."""
-        response = await self._send(self._r.create(title, idempotency_key, fields))
+        response = await self._send(self._r.create(task, idempotency_key, fields))
         return _decode(response, Task), response.status_code == 201
 
     async def get(self, task_id: TaskRef) -> Task:

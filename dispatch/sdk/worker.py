@@ -1,6 +1,6 @@
 """The worker SDK: an agent in ten lines.
 
-    from dispatch.worker import TaskContext, Worker
+    from dispatch.sdk.worker import TaskContext, Worker
 
     worker = Worker("http://localhost:8600", "summariser-1", capabilities=["summarise"])
 
@@ -41,9 +41,9 @@ from typing import Protocol
 
 import httpx
 
-from dispatch.client import AsyncDispatchClient, DispatchClient
 from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
 from dispatch.models import Task, TaskStatus
+from dispatch.sdk.client import AsyncDispatchClient, DispatchClient
 
 log = logging.getLogger("dispatch.worker")
 

@@ -25,10 +25,11 @@ from datetime import UTC, datetime
 import httpx
 import msgspec
 
-from dispatch.client import CreateFields, DispatchClient, ListFilters
 from dispatch.errors import DispatchError
 from dispatch.models import TERMINAL_STATUSES, Agent, Stats, Task, TaskEvent
-from dispatch.worker import TaskContext, TaskError, TaskLost, Worker
+from dispatch.sdk.client import DispatchClient, ListFilters
+from dispatch.sdk.worker import TaskContext, TaskError, TaskLost, Worker
+from dispatch.wire import TaskCreate
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
@@ -156,9 +157,7 @@ class Progress:
 
 # task commands
 
-def _metadata(raw: str | None) -> dict[str, object] | None:
-    if raw is None:
-        return None
+def _metadata(raw: str) -> dict[str, object]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -168,21 +167,23 @@ def _metadata(raw: str | None) -> dict[str, object] | None:
     return value
 
 
+def _moment(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 timestamp: {raw!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"needs a zone (Z or +HH:MM): {raw!r}")
+    return value
+
+
 def task_create(args: argparse.Namespace, conn: Conn) -> int:
-    fields: CreateFields = {}
-    if args.description is not None:
-        fields["description"] = args.description
-    if args.capability:
-        fields["required_capabilities"] = args.capability
-    for name, value in (("priority", args.priority), ("timeout_seconds", args.timeout),
-                        ("heartbeat_seconds", args.heartbeat), ("max_retries", args.max_retries)):
-        if value is not None:
-            fields[name] = value  # type: ignore[literal-required]
-    if args.owner is not None:
-        fields["owner"] = args.owner
-    metadata = _metadata(args.metadata)
-    if metadata is not None:
-        fields["metadata"] = metadata
+    # The options' dests are TaskCreate's field names; an option left out is not sent.
+    given = {name: getattr(args, name) for name in TaskCreate.__struct_fields__
+             if getattr(args, name, None) is not None}
+    if args.metadata is not None:
+        given["metadata"] = _metadata(args.metadata)
+    body = TaskCreate(**given)
     if args.count < 1:
         raise CliError("--count must be at least 1")
     if args.count > 1 and args.idempotency_key:
@@ -191,8 +192,7 @@ def task_create(args: argparse.Namespace, conn: Conn) -> int:
     progress = Progress()
     with conn.client() as client:
         for i in range(args.count):
-            created.append(client.create(args.title, idempotency_key=args.idempotency_key,
-                                         **fields))
+            created.append(client.create(body, idempotency_key=args.idempotency_key))
             progress.show(f"created {i + 1}/{args.count}")
     progress.done()
     if args.json:
@@ -499,14 +499,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     create = tasks.add_parser("create", parents=[common], help="create a task")
     create.add_argument("title")
     create.add_argument("--description")
-    create.add_argument("-c", "--capability", action="append",
+    create.add_argument("-c", "--capability", action="append", dest="required_capabilities",
                         help="a required capability (repeatable)")
     create.add_argument("--priority", type=int)
-    create.add_argument("--timeout", type=int, metavar="SECONDS")
-    create.add_argument("--heartbeat", type=int, metavar="SECONDS")
+    create.add_argument("--timeout", type=int, metavar="SECONDS", dest="timeout_seconds")
+    create.add_argument("--heartbeat", type=int, metavar="SECONDS", dest="heartbeat_seconds")
     create.add_argument("--max-retries", type=int)
     create.add_argument("--owner")
-    create.add_argument("--metadata", metavar="JSON")
+    create.add_argument("--metadata", metavar="JSON", help="a JSON object")
+    create.add_argument("--parent", type=_task_id, metavar="TASK_ID", dest="parent_task_id")
+    create.add_argument("--available-at", type=_moment, metavar="TIME",
+                        help="not before this RFC 3339 time, e.g. 2030-01-01T09:00:00Z")
+    create.add_argument("--source")
+    create.add_argument("--concurrency-key", help="share the key's cap on running tasks")
+    create.add_argument("--rate-key", help="take --cost tokens from the key's bucket")
+    create.add_argument("--cost", type=int, help="tokens from the rate key's bucket (default 1)")
     create.add_argument("--idempotency-key")
     create.add_argument("--count", type=int, default=1, help="create N such tasks")
     create.set_defaults(run=task_create)
