@@ -13,6 +13,14 @@ from dispatch.integrations import describe
 log = logging.getLogger(__name__)
 
 
+async def cancel_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel `task` (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class BackgroundLoop:
     """start() runs rounds until stop(). A round is `round()` (by default `run_once()`, then
     `interval` seconds of sleep); a round that raises is logged, kept in `last_error` (health
@@ -73,11 +81,8 @@ class BackgroundLoop:
         self._task = asyncio.create_task(self._run(), name=f"dispatch-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         await self._close()
 
     async def _close(self) -> None:

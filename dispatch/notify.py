@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
@@ -11,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from dispatch.db import CONNECT_KWARGS
+from dispatch.loop import cancel_task
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,15 @@ WORK_CHANNEL = "dispatch_work"
 EVENTS_CHANNEL = "dispatch_events"
 # Payload: the epoch of a deadline an assignment just set (wakes reapers that sleep past it).
 DUE_CHANNEL = "dispatch_due"
+
+
+def due_epoch(payload: str) -> float | None:
+    """A dispatch_due payload as the epoch it announces; None for the empty payload a
+    reconnect delivers (notifications may have been missed meanwhile)."""
+    try:
+        return float(payload)
+    except ValueError:
+        return None
 # Payload: an agent id whose tokens were revoked (dispatch.agent_token_revoke).
 AUTH_CHANNEL = "dispatch_auth"
 
@@ -65,11 +74,8 @@ class Listener:
         await asyncio.wait_for(self.connected.wait(), 30)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         delay = 0.1

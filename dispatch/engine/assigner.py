@@ -19,7 +19,7 @@ from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
-from dispatch.notify import DUE_CHANNEL, WORK_CHANNEL, Listener
+from dispatch.notify import DUE_CHANNEL, WORK_CHANNEL, Listener, due_epoch
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,9 @@ class Assigner(TickLoop):
             listener.watch(DUE_CHANNEL, self._on_due)
 
     def _on_due(self, payload: str) -> None:
-        try:
-            due = float(payload)
-        except ValueError:
-            return  # a reconnect: the work channel wakes the assigner for that
-        if due < self._due:
+        due = due_epoch(payload)
+        # None: a reconnect, for which the work channel wakes the assigner.
+        if due is not None and due < self._due:
             self._due = due
             self._nearer.set()
 

@@ -14,7 +14,7 @@ import time
 from dispatch.broker import Broker
 from dispatch.engine.tick import TickLoop
 from dispatch.models import Expiry
-from dispatch.notify import DUE_CHANNEL, Listener
+from dispatch.notify import DUE_CHANNEL, Listener, due_epoch
 
 EXPIRE_BATCH = 100
 
@@ -42,11 +42,8 @@ class Reaper(TickLoop):
 
     def _on_due(self, payload: str) -> None:
         """A new deadline: wake now if it comes before the planned wake-up (or if unknown)."""
-        try:
-            due = float(payload)
-        except ValueError:
-            due = float("-inf")  # a reconnect: notifications may have been missed
-        if due < self._sleep_until:
+        due = due_epoch(payload)
+        if due is None or due < self._sleep_until:
             self._nearer.set()
 
     async def run_once(self) -> list[Expiry]:

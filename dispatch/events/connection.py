@@ -10,6 +10,8 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from dispatch.loop import cancel_task
+
 log = logging.getLogger(__name__)
 
 
@@ -55,11 +57,8 @@ class NatsConnection:
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self.nc is not None:
             with contextlib.suppress(Exception):  # closing a broken connection may fail; ignore
                 await asyncio.wait_for(self.nc.close(), 5)

@@ -3,6 +3,8 @@ them is ever called on the assignment hot path; the directory loop and the waker
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from dispatch.errors import DispatchError
@@ -18,6 +20,16 @@ class IntegrationError(Exception):
         super().__init__(f"{service}: {message}")
         self.service = service
         self.message = message
+
+
+async def get_json(http: httpx.AsyncClient, service: str, path: str) -> Any:
+    """GET `path` and its JSON body; an HTTP error status raises httpx.HTTPStatusError."""
+    r = await http.get(path)
+    r.raise_for_status()
+    try:
+        return r.json()
+    except ValueError as exc:
+        raise IntegrationError(service, f"{path} did not return JSON") from exc
 
 
 def describe(exc: BaseException) -> str:

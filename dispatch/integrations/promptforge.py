@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from dispatch.integrations import DEFAULT_TIMEOUT, IntegrationError
+from dispatch.integrations import DEFAULT_TIMEOUT, get_json
 
 
 class Prompt(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,9 +65,4 @@ class PromptForgeClient:
         return []
 
     async def _get(self, path: str) -> Any:
-        r = await self._http.get(path)
-        r.raise_for_status()
-        try:
-            return r.json()
-        except ValueError as exc:
-            raise IntegrationError("promptforge", f"{path} did not return JSON") from exc
+        return await get_json(self._http, "promptforge", path)

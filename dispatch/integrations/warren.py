@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from dispatch.integrations import DEFAULT_TIMEOUT, IntegrationError
+from dispatch.integrations import DEFAULT_TIMEOUT, get_json
 
 WARREN_STATES = frozenset({"ready", "sleeping", "busy", "degraded", "stopped"})
 
@@ -38,12 +38,7 @@ class WarrenClient:
         r.raise_for_status()
 
     async def _get(self, path: str) -> Any:
-        r = await self._http.get(path)
-        r.raise_for_status()
-        try:
-            return r.json()
-        except ValueError as exc:
-            raise IntegrationError("warren", f"{path} did not return JSON") from exc
+        return await get_json(self._http, "warren", path)
 
 
 def agent_status(state: str) -> str:

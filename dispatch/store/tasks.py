@@ -12,24 +12,18 @@ import msgspec
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from dispatch import models
 from dispatch.errors import NotFound
 from dispatch.models import (
     Assignment,
-    Cancel,
     Change,
-    Complete,
     Cursor,
     Expiry,
-    Fail,
     NewTask,
-    Progress,
     ReportOutcome,
-    Requeue,
-    Start,
     Task,
     TaskEvent,
     TaskFilter,
-    Update,
 )
 from dispatch.store.base import Conn, Queries, Row, convert, jsonb
 
@@ -203,42 +197,42 @@ class Tasks(Queries):
         """The change's SQL function; its errors (409 fencing, 403, 404) as the function raises
         them."""
         match change:
-            case Start():
+            case models.Start():
                 return await self._task(
                     "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.agent_id, now, change.lease), conn,
                 )
-            case Progress():
+            case models.Progress():
                 return await self._task(
                     "SELECT * FROM dispatch.task_progress("
                     "%s, %s, %s::real, %s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.agent_id, change.percent, change.message,
                      jsonb(change.data), now, change.lease), conn,
                 )
-            case Complete():
+            case models.Complete():
                 return await self._task(
                     "SELECT * FROM dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.actor, jsonb(change.result), change.admin, now,
                      change.lease), conn,
                 )
-            case Fail():
+            case models.Fail():
                 return await self._task(
                     "SELECT * FROM dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.agent_id, change.error, change.retry_eligible, now,
                      change.lease), conn,
                 )
-            case Cancel():
+            case models.Cancel():
                 return await self._task(
                     "SELECT * FROM dispatch.task_cancel(%s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, change.reason, change.admin, now), conn,
                 )
-            case Update():
+            case models.Update():
                 return await self._task(
                     "SELECT * FROM dispatch.task_update(%s, %s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, jsonb(change.metadata_patch), change.priority,
                      change.admin, now), conn,
                 )
-            case Requeue():
+            case models.Requeue():
                 return await self._task(
                     "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, now), conn,

@@ -83,9 +83,8 @@ BEGIN
             n := n + dispatch.flow_unpark_key(k, room);
         END IF;
     END LOOP;
-    IF n > 0 THEN
-        PERFORM pg_notify('dispatch_work', '');
-    END IF;
+    -- Tasks came back to the queue: wake the assigner.
+    PERFORM pg_notify('dispatch_work', '') WHERE n > 0;
     RETURN n;
 END
 $$;
