@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 
 import msgspec
 
-from dispatch.errors import Conflict, Forbidden, InvalidInput
+from dispatch.errors import Conflict, DispatchError, Forbidden, InvalidInput
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
@@ -24,13 +24,15 @@ from dispatch.models import (
     Expiry,
     Explanation,
     NewTask,
+    NextClaim,
     ReportOutcome,
+    ReportOutcomeWithNext,
     Task,
     TaskStatus,
 )
 from dispatch.notify import WORK_CHANNEL, Listener
 from dispatch.settings import AssignmentSettings
-from dispatch.store import Store
+from dispatch.store import Conn, Store
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +96,50 @@ class Broker:
         refusal carries the task's current state (the 409 body, the visibility rule)."""
         if not changes:
             raise InvalidInput("nothing to change: give status, metadata or priority")
-        task_id = changes[0].task_id
+        if len(changes) == 1:
+            return await self._fenced(changes[0], self.tasks.apply(changes[0], now=now))
+
+        async def all_of() -> Task:
+            async with self.tasks.transaction() as conn:
+                for change in changes:
+                    task = await self.tasks.apply(change, now=now, conn=conn)
+            return task
+
+        return await self._fenced(changes[0], all_of())
+
+    async def apply_then_claim(
+        self, change: Change, agent_id: str, then: NextClaim, *, now: datetime | None = None
+    ) -> tuple[Task, list[Task]]:
+        """A report and the agent's claim of its next tasks in one transaction, so a busy agent
+        makes one request per task for both. The claim runs in a savepoint: should it fail, the
+        report still stands (with no next task). When nothing was there to claim and the agent
+        will wait, the wait happens after the commit, as a claim's long poll."""
+        claimed: list[Task] = []
+
+        async def both() -> Task:
+            nonlocal claimed
+            async with self.tasks.transaction() as conn:
+                task = await self.tasks.apply(change, now=now, conn=conn)
+                claimed = await self._claim_in(conn, agent_id, then, now)
+            return task
+
+        task = await self._fenced(change, both())
+        self._count_claimed(claimed, then.start)
+        if not claimed and then.wait_seconds > 0:
+            claimed = await self.claim_many(
+                agent_id, max_tasks=then.max_tasks, start=then.start,
+                wait_seconds=then.wait_seconds, now=now,
+            )
+        return task, claimed
+
+    async def _fenced(self, change: Change, run: Awaitable[Task]) -> Task:
+        """Run a change; a conflict or refusal carries the task's current state."""
         try:
-            if len(changes) == 1:
-                task = await self.tasks.apply(changes[0], now=now)
-            else:
-                async with self.tasks.transaction() as conn:
-                    for change in changes:
-                        task = await self.tasks.apply(change, now=now, conn=conn)
+            task = await run
         except (Conflict, Forbidden) as exc:
-            exc.task = (await self.tasks.by_id([task_id])).get(task_id)
+            exc.task = (await self.tasks.by_id([change.task_id])).get(change.task_id)
             raise
-        self._count(changes[0].event, task)
+        self._count(change.event, task)
         return task
 
     # -- agents reporting ------------------------------------------------------------------------
@@ -142,10 +176,7 @@ class Broker:
                 agent_id, capabilities, max_tasks=max_tasks, start=start, now=now
             )
             remaining = deadline - loop.time()
-            if tasks and self.metrics is not None:
-                self.metrics.task_transitions.labels("assigned").inc(len(tasks))
-                if start:
-                    self.metrics.task_transitions.labels("started").inc(len(tasks))
+            self._count_claimed(tasks, start)
             if tasks or remaining <= 0:
                 return tasks
             if woken is None:
@@ -162,14 +193,60 @@ class Broker:
         reports: Sequence[Mapping[str, object]],
         *,
         admin: bool = False,
+        then: tuple[int, NextClaim] | None = None,
         now: datetime | None = None,
     ) -> list[ReportOutcome]:
-        """Several reports of one agent in one transaction, each fenced on its own."""
-        outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
+        """Several reports of one agent in one transaction, each fenced on its own. `then`:
+        after the report at that index, if it was applied, the agent's claim of its next tasks
+        in the same transaction (in a savepoint, as apply_then_claim), carried by its
+        outcome."""
+        claimed: list[Task] = []
+        if then is None:  # one statement: no transaction block around it
+            outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
+        else:
+            async with self.tasks.transaction() as conn:
+                outcomes = await self.tasks.report_batch(
+                    agent_id, reports, admin=admin, now=now, conn=conn
+                )
+                if outcomes[then[0]].status == 200:
+                    claimed = await self._claim_in(conn, agent_id, then[1], now)
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome.status == 200 and outcome.task is not None:
                 self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
+        if then is None or outcomes[then[0]].status != 200:
+            return outcomes
+        index, claim = then
+        self._count_claimed(claimed, claim.start)
+        if not claimed and claim.wait_seconds > 0:
+            claimed = await self.claim_many(
+                agent_id, max_tasks=claim.max_tasks, start=claim.start,
+                wait_seconds=claim.wait_seconds, now=now,
+            )
+        outcomes[index] = ReportOutcomeWithNext(
+            **msgspec.structs.asdict(outcomes[index]), next=claimed
+        )
         return outcomes
+
+    async def _claim_in(
+        self, conn: Conn, agent_id: str, then: NextClaim, now: datetime | None
+    ) -> list[Task]:
+        """The agent's claim inside the caller's transaction, in a savepoint: when it fails, the
+        reports before it stand and nothing is claimed."""
+        try:
+            async with conn.transaction():
+                return await self.tasks.claim(
+                    agent_id, None, max_tasks=then.max_tasks, start=then.start, now=now,
+                    conn=conn,
+                )
+        except DispatchError as exc:
+            log.info("the claim after the reports of %s failed: %s", agent_id, exc)
+            return []
+
+    def _count_claimed(self, tasks: Sequence[Task], started: bool) -> None:
+        if tasks and self.metrics is not None:
+            self.metrics.task_transitions.labels("assigned").inc(len(tasks))
+            if started:
+                self.metrics.task_transitions.labels("started").inc(len(tasks))
 
     def _count(self, event: str, task: Task) -> None:
         """task_transitions_total{event} (with the retry or dlq that follows a failure) and,

@@ -80,6 +80,13 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     cost: int = 1
 
 
+class TaskWithNext(Task, frozen=True, kw_only=True):
+    """A completion's or failure's answer when it asked for the next tasks: the task as the
+    report left it, and what the agent claimed next (possibly none)."""
+
+    next: list[Task] = msgspec.field(default_factory=list)
+
+
 class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     """What a requester asks for; unset fields take the database defaults."""
 
@@ -168,6 +175,14 @@ class Requeue(msgspec.Struct, frozen=True, kw_only=True):
 Change = Start | Progress | Complete | Fail | Cancel | Update | Requeue
 
 
+class NextClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """What an agent's completion or failure claims for it next, as a claim would."""
+
+    max_tasks: int = 1
+    start: bool = False
+    wait_seconds: float = 0
+
+
 class ReportOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """One report of a batch: the HTTP status its single call would give, and the task after it
     (on 409, the task as it is now) or the error (and the field it names, on 400)."""
@@ -177,6 +192,12 @@ class ReportOutcome(msgspec.Struct, frozen=True, kw_only=True):
     task: Task | None = None
     error: str | None = None
     field: str | None = None
+
+
+class ReportOutcomeWithNext(ReportOutcome, frozen=True, kw_only=True):
+    """The outcome of the batch's report that asked for the next tasks: what was claimed."""
+
+    next: list[Task] = msgspec.field(default_factory=list)
 
 
 class TaskEvent(msgspec.Struct, frozen=True, kw_only=True):

@@ -119,15 +119,27 @@ class ProgressReport(_Body):
     lease: Lease | None = None
 
 
+class NextRequest(_Body):
+    """`next` in a completion or failure: claim the agent's next tasks in the same request and
+    transaction, as POST /tasks/claim with these fields would (with its registered
+    capabilities); the answer then carries them as `next`."""
+
+    max_tasks: MaxTasks = 1
+    start: bool = False
+    wait_seconds: WaitSeconds = 0
+
+
 class CompleteReport(_Body):
     result: Any = None
     lease: Lease | None = None
+    next: NextRequest | None = None
 
 
 class FailReport(_Body):
     error: LongText | None = None
     retry_eligible: bool = True
     lease: Lease | None = None
+    next: NextRequest | None = None
 
 
 class ReportItem(_Body):
@@ -145,6 +157,9 @@ class ReportItem(_Body):
     result: Any = None
     error: LongText | None = None
     retry_eligible: bool | None = None
+    # On one complete or fail of the batch: claim the agent's next tasks after the batch, in its
+    # transaction; that report's outcome carries them.
+    next: NextRequest | None = None
 
 
 MAX_REPORTS = 100
@@ -167,6 +182,8 @@ def report_body(item: ReportItem) -> dict[str, object]:
     for name in _OPTIONAL_REPORT_FIELDS:
         if getattr(item, name) is not None and name not in _REPORT_FIELDS[item.action]:
             raise InvalidInput(f"{name} is not a field of a {item.action} report", field=name)
+    if item.next is not None and item.action not in ("complete", "fail"):
+        raise InvalidInput("next goes with a complete or fail report", field="next")
     body: dict[str, object] = {"task_id": str(item.task_id), "action": item.action}
     if item.lease is not None:
         body["lease"] = item.lease

@@ -1,8 +1,9 @@
-"""Task endpoints: HTTP in, one broker or store call, HTTP out."""
+"""Task endpoints: HTTP in, one broker call, HTTP out."""
 
 import uuid
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Response, get, patch, post
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
@@ -11,7 +12,7 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParam
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
-from dispatch.api.deps import CallerDep, hide_unseen
+from dispatch.api.deps import Caller, CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
 from dispatch.errors import InvalidInput
 from dispatch.models import (
@@ -20,13 +21,16 @@ from dispatch.models import (
     Complete,
     Explanation,
     Fail,
+    NextClaim,
     Progress,
     ReportOutcome,
+    ReportOutcomeWithNext,
     Requeue,
     Start,
     Task,
     TaskEvent,
     TaskFilter,
+    TaskWithNext,
     Update,
 )
 from dispatch.wire import (
@@ -35,6 +39,7 @@ from dispatch.wire import (
     ClaimRequest,
     CompleteReport,
     FailReport,
+    NextRequest,
     ProgressReport,
     Reports,
     StartReport,
@@ -98,6 +103,21 @@ def object_depth(value: object) -> int:
         depth += 1
         level = [child for obj in objects for child in obj.values()]
     return depth
+
+
+async def report_and_next(
+    caller: Caller, change: Change, then: NextRequest | None
+) -> Task | TaskWithNext:
+    """A completion or failure; with `next`, the caller's claim of its next tasks too, in the
+    same transaction."""
+    if then is None:
+        return await caller.broker.apply(change)
+    task, claimed = await caller.broker.apply_then_claim(
+        change,
+        caller.agent_id,
+        NextClaim(max_tasks=then.max_tasks, start=then.start, wait_seconds=then.wait_seconds),
+    )
+    return TaskWithNext(**msgspec.structs.asdict(task), next=claimed)
 
 
 class TaskController(Controller):
@@ -293,13 +313,25 @@ class TaskController(Controller):
     )
     async def reports(
         self, caller: CallerDep, data: JSONBody[Reports]
-    ) -> list[ReportOutcome]:
+    ) -> list[ReportOutcome | ReportOutcomeWithNext]:
         if not 1 <= len(data) <= MAX_REPORTS:
             raise InvalidInput(
                 f"reports: 1 to {MAX_REPORTS} per request, got {len(data)}", field="reports"
             )
         bodies = [report_body(item) for item in data]
-        outcomes = await caller.broker.report(caller.agent_id, bodies, admin=caller.admin)
+        asking = [i for i, item in enumerate(data) if item.next is not None]
+        if len(asking) > 1:
+            raise InvalidInput("next: at most one report of a batch asks for the next tasks",
+                               field="next")
+        then = None
+        if asking:
+            ask = data[asking[0]].next
+            assert ask is not None
+            then = (asking[0], NextClaim(max_tasks=ask.max_tasks, start=ask.start,
+                                         wait_seconds=ask.wait_seconds))
+        outcomes = await caller.broker.report(
+            caller.agent_id, bodies, admin=caller.admin, then=then
+        )
         return await hide_unseen(caller, outcomes)
 
     @post(
@@ -361,17 +393,16 @@ class TaskController(Controller):
         caller: CallerDep,
         lease_header: LeaseHeader = None,
         data: JSONBody[CompleteReport | None] = None,
-    ) -> Task:
+    ) -> Task | TaskWithNext:
         body = data or CompleteReport()
-        return await caller.broker.apply(
-            Complete(
-                task_id=parse_task_id(task_id),
-                actor=caller.agent_id,
-                result=body.result,
-                admin=caller.admin,
-                lease=lease_of(body.lease, lease_header),
-            )
+        change = Complete(
+            task_id=parse_task_id(task_id),
+            actor=caller.agent_id,
+            result=body.result,
+            admin=caller.admin,
+            lease=lease_of(body.lease, lease_header),
         )
+        return await report_and_next(caller, change, body.next)
 
     @post(
         "/{task_id:str}/fail",
@@ -385,17 +416,16 @@ class TaskController(Controller):
         caller: CallerDep,
         lease_header: LeaseHeader = None,
         data: JSONBody[FailReport | None] = None,
-    ) -> Task:
+    ) -> Task | TaskWithNext:
         body = data or FailReport()
-        return await caller.broker.apply(
-            Fail(
-                task_id=parse_task_id(task_id),
-                agent_id=caller.agent_id,
-                error=body.error,
-                retry_eligible=body.retry_eligible,
-                lease=lease_of(body.lease, lease_header),
-            )
+        change = Fail(
+            task_id=parse_task_id(task_id),
+            agent_id=caller.agent_id,
+            error=body.error,
+            retry_eligible=body.retry_eligible,
+            lease=lease_of(body.lease, lease_header),
         )
+        return await report_and_next(caller, change, body.next)
 
     @get(
         "/{task_id:str}/explain",
