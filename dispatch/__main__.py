@@ -10,7 +10,7 @@ from dispatch.sdk import cli
 
 SERVER_EXTRA = (
     "dispatch: {command} needs the server's dependencies, which this install lacks ({missing}):"
-    " pip install 'dispatch[server]'"
+    " pip install 'dispatch-broker[server]'"
 )
 
 

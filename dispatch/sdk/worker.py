@@ -282,7 +282,7 @@ class Worker:
             import nats
         except ImportError:
             raise RuntimeError(
-                "push mode needs nats-py: pip install 'dispatch[push]'"
+                "push mode needs nats-py: pip install 'dispatch-broker[push]'"
             ) from None
         assert self._freed is not None
         freed = self._freed

@@ -96,7 +96,8 @@ def test_the_base_dependencies_are_the_clients_and_dev_installs_the_server() -> 
     assert isinstance(extras, dict)
     server = {Requirement(r).name for r in extras["server"]}
     assert {"psycopg", "litestar", "uvicorn", "pgserver", "pyyaml"} <= server
-    assert "dispatch[server]" in extras["dev"]
+    assert project()["name"] == "dispatch-broker"
+    assert "dispatch-broker[server]" in extras["dev"]
 
 
 def test_the_client_venv_lacks_the_server_but_imports_the_sdk(client_python: Path) -> None:
@@ -114,7 +115,7 @@ def test_the_client_venv_lacks_the_server_but_imports_the_sdk(client_python: Pat
 def test_serve_in_the_client_venv_says_what_to_install(client_python: Path) -> None:
     done = run_client(client_python, "-m", "dispatch", "serve")
     assert done.returncode == 2
-    assert "pip install 'dispatch[server]'" in done.stderr, done.stderr
+    assert "pip install 'dispatch-broker[server]'" in done.stderr, done.stderr
 
 
 def test_client_commands_and_a_worker_run_in_the_client_venv(
