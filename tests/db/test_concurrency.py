@@ -195,3 +195,21 @@ def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, 
     # 20 claims that each read all 3,000 pending rows would read 60,000 tuples.
     assert read["tasks_pending_deferred_idx"] == 0, read
     assert 0 < read["tasks_pending_order_idx"] < 3000, read
+
+
+def test_one_unmatched_report_per_database_however_many_reapers(
+    sql: psycopg.Connection[dict[str, Any]], db_url: str
+) -> None:
+    """Every serve worker runs the reaper: two reports at once write one `unmatched` event per
+    task, not one each."""
+    sql.execute("SELECT dispatch.create_task('needs a gpu', required_capabilities => '{gpu}')")
+    with psycopg.connect(db_url, row_factory=dict_row, **CONNECT_KWARGS) as first:  # type: ignore[arg-type]
+        with first.transaction():
+            mine = first.execute("SELECT dispatch.task_report_unmatched() AS n").fetchone()
+            other = sql.execute("SELECT dispatch.task_report_unmatched() AS n").fetchone()
+            assert (mine, other) == ({"n": 1}, {"n": 0})
+        # Committed: the next report sees the event and waits for unmatched_repeat_ms.
+        assert sql.execute("SELECT dispatch.task_report_unmatched() AS n").fetchone() == {"n": 0}
+    assert sql.execute(
+        "SELECT count(*) AS n FROM dispatch.task_events WHERE event = 'unmatched'"
+    ).fetchone() == {"n": 1}

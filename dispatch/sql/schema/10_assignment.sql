@@ -424,7 +424,9 @@ $$;
 -- task's history). The report takes no row lock on the tasks (the event's foreign key takes KEY
 -- SHARE, which a claim's NO KEY UPDATE does not wait for or skip), so it never hides work from a
 -- claim. The price: an `unmatched` event is advisory, written without the task's row lock, and may
--- follow an assignment that raced it.
+-- follow an assignment that raced it. One report runs at a time in the whole database (every serve
+-- worker and replica runs the reaper): a transaction-level advisory lock, tried without waiting;
+-- a report that finds it taken returns 0, and the next one sees the events the other wrote.
 CREATE FUNCTION dispatch.task_report_unmatched(
     p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
 ) RETURNS integer
@@ -435,6 +437,9 @@ DECLARE
     cand   record;
     n      integer := 0;
 BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('dispatch.task_report_unmatched')) THEN
+        RETURN 0;
+    END IF;
     SELECT * INTO c FROM dispatch.config;
     OPEN walk;
     WHILE n < p_limit LOOP
