@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dispatch import __version__
 from dispatch.sdk import cli
 
 SERVER_EXTRA = (
@@ -88,15 +89,22 @@ def _server(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dispatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dispatch {__version__}")
+    # Global options work before the command and after it (`dispatch serve --config FILE`).
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", help="YAML configuration file (else $DISPATCH_CONFIG)",
+                        default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML configuration file (else $DISPATCH_CONFIG)")
+    cli.add_client_options(parser, leaf=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the broker: API, ops port and background loops")
+    serve = sub.add_parser("serve", parents=[config],
+                           help="run the broker: API, ops port and background loops")
     serve.add_argument(
         "--workers", type=int, metavar="N",
         help="processes, each a full replica sharing the API port (default: server.workers, "
              "0 = one per CPU)",
     )
-    sub.add_parser("migrate", help="apply pending database migrations and exit")
+    sub.add_parser("migrate", parents=[config], help="apply pending database migrations and exit")
     cli.add_commands(sub)
     args = parser.parse_args(argv)
     if args.command in ("serve", "migrate"):

@@ -470,13 +470,27 @@ def top(args: argparse.Namespace, conn: Conn) -> int:
 
 # the parser
 
+def add_client_options(parser: argparse.ArgumentParser, *, leaf: bool) -> None:
+    """The client's global options. Given to the top-level parser (`dispatch --url U task list`)
+    and to each command (`dispatch task list --url U`); a command's copy leaves an option it was
+    not given alone (SUPPRESS), so the value from before the command stands."""
+    none: object = argparse.SUPPRESS if leaf else None
+    parser.add_argument("--url", default=none,
+                        help="the API (else $DISPATCH_URL, else " + DEFAULT_URL + ")")
+    parser.add_argument("--agent-id", default=none,
+                        help="X-Agent-ID (else $DISPATCH_AGENT_ID, else the login)")
+    parser.add_argument("--admin-token", default=none,
+                        help="for admin commands (else $DISPATCH_ADMIN_TOKEN)")
+    parser.add_argument("--token", default=none,
+                        help="the agent's own token (else $DISPATCH_TOKEN)")
+    parser.add_argument("--json", action="store_true",
+                        default=argparse.SUPPRESS if leaf else False,
+                        help="JSON output, for scripts")
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="the API (else $DISPATCH_URL, else " + DEFAULT_URL + ")")
-    common.add_argument("--agent-id", help="X-Agent-ID (else $DISPATCH_AGENT_ID, else the login)")
-    common.add_argument("--admin-token", help="for admin commands (else $DISPATCH_ADMIN_TOKEN)")
-    common.add_argument("--token", help="the agent's own token (else $DISPATCH_TOKEN)")
-    common.add_argument("--json", action="store_true", help="JSON output, for scripts")
+    add_client_options(common, leaf=True)
     return common
 
 

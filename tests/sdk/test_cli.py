@@ -298,3 +298,25 @@ def test_create_sends_every_documented_field(sp: ServeProcess) -> None:
     bad = dispatch(sp, "task", "create", "x", "--cost", "0")
     assert bad.returncode == 1 and "cost" in bad.stderr and "(HTTP 400)" in bad.stderr
     assert dispatch(sp, "task", "create", "x", "--available-at", "2030-01-01").returncode == 2
+
+
+def test_global_options_go_before_or_after_the_command(sp: ServeProcess) -> None:
+    # No $DISPATCH_URL: only the option can name the API, wherever it stands.
+    env = {**cli_env(sp, "alice", admin=False), "DISPATCH_URL": "http://127.0.0.1:9"}
+    title = f"placed {uuid.uuid4().hex[:8]}"
+    for args in (["--url", sp.api, "--json", "task", "create", title],
+                 ["task", "create", title, "--url", sp.api, "--json"],
+                 ["--url", "http://127.0.0.1:9", "task", "create", title, "--url", sp.api,
+                  "--json"]):
+        done = subprocess.run([sys.executable, "-m", "dispatch", *args], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert json.loads(ok(done))["title"] == title, args
+    done = subprocess.run([sys.executable, "-m", "dispatch", "--version"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert ok(done).strip() == "dispatch 0.1.0"
+    for args in (["serve", "--config", "/nonexistent.yaml"],
+                 ["--config", "/nonexistent.yaml", "migrate"]):
+        done = subprocess.run([sys.executable, "-m", "dispatch", *args], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "cannot read config file /nonexistent.yaml" in done.stderr, done.stderr
