@@ -3,10 +3,12 @@
 dispatch.service mounts under /ui) come in as `mounts`."""
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from litestar import Litestar, Router
+from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -38,6 +40,21 @@ def openapi_config() -> OpenAPIConfig:
             security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer")}
         ),
     )
+
+
+@get("/", include_in_schema=False, sync_to_thread=False)
+def index(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Where to go from the root: the dashboard (when served), the API's docs and document. A
+    browser gets a page of links, anything else the same as JSON."""
+    links = {"api": "/api/v1", "docs": "/schema/swagger", "openapi": "/schema/openapi.json"}
+    if "ui" in request.app.state:
+        links = {"dashboard": "/ui", **links}
+    if request.accept.best_match([MediaType.JSON, MediaType.HTML]) == MediaType.HTML:
+        items = "".join(f'<li><a href="{url}">{name}</a></li>' for name, url in links.items())
+        page = (f"<!doctype html><title>Dispatch</title><h1>Dispatch {dispatch.__version__}</h1>"
+                f"<ul>{items}</ul>")
+        return Response(page, media_type=MediaType.HTML)
+    return Response({"service": "dispatch", "version": dispatch.__version__, **links})
 
 
 def create_app(
@@ -79,7 +96,7 @@ def create_app(
     if listener is not None:
         # Revocations made through any replica reach this one's token cache.
         listener.watch(AUTH_CHANNEL, auth.forget)
-    handlers: list[Router] = [api, *mounts]
+    handlers: list[Router | HTTPRouteHandler] = [api, index, *mounts]
     app_state: dict[str, object] = {**(state or {}), "auth": auth, "broker": broker}
     return Litestar(
         route_handlers=handlers,

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from litestar.testing import AsyncTestClient
 
+from dispatch.broker import Broker
+from dispatch.service import web_app
+from dispatch.settings import ServerSettings, Settings, UiSettings
 from tests.api.conftest import admin, agent, register
 
 ALICE = agent("alice")
@@ -267,3 +271,21 @@ async def test_openapi_document_is_served(client: httpx.AsyncClient) -> None:
     paths = r.json()["paths"]
     assert "/api/v1/tasks" in paths and "/api/v1/tasks/{task_id}/complete" in paths
     assert r.json()["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
+
+
+async def test_the_root_points_to_the_dashboard_and_the_docs(broker: Broker) -> None:
+    settings = Settings(server=ServerSettings(admin_token="t"))
+    async with AsyncTestClient(app=web_app(settings, broker)) as c:
+        r = await c.get("/", headers={"Accept": "application/json"})
+        assert r.status_code == 200
+        links = r.json()
+        assert (links["dashboard"], links["docs"], links["openapi"]) == (
+            "/ui", "/schema/swagger", "/schema/openapi.json")
+        for path in ("/ui/login", "/schema/swagger", "/schema/openapi.json"):
+            assert (await c.get(path)).status_code == 200, path
+        page = await c.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+        assert page.headers["content-type"].startswith("text/html")
+        assert 'href="/ui"' in page.text and 'href="/schema/swagger"' in page.text
+    without_ui = Settings(ui=UiSettings(enabled=False))
+    async with AsyncTestClient(app=web_app(without_ui, broker)) as c:
+        assert "dashboard" not in (await c.get("/")).json()
