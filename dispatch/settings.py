@@ -3,7 +3,10 @@ derived from the tree, and the original service's names as aliases)."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_origin
@@ -240,8 +243,31 @@ def load_settings(
 
 
 def _name_key(message: str) -> str:
-    """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`."""
+    """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`, with the likely fix: the closest key
+    to an unknown one, the allowed values of a choice."""
     text, sep, where = message.rpartition(" - at `$.")
+    path = where.rstrip("`").split(".") if sep else []
     if not sep:
-        return message
-    return f"{where.rstrip('`')}: {text}"
+        text = message
+    return (f"{'.'.join(path)}: " if path else "") + text + _hint(text, path)
+
+
+def _hint(text: str, path: list[str]) -> str:
+    node: object = Settings
+    for key in path:  # the struct (or field type) the message is about
+        if not (isinstance(node, type) and issubclass(node, msgspec.Struct)):
+            return ""
+        fields = {f.name: f.type for f in msgspec.structs.fields(node)}
+        if key not in fields:
+            return ""
+        node = fields[key]
+    unknown = re.search(r"unknown field `([^`]*)`", text)
+    if unknown and isinstance(node, type) and issubclass(node, msgspec.Struct):
+        close = difflib.get_close_matches(
+            unknown.group(1), [f.name for f in msgspec.structs.fields(node)], n=1
+        )
+        return f" (did you mean `{close[0]}`?)" if close else ""
+    choices = typing.get_args(node) if typing.get_origin(node) is typing.Literal else ()
+    if choices and "Invalid enum value" in text:
+        return " (one of: " + ", ".join(str(c) for c in choices) + ")"
+    return ""

@@ -147,6 +147,7 @@ async def require_admin(
         return
     if connection.headers.get("authorization") is None:
         raise Unauthorized(
-            "this endpoint needs Authorization: Bearer <admin token>", detail="admin"
+            "this endpoint needs Authorization: Bearer <admin token> (the server's"
+            " server.admin_token, DISPATCH_ADMIN_TOKEN in its environment)", detail="admin"
         )
     raise Forbidden("this endpoint needs the admin token, not an agent's")

@@ -3,10 +3,13 @@
 Every failure leaves as `{"error": "<message>", "detail": ...}`.
 """
 
+import difflib
 import logging
 import re
+import typing
 from typing import Any
 
+import msgspec
 import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -107,6 +110,9 @@ def validation_error(
         at_path = error_path(message)
         if unknown:
             field = f"{at_path}.{unknown.group(1)}" if at_path is not None else unknown.group(1)
+            close = difflib.get_close_matches(unknown.group(1), _body_fields(request), n=1)
+            if close:
+                message += f" (did you mean `{close[0]}`?)"
         elif at_path is not None:
             field = at_path
         elif field == "data":
@@ -117,6 +123,20 @@ def validation_error(
         f"invalid {source or 'input'}{where}: {message}",
         {"field": field or None, "source": source or None},
     )
+
+
+def _body_fields(request: Request[Any, Any, Any]) -> list[str]:
+    """The field names of the request bodies the handler takes (for a likely-fix hint)."""
+    data = request.route_handler.parsed_fn_signature.parameters.get("data")
+    names: list[str] = []
+    todo: list[object] = [data.annotation] if data is not None else []
+    while todo:
+        kind = todo.pop()
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            names.extend(f.encode_name for f in msgspec.structs.fields(kind))
+        else:
+            todo.extend(typing.get_args(kind))
+    return names
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:

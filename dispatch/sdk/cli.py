@@ -597,16 +597,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def run(args: argparse.Namespace) -> int:
     """Runs a client command; errors become a message on stderr and a non-zero status."""
     command: Command = args.run
+    conn = _conn(args)
     try:
-        return command(args, _conn(args))
+        return command(args, conn)
     except CliError as exc:
         print(f"dispatch: {exc}", file=sys.stderr)
         return 2
     except DispatchError as exc:
-        print(f"dispatch: {exc.message} (HTTP {exc.status})", file=sys.stderr)
+        hint = ""
+        if exc.status == 401 and "admin token" in exc.message and conn.admin_token is None:
+            hint = "; set DISPATCH_ADMIN_TOKEN (or --admin-token) to the server's admin token"
+        print(f"dispatch: {exc.message} (HTTP {exc.status}){hint}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:
-        print(f"dispatch: cannot reach the API: {exc}", file=sys.stderr)
+        print(f"dispatch: cannot reach the API at {conn.url} (--url or DISPATCH_URL): {exc}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -264,3 +264,18 @@ async def test_bad_input_is_refused_and_changes_nothing(
     if case.status == 400:
         assert "ParamType" not in body["error"]
     assert fingerprint(sql) == before
+
+
+@pytest.mark.parametrize(("path", "body", "hint"), [
+    ("/api/v1/tasks", {"title": "t", "capabilities": ["code"]}, "required_capabilities"),
+    ("/api/v1/tasks/claim", {"wait_second": 1}, "wait_seconds"),
+    ("/api/v1/tasks/reports",
+     [{"task_id": "5b7c0d4e-1c2d-4c9a-8f00-000000000000", "action": "complete", "reslt": 1}],
+     "result"),
+])
+async def test_an_unknown_field_names_the_closest_one(
+    client: httpx.AsyncClient, path: str, body: object, hint: str
+) -> None:
+    r = await client.post(path, json=body, headers={"X-Agent-ID": "alice"})
+    assert r.status_code == 400
+    assert r.json()["error"].endswith(f"(did you mean `{hint}`?)"), r.text

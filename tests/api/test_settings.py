@@ -113,7 +113,17 @@ def test_unknown_and_invalid_file_keys_are_refused(tmp_path: Path) -> None:
     config.write_text("server:\n  prot: 9000\n")
     with pytest.raises(ConfigError) as error:
         load_settings(config, {})
-    assert "prot" in error.value.message
+    assert error.value.message.endswith(
+        "server: Object contains unknown field `prot` (did you mean `port`?)")
+    config.write_text("servr:\n  port: 9000\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config, {})
+    assert error.value.message.endswith("(did you mean `server`?)")
+    config.write_text("auth:\n  mode: token\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config, {})
+    assert error.value.message.endswith(
+        "auth.mode: Invalid enum value 'token' (one of: open, tokens)")
     config.write_text("retention:\n  hours: soon\n")
     with pytest.raises(ConfigError) as error:
         load_settings(config, {})

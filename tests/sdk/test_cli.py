@@ -131,7 +131,11 @@ def test_errors_exit_non_zero_with_the_servers_message(sp: ServeProcess) -> None
     env = cli_env(sp, "alice", False) | {"DISPATCH_URL": "http://127.0.0.1:9"}
     down = subprocess.run([sys.executable, "-m", "dispatch", "task", "list"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 1 and "cannot reach the API" in down.stderr
+    assert down.returncode == 1
+    assert "cannot reach the API at http://127.0.0.1:9 (--url or DISPATCH_URL)" in down.stderr
+    unsigned = dispatch(sp, "agent", "list")
+    assert unsigned.returncode == 1
+    assert "set DISPATCH_ADMIN_TOKEN (or --admin-token)" in unsigned.stderr, unsigned.stderr
     with DispatchClient(sp.api, "alice") as alice:
         assert alice.list().tasks == []  # nothing was created by the refused calls
 
