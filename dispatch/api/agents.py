@@ -87,6 +87,21 @@ class AgentController(Controller):
     async def list_agents(self, caller: CallerDep) -> list[Agent]:
         return await caller.broker.agents.all()
 
+    @delete(
+        "/{agent_id:str}",
+        responses=ERRORS,
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Remove an agent with no active tasks (409 naming them otherwise), its tokens too",
+    )
+    async def delete_agent(
+        self, agent_id: AgentIdPath, caller: CallerDep, request: Request[Any, Any, Any]
+    ) -> None:
+        agent_id = checked_agent_id(agent_id)
+        require_self_or_admin(agent_id, caller)
+        await caller.broker.agents.delete(agent_id)
+        auth: Authenticator = request.app.state.auth
+        auth.forget(agent_id)
+
     @post(
         "/{agent_id:str}/heartbeat",
         responses=ERRORS,

@@ -331,6 +331,14 @@ def agent_register(args: argparse.Namespace, conn: Conn) -> int:
     return 0
 
 
+def agent_delete(args: argparse.Namespace, conn: Conn) -> int:
+    admin = conn.admin_token is not None
+    with conn.client(agent_id=None if admin else args.agent) as client:
+        client.remove_agent(args.agent)
+    _print_json({"deleted": args.agent}) if args.json else print(f"deleted {args.agent}")
+    return 0
+
+
 def agent_drain(args: argparse.Namespace, conn: Conn) -> int:
     with conn.client() as client:
         agent = client.drain(args.agent, args.command_name == "drain")
@@ -558,7 +566,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     watch.add_argument("--interval", type=float, default=0.5)
     watch.set_defaults(run=task_watch)
 
-    agent = sub.add_parser("agent", help="list, register, drain agents")
+    agent = sub.add_parser("agent", help="list, register, drain, delete agents")
     agents = agent.add_subparsers(dest="command_name", required=True, metavar="ACTION")
     agents.add_parser("list", parents=[common], help="admin: the directory").set_defaults(
         run=agent_list)
@@ -573,6 +581,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         one = agents.add_parser(name, parents=[common], help=f"admin: {name} an agent")
         one.add_argument("agent")
         one.set_defaults(run=agent_drain)
+    gone = agents.add_parser("delete", parents=[common],
+                             help="remove an agent with no active tasks (admin, or itself)")
+    gone.add_argument("agent")
+    gone.set_defaults(run=agent_delete)
 
     work = sub.add_parser("worker", parents=[common],
                           help="run a command per task: dispatch worker -- COMMAND ARGS")

@@ -228,6 +228,9 @@ class _Requests:
     def drain(self, agent_id: str, drained: bool) -> _Call:
         return self.agent(agent_id, "drain" if drained else "undrain", admin=True)
 
+    def remove(self, agent_id: str | None) -> _Call:
+        return self.agent(agent_id or self.agent_id, method="DELETE", admin=True)
+
 
 def _page(response: httpx.Response) -> Page:
     tasks = _decode(response, list[Task])
@@ -366,6 +369,11 @@ class DispatchClient:
     def drain(self, agent_id: str, drained: bool = True) -> Agent:
         return _decode(self._send(self._r.drain(agent_id, drained)), Agent)
 
+    def remove_agent(self, agent_id: str | None = None) -> None:
+        """Remove an agent (this client's own by default; another's with the admin token) that
+        holds no active tasks; Conflict naming them otherwise."""
+        _raise_for(self._send(self._r.remove(agent_id)))
+
     def requeue(self, task_id: TaskRef) -> Task:
         return _decode(self._send(self._r.task(task_id, "requeue", admin=True)), Task)
 
@@ -496,6 +504,9 @@ class AsyncDispatchClient:
 
     async def drain(self, agent_id: str, drained: bool = True) -> Agent:
         return _decode(await self._send(self._r.drain(agent_id, drained)), Agent)
+
+    async def remove_agent(self, agent_id: str | None = None) -> None:
+        _raise_for(await self._send(self._r.remove(agent_id)))
 
     async def requeue(self, task_id: TaskRef) -> Task:
         return _decode(await self._send(self._r.task(task_id, "requeue", admin=True)), Task)

@@ -89,6 +89,10 @@ class Agents(Queries):
             "SELECT dispatch.agent_stop(%s, coalesce(%s, now())) AS n", (agent_id, now), conn
         )
 
+    async def delete(self, agent_id: str, *, conn: Conn | None = None) -> None:
+        """Remove the agent and its tokens; Conflict while it holds active tasks."""
+        await self._rows("SELECT dispatch.agent_delete(%s)", (agent_id,), conn)
+
     async def get(self, agent_id: str, *, conn: Conn | None = None) -> Agent:
         """The agent; NotFound when there is none."""
         rows = await self._rows(

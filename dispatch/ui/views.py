@@ -317,23 +317,31 @@ async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirec
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
 
 
-async def _agent_action(request: Request[Any, Any, Any], drained: bool) -> Redirect:
+async def _form_agent_id(request: Request[Any, Any, Any]) -> str:
     # The agent id travels in the form, not the path: an id may contain "/".
     agent_id = (await request.form()).get("agent_id")
     if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
         raise InvalidInput("agent_id: 1 to 128 characters of [A-Za-z0-9._:@/-]", field="agent_id")
-    await _ui(request).broker.agents.drain(agent_id, drained)
-    return Redirect("/ui/agents", status_code=303)
+    return agent_id
 
 
 @post("/agents/drain", include_in_schema=False)
 async def drain(request: Request[Any, Any, Any]) -> Redirect:
-    return await _agent_action(request, True)
+    await _ui(request).broker.agents.drain(await _form_agent_id(request), True)
+    return Redirect("/ui/agents", status_code=303)
 
 
 @post("/agents/undrain", include_in_schema=False)
 async def undrain(request: Request[Any, Any, Any]) -> Redirect:
-    return await _agent_action(request, False)
+    await _ui(request).broker.agents.drain(await _form_agent_id(request), False)
+    return Redirect("/ui/agents", status_code=303)
+
+
+@post("/agents/delete", include_in_schema=False)
+async def delete_agent(request: Request[Any, Any, Any]) -> Redirect:
+    """Remove an agent with no active tasks; with some, the error page names them."""
+    await _ui(request).broker.agents.delete(await _form_agent_id(request))
+    return Redirect("/ui/agents", status_code=303)
 
 
 # -- assets and the live stream ------------------------------------------------------------------
@@ -424,7 +432,7 @@ def create_ui(
     router = Router(
         path="/ui",
         route_handlers=[login_form, login, logout, overview, agents, tasks, task_page, cancel,
-                        requeue, drain, undrain, static, events],
+                        requeue, drain, undrain, delete_agent, static, events],
         before_request=require_session,
         exception_handlers={
             DispatchError: dispatch_error,  # type: ignore[dict-item]

@@ -119,6 +119,10 @@ MATRIX: dict[str, Row] = {
     "revoke tokens": Row("DELETE", "/agents/{agent}/tokens", None,
                          open=(401, 401, 401, 401, 401, 204, 403, 401),
                          tokens=(403, 403, 403, 403, 403, 204, 403, 401)),
+    # The agent itself or an admin; agent-b holds the prepared task, so even they get 409.
+    "delete agent": Row("DELETE", "/agents/{agent}", None,
+                        open=(403, 403, 409, 403, 403, 409, 403, 403),
+                        tokens=(403, 403, 409, 403, 403, 409, 403, 401)),
 }
 
 # The listing: whether the prepared task is among what each caller gets.

@@ -158,6 +158,11 @@ def test_agents_in_both_forms(sp: ServeProcess) -> None:
     assert {a["agent_id"]: a["drained"] for a in listed} == {"w1": True, "w2": False}
     undrained = json.loads(ok(dispatch(sp, "agent", "undrain", "w1", "--json", admin=True)))
     assert undrained["drained"] is False
+    assert ok(dispatch(sp, "agent", "delete", "w1", agent="w1")).strip() == "deleted w1"
+    assert ok(dispatch(sp, "agent", "delete", "w2", admin=True)).strip() == "deleted w2"
+    gone = dispatch(sp, "agent", "delete", "w2", admin=True)
+    assert gone.returncode == 1 and "agent w2 not found (HTTP 404)" in gone.stderr
+    assert json.loads(ok(dispatch(sp, "agent", "list", "--json", admin=True))) == []
 
 
 COMMAND = textwrap.dedent("""

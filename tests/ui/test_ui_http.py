@@ -22,7 +22,7 @@ PAGES = ["/ui", "/ui/", "/ui/agents", "/ui/tasks", "/ui/tasks?status=pending",
 OTHERS = ["/ui/static/dispatch.css", "/ui/static/dispatch.js", "/ui/events?topic=overview",
           f"/ui/events?topic=task:{uuid.uuid4()}"]
 ACTIONS = [f"/ui/tasks/{uuid.uuid4()}/cancel", f"/ui/tasks/{uuid.uuid4()}/requeue",
-           "/ui/agents/drain", "/ui/agents/undrain", "/ui/logout"]
+           "/ui/agents/drain", "/ui/agents/undrain", "/ui/agents/delete", "/ui/logout"]
 
 
 async def test_nothing_answers_without_a_session(server: ServeProcess) -> None:
@@ -183,3 +183,12 @@ async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
         r = await client.post(f"/ui/tasks/{task.task_id}/cancel", follow_redirects=False)
         assert r.status_code == 303
         assert (await broker.tasks.get(task.task_id)).status == "cancelled"
+        # An agent without work has a Delete button; it removes the agent.
+        page = (await client.get("/ui/agents")).text
+        assert 'action="/ui/agents/delete"' in page
+        r = await client.post("/ui/agents/delete", data={"agent_id": "a1"},
+                              follow_redirects=False)
+        assert r.status_code == 303
+        assert "a1" not in {a.agent_id for a in await broker.agents.all()}
+        r = await client.post("/ui/agents/delete", data={"agent_id": "a1"})
+        assert r.status_code == 404 and "agent a1 not found" in r.text

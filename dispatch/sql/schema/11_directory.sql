@@ -260,3 +260,30 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- Removes an agent registered by mistake (or gone for good) with its tokens. Refused (409, naming
+-- them) while it holds assigned or running tasks: stop it first (agent_stop puts them back), or
+-- let them end. The agent row's lock keeps any assignment out while this looks. Its tasks' history
+-- keeps its name. A directory source that still lists the agent brings it back at its next sync.
+CREATE FUNCTION dispatch.agent_delete(p_agent_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    active uuid[];
+BEGIN
+    PERFORM 1 FROM dispatch.agents WHERE agent_id = p_agent_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'agent % not found', p_agent_id USING ERRCODE = 'UD404';
+    END IF;
+    active := ARRAY(SELECT tk.task_id FROM dispatch.tasks tk
+                    WHERE tk.assigned_agent = p_agent_id AND tk.status IN ('assigned', 'running')
+                    ORDER BY tk.assigned_at);
+    IF cardinality(active) > 0 THEN
+        RAISE EXCEPTION 'agent % has % active task(s): %; stop it first or let them end',
+            p_agent_id, cardinality(active), array_to_string(active, ', ')
+            USING ERRCODE = 'UD409';
+    END IF;
+    DELETE FROM dispatch.agent_tokens WHERE agent_id = p_agent_id;
+    DELETE FROM dispatch.agents WHERE agent_id = p_agent_id;
+    PERFORM pg_notify('dispatch_auth', p_agent_id);
+END
+$$;
