@@ -18,13 +18,19 @@ SERVER_EXTRA = (
 def _serve(settings: object, config: str | None) -> None:
     import asyncio
 
-    from dispatch import supervisor
+    from dispatch import preflight, supervisor
     from dispatch.service import Service
     from dispatch.settings import Settings
 
     assert isinstance(settings, Settings)
-    if supervisor.worker_count(settings) > 1:
-        supervisor.run(settings, config)
+    workers = supervisor.worker_count(settings)
+    if not settings.server.reuse_port:  # else a worker of serve --workers: checked already
+        preflight.check_ports(settings, workers if workers > 1 else 1)
+        if settings.database.url:
+            preflight.check_database(settings.database.url)
+    if workers > 1:
+        if supervisor.run(settings, config) != 0:
+            raise SystemExit(1)
         return
 
     try:
@@ -42,6 +48,10 @@ def _migrate(settings: object) -> None:
     from dispatch.settings import Settings
 
     assert isinstance(settings, Settings)
+    if settings.database.url:
+        from dispatch.preflight import check_database
+
+        check_database(settings.database.url)
     applied = migrate(resolve_database_url(settings))
     print(f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date")
 

@@ -24,6 +24,8 @@ from dispatch.settings import Settings
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0
+# A worker gone this soon after its start failed to start.
+QUICK_EXIT_SECONDS = 5.0
 
 
 def worker_count(settings: Settings) -> int:
@@ -78,14 +80,23 @@ def run(settings: Settings, config: str | None) -> int:
     procs = [_start(i, env, config, port) for i in range(n)]
     log.info("dispatch serving with %d workers", n, extra={"port": settings.server.port})
     started = [time.monotonic()] * n
+    early = [0] * n  # each worker's exits in a row within QUICK_EXIT_SECONDS of its start
+    status = 0
     while not stopping:
         time.sleep(0.2)
         for i, proc in enumerate(procs):
             if proc.poll() is None or stopping:
                 continue
+            early[i] = early[i] + 1 if time.monotonic() - started[i] < QUICK_EXIT_SECONDS else 0
+            if early[i] >= 2:
+                # It cannot start at all (a port taken since, the database gone): restarting
+                # it again would only repeat that, so everything stops, saying so.
+                log.error("worker %d exited with %s at start-up twice in a row; stopping",
+                          i, proc.returncode)
+                stopping, status = True, 1
+                break
             log.error("worker %d exited with %s; restarting it", i, proc.returncode)
-            # A worker that cannot start at all (port taken, bad settings) must not spin.
-            if time.monotonic() - started[i] < 5:
+            if early[i]:
                 time.sleep(2)
             procs[i], started[i] = _start(i, env, config, port), time.monotonic()
     for proc in procs:
@@ -98,4 +109,4 @@ def run(settings: Settings, config: str | None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return 0
+    return status
