@@ -311,6 +311,12 @@ class HealthProbe:
 
     async def check(self) -> bool:
         """Whether the database answers; a broken connection is replaced once before saying no."""
+        return await self.status() == "ok"
+
+    async def status(self) -> str:
+        """"ok", "too many clients" (it answers but has no connection slot left for the probe),
+        or "down"; a broken connection is replaced once before saying no."""
+        state = "down"
         async with self._lock:
             for _ in range(2):
                 try:
@@ -322,10 +328,13 @@ class HealthProbe:
                                 options=f"-c statement_timeout={int(self.timeout * 1000)}",
                             )
                         await self._conn.execute("SELECT 1")
-                    return True
-                except (psycopg.Error, OSError, TimeoutError):
+                    return "ok"
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    # libpq reports the server's refusal at connection time as text only.
+                    if any(w in str(exc) for w in ("too many clients", "too many connections")):
+                        state = "too many clients"
                     await self._drop()
-            return False
+            return state
 
     async def _drop(self) -> None:
         if self._conn is not None:

@@ -234,8 +234,8 @@ class Service:
         queue for a connection, e.g. behind rows another session keeps locked)."""
         report: dict[str, object] = {"status": "ok"}
         assert self.probe is not None and self.pool is not None
-        ok = await self.probe.check()
-        report["database"] = "ok" if ok else "down"
+        report["database"] = await self.probe.status()
+        ok = report["database"] == "ok"
         if not ok:
             report["status"] = "degraded"
         stats = self.pool.get_stats()

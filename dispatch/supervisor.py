@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from dispatch.migrate import migrate
@@ -29,7 +31,20 @@ QUICK_EXIT_SECONDS = 5.0
 
 
 def worker_count(settings: Settings) -> int:
-    return settings.server.workers or os.cpu_count() or 1
+    return settings.server.workers or available_cpus()
+
+
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, bounded by a cgroup CPU quota (a container's
+    --cpus), which os.cpu_count() ignores."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return n
 
 
 def _start(

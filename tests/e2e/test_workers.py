@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from dispatch import supervisor
 from tests.serve import ServeProcess, serving
 
 
@@ -80,3 +81,15 @@ def test_workers_share_the_api_and_are_supervised(db_url: str, tmp_path: Path) -
         sp.kill()
         wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
              "the workers to exit")
+
+
+def test_default_workers_respect_a_container_cpu_quota(tmp_path: Path) -> None:
+    # cgroup v2's cpu.max as a container runtime writes it for --cpus.
+    cpu_max = tmp_path / "cpu.max"
+    cpus = len(os.sched_getaffinity(0))
+    for content, expected in (("max 100000\n", cpus), ("50000 100000\n", 1),
+                              ("150000 100000\n", min(cpus, 2)),
+                              ("6400000 100000\n", cpus), ("garbage\n", cpus)):
+        cpu_max.write_text(content)
+        assert supervisor.available_cpus(cpu_max) == expected, content
+    assert supervisor.available_cpus(tmp_path / "absent") == cpus
