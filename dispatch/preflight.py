@@ -5,8 +5,10 @@ a port already taken, a database URL that does not parse, a database that does n
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
+import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -14,8 +16,14 @@ from dispatch.db import CONNECT_KWARGS
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.settings import Settings
 
+log = logging.getLogger(__name__)
+
 # A client that cannot get a connection slot: the server is up, it is full.
 TOO_MANY_CLIENTS = "53300"
+# Each worker's connections outside its pool: LISTEN and /health's probe.
+FIXED_PER_WORKER = 2
+# The smallest pool worth running a worker with.
+MIN_POOL = 2
 
 
 class StartupError(DispatchError):
@@ -50,13 +58,13 @@ def check_ports(settings: Settings, workers: int) -> None:
 def check_database(url: str) -> None:
     """The URL parses and the database answers (a full server is told from a missing one)."""
     try:
-        params = conninfo_to_dict(url)
+        conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
             f"database.url (DISPATCH_DATABASE_URL) is malformed: {_one_line(exc)}; expected e.g."
             " postgresql://user:password@host:5432/dbname"
         ) from None
-    where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+    where = _where(url)
     try:
         with psycopg.connect(url, connect_timeout=5, **CONNECT_KWARGS):  # type: ignore[arg-type]
             pass
@@ -79,3 +87,63 @@ def check_database(url: str) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """How many workers, and each one's pool, fit in the connection budget."""
+
+    workers: int
+    pool_min: int
+    pool_max: int
+    budget: int
+
+
+def connection_plan(url: str, settings: Settings, workers: int) -> Plan:
+    """Share one connection budget (database.max_connections, else half of what the server has
+    free now after a reserve for psql and other clients) among the workers: fewer workers when
+    each could not get a pool of MIN_POOL, smaller pools when the configured ones do not fit.
+    StartupError when not even one worker fits."""
+    db = settings.database
+    with psycopg.connect(url, connect_timeout=5, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+        row = conn.execute(
+            "SELECT current_setting('max_connections')::int,"
+            " current_setting('superuser_reserved_connections')::int,"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
+        ).fetchone()
+    assert row is not None
+    limit, superuser, used = row
+    reserve = max(5, limit // 10)  # psql, monitoring, migrations of other replicas
+    free = limit - superuser - (used - 1) - reserve  # this connection is closed by now
+    need = workers * (FIXED_PER_WORKER + db.pool_max)
+    if db.max_connections:
+        budget = db.max_connections
+        if budget > free:
+            log.warning(
+                "database.max_connections is %d, but the server at %s has %d connections free"
+                " beside a reserve of %d", budget, _where(url), free, reserve,
+            )
+    else:
+        budget = min(need, max(free, 0) // 2)
+    fits = max(0, min(workers, budget // (FIXED_PER_WORKER + MIN_POOL)))
+    if fits == 0:
+        raise StartupError(
+            f"too few database connections for dispatch serve: {budget} in its budget"
+            f" ({'database.max_connections' if db.max_connections else 'half of the server'}"
+            f"'s {free} free; max_connections {limit}, {used} in use, {reserve} kept for psql),"
+            f" and a worker needs {FIXED_PER_WORKER + MIN_POOL}; raise the server's"
+            " max_connections or set database.max_connections (DISPATCH_DATABASE_MAX_CONNECTIONS)"
+        )
+    pool_max = min(db.pool_max, budget // fits - FIXED_PER_WORKER)
+    plan = Plan(workers=fits, pool_min=min(db.pool_min, pool_max), pool_max=pool_max,
+                budget=budget)
+    if fits < workers or pool_max < db.pool_max:
+        log.warning(
+            "the connection budget (%d) fits %d of %d workers with pools of %d (of %d)",
+            budget, fits, workers, pool_max, db.pool_max,
+        )
+    return plan
+
+
+def _where(url: str) -> str:
+    params = conninfo_to_dict(url)
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
@@ -20,6 +21,7 @@ from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
 from dispatch.notify import Listener
+from dispatch.preflight import connection_plan
 from dispatch.settings import Settings
 from dispatch.store import Store
 
@@ -118,6 +120,10 @@ class Service:
         applied = await asyncio.to_thread(migrate, self.database_url)
         if applied:
             log.info("migrations applied: %s", applied)
+        if not s.server.reuse_port:  # one process alone: the budget is all its own
+            plan = await asyncio.to_thread(connection_plan, self.database_url, s, 1)
+            s = self.settings = msgspec.structs.replace(s, database=msgspec.structs.replace(
+                s.database, pool_min=plan.pool_min, pool_max=plan.pool_max))
         self.pool = db.create_pool(self.database_url, s.database)
         await self.pool.open(wait=True, timeout=30)
         self.probe = db.HealthProbe(self.database_url)

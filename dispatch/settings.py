@@ -49,6 +49,10 @@ class DatabaseSettings(_Section, frozen=True):
     url: Url = ""
     pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    # The connections one `dispatch serve` may hold, all its workers together (each worker: its
+    # pool, its LISTEN and its /health probe). 0: at most half of the server's free connections
+    # at start-up, after keeping room for psql and other clients (dispatch.preflight).
+    max_connections: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     # Bounds of every pooled session (the API and the loops, not LISTEN nor migrations): a row
     # held by a stuck session, a runaway statement or a pool with no free connection is answered
     # 503 with Retry-After instead of a request that hangs.

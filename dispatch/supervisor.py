@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from dispatch.migrate import migrate
+from dispatch.preflight import connection_plan
 from dispatch.service import resolve_database_url
 from dispatch.settings import Settings
 
@@ -67,11 +68,12 @@ def _die_with_parent() -> None:
 
 def run(settings: Settings, config: str | None) -> int:
     """Supervise the workers until SIGTERM/SIGINT; the exit status of the whole."""
-    n = worker_count(settings)
     url = resolve_database_url(settings)
     applied = migrate(url)
     if applied:
         log.info("migrations applied: %s", applied)
+    plan = connection_plan(url, settings, worker_count(settings))
+    n = plan.workers
     token = settings.server.admin_token
     if not token:
         token = secrets.token_urlsafe(32)
@@ -82,6 +84,9 @@ def run(settings: Settings, config: str | None) -> int:
         "DISPATCH_SERVER_ADMIN_TOKEN": token,
         "DISPATCH_SERVER_WORKERS": "1",
         "DISPATCH_SERVER_REUSE_PORT": "true",
+        # Each worker's share of the connection budget.
+        "DISPATCH_DATABASE_POOL_MIN": str(plan.pool_min),
+        "DISPATCH_DATABASE_POOL_MAX": str(plan.pool_max),
     }
     stopping = False
 

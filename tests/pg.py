@@ -56,7 +56,7 @@ def server_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def embedded_server() -> Iterator[str]:
+def embedded_server(max_connections: int = 400) -> Iterator[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
@@ -68,7 +68,8 @@ def embedded_server() -> Iterator[str]:
     # A throwaway cluster: durability off for speed, room for multi-process tests.
     server.psql(
         "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
-        "ALTER SYSTEM SET full_page_writes = off; ALTER SYSTEM SET max_connections = 400;"
+        "ALTER SYSTEM SET full_page_writes = off;"
+        f"ALTER SYSTEM SET max_connections = {max_connections};"
     )
     pg_ctl(["-w", "restart"], pgdata=pgdata, user=server.system_user)
     try:

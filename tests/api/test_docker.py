@@ -35,6 +35,7 @@ def test_replicas_run_serve_with_settings_that_load() -> None:
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["dispatch"]' in dockerfile and 'CMD ["serve"]' in dockerfile
     image_env = dict(re.findall(r"(DISPATCH_[A-Z_]+)=(\S+)", dockerfile))
+    budgets = []
     for name, service in compose()["services"].items():
         if not name.startswith("dispatch-"):
             continue
@@ -47,3 +48,6 @@ def test_replicas_run_serve_with_settings_that_load() -> None:
         assert settings.database.url.startswith("postgresql://")
         assert settings.hermes.url == "nats://nats:4222"
         assert settings.server.host == "0.0.0.0" and settings.server.admin_token
+        budgets.append(settings.database.max_connections)
+    # Both replicas' budgets together leave psql room on the stock max_connections (100).
+    assert len(budgets) == 2 and all(budgets) and sum(budgets) <= 100 - 3 - 10
