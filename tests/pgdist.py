@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.serve import free_port
 
 
 class DistributionMissing(RuntimeError):
@@ -29,12 +30,6 @@ def bindir() -> Path:
     if not (path / "initdb").exists() or not (path / "postgres").exists():
         raise DistributionMissing(f"no initdb/postgres in {path} (only the client is installed)")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_owner(args: list[str]) -> list[str]:
@@ -57,7 +52,7 @@ class Cluster:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
             self.root.chmod(0o755)
-        port = _free_port()
+        port = free_port()
         try:
             subprocess.run(
                 _as_owner([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U",

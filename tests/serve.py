@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,9 +18,17 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
+    hands out (bind to 0) can be taken by any outgoing connection's source port before the server
+    under test binds it, which then refuses to start."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
 
 
 def free_port_run(count: int) -> int:
@@ -31,7 +40,7 @@ def free_port_run(count: int) -> int:
             with contextlib.ExitStack() as held:
                 for port in range(base, base + count):
                     s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
+                    s.bind(("0.0.0.0", port))
             return base
         except OSError:
             continue
