@@ -30,7 +30,7 @@ from dispatch.models import (
     Task,
     TaskStatus,
 )
-from dispatch.notify import WORK_CHANNEL, Listener
+from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Conn, Store
 
@@ -171,7 +171,12 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
-            woken = self.listener.event(WORK_CHANNEL) if self.listener else None
+            # New work, or a task the assigner gives this agent, wakes the wait.
+            woken = (
+                (self.listener.event(WORK_CHANNEL),
+                 self.listener.event_for(ASSIGNED_CHANNEL, agent_id))
+                if self.listener else None
+            )
             tasks = await self.tasks.claim(
                 agent_id, capabilities, max_tasks=max_tasks, start=start, now=now
             )
@@ -182,9 +187,7 @@ class Broker:
             if woken is None:
                 await asyncio.sleep(min(remaining, 0.5))
                 continue
-            try:
-                await asyncio.wait_for(woken.wait(), remaining)
-            except TimeoutError:
+            if not await first_set(woken, remaining):
                 return []
 
     async def report(

@@ -29,6 +29,19 @@ def due_epoch(payload: str) -> float | None:
         return None
 # Payload: an agent id whose tokens were revoked (dispatch.agent_token_revoke).
 AUTH_CHANNEL = "dispatch_auth"
+# Payload: an agent id the assigner just gave a task (dispatch.task_give): wakes its claims.
+ASSIGNED_CHANNEL = "dispatch_assigned"
+
+
+async def first_set(events: Iterable[asyncio.Event], timeout: float) -> bool:
+    """Wait until one of the events is set, or the timeout passes (False)."""
+    waits = [asyncio.ensure_future(ev.wait()) for ev in events]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    return bool(done)
 
 
 class Listener:
@@ -42,11 +55,14 @@ class Listener:
     def __init__(
         self,
         url: str,
-        channels: Iterable[str] = (WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL, AUTH_CHANNEL),
+        channels: Iterable[str] = (
+            WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL, AUTH_CHANNEL, ASSIGNED_CHANNEL,
+        ),
     ) -> None:
         self._url = url
         self._channels = tuple(channels)
         self._events = {ch: asyncio.Event() for ch in self._channels}
+        self._keyed: dict[tuple[str, str], asyncio.Event] = {}
         self._watchers: dict[str, list[Callable[[str], None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -54,6 +70,11 @@ class Listener:
     def event(self, channel: str) -> asyncio.Event:
         """The event that the next notification on `channel` sets."""
         return self._events[channel]
+
+    def event_for(self, channel: str, payload: str) -> asyncio.Event:
+        """The event that the next notification on `channel` with this payload sets (as does a
+        reconnect)."""
+        return self._keyed.setdefault((channel, payload), asyncio.Event())
 
     def watch(self, channel: str, callback: Callable[[str], None]) -> None:
         """Call callback(payload) at every notification on channel ("" after a reconnect, when
@@ -65,6 +86,13 @@ class Listener:
         if ev is not None:
             self._events[channel] = asyncio.Event()
             ev.set()
+        if payload:
+            keyed = self._keyed.pop((channel, payload), None)
+            if keyed is not None:
+                keyed.set()
+        else:  # a reconnect: every keyed waiter re-checks
+            for key in [k for k in self._keyed if k[0] == channel]:
+                self._keyed.pop(key).set()
         for callback in self._watchers.get(channel, ()):
             callback(payload)
 

@@ -12,14 +12,15 @@
     worker.run()
 
 The worker registers its agent, claims tasks (a long poll, several at once, started in the same
-step) and picks up the ones the assigner pushed to it, runs the handler once per task, completes
-the task with what the handler returns or fails it with what it raises (retryable, unless it raises
-Permanent), and presents the task's lease with every report so it never reports on an attempt it
-no longer holds. A thread with its own HTTP client keeps the leases alive and watches for
+step; the claim returns the tasks the assigner pushed to it first), runs the handler once per task,
+completes the task with what the handler returns or fails it with what it raises (retryable, unless
+it raises Permanent), and presents the task's lease with every report so it never reports on an
+attempt it no longer holds. A thread with its own HTTP client keeps the leases alive and watches for
 cancellation, so a handler that blocks the event loop keeps its task, and one whose task was
 cancelled, timed out or given to someone else is cancelled. On SIGTERM (or SIGINT) it stops
 claiming, lets running handlers finish within `grace_seconds`, then fails the rest as retryable.
-With `nats_url` (push mode, nats-py) the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
+With `claim=False` it takes only what the assigner pushes, looking for it now and then; with
+`nats_url` (push mode, nats-py) too, the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
 once that the assigner gave it a task.
 
 Imports only httpx and msgspec (the client install; nats-py in push mode): no server dependency.
@@ -225,9 +226,10 @@ class Worker:
             push = await self._subscribe(self.nats_url) if self.nats_url else None
             await self._register()
             keeper.start()
-            loops = [asyncio.create_task(self._adopt_loop())]
-            if self.claim:
-                loops.append(asyncio.create_task(self._claim_loop()))
+            # A claim returns the tasks the assigner pushed to this agent before new ones, and
+            # the server wakes it when one is pushed: a claiming worker needs no other search.
+            loops = [asyncio.create_task(
+                self._claim_loop() if self.claim else self._adopt_loop())]
             stopping = asyncio.create_task(self._stopping.wait())
             await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
             # A loop only ends early on a bug: shut down gracefully all the same, then say so.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -220,3 +221,34 @@ async def test_async_client_has_the_admin_and_requester_calls_too(sp: ServeProce
         cancelled = await alice.cancel(first.task_id, "no longer needed")
         assert (await ops.requeue(cancelled.task_id)).status == "pending"
         assert (await ops.stats()).total_pending == 2
+
+
+def test_a_waiting_claim_wakes_when_the_assigner_pushes_to_it(sp: ServeProcess) -> None:
+    """bob waits on a claim narrowed to "a"; the task needs "b", which bob registered too, and
+    becomes available a second after it is created. The claim cannot take it and nothing announces
+    it becoming due; the assigner takes it then and pushes it to bob, and that push ends bob's
+    wait with the task (without the wake the claim would sleep out its 30 s and answer 204)."""
+    with client(sp, "bob") as bob, client(sp, "alice") as alice, \
+            client(sp, "ops", admin=True) as ops:
+        registered = bob.register(capabilities=["a", "b"])
+
+        def last_seen() -> object:
+            return next(a.last_seen_at for a in ops.agents() if a.agent_id == "bob")
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=sp.api, timeout=60) as http:
+                claim = asyncio.create_task(http.post(
+                    "/api/v1/tasks/claim", json={"capabilities": ["a"], "wait_seconds": 30},
+                    headers={"X-Agent-ID": "bob"},
+                ))
+                while await asyncio.to_thread(last_seen) == registered.last_seen_at:
+                    await asyncio.sleep(0.02)  # until the claim has looked once and waits
+                due = datetime.now(UTC) + timedelta(seconds=1)
+                task = await asyncio.to_thread(
+                    alice.create, "needs b", required_capabilities=["b"], available_at=due)
+                r = await claim
+                assert r.status_code == 200, r.text
+                assert r.json()["task_id"] == str(task.task_id)
+                return r
+
+        assert asyncio.run(scenario()).json()["assigned_agent"] == "bob"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 from dispatch.models import Task
 from dispatch.sdk.client import DispatchClient
@@ -265,3 +268,35 @@ def test_a_task_pushed_but_never_started_goes_back_at_shutdown(sp: ServeProcess)
         assert ran == []
         assert now.status == "pending" and now.retry_count == 1
         assert now.error == "worker shut down" and now.previous_agents == ["w-sweep"]
+
+
+def requests_by_path(ops_url: str) -> dict[tuple[str, str], float]:
+    """The API's requests so far, by method and path template (its /metrics)."""
+    text = httpx.get(f"{ops_url}/metrics", timeout=10).text
+    served: dict[tuple[str, str], float] = {}
+    for m in re.finditer(r'^dispatch_http_requests_total\{([^}]*)\} (\S+)', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        key = (labels["method"], labels["path"])
+        served[key] = served.get(key, 0) + float(m.group(2))
+    return served
+
+
+def test_an_idle_worker_makes_one_claim_per_wait(sp: ServeProcess) -> None:
+    """An idle agent costs one long poll per poll_seconds: no listing in between (the claim
+    returns what the assigner pushed to it, and the push wakes the claim)."""
+    worker = Worker(sp.api, "w-idle", concurrency=4, poll_seconds=2)
+
+    @worker.handler
+    async def never(ctx: TaskContext) -> object:
+        return None
+
+    with working(worker):
+        eventually(lambda: requests_by_path(sp.ops).get(("POST", "/api/v1/tasks/claim"), 0),
+                   lambda n: n >= 1, what="the first claim")
+        before = requests_by_path(sp.ops)
+        time.sleep(6.5)
+        after = requests_by_path(sp.ops)
+    made = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    # 6.5 s of 2 s long polls: three or four claims, and nothing else.
+    assert set(made) == {("POST", "/api/v1/tasks/claim")}, made
+    assert 3 <= made[("POST", "/api/v1/tasks/claim")] <= 4, made

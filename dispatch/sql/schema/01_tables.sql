@@ -185,6 +185,11 @@ CREATE INDEX tasks_pending_aging_idx ON dispatch.tasks (age_due_at)
 CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
     WHERE status = 'pending' AND available_at > created_at;
 
+-- An agent's active tasks: its claim finds the ones pushed to it that it has not started.
+CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent)
+    WHERE status IN ('assigned', 'running');
+
+-- The reapers: the active tasks whose deadline passes next.
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');
 

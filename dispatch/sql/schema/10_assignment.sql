@@ -130,6 +130,9 @@ BEGIN
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
                            'attempt', t.retry_count + 1, 'lease', r.lease, 'mode', p_mode,
                            'wake', a.status = 'sleeping'), p_now);
+    IF p_mode <> 'claim' THEN  -- wakes the agent's claim waiting on the server, if any
+        PERFORM pg_notify('dispatch_assigned', a.agent_id);
+    END IF;
     first := least(r.deadline_at, r.wake_deadline_at,
                    p_now + make_interval(secs => r.heartbeat_seconds));
     IF first < p_now + make_interval(secs => c.tick_interval_ms / 1000.0) THEN
@@ -158,6 +161,7 @@ DECLARE
     t     dispatch.tasks;
     cand  record;
     room  integer;
+    own   integer := 0;      -- the agent's own tasks returned first
     taken dispatch.tasks[] := '{}';
     again uuid[] := '{}';  -- tasks this agent attempted before: taken only when nothing else fits
     keyed boolean := false;  -- some task taken has flow keys
@@ -187,10 +191,30 @@ BEGIN
         RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
             p_agent_id, p_agent_id USING ERRCODE = 'UD404';
     END IF;
-    IF cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
+    -- Its own tasks first: those the assigner gave it that it has not started, oldest first
+    -- (not those a claim already handed it: it has them). They hold their slots already, so an
+    -- agent that only claims never waits behind a task pushed to it, even when it is full.
+    FOR t IN
+        SELECT tk.* FROM dispatch.tasks tk
+        WHERE tk.assigned_agent = p_agent_id AND tk.status = 'assigned'
+          AND (SELECT e.actor FROM dispatch.task_events e
+               WHERE e.task_id = tk.task_id AND e.event = 'assigned'
+               ORDER BY e.id DESC LIMIT 1) IS DISTINCT FROM p_agent_id
+        ORDER BY tk.assigned_at, tk.queue_priority DESC, tk.queue_at  -- a round's: queue order
+        LIMIT p_max
+        FOR NO KEY UPDATE OF tk SKIP LOCKED
+    LOOP
+        IF p_start THEN
+            t := dispatch.task_start(t.task_id, p_agent_id, p_now);
+        END IF;
+        own := own + 1;
+        RETURN NEXT t;
+    END LOOP;
+    IF own = p_max OR cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
-    room := least(p_max, coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
+    room := least(p_max - own,
+                  coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
     IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
                                   WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
         PERFORM dispatch.queue_age(p_now, 10);

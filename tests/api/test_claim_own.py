@@ -1,0 +1,96 @@
+"""Push and pull are one protocol: a claim returns the caller's own tasks, those the assigner
+pushed to it and it has not started, before new ones (a waiting claim woken by a push:
+tests/e2e/test_api_lifecycle.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import psycopg
+
+from tests.api.conftest import agent, register
+
+ALICE = agent("alice")
+BOB = agent("bob")
+Sql = psycopg.Connection[dict[str, Any]]
+
+
+async def create(client: httpx.AsyncClient, title: str, **body: Any) -> Any:
+    r = await client.post("/api/v1/tasks", json={"title": title, **body}, headers=ALICE)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def assign_round(sql: Sql) -> None:
+    """One round of the assigner, as a replica runs it."""
+    sql.execute("SELECT dispatch.task_assign()")
+
+
+def holder(sql: Sql, task_id: str) -> tuple[str, str | None]:
+    row = sql.execute(
+        "SELECT status::text, assigned_agent FROM dispatch.tasks WHERE task_id = %s", [task_id]
+    ).fetchone()
+    assert row is not None
+    return row["status"], row["assigned_agent"]
+
+
+async def test_a_claim_returns_the_tasks_pushed_to_the_agent_even_when_it_is_full(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    await register(client, "bob", max_concurrent=2)
+    first = await create(client, "first", priority=5)
+    second = await create(client, "second")
+    assign_round(sql)
+    assert holder(sql, first["task_id"]) == holder(sql, second["task_id"]) == ("assigned", "bob")
+    # Both of bob's slots hold pushed tasks: before, its claim answered 204 and only a listing
+    # showed them.
+    r = await client.post("/api/v1/tasks/claim", json={"max_tasks": 2, "start": True},
+                          headers=BOB)
+    assert r.status_code == 200, r.text
+    assert [(t["task_id"], t["status"]) for t in r.json()] == [
+        (first["task_id"], "running"), (second["task_id"], "running")]
+
+
+async def test_own_tasks_come_before_new_ones(client: httpx.AsyncClient, sql: Sql) -> None:
+    await register(client, "bob", max_concurrent=3)
+    pushed = await create(client, "pushed")
+    assign_round(sql)
+    fresh = await create(client, "fresh", priority=9)  # higher priority, but not bob's yet
+    r = await client.post("/api/v1/tasks/claim", json={"max_tasks": 2}, headers=BOB)
+    assert r.status_code == 200, r.text
+    assert [t["task_id"] for t in r.json()] == [pushed["task_id"], fresh["task_id"]]
+    assert holder(sql, fresh["task_id"]) == ("assigned", "bob")
+
+
+async def test_a_task_a_claim_handed_out_is_not_handed_out_again(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    await register(client, "bob", max_concurrent=3)
+    task = await create(client, "once")
+    r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
+    assert (r.status_code, r.json()["task_id"]) == (200, task["task_id"])
+    r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
+    assert r.status_code == 204
+    # A pushed task is handed out until the agent starts it: a claim's answer may be lost.
+    pushed = await create(client, "pushed")
+    assign_round(sql)
+    for _ in range(2):
+        r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
+        assert (r.status_code, r.json()["task_id"]) == (200, pushed["task_id"])
+    r = await client.post(f"/api/v1/tasks/{pushed['task_id']}/start", json={}, headers=BOB)
+    assert r.status_code == 200, r.text
+    r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
+    assert r.status_code == 204
+
+
+async def test_another_agents_pushed_task_is_not_returned(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    await register(client, "bob", capabilities=["gpu"])
+    await register(client, "carol")
+    task = await create(client, "gpu job", required_capabilities=["gpu"])
+    assign_round(sql)
+    assert holder(sql, task["task_id"]) == ("assigned", "bob")
+    r = await client.post("/api/v1/tasks/claim", json={}, headers=agent("carol"))
+    assert r.status_code == 204
