@@ -27,7 +27,17 @@ import httpx
 import msgspec
 
 from dispatch.errors import Conflict, DispatchError, InvalidInput, error_for_status
-from dispatch.models import Agent, AgentStatus, Explanation, Stats, Task, TaskEvent, TaskStatus
+from dispatch.models import (
+    Agent,
+    AgentStatus,
+    Explanation,
+    NextClaim,
+    Stats,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    TaskWithNext,
+)
 from dispatch.wire import TaskCreate
 
 T = TypeVar("T")
@@ -208,15 +218,17 @@ class _Requests:
         return self.report(task_id, "progress", lease, fields)
 
     def fail(self, task_id: TaskRef, error: str | None, retry_eligible: bool,
-             lease: int | None = None) -> _Call:
-        fields = [("error", error), ("retry_eligible", retry_eligible)]
+             lease: int | None = None, then: NextClaim | None = None) -> _Call:
+        fields = [("error", error), ("retry_eligible", retry_eligible), ("next", _next(then))]
         return self.report(task_id, "fail", lease, fields)
 
     def complete(self, task_id: TaskRef, result: object, admin: bool,
-                 lease: int | None = None) -> _Call:
+                 lease: int | None = None, then: NextClaim | None = None) -> _Call:
         body: dict[str, object] = {"result": result}
         if lease is not None:
             body["lease"] = lease
+        if then is not None:
+            body["next"] = _next(then)
         return self.task(task_id, "complete", body=body, admin=admin)
 
     def stats(self) -> _Call:
@@ -230,6 +242,11 @@ class _Requests:
 
     def remove(self, agent_id: str | None) -> _Call:
         return self.agent(agent_id or self.agent_id, method="DELETE", admin=True)
+
+
+def _next(then: NextClaim | None) -> object:
+    """A report's `next`: the claim of the agent's next tasks made in the same request."""
+    return None if then is None else msgspec.to_builtins(then)
 
 
 def _page(response: httpx.Response) -> Page:
@@ -352,12 +369,18 @@ class DispatchClient:
         return _decode(self._send(call), Task)
 
     def complete(self, task_id: TaskRef, result: object = None, *, admin: bool = False,
-                 lease: int | None = None) -> Task:
-        return _decode(self._send(self._r.complete(task_id, result, admin, lease)), Task)
+                 lease: int | None = None, then: NextClaim | None = None) -> TaskWithNext:
+        """The task completed; with `then`, also the agent's next tasks, claimed in the same
+        request (the answer's `next`)."""
+        call = self._r.complete(task_id, result, admin, lease, then)
+        return _decode(self._send(call), TaskWithNext)
 
     def fail(self, task_id: TaskRef, error: str | None = None, *,
-             retry_eligible: bool = True, lease: int | None = None) -> Task:
-        return _decode(self._send(self._r.fail(task_id, error, retry_eligible, lease)), Task)
+             retry_eligible: bool = True, lease: int | None = None,
+             then: NextClaim | None = None) -> TaskWithNext:
+        """The task failed; with `then`, also the agent's next tasks (the answer's `next`)."""
+        call = self._r.fail(task_id, error, retry_eligible, lease, then)
+        return _decode(self._send(call), TaskWithNext)
 
     # admin
     def stats(self) -> Stats:
@@ -486,14 +509,19 @@ class AsyncDispatchClient:
         call = self._r.progress(task_id, percent, message, data, lease)
         return _decode(await self._send(call), Task)
 
-    async def complete(self, task_id: TaskRef, result: object = None, *,
-                       admin: bool = False, lease: int | None = None) -> Task:
-        return _decode(await self._send(self._r.complete(task_id, result, admin, lease)), Task)
+    async def complete(self, task_id: TaskRef, result: object = None, *, admin: bool = False,
+                       lease: int | None = None, then: NextClaim | None = None) -> TaskWithNext:
+        """The task completed; with `then`, also the agent's next tasks, claimed in the same
+        request (the answer's `next`)."""
+        call = self._r.complete(task_id, result, admin, lease, then)
+        return _decode(await self._send(call), TaskWithNext)
 
     async def fail(self, task_id: TaskRef, error: str | None = None, *,
-                   retry_eligible: bool = True, lease: int | None = None) -> Task:
-        call = self._r.fail(task_id, error, retry_eligible, lease)
-        return _decode(await self._send(call), Task)
+                   retry_eligible: bool = True, lease: int | None = None,
+                   then: NextClaim | None = None) -> TaskWithNext:
+        """The task failed; with `then`, also the agent's next tasks (the answer's `next`)."""
+        call = self._r.fail(task_id, error, retry_eligible, lease, then)
+        return _decode(await self._send(call), TaskWithNext)
 
     # admin
     async def stats(self) -> Stats:

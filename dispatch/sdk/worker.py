@@ -43,7 +43,7 @@ from typing import Protocol
 import httpx
 
 from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
-from dispatch.models import Task, TaskStatus
+from dispatch.models import NextClaim, Task, TaskStatus
 from dispatch.sdk.client import AsyncDispatchClient, DispatchClient
 
 log = logging.getLogger("dispatch.worker")
@@ -318,8 +318,7 @@ class Worker:
                 log.warning("claim failed: %s", exc)
                 await self._pause(1.0)
                 continue
-            for task in tasks:
-                self._launch(task)
+            self._launch_all(tasks)
 
     async def _adopt_loop(self) -> None:
         """Tasks the assigner pushed to this agent (it does to every registered agent) wait in
@@ -370,10 +369,25 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    def _then(self) -> NextClaim | None:
+        """What a report claims for the slot it frees: the next task, started, in the same
+        request (one request per task instead of a claim and a report). Not while stopping, nor
+        for a worker that takes only what the assigner gives."""
+        if not self.claim or self._stopping is None or self._stopping.is_set():
+            return None
+        return NextClaim(start=True)
+
+    def _launch_all(self, tasks: Sequence[Task]) -> None:
+        for task in tasks:
+            self._launch(task)
+
     def _launch(self, task: Task) -> None:
         attempt = _Attempt(task=task, started=time.monotonic(), last_beat=time.monotonic())
         with self._lock:
-            if task.task_id in self._running:
+            held = self._running.get(task.task_id)
+            # A new attempt of a task this worker just reported on (a failure whose retry its
+            # `next` claimed back) replaces the finishing one; the same attempt twice does not.
+            if held is not None and held.task.lease >= task.lease:
                 return
             self._running[task.task_id] = attempt
         assert self._handler is not None
@@ -410,8 +424,10 @@ class Worker:
                 return
             if attempt.lost is None:
                 try:
-                    await self._client.complete(task.task_id, result, lease=task.lease)
+                    done = await self._client.complete(
+                        task.task_id, result, lease=task.lease, then=self._then())
                     self.completed += 1
+                    self._launch_all(done.next)
                 except LOST as exc:
                     log.info("task %s: completion refused, %s", task.task_id, exc.message)
                 except (DispatchError, httpx.HTTPError) as exc:
@@ -419,7 +435,8 @@ class Worker:
             return
         finally:
             with self._lock:
-                self._running.pop(task.task_id, None)
+                if self._running.get(task.task_id) is attempt:
+                    del self._running[task.task_id]
             if self._freed is not None:
                 self._freed.set()
 
@@ -427,10 +444,12 @@ class Worker:
         if attempt.lost is not None:
             return
         try:
-            await self._client.fail(
-                attempt.task.task_id, error[:4000], retry_eligible=retry, lease=attempt.task.lease
+            failed = await self._client.fail(
+                attempt.task.task_id, error[:4000], retry_eligible=retry,
+                lease=attempt.task.lease, then=self._then(),
             )
             self.failed += 1
+            self._launch_all(failed.next)
         except LOST as exc:
             log.info("task %s: failure refused, %s", attempt.task.task_id, exc.message)
         except (DispatchError, httpx.HTTPError) as exc:

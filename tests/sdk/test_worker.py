@@ -274,7 +274,7 @@ def requests_by_path(ops_url: str) -> dict[tuple[str, str], float]:
     """The API's requests so far, by method and path template (its /metrics)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=10).text
     served: dict[tuple[str, str], float] = {}
-    for m in re.finditer(r'^dispatch_http_requests_total\{([^}]*)\} (\S+)', text, re.M):
+    for m in re.finditer(r'^dispatch_http_requests_total\{(.*)\} (\S+)$', text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         key = (labels["method"], labels["path"])
         served[key] = served.get(key, 0) + float(m.group(2))
@@ -300,3 +300,26 @@ def test_an_idle_worker_makes_one_claim_per_wait(sp: ServeProcess) -> None:
     # 6.5 s of 2 s long polls: three or four claims, and nothing else.
     assert set(made) == {("POST", "/api/v1/tasks/claim")}, made
     assert 3 <= made[("POST", "/api/v1/tasks/claim")] <= 4, made
+
+
+def test_a_busy_worker_makes_about_one_request_per_task(sp: ServeProcess) -> None:
+    """Each completion claims the worker's next task, started, in the same request: a backlog is
+    drained with about one request per task (before, a claim and a completion each)."""
+    worker = Worker(sp.api, "w-busy", concurrency=2, poll_seconds=2)
+
+    @worker.handler
+    async def quick(ctx: TaskContext) -> object:
+        return None
+
+    with DispatchClient(sp.api, "alice") as alice:
+        ids = [alice.create(f"t{i}").task_id for i in range(40)]
+        before = requests_by_path(sp.ops)
+        with working(worker):
+            eventually(lambda: statuses(alice, ids), lambda c: c.get("completed") == 40,
+                       what="the backlog drained")
+        after = requests_by_path(sp.ops)
+    made = {k[1]: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)
+            and k[0] == "POST"}
+    assert made["/api/v1/tasks/{task_id}/complete"] == 40, made
+    assert "/api/v1/tasks/{task_id}/start" not in made, made
+    assert made.get("/api/v1/tasks/claim", 0) <= 10, made
