@@ -178,10 +178,25 @@ def a_task(conn: Conn, status: str) -> uuid.UUID:
 
 
 def test_claim_walks_the_pending_order_index(conn: Conn) -> None:
+    # An agent with no task of its own: its claim takes from the queue.
+    conn.execute("INSERT INTO dispatch.agents (agent_id, capabilities, max_concurrent)"
+                 " VALUES ('agent-idle', '{code}', 1000) ON CONFLICT DO NOTHING")
+    try:
+        reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-idle')")
+    finally:
+        conn.execute("DELETE FROM dispatch.agents WHERE agent_id = 'agent-idle'")
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert 1 <= pending_reads(reads) <= 50, reads.index_tuples
+
+
+def test_claim_finds_the_agents_own_tasks_among_its_active_ones_only(conn: Conn) -> None:
+    """agent-0 holds 50 active tasks (25 pushed, not started) and 50,000 finished ones: its claim
+    returns its oldest pushed task reading its active rows, none of its history."""
     reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-0')")
     check_plans(reads)
     assert reads.seq_scans == 0
-    assert pending_reads(reads) <= 50, reads.index_tuples
+    assert sum(reads.index_tuples.values()) <= 2 * ACTIVE // AGENTS, reads.index_tuples
 
 
 def test_assign_reads_about_a_batch_not_the_queue(conn: Conn) -> None:
