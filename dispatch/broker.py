@@ -62,6 +62,9 @@ class Broker:
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics
+        # Set when the process shuts down: waiting claims answer at once (with nothing), so the
+        # HTTP server is not held open by long polls for their whole wait.
+        self.closing = asyncio.Event()
 
     async def apply_config(self) -> None:
         """Write this process's assignment settings where the SQL functions read them. Replicas
@@ -182,12 +185,12 @@ class Broker:
             )
             remaining = deadline - loop.time()
             self._count_claimed(tasks, start)
-            if tasks or remaining <= 0:
+            if tasks or remaining <= 0 or self.closing.is_set():
                 return tasks
-            if woken is None:
-                await asyncio.sleep(min(remaining, 0.5))
+            if woken is None:  # no listener: look again every half second
+                await first_set([self.closing], min(remaining, 0.5))
                 continue
-            if not await first_set(woken, remaining):
+            if not await first_set([*woken, self.closing], remaining):
                 return []
 
     async def report(

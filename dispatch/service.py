@@ -265,6 +265,8 @@ class Service:
             return await self.broker.insights.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
+        if self.broker is not None:
+            self.broker.closing.set()  # long polls answer now instead of holding the shutdown
         for hub in self.hubs:
             await hub.close()
         for server in self.servers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -93,3 +94,42 @@ def test_default_workers_respect_a_container_cpu_quota(tmp_path: Path) -> None:
         cpu_max.write_text(content)
         assert supervisor.available_cpus(cpu_max) == expected, content
     assert supervisor.available_cpus(tmp_path / "absent") == cpus
+
+
+def test_sigterm_answers_waiting_claims_and_stops_the_workers(db_url: str, tmp_path: Path) -> None:
+    """A long-polling claim does not hold a stopping worker open for its whole wait (beyond the
+    supervisor's grace, which then kills the worker and drops the request): it answers 204."""
+    with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
+        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers")
+        agent = {"X-Agent-ID": "a1"}
+        assert httpx.put(f"{sp.api}/api/v1/agents/a1", json={}, headers=agent).status_code == 200
+        answers: list[object] = []
+
+        def claim() -> None:
+            try:
+                answers.append(httpx.post(f"{sp.api}/api/v1/tasks/claim", headers=agent,
+                                          json={"wait_seconds": 30}, timeout=60).status_code)
+            except httpx.HTTPError as exc:
+                answers.append(repr(exc))
+
+        waiting = threading.Thread(target=claim)
+        waiting.start()
+        wait(lambda: sum(in_progress(ops(sp, i), "/api/v1/tasks/claim") for i in (0, 1)) == 1,
+             15, "the claim to wait")
+        workers = worker_pids(sp.proc.pid)
+        sp.proc.send_signal(signal.SIGTERM)
+        assert sp.proc.wait(30) == 0, sp.log()
+        waiting.join(30)
+        assert answers == [204], sp.log()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def in_progress(url: str, path: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(
+            rf'^dispatch_http_requests_in_progress\{{.*path="{re.escape(path)}".*\}} (\S+)$',
+            text, re.M,
+        )
+    )
