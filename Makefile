@@ -13,6 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The server alone, for `make run` (no test, lint or benchmark tools); a dev install has it too.
+SERVER_STAMP := $(VENV)/.installed-server
+
+$(SERVER_STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Dispatch needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then :; else \
+		$(PYTHON) -m venv $(VENV) && \
+		$(BIN)/python -m pip install -q --upgrade pip && \
+		$(BIN)/python -m pip install -q -e '.[server]'; \
+	fi
+	touch $(SERVER_STAMP)
+
 .PHONY: help
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,11 +33,11 @@ help: ## list the targets
 install: $(STAMP) ## create .venv and install Dispatch with its dev tools
 
 .PHONY: run
-run: $(STAMP) ## run the broker (embedded Postgres in ./.dispatch unless DISPATCH_DATABASE_URL is set)
+run: $(SERVER_STAMP) ## run the broker (embedded Postgres in ./.dispatch unless DISPATCH_DATABASE_URL is set)
 	$(BIN)/dispatch serve
 
 .PHONY: migrate
-migrate: $(STAMP) ## apply pending migrations to the configured database
+migrate: $(SERVER_STAMP) ## apply pending migrations to the configured database
 	$(BIN)/dispatch migrate
 
 .PHONY: test

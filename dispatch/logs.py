@@ -1,15 +1,20 @@
-"""Logging set-up: level and json/text format from the settings."""
+"""Logging set-up: level and format (text on a terminal, JSON lines otherwise) from the settings."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 from dispatch.settings import LoggingSettings
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# uvicorn's color_message repeats the message with terminal colour codes: never in a JSON line.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "color_message",
+}
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\x1b")
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _ESCAPES.sub("", record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
@@ -28,9 +33,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def log_format(settings: LoggingSettings) -> str:
+    """The format in effect, json or text: auto is text when stderr is a terminal."""
+    if settings.format == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return settings.format
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.format == "json":
+    if log_format(settings) == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dispatch import db
 from dispatch.api.protocol import protocol_class
+from dispatch.banner import banner, print_banner, supervised
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
@@ -194,11 +195,7 @@ class Service:
 
         assert self.broker is not None
         s = self.settings
-        admin_token = s.server.admin_token
-        if not admin_token:
-            admin_token = secrets.token_urlsafe(32)
-            # Logged once, so that an operator of a default start-up can use the admin endpoints.
-            log.warning("server.admin_token is empty; generated admin token: %s", admin_token)
+        admin_token = s.server.admin_token or secrets.token_urlsafe(32)  # shown by the banner
         api_app = web_app(
             s, self.broker, admin_token=admin_token, listener=self.listener,
             metrics=self.metrics,
@@ -233,6 +230,8 @@ class Service:
         log.info(
             "dispatch serving", extra={"port": s.server.port, "metrics_port": s.server.metrics_port}
         )
+        if not supervised():
+            print_banner(banner(s, admin_token, generated=not s.server.admin_token))
 
     async def health(self) -> tuple[bool, dict[str, object]]:
         """(database reachable, report) for GET /health. The database is checked on the probe's

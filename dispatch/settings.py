@@ -118,7 +118,8 @@ class UiSettings(_Section, frozen=True):
 
 class LoggingSettings(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "text"] = "json"
+    # auto: readable text on a terminal, JSON lines otherwise (a file, a pipe, a log collector).
+    format: Literal["auto", "json", "text"] = "auto"
 
 
 class Settings(_Section, frozen=True):

@@ -16,9 +16,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from dispatch.banner import SUPERVISED_ENV, banner, print_banner
 from dispatch.migrate import migrate
 from dispatch.preflight import connection_plan
 from dispatch.service import resolve_database_url
@@ -66,6 +68,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def _healthy(settings: Settings, i: int) -> bool:
+    """Worker i's /health answers 200."""
+    host = settings.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.server.metrics_port + i}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
 def run(settings: Settings, config: str | None) -> int:
     """Supervise the workers until SIGTERM/SIGINT; the exit status of the whole."""
     url = resolve_database_url(settings)
@@ -74,12 +89,10 @@ def run(settings: Settings, config: str | None) -> int:
         log.info("migrations applied: %s", applied)
     plan = connection_plan(url, settings, worker_count(settings))
     n = plan.workers
-    token = settings.server.admin_token
-    if not token:
-        token = secrets.token_urlsafe(32)
-        log.warning("server.admin_token is empty; generated admin token: %s", token)
+    token = settings.server.admin_token or secrets.token_urlsafe(32)  # shown by the banner
     env = {
         **os.environ,
+        SUPERVISED_ENV: "1",
         "DISPATCH_DATABASE_URL": url,
         "DISPATCH_SERVER_ADMIN_TOKEN": token,
         "DISPATCH_SERVER_WORKERS": "1",
@@ -102,8 +115,13 @@ def run(settings: Settings, config: str | None) -> int:
     started = [time.monotonic()] * n
     early = [0] * n  # each worker's exits in a row within QUICK_EXIT_SECONDS of its start
     status = 0
+    announced = False
     while not stopping:
         time.sleep(0.2)
+        if not announced and all(_healthy(settings, i) for i in range(n)):
+            print_banner(banner(settings, token, generated=not settings.server.admin_token,
+                                workers=n))
+            announced = True
         for i, proc in enumerate(procs):
             if proc.poll() is None or stopping:
                 continue

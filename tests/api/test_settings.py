@@ -24,7 +24,7 @@ def test_defaults_are_the_spec_defaults() -> None:
         1000, 300000, 600000,
     )
     assert (s.directory.refresh_ms, s.directory.stale_ms, s.retention.hours) == (5000, 60000, 168)
-    assert (s.logging.level, s.logging.format) == ("info", "json")
+    assert (s.logging.level, s.logging.format) == ("info", "auto")
 
 
 def test_yaml_then_environment(tmp_path: Path) -> None:
