@@ -2,7 +2,9 @@
 (openapi.json, openapi.yaml, a browsable page). Further routers (the dashboard, which
 dispatch.service mounts under /ui) come in as `mounts`."""
 
+import importlib.util
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, Router, get
@@ -13,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import HeaderParameter
+from litestar.static_files import create_static_files_router
 
 import dispatch
 from dispatch.api.agents import AgentController, stats
@@ -28,14 +31,35 @@ from dispatch.notify import AUTH_CHANNEL, Listener
 from dispatch.settings import Settings
 from dispatch.wire import AGENT_ID_PATTERN
 
+# Swagger UI's files, served by this app from the swagger-ui-py package (server extra), so the
+# docs page works without internet; the plugin's defaults load them (and a favicon) from a CDN.
+ASSETS = "/schema/assets"
+
+
+def docs_assets() -> Router:
+    # Found without importing the package (its own code, framework glue, is of no use here).
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is missing: pip install 'dispatch-broker[server]'")
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return create_static_files_router(
+        path=ASSETS, directories=[static], include_in_schema=False, name="docs-assets",
+    )
+
 
 def openapi_config() -> OpenAPIConfig:
+    swagger = SwaggerRenderPlugin(
+        js_url=f"{ASSETS}/swagger-ui-bundle.js",
+        css_url=f"{ASSETS}/swagger-ui.css",
+        standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
+        favicon=f"<link rel='icon' type='image/png' href='{ASSETS}/favicon-32x32.png'>",
+    )
     return OpenAPIConfig(
         title="Dispatch",
         version=dispatch.__version__,
         description="Task broker and work scheduler for agent swarms.",
         path="/schema",
-        render_plugins=[SwaggerRenderPlugin(), YamlRenderPlugin()],
+        render_plugins=[swagger, YamlRenderPlugin()],
         components=Components(
             security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer")}
         ),
@@ -96,7 +120,7 @@ def create_app(
     if listener is not None:
         # Revocations made through any replica reach this one's token cache.
         listener.watch(AUTH_CHANNEL, auth.forget)
-    handlers: list[Router | HTTPRouteHandler] = [api, index, *mounts]
+    handlers: list[Router | HTTPRouteHandler] = [api, index, docs_assets(), *mounts]
     app_state: dict[str, object] = {**(state or {}), "auth": auth, "broker": broker}
     return Litestar(
         route_handlers=handlers,

@@ -246,3 +246,24 @@ async def test_cancel_and_requeue_from_the_task_page(
     # The other tasks were not touched.
     others = (await rest.get("/api/v1/tasks", params={"status": "pending"})).json()
     assert len(others) == 5
+
+
+async def test_the_api_docs_render_with_no_other_host_reachable(
+    page: Page, server: ServeProcess, screenshot_dir: Path
+) -> None:
+    """Every request to another host is refused: Swagger UI still renders the operations."""
+    outside: list[str] = []
+
+    async def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(server.api):
+            await route.continue_()
+        else:
+            outside.append(route.request.url)
+            await route.abort()
+
+    await page.route("**/*", only_this_server)
+    await page.goto(f"{server.api}/schema/swagger")
+    await expect(page.locator(".opblock").first).to_be_visible(timeout=DEADLINE * 1000)
+    assert await page.locator(".opblock").count() > 20
+    assert outside == []
+    await page.screenshot(path=screenshot_dir / "api-docs.png")
