@@ -101,7 +101,7 @@ async def run_all(cl: Cluster, sizes: Sizes, only: set[str], rep: report.Report)
         )
     if "replicas" in only:
         rep.replicas = await _phase(
-            "replicas: 3 serve replicas, one killed every 5 s",
+            f"replicas: 3 serve replicas, one killed every {sizes.replicas_kill_every:g} s",
             "replicas under kill -9", lambda: replicas.run_replicas(cl, sizes),
         )
 

@@ -44,6 +44,10 @@ class Sizes:
     soak_sample_seconds: float = field(
         default_factory=lambda: _float("BENCH_SOAK_SAMPLE_SECONDS", 30)
     )
+    replicas_tasks: int = field(default_factory=lambda: _int("BENCH_REPLICAS_TASKS", 1500))
+    replicas_kill_every: float = field(
+        default_factory=lambda: _float("BENCH_REPLICAS_KILL_EVERY", 5.0)
+    )
     phase_timeout: float = field(default_factory=lambda: _float("BENCH_PHASE_TIMEOUT", 180))
 
 
@@ -72,6 +76,8 @@ ENV_HELP = """Environment variables (defaults in brackets):
   BENCH_SOAK_SAMPLE_SECONDS soak sampling interval [30]
   BENCH_BACKLOG_PENDING    pending tasks behind saturated agents in the backlog phase [10000]
   BENCH_BACKLOG_SAMPLES    timed complete+claim pairs in the backlog phase [2000]
+  BENCH_REPLICAS_TASKS     tasks through 3 serve replicas under kill -9 [1500]
+  BENCH_REPLICAS_KILL_EVERY seconds between kills of a replica [5]
   BENCH_PHASE_TIMEOUT      upper bound of any one phase, seconds [180]
   BENCH_ONLY               comma list of phases to run [all]:
                            latency,rest,engine,peers,scale,backlog,replicas

@@ -25,8 +25,6 @@ from tests.serve import ServeProcess, start_serve
 REPLICAS = 3
 AGENTS = 12
 LIMIT = 2
-TASKS = 1500
-KILL_EVERY_S = 5.0
 GIVE_UP_S = 120.0
 _PENDING = """
 INSERT INTO dispatch.tasks (title, requester, source, required_capabilities, max_retries)
@@ -103,7 +101,7 @@ async def run_replicas(cluster: Cluster, sizes: Sizes) -> ReplicasResult:
         for i in range(AGENTS):
             conn.execute("SELECT dispatch.agent_upsert(%s, '{work}', p_max_concurrent => %s)",
                          (f"agent-{i:02d}", LIMIT))
-        conn.execute(_PENDING, {"n": TASKS})  # type: ignore[arg-type]
+        conn.execute(_PENDING, {"n": sizes.replicas_tasks})  # type: ignore[arg-type]
     rng = random.Random(7)
     done = asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="dispatch-bench-replicas-") as tmp:
@@ -113,21 +111,21 @@ async def run_replicas(cluster: Cluster, sizes: Sizes) -> ReplicasResult:
                 await asyncio.to_thread(fleet.start)
             agents = [asyncio.create_task(_agent(fleet, i, done)) for i in range(AGENTS)]
             t0 = time.perf_counter()
-            next_kill = t0 + KILL_EVERY_S
+            next_kill = t0 + sizes.replicas_kill_every
             all_done: float | None = None
-            unfinished = TASKS
+            unfinished = sizes.replicas_tasks
             with psycopg.connect(url, autocommit=True) as conn:
                 while time.perf_counter() - t0 < min(GIVE_UP_S, sizes.phase_timeout):
                     row = conn.execute("SELECT count(*) FROM dispatch.tasks"
                                        " WHERE status <> 'completed'").fetchone()
-                    unfinished = int(row[0]) if row else TASKS
+                    unfinished = int(row[0]) if row else sizes.replicas_tasks
                     if unfinished == 0:
                         all_done = time.perf_counter() - t0
                         break
                     if time.perf_counter() >= next_kill:
                         fleet.kill_one(rng)
                         await asyncio.to_thread(fleet.start)
-                        next_kill += KILL_EVERY_S
+                        next_kill += sizes.replicas_kill_every
                     await asyncio.sleep(0.1)
             waited = time.perf_counter() - t0
             done.set()
@@ -146,6 +144,7 @@ async def run_replicas(cluster: Cluster, sizes: Sizes) -> ReplicasResult:
     with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
         admin.execute('DROP DATABASE "replicas" WITH (FORCE)')
     return ReplicasResult(
-        REPLICAS, AGENTS, LIMIT, TASKS, KILL_EVERY_S, fleet.kills, all_done, waited, unfinished,
-        TASKS - present, len(history.double), len(history.over_limit),
+        REPLICAS, AGENTS, LIMIT, sizes.replicas_tasks, sizes.replicas_kill_every, fleet.kills,
+        all_done, waited, unfinished,
+        sizes.replicas_tasks - present, len(history.double), len(history.over_limit),
     )

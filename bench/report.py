@@ -144,7 +144,8 @@ def results_table(r: Report) -> list[list[str]]:
             f"{k} {len(v)}x p50 {_f(percentile(v, 50), 1)} / p99 {_f(percentile(v, 99), 1)} ms"
             for k, v in rest.latency_ms.items() if v
         )
-        detail = f"requests: {per}; {rest.pushed} tasks found pushed, {rest.claimed} claimed"
+        detail = (f"requests: {per}; {rest.claimed} tasks from claims, {rest.handed} from"
+                  " completions' next")
         if rest.cpu is not None:
             detail += "; " + rest.cpu.describe(rest.n)
         rows.append(["2. (detail) REST lifecycle requests and CPU", detail, "", ""])
@@ -340,9 +341,11 @@ METHOD = """\
   connections). Latency = `assigned` event `created_at` minus `created` event `created_at` in
   dispatch.task_events (each is its transaction's start time); the first second is warm-up.
 - 2: `dispatch serve` again; requesters create as fast as they can while each agent, on its own
-  keep-alive connection, lists what the assigner pushed to it (`GET ?assignee=me&status=assigned`)
-  or claims (`POST /tasks/claim`), then starts and completes each task. Tasks/s = N / wall time
-  until the last completion. The ceiling is a one-handler Litestar app (`POST /echo`, msgspec body,
+  keep-alive connection, works as the SDK's worker does: a claim that starts what it takes
+  (`POST /tasks/claim {"start": true}`: what the assigner pushed to it first, then new tasks), then
+  one completion per task that claims and starts the next in the same request (`"next":
+  {"start": true}`). Tasks/s = N / wall time until the last completion. The ceiling is a
+  one-handler Litestar app (`POST /echo`, msgspec body,
   JSON response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
   uvloop, httptools, no access log), closed loop with the same number of connections. The load
   generator (bench/http.py, a minimal keep-alive HTTP/1.1 client) runs on the same 2 cores.

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -20,7 +21,7 @@ from bench.common import Latencies, Sizes, percentile
 from bench.cpu import CpuSplit, postgres_seconds, self_seconds, tree_seconds
 from bench.http import Connection, Response
 from bench.pg import Cluster, Cost, cost_between, prepare_dispatch, read_counters
-from bench.serve import RssSampler, dispatch_serve, trivial_serve
+from bench.serve import ADMIN_TOKEN, RssSampler, dispatch_serve, trivial_serve
 
 REQUESTER = "bench-requester"
 API = "/api/v1"
@@ -33,7 +34,8 @@ def _expect(resp: Response, what: str, *ok: int) -> Response:
 
 
 async def _register(base: str, agent_id: str, max_concurrent: int) -> None:
-    conn = Connection(base, {"X-Agent-ID": agent_id})
+    """As an operator registers an agent for a tenant: naming its owner takes the admin token."""
+    conn = Connection(base, {"X-Agent-ID": agent_id, "Authorization": f"Bearer {ADMIN_TOKEN}"})
     try:
         resp = await conn.request(
             "PUT", f"{API}/agents/{agent_id}",
@@ -168,8 +170,8 @@ class RestResult:
     peak_rss_kb: int
     hwm_kb: int
     idle_rss_kb: int
-    claimed: int = 0
-    pushed: int = 0
+    claimed: int = 0  # tasks a claim returned
+    handed: int = 0  # tasks a completion's `next` returned
     create_ms: list[float] = field(default_factory=list)
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     cpu: CpuSplit | None = None
@@ -184,14 +186,15 @@ class RestResult:
 
 
 async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
-    """Requesters create as fast as they can; each agent (own connection) takes what the assigner
-    pushed to it (GET ?assignee=me&status=assigned) or claims (POST /tasks/claim), then starts and
-    completes it. Ends when all N tasks are completed."""
+    """Requesters create as fast as they can; each agent (own connection) works as the SDK's
+    worker does: a claim that starts what it takes (the tasks the assigner pushed to it first,
+    then new ones), then for each task one completion that claims and starts its next task in the
+    same request. Ends when all N tasks are completed."""
     dbname = "rest_lifecycle"
     url = cluster.create_database(dbname)
     await asyncio.to_thread(prepare_dispatch, url)
     n = sizes.rest_tasks
-    counts: dict[str, int] = {"create": 0, "list": 0, "claim": 0, "start": 0, "complete": 0}
+    counts: dict[str, int] = {"create": 0, "claim": 0, "complete": 0}
     lat: dict[str, Latencies] = {k: Latencies() for k in counts}
     create_lat = lat["create"]
     with dispatch_serve(url) as serve:
@@ -208,7 +211,9 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         cpu0 = (tree_seconds(serve.proc.pid), postgres_seconds(pm), self_seconds())
         created = iter(range(n))
         completed = 0
-        claimed = pushed = 0
+        claimed = handed = 0
+        t0 = time.perf_counter()
+        last_done = t0
         deadline = time.monotonic() + sizes.phase_timeout
 
         async def producer() -> None:
@@ -224,56 +229,50 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
                 await conn.close()
 
         async def agent(agent_id: str) -> None:
-            nonlocal completed, claimed, pushed
+            nonlocal completed, claimed, handed, last_done
             conn = Connection(serve.base, {"X-Agent-ID": agent_id})
-            mine = f"{API}/tasks?assignee={agent_id}&status=assigned&limit=20"
+            task: dict[str, Any] | None = None
             try:
                 while completed < n and time.monotonic() < deadline:
-                    t0 = time.perf_counter()
-                    resp = await conn.request("GET", mine)
-                    lat["list"].add_since(t0)
-                    counts["list"] += 1
-                    body = _expect(resp, "GET /tasks", 200).json()
-                    tasks = list(body) if isinstance(body, list) else []
-                    pushed += len(tasks)
-                    if not tasks:
+                    if task is None:
                         t0 = time.perf_counter()
-                        resp = await conn.request("POST", f"{API}/tasks/claim", {"wait_seconds": 0})
+                        resp = await conn.request(
+                            "POST", f"{API}/tasks/claim", {"start": True, "wait_seconds": 0.5})
                         lat["claim"].add_since(t0)
                         counts["claim"] += 1
-                        if resp.status == 200:
-                            tasks = [resp.json()]
-                            claimed += 1
-                        else:
-                            _expect(resp, "POST /tasks/claim", 204)
-                    if not tasks:
-                        await asyncio.sleep(0.005)
-                        continue
-                    for t in tasks:
-                        assert isinstance(t, dict)
-                        tid = t["task_id"]
-                        t0 = time.perf_counter()
-                        r = await conn.request("POST", f"{API}/tasks/{tid}/start")
-                        lat["start"].add_since(t0)
-                        counts["start"] += 1
-                        _expect(r, "POST /tasks/{id}/start", 200)
-                        t0 = time.perf_counter()
-                        r = await conn.request(
-                            "POST", f"{API}/tasks/{tid}/complete", {"result": {"ok": True}}
-                        )
-                        lat["complete"].add_since(t0)
-                        counts["complete"] += 1
-                        _expect(r, "POST /tasks/{id}/complete", 200)
-                        completed += 1
+                        if _expect(resp, "POST /tasks/claim", 200, 204).status == 204:
+                            continue
+                        got = resp.json()
+                        assert isinstance(got, dict)
+                        task = got
+                        claimed += 1
+                    assert isinstance(task, dict)
+                    t0 = time.perf_counter()
+                    r = await conn.request(
+                        "POST", f"{API}/tasks/{task['task_id']}/complete",
+                        {"result": {"ok": True}, "next": {"start": True}},
+                    )
+                    lat["complete"].add_since(t0)
+                    counts["complete"] += 1
+                    body = _expect(r, "POST /tasks/{id}/complete", 200).json()
+                    completed += 1
+                    last_done = time.perf_counter()
+                    assert isinstance(body, dict)
+                    following = body.get("next") or []
+                    assert isinstance(following, list)
+                    task = None
+                    if following and isinstance(following[0], dict):
+                        task = following[0]
+                    handed += bool(following)
             finally:
                 await conn.close()
 
-        t0 = time.perf_counter()
         await asyncio.gather(
             *(producer() for _ in range(sizes.rest_producers)),
             *(agent(a) for a in agent_ids),
         )
-        seconds = time.perf_counter() - t0
+        # Until the last completion: agents still in a claim's wait at the end do not count.
+        seconds = last_done - t0
         cpu = CpuSplit(
             seconds, tree_seconds(serve.proc.pid) - cpu0[0], postgres_seconds(pm) - cpu0[1],
             self_seconds() - cpu0[2],
@@ -288,7 +287,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
     return RestResult(
         n=n, seconds=seconds, agents=sizes.rest_agents, producers=sizes.rest_producers,
         requests=counts, cost=cost, peak_rss_kb=peak, hwm_kb=hwm, idle_rss_kb=idle_rss,
-        claimed=claimed, pushed=pushed, create_ms=create_lat.ms,
+        claimed=claimed, handed=handed, create_ms=create_lat.ms,
         latency_ms={k: v.ms for k, v in lat.items()}, cpu=cpu,
     )
 

@@ -108,6 +108,9 @@ def _wait_http(proc: Process, url: str, timeout: float, ok: tuple[int, ...]) -> 
     raise RuntimeError(f"{url} did not answer in {timeout}s:\n{proc.log()}")
 
 
+ADMIN_TOKEN = "bench-admin-token"
+
+
 @contextlib.contextmanager
 def dispatch_serve(database_url: str, env: Mapping[str, str] | None = None) -> Iterator[Process]:
     """`python -m dispatch serve` on free loopback ports, ready once /health answers 200."""
@@ -119,7 +122,7 @@ def dispatch_serve(database_url: str, env: Mapping[str, str] | None = None) -> I
         "DISPATCH_PORT": str(api_port),
         "DISPATCH_METRICS_PORT": str(ops_port),
         "DISPATCH_HOST": "127.0.0.1",
-        "DISPATCH_ADMIN_TOKEN": "bench-admin-token",
+        "DISPATCH_ADMIN_TOKEN": ADMIN_TOKEN,
         "DISPATCH_LOG_FORMAT": "text",
         "DISPATCH_LOG_LEVEL": "warning",
         "DISPATCH_DATA_DIR": str(tmp / "data"),

@@ -20,12 +20,12 @@ TINY = {
 }
 
 
-def bench(out: Path, **env: str) -> str:
+def bench(out: Path, timeout: float = 120, **env: str) -> str:
     full = {**os.environ, **TINY, **env, "BENCH_OUTPUT": str(out)}
     full.pop("BENCH_DATABASE_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench"], cwd=REPO, env=full, capture_output=True, text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out.read_text()
@@ -41,6 +41,23 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
         assert row in report, row
     assert "not available" not in report
     assert f"## Run on the {BUILD} build" in report
+
+
+def test_the_http_phases_run_against_a_real_serve(tmp_path: Path) -> None:
+    """The phases that drive `dispatch serve` over HTTP (with the other test above, every phase
+    of `make bench` runs here): none may report "failed" (the REST phase did, unnoticed, when
+    registering an agent's owner became admin-only)."""
+    report = bench(
+        tmp_path / "BENCHMARKS.md", timeout=300, BENCH_ONLY="latency,rest,replicas",
+        BENCH_LATENCY_RATE="20", BENCH_LATENCY_SECONDS="2", BENCH_REST_TASKS="60",
+        BENCH_CEILING_SECONDS="1", BENCH_REPLICAS_TASKS="60", BENCH_REPLICAS_KILL_EVERY="1",
+    )
+    assert "failed" not in report and "not available" not in report, report
+    for row in ("1. create->assigned, HTTP create at 20/s", "2. full lifecycle over REST",
+                "trivial Litestar JSON ceiling", "tasks from claims",
+                "4. cost per task, Dispatch over REST",
+                "0 double assignments, 0 lost, 0 over limit"):
+        assert row in report, row
 
 
 def test_a_failed_phase_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
