@@ -1,12 +1,14 @@
-"""Where the engine's time goes inside Postgres: `python -m bench.statements` runs the in-process
-engine phases (push and pull) on a distribution-build cluster with pg_stat_statements loaded
-(tracking the statements inside the SQL functions too) and prints the statements by total time.
-The embedded build has no pg_stat_statements."""
+"""Where the time goes inside Postgres: `python -m bench.statements` runs the in-process engine
+phases (push and pull), and `python -m bench.statements rest` the REST lifecycle phase, on a
+distribution-build cluster with pg_stat_statements loaded (tracking the statements inside the SQL
+functions too) and prints the statements by total time. The embedded build has no
+pg_stat_statements."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -14,6 +16,7 @@ import psycopg
 from bench.common import Sizes
 from bench.engine import run_engine
 from bench.pg import Cluster
+from bench.rest import run_rest_lifecycle
 from tests import pgdist
 
 TOP = """
@@ -47,6 +50,11 @@ def main() -> None:
     with cluster_with_statements() as cl:
         with psycopg.connect(cl.admin_url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if sys.argv[1:] == ["rest"]:
+            rest = asyncio.run(run_rest_lifecycle(cl, sizes))
+            print(f"\n### REST lifecycle: {rest.n} tasks, {rest.rate:,.0f}/s\n")
+            print(report(cl, "rest_lifecycle", top=20))
+            return
         for mode in ("push", "pull"):
             result = asyncio.run(run_engine(cl, sizes, mode))
             print(f"\n### engine {mode}: {result.n} tasks, drain {result.drain_rate:,.0f}/s\n")
