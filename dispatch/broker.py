@@ -33,6 +33,7 @@ from dispatch.models import (
 from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Conn, Store
+from dispatch.store.tasks import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,9 @@ class Broker:
 
     def _count_claimed(self, tasks: Sequence[Task], started: bool) -> None:
         if tasks and self.metrics is not None:
-            self.metrics.task_transitions.labels("assigned").inc(len(tasks))
+            # The agent's own tasks among them were counted when the assigner gave them.
+            assigned = tasks.assigned if isinstance(tasks, Claimed) else len(tasks)
+            self.metrics.task_transitions.labels("assigned").inc(assigned)
             if started:
                 self.metrics.task_transitions.labels("started").inc(len(tasks))
 

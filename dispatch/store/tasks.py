@@ -65,6 +65,13 @@ def _report_task_id(report: Mapping[str, object]) -> uuid.UUID | None:
         return None
 
 
+class Claimed(list[Task]):
+    """What a claim returned; `assigned`: how many of them it assigned (the others were the
+    agent's own tasks, assigned to it before, and counted then)."""
+
+    assigned: int = 0
+
+
 class Tasks(Queries):
     async def create(
         self,
@@ -144,14 +151,18 @@ class Tasks(Queries):
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> list[Task]:
-        """Up to max_tasks of the best tasks this agent may take (started with `start`)."""
+        """Up to max_tasks of the best tasks this agent may take (started with `start`): its own
+        pushed tasks first, then new ones (Claimed.assigned counts these)."""
         rows = await self._rows(
-            "SELECT * FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s)",
-            (agent_id, list(capabilities) if capabilities is not None else None, now, max_tasks,
-             start),
+            "SELECT c.*, c.assigned_at = coalesce(%s, now()) AS fresh"
+            " FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s) c",
+            (now, agent_id, list(capabilities) if capabilities is not None else None, now,
+             max_tasks, start),
             conn,
         )
-        return [convert(r, Task) for r in rows]
+        claimed = Claimed(convert(r, Task) for r in rows)
+        claimed.assigned = sum(1 for r in rows if r["fresh"])
+        return claimed
 
     async def report_batch(
         self,
