@@ -69,7 +69,9 @@ async def test_a_cap_of_three_holds_across_three_replicas_and_twenty_agents(
                 for task_id in mine:
                     r = await http.post(f"/api/v1/tasks/{task_id}/start")
                     assert r.status_code == 200, r.text
-                    await asyncio.sleep(0.01)  # some work, so that keyed tasks overlap
+                    # Work long enough that keyed tasks queue behind the cap (agents now take
+                    # what is pushed to them at once: 10 ms of work kept up with the supply).
+                    await asyncio.sleep(0.1)
                     r = await http.post(f"/api/v1/tasks/{task_id}/complete", json={"result": {}})
                     assert r.status_code == 200, r.text
                     completed += 1
