@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,19 @@ from bench.cpu import children
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(count: int = 1) -> int:
+    """A port p with p .. p + count - 1 free, below the kernel's ephemeral range (32768 and up on
+    Linux): there, the load generator's own connections cannot take it (or serve's worker i's ops
+    port, metrics_port + i) before serve binds it."""
+    while True:
+        base = random.randrange(20000, 32000 - count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
 
 
 def _status(pid: int, key: str) -> int:
@@ -114,7 +124,7 @@ ADMIN_TOKEN = "bench-admin-token"
 @contextlib.contextmanager
 def dispatch_serve(database_url: str, env: Mapping[str, str] | None = None) -> Iterator[Process]:
     """`python -m dispatch serve` on free loopback ports, ready once /health answers 200."""
-    api_port, ops_port = free_port(), free_port()
+    api_port, ops_port = free_port(), free_port(8)  # worker i serves ops on ops_port + i
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-serve-"))
     full_env = {
         **os.environ,
