@@ -6,6 +6,10 @@ notification (new events, new work), and every tick without one, but at most onc
 interval however many notifications arrive; each refresh runs one set of queries per topic and
 puts the result in every subscriber's queue. So the database load of the dashboards does not grow
 with the number of tabs, and nothing runs while no dashboard is open.
+
+Topics fail alone: a topic whose queries or templates fail (one task's page) leaves its streams
+showing what they had, is logged once per run of failures and tried again at the next refresh,
+while every other topic keeps updating.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from dispatch.metrics import Metrics
 from dispatch.notify import EVENTS_CHANNEL, WORK_CHANNEL, Listener
@@ -33,11 +37,12 @@ KEEP_SECONDS = 60
 # take at most 1 / (1 + BUSY_FACTOR) of one connection's time however large the tables grow.
 BUSY_FACTOR = 4
 
-Compute = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
+# One topic's payload.
+Compute = Callable[[str], Awaitable[str]]
 
 
 class Hub:
-    """`compute(topics)` returns each topic's payload; `keep()` renews the notification lease."""
+    """`compute(topic)` returns the topic's payload; `keep()` renews the notification lease."""
 
     def __init__(
         self,
@@ -60,6 +65,8 @@ class Hub:
         self._closed = False
         # Refreshes done (each one set of queries per topic): for tests and the curious.
         self.refreshes = 0
+        # Topics whose last refresh failed: logged when they start failing, not at every retry.
+        self.failing: set[str] = set()
         if listener is not None:
             listener.watch(EVENTS_CHANNEL, self._changed)
             listener.watch(WORK_CHANNEL, self._changed)
@@ -97,6 +104,7 @@ class Hub:
                 queues.discard(queue)
                 if not queues:
                     del self._topics[topic]
+                    self.failing.discard(topic)
 
     async def close(self) -> None:
         """End every stream (server shutdown: uvicorn waits for open responses)."""
@@ -120,27 +128,43 @@ class Hub:
             if not topics:
                 break
             started = loop.time()
-            try:
-                if self._keep is not None and loop.time() >= keep_due:
+            if self._keep is not None and loop.time() >= keep_due:
+                try:
                     await self._keep()
                     keep_due = loop.time() + KEEP_EVERY_SECONDS
-                payloads = await self._compute(topics)
-            except Exception:
-                # The database is away or busy: the dashboards keep what they show, and the
-                # next notification or tick tries again.
-                log.warning("dashboard refresh failed", exc_info=True)
-                payloads = {}
+                except Exception:
+                    # Without the lease, event rows stop notifying: the ticks still refresh.
+                    log.warning("dashboard notification lease not renewed", exc_info=True)
+            for topic in topics:
+                await self._refresh(topic)
             self.refreshes += 1
             if self._metrics is not None:
                 self._metrics.ui_refreshes.inc()
-            for topic, payload in payloads.items():
-                for queue in self._topics.get(topic, ()):
-                    _offer(queue, payload)
             # Notifications that arrive meanwhile only set _dirty: one refresh covers them all.
             # A refresh that took long (the queue counts read every row of a long history) spaces
             # out the next ones, so open dashboards never keep the database busy.
             elapsed = loop.time() - started
             await asyncio.sleep(max(self.refresh_seconds, BUSY_FACTOR * elapsed))
+
+    async def _refresh(self, topic: str) -> None:
+        """Compute one topic and send it to its streams; a failure stays with that topic."""
+        try:
+            payload = await self._compute(topic)
+        except Exception:
+            # The database is away or busy, or this topic's data does not render: its streams
+            # keep what they show, the other topics go on, and the next refresh tries again.
+            if self._metrics is not None:
+                self._metrics.ui_topic_failures.inc()
+            if topic not in self.failing:
+                self.failing.add(topic)
+                log.warning("dashboard topic %s failed; retrying at each refresh", topic,
+                            exc_info=True)
+            return
+        if topic in self.failing:
+            self.failing.discard(topic)
+            log.info("dashboard topic %s recovered", topic)
+        for queue in self._topics.get(topic, ()):
+            _offer(queue, payload)
 
 
 def _offer(queue: asyncio.Queue[str | None], item: str | None) -> None:

@@ -8,7 +8,6 @@ so a page and its updates come from the same templates.
 
 import json
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -147,32 +146,30 @@ class Dashboard:
             "now": datetime.now(UTC),
         }
 
-    async def compute(self, topics: Sequence[str]) -> dict[str, str]:
-        payloads: dict[str, str] = {}
-        for topic in topics:
-            fragments: dict[str, str]
-            if topic == OVERVIEW:
-                ctx = await self.overview_context()
-                fragments = {
-                    "overview-cards": self.render("_overview_cards.html", **ctx),
-                    "overview-charts": self.render("_overview_charts.html", **ctx),
-                    "agents-table": self.render("_agents_table.html", **ctx),
-                }
+    async def compute(self, topic: str) -> str:
+        """One topic's live fragments, {element id: html}, as JSON."""
+        fragments: dict[str, str]
+        if topic == OVERVIEW:
+            ctx = await self.overview_context()
+            fragments = {
+                "overview-cards": self.render("_overview_cards.html", **ctx),
+                "overview-charts": self.render("_overview_charts.html", **ctx),
+                "agents-table": self.render("_agents_table.html", **ctx),
+            }
+        else:
+            task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
+            try:
+                ctx = await self.task_context(task_id)
+            except NotFound:
+                # Pruned while its page was open.
+                fragments = {"task-summary": "<p>This task no longer exists.</p>"}
             else:
-                task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
-                try:
-                    ctx = await self.task_context(task_id)
-                except NotFound:
-                    # Pruned while its page was open.
-                    fragments = {"task-summary": "<p>This task no longer exists.</p>"}
-                else:
-                    fragments = {
-                        "task-summary": self.render("_task_summary.html", **ctx),
-                        "task-timeline": self.render("_task_timeline.html", **ctx),
-                        "task-explain": self.render("_task_explain.html", **ctx),
-                    }
-            payloads[topic] = json.dumps(fragments)
-        return payloads
+                fragments = {
+                    "task-summary": self.render("_task_summary.html", **ctx),
+                    "task-timeline": self.render("_task_timeline.html", **ctx),
+                    "task-explain": self.render("_task_explain.html", **ctx),
+                }
+        return json.dumps(fragments)
 
 
 def _ui(request: Request[Any, Any, Any]) -> Dashboard:
@@ -411,7 +408,7 @@ def create_ui(
 
     dashboard: Dashboard
     hub = Hub(
-        lambda topics: dashboard.compute(topics),
+        lambda topic: dashboard.compute(topic),
         listener=listener,
         keep=keep,
         refresh_seconds=settings.refresh_ms / 1000,
