@@ -192,3 +192,23 @@ async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
         assert "a1" not in {a.agent_id for a in await broker.agents.all()}
         r = await client.post("/ui/agents/delete", data={"agent_id": "a1"})
         assert r.status_code == 404 and "agent a1 not found" in r.text
+
+
+async def test_no_page_may_be_framed(server: ServeProcess, ui: httpx.AsyncClient) -> None:
+    def framing_denied(r: httpx.Response) -> bool:
+        return (r.headers.get("x-frame-options") == "DENY"
+                and r.headers.get("content-security-policy") == "frame-ancestors 'none'")
+
+    async with httpx.AsyncClient(base_url=server.api, timeout=10) as anon:
+        answers = [await anon.get(url) for url in ["/ui/login", *PAGES, *OTHERS, "/ui/nope",
+                                                     "/schema/swagger", "/", "/api/v1/tasks"]]
+        answers.append(await anon.post("/ui/login", data={"token": "wrong"}))
+    answers += [await ui.get(url) for url in ["/ui", "/ui/agents", "/ui/tasks",
+                                              f"/ui/tasks/{uuid.uuid4()}", "/ui/tasks/x",
+                                              "/ui/static/dispatch.js"]]
+    async with ui.stream("GET", "/ui/events", params={"topic": "overview"}) as stream:
+        answers.append(stream)
+    statuses = {r.status_code for r in answers}
+    assert {200, 303, 401, 403, 404, 400} <= statuses, statuses
+    for r in answers:
+        assert framing_denied(r), (r.url, r.status_code, dict(r.headers))
