@@ -7,6 +7,10 @@ interval however many notifications arrive; each refresh runs one set of queries
 puts the result in every subscriber's queue. So the database load of the dashboards does not grow
 with the number of tabs, and nothing runs while no dashboard is open.
 
+A stream belongs to a sign-in: each refresh also asks which of the open streams' sessions are still
+live (one query for all of them) and ends the streams of those that ended (signed out on any
+replica, expired, or signed with an admin token that changed).
+
 Topics fail alone: a topic whose queries or templates fail (one task's page) leaves its streams
 showing what they had, is logged once per run of failures and tried again at the next refresh,
 while every other topic keeps updating.
@@ -39,10 +43,13 @@ BUSY_FACTOR = 4
 
 # One topic's payload.
 Compute = Callable[[str], Awaitable[str]]
+# Of these sessions, the live ones.
+Alive = Callable[[set[bytes]], Awaitable[set[bytes]]]
 
 
 class Hub:
-    """`compute(topic)` returns the topic's payload; `keep()` renews the notification lease."""
+    """`compute(topic)` returns the topic's payload; `keep()` renews the notification lease;
+    `alive(sessions)` says which of the streams' sessions are live."""
 
     def __init__(
         self,
@@ -50,6 +57,7 @@ class Hub:
         *,
         listener: Listener | None = None,
         keep: Callable[[], Awaitable[None]] | None = None,
+        alive: Alive | None = None,
         refresh_seconds: float = 1.0,
         tick_seconds: float = 5.0,
         metrics: Metrics | None = None,
@@ -57,6 +65,8 @@ class Hub:
         self._compute = compute
         self._metrics = metrics
         self._keep = keep
+        self._alive = alive
+        self._session_of: dict[asyncio.Queue[str | None], bytes] = {}
         self.refresh_seconds = refresh_seconds
         self.tick_seconds = tick_seconds
         self._topics: dict[str, set[asyncio.Queue[str | None]]] = {}
@@ -78,15 +88,24 @@ class Hub:
     def _changed(self, _payload: str) -> None:
         self._dirty.set()
 
+    def poke(self) -> None:
+        """Refresh soon (a sign-out here: its streams end at once)."""
+        self._dirty.set()
+
     @contextlib.asynccontextmanager
-    async def subscribe(self, topic: str) -> AsyncIterator[asyncio.Queue[str | None]]:
-        """A queue that receives the topic's payloads, and None when the hub closes."""
+    async def subscribe(
+        self, topic: str, session: bytes | None = None
+    ) -> AsyncIterator[asyncio.Queue[str | None]]:
+        """A queue that receives the topic's payloads, and None when the hub closes or the
+        `session` the stream was opened with ends."""
         queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_SIZE)
         if self._closed:
             queue.put_nowait(None)
             yield queue
             return
         self._topics.setdefault(topic, set()).add(queue)
+        if session is not None:
+            self._session_of[queue] = session
         if self._metrics is not None:
             self._metrics.ui_streams.inc()
         # The page it came from was rendered a moment ago: a refresh soon covers what changed
@@ -99,6 +118,7 @@ class Hub:
         finally:
             if self._metrics is not None:
                 self._metrics.ui_streams.dec()
+            self._session_of.pop(queue, None)
             queues = self._topics.get(topic)
             if queues is not None:
                 queues.discard(queue)
@@ -135,7 +155,8 @@ class Hub:
                 except Exception:
                     # Without the lease, event rows stop notifying: the ticks still refresh.
                     log.warning("dashboard notification lease not renewed", exc_info=True)
-            for topic in topics:
+            await self._end_signed_out()
+            for topic in list(self._topics):
                 await self._refresh(topic)
             self.refreshes += 1
             if self._metrics is not None:
@@ -145,6 +166,26 @@ class Hub:
             # out the next ones, so open dashboards never keep the database busy.
             elapsed = loop.time() - started
             await asyncio.sleep(max(self.refresh_seconds, BUSY_FACTOR * elapsed))
+
+    async def _end_signed_out(self) -> None:
+        """End the streams whose session is no longer live."""
+        if self._alive is None or not self._session_of:
+            return
+        try:
+            live = await self._alive(set(self._session_of.values()))
+        except Exception:
+            # Checked again at the next refresh.
+            log.warning("dashboard sessions not checked", exc_info=True)
+            return
+        for queue, session in list(self._session_of.items()):
+            if session not in live:
+                del self._session_of[queue]
+                for queues in self._topics.values():
+                    queues.discard(queue)
+                _offer(queue, None)
+        for topic in [t for t, queues in self._topics.items() if not queues]:
+            del self._topics[topic]
+            self.failing.discard(topic)
 
     async def _refresh(self, topic: str) -> None:
         """Compute one topic and send it to its streams; a failure stays with that topic."""

@@ -190,7 +190,7 @@ async def require_session(request: Request[Any, Any, Any]) -> Response[Any] | No
                         media_type=MediaType.TEXT)
     if opt.get("public"):
         return None
-    if not ui.sessions.valid(request.cookies.get(COOKIE)):
+    if not await ui.sessions.valid(request.cookies.get(COOKIE)):
         if opt.get("page"):
             return Redirect("/ui/login", status_code=303)
         return Response("sign in at /ui/login first", status_code=401, media_type=MediaType.TEXT)
@@ -211,7 +211,7 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
         return ui.page("login.html", status_code=403, error="That is not the admin token.")
     response: Response[Any] = Redirect("/ui", status_code=303)
     response.set_cookie(
-        COOKIE, ui.sessions.issue(), max_age=ui.sessions.lifetime, path="/ui", httponly=True,
+        COOKIE, await ui.sessions.start(), max_age=ui.sessions.lifetime, path="/ui", httponly=True,
         samesite="strict", secure=request.url.scheme == "https",
     )
     return response
@@ -219,6 +219,11 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
 
 @post("/logout", include_in_schema=False)
 async def logout(request: Request[Any, Any, Any]) -> Response[Any]:
+    """End the session: its row goes, so the cookie (and any copy of it) stops working on every
+    replica, and its open streams end at their hub's next refresh."""
+    ui = _ui(request)
+    await ui.sessions.end(request.cookies.get(COOKIE))
+    ui.hub.poke()
     response: Response[Any] = Redirect("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response
@@ -358,6 +363,7 @@ async def static(request: Request[Any, Any, Any], name: PathText) -> Response[by
 async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     """The live stream of one topic; it holds no database connection while it waits."""
     ui = _ui(request)
+    session = ui.sessions.session_hash(request.cookies.get(COOKIE))
     topic = request.query_params.get("topic", "")
     if topic != OVERVIEW:
         if not topic.startswith(TASK_TOPIC):
@@ -367,7 +373,7 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     async def stream() -> Any:
         # A first comment, so that the browser's EventSource reports the stream open at once.
         yield ServerSentEventMessage(comment="live")
-        async with ui.hub.subscribe(topic) as queue:
+        async with ui.hub.subscribe(topic, session) as queue:
             while (payload := await queue.get()) is not None:
                 yield ServerSentEventMessage(event="update", data=payload)
 
@@ -407,10 +413,12 @@ def create_ui(
         await broker.config.ui_notify_keep(KEEP_SECONDS)
 
     dashboard: Dashboard
+    sessions = Sessions(admin_token, settings.session_hours * 3600, broker.ui_sessions)
     hub = Hub(
         lambda topic: dashboard.compute(topic),
         listener=listener,
         keep=keep,
+        alive=sessions.live,
         refresh_seconds=settings.refresh_ms / 1000,
         tick_seconds=settings.tick_ms / 1000,
         metrics=metrics,
@@ -421,7 +429,7 @@ def create_ui(
     }
     dashboard = Dashboard(
         broker=broker,
-        sessions=Sessions(admin_token, settings.session_hours * 3600),
+        sessions=sessions,
         env=_environment(),
         hub=hub,
         assets=assets,
