@@ -30,6 +30,7 @@ from dispatch.settings import UiSettings
 from dispatch.ui import charts
 from dispatch.ui.hub import KEEP_SECONDS, Hub
 from dispatch.ui.session import COOKIE, Sessions, same_origin
+from dispatch.ui.throttle import SignInThrottle
 from dispatch.wire import AGENT_ID_RE, decode_cursor, encode_cursor, parse_statuses
 
 # The actor of the events the dashboard's buttons write.
@@ -105,16 +106,20 @@ class Dashboard:
     env: Environment
     hub: Hub
     assets: dict[str, bytes]
+    throttle: SignInThrottle
 
     def render(self, template: str, **context: Any) -> str:
         return self.env.get_template(template).render(**context)
 
-    def page(self, template: str, status_code: int = 200, **context: Any) -> Response[str]:
+    def page(
+        self, template: str, status_code: int = 200, headers: dict[str, str] | None = None,
+        **context: Any,
+    ) -> Response[str]:
         return Response(
             self.render(template, **context),
             status_code=status_code,
             media_type=MediaType.HTML,
-            headers={"Cache-Control": "no-store"},
+            headers={"Cache-Control": "no-store", **(headers or {})},
         )
 
     # -- what the hub computes: one set of queries per topic, however many tabs show it ----------
@@ -205,9 +210,18 @@ async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
 @post("/login", opt={"public": True}, include_in_schema=False)
 async def login(request: Request[Any, Any, Any]) -> Response[Any]:
     ui = _ui(request)
+    client = request.client.host if request.client is not None else ""
+    # Refused before the token is looked at: a guesser learns nothing faster than the refill.
+    wait = ui.throttle.retry_after(client)
+    if wait:
+        return ui.page(
+            "login.html", status_code=429, headers={"Retry-After": str(wait)},
+            error=f"Too many wrong tokens: try again in {wait} s.",
+        )
     form = await request.form()
     token = form.get("token")
     if not isinstance(token, str) or not ui.sessions.token_matches(token.strip()):
+        ui.throttle.failed(client)
         return ui.page("login.html", status_code=403, error="That is not the admin token.")
     response: Response[Any] = Redirect("/ui", status_code=303)
     response.set_cookie(
@@ -430,6 +444,12 @@ def create_ui(
     dashboard = Dashboard(
         broker=broker,
         sessions=sessions,
+        throttle=SignInThrottle(
+            client_burst=settings.sign_in_burst,
+            client_per_minute=settings.sign_in_per_minute,
+            global_burst=settings.sign_in_global_burst,
+            global_per_minute=settings.sign_in_global_per_minute,
+        ),
         env=_environment(),
         hub=hub,
         assets=assets,
