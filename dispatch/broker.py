@@ -60,6 +60,7 @@ class Broker:
         self.outbox = store.outbox
         self.insights = store.insights
         self.config = store.config
+        self.ui_sessions = store.ui_sessions
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics

@@ -50,6 +50,12 @@ class Metrics:
             "many streams are open)",
             registry=r,
         )
+        self.ui_topic_failures = Counter(
+            "dispatch_ui_topic_failures_total",
+            "Topics of the dashboard (the overview, one task's page) whose refresh failed; the "
+            "other topics of that refresh went on",
+            registry=r,
+        )
         self.assign_batch_size = Histogram(
             "dispatch_assign_batch_size", "Tasks assigned per assignment batch",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),

@@ -203,6 +203,10 @@ class Service:
         dashboard = api_app.state.get("ui")
         if dashboard is not None:
             self.hubs.append(dashboard.hub)
+            # A new admin token ends the sessions signed with the old one, on every replica.
+            ended = await dashboard.sessions.retire_other_keys()
+            if ended:
+                log.info("dashboard sessions of another admin token ended: %d", ended)
         apps = [
             (api_app, s.server.port),
             (create_ops_app(self), s.server.metrics_port),

@@ -114,6 +114,12 @@ class UiSettings(_Section, frozen=True):
     tick_ms: Annotated[int, msgspec.Meta(ge=1000, le=600000)] = 5000
     # How long a sign-in lasts.
     session_hours: Annotated[int, msgspec.Meta(ge=1, le=24 * 365)] = 12
+    # Wrong admin tokens at the sign-in, per client address: this many at once, then this many a
+    # minute (429 with Retry-After meanwhile); and for the whole process, from all addresses.
+    sign_in_burst: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 10
+    sign_in_per_minute: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 6
+    sign_in_global_burst: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 100
+    sign_in_global_per_minute: Annotated[int, msgspec.Meta(ge=1, le=1000000)] = 60
 
 
 class LoggingSettings(_Section, frozen=True):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, Router, get
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -16,6 +16,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import HeaderParameter
 from litestar.static_files import create_static_files_router
+from litestar.types import Message, Scope
 
 import dispatch
 from dispatch.api.agents import AgentController, stats
@@ -45,6 +46,24 @@ def docs_assets() -> Router:
     return create_static_files_router(
         path=ASSETS, directories=[static], include_in_schema=False, name="docs-assets",
     )
+
+
+# No page of this server may be shown inside another site's frame (clickjacking: a hidden frame of
+# the dashboard under a decoy button). Both headers, for browsers that know only the older one.
+FRAME_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+
+
+async def deny_framing(message: Message, _scope: Scope) -> None:
+    """Before every response this app sends (pages, redirects, errors, the API docs, 404s of
+    unknown paths): the anti-framing headers."""
+    if message["type"] == "http.response.start":
+        headers = MutableScopeHeaders.from_message(message)
+        for name, value in FRAME_HEADERS.items():
+            if name not in headers:
+                headers[name] = value
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -128,6 +147,7 @@ def create_app(
         request_max_body_size=settings.server.max_body_bytes,
         # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
         middleware=[metrics.http.middleware] if metrics is not None else [],
+        before_send=[deny_framing],
         openapi_config=openapi_config(),
         state=State(app_state),
         logging_config=None,  # dispatch.logs configured the process's logging

@@ -14,9 +14,10 @@ from dispatch.store.config import Config
 from dispatch.store.flow import Flow
 from dispatch.store.insights import Insights
 from dispatch.store.outbox import Outbox
+from dispatch.store.sessions import UiSessions
 from dispatch.store.tasks import Tasks
 
-__all__ = ["Agents", "Config", "Conn", "Flow", "Insights", "Outbox", "Store", "Tasks"]
+__all__ = ["Agents", "Config", "Conn", "Flow", "Insights", "Outbox", "Store", "Tasks", "UiSessions"]
 
 
 class Store:
@@ -30,3 +31,4 @@ class Store:
         self.outbox = Outbox(pool)
         self.insights = Insights(pool)
         self.config = Config(pool)
+        self.ui_sessions = UiSessions(pool)

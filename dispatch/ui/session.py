@@ -1,29 +1,38 @@
-"""Sign-in to the dashboard: a cookie that proves its holder presented the admin token.
+"""Sign-in to the dashboard: a cookie that names a session the database knows.
 
-The cookie holds an expiry and an HMAC of it keyed by a digest of the admin token, never the token
-itself: a stolen cookie does not reveal the token, it lapses by itself, and changing the admin
-token invalidates every session at once.
+The cookie holds a random session id and an HMAC of it keyed by a digest of the admin token, never
+the token itself; dispatch.ui_sessions holds the id's SHA-256 and its expiry. A request is signed
+in when the HMAC matches (a forged cookie costs no query) and the row is live. So sign-out ends the
+session on every replica at once (a copied cookie stops working), a session lapses by itself, a
+stolen database copy signs nobody in, and a replica started with a new admin token ends the
+sessions of the old one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import time
-from collections.abc import Mapping
+import secrets
+from collections.abc import Collection, Mapping
 from urllib.parse import urlsplit
 
+from dispatch.store import UiSessions
+
 COOKIE = "dispatch_ui"
-# Anything much longer than an expiry and a hex digest is not a cookie this server set.
+# Anything much longer than a session id and a hex digest is not a cookie this server set.
 MAX_COOKIE_LENGTH = 128
 
 
 class Sessions:
-    def __init__(self, admin_token: str, lifetime_seconds: int) -> None:
+    def __init__(self, admin_token: str, lifetime_seconds: int, store: UiSessions) -> None:
         # Keyed by a digest of the token under a purpose label, so the session key is not the
         # token the API compares Bearer headers with.
         self._key = hashlib.sha256(b"dispatch-ui-session\0" + admin_token.encode()).digest()
+        # Names the key in the database (which sessions a new admin token ends); it reveals
+        # neither the key nor the token.
+        self.key_id = hashlib.sha256(b"dispatch-ui-key-id\0" + self._key).hexdigest()[:32]
         self._admin_token = admin_token
+        self._store = store
         self.lifetime = lifetime_seconds
 
     def token_matches(self, token: str) -> bool:
@@ -32,22 +41,42 @@ class Sessions:
             token.encode(), self._admin_token.encode()
         )
 
-    def _sign(self, expires: int) -> str:
-        return hmac.new(self._key, str(expires).encode(), hashlib.sha256).hexdigest()
+    def _sign(self, session_id: str) -> str:
+        return hmac.new(self._key, session_id.encode(), hashlib.sha256).hexdigest()
 
-    def issue(self, now: float | None = None) -> str:
-        expires = int((time.time() if now is None else now) + self.lifetime)
-        return f"{expires}.{self._sign(expires)}"
-
-    def valid(self, cookie: str | None, now: float | None = None) -> bool:
+    def session_hash(self, cookie: str | None) -> bytes | None:
+        """The stored name of the cookie's session when its signature holds, else None."""
         if not cookie or len(cookie) > MAX_COOKIE_LENGTH or "." not in cookie:
-            return False
-        raw_expires, signature = cookie.split(".", 1)
-        if not raw_expires.isdigit():
-            return False
-        if not hmac.compare_digest(signature.encode(), self._sign(int(raw_expires)).encode()):
-            return False
-        return int(raw_expires) > (time.time() if now is None else now)
+            return None
+        session_id, signature = cookie.split(".", 1)
+        if not hmac.compare_digest(signature.encode(), self._sign(session_id).encode()):
+            return None
+        return hashlib.sha256(session_id.encode()).digest()
+
+    async def start(self) -> str:
+        """A new session: its row, and the cookie that names it."""
+        session_id = secrets.token_hex(16)
+        await self._store.start(
+            hashlib.sha256(session_id.encode()).digest(), self.key_id, self.lifetime
+        )
+        return f"{session_id}.{self._sign(session_id)}"
+
+    async def valid(self, cookie: str | None) -> bool:
+        found = self.session_hash(cookie)
+        return found is not None and bool(await self._store.live([found], self.key_id))
+
+    async def live(self, session_hashes: Collection[bytes]) -> set[bytes]:
+        """Which of these sessions are still live (the hub ends the streams of the others)."""
+        return await self._store.live(session_hashes, self.key_id)
+
+    async def end(self, cookie: str | None) -> None:
+        found = self.session_hash(cookie)
+        if found is not None:
+            await self._store.end(found)
+
+    async def retire_other_keys(self) -> int:
+        """At start-up: end the sessions signed with any other admin token."""
+        return await self._store.retire(self.key_id)
 
 
 def same_origin(headers: Mapping[str, str], host: str | None) -> bool:

@@ -8,7 +8,6 @@ so a page and its updates come from the same templates.
 
 import json
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -31,6 +30,7 @@ from dispatch.settings import UiSettings
 from dispatch.ui import charts
 from dispatch.ui.hub import KEEP_SECONDS, Hub
 from dispatch.ui.session import COOKIE, Sessions, same_origin
+from dispatch.ui.throttle import SignInThrottle
 from dispatch.wire import AGENT_ID_RE, decode_cursor, encode_cursor, parse_statuses
 
 # The actor of the events the dashboard's buttons write.
@@ -106,16 +106,20 @@ class Dashboard:
     env: Environment
     hub: Hub
     assets: dict[str, bytes]
+    throttle: SignInThrottle
 
     def render(self, template: str, **context: Any) -> str:
         return self.env.get_template(template).render(**context)
 
-    def page(self, template: str, status_code: int = 200, **context: Any) -> Response[str]:
+    def page(
+        self, template: str, status_code: int = 200, headers: dict[str, str] | None = None,
+        **context: Any,
+    ) -> Response[str]:
         return Response(
             self.render(template, **context),
             status_code=status_code,
             media_type=MediaType.HTML,
-            headers={"Cache-Control": "no-store"},
+            headers={"Cache-Control": "no-store", **(headers or {})},
         )
 
     # -- what the hub computes: one set of queries per topic, however many tabs show it ----------
@@ -147,32 +151,30 @@ class Dashboard:
             "now": datetime.now(UTC),
         }
 
-    async def compute(self, topics: Sequence[str]) -> dict[str, str]:
-        payloads: dict[str, str] = {}
-        for topic in topics:
-            fragments: dict[str, str]
-            if topic == OVERVIEW:
-                ctx = await self.overview_context()
-                fragments = {
-                    "overview-cards": self.render("_overview_cards.html", **ctx),
-                    "overview-charts": self.render("_overview_charts.html", **ctx),
-                    "agents-table": self.render("_agents_table.html", **ctx),
-                }
+    async def compute(self, topic: str) -> str:
+        """One topic's live fragments, {element id: html}, as JSON."""
+        fragments: dict[str, str]
+        if topic == OVERVIEW:
+            ctx = await self.overview_context()
+            fragments = {
+                "overview-cards": self.render("_overview_cards.html", **ctx),
+                "overview-charts": self.render("_overview_charts.html", **ctx),
+                "agents-table": self.render("_agents_table.html", **ctx),
+            }
+        else:
+            task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
+            try:
+                ctx = await self.task_context(task_id)
+            except NotFound:
+                # Pruned while its page was open.
+                fragments = {"task-summary": "<p>This task no longer exists.</p>"}
             else:
-                task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
-                try:
-                    ctx = await self.task_context(task_id)
-                except NotFound:
-                    # Pruned while its page was open.
-                    fragments = {"task-summary": "<p>This task no longer exists.</p>"}
-                else:
-                    fragments = {
-                        "task-summary": self.render("_task_summary.html", **ctx),
-                        "task-timeline": self.render("_task_timeline.html", **ctx),
-                        "task-explain": self.render("_task_explain.html", **ctx),
-                    }
-            payloads[topic] = json.dumps(fragments)
-        return payloads
+                fragments = {
+                    "task-summary": self.render("_task_summary.html", **ctx),
+                    "task-timeline": self.render("_task_timeline.html", **ctx),
+                    "task-explain": self.render("_task_explain.html", **ctx),
+                }
+        return json.dumps(fragments)
 
 
 def _ui(request: Request[Any, Any, Any]) -> Dashboard:
@@ -193,7 +195,7 @@ async def require_session(request: Request[Any, Any, Any]) -> Response[Any] | No
                         media_type=MediaType.TEXT)
     if opt.get("public"):
         return None
-    if not ui.sessions.valid(request.cookies.get(COOKIE)):
+    if not await ui.sessions.valid(request.cookies.get(COOKIE)):
         if opt.get("page"):
             return Redirect("/ui/login", status_code=303)
         return Response("sign in at /ui/login first", status_code=401, media_type=MediaType.TEXT)
@@ -208,13 +210,22 @@ async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
 @post("/login", opt={"public": True}, include_in_schema=False)
 async def login(request: Request[Any, Any, Any]) -> Response[Any]:
     ui = _ui(request)
+    client = request.client.host if request.client is not None else ""
+    # Refused before the token is looked at: a guesser learns nothing faster than the refill.
+    wait = ui.throttle.retry_after(client)
+    if wait:
+        return ui.page(
+            "login.html", status_code=429, headers={"Retry-After": str(wait)},
+            error=f"Too many wrong tokens: try again in {wait} s.",
+        )
     form = await request.form()
     token = form.get("token")
     if not isinstance(token, str) or not ui.sessions.token_matches(token.strip()):
+        ui.throttle.failed(client)
         return ui.page("login.html", status_code=403, error="That is not the admin token.")
     response: Response[Any] = Redirect("/ui", status_code=303)
     response.set_cookie(
-        COOKIE, ui.sessions.issue(), max_age=ui.sessions.lifetime, path="/ui", httponly=True,
+        COOKIE, await ui.sessions.start(), max_age=ui.sessions.lifetime, path="/ui", httponly=True,
         samesite="strict", secure=request.url.scheme == "https",
     )
     return response
@@ -222,6 +233,11 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
 
 @post("/logout", include_in_schema=False)
 async def logout(request: Request[Any, Any, Any]) -> Response[Any]:
+    """End the session: its row goes, so the cookie (and any copy of it) stops working on every
+    replica, and its open streams end at their hub's next refresh."""
+    ui = _ui(request)
+    await ui.sessions.end(request.cookies.get(COOKIE))
+    ui.hub.poke()
     response: Response[Any] = Redirect("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response
@@ -361,6 +377,7 @@ async def static(request: Request[Any, Any, Any], name: PathText) -> Response[by
 async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     """The live stream of one topic; it holds no database connection while it waits."""
     ui = _ui(request)
+    session = ui.sessions.session_hash(request.cookies.get(COOKIE))
     topic = request.query_params.get("topic", "")
     if topic != OVERVIEW:
         if not topic.startswith(TASK_TOPIC):
@@ -370,7 +387,7 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     async def stream() -> Any:
         # A first comment, so that the browser's EventSource reports the stream open at once.
         yield ServerSentEventMessage(comment="live")
-        async with ui.hub.subscribe(topic) as queue:
+        async with ui.hub.subscribe(topic, session) as queue:
             while (payload := await queue.get()) is not None:
                 yield ServerSentEventMessage(event="update", data=payload)
 
@@ -410,10 +427,12 @@ def create_ui(
         await broker.config.ui_notify_keep(KEEP_SECONDS)
 
     dashboard: Dashboard
+    sessions = Sessions(admin_token, settings.session_hours * 3600, broker.ui_sessions)
     hub = Hub(
-        lambda topics: dashboard.compute(topics),
+        lambda topic: dashboard.compute(topic),
         listener=listener,
         keep=keep,
+        alive=sessions.live,
         refresh_seconds=settings.refresh_ms / 1000,
         tick_seconds=settings.tick_ms / 1000,
         metrics=metrics,
@@ -424,7 +443,13 @@ def create_ui(
     }
     dashboard = Dashboard(
         broker=broker,
-        sessions=Sessions(admin_token, settings.session_hours * 3600),
+        sessions=sessions,
+        throttle=SignInThrottle(
+            client_burst=settings.sign_in_burst,
+            client_per_minute=settings.sign_in_per_minute,
+            global_burst=settings.sign_in_global_burst,
+            global_per_minute=settings.sign_in_global_per_minute,
+        ),
         env=_environment(),
         hub=hub,
         assets=assets,

@@ -193,3 +193,46 @@ async def test_serve_stops_promptly_with_dashboards_open(db_url: str, tmp_path: 
             await until(lambda: all(tab.ended for tab in tabs), "every stream ended")
     finally:
         sp_context.__exit__(None, None, None)
+
+
+async def test_a_failing_topic_leaves_the_others_updating(
+    server: ServeProcess, rest: httpx.AsyncClient, db_url: str
+) -> None:
+    # A task whose page cannot be built: progress written from psql as a JSON array, which the
+    # database takes and the task's model (an object or null) refuses.
+    r = await rest.post("/api/v1/tasks", json={"title": "broken", "scope": "none"})
+    assert r.status_code == 201
+    broken = r.json()["task_id"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dispatch.tasks SET progress = '[1, 2]' WHERE task_id = %s", (broken,))
+    timeout = httpx.Timeout(10, read=None)
+    async with streams(server, 3) as tabs, httpx.AsyncClient(base_url=server.api,
+                                                             timeout=timeout) as client:
+        await sign_in(client)
+        task_tab = Stream()
+        follower = asyncio.create_task(task_tab.follow(client, f"task:{broken}"))
+        try:
+            failures = metric(server, "dispatch_ui_topic_failures_total")
+            await until(lambda: metric(server, "dispatch_ui_topic_failures_total") > failures,
+                        "the task's topic failed")
+            # The overview goes on while the task's topic fails at every refresh.
+            for i in range(3):
+                r = await rest.post("/api/v1/tasks", json={"title": f"t{i}", "scope": "none"})
+                assert r.status_code == 201
+                await until(lambda n=i + 2: all(tab.pending == n for tab in tabs),
+                            f"every overview tab shows {i + 2} pending", deadline=20)
+            assert not task_tab.updates
+            assert metric(server, "dispatch_ui_topic_failures_total") >= failures + 3
+            # Logged once for the whole run of failures, not once per refresh.
+            assert server.log().count(f"dashboard topic task:{broken} failed") == 1
+            # Mended, the task's page updates again at the next refresh.
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("UPDATE dispatch.tasks SET progress = NULL WHERE task_id = %s",
+                             (broken,))
+            await until(lambda: bool(task_tab.updates), "the task's page updated", 20)
+            assert broken in task_tab.updates[-1]["task-summary"]
+            await until(lambda: f"dashboard topic task:{broken} recovered" in server.log(),
+                        "the recovery logged")
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)

@@ -3,6 +3,7 @@ sign-in, bad input is a clear 4xx page, filters and pagination work. No browser 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dispatch.service import web_app
 from dispatch.settings import ServerSettings, Settings
 from tests.serve import ServeProcess, serving
 from tests.ui.conftest import ADMIN_TOKEN, sign_in
+from tests.ui.test_live import Stream, until
 
 PAGES = ["/ui", "/ui/", "/ui/agents", "/ui/tasks", "/ui/tasks?status=pending",
          f"/ui/tasks/{uuid.uuid4()}"]
@@ -79,6 +81,52 @@ async def test_a_session_ends_when_the_admin_token_changes(
         async with httpx.AsyncClient(base_url=other.api, timeout=10) as client:
             client.cookies.set("dispatch_ui", cookie)
             assert (await client.get("/ui")).status_code == 303
+        # The replica that started with the new token ended the old token's sessions in the
+        # database: the one still running with the old token refuses the cookie too.
+        async with httpx.AsyncClient(base_url=server.api, timeout=10) as client:
+            client.cookies.set("dispatch_ui", cookie)
+            assert (await client.get("/ui")).status_code == 303
+
+
+async def test_sign_out_ends_the_session_on_every_replica(
+    db_url: str, tmp_path: Path, server: ServeProcess
+) -> None:
+    (tmp_path / "other").mkdir()
+    with serving(db_url, tmp_path / "other", admin_token=ADMIN_TOKEN) as other:
+        async with (
+            httpx.AsyncClient(base_url=server.api, timeout=10) as here,
+            httpx.AsyncClient(base_url=other.api, timeout=httpx.Timeout(10, read=None)) as there,
+        ):
+            await sign_in(here)
+            # A copy of the cookie, used on the other replica: a live session there too, with a
+            # live stream.
+            copy = here.cookies["dispatch_ui"]
+            there.cookies.set("dispatch_ui", copy)
+            assert (await there.get("/ui")).status_code == 200
+            stream = Stream()
+            follower = asyncio.create_task(stream.follow(there))
+            try:
+                await until(lambda: bool(stream.updates), "the copied cookie's stream updated")
+                # Sign out on the first replica.
+                r = await here.post("/ui/logout")
+                assert r.status_code == 303
+                assert "dispatch_ui" not in here.cookies
+                # The copy no longer works anywhere, and its open stream ends.
+                for client in (here, there):
+                    client.cookies.clear()
+                    client.cookies.set("dispatch_ui", copy)
+                    assert (await client.get("/ui")).status_code == 303
+                    assert (await client.get("/ui/static/dispatch.js")).status_code == 401
+                    r = await client.post("/ui/agents/drain", data={"agent_id": "a1"})
+                    assert r.status_code == 401
+                await until(lambda: stream.ended, "the copied cookie's stream ended", 20)
+            finally:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+            # Signing in again is a new session.
+            here.cookies.clear()
+            await sign_in(here)
+            assert (await here.get("/ui")).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -192,3 +240,23 @@ async def test_every_page_in_process_without_warnings(broker: Broker) -> None:
         assert "a1" not in {a.agent_id for a in await broker.agents.all()}
         r = await client.post("/ui/agents/delete", data={"agent_id": "a1"})
         assert r.status_code == 404 and "agent a1 not found" in r.text
+
+
+async def test_no_page_may_be_framed(server: ServeProcess, ui: httpx.AsyncClient) -> None:
+    def framing_denied(r: httpx.Response) -> bool:
+        return (r.headers.get("x-frame-options") == "DENY"
+                and r.headers.get("content-security-policy") == "frame-ancestors 'none'")
+
+    async with httpx.AsyncClient(base_url=server.api, timeout=10) as anon:
+        answers = [await anon.get(url) for url in ["/ui/login", *PAGES, *OTHERS, "/ui/nope",
+                                                     "/schema/swagger", "/", "/api/v1/tasks"]]
+        answers.append(await anon.post("/ui/login", data={"token": "wrong"}))
+    answers += [await ui.get(url) for url in ["/ui", "/ui/agents", "/ui/tasks",
+                                              f"/ui/tasks/{uuid.uuid4()}", "/ui/tasks/x",
+                                              "/ui/static/dispatch.js"]]
+    async with ui.stream("GET", "/ui/events", params={"topic": "overview"}) as stream:
+        answers.append(stream)
+    statuses = {r.status_code for r in answers}
+    assert {200, 303, 401, 403, 404, 400} <= statuses, statuses
+    for r in answers:
+        assert framing_denied(r), (r.url, r.status_code, dict(r.headers))
