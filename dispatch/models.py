@@ -172,7 +172,17 @@ class Requeue(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
 
 
-Change = Start | Progress | Complete | Fail | Cancel | Update | Requeue
+class Release(msgspec.Struct, frozen=True, kw_only=True):
+    """The assigned agent gives its task back unfinished (pending again, no attempt counted)."""
+
+    event: ClassVar[str] = "released"
+    task_id: uuid.UUID
+    agent_id: str
+    reason: str | None = None
+    lease: int | None = None
+
+
+Change = Start | Progress | Complete | Fail | Cancel | Update | Requeue | Release
 
 
 class NextClaim(msgspec.Struct, frozen=True, kw_only=True):

@@ -142,6 +142,13 @@ class FailReport(_Body):
     next: NextRequest | None = None
 
 
+class ReleaseReport(_Body):
+    """POST /tasks/{id}/release: why the agent gives its task back unfinished."""
+
+    reason: LongText | None = None
+    lease: Lease | None = None
+
+
 class ReportItem(_Body):
     """One report of POST /api/v1/tasks/reports: the task, the action, and that action's body
     (the fields of POST /tasks/{id}/start, /progress, /complete or /fail)."""

@@ -146,7 +146,11 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     if status == HTTP_400_BAD_REQUEST and message == "Input data was truncated":
         message = "malformed JSON body"
     elif status == 413:
-        message = "request body too large"
+        # The limit in the answer: a client can say why its report was refused (the SDK puts it
+        # in the failure it reports instead).
+        limit = request.route_handler.resolve_request_max_body_size()
+        message = "request body too large" + (f" (limit {limit} bytes)" if limit else "")
+        return error_response(status, message, {"limit_bytes": limit}, exc.headers)
     return error_response(status, message, None, exc.headers)
 
 

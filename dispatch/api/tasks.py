@@ -23,6 +23,7 @@ from dispatch.models import (
     Fail,
     NextClaim,
     Progress,
+    Release,
     ReportOutcome,
     ReportOutcomeWithNext,
     Requeue,
@@ -41,6 +42,7 @@ from dispatch.wire import (
     FailReport,
     NextRequest,
     ProgressReport,
+    ReleaseReport,
     Reports,
     StartReport,
     TaskCreate,
@@ -426,6 +428,32 @@ class TaskController(Controller):
             lease=lease_of(body.lease, lease_header),
         )
         return await report_and_next(caller, change, body.next)
+
+    @post(
+        "/{task_id:str}/release",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The assigned agent gives its task back unfinished (no attempt counted)",
+        description=(
+            "The task is pending again at once; retry_count and error are unchanged (event"
+            " released, with the reason). For an agent shutting down before the work could finish:"
+            " a failure would count an attempt and dead-letter a task with no retries left."
+        ),
+    )
+    async def release(
+        self,
+        task_id: TaskIdPath,
+        caller: CallerDep,
+        lease_header: LeaseHeader = None,
+        data: JSONBody[ReleaseReport | None] = None,
+    ) -> Task:
+        body = data or ReleaseReport()
+        return await caller.broker.apply(
+            Release(
+                task_id=parse_task_id(task_id), agent_id=caller.agent_id, reason=body.reason,
+                lease=lease_of(body.lease, lease_header),
+            )
+        )
 
     @get(
         "/{task_id:str}/explain",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -28,12 +29,23 @@ import msgspec
 from dispatch.errors import DispatchError
 from dispatch.models import TERMINAL_STATUSES, Agent, Stats, Task, TaskEvent
 from dispatch.sdk.client import DispatchClient, ListFilters
-from dispatch.sdk.worker import TaskContext, TaskError, TaskLost, Worker
+from dispatch.sdk.worker import (
+    NUL_REPLACEMENT,
+    TaskContext,
+    TaskError,
+    TaskLost,
+    Worker,
+    without_nul,
+)
 from dispatch.wire import TaskCreate
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
 STDERR_TAIL = 2000
+# How much of a command's stdout becomes the task's result, by default (--max-output): well under
+# the broker's default body limit (server.max_body_bytes, 1 MiB) once encoded as JSON. Beyond it
+# the result is {"output": the first bytes, "truncated": true, "output_bytes": all of them}.
+MAX_OUTPUT = 256 * 1024
 
 
 class CliError(Exception):
@@ -348,10 +360,40 @@ def agent_drain(args: argparse.Namespace, conn: Conn) -> int:
 
 # worker
 
-def command_handler(command: Sequence[str]) -> Callable[[TaskContext], object]:
+async def _head(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, int]:
+    """The first `limit` bytes of the stream, and how many it had (the rest is read and dropped,
+    so a chatty command neither blocks on a full pipe nor fills the worker's memory)."""
+    kept, total = bytearray(), 0
+    while stream is not None and (chunk := await stream.read(65536)):
+        total += len(chunk)
+        if len(kept) < limit:
+            kept += chunk[:limit - len(kept)]
+    return bytes(kept), total
+
+
+async def _tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
+    kept = b""
+    while stream is not None and (chunk := await stream.read(65536)):
+        kept = (kept + chunk)[-limit:]
+    return kept
+
+
+async def _feed(stdin: asyncio.StreamWriter | None, data: bytes) -> None:
+    """The task's JSON on the command's stdin (a command that does not read it is no error)."""
+    if stdin is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stdin.write(data)
+        await stdin.drain()
+    stdin.close()
+
+
+def command_handler(command: Sequence[str],
+                    max_output: int = MAX_OUTPUT) -> Callable[[TaskContext], object]:
     """A handler that runs `command` once per task: the task's JSON on stdin, its stdout the
-    result (JSON when it parses, else the text), exit status 0 completes, anything else fails
-    with the tail of stderr."""
+    result (JSON when it parses, else the text; past `max_output` bytes the first of them, noted
+    as truncated), exit status 0 completes, anything else fails with the tail of stderr. NUL
+    characters of either become U+FFFD (PostgreSQL text cannot hold them)."""
 
     async def run(ctx: TaskContext) -> object:
         env = {**os.environ, "DISPATCH_TASK_ID": str(ctx.task_id),
@@ -361,7 +403,11 @@ def command_handler(command: Sequence[str]) -> Callable[[TaskContext], object]:
             stderr=asyncio.subprocess.PIPE, env=env,
         )
         try:
-            out, err = await proc.communicate(msgspec.json.encode(ctx.task))
+            (out, size), err, _ = await asyncio.gather(
+                _head(proc.stdout, max_output), _tail(proc.stderr, 4 * STDERR_TAIL),
+                _feed(proc.stdin, msgspec.json.encode(ctx.task)),
+            )
+            await proc.wait()
         except (asyncio.CancelledError, TaskLost):
             # Cancelled, or the shutdown's grace ran out: the command goes with it.
             if proc.returncode is None:
@@ -371,9 +417,11 @@ def command_handler(command: Sequence[str]) -> Callable[[TaskContext], object]:
         if proc.returncode != 0:
             tail = err.decode(errors="replace").strip()[-STDERR_TAIL:]
             raise TaskError(f"exit status {proc.returncode}" + (f": {tail}" if tail else ""))
-        text = out.decode(errors="replace")
+        text = out.decode(errors="replace").replace("\x00", NUL_REPLACEMENT)
+        if size > max_output:
+            return {"output": text, "truncated": True, "output_bytes": size}
         try:
-            return json.loads(text)
+            return without_nul(json.loads(text))
         except json.JSONDecodeError:
             return text.strip()
 
@@ -392,11 +440,12 @@ def worker(args: argparse.Namespace, conn: Conn) -> int:
                concurrency=args.concurrency, token=conn.token,
                grace_seconds=args.grace, poll_seconds=args.poll,
                nats_url=args.nats or os.environ.get("DISPATCH_NATS_URL") or None)
-    w.handler(command_handler(command))  # type: ignore[arg-type]
+    w.handler(command_handler(command, args.max_output))  # type: ignore[arg-type]
     print(f"worker {conn.agent_id}: running {' '.join(command)} per task "
           f"({args.concurrency} at once) from {conn.url}", file=sys.stderr, flush=True)
     w.run()
-    print(f"worker {conn.agent_id}: stopped; {w.completed} completed, {w.failed} failed",
+    print(f"worker {conn.agent_id}: stopped; {w.completed} completed, {w.failed} failed, "
+          f"{w.released} given back",
           file=sys.stderr, flush=True)
     return 0
 
@@ -593,6 +642,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     work.add_argument("--grace", type=float, default=30.0,
                       help="seconds running commands get on SIGTERM before they are killed")
     work.add_argument("--poll", type=float, default=5.0, help="long-poll wait, seconds")
+    work.add_argument("--max-output", type=int, default=MAX_OUTPUT, metavar="BYTES",
+                      help="stdout kept as the result; past it the first BYTES, marked truncated"
+                           f" (default {MAX_OUTPUT})")
     work.add_argument("--nats", metavar="URL",
                       help="push mode: hear of assignments from NATS (else $DISPATCH_NATS_URL;"
                            " needs the push extra)")

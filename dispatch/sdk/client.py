@@ -222,6 +222,9 @@ class _Requests:
         fields = [("error", error), ("retry_eligible", retry_eligible), ("next", _next(then))]
         return self.report(task_id, "fail", lease, fields)
 
+    def release(self, task_id: TaskRef, reason: str | None, lease: int | None) -> _Call:
+        return self.report(task_id, "release", lease, [("reason", reason)])
+
     def complete(self, task_id: TaskRef, result: object, admin: bool,
                  lease: int | None = None, then: NextClaim | None = None) -> _Call:
         body: dict[str, object] = {"result": result}
@@ -382,6 +385,11 @@ class DispatchClient:
         call = self._r.fail(task_id, error, retry_eligible, lease, then)
         return _decode(self._send(call), TaskWithNext)
 
+    def release(self, task_id: TaskRef, reason: str | None = None, *,
+                lease: int | None = None) -> Task:
+        """Give the task back unfinished: pending again, no attempt counted (event released)."""
+        return _decode(self._send(self._r.release(task_id, reason, lease)), Task)
+
     # admin
     def stats(self) -> Stats:
         return _decode(self._send(self._r.stats()), Stats)
@@ -522,6 +530,11 @@ class AsyncDispatchClient:
         """The task failed; with `then`, also the agent's next tasks (the answer's `next`)."""
         call = self._r.fail(task_id, error, retry_eligible, lease, then)
         return _decode(await self._send(call), TaskWithNext)
+
+    async def release(self, task_id: TaskRef, reason: str | None = None, *,
+                      lease: int | None = None) -> Task:
+        """Give the task back unfinished: pending again, no attempt counted (event released)."""
+        return _decode(await self._send(self._r.release(task_id, reason, lease)), Task)
 
     # admin
     async def stats(self) -> Stats:

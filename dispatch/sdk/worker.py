@@ -17,8 +17,11 @@ completes the task with what the handler returns or fails it with what it raises
 it raises Permanent), and presents the task's lease with every report so it never reports on an
 attempt it no longer holds. A thread with its own HTTP client keeps the leases alive and watches for
 cancellation, so a handler that blocks the event loop keeps its task, and one whose task was
-cancelled, timed out or given to someone else is cancelled. On SIGTERM (or SIGINT) it stops
-claiming, lets running handlers finish within `grace_seconds`, then fails the rest as retryable.
+cancelled, timed out or given to someone else is cancelled. A result the broker refuses (too
+large, say) or that is not JSON (NaN, an object) fails the task, not retryable, with the reason:
+the attempt always ends with an outcome instead of waiting out its timeout to run again. On
+SIGTERM (or SIGINT) it stops claiming, lets running handlers finish within `grace_seconds`, then
+releases the rest: pending again, with no attempt counted (POST /tasks/{id}/release).
 With `claim=False` it takes only what the assigner pushes, looking for it now and then; with
 `nats_url` (push mode, nats-py) too, the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
 once that the assigner gave it a task.
@@ -30,15 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import signal
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -47,10 +52,19 @@ from dispatch.models import NextClaim, Task, TaskStatus
 from dispatch.sdk.client import AsyncDispatchClient, DispatchClient
 
 log = logging.getLogger("dispatch.worker")
+T = TypeVar("T")
 
 # Reports that say the worker no longer holds the attempt: cancelled, timed out, reassigned (409),
 # or the task is not ours (403) or gone (404).
 LOST = (Conflict, Forbidden, NotFound)
+# The longest error the worker reports, in characters (the broker takes up to 65,536): the
+# handler's message, or an exception with the end of its traceback; a longer one is cut.
+ERROR_LIMIT = 4000
+# A report the broker could not take for the moment (network, 5xx, 429) is sent again after these
+# pauses; one it refuses (another 4xx) is not: the same report would be refused again.
+RESEND_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# PostgreSQL text (and jsonb strings) cannot hold NUL: errors and command output carry this instead.
+NUL_REPLACEMENT = "\ufffd"
 
 
 class TaskError(Exception):
@@ -180,6 +194,7 @@ class Worker:
             10.0 if nats_url else 0.5)
         self.completed = 0
         self.failed = 0
+        self.released = 0
         self.looks = 0  # searches for pushed tasks done (a signal tests can wait for)
         self._lock = threading.Lock()
         self._running: dict[uuid.UUID, _Attempt] = {}
@@ -408,8 +423,9 @@ class Worker:
                     log.info("task %s: handler cancelled, %s", task.task_id, attempt.lost)
                     return
                 if handler.cancelled():
-                    # The shutdown's grace ran out: someone else may run it.
-                    await self._report_fail(attempt, "worker shut down", retry=True)
+                    # The shutdown's grace ran out: the work did not get to finish, which is no
+                    # failure of it. Someone else may run it, with no attempt counted.
+                    await self._release(attempt, "worker shut down")
                     return
                 raise
             except TaskLost:
@@ -423,15 +439,7 @@ class Worker:
                 await self._report_fail(attempt, _failure(exc), retry=True)
                 return
             if attempt.lost is None:
-                try:
-                    done = await self._client.complete(
-                        task.task_id, result, lease=task.lease, then=self._then())
-                    self.completed += 1
-                    self._launch_all(done.next)
-                except LOST as exc:
-                    log.info("task %s: completion refused, %s", task.task_id, exc.message)
-                except (DispatchError, httpx.HTTPError) as exc:
-                    log.warning("task %s: completion failed: %s", task.task_id, exc)
+                await self._report_done(attempt, result)
             return
         finally:
             with self._lock:
@@ -440,20 +448,83 @@ class Worker:
             if self._freed is not None:
                 self._freed.set()
 
+    async def _report_done(self, attempt: _Attempt, result: object) -> None:
+        """Complete the task with `result`; one that cannot be sent or that the broker refuses
+        fails it instead, not retryable (the same work would give the same result), saying why."""
+        task = attempt.task
+        size, problem = _encodable(result)
+        if problem is not None:
+            log.warning("task %s: %s", task.task_id, problem)
+            await self._report_fail(attempt, problem, retry=False)
+            return
+        answer = await self._deliver(task, "completion", lambda: self._client.complete(
+            task.task_id, result, lease=task.lease, then=self._then()))
+        if isinstance(answer, DispatchError):
+            why = (f"result refused by the broker: {answer.status} {answer.message}; "
+                   f"the completion was {size:,} bytes")
+            log.warning("task %s: %s", task.task_id, why)
+            await self._report_fail(attempt, why, retry=False)
+        elif answer is not None:
+            self.completed += 1
+            self._launch_all(answer.next)
+
     async def _report_fail(self, attempt: _Attempt, error: str, *, retry: bool) -> None:
         if attempt.lost is not None:
             return
-        try:
-            failed = await self._client.fail(
-                attempt.task.task_id, error[:4000], retry_eligible=retry,
-                lease=attempt.task.lease, then=self._then(),
-            )
+        task = attempt.task
+        error = _fit(error)
+        answer = await self._deliver(task, "failure", lambda: self._client.fail(
+            task.task_id, error, retry_eligible=retry, lease=task.lease, then=self._then()))
+        if isinstance(answer, DispatchError):
+            # Refused even so (a body limit below the error's size?): a short failure says why.
+            short = _fit(f"error refused by the broker: {answer.status} {answer.message}", 500)
+            answer = await self._deliver(task, "failure", lambda: self._client.fail(
+                task.task_id, short, retry_eligible=retry, lease=task.lease, then=self._then()))
+            if isinstance(answer, DispatchError):
+                log.warning("task %s: failure refused: %s", task.task_id, answer)
+                return
+        if answer is not None:
             self.failed += 1
-            self._launch_all(failed.next)
-        except LOST as exc:
-            log.info("task %s: failure refused, %s", attempt.task.task_id, exc.message)
-        except (DispatchError, httpx.HTTPError) as exc:
-            log.warning("task %s: reporting the failure failed: %s", attempt.task.task_id, exc)
+            self._launch_all(answer.next)
+
+    async def _release(self, attempt: _Attempt, reason: str) -> None:
+        """Give the task back unfinished: pending again at once, no attempt counted."""
+        if attempt.lost is not None:
+            return
+        task = attempt.task
+        answer = await self._deliver(task, "release", lambda: self._client.release(
+            task.task_id, reason, lease=task.lease))
+        if isinstance(answer, DispatchError):
+            log.warning("task %s: release refused: %s", task.task_id, answer)
+        elif answer is not None:
+            self.released += 1
+
+    async def _deliver(self, task: Task, what: str,
+                       send: Callable[[], Awaitable[T]]) -> T | DispatchError | None:
+        """Send a report, again after a failure that may pass (network, 5xx, 429). Its answer;
+        the broker's refusal (a 4xx other than those that say the attempt is no longer ours), for
+        the caller to act on; None when the attempt is lost or the broker stays out of reach
+        (logged)."""
+        for pause in (*RESEND_SECONDS, None):
+            problem: Exception
+            try:
+                return await send()
+            except LOST as exc:
+                log.info("task %s: %s refused, %s", task.task_id, what, exc.message)
+                return None
+            except DispatchError as exc:
+                if 400 <= exc.status < 500 and exc.status not in (401, 408, 429):
+                    return exc
+                problem = exc
+            except httpx.HTTPError as exc:
+                problem = exc
+            if pause is None:
+                log.warning("task %s: %s not reported: %s", task.task_id, what, problem)
+                return None
+            log.warning("task %s: %s not reported (%s); again in %ss", task.task_id, what,
+                        problem, pause)
+            await asyncio.sleep(pause)
+        return None
 
     def _lose(self, attempt: _Attempt, reason: str) -> None:
         """The attempt is no longer ours: cancel its handler (from any thread)."""
@@ -466,8 +537,8 @@ class Worker:
             self._loop.call_soon_threadsafe(runner.cancel)
 
     async def _drain(self) -> None:
-        """Let running handlers finish within the grace period; cancel the rest (each fails,
-        retryable: see _run)."""
+        """Let running handlers finish within the grace period; cancel the rest (each is
+        released: see _run)."""
         deadline = time.monotonic() + self.grace_seconds
         while self._room() < self.concurrency and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -495,8 +566,7 @@ class Worker:
             with self._lock:
                 if task.task_id in self._running:
                     continue
-            await self._report_fail(_Attempt(task=task, started=0.0), "worker shut down",
-                                    retry=True)
+            await self._release(_Attempt(task=task, started=0.0), "worker shut down")
 
     # the keeper thread: leases and cancellation, outside the handlers' event loop
 
@@ -575,6 +645,66 @@ class Worker:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def without_nul(value: object) -> object:
+    """`value` with each NUL character of its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", NUL_REPLACEMENT)
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    return value
+
+
+def _fit(error: str, limit: int = ERROR_LIMIT) -> str:
+    """An error the broker takes: no NUL, at most `limit` characters (the cut said)."""
+    error = error.replace("\x00", NUL_REPLACEMENT)
+    if len(error) <= limit:
+        return error
+    note = f"... ({len(error):,} characters, cut)"
+    return error[:limit - len(note)] + note
+
+
+def _unstorable(value: object, path: str, depth: int = 0) -> str | None:
+    """Where `value` holds what JSON or PostgreSQL cannot (NaN or infinity, NUL), said."""
+    if depth > 1000:
+        return None  # json.dumps says it (RecursionError)
+    if isinstance(value, float) and not math.isfinite(value):
+        name = "NaN" if math.isnan(value) else repr(value)
+        return f"result is not JSON: {name} at {path}"
+    if isinstance(value, str) and "\x00" in value:
+        return (f"result is not storable: a NUL character in {path} "
+                f"(PostgreSQL text cannot hold one)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}[{k!r}]"
+            if isinstance(k, str) and "\x00" in k:
+                return (f"result is not storable: a NUL character in a key of {path} "
+                        f"(PostgreSQL text cannot hold one)")
+            found = _unstorable(v, where, depth + 1)
+            if found:
+                return found
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _unstorable(v, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _encodable(result: object) -> tuple[int, str | None]:
+    """The size of `result` as the completion's JSON, or why it cannot be one (as the client
+    encodes it: NaN and objects JSON has no form for are refused, not converted)."""
+    problem = _unstorable(result, "result")
+    if problem is not None:
+        return 0, problem
+    try:
+        body = json.dumps(result, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return 0, f"result is not JSON: {exc}"
+    return len(body.encode()), None
 
 
 def _failure(exc: BaseException) -> str:

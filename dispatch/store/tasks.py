@@ -248,6 +248,11 @@ class Tasks(Queries):
                     "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, now), conn,
                 )
+            case models.Release():
+                return await self._task(
+                    "SELECT * FROM dispatch.task_release(%s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.reason, now, change.lease), conn,
+                )
             case _:
                 assert_never(change)
 

@@ -317,6 +317,40 @@ BEGIN
 END
 $$;
 
+-- The assigned agent gives its task back unfinished (it is shutting down): pending again at once,
+-- not counted as an attempt (retry_count and the error stay as they were), so a task with no
+-- retries left is not dead-lettered for work that never got to finish. The agent joins
+-- previous_agents like any agent whose attempt ended: its late reports of this attempt are stale
+-- (409), it may still read the task, and the assigner prefers another agent for it (this one takes
+-- it again when nothing else fits). Bounded like any attempt by the task's timeout meanwhile.
+CREATE FUNCTION dispatch.task_release(
+    p_task_id uuid, p_agent_id text, p_reason text DEFAULT NULL, p_now timestamptz DEFAULT now(),
+    p_lease integer DEFAULT NULL
+) RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_lock(p_task_id);
+BEGIN
+    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
+    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks
+    SET status = 'pending', available_at = p_now,
+        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                               THEN t.previous_agents
+                               ELSE t.previous_agents || t.assigned_agent END,
+        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = p_task_id
+    RETURNING * INTO t;
+    PERFORM dispatch.event_write(p_task_id, 'released', p_agent_id,
+        jsonb_build_object('previous_agent', p_agent_id, 'reason', p_reason,
+                           'retry_count', t.retry_count), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    PERFORM dispatch.fn_leave();
+    RETURN t;
+END
+$$;
+
 -- The reaper: expire active attempts past their deadline, their heartbeat or their wake timeout.
 CREATE FUNCTION dispatch.task_expire(p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100)
 RETURNS TABLE (task_id uuid, event text, status dispatch.task_status)
