@@ -313,6 +313,48 @@ def test_a_cost_above_the_capacity_is_named_and_other_work_still_flows(sql: Conn
     assert hold == {"reasons": ["rate key k: cost 10 exceeds its capacity 5"]}
 
 
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_rate_key_without_a_bucket_does_not_limit(sql: Conn, mode: str) -> None:
+    # Like a concurrency key without a cap: a typo in a requester's rate key must not starve its
+    # task for ever.
+    flood(sql, "alice", 3, rate_key="opneai", available_at=at(0))
+    agent(sql, "w")
+    pending = sql.execute("SELECT task_id FROM dispatch.tasks LIMIT 1").fetchone()
+    assert pending is not None
+    hold = sql.execute("SELECT reasons FROM dispatch.task_hold(%s, %s)",
+                       (pending["task_id"], at(0))).fetchone()
+    assert hold == {"reasons": []}
+    if mode == "push":
+        assert len(assign(sql, 10, at(0))) == 3
+    else:
+        assert len(claim(sql, "w", at(0))) == 1
+        assert len(claim(sql, "w", at(0))) == 1
+        assert len(claim(sql, "w", at(0))) == 1
+
+
+@pytest.mark.parametrize("change", ["delete", "enlarge"])
+def test_deleting_or_enlarging_a_bucket_releases_its_tasks_at_once(
+    sql: Conn, db_url: str, change: str
+) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('k', 1, 0.0001, %s)", (at(0),))
+    flood(sql, "alice", 3, rate_key="k", available_at=at(0))
+    agent(sql, "w")
+    assert len(claim(sql, "w", at(0))) == 1
+    assert claim(sql, "w", at(1)) == []  # the bucket is empty for hours
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        if change == "delete":
+            sql.execute("SELECT dispatch.rate_limit_delete('k')")
+        else:
+            sql.execute("SELECT dispatch.rate_limit_set('k', 3, 0.0001, %s)", (at(1),))
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == ["dispatch_work"]
+    # The very next claims get them, no refill needed.
+    assert len(claim(sql, "w", at(1))) == 1
+    assert len(claim(sql, "w", at(1))) == 1
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'"
+                       ).fetchone() == {"n": 0}
+
+
 def order_index_reads(sql: Conn) -> int:
     """Index entries read from the walk's index so far (the statistics flushed first)."""
     sql.execute("SELECT pg_stat_force_next_flush()")

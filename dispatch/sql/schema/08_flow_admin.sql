@@ -76,8 +76,9 @@ END
 $$;
 
 -- Sets a key's bucket. A new bucket starts full; a changed one keeps the tokens it has (refilled
--- at its old rate up to now, and at most the new capacity), spread over the shards of its new
--- capacity.
+-- at its old rate up to now), plus the room a larger capacity adds (so that an enlarged bucket
+-- lets through at once what it now has room for, as a raised cap does), at most the new capacity,
+-- spread over the shards of its new capacity.
 CREATE FUNCTION dispatch.rate_limit_set(
     p_key text, p_capacity float8, p_refill_per_second float8, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.rate_limits
@@ -106,7 +107,11 @@ BEGIN
     RETURNING * INTO r;
     DELETE FROM dispatch.rate_buckets b WHERE b.key = p_key;
     INSERT INTO dispatch.rate_buckets (key, shard, tokens, refilled_at)
-    SELECT p_key, g, least(p_capacity, coalesce(pool.tokens, p_capacity)) / r.shards, p_now
+    SELECT p_key, g,
+           least(p_capacity,
+                 coalesce(pool.tokens + greatest(p_capacity - pool.capacity, 0), p_capacity))
+           / r.shards,
+           p_now
     FROM generate_series(0, r.shards - 1) g;
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
