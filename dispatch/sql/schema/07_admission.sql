@@ -75,7 +75,7 @@ BEGIN
                                s.rcap[j]);
             RETURN s;
         ELSIF s.rtokens[j] < p_cost THEN
-            s.until := p_now + make_interval(secs => (p_cost - s.rtokens[j]) / s.rrefill[j]);
+            s.until := dispatch.rate_until(p_now, p_cost - s.rtokens[j], s.rrefill[j]);
             s.reason := format('rate key %s empty until %s', p_rate_key,
                                to_char(s.until AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
             RETURN s;

@@ -21,8 +21,9 @@ DECLARE
     r dispatch.tenant_weights;
 BEGIN
     PERFORM dispatch.flow_check_key(p_tenant, 'tenant');
-    IF p_weight IS NULL OR NOT (p_weight > 0 AND p_weight <= 1000) THEN
-        RAISE EXCEPTION 'weight must be greater than 0 and at most 1000 (got %)', p_weight
+    -- The bounds of tenant_weights (06_queue_order.sql), checked here to name the field.
+    IF p_weight IS NULL OR NOT (p_weight >= 0.001 AND p_weight <= 1000) THEN
+        RAISE EXCEPTION 'weight must be between 0.001 and 1000 (got %)', p_weight
             USING ERRCODE = 'UD400', COLUMN = 'weight';
     END IF;
     INSERT INTO dispatch.tenant_weights AS tw (tenant, weight, updated_at)
@@ -95,6 +96,12 @@ BEGIN
     IF p_refill_per_second IS NULL OR NOT (p_refill_per_second > 0 AND p_refill_per_second <= 1e12) THEN
         RAISE EXCEPTION 'refill_per_second must be greater than 0 and at most 1e12 (got %)',
             p_refill_per_second USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
+    END IF;
+    -- rate_limits_fill_range: an empty bucket fills within rate_wait_max() seconds.
+    IF p_capacity > p_refill_per_second * dispatch.rate_wait_max() THEN
+        RAISE EXCEPTION 'refill_per_second must be at least capacity / 1e9, %, so that an empty bucket fills within 1e9 s (about 31.7 years) (got %)',
+            p_capacity / dispatch.rate_wait_max(), p_refill_per_second
+            USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
     END IF;
     INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, shards, updated_at)
     VALUES (p_key, p_capacity, p_refill_per_second, dispatch.rate_shards(p_capacity), p_now)
