@@ -49,9 +49,13 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 Cost = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
 MaxActive = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+# The flow-control bounds, as the SQL checks them (docs/flow-control.md derives them): an empty
+# bucket fills within RATE_WAIT_MAX seconds (refill_per_second >= capacity / RATE_WAIT_MAX,
+# checked by rate_bucket), so no wait a bucket announces leaves the range of a timestamp.
+RATE_WAIT_MAX = 1e9  # dispatch.rate_wait_max(), about 31.7 years
 Capacity = Annotated[float, msgspec.Meta(ge=1, le=1e12)]
-Refill = Annotated[float, msgspec.Meta(gt=0, le=1e12)]
-Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
+Refill = Annotated[float, msgspec.Meta(ge=1 / RATE_WAIT_MAX, le=1e12)]
+Weight = Annotated[float, msgspec.Meta(ge=0.001, le=1000)]
 JsonObject = dict[str, Any]
 
 
@@ -339,6 +343,17 @@ class RateLimitBody(_Body):
 
     capacity: Capacity
     refill_per_second: Refill
+
+
+def rate_bucket(body: RateLimitBody) -> tuple[float, float]:
+    """The bucket's capacity and refill; InvalidInput when an empty one would take longer than
+    RATE_WAIT_MAX seconds to fill."""
+    if body.capacity > body.refill_per_second * RATE_WAIT_MAX:
+        raise InvalidInput(
+            f"refill_per_second must be at least capacity / {RATE_WAIT_MAX:g}"
+            f" ({body.capacity / RATE_WAIT_MAX:g}), so that an empty bucket fills within"
+            f" {RATE_WAIT_MAX:g} s (about 31.7 years)", field="refill_per_second")
+    return body.capacity, body.refill_per_second
 
 
 class TenantWeightBody(_Body):

@@ -12,7 +12,13 @@ from dispatch.api.deps import CallerDep
 from dispatch.api.errors import ERRORS
 from dispatch.errors import NotFound
 from dispatch.models import ConcurrencyLimit, RateLimit, TenantWeight
-from dispatch.wire import ConcurrencyLimitBody, RateLimitBody, TenantWeightBody, flow_key
+from dispatch.wire import (
+    ConcurrencyLimitBody,
+    RateLimitBody,
+    TenantWeightBody,
+    flow_key,
+    rate_bucket,
+)
 
 KeyPath = Annotated[str, PathParameter(description="The key: 1-256 characters.")]
 TenantPath = Annotated[
@@ -72,9 +78,7 @@ class LimitController(Controller):
     async def rate_put(
         self, key: KeyPath, caller: CallerDep, data: JSONBody[RateLimitBody]
     ) -> RateLimit:
-        return await caller.broker.flow.rate_limit_set(
-            flow_key(key, "key"), data.capacity, data.refill_per_second
-        )
+        return await caller.broker.flow.rate_limit_set(flow_key(key, "key"), *rate_bucket(data))
 
     @delete(
         "/rate/{key:str}", responses=ERRORS, status_code=HTTP_204_NO_CONTENT,

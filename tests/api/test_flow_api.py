@@ -50,6 +50,23 @@ async def test_a_task_carries_its_flow_fields(client: httpx.AsyncClient) -> None
          "key"),
         ("PUT", "/api/v1/tenants/alice/weight", {"weight": 0}, "weight"),
         ("PUT", "/api/v1/tenants/alice/weight", {"weight": 1001}, "weight"),
+        # Values that used to be taken and then broke other work (an overflowing wait or place in
+        # line): refused with the field named.
+        ("PUT", "/api/v1/limits/rate/trickle", {"capacity": 1, "refill_per_second": 1e-300},
+         "refill_per_second"),
+        ("PUT", "/api/v1/limits/rate/k", {"capacity": 1e12, "refill_per_second": 1},
+         "refill_per_second"),
+        ("PUT", "/api/v1/limits/rate/k", {"capacity": 1000, "refill_per_second": 9.9e-7},
+         "refill_per_second"),
+        ("PUT", "/api/v1/limits/rate/k", {"capacity": 1e13, "refill_per_second": 1e12},
+         "capacity"),
+        ("PUT", "/api/v1/limits/rate/k", {"capacity": 5, "refill_per_second": 1e13},
+         "refill_per_second"),
+        ("PUT", "/api/v1/limits/concurrency/k", {"max_active": 1_000_001}, "max_active"),
+        ("PUT", "/api/v1/tenants/alice/weight", {"weight": 1e-12}, "weight"),
+        ("PUT", "/api/v1/tenants/alice/weight", {"weight": 1e-300}, "weight"),
+        ("PUT", "/api/v1/tenants/alice/weight", {"weight": 5e-324}, "weight"),
+        ("PUT", "/api/v1/tenants/alice/weight", {"weight": 0.000999}, "weight"),
     ],
 )
 async def test_bad_flow_input_is_400_and_writes_nothing(
@@ -59,6 +76,49 @@ async def test_bad_flow_input_is_400_and_writes_nothing(
     assert r.status_code == 400, r.text
     assert field in r.text
     assert flow_rows(sql) == 0
+
+
+async def test_a_bad_value_leaves_the_bucket_and_the_weight_as_they_were(
+    client: httpx.AsyncClient
+) -> None:
+    bucket, weight = "/api/v1/limits/rate/trickle", "/api/v1/tenants/alice/weight"
+    r = await client.put(bucket, headers=admin(), json={"capacity": 10, "refill_per_second": 2})
+    assert r.status_code == 200, r.text
+    assert (await client.put(weight, headers=admin(), json={"weight": 3})).status_code == 200
+    for path, body, field in (
+            (bucket, {"capacity": 1, "refill_per_second": 1e-300}, "refill_per_second"),
+            (bucket, {"capacity": 1e10, "refill_per_second": 2}, "refill_per_second"),
+            (weight, {"weight": 5e-324}, "weight")):
+        r = await client.put(path, headers=admin(), json=body)
+        assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
+    got = (await client.get(bucket, headers=admin())).json()
+    assert (got["capacity"], got["refill_per_second"]) == (10, 2)
+    assert (await client.get(weight, headers=admin())).json()["weight"] == 3
+
+
+async def test_with_the_slowest_bucket_and_lightest_tenant_other_work_flows(
+    client: httpx.AsyncClient
+) -> None:
+    """The most extreme values taken: a bucket that fills in 1e9 s and a tenant of weight 0.001.
+    The task the bucket holds back is explained, claims reach past it, other tasks are assigned."""
+    r = await client.put("/api/v1/limits/rate/trickle", headers=admin(),
+                         json={"capacity": 1, "refill_per_second": 1e-9})
+    assert r.status_code == 200, r.text
+    r = await client.put("/api/v1/tenants/alice/weight", headers=admin(), json={"weight": 0.001})
+    assert r.status_code == 200, r.text
+    await client.put("/api/v1/agents/w", headers=agent("w"), json={"max_concurrent": 10})
+    ids = []
+    for body in ({"rate_key": "trickle"}, {"rate_key": "trickle"}, {}, {}):
+        r = await client.post("/api/v1/tasks", headers=agent(), json={"title": "t", **body})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["task_id"])
+    bob = (await client.post("/api/v1/tasks", headers=agent("bob"), json={"title": "b"})).json()
+    claimed = await client.post("/api/v1/tasks/claim", headers=agent("w"), json={"max_tasks": 10})
+    assert claimed.status_code == 200, claimed.text
+    assert {t["task_id"] for t in claimed.json()} == {ids[0], ids[2], ids[3], bob["task_id"]}
+    r = await client.get(f"/api/v1/tasks/{ids[1]}/explain", headers=admin())
+    assert r.status_code == 200, r.text
+    assert any(h.startswith("rate key trickle empty until 20") for h in r.json()["held_back"])
 
 
 async def test_a_cost_its_bucket_can_never_hold_is_400_and_writes_nothing(

@@ -313,6 +313,48 @@ def test_a_cost_above_the_capacity_is_named_and_other_work_still_flows(sql: Conn
     assert hold == {"reasons": ["rate key k: cost 10 exceeds its capacity 5"]}
 
 
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_rate_key_without_a_bucket_does_not_limit(sql: Conn, mode: str) -> None:
+    # Like a concurrency key without a cap: a typo in a requester's rate key must not starve its
+    # task for ever.
+    flood(sql, "alice", 3, rate_key="opneai", available_at=at(0))
+    agent(sql, "w")
+    pending = sql.execute("SELECT task_id FROM dispatch.tasks LIMIT 1").fetchone()
+    assert pending is not None
+    hold = sql.execute("SELECT reasons FROM dispatch.task_hold(%s, %s)",
+                       (pending["task_id"], at(0))).fetchone()
+    assert hold == {"reasons": []}
+    if mode == "push":
+        assert len(assign(sql, 10, at(0))) == 3
+    else:
+        assert len(claim(sql, "w", at(0))) == 1
+        assert len(claim(sql, "w", at(0))) == 1
+        assert len(claim(sql, "w", at(0))) == 1
+
+
+@pytest.mark.parametrize("change", ["delete", "enlarge"])
+def test_deleting_or_enlarging_a_bucket_releases_its_tasks_at_once(
+    sql: Conn, db_url: str, change: str
+) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('k', 1, 0.0001, %s)", (at(0),))
+    flood(sql, "alice", 3, rate_key="k", available_at=at(0))
+    agent(sql, "w")
+    assert len(claim(sql, "w", at(0))) == 1
+    assert claim(sql, "w", at(1)) == []  # the bucket is empty for hours
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        if change == "delete":
+            sql.execute("SELECT dispatch.rate_limit_delete('k')")
+        else:
+            sql.execute("SELECT dispatch.rate_limit_set('k', 3, 0.0001, %s)", (at(1),))
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == ["dispatch_work"]
+    # The very next claims get them, no refill needed.
+    assert len(claim(sql, "w", at(1))) == 1
+    assert len(claim(sql, "w", at(1))) == 1
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'"
+                       ).fetchone() == {"n": 0}
+
+
 def order_index_reads(sql: Conn) -> int:
     """Index entries read from the walk's index so far (the statistics flushed first)."""
     sql.execute("SELECT pg_stat_force_next_flush()")
@@ -565,6 +607,21 @@ def test_an_assignment_by_hand_is_refused_at_the_cap_and_takes_its_tokens(sql: C
         ("SELECT dispatch.concurrency_limit_set('k', -1)", "max_active"),
         ("SELECT dispatch.rate_limit_set('k', 0.5, 1)", "capacity"),
         ("SELECT dispatch.rate_limit_set('k', 5, 0)", "refill_per_second"),
+        # Values that used to be taken and then broke every assignment round, explain or the
+        # tenant's creates (an overflowing wait or place in line).
+        ("SELECT dispatch.create_task('t', requester => 'a', cost => 1000000001)", "cost"),
+        ("SELECT dispatch.tenant_weight_set('a', 1e-12)", "weight"),
+        ("SELECT dispatch.tenant_weight_set('a', 1e-300)", "weight"),
+        ("SELECT dispatch.tenant_weight_set('a', 5e-324)", "weight"),
+        ("SELECT dispatch.tenant_weight_set('a', 0.000999)", "weight"),
+        ("SELECT dispatch.tenant_weight_set('a', 'NaN')", "weight"),
+        ("SELECT dispatch.concurrency_limit_set('k', 1000001)", "max_active"),
+        ("SELECT dispatch.rate_limit_set('k', 'NaN', 1)", "capacity"),
+        ("SELECT dispatch.rate_limit_set('k', 1e13, 1e12)", "capacity"),
+        ("SELECT dispatch.rate_limit_set('k', 1, 1e-300)", "refill_per_second"),
+        ("SELECT dispatch.rate_limit_set('k', 5, 'Infinity')", "refill_per_second"),
+        ("SELECT dispatch.rate_limit_set('k', 1e12, 1)", "refill_per_second"),  # 1e12 s to fill
+        ("SELECT dispatch.rate_limit_set('k', 1000, 0.00000099)", "refill_per_second"),
     ],
 )
 def test_bad_flow_settings_are_refused_and_change_nothing(
@@ -590,3 +647,102 @@ def test_fair_share_is_named_by_explain(sql: Conn) -> None:
         "tenant": "alice", "effective_priority": 0,
         "reasons": ["tenant alice's fair share: 2 of its tasks at priority 0 are ahead in line"],
     }
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        ("INSERT INTO dispatch.tenant_weights (tenant, weight) VALUES ('a', 1e-12)",
+         "tenant_weights_weight_range"),
+        ("INSERT INTO dispatch.rate_limits (key, capacity, refill_per_second, shards)"
+         " VALUES ('k', 1, 1e-300, 1)", "rate_limits_fill_range"),
+        ("INSERT INTO dispatch.rate_limits (key, capacity, refill_per_second, shards)"
+         " VALUES ('k', 1e12, 1, 16)", "rate_limits_fill_range"),
+    ],
+)
+def test_the_tables_refuse_flow_values_out_of_range_from_psql(
+    sql: Conn, statement: str, constraint: str
+) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation) as err:
+        sql.execute(statement)  # type: ignore[call-overload]
+    assert err.value.diag.constraint_name == constraint
+
+
+def test_a_bad_value_leaves_the_bucket_or_weight_as_it_was(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.rate_limit_set('k', 10, 2)")
+    sql.execute("SELECT dispatch.tenant_weight_set('a', 3)")
+    for call in ("SELECT dispatch.rate_limit_set('k', 1, 1e-300)",
+                 "SELECT dispatch.tenant_weight_set('a', 5e-324)"):
+        with pytest.raises(psycopg.Error) as err:
+            sql.execute(call)  # type: ignore[call-overload]
+        assert err.value.sqlstate == "UD400"
+    assert sql.execute("SELECT capacity, refill_per_second FROM dispatch.rate_limits").fetchall(
+        ) == [{"capacity": 10, "refill_per_second": 2}]
+    assert sql.execute("SELECT weight FROM dispatch.tenant_weights").fetchall() == [{"weight": 3}]
+
+
+def test_the_most_extreme_accepted_values_break_no_other_work(sql: Conn, db_url: str) -> None:
+    """The widest bucket, the slowest (an empty one takes the longest wait there may be), the
+    lightest and heaviest tenants, a cap of 0 and the largest, the largest cost, a tenant's tasks
+    at the end of time, and a bucket a DBA overdrew by hand: assignment of unrelated tasks, claims,
+    explain, the metrics' reads and the wake-up announcements keep working."""
+    sql.execute("SELECT dispatch.rate_limit_set('wide', 1e12, 1e12, %s)", (at(0),))
+    sql.execute("SELECT dispatch.rate_limit_set('slow', 1e9, 1, %s)", (at(0),))
+    sql.execute("SELECT dispatch.rate_limit_set('trickle', 1, 1e-9, %s)", (at(0),))
+    sql.execute("SELECT dispatch.rate_limit_set('overdrawn', 1, 1e-9, %s)", (at(0),))
+    sql.execute("UPDATE dispatch.rate_buckets SET tokens = -1e300 WHERE key = 'overdrawn'")
+    sql.execute("SELECT dispatch.tenant_weight_set('light', 0.001)")
+    sql.execute("SELECT dispatch.tenant_weight_set('heavy', 1000)")
+    sql.execute("SELECT dispatch.concurrency_limit_set('paused', 0)")
+    sql.execute("SELECT dispatch.concurrency_limit_set('open', 1000000)")
+
+    def create(title: str, requester: str, **fields: object) -> None:
+        sql.execute(
+            "SELECT dispatch.create_task(%s, requester => %s, rate_key => %s, cost => %s,"
+            " concurrency_key => %s, available_at => %s)",
+            (title, requester, fields.get("rate_key"), fields.get("cost", 1),
+             fields.get("concurrency_key"), fields.get("available_at", at(0))))
+
+    for key, cost in (("wide", 1_000_000_000), ("slow", 1_000_000_000), ("trickle", 1),
+                      ("overdrawn", 1)):
+        for n in range(2):
+            create(f"{key}-{n}", "light", rate_key=key, cost=cost)
+    for n in range(3):
+        create(f"paused-{n}", "heavy", concurrency_key="paused")
+        create(f"open-{n}", "heavy", concurrency_key="open")
+    end = datetime.fromisoformat("9998-12-31T23:59:00+00:00")
+    for n in range(3):  # each 1,000 s after the last in line: past the end of time but for a clamp
+        create(f"late-{n}", "light", available_at=end)
+    for n in range(3):
+        create(f"bob-{n}", "bob")
+    agent(sql, "w")
+
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_due")
+        given = {r["title"] for r in assign(sql, 100, at(0))}
+        dues = [float(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert {"bob-0", "bob-1", "bob-2", "open-0", "open-1", "open-2", "wide-0", "wide-1",
+            "slow-0", "trickle-0"} <= given
+    assert given.isdisjoint({"slow-1", "trickle-1", "overdrawn-0", "overdrawn-1",
+                             "paused-0", "late-0"})
+    # The longest wait any bucket can announce: one billion seconds (about 31.7 years).
+    assert dues and at(0).timestamp() < dues[0] <= at(1e9).timestamp()
+
+    create("bob-3", "bob")
+    agent(sql, "v")  # (w would get back the tasks the assigner gave it first)
+    assert [r["title"] for r in claim(sql, "v", at(1))] == ["bob-3"]
+    for title, reason in (("slow-1", "rate key slow empty until 2061-09-09T13:46:40.000Z"),
+                          ("trickle-1", "rate key trickle empty until 2061-09-09T13:46:40.000Z"),
+                          ("overdrawn-0", "rate key overdrawn empty until 2061-09-09T13:46:40"),
+                          ("paused-0", "concurrency key paused at 0/0")):
+        hold = sql.execute("SELECT reasons FROM dispatch.task_hold((SELECT task_id FROM"
+                           " dispatch.tasks WHERE title = %s), %s)", (title, at(0))).fetchone()
+        assert hold is not None and any(r.startswith(reason) for r in hold["reasons"]), hold
+    late = sql.execute("SELECT max(queue_at) AS q FROM dispatch.tasks WHERE title LIKE 'late-%%'"
+                       ).fetchone()
+    assert late is not None and late["q"].year == 9998
+    held = sql.execute("SELECT rule, key, tasks FROM dispatch.flow_held(%s)"
+                       " WHERE rule <> 'fair_share' ORDER BY rule, key", (at(1),)).fetchall()
+    assert [(h["rule"], h["key"]) for h in held] == [
+        ("concurrency", "paused"), ("rate", "overdrawn"), ("rate", "slow"), ("rate", "trickle")]
+    assert len(sql.execute("SELECT * FROM dispatch.rate_limit_list(%s)", (at(1),)).fetchall()) == 4

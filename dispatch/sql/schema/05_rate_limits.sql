@@ -6,8 +6,19 @@
 -- together never hold more than one bucket would, so the limit holds; a small bucket (capacity
 -- under 20) is one shard, exact.
 
+-- The longest an empty bucket may take to fill, in seconds (1e9 s: about 31.7 years), so the
+-- longest wait for a cost the bucket can hold (cost <= capacity): a bucket must refill at least
+-- capacity / rate_wait_max() tokens a second. Every instant a wait announces (dispatch_due,
+-- explain) is then at most 31.7 years ahead: well inside a timestamp (an interval ends at about
+-- 9.2e12 s, a timestamp in year 294276) and inside the years 1970-9999 that every client reads.
+-- Without it a bucket of capacity 1 refilling 1e-300 a second put its tasks' wait past the end of
+-- time, and every assignment round that met two of them failed.
+CREATE FUNCTION dispatch.rate_wait_max() RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1e9::float8 $$;
+
 -- A token bucket per key: it gains refill_per_second tokens a second up to `capacity`, and every
 -- assignment of a task with this rate_key takes the task's cost. The tokens are in rate_buckets.
+-- A rate key with no bucket does not limit (as a concurrency key with no cap).
 CREATE TABLE dispatch.rate_limits (
     key               text PRIMARY KEY
                       CONSTRAINT rate_limits_key_length CHECK (char_length(key) BETWEEN 1 AND 256),
@@ -18,7 +29,9 @@ CREATE TABLE dispatch.rate_limits (
                       CHECK (refill_per_second > 0 AND refill_per_second <= 1e12),
     -- How many rows of rate_buckets share the bucket: dispatch.rate_shards(capacity).
     shards            smallint NOT NULL CONSTRAINT rate_limits_shards_range CHECK (shards BETWEEN 1 AND 16),
-    updated_at        timestamptz NOT NULL DEFAULT now()
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT rate_limits_fill_range
+        CHECK (capacity <= refill_per_second * dispatch.rate_wait_max())
 );
 
 -- The bucket's tokens, in `shards` rows: each holds up to capacity/shards, `tokens` as of
@@ -26,7 +39,9 @@ CREATE TABLE dispatch.rate_limits (
 CREATE TABLE dispatch.rate_buckets (
     key         text NOT NULL REFERENCES dispatch.rate_limits (key) ON DELETE CASCADE,
     shard       smallint NOT NULL,
-    tokens      float8 NOT NULL,
+    -- Below zero after an assignment by hand took more than there was; never NaN or infinite.
+    tokens      float8 NOT NULL
+                CONSTRAINT rate_buckets_tokens_finite CHECK (tokens > '-Infinity' AND tokens < 'Infinity'),
     refilled_at timestamptz NOT NULL,
     PRIMARY KEY (key, shard)
 );
@@ -45,6 +60,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT least(r.capacity / r.shards,
                  b.tokens + greatest(extract(epoch FROM p_now - b.refilled_at)::float8, 0)
                             * r.refill_per_second / r.shards)
+$$;
+
+-- When a bucket refilling p_refill tokens a second, short of p_short tokens at p_now, will hold
+-- them. At most rate_wait_max() ahead: the bounds of rate_limits keep a cost the bucket can hold
+-- within it, and a bucket overdrawn by hand (or any stored value) must not make the instant
+-- overflow and fail the assignment round, the claim or explain that computes it (in numeric:
+-- float8 division can overflow or underflow). Assignment looks again then.
+CREATE FUNCTION dispatch.rate_until(p_now timestamptz, p_short float8, p_refill float8)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p_refill > 0 THEN p_now + make_interval(secs => least(
+        greatest(p_short::numeric / p_refill::numeric, 0),
+        dispatch.rate_wait_max()::numeric)::float8) END
 $$;
 
 -- The tokens in the bucket at p_now: its shards' together. (PL/pgSQL, like concurrency_used,
@@ -177,8 +205,8 @@ BEGIN
             ELSE
                 admitted[g] := false;
                 IF pool.refill IS NOT NULL AND p_costs[g] <= pool.capacity THEN
-                    until := least(until, p_now + make_interval(
-                        secs => (p_costs[g] - rest) / pool.refill));
+                    until := least(until, dispatch.rate_until(p_now, p_costs[g] - rest,
+                                                              pool.refill));
                 END IF;
             END IF;
         END LOOP;

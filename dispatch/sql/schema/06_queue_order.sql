@@ -12,10 +12,27 @@
 CREATE TABLE dispatch.tenant_weights (
     tenant     text PRIMARY KEY
                CONSTRAINT tenant_weights_tenant_length CHECK (char_length(tenant) BETWEEN 1 AND 256),
-    -- A tenant of weight 2 gets two tasks assigned for every one of a tenant of weight 1.
-    weight     float8 NOT NULL CONSTRAINT tenant_weights_weight_range CHECK (weight > 0 AND weight <= 1000),
+    -- A tenant of weight 2 gets two tasks assigned for every one of a tenant of weight 1. From
+    -- 0.001 (its tasks queue 1,000 s apart) to 1000 (1 ms apart): a smaller weight put a
+    -- tenant's next task past the end of time (1/5e-324 overflows), and failed its creates.
+    weight     float8 NOT NULL
+               CONSTRAINT tenant_weights_weight_range CHECK (weight >= 0.001 AND weight <= 1000),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- When a task queued at p_queue_at with this priority reaches its next effective priority after
+-- p_level (NULL: never: aging is off, it is at 10, or that is past the last instant a row may hold,
+-- so a task queued near the end of time is still created and only never ages).
+CREATE FUNCTION dispatch.queue_age_due(
+    p_queue_at timestamptz, p_priority integer, p_level integer, p_aging_ms integer
+) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p_aging_ms > 0 AND p_level < 10
+                     AND dispatch.time_in_range(p_queue_at + make_interval(
+                         secs => (p_level - p_priority + 1) * p_aging_ms / 1000.0))
+                THEN p_queue_at + make_interval(
+                         secs => (p_level - p_priority + 1) * p_aging_ms / 1000.0) END
+$$;
 
 -- Places a task that (re)enters the pending queue or changes priority, and checks the flow fields
 -- of a new task.
@@ -63,11 +80,15 @@ BEGIN
             ORDER BY tk.queue_at DESC LIMIT 1),
            c.aging_ms
     INTO w, prev, aging FROM dispatch.config c;
-    NEW.queue_at := greatest(NEW.available_at, prev + make_interval(secs => 1.0 / coalesce(w, 1)));
+    -- At most the last instant a row may hold (dispatch.time_in_range): a tenant whose line
+    -- reaches the end of time queues its next tasks there, rather than failing to create them.
+    -- (No earlier task: prev is NULL and so is the CASE, which greatest() ignores.)
+    NEW.queue_at := greatest(NEW.available_at, CASE WHEN prev IS NOT NULL THEN least(
+        prev + make_interval(secs => 1.0 / greatest(coalesce(w, 1), 0.001)),
+        '9999-01-01 00:00:00+00'::timestamptz - interval '1 microsecond') END);
     NEW.queue_priority := NEW.priority;
     NEW.parked := false;  -- back in line: the walk parks it again if its key is still at its cap
-    NEW.age_due_at := CASE WHEN aging > 0 AND NEW.priority < 10
-                           THEN NEW.queue_at + make_interval(secs => aging / 1000.0) END;
+    NEW.age_due_at := dispatch.queue_age_due(NEW.queue_at, NEW.priority, NEW.priority, aging);
     RETURN NEW;
 END
 $$;
@@ -100,9 +121,7 @@ BEGIN
     ), aged AS (
         UPDATE dispatch.tasks tk
         SET queue_priority = due.level,
-            age_due_at = CASE WHEN due.level < 10
-                              THEN tk.queue_at + make_interval(
-                                  secs => (due.level - tk.priority + 1) * aging / 1000.0) END
+            age_due_at = dispatch.queue_age_due(tk.queue_at, tk.priority, due.level, aging)
         FROM due WHERE tk.task_id = due.task_id
         RETURNING 1
     )

@@ -68,12 +68,14 @@ BEGIN
             s.rtokens := s.rtokens || dispatch.rate_tokens(rl, p_now);
             j := cardinality(s.rkeys);
         END IF;
-        IF p_cost > s.rcap[j] THEN
+        IF s.rcap[j] IS NULL THEN
+            NULL;  -- no bucket: the key does not limit, as a concurrency key without a cap
+        ELSIF p_cost > s.rcap[j] THEN
             s.reason := format('rate key %s: cost %s exceeds its capacity %s', p_rate_key, p_cost,
                                s.rcap[j]);
             RETURN s;
         ELSIF s.rtokens[j] < p_cost THEN
-            s.until := p_now + make_interval(secs => (p_cost - s.rtokens[j]) / s.rrefill[j]);
+            s.until := dispatch.rate_until(p_now, p_cost - s.rtokens[j], s.rrefill[j]);
             s.reason := format('rate key %s empty until %s', p_rate_key,
                                to_char(s.until AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
             RETURN s;
@@ -83,7 +85,7 @@ BEGIN
         IF i IS NOT NULL THEN
             s.cused[i] := s.cused[i] + 1;
         END IF;
-        IF j IS NOT NULL THEN
+        IF j IS NOT NULL AND s.rcap[j] IS NOT NULL THEN
             s.rtokens[j] := s.rtokens[j] - p_cost;
         END IF;
     END IF;

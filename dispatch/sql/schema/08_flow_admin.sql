@@ -21,8 +21,9 @@ DECLARE
     r dispatch.tenant_weights;
 BEGIN
     PERFORM dispatch.flow_check_key(p_tenant, 'tenant');
-    IF p_weight IS NULL OR NOT (p_weight > 0 AND p_weight <= 1000) THEN
-        RAISE EXCEPTION 'weight must be greater than 0 and at most 1000 (got %)', p_weight
+    -- The bounds of tenant_weights (06_queue_order.sql), checked here to name the field.
+    IF p_weight IS NULL OR NOT (p_weight >= 0.001 AND p_weight <= 1000) THEN
+        RAISE EXCEPTION 'weight must be between 0.001 and 1000 (got %)', p_weight
             USING ERRCODE = 'UD400', COLUMN = 'weight';
     END IF;
     INSERT INTO dispatch.tenant_weights AS tw (tenant, weight, updated_at)
@@ -76,8 +77,9 @@ END
 $$;
 
 -- Sets a key's bucket. A new bucket starts full; a changed one keeps the tokens it has (refilled
--- at its old rate up to now, and at most the new capacity), spread over the shards of its new
--- capacity.
+-- at its old rate up to now), plus the room a larger capacity adds (so that an enlarged bucket
+-- lets through at once what it now has room for, as a raised cap does), at most the new capacity,
+-- spread over the shards of its new capacity.
 CREATE FUNCTION dispatch.rate_limit_set(
     p_key text, p_capacity float8, p_refill_per_second float8, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.rate_limits
@@ -95,6 +97,12 @@ BEGIN
         RAISE EXCEPTION 'refill_per_second must be greater than 0 and at most 1e12 (got %)',
             p_refill_per_second USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
     END IF;
+    -- rate_limits_fill_range: an empty bucket fills within rate_wait_max() seconds.
+    IF p_capacity > p_refill_per_second * dispatch.rate_wait_max() THEN
+        RAISE EXCEPTION 'refill_per_second must be at least capacity / 1e9, %, so that an empty bucket fills within 1e9 s (about 31.7 years) (got %)',
+            p_capacity / dispatch.rate_wait_max(), p_refill_per_second
+            USING ERRCODE = 'UD400', COLUMN = 'refill_per_second';
+    END IF;
     INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, shards, updated_at)
     VALUES (p_key, p_capacity, p_refill_per_second, dispatch.rate_shards(p_capacity), p_now)
     ON CONFLICT (key) DO UPDATE SET updated_at = p_now;  -- locks the row of an existing one
@@ -106,7 +114,11 @@ BEGIN
     RETURNING * INTO r;
     DELETE FROM dispatch.rate_buckets b WHERE b.key = p_key;
     INSERT INTO dispatch.rate_buckets (key, shard, tokens, refilled_at)
-    SELECT p_key, g, least(p_capacity, coalesce(pool.tokens, p_capacity)) / r.shards, p_now
+    SELECT p_key, g,
+           least(p_capacity,
+                 coalesce(pool.tokens + greatest(p_capacity - pool.capacity, 0), p_capacity))
+           / r.shards,
+           p_now
     FROM generate_series(0, r.shards - 1) g;
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
