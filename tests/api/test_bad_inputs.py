@@ -279,3 +279,58 @@ async def test_an_unknown_field_names_the_closest_one(
     r = await client.post(path, json=body, headers={"X-Agent-ID": "alice"})
     assert r.status_code == 400
     assert r.json()["error"].endswith(f"(did you mean `{hint}`?)"), r.text
+
+
+# Values of the wrong JSON type are refused, not converted: the framework's own decoding would take
+# "5" for 5, 5.0 for an integer and a number of seconds for a timestamp.
+WRONG_TYPES = [
+    ("/api/v1/tasks", {"title": "t", "priority": "5"}, "priority"),
+    ("/api/v1/tasks", {"title": "t", "priority": 5.0}, "priority"),
+    ("/api/v1/tasks", {"title": "t", "max_retries": "3"}, "max_retries"),
+    ("/api/v1/tasks", {"title": "t", "timeout_seconds": "10"}, "timeout_seconds"),
+    ("/api/v1/tasks", {"title": "t", "cost": "2"}, "cost"),
+    ("/api/v1/tasks", {"title": "t", "available_at": 1700000000}, "available_at"),
+    ("/api/v1/tasks", {"title": "t", "parent_task_id": 5}, "parent_task_id"),
+    ("/api/v1/tasks/claim", {"wait_seconds": "1"}, "wait_seconds"),
+    ("/api/v1/tasks/claim", {"start": "true"}, "start"),
+    ("/api/v1/tasks/claim", {"max_tasks": 2.0}, "max_tasks"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), WRONG_TYPES,
+                         ids=[f"{p.rsplit('/', 1)[1]}-{f}" for p, _, f in WRONG_TYPES])
+async def test_a_value_of_the_wrong_type_is_refused(
+    client: httpx.AsyncClient, sql: psycopg.Connection[dict[str, Any]],
+    path: str, body: dict[str, Any], field: str,
+) -> None:
+    before = fingerprint(sql)
+    r = await client.post(path, json=body, headers=ALICE)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"]["field"] == field, r.text
+    assert "Expected" in r.json()["error"]
+    assert fingerprint(sql) == before
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    ("PUT", "/api/v1/agents/alice", {"max_concurrent": "7"}, "max_concurrent"),
+    ("PUT", "/api/v1/limits/concurrency/k", {"max_active": "7"}, "max_active"),
+    ("PUT", "/api/v1/limits/rate/k", {"capacity": "5", "refill_per_second": 1}, "capacity"),
+    ("PUT", "/api/v1/tenants/acme/weight", {"weight": "2"}, "weight"),
+])
+async def test_an_admin_value_of_the_wrong_type_is_refused(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    r = await client.request(method, path, json=body, headers=admin())
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"]["field"] == field, r.text
+
+
+async def test_the_types_a_body_may_have_are_taken(client: httpx.AsyncClient) -> None:
+    """What strictness must not refuse: an integer where a number may have a fraction, an RFC 3339
+    timestamp with its zone, null for an optional field."""
+    r = await client.post("/api/v1/tasks", headers=ALICE, json={
+        "title": "t", "cost": 2, "available_at": "2030-01-01T00:00:00+02:00",
+        "timeout_seconds": None, "priority": 5,
+    })
+    assert r.status_code == 201, r.text
+    assert r.json()["available_at"].startswith("2029-12-31T22:00:00")
