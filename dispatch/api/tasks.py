@@ -14,7 +14,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Caller, CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
-from dispatch.errors import InvalidInput
+from dispatch.errors import Forbidden, InvalidInput, NotFound
 from dispatch.models import (
     Cancel,
     Change,
@@ -122,6 +122,22 @@ async def report_and_next(
     return TaskWithNext(**msgspec.structs.asdict(task), next=claimed)
 
 
+async def _may_name_owner(caller: Caller, owner: str) -> None:
+    """auth.mode tokens: a task's owner decides whose agents run it and whose fair share it
+    spends, so a caller names as owner only itself or the owner an admin gave its own agent
+    (an agent of alice's creates work for alice); anyone else needs the admin token."""
+    try:
+        agent = await caller.broker.agents.get(caller.agent_id)
+    except NotFound:
+        agent = None
+    if agent is None or agent.owner != owner:
+        raise Forbidden(
+            f"owner {owner!r}: a task's owner may be only yourself or your agent's owner "
+            "(or use the admin token)",
+            detail={"field": "owner"},
+        )
+
+
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]  # noqa: RUF012 - Litestar's own class attribute
@@ -146,6 +162,8 @@ class TaskController(Controller):
         ] = None,
     ) -> Response[Task]:
         new = new_task(data)
+        if caller.viewer is not None and new.owner not in (None, caller.agent_id):
+            await _may_name_owner(caller, new.owner)
         if caller.viewer is not None and new.parent_task_id is not None:
             # A parent the caller may not see answers as one that does not exist (the foreign
             # key's own answer), so that task ids do not leak.

@@ -173,6 +173,43 @@ async def test_a_parent_the_caller_cannot_see_reads_as_one_that_does_not_exist(
     assert r.status_code == 201
 
 
+async def test_a_task_names_as_owner_only_its_requester_or_the_requesters_owner(
+    tokens_client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """The owner decides whose agents run a task and whose fair share it spends: bob may not
+    create work in alice's name; an agent an admin gave to alice may; the admin token may."""
+    bob = as_agent("bob", await issue(tokens_client, "bob"))
+    helper = as_agent("helper", await issue(tokens_client, "helper"))
+    r = await tokens_client.put("/api/v1/agents/helper", json={"owner": "alice"}, headers=admin())
+    assert r.status_code == 200
+    before = counts(sql)
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "t", "owner": "alice"},
+                                 headers=bob)
+    assert r.status_code == 403, r.text
+    assert r.json()["detail"] == {"field": "owner"} and "owner 'alice'" in r.json()["error"]
+    # An agent of someone else's is no agent of alice's either.
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "t", "owner": "carol"},
+                                 headers=helper)
+    assert r.status_code == 403
+    assert counts(sql) == before
+    for who, owner in ((bob, "bob"), (bob, None), (helper, "alice"), (admin("bob"), "alice")):
+        r = await tokens_client.post("/api/v1/tasks", json={"title": "t", "owner": owner},
+                                     headers=who)
+        assert r.status_code == 201, r.text
+        assert r.json()["owner"] == owner
+    tenants = sql.execute(
+        "SELECT requester, owner FROM dispatch.tasks ORDER BY created_at").fetchall()
+    assert [(t["requester"], t["owner"]) for t in tenants] == [
+        ("bob", "bob"), ("bob", None), ("helper", "alice"), ("bob", "alice")]
+
+
+async def test_open_mode_lets_a_caller_name_any_owner(open_client: httpx.AsyncClient) -> None:
+    """Open mode trusts X-Agent-ID (anyone may act as alice): the owner rule is tokens mode's."""
+    r = await open_client.post("/api/v1/tasks", json={"title": "t", "owner": "alice"},
+                               headers=as_agent("bob"))
+    assert r.status_code == 201 and r.json()["owner"] == "alice"
+
+
 async def test_a_revoked_token_is_refused_at_once(
     tokens_client: httpx.AsyncClient, sql: Sql
 ) -> None:
