@@ -14,7 +14,7 @@ from datetime import datetime
 
 import msgspec
 
-from dispatch.errors import Conflict, DispatchError, Forbidden, InvalidInput
+from dispatch.errors import Conflict, DispatchError, Forbidden, InvalidInput, NotFound
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
@@ -141,7 +141,11 @@ class Broker:
         """Run a change; a conflict or refusal carries the task's current state."""
         try:
             task = await run
-        except (Conflict, Forbidden) as exc:
+        except (Conflict, Forbidden, NotFound) as exc:
+            # The task as it is now: a conflict's answer, and whether the caller may learn that it
+            # exists. Looked up for an unknown id too, so that a refusal about a task the caller
+            # may not see and one about an id that does not exist take the same path (auth.mode
+            # tokens answers both 404; their timing must not tell them apart).
             exc.task = (await self.tasks.by_id([change.task_id])).get(change.task_id)
             raise
         self._count(change.event, task)

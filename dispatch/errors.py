@@ -26,9 +26,10 @@ class InvalidInput(DispatchError):
 
 
 class NotFound(DispatchError):
-    """No such task or agent."""
+    """No such task or agent (`task`: looked up again after a refused report, always None)."""
 
     status = 404
+    task: object = None
 
 
 class Forbidden(DispatchError):

@@ -57,7 +57,10 @@ async def hide_unseen(caller: Caller, outcomes: list[ReportOutcome]) -> list[Rep
     unknown task, as its single call would (the error handler does that for those)."""
     if caller.viewer is None:
         return outcomes
-    refused = [o.task_id for o in outcomes if o.status in (403, 409) and o.task_id is not None]
+    # Unknown ids (404) are looked up with the rest: a hidden task and a missing one take the
+    # same path.
+    refused = [o.task_id for o in outcomes
+               if o.status in (403, 404, 409) and o.task_id is not None]
     if not refused:
         return outcomes
     tasks = await caller.broker.tasks.by_id(refused)

@@ -25,6 +25,7 @@ from dispatch.errors import ConfigError
 from dispatch.notify import Listener
 from dispatch.settings import AuthSettings, ServerSettings, Settings, load_settings
 from dispatch.store import Store
+from dispatch.store.base import Queries
 from tests.api.conftest import ADMIN_TOKEN, MAX_BODY, admin, counts
 
 Sql = psycopg.Connection[dict[str, Any]]
@@ -208,6 +209,51 @@ async def test_open_mode_lets_a_caller_name_any_owner(open_client: httpx.AsyncCl
     r = await open_client.post("/api/v1/tasks", json={"title": "t", "owner": "alice"},
                                headers=as_agent("bob"))
     assert r.status_code == 201 and r.json()["owner"] == "alice"
+
+
+async def test_a_hidden_task_and_a_missing_one_are_refused_the_same_way(
+    tokens_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report on a task the caller may not see and one on an id that does not exist answer the
+    same 404 after the same SQL statements, so neither the answer nor its timing tells a caller
+    that the task exists (before, the hidden one took one query more)."""
+    theirs = as_agent("worker-2", await issue(tokens_client, "worker-2"))
+    mine = as_agent("worker-1", await issue(tokens_client, "worker-1"))
+    await tokens_client.put("/api/v1/agents/worker-2", json={}, headers=theirs)
+    r = await tokens_client.post("/api/v1/tasks", json={"title": "private"}, headers=theirs)
+    hidden = r.json()["task_id"]
+    r = await tokens_client.post("/api/v1/tasks/claim", json={"start": True}, headers=theirs)
+    assert r.json()["task_id"] == hidden
+    missing = str(uuid.uuid4())
+    await tokens_client.get("/api/v1/tasks", headers=mine)  # the token is verified and cached
+
+    statements: list[str] = []
+    real = Queries._rows
+
+    async def recorded(self: Queries, query: Any, params: Any, conn: Any) -> Any:
+        statements.append(" ".join(str(query).split())[:60])
+        return await real(self, query, params, conn)
+
+    monkeypatch.setattr(Queries, "_rows", recorded)
+    reports = [("start", None), ("progress", {"percent": 5}), ("complete", {"result": 1}),
+               ("fail", {"error": "x"}), ("release", {"reason": "x"})]
+    for action, body in reports:
+        answers = []
+        for task_id in (hidden, missing):
+            statements.clear()
+            r = await tokens_client.post(f"/api/v1/tasks/{task_id}/{action}", json=body,
+                                         headers=mine)
+            answers.append((r.status_code, r.json()["error"].replace(task_id, "<id>"),
+                            r.json()["detail"], list(statements)))
+        assert answers[0] == answers[1], action
+        assert answers[0][0] == 404
+    statements.clear()
+    batch = [{"task_id": t, "action": "complete", "result": 1} for t in (hidden, missing)]
+    r = await tokens_client.post("/api/v1/tasks/reports", json=batch, headers=mine)
+    outcomes = r.json()
+    assert [o["status"] for o in outcomes] == [404, 404]
+    assert outcomes[0]["error"].replace(hidden, "<id>") == outcomes[1]["error"].replace(
+        missing, "<id>")
 
 
 async def test_a_revoked_token_is_refused_at_once(
