@@ -216,7 +216,7 @@ class Tasks(Queries):
             case models.Progress():
                 return await self._task(
                     "SELECT * FROM dispatch.task_progress("
-                    "%s, %s, %s::real, %s, %s, coalesce(%s, now()), %s)",
+                    "%s, %s, %s::float8, %s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.agent_id, change.percent, change.message,
                      jsonb(change.data), now, change.lease), conn,
                 )

@@ -334,3 +334,17 @@ async def test_the_types_a_body_may_have_are_taken(client: httpx.AsyncClient) ->
     })
     assert r.status_code == 201, r.text
     assert r.json()["available_at"].startswith("2029-12-31T22:00:00")
+
+
+async def test_a_tiny_percent_is_a_percent(
+    client: httpx.AsyncClient, world: dict[str, str]
+) -> None:
+    """Every number from 0 to 100 is a percent, however small (1e-50 underflowed a real: 400)."""
+    for percent in (1e-50, 5e-324, 100.0):
+        r = await client.post(f"/api/v1/tasks/{world['running']}/progress", headers=BOB,
+                              json={"percent": percent})
+        assert r.status_code == 200, r.text
+        assert r.json()["progress"]["percent"] == percent
+    r = await client.post("/api/v1/tasks/reports", headers=BOB, json=[
+        {"task_id": world["running"], "action": "progress", "percent": 1e-50}])
+    assert r.json()[0]["status"] == 200, r.text

@@ -219,7 +219,7 @@ END
 $$;
 
 CREATE FUNCTION dispatch.task_progress(
-    p_task_id uuid, p_agent_id text, p_percent real DEFAULT NULL, p_message text DEFAULT NULL,
+    p_task_id uuid, p_agent_id text, p_percent float8 DEFAULT NULL, p_message text DEFAULT NULL,
     p_data jsonb DEFAULT NULL, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
@@ -587,7 +587,7 @@ BEGIN
                 WHEN 'start' THEN
                     t := dispatch.task_start(id, p_agent_id, p_now, lease);
                 WHEN 'progress' THEN
-                    t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::real,
+                    t := dispatch.task_progress(id, p_agent_id, (r ->> 'percent')::float8,
                                                 r ->> 'message', r -> 'data', p_now, lease);
                 WHEN 'complete' THEN
                     t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now,
