@@ -84,7 +84,8 @@ class Agents(Queries):
     async def stop(
         self, agent_id: str, *, now: datetime | None = None, conn: Conn | None = None
     ) -> int:
-        """The agent stopped: its active tasks go back to pending. Returns how many."""
+        """The agent stopped: its active tasks go back to pending, no attempt counted. Returns how
+        many."""
         return await self._count(
             "SELECT dispatch.agent_stop(%s, coalesce(%s, now())) AS n", (agent_id, now), conn
         )

@@ -178,14 +178,19 @@ async def test_wake_timeout_with_no_retries_left_times_out(broker: Broker) -> No
     assert (await event_names(broker, task))[-2:] == ["timeout", "dlq"]
 
 
-async def test_agent_stopped_sends_active_tasks_back(broker: Broker) -> None:
-    running = await make_running(broker, agent="a1")
+async def test_agent_stopped_gives_its_active_tasks_back_uncounted(broker: Broker) -> None:
+    """An agent's own shutdown is no failure of its work: the task is pending again with no
+    attempt counted, even one with no retries left."""
+    running = await make_running(broker, agent="a1", max_retries=0)
     n = await broker.agents.stop("a1", now=at(1))
     assert n == 1
     t = await broker.tasks.get(running.task_id)
-    assert t.status is TaskStatus.PENDING and t.retry_count == 1
+    assert t.status is TaskStatus.PENDING and t.retry_count == 0
+    assert "a1" in t.previous_agents
     assert (await broker.agents.get("a1")).active_tasks == 0
-    assert (await event_names(broker, running))[-1] == "reassigned"
+    [released] = (await broker.tasks.events(running.task_id))[-1:]
+    assert released.event == "released"
+    assert released.payload["reason"] == "agent_stopped" and released.actor == "a1"
 
 
 async def test_seconds_until_due_counts_to_the_earliest_deadline(broker: Broker) -> None:

@@ -260,7 +260,8 @@ async def test_agent_state_messages_update_the_directory(
     assert agent["status"] == "stopped"
     task = await broker.tasks.get(claimed.task_id)
     assert task.status is TaskStatus.PENDING and task.assigned_agent is None
-    assert [e.event for e in await broker.tasks.events(claimed.task_id)][-1] == "reassigned"
+    assert task.retry_count == 0  # given back, not failed
+    assert [e.event for e in await broker.tasks.events(claimed.task_id)][-1] == "released"
 
     reply = await ask(client, "swarm.agent.worker.1.dancing", b"")
     assert reply["status"] == 400

@@ -105,7 +105,7 @@ async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
     t3, _ = await broker.submit(NewTask(title="three"), requester="req")
     assert (await broker.claim("agent-a")) is not None
     assert [x.event for x in await broker.expire(now=later + timedelta(days=1))] == ["timeout"]
-    # reassigned (agent stopped)
+    # released (agent stopped)
     await broker.apply(Cancel(task_id=t3.task_id, actor="req"))
     t4, _ = await broker.submit(NewTask(title="four"), requester="req")
     assert (await broker.claim("agent-b")) is not None
@@ -122,7 +122,7 @@ async def test_every_event_type_arrives_once_with_its_payload_in_task_order(
     kinds = {e["event"] for e in log}
     assert kinds >= {
         "created", "assigned", "started", "progress", "completed", "failed", "retry", "dlq",
-        "requeued", "cancelled", "timeout", "reassigned", "unmatched", "updated",
+        "requeued", "cancelled", "timeout", "released", "unmatched", "updated",
     }
     # The relay's poll interval is 600 s: only NOTIFY wakes it in time.
     await eventually(lambda: _async(unpublished(sql) == 0), what="relay to publish everything")

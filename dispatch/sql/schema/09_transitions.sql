@@ -117,6 +117,31 @@ $$;
 
 -- Takes an active task away from its agent without blaming a failure on it (wake timeout, agent
 -- stopped). It still counts as an attempt, so nothing bounces forever.
+-- An active task its agent gives back unfinished (a release, or the agent stopping): pending at
+-- once, retry_count and error unchanged (no attempt counted: the work did not fail), the agent
+-- joins previous_agents so its late reports are stale, event released. Inside fn_enter.
+CREATE FUNCTION dispatch.task_give_back(t dispatch.tasks, p_reason text, p_now timestamptz)
+RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks;
+BEGIN
+    UPDATE dispatch.tasks
+    SET status = 'pending', available_at = p_now,
+        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
+                               THEN t.previous_agents
+                               ELSE t.previous_agents || t.assigned_agent END,
+        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
+    WHERE task_id = t.task_id
+    RETURNING * INTO r;
+    PERFORM dispatch.event_write(t.task_id, 'released', t.assigned_agent,
+        jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason,
+                           'retry_count', r.retry_count), p_now);
+    PERFORM pg_notify('dispatch_work', '');
+    RETURN r;
+END
+$$;
+
 CREATE FUNCTION dispatch.task_reassign(t dispatch.tasks, p_reason text, p_now timestamptz)
 RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
@@ -334,18 +359,7 @@ BEGIN
     PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     PERFORM dispatch.fn_enter();
-    UPDATE dispatch.tasks
-    SET status = 'pending', available_at = p_now,
-        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
-                               THEN t.previous_agents
-                               ELSE t.previous_agents || t.assigned_agent END,
-        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
-    WHERE task_id = p_task_id
-    RETURNING * INTO t;
-    PERFORM dispatch.event_write(p_task_id, 'released', p_agent_id,
-        jsonb_build_object('previous_agent', p_agent_id, 'reason', p_reason,
-                           'retry_count', t.retry_count), p_now);
-    PERFORM pg_notify('dispatch_work', '');
+    t := dispatch.task_give_back(t, p_reason, p_now);
     PERFORM dispatch.fn_leave();
     RETURN t;
 END

@@ -72,7 +72,8 @@ BEGIN
 END
 $$;
 
--- Lock the agent's tasks before the agent row, in the order every transition takes them (task
+-- An agent stopping gives its active tasks back (no attempt counted: its own shutdown is no
+-- failure of the work). Lock the agent's tasks before the agent row, in the order every transition takes them (task
 -- first, then the agent through the status trigger), so a stop racing a completion cannot deadlock.
 CREATE FUNCTION dispatch.agent_stop(p_agent_id text, p_now timestamptz DEFAULT now())
 RETURNS integer
@@ -97,7 +98,7 @@ BEGIN
           AND tk.assigned_agent = p_agent_id
         ORDER BY tk.task_id
     LOOP
-        PERFORM dispatch.task_reassign(t, 'agent_stopped', p_now);
+        PERFORM dispatch.task_give_back(t, 'agent_stopped', p_now);
         n := n + 1;
     END LOOP;
     PERFORM dispatch.fn_leave();
