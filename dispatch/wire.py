@@ -12,6 +12,7 @@ import binascii
 import re
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -258,7 +259,8 @@ def progress_fields(
     the message, any other detail the data. Mixing the two names for one thing is refused."""
     if progress is not None:
         one_of(percent, progress, ("percent", "progress"))
-        percent = progress * 100 if progress <= 1 else progress
+        # Scaled as the decimal it was written as: 0.07 is 7, not 7.000000000000001.
+        percent = float(Decimal(repr(progress)) * 100) if progress <= 1 else progress
     if detail is not None:
         if isinstance(detail, str):
             one_of(message, detail, ("message", "detail"))

@@ -66,6 +66,9 @@ def test_progress_in_the_original_shape_and_in_progress_filter(sp: ServeProcess)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "running"
     assert r.json()["progress"] == {"percent": 50, "message": "halfway"}
+    # A fraction is scaled as written: 0.07 is 7 percent, not 7.000000000000001.
+    r = call(sp, "POST", path, "worker-1", json={"progress": 0.07})
+    assert r.json()["progress"]["percent"] == 7
     r = call(sp, "POST", path, "worker-1", json={"progress": 75, "detail": {"files": 3}})
     assert r.json()["progress"] == {"percent": 75, "data": {"files": 3}}
     before = events(sp, task_id)
