@@ -21,7 +21,7 @@ from litestar.types import Message, Scope
 import dispatch
 from dispatch.api.agents import AgentController, stats
 from dispatch.api.auth import Authenticator, require_agent
-from dispatch.api.content import require_json_body
+from dispatch.api.content import decode_strictly, require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.limits import LimitController, TenantController
@@ -120,6 +120,7 @@ def create_app(
         route_handlers=[TaskController, AgentController, stats, LimitController,
                         TenantController],
         guards=[require_agent, require_json_body],
+        before_request=decode_strictly,
         parameters={
             "x_agent_id": HeaderParameter(
                 annotation=str,

@@ -2,7 +2,8 @@
 refused (415) before it is parsed, and a value of the wrong JSON type is refused (400) instead of
 converted: "5" is not a number, 1700000000 is not a timestamp (RFC 3339 strings are), 5.0 is not an
 integer. The framework's own decoding converts such values; this guard decodes the body once more,
-strictly, into the type the handler takes (a few microseconds for a body this API takes)."""
+strictly, into the type the handler takes (a few microseconds for a body this API takes), once
+its guards have let the caller in."""
 
 from typing import Any
 
@@ -35,11 +36,10 @@ def _decoder(handler: BaseRouteHandler) -> msgspec.json.Decoder[Any] | None:
 
 
 async def require_json_body(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
-    """Guard of every /api/v1 route: a request with a body must say it is JSON, and its values
-    must have the JSON types the body's fields name. A request without a body (no Content-Length,
-    or 0, and no chunked body) may leave Content-Type out."""
+    """Guard of every /api/v1 route: a request with a body must say it is JSON. A request without
+    one (no Content-Length, or 0, and no chunked body) may leave Content-Type out."""
     headers = connection.headers
     length = headers.get("content-length")
     has_body = (length is not None and length.strip() not in ("", "0")) or (
@@ -54,10 +54,15 @@ async def require_json_body(
             + (repr(content_type[:64]) if content_type else "no Content-Type"),
             detail="content-type",
         )
-    decoder = _decoder(handler)
-    if decoder is None or not isinstance(connection, Request):
+
+
+async def decode_strictly(request: Request[Any, Any, Any]) -> None:
+    """Before every /api/v1 handler, after its guards (so a caller who may not call it learns
+    nothing of its body's rules): the body's values must have the JSON types its fields name."""
+    decoder = _decoder(request.route_handler)
+    if decoder is None:
         return
-    body = await connection.body()  # kept by the request: the handler's decoding reads it again
+    body = await request.body()  # kept by the request: the handler's decoding reads it again
     if not body.strip():
         return
     try:
