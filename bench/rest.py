@@ -54,7 +54,8 @@ def start_profiler(pid: int) -> subprocess.Popen[bytes] | None:
     if not out or not Path(exe).exists():
         return None
     return subprocess.Popen(
-        [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
+        [exe, "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate", "250",
+         "--nonblocking",
          "--output", out],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
