@@ -105,6 +105,7 @@ _CONSTRAINT_FIELDS = {
     "tasks_timeout_positive": "timeout_seconds",
     "tasks_heartbeat_positive": "heartbeat_seconds",
     "tasks_metadata_object": "metadata",
+    "tasks_progress_object": "progress",
 }
 
 

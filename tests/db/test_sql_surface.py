@@ -77,6 +77,23 @@ def test_plain_insert_gives_a_pending_task_with_created_event(sql: Conn) -> None
     assert [n.channel for n in notes] == ["dispatch_work"]
 
 
+@pytest.mark.parametrize("value", ["[1, 2]", "3", '"half"', "null"])
+def test_progress_written_from_psql_must_be_an_object(sql: Conn, value: str) -> None:
+    """What the API and the dashboard read as progress is an object (or nothing): a DBA's
+    UPDATE of anything else is refused, naming the constraint, instead of breaking the task's
+    every later read."""
+    row = sql.execute(
+        "INSERT INTO dispatch.tasks (title) VALUES ('t') RETURNING task_id").fetchone()
+    assert row is not None
+    with pytest.raises(psycopg.errors.CheckViolation) as err:
+        sql.execute("UPDATE dispatch.tasks SET progress = %s::jsonb WHERE task_id = %s",
+                    (value, row["task_id"]))
+    assert err.value.diag.constraint_name == "tasks_progress_object"
+    sql.execute("UPDATE dispatch.tasks SET progress = '{\"percent\": 5}' WHERE task_id = %s",
+                (row["task_id"],))
+    sql.execute("UPDATE dispatch.tasks SET progress = NULL WHERE task_id = %s", (row["task_id"],))
+
+
 def test_insert_not_pending_is_refused(sql: Conn) -> None:
     with pytest.raises(psycopg.Error, match="a new task must be pending"):
         sql.execute("INSERT INTO dispatch.tasks (title, status) VALUES ('x', 'running')")

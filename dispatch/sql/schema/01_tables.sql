@@ -117,7 +117,8 @@ CREATE TABLE dispatch.tasks (
     wake_deadline_at      timestamptz,
     metadata              jsonb NOT NULL DEFAULT '{}'
                           CONSTRAINT tasks_metadata_object CHECK (jsonb_typeof(metadata) = 'object'),
-    progress              jsonb,
+    progress              jsonb
+                          CONSTRAINT tasks_progress_object CHECK (jsonb_typeof(progress) = 'object'),
     result                jsonb,
     error                 text,
     parent_task_id        uuid REFERENCES dispatch.tasks (task_id) ON DELETE SET NULL,
