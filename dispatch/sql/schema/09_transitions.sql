@@ -115,33 +115,45 @@ BEGIN
 END
 $$;
 
--- Takes an active task away from its agent without blaming a failure on it (wake timeout, agent
--- stopped). It still counts as an attempt, so nothing bounces forever.
--- An active task its agent gives back unfinished (a release, or the agent stopping): pending at
--- once, retry_count and error unchanged (no attempt counted: the work did not fail), the agent
--- joins previous_agents so its late reports are stale, event released. Inside fn_enter.
-CREATE FUNCTION dispatch.task_give_back(t dispatch.tasks, p_reason text, p_now timestamptz)
+-- Takes an active task away from its agent: pending at once, the agent added to previous_agents (its
+-- late reports of this attempt are stale), retry_count raised by p_attempts (0 or 1). The caller
+-- writes the event. Inside fn_enter.
+CREATE FUNCTION dispatch.task_unassign(t dispatch.tasks, p_attempts integer, p_now timestamptz)
 RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     r dispatch.tasks;
 BEGIN
     UPDATE dispatch.tasks
-    SET status = 'pending', available_at = p_now,
+    SET status = 'pending', retry_count = t.retry_count + p_attempts, available_at = p_now,
         previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
                                THEN t.previous_agents
                                ELSE t.previous_agents || t.assigned_agent END,
         assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
     WHERE task_id = t.task_id
     RETURNING * INTO r;
-    PERFORM dispatch.event_write(t.task_id, 'released', t.assigned_agent,
-        jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason,
-                           'retry_count', r.retry_count), p_now);
     PERFORM pg_notify('dispatch_work', '');
     RETURN r;
 END
 $$;
 
+-- An active task its agent gives back unfinished (a release, or the agent stopping): no attempt
+-- counted (retry_count and error unchanged: the work did not fail), event released.
+CREATE FUNCTION dispatch.task_give_back(t dispatch.tasks, p_reason text, p_now timestamptz)
+RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    r dispatch.tasks := dispatch.task_unassign(t, 0, p_now);
+BEGIN
+    PERFORM dispatch.event_write(t.task_id, 'released', t.assigned_agent,
+        jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason,
+                           'retry_count', r.retry_count), p_now);
+    RETURN r;
+END
+$$;
+
+-- Takes an active task away from its agent without blaming a failure on it (wake timeout). It
+-- still counts as an attempt, so nothing bounces forever.
 CREATE FUNCTION dispatch.task_reassign(t dispatch.tasks, p_reason text, p_now timestamptz)
 RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
@@ -154,17 +166,9 @@ BEGIN
                                'timed_out_in_state', t.status, 'reason', p_reason), p_now);
         RETURN dispatch.task_end_attempt(t, 'timed_out', p_reason, true, p_now);
     END IF;
-    UPDATE dispatch.tasks
-    SET status = 'pending', retry_count = t.retry_count + 1, available_at = p_now,
-        previous_agents = CASE WHEN t.assigned_agent = ANY (t.previous_agents)
-                               THEN t.previous_agents
-                               ELSE t.previous_agents || t.assigned_agent END,
-        assigned_agent = NULL, deadline_at = NULL, wake_deadline_at = NULL, updated_at = p_now
-    WHERE task_id = t.task_id
-    RETURNING * INTO r;
+    r := dispatch.task_unassign(t, 1, p_now);
     PERFORM dispatch.event_write(t.task_id, 'reassigned', 'dispatch',
         jsonb_build_object('previous_agent', t.assigned_agent, 'reason', p_reason), p_now);
-    PERFORM pg_notify('dispatch_work', '');
     RETURN r;
 END
 $$;
