@@ -1,11 +1,16 @@
 """A worker process for the shutdown test: `python -m tests.sdk.agent URL AGENT_ID GRACE`. Each
-task sleeps for its metadata's `seconds`; prints `ready` once registered."""
+task sleeps for its metadata's `seconds`; prints `ready` once registered. Tests start it with
+`running(...)`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from dispatch.sdk.worker import TaskContext, Worker
 
@@ -24,6 +29,24 @@ def main() -> None:
 
     worker.run()
     print(f"stopped: {worker.completed} completed, {worker.failed} failed", flush=True)
+
+
+@contextlib.contextmanager
+def running(
+    api: str, agent_id: str, grace: float, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """This worker as a process, its output in `log_path`; killed at the end if still running."""
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.sdk.agent", api, agent_id, str(grace)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dispatch.errors import Conflict, Forbidden
 from dispatch.models import Task
 from dispatch.sdk.client import DispatchClient
 from dispatch.sdk.worker import TaskContext, TaskError, Worker
+from tests.sdk import agent as agent_process
 from tests.sdk.conftest import eventually
 from tests.sdk.test_cli import cli_env
 from tests.sdk.test_worker import working
@@ -155,20 +156,11 @@ def test_sigterm_gives_a_task_with_no_retries_back_without_counting_an_attempt(
     with DispatchClient(sp.api, "alice") as alice:
         task = alice.create("long", metadata={"seconds": 60}, max_retries=0)
         log_path = tmp_path / "worker.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.sdk.agent", sp.api, "w-rel", "0.5"],
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )
-        try:
+        with agent_process.running(sp.api, "w-rel", 0.5, log_path) as proc:
             eventually(lambda: alice.get(task.task_id), lambda t: t.status == "running",
                        timeout=60, what="the task running")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         now = alice.get(task.task_id)
         events = alice.events(task.task_id)
     assert now.status == "pending", (now.status, now.error, log_path.read_text())

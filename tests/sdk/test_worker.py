@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,6 +19,7 @@ import httpx
 from dispatch.models import Task
 from dispatch.sdk.client import DispatchClient
 from dispatch.sdk.worker import Permanent, TaskContext, Worker
+from tests.sdk import agent as agent_process
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
 
@@ -215,21 +214,12 @@ def test_sigterm_mid_run_loses_nothing(sp: ServeProcess, tmp_path: Path) -> None
                  for i in range(30)]
         long_ids = [t.task_id for t in tasks if t.metadata["seconds"] == 60]
         log_path = tmp_path / "worker.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.sdk.agent", sp.api, "w-term", "1.5"],
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )
-        try:
+        with agent_process.running(sp.api, "w-term", 1.5, log_path) as proc:
             # Four long tasks hold every slot: the worker is mid-run, with nothing about to end.
             eventually(lambda: statuses(alice, long_ids), lambda c: c.get("running", 0) == 4,
                        timeout=60, what="four tasks running")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         output = log_path.read_text()
         assert "stopped:" in output, output
         for task in tasks:
