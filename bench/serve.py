@@ -125,6 +125,8 @@ ADMIN_TOKEN = "bench-admin-token"
 def dispatch_serve(database_url: str, env: Mapping[str, str] | None = None) -> Iterator[Process]:
     """`python -m dispatch serve` on free loopback ports, ready once /health answers 200."""
     api_port, ops_port = free_port(), free_port(8)  # worker i serves ops on ops_port + i
+    while ops_port <= api_port < ops_port + 8:  # each was free, but not apart from the other
+        ops_port = free_port(8)
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-serve-"))
     full_env = {
         **os.environ,

@@ -46,6 +46,16 @@ def free_port_run(count: int) -> int:
             continue
 
 
+def serve_ports(workers: int) -> tuple[int, int]:
+    """An API port and a run of `workers` ops ports, all free and none the same: each is free on
+    its own, so the run is drawn again when it covers the API port."""
+    api = free_port()
+    while True:
+        ops = free_port_run(workers)
+        if not ops <= api < ops + workers:
+            return api, ops
+
+
 @dataclass
 class ServeProcess:
     proc: subprocess.Popen[bytes]
@@ -81,7 +91,7 @@ def start_serve(
     timeout: float = 30.0,
 ) -> ServeProcess:
     """Start `python -m dispatch serve` against database_url; return once /health answers 200."""
-    api_port, ops_port = free_port(), free_port_run(8)
+    api_port, ops_port = serve_ports(8)
     full_env = {
         **os.environ,
         "DISPATCH_DATABASE_URL": database_url,

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve import free_port, free_port_run
+from tests.serve import serve_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def make_run(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """`make run` on the embedded default, its data in tmp_path instead of ./.dispatch."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    api, ops = free_port(), free_port_run(8)  # make run's workers take ops, ops + 1, ...
+    api, ops = serve_ports(8)  # make run's workers take ops, ops + 1, ...
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
     env |= {
         "DISPATCH_DATA_DIR": str(tmp_path / "data"),

@@ -19,7 +19,12 @@ import pytest
 
 from dispatch import supervisor
 from dispatch.settings import Settings, load_settings
-from tests.serve import free_port, free_port_run
+from tests.serve import free_port, free_port_run, serve_ports
+
+
+def ports() -> dict[str, str]:
+    api, ops = serve_ports(1)
+    return {"DISPATCH_PORT": str(api), "DISPATCH_METRICS_PORT": str(ops)}
 
 
 def serve(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +70,7 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
 
 def test_a_malformed_database_url_names_the_setting() -> None:
     done = serve("serve", DISPATCH_DATABASE_URL="localhost:5432 dbname",
-                 DISPATCH_PORT=str(free_port()), DISPATCH_METRICS_PORT=str(free_port()))
+                 **ports())
     one_clear_line(done, "database.url (DISPATCH_DATABASE_URL) is malformed",
                    "postgresql://user:password@host:5432/dbname")
 
@@ -74,7 +79,7 @@ def test_an_unreachable_database_names_host_port_and_setting() -> None:
     dead = free_port()
     for args in (["serve"], ["migrate"]):
         done = serve(*args, DISPATCH_DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/x",
-                     DISPATCH_PORT=str(free_port()), DISPATCH_METRICS_PORT=str(free_port()))
+                     **ports())
         one_clear_line(done, f"cannot connect to the database at 127.0.0.1:{dead}",
                        "DISPATCH_DATABASE_URL", "Connection refused")
 
@@ -87,8 +92,7 @@ def test_a_full_database_is_told_from_a_missing_one(db_url: str, pg_server: str)
         admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
         try:
             url = psycopg.conninfo.make_conninfo(db_url, user=role)
-            done = serve("serve", DISPATCH_DATABASE_URL=url, DISPATCH_PORT=str(free_port()),
-                         DISPATCH_METRICS_PORT=str(free_port()))
+            done = serve("serve", DISPATCH_DATABASE_URL=url, **ports())
         finally:
             admin.execute(f"DROP ROLE {role}")
     one_clear_line(done, "is up but refuses more connections", "too many clients")
