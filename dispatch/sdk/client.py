@@ -32,6 +32,7 @@ from dispatch.models import (
     AgentStatus,
     Explanation,
     NextClaim,
+    ReportOutcomeWithNext,
     Stats,
     Task,
     TaskEvent,
@@ -234,6 +235,9 @@ class _Requests:
             body["next"] = _next(then)
         return self.task(task_id, "complete", body=body, admin=admin)
 
+    def reports(self, items: Sequence[Mapping[str, object]]) -> _Call:
+        return _Call("POST", "/api/v1/tasks/reports", list(items))
+
     def stats(self) -> _Call:
         return _Call("GET", "/api/v1/stats", headers=self._admin())
 
@@ -250,6 +254,37 @@ class _Requests:
 def _next(then: NextClaim | None) -> object:
     """A report's `next`: the claim of the agent's next tasks made in the same request."""
     return None if then is None else msgspec.to_builtins(then)
+
+
+def report_item(task_id: TaskRef, action: str, *, lease: int | None = None,
+                then: NextClaim | None = None, **fields: object) -> dict[str, object]:
+    """One report of a batch (POST /api/v1/tasks/reports): the task, the action, and the fields
+    that action's own request takes (result; error and retry_eligible; ...)."""
+    item: dict[str, object] = {"task_id": str(task_id), "action": action}
+    if action == "complete":
+        item["result"] = fields.pop("result", None)
+    item |= {k: v for k, v in fields.items() if v is not None}
+    if lease is not None:
+        item["lease"] = lease
+    if then is not None:
+        item["next"] = _next(then)
+    return item
+
+
+def report_outcome(outcome: ReportOutcomeWithNext) -> TaskWithNext:
+    """A batch report's outcome as its single request would answer it: the task (with the next
+    tasks its `next` claimed), or the error its status stands for."""
+    if outcome.status == 200 and outcome.task is not None:
+        return TaskWithNext(**msgspec.structs.asdict(outcome.task), next=outcome.next)
+    message = outcome.error or f"report refused ({outcome.status})"
+    kind = error_for_status(outcome.status)
+    if kind is InvalidInput:
+        raise InvalidInput(message, field=outcome.field)
+    if kind is Conflict:
+        raise Conflict(message, task=outcome.task)
+    if kind is not None:
+        raise kind(message)
+    raise ApiError(outcome.status, message)
 
 
 def _page(response: httpx.Response) -> Page:
@@ -389,6 +424,14 @@ class DispatchClient:
                 lease: int | None = None) -> Task:
         """Give the task back unfinished: pending again, no attempt counted (event released)."""
         return _decode(self._send(self._r.release(task_id, reason, lease)), Task)
+
+    def reports(
+        self, items: Sequence[Mapping[str, object]]
+    ) -> builtins.list[ReportOutcomeWithNext]:
+        """Several reports of this agent in one request and transaction (see report_item); one
+        outcome per report, in order, each with the status its single request would give
+        (report_outcome turns one into that request's answer)."""
+        return _decode(self._send(self._r.reports(items)), list[ReportOutcomeWithNext])
 
     # admin
     def stats(self) -> Stats:
@@ -535,6 +578,13 @@ class AsyncDispatchClient:
                       lease: int | None = None) -> Task:
         """Give the task back unfinished: pending again, no attempt counted (event released)."""
         return _decode(await self._send(self._r.release(task_id, reason, lease)), Task)
+
+    async def reports(
+        self, items: Sequence[Mapping[str, object]]
+    ) -> builtins.list[ReportOutcomeWithNext]:
+        """Several reports of this agent in one request and transaction (see report_item); one
+        outcome per report, in order, each with the status its single request would give."""
+        return _decode(await self._send(self._r.reports(items)), list[ReportOutcomeWithNext])
 
     # admin
     async def stats(self) -> Stats:

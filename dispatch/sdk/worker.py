@@ -46,13 +46,16 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import httpx
+import msgspec
 
 from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
-from dispatch.models import NextClaim, Task, TaskStatus
-from dispatch.sdk.client import AsyncDispatchClient, DispatchClient
+from dispatch.models import NextClaim, Task, TaskStatus, TaskWithNext
+from dispatch.sdk.client import AsyncDispatchClient, DispatchClient, report_item, report_outcome
+from dispatch.wire import MAX_REPORTS
 
 log = logging.getLogger("dispatch.worker")
 T = TypeVar("T")
+_Send = Callable[[], Awaitable["TaskWithNext"]]
 
 # Reports that say the worker no longer holds the attempt: cancelled, timed out, reassigned (409),
 # or the task is not ours (403) or gone (404).
@@ -155,6 +158,93 @@ class _Closable(Protocol):
     async def close(self) -> None: ...
 
 
+class _Reports:
+    """Completions and failures on their way to the broker. One goes at once, alone (its own
+    request); those that become ready while a report is in flight leave together once it is
+    back: one request and one transaction for all of them (POST /tasks/reports), whose `next`
+    claims a task for each slot they free. A batch the broker refuses as a whole (its size, say)
+    is sent again one report at a time, so that each gets its own answer."""
+
+    def __init__(self, client: AsyncDispatchClient, then: Callable[[], NextClaim | None]) -> None:
+        self._client = client
+        self._then = then
+        self._busy = False
+        self._waiting: list[tuple[dict[str, object], _Send, asyncio.Future[TaskWithNext]]] = []
+        self.batches = 0  # requests that carried more than one report
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    async def send(self, item: dict[str, object], alone: _Send) -> TaskWithNext:
+        """Deliver one report: `item` its form in a batch, `alone` its own request."""
+        if self._busy:
+            done = asyncio.get_running_loop().create_future()
+            self._waiting.append((item, alone, done))
+            return await done
+        self._busy = True
+        try:
+            return await alone()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        waiting, self._waiting = self._waiting[:MAX_REPORTS], self._waiting[MAX_REPORTS:]
+        if not waiting:
+            self._busy = False
+            return
+        job = asyncio.get_running_loop().create_task(self._together(waiting))
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _together(
+        self, waiting: list[tuple[dict[str, object], _Send, asyncio.Future[TaskWithNext]]]
+    ) -> None:
+        try:
+            if len(waiting) == 1:
+                await _settle(waiting[0][2], waiting[0][1])
+                return
+            items = [item for item, _, _ in waiting]
+            then = self._then()
+            if then is not None:
+                items[-1] = {**items[-1], "next": msgspec.to_builtins(
+                    NextClaim(max_tasks=len(items), start=then.start))}
+            self.batches += 1
+            try:
+                outcomes = await self._client.reports(items)
+            except DispatchError as exc:
+                if not 400 <= getattr(exc, "status", 0) < 500:
+                    raise
+                log.info("a batch of %d reports refused (%s): sent one by one", len(items), exc)
+                for _, alone, done in waiting:
+                    await _settle(done, alone)
+                return
+            for (_, _, done), outcome in zip(waiting, outcomes, strict=True):
+                try:
+                    _resolve(done, report_outcome(outcome))
+                except DispatchError as exc:
+                    _resolve(done, exc)
+        except Exception as exc:  # the request failed: each report's sender decides what next
+            for _, _, done in waiting:
+                _resolve(done, exc)
+        finally:
+            self._release()
+
+
+def _resolve(done: asyncio.Future[T], answer: T | Exception) -> None:
+    if done.done():  # its sender was cancelled
+        return
+    if isinstance(answer, Exception):
+        done.set_exception(answer)
+    else:
+        done.set_result(answer)
+
+
+async def _settle(done: asyncio.Future[TaskWithNext], alone: _Send) -> None:
+    """Resolve `done` with the answer of the report's own request, or its error."""
+    try:
+        _resolve(done, await alone())
+    except Exception as exc:
+        _resolve(done, exc)
+
+
 class Worker:
     """An agent: registers, takes tasks, runs `handler` on each (see the module docstring)."""
 
@@ -202,6 +292,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._freed: asyncio.Event | None = None
+        self._reports: _Reports
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the coroutine function run once per task."""
@@ -231,6 +322,7 @@ class Worker:
         self._client = AsyncDispatchClient(
             self.url, self.agent_id, token=self.token, timeout=self.poll_seconds + 30
         )
+        self._reports = _Reports(self._client, self._then)
         keeper_stop = threading.Event()
         keeper = threading.Thread(
             target=self._keep, args=(keeper_stop,), name=f"dispatch-keeper-{self.agent_id}",
@@ -457,8 +549,10 @@ class Worker:
             log.warning("task %s: %s", task.task_id, problem)
             await self._report_fail(attempt, problem, retry=False)
             return
-        answer = await self._deliver(task, "completion", lambda: self._client.complete(
-            task.task_id, result, lease=task.lease, then=self._then()))
+        answer = await self._deliver(task, "completion", lambda: self._reports.send(
+            report_item(task.task_id, "complete", lease=task.lease, result=result),
+            lambda: self._client.complete(task.task_id, result, lease=task.lease,
+                                          then=self._then())))
         if isinstance(answer, DispatchError):
             why = (f"result refused by the broker: {answer.status} {answer.message}; "
                    f"the completion was {size:,} bytes")
@@ -473,8 +567,11 @@ class Worker:
             return
         task = attempt.task
         error = _fit(error)
-        answer = await self._deliver(task, "failure", lambda: self._client.fail(
-            task.task_id, error, retry_eligible=retry, lease=task.lease, then=self._then()))
+        answer = await self._deliver(task, "failure", lambda: self._reports.send(
+            report_item(task.task_id, "fail", lease=task.lease, error=error,
+                        retry_eligible=retry),
+            lambda: self._client.fail(task.task_id, error, retry_eligible=retry,
+                                      lease=task.lease, then=self._then())))
         if isinstance(answer, DispatchError):
             # Refused even so (a body limit below the error's size?): a short failure says why.
             short = _fit(f"error refused by the broker: {answer.status} {answer.message}", 500)
