@@ -13,7 +13,8 @@ from bench.pg import Cluster, cost_between, prepare_dispatch, read_counters
 from bench.results import Throughput
 from dispatch import db
 from dispatch.broker import Broker
-from dispatch.models import Assignment, Complete, NewTask, Start
+from dispatch.errors import Conflict
+from dispatch.models import Assignment, Complete, NewTask, NextClaim, Start, Task
 from dispatch.store import Store
 
 REQUESTER = "bench-requester"
@@ -66,24 +67,39 @@ async def register_agents(
     return ids
 
 
+NEXT = NextClaim(start=True)  # a report's claim of the agent's next task, started
+
+
+async def run_on(broker: Broker, agent_id: str, task: Task) -> Task | None:
+    """Complete a started task, claiming the agent's next one (its own pushed tasks first, then
+    new ones), started, in the same transaction: one commit per task for a busy agent, as the
+    SDK's workers do."""
+    _, claimed = await broker.apply_then_claim(
+        Complete(task_id=task.task_id, actor=agent_id, result=RESULT), agent_id, NEXT)
+    return claimed[0] if claimed else None
+
+
 async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) -> float:
-    """Each agent claims, starts and completes one task at a time until n are done."""
+    """Each agent holds one task at a time: it claims one (started in the same step) only when
+    the completion of its last one brought no next task."""
     done = 0
 
     async def agent(agent_id: str) -> None:
         nonlocal done
         misses = 0
+        task: Task | None = None
         while done < n and misses < 50:
-            t0 = time.perf_counter()
-            task = await broker.claim(agent_id)
-            lat.add_since(t0)
             if task is None:
-                misses += 1
-                await asyncio.sleep(0.002)
-                continue
+                t0 = time.perf_counter()
+                claimed = await broker.claim_many(agent_id, start=True)
+                lat.add_since(t0)
+                if not claimed:
+                    misses += 1
+                    await asyncio.sleep(0.002)
+                    continue
+                task = claimed[0]
             misses = 0
-            await broker.apply(Start(task_id=task.task_id, agent_id=agent_id))
-            await broker.apply(Complete(task_id=task.task_id, actor=agent_id, result=RESULT))
+            task = await run_on(broker, agent_id, task)
             done += 1
 
     t0 = time.perf_counter()
@@ -94,44 +110,52 @@ async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) 
 
 
 async def drain_push(
-    broker: Broker, slots: int, n: int, batch: int, lat: Latencies
+    broker: Broker, agents: list[str], slots: int, n: int, batch: int, lat: Latencies
 ) -> float:
-    """One assigner calls task_assign in batches; `slots` workers start and complete what it
-    hands out (the agents' side, as an agent told of its assignment would)."""
-    queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
+    """One assigner calls task_assign in batches; each agent runs `slots` tasks at a time. A
+    slot starts the task it is told of (an agent's NATS subject would tell it) and then keeps
+    going on what each completion's next brings (the agent's own pushed tasks first); a pushed
+    task a completion's next already started is not started twice."""
+    told: dict[str, asyncio.Queue[Assignment | None]] = {a: asyncio.Queue() for a in agents}
+    started: set[object] = set()
     freed = asyncio.Event()
     done = 0
 
-    async def worker() -> None:
+    async def slot(agent_id: str) -> None:
         nonlocal done
+        queue = told[agent_id]
         while (a := await queue.get()) is not None:
-            await broker.apply(Start(task_id=a.task_id, agent_id=a.agent_id))
-            await broker.apply(Complete(task_id=a.task_id, actor=a.agent_id, result=RESULT))
-            done += 1
-            freed.set()
+            if a.task_id in started:
+                continue
+            try:
+                task: Task | None = await broker.apply(
+                    Start(task_id=a.task_id, agent_id=agent_id))
+            except Conflict:  # a completion's next started it first
+                continue
+            while task is not None:
+                task = await run_on(broker, agent_id, task)
+                done += 1
+                freed.set()
+                if task is not None:
+                    started.add(task.task_id)
 
     async def assigner() -> None:
-        assigned = 0
-        idle = 0
-        while assigned < n and idle < 200:
+        while done < n:  # run_engine's phase timeout bounds it
             freed.clear()
             t0 = time.perf_counter()
             got = await broker.assign(batch=batch)
             lat.add_since(t0)
             for a in got:
-                queue.put_nowait(a)
-            assigned += len(got)
+                told[a.agent_id].put_nowait(a)
             if not got:
-                idle += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(freed.wait(), 0.05)
-            else:
-                idle = 0
-        for _ in range(slots):
-            queue.put_nowait(None)
+        for queue in told.values():
+            for _ in range(slots):
+                queue.put_nowait(None)
 
     t0 = time.perf_counter()
-    await asyncio.gather(assigner(), *(worker() for _ in range(slots)))
+    await asyncio.gather(assigner(), *(slot(a) for a in agents for _ in range(slots)))
     if done < n:
         raise RuntimeError(f"push drain stopped after {done} of {n} tasks")
     return time.perf_counter() - t0
@@ -167,7 +191,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
         if mode == "pull":
             drain = drain_pull(broker, agents, n, lat)
         else:
-            drain = drain_push(broker, len(agents) * sizes.pgq_batch, n, sizes.assign_batch, lat)
+            drain = drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat)
         drain_s = await asyncio.wait_for(drain, sizes.phase_timeout)
         cpu = meter.stop()
     finally:
