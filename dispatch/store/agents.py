@@ -15,8 +15,8 @@ from dispatch.store.base import Conn, Queries, convert
 _COLUMNS = """
 a.agent_id, a.capabilities, a.owner, a.status, a.policy,
 coalesce(a.max_concurrent, c.max_concurrent_per_agent) AS max_concurrent,
-a.active_count AS active_tasks, a.drained, a.source, a.last_assigned_at, a.last_seen_at,
-a.updated_at
+dispatch.agent_active(a.agent_id) AS active_tasks, a.drained, a.source, a.last_assigned_at,
+a.last_seen_at, a.updated_at
 """
 
 

@@ -185,8 +185,8 @@ async def test_after_a_manual_resolution_the_agents_complete_is_409(
     assert r.status_code == 409, r.text
     assert r.json()["detail"]["result"] == {"by": "alice"}
     # bob's slot is free again.
-    row = sql.execute("SELECT active_count FROM dispatch.agents WHERE agent_id = 'bob'").fetchone()
-    assert row is not None and row["active_count"] == 0
+    row = sql.execute("SELECT dispatch.agent_active('bob') AS n").fetchone()
+    assert row is not None and row["n"] == 0
 
 
 async def test_claim_capabilities_narrow_and_never_widen(

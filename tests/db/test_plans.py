@@ -192,11 +192,30 @@ def test_claim_walks_the_pending_order_index(conn: Conn) -> None:
 
 def test_claim_finds_the_agents_own_tasks_among_its_active_ones_only(conn: Conn) -> None:
     """agent-0 holds 50 active tasks (25 pushed, not started) and 50,000 finished ones: its claim
-    returns its oldest pushed task reading its active rows, none of its history."""
+    returns its oldest pushed task reading its active rows (to count its load under its lock,
+    and to find its own tasks), none of its history and none of the other agents' tasks."""
     reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-0')")
     check_plans(reads)
     assert reads.seq_scans == 0
-    assert sum(reads.index_tuples.values()) <= 2 * ACTIVE // AGENTS, reads.index_tuples
+    assert sum(reads.index_tuples.values()) <= 3 * ACTIVE // AGENTS, reads.index_tuples
+
+
+def test_a_full_looking_agent_has_its_load_counted_from_its_own_active_rows(conn: Conn) -> None:
+    """Completions do not lower an agent's stored active_count; when it says full, the claim
+    counts the agent's load under its lock: from its own active rows (index only), on the generic
+    plan too, not from every agent's active tasks nor its history."""
+    conn.execute("UPDATE dispatch.agents SET active_count = 1000 WHERE agent_id = 'agent-1'")
+    conn.commit()
+    try:
+        reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-1')")
+    finally:
+        conn.execute("UPDATE dispatch.agents SET active_count = %s WHERE agent_id = 'agent-1'",
+                     (ACTIVE // AGENTS,))
+        conn.commit()
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert reads.index_tuples.get("tasks_active_deadline_idx", 0) == 0, reads.index_tuples
+    assert sum(reads.index_tuples.values()) <= 3 * ACTIVE // AGENTS + 50, reads.index_tuples
 
 
 def test_assign_reads_about_a_batch_not_the_queue(conn: Conn) -> None:

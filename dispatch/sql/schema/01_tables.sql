@@ -186,8 +186,9 @@ CREATE INDEX tasks_pending_aging_idx ON dispatch.tasks (age_due_at)
 CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
     WHERE status = 'pending' AND available_at > created_at;
 
--- An agent's active tasks: its claim finds the ones pushed to it that it has not started.
-CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent)
+-- An agent's active tasks: counted (index only) whenever work is given to it, and its claim
+-- finds the ones pushed to it that it has not started.
+CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent, status)
     WHERE status IN ('assigned', 'running');
 
 -- The reapers: the active tasks whose deadline passes next.

@@ -144,7 +144,29 @@ $$;
 CREATE TRIGGER tasks_after_insert AFTER INSERT ON dispatch.tasks
     FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_after_insert();
 
--- Guards every status change and keeps each agent's active_count. Status changes made by raw SQL
+-- An agent's active tasks (assigned or running), counted now (tasks_active_agent_idx). Whoever
+-- assigns to an agent counts them under the agent's row lock: the limit is decided on this count,
+-- not on the stored active_count, so a completion never has to update (and wait for) the agent's
+-- row.
+CREATE FUNCTION dispatch.agent_active(p_agent_id text) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::integer FROM dispatch.tasks t
+    WHERE t.assigned_agent = p_agent_id AND t.status IN ('assigned', 'running')
+$$;
+
+-- The agent row with active_count counted now.
+CREATE FUNCTION dispatch.agent_counted(a dispatch.agents) RETURNS dispatch.agents
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    a.active_count := dispatch.agent_active(a.agent_id);
+    RETURN a;
+END
+$$;
+
+-- Guards every status change and notes assignments on the agent's row (active_count rises with
+-- each; it is brought back to the count by the next assignment or claim of that agent, under its
+-- lock: a task leaving an agent does not touch the agent's row, which would queue every completion
+-- behind the assigner's lock). Status changes made by raw SQL
 -- (not through the functions below, which set dispatch.via) get a generic event so that no change
 -- escapes the history.
 CREATE FUNCTION dispatch.tasks_before_update() RETURNS trigger
@@ -188,9 +210,7 @@ BEGIN
         NEW.updated_at := greatest(NEW.updated_at, OLD.updated_at);
     END IF;
     IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
-        UPDATE dispatch.agents SET active_count = greatest(active_count - 1, 0)
-        WHERE agent_id = OLD.assigned_agent;
-        PERFORM pg_notify('dispatch_work', '');
+        PERFORM pg_notify('dispatch_work', '');  -- a slot is free
     END IF;
     IF is_active AND (NOT was_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
         UPDATE dispatch.agents

@@ -49,6 +49,21 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce(array_agg(x ORDER BY x), '{}') FROM unnest(p_need) x WHERE NOT x = ANY (p_have)
 $$;
 
+-- The agent's row, locked by the caller, with active_count counted now (a new statement: it sees
+-- every assignment committed before the lock was granted) and stored when it changed.
+CREATE FUNCTION dispatch.agent_refresh(a dispatch.agents) RETURNS dispatch.agents
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := dispatch.agent_active(a.agent_id);
+BEGIN
+    IF n <> a.active_count THEN
+        UPDATE dispatch.agents SET active_count = n WHERE agent_id = a.agent_id;
+        a.active_count := n;
+    END IF;
+    RETURN a;
+END
+$$;
+
 -- Why the agent takes no new work at all now (empty: it may). p_capacity false leaves its load out.
 CREATE FUNCTION dispatch.agent_unavailability(
     a dispatch.agents, c dispatch.config, p_capacity boolean DEFAULT true
@@ -181,12 +196,8 @@ BEGIN
             USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
     END IF;
     SELECT * INTO c FROM dispatch.config;
-    UPDATE dispatch.agents ag
-    SET last_seen_at = p_now,
-        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
-                      THEN 'ready'::dispatch.agent_status ELSE ag.status END
-    WHERE ag.agent_id = p_agent_id
-    RETURNING * INTO a;     -- also locks the agent row: it is the semaphore
+    SELECT * INTO a FROM dispatch.agents ag WHERE ag.agent_id = p_agent_id
+    FOR UPDATE;             -- the agent row is the semaphore
     IF NOT FOUND THEN
         RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
             p_agent_id, p_agent_id USING ERRCODE = 'UD404';
@@ -210,6 +221,19 @@ BEGIN
         own := own + 1;
         RETURN NEXT t;
     END LOOP;
+    -- Seen now, in one write of its row. Its stored load never counts too few (completions do
+    -- not lower it): when it leaves less room than asked for, the load is counted now (by a
+    -- statement after the lock: it sees every assignment committed before).
+    UPDATE dispatch.agents ag
+    SET last_seen_at = p_now,
+        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
+                      THEN 'ready'::dispatch.agent_status ELSE ag.status END,
+        active_count = CASE
+            WHEN own < p_max AND ag.active_count + p_max - own
+                                 > coalesce(ag.max_concurrent, c.max_concurrent_per_agent)
+            THEN dispatch.agent_active(p_agent_id) ELSE ag.active_count END
+    WHERE ag.agent_id = p_agent_id
+    RETURNING * INTO a;
     IF own = p_max OR cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         RETURN;
     END IF;
@@ -312,7 +336,8 @@ $$;
 -- An agent row (the semaphore) is held only from its lock to the commit, for the agents that get
 -- work: claims and completions of other agents never wait for a round, and those of a picked
 -- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
--- and active_count rises with each assignment, so the limit holds inside the round too.
+-- and each agent's load is counted under its lock and rises with each give, so the limit holds
+-- inside the round too.
 -- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
 -- (counting its own picks); the apply step, once every picked agent is locked and checked, has
 -- flow_grant decide on the tasks with flow keys before it gives anything.
@@ -341,9 +366,15 @@ DECLARE
     park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
 BEGIN
     SELECT * INTO c FROM dispatch.config;
-    free := ARRAY(SELECT ag FROM dispatch.agents ag
-                  WHERE cardinality(dispatch.agent_unavailability(ag, c)) = 0
-                  ORDER BY ag.agent_id);
+    -- The agents with room: by their stored load (never too low), counted now for those it
+    -- shows full.
+    free := ARRAY(SELECT x.ag
+                  FROM dispatch.agents a0
+                  CROSS JOIN LATERAL (SELECT CASE
+                      WHEN a0.active_count < coalesce(a0.max_concurrent, c.max_concurrent_per_agent)
+                      THEN a0 ELSE dispatch.agent_counted(a0) END AS ag) x
+                  WHERE cardinality(dispatch.agent_unavailability(x.ag, c)) = 0
+                  ORDER BY a0.agent_id);
     SELECT sum(coalesce(f.max_concurrent, c.max_concurrent_per_agent) - f.active_count)
     INTO room FROM unnest(free) f;
     room := least(coalesce(room, 0), p_batch);
@@ -403,6 +434,10 @@ BEGIN
     CLOSE walk;
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
         SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
+        IF held.active_count + array_length(array_positions(pickd, id), 1)
+           > coalesce(held.max_concurrent, c.max_concurrent_per_agent) THEN
+            held := dispatch.agent_refresh(held);  -- its load, counted under its lock
+        END IF;
         FOR i IN 1 .. cardinality(picks) LOOP
             CONTINUE WHEN pickd[i] <> id;
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
@@ -517,7 +552,7 @@ BEGIN
         SELECT ag, dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c)
                    AS base_reasons,
                ag.agent_id = ANY (t.previous_agents) AS prev
-        FROM dispatch.agents ag
+        FROM dispatch.agents a0, dispatch.agent_counted(a0) ag
     ), e AS (
         SELECT r.*,
                cardinality(r.base_reasons) = 0 AS ok,

@@ -55,7 +55,7 @@ ORDER BY s.status;
 
 CREATE VIEW dispatch.agent_load AS
 SELECT a.agent_id, a.status, a.drained, a.source, a.owner, a.capabilities,
-       a.active_count AS active_tasks,
+       dispatch.agent_active(a.agent_id) AS active_tasks,
        coalesce(a.max_concurrent, c.max_concurrent_per_agent) AS max_concurrent,
        (SELECT count(*) FROM dispatch.tasks t
         WHERE t.status IN ('assigned', 'running') AND t.assigned_agent = a.agent_id)::integer
