@@ -122,29 +122,53 @@ $$;
 -- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
 -- epoch): a reaper sleeping past it wakes.
 -- Identical payloads fold, so a batch with one short timeout sends one.
+-- A claim's one write of its agent's row, under its lock: seen now, its status and load as the
+-- claim saw them (`a`), plus the p_given tasks it just gave. (The lifecycle functions' gives do not
+-- touch the agent's row themselves: see tasks_before_update.)
+-- (plpgsql: it keeps the UPDATE's plan, where a SQL function would set up its executor anew at
+-- each call, about 80 us.)
+CREATE FUNCTION dispatch.agent_note(a dispatch.agents, p_now timestamptz, p_given integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE dispatch.agents
+    SET last_seen_at = p_now, status = a.status, active_count = a.active_count + p_given,
+        last_assigned_at = CASE WHEN p_given > 0 THEN p_now ELSE last_assigned_at END
+    WHERE agent_id = a.agent_id;
+END
+$$;
+
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, c dispatch.config, p_score real, p_mode text,
-    p_now timestamptz
+    p_now timestamptz, p_start boolean DEFAULT false
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     r     dispatch.tasks;
     first timestamptz;
 BEGIN
+    -- With p_start (a claim that starts what it takes) the task goes from pending to running in
+    -- this one write; its history still says assigned, then started.
     UPDATE dispatch.tasks
-    SET status = 'assigned', assigned_agent = a.agent_id, assigned_at = p_now, lease = t.lease + 1,
+    SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
+        assigned_agent = a.agent_id, assigned_at = p_now, lease = t.lease + 1,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
-        wake_deadline_at = CASE WHEN a.status = 'sleeping'
+        wake_deadline_at = CASE WHEN a.status = 'sleeping' AND NOT p_start
                                 THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
-        started_at = NULL, last_progress_at = NULL, progress = NULL,
-        updated_at = p_now
+        started_at = CASE WHEN p_start THEN p_now END,
+        last_progress_at = CASE WHEN p_start THEN p_now END,
+        progress = NULL, updated_at = p_now
     WHERE task_id = t.task_id
     RETURNING * INTO r;
     PERFORM dispatch.event_write(t.task_id, 'assigned',
         CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
                            'attempt', t.retry_count + 1, 'lease', r.lease, 'mode', p_mode,
-                           'wake', a.status = 'sleeping'), p_now);
+                           'wake', a.status = 'sleeping' AND NOT p_start), p_now);
+    IF p_start THEN
+        PERFORM dispatch.event_write(t.task_id, 'started', a.agent_id,
+            jsonb_build_object('assigned_agent', a.agent_id), p_now);
+    END IF;
     IF p_mode <> 'claim' THEN  -- wakes the agent's claim waiting on the server, if any
         PERFORM pg_notify('dispatch_assigned', a.agent_id);
     END IF;
@@ -190,6 +214,7 @@ DECLARE
     rkeys text[] := '{}';
     costs integer[] := '{}';
     park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
+    given integer := 0;      -- new tasks given
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_tasks must be between 1 and 100 (got %)', p_max
@@ -221,20 +246,18 @@ BEGIN
         own := own + 1;
         RETURN NEXT t;
     END LOOP;
-    -- Seen now, in one write of its row. Its stored load never counts too few (completions do
-    -- not lower it): when it leaves less room than asked for, the load is counted now (by a
-    -- statement after the lock: it sees every assignment committed before).
-    UPDATE dispatch.agents ag
-    SET last_seen_at = p_now,
-        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
-                      THEN 'ready'::dispatch.agent_status ELSE ag.status END,
-        active_count = CASE
-            WHEN own < p_max AND ag.active_count + p_max - own
-                                 > coalesce(ag.max_concurrent, c.max_concurrent_per_agent)
-            THEN dispatch.agent_active(p_agent_id) ELSE ag.active_count END
-    WHERE ag.agent_id = p_agent_id
-    RETURNING * INTO a;
+    -- Its stored load never counts too few (completions do not lower it): when it leaves less
+    -- room than asked for, the load is counted now (by a statement after the lock: it sees every
+    -- assignment committed before). The row is written once, at the end: seen, its load, and
+    -- what this claim gave it.
+    a.status := CASE WHEN a.status IN ('unknown', 'stopped', 'sleeping')
+                     THEN 'ready'::dispatch.agent_status ELSE a.status END;
+    IF own < p_max AND a.active_count + p_max - own
+                       > coalesce(a.max_concurrent, c.max_concurrent_per_agent) THEN
+        a.active_count := dispatch.agent_active(p_agent_id);
+    END IF;
     IF own = p_max OR cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
+        PERFORM dispatch.agent_note(a, p_now, 0);
         RETURN;
     END IF;
     room := least(p_max - own,
@@ -312,13 +335,13 @@ BEGIN
     FOR i IN 1 .. cardinality(taken) LOOP
         CONTINUE WHEN ok[i] IS FALSE;
         PERFORM dispatch.fn_enter();
-        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now);
+        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now,
+                                p_start);
         PERFORM dispatch.fn_leave();
-        IF p_start THEN
-            t := dispatch.task_start(t.task_id, p_agent_id, p_now);
-        END IF;
+        given := given + 1;
         RETURN NEXT t;
     END LOOP;
+    PERFORM dispatch.agent_note(a, p_now, given);
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -364,6 +387,7 @@ DECLARE
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
     park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
+    given text[] := '{}';    -- the agent of each task given
 BEGIN
     SELECT * INTO c FROM dispatch.config;
     -- The agents with room: by their stored load (never too low), counted now for those it
@@ -466,9 +490,15 @@ BEGIN
         wake := a.status = 'sleeping';
         waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
         PERFORM dispatch.task_give(t, a, c, score, 'push', p_now);
+        given := given || a.agent_id;
         RETURN NEXT;
     END LOOP;
     PERFORM dispatch.fn_leave();
+    -- One write per agent given work (under the lock taken above): its load rises by its gives.
+    UPDATE dispatch.agents ag
+    SET active_count = ag.active_count + g.n, last_assigned_at = p_now
+    FROM (SELECT x AS agent_id, count(*)::integer AS n FROM unnest(given) x GROUP BY x) g
+    WHERE ag.agent_id = g.agent_id;
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;

@@ -1,0 +1,79 @@
+"""What each step of a task's life writes, read from the server's own row counters: one version of
+the task's row and its events, and no row that other tasks share. The agent's row is written only
+by whoever gives it work (under its lock), once per claim or per assigner round, and never by a
+task that ends: ten workers of one agent finishing at once do not queue on it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def writes(sql: Conn, statement: str, params: tuple[object, ...] = ()) -> Counter[str]:
+    """Rows each dispatch table got (inserted or updated) from one autocommit statement."""
+
+    def now() -> Counter[str]:
+        sql.execute("SELECT pg_stat_force_next_flush()")
+        rows = sql.execute(
+            "SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_user_tables"
+            " WHERE schemaname = 'dispatch'"
+        ).fetchall()
+        sql.execute("SELECT pg_stat_clear_snapshot()")
+        out: Counter[str] = Counter()
+        for r in rows:
+            out[f"{r['relname']} insert"] = r["n_tup_ins"]
+            out[f"{r['relname']} update"] = r["n_tup_upd"]
+        return out
+
+    before = now()
+    sql.execute(statement, params)  # type: ignore[arg-type]
+    after = now()
+    return +(after - before)  # only what changed
+
+
+def test_each_step_writes_the_task_once_and_no_shared_row(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
+    created = writes(sql, "SELECT dispatch.create_task('one')")
+    assert created == Counter({"tasks insert": 1, "task_events insert": 1}), created
+
+    claimed = writes(sql, "SELECT * FROM dispatch.task_claim('a1', p_start => true)")
+    # Pending straight to running in one write, both events; the agent's row once.
+    assert claimed == Counter({"tasks update": 1, "task_events insert": 2,
+                               "agents update": 1}), claimed
+    task_id = sql.execute("SELECT task_id FROM dispatch.tasks").fetchone()
+    assert task_id is not None
+    events = [r["event"] for r in sql.execute(
+        "SELECT event FROM dispatch.task_events WHERE task_id = %s ORDER BY id",
+        (task_id["task_id"],)).fetchall()]
+    assert events == ["created", "assigned", "started"]
+
+    completed = writes(sql, "SELECT dispatch.task_complete(%s, 'a1', '{}')",
+                       (task_id["task_id"],))
+    assert completed == Counter({"tasks update": 1, "task_events insert": 1}), completed
+
+    sql.execute("SELECT dispatch.create_task('two')")
+    sql.execute("SELECT * FROM dispatch.task_claim('a1', p_start => true)")
+    two = sql.execute("SELECT task_id FROM dispatch.tasks WHERE title = 'two'").fetchone()
+    assert two is not None
+    failed = writes(sql, "SELECT dispatch.task_fail(%s, 'a1', 'boom', false)", (two["task_id"],))
+    assert "agents update" not in failed, failed
+    assert failed["tasks update"] == 1, failed
+
+
+def test_an_assigner_round_writes_each_agent_once(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
+    sql.execute("SELECT dispatch.agent_upsert('a2', '{}', NULL, 10, 'ready')")
+    for i in range(6):
+        sql.execute("SELECT dispatch.create_task(%s)", (f"t{i}",))
+    round_ = writes(sql, "SELECT * FROM dispatch.task_assign(10)")
+    assert round_["tasks update"] == 6, round_
+    assert round_["agents update"] == 2, round_  # one write per agent, not one per task
+    loads = {r["agent_id"]: r["active_tasks"] for r in sql.execute(
+        "SELECT agent_id, active_tasks FROM dispatch.agent_load").fetchall()}
+    stored = {r["agent_id"]: r["active_count"] for r in sql.execute(
+        "SELECT agent_id, active_count FROM dispatch.agents").fetchall()}
+    assert sum(loads.values()) == 6 and loads == stored, (loads, stored)
