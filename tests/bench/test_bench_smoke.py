@@ -78,3 +78,17 @@ def test_each_build_keeps_its_own_section(tmp_path: Path) -> None:
     report = bench(out, BENCH_ONLY="scale", BENCH_PG="embedded")
     assert report.startswith("# head") and "other build" in report
     assert "## Run on the embedded build" in report
+
+
+def test_the_per_call_loop_reports_every_round() -> None:
+    """`python -m bench.calls`: the server-timed loop behind the per-call rows of BENCHMARKS.md."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.calls", "5", BUILD], cwd=REPO, capture_output=True,
+        text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = [line for line in proc.stdout.splitlines() if "us per call" in line]
+    assert len(rounds) == 6, proc.stdout
+    for line in rounds:
+        numbers = [int(part.split()[-1]) for part in line.split("|")]
+        assert len(numbers) == 3 and all(x > 0 for x in numbers), line
