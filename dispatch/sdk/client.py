@@ -80,17 +80,24 @@ def _raise_for(response: httpx.Response) -> None:
         detail = body.get("detail")
     except (msgspec.DecodeError, AttributeError):
         message, detail = response.text or response.reason_phrase, None
-    status = response.status_code
+    field_name = detail.get("field") if isinstance(detail, dict) else None
+    conflict = error_for_status(response.status_code) is Conflict and isinstance(detail, dict)
+    task = msgspec.convert(detail, Task) if conflict else None
+    raise _error(response.status_code, message, field=field_name, detail=detail, task=task)
+
+
+def _error(status: int, message: str, *, field: str | None = None, detail: object = None,
+           task: Task | None = None) -> DispatchError:
+    """The error a refusal with `status` stands for: a 400 names its field, a 409 carries the
+    task as it is now."""
     kind = error_for_status(status)
     if kind is InvalidInput:
-        field_name = detail.get("field") if isinstance(detail, dict) else None
-        raise InvalidInput(message, field=field_name, detail=detail)
+        return InvalidInput(message, field=field, detail=detail)
     if kind is Conflict:
-        task = msgspec.convert(detail, Task) if isinstance(detail, dict) else None
-        raise Conflict(message, task=task)
+        return Conflict(message, task=task)
     if kind is not None:
-        raise kind(message)
-    raise ApiError(status, message, detail)
+        return kind(message)
+    return ApiError(status, message, detail)
 
 
 def _decode(response: httpx.Response, kind: type[T]) -> T:
@@ -276,15 +283,8 @@ def report_outcome(outcome: ReportOutcomeWithNext) -> TaskWithNext:
     tasks its `next` claimed), or the error its status stands for."""
     if outcome.status == 200 and outcome.task is not None:
         return TaskWithNext(**msgspec.structs.asdict(outcome.task), next=outcome.next)
-    message = outcome.error or f"report refused ({outcome.status})"
-    kind = error_for_status(outcome.status)
-    if kind is InvalidInput:
-        raise InvalidInput(message, field=outcome.field)
-    if kind is Conflict:
-        raise Conflict(message, task=outcome.task)
-    if kind is not None:
-        raise kind(message)
-    raise ApiError(outcome.status, message)
+    raise _error(outcome.status, outcome.error or f"report refused ({outcome.status})",
+                 field=outcome.field, task=outcome.task)
 
 
 def _page(response: httpx.Response) -> Page:

@@ -117,11 +117,6 @@ LANGUAGE sql STABLE AS $$
     ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
--- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
--- the caller already read). When the attempt's first deadline comes before the reapers' next
--- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
--- epoch): a reaper sleeping past it wakes.
--- Identical payloads fold, so a batch with one short timeout sends one.
 -- A claim's one write of its agent's row, under its lock: seen now, its status and load as the
 -- claim saw them (`a`), plus the p_given tasks it just gave. (The lifecycle functions' gives do not
 -- touch the agent's row themselves: see tasks_before_update.)
@@ -138,6 +133,11 @@ BEGIN
 END
 $$;
 
+-- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
+-- the caller already read). When the attempt's first deadline comes before the reapers' next
+-- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
+-- epoch): a reaper sleeping past it wakes.
+-- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, c dispatch.config, p_score real, p_mode text,
     p_now timestamptz, p_start boolean DEFAULT false
