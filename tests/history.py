@@ -19,8 +19,10 @@ class Replay:
 
 
 def replay(events: Iterable[Mapping[str, Any]], limit: int) -> Replay:
-    """Walk the history in id order (ids are taken under the task's and the agent's row locks, so
-    per task and per agent they follow the order of the changes)."""
+    """Walk the history in id order. Ids are taken under the task's row lock, so per task they
+    follow the order of its changes; and a slot of an agent is taken only once the end of its last
+    holder is committed, so the end's id comes before the next holder's assignment: counted in id
+    order, an agent's active tasks are never more than its slots."""
     out = Replay()
     holder: dict[Any, str | None] = {}
     active: Counter[str] = Counter()

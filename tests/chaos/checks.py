@@ -38,22 +38,21 @@ def nothing_acknowledged_lost(sql: Sql, swarm: Swarm) -> None:
     assert not wrong, f"{len(wrong)} acknowledged completion(s) not kept, e.g. {wrong[:3]}"
 
 
-def active_counts_match(sql: Sql) -> None:
-    """Each agent's load as the API and dispatch.agent_load show it equals the recount of its
-    assigned + running tasks, and its stored active_count (brought to the count whenever work is
-    given to it, under its lock; not lowered by completions) never counts fewer."""
+def loads_match_slots(sql: Sql) -> None:
+    """Each agent's load as dispatch.agent_load shows it equals the recount of its assigned +
+    running tasks, each of them holds a slot of its own, and none is over the agent's limit."""
     rows = sql.execute(
         """
-        SELECT l.agent_id, l.active_tasks, a.active_count,
+        SELECT l.agent_id, l.active_tasks, l.slots_held, l.max_concurrent,
                (SELECT count(*) FROM dispatch.tasks t
-                WHERE t.assigned_agent = a.agent_id AND t.status IN ('assigned', 'running'))
-                   AS recount
-        FROM dispatch.agent_load l JOIN dispatch.agents a USING (agent_id)
+                WHERE t.assigned_agent = l.agent_id AND t.status IN ('assigned', 'running')
+                  AND t.slot BETWEEN 1 AND l.max_concurrent) AS recount
+        FROM dispatch.agent_load l
         """
     ).fetchall()
     off = [r for r in rows
-           if r["active_tasks"] != r["recount"] or r["active_count"] < r["recount"]]
-    assert not off, f"an agent's load differs from the recount: {off}"
+           if not r["active_tasks"] == r["slots_held"] == r["recount"] <= r["max_concurrent"]]
+    assert not off, f"an agent's load differs from its slots: {off}"
 
 
 def history_sound(sql: Sql, limit: int = LIMIT) -> None:
@@ -80,5 +79,5 @@ def no_server_errors(swarm: Swarm) -> None:
 def all_invariants(sql: Sql, swarm: Swarm) -> None:
     no_server_errors(swarm)
     nothing_acknowledged_lost(sql, swarm)
-    active_counts_match(sql)
+    loads_match_slots(sql)
     history_sound(sql)

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from dispatch.db import CONNECT_KWARGS
 from dispatch.settings import DatabaseSettings
-from tests.chaos.checks import active_counts_match, history_sound
+from tests.chaos.checks import history_sound, loads_match_slots
 from tests.serve import serving
 
 Sql = psycopg.Connection[dict[str, Any]]
@@ -97,7 +97,7 @@ async def test_a_locked_task_row_answers_503_and_the_rest_of_the_api_keeps_worki
                 assert r.status_code == 201, r.text
             r = await http.post(f"/api/v1/tasks/{task_id}/complete", json={"result": {"ok": 1}})
             assert r.status_code == 200 and r.json()["result"] == {"ok": 1}, r.text
-    active_counts_match(sql)
+    loads_match_slots(sql)
     history_sound(sql)
 
 
@@ -161,4 +161,4 @@ async def test_heartbeats_on_a_locked_agent_row_do_not_exhaust_the_pool_for_ever
                 busy(answer, "lock_timeout", "pool_timeout")
             r = await http.post("/api/v1/agents/worker-1/heartbeat")
             assert r.status_code == 200, r.text
-    active_counts_match(sql)
+    loads_match_slots(sql)

@@ -1,14 +1,14 @@
 """A transaction holding back the xmin horizon (a forgotten psql session, a long report, a replica's
 hot_standby_feedback) during a soak of lifecycles over REST.
 
-While it is held, no dead row version can be removed: the tasks' and the agents' (each assignment
-and completion updates the agent row) pile up. What must hold: the broker keeps working, claims
+While it is held, no dead row version can be removed: the tasks' and the agents' (an assigner round
+notes when it gave each agent work, a claim notes its agent as seen at most once a second) pile up. What must hold: the broker keeps working, claims
 stay free of pathology (p99 under a generous bound; the numbers are printed), and once the
 transaction ends and vacuum runs, the dead tuples are gone and stop growing.
 
 Claims are timed by a probe agent whose capability no task asks for: the assigner never pushes it
 anything, so each of its claims (wait_seconds 0, answered 204 at once) walks the whole pending
-queue, dead index entries included, and updates its agent row: the claim's worst case.
+queue, dead index entries included: the claim's worst case.
 
 DISPATCH_CHAOS_XMIN_SECONDS sets how long the horizon is held: 60 s by default, to keep the suite
 within its time in CI; the README reports a longer run."""

@@ -1,6 +1,7 @@
-"""An assignment round holds the rows of the agents it assigns to, and nothing else: claims and
-completions of other agents go ahead while a round is still open (they would wait behind it if it
-held every free agent, as a round that locks its candidates up front does)."""
+"""Nothing on a task's path waits for another task's transaction on a row they share: an
+assignment round and the claims of any agent (those it assigns to included) go ahead side by side,
+each taking its own slots of the agent, and the agent's limit still holds among them. What changes
+what an agent may take (a drain) waits for the gives under way, and they for it."""
 
 from __future__ import annotations
 
@@ -48,10 +49,40 @@ def test_a_round_blocks_only_the_agents_it_assigns_to(db_url: str, sql: Conn) ->
         ).fetchone()
         assert done == {"status": "completed"}
         assert len(other.execute("SELECT * FROM dispatch.task_claim('a4')").fetchall()) == 1
-        # The agents of the round are held until it commits.
+        # An agent of the round claims too: it takes another of its slots.
+        mine = other.execute(
+            "SELECT slot FROM dispatch.task_claim(%s)", (sorted(busy)[0],)
+        ).fetchall()
+        assert len(mine) == 1
+        # A drain of that agent waits until the round commits.
         with pytest.raises(psycopg.errors.LockNotAvailable):
-            other.execute("SELECT * FROM dispatch.task_claim(%s)", (sorted(busy)[0],))
+            other.execute("SELECT dispatch.agent_drain(%s)", (sorted(busy)[0],))
     active = sql.execute(
-        "SELECT agent_id, active_tasks, counted_active_tasks FROM dispatch.agent_load"
+        "SELECT agent_id, active_tasks, slots_held FROM dispatch.agent_load"
     ).fetchall()
-    assert all(r["active_tasks"] == r["counted_active_tasks"] for r in active), active
+    assert all(r["active_tasks"] == r["slots_held"] for r in active), active
+
+
+def test_the_claims_of_one_agent_take_its_slots_side_by_side(db_url: str, sql: Conn) -> None:
+    """Two open transactions claim for one agent with a limit of 2: neither waits for the other,
+    they hold different slots, and a third claim finds no slot (nothing, at once) until one
+    commits a completion."""
+    sql.execute("SELECT dispatch.agent_upsert('a1', p_max_concurrent => 2)")
+    sql.execute(
+        "INSERT INTO dispatch.tasks (title) SELECT 'backlog ' || g FROM generate_series(1, 5) g"
+    )
+    with connect(db_url) as c1, connect(db_url) as c2, connect(db_url) as c3:
+        with c1.transaction(), c2.transaction():
+            one = c1.execute("SELECT task_id, slot FROM dispatch.task_claim('a1')").fetchall()
+            two = c2.execute("SELECT task_id, slot FROM dispatch.task_claim('a1')").fetchall()
+            assert len(one) == len(two) == 1
+            assert {one[0]["slot"], two[0]["slot"]} == {1, 2}
+            assert c3.execute("SELECT * FROM dispatch.task_claim('a1')").fetchall() == []
+        assert c3.execute("SELECT * FROM dispatch.task_claim('a1')").fetchall() == []
+        c1.execute("SELECT dispatch.task_complete(%s, 'a1', '{}')", (one[0]["task_id"],))
+        again = c3.execute("SELECT slot FROM dispatch.task_claim('a1')").fetchall()
+        assert again == [{"slot": one[0]["slot"]}]
+    load = sql.execute(
+        "SELECT active_tasks, slots_held FROM dispatch.agent_load WHERE agent_id = 'a1'"
+    ).fetchone()
+    assert load == {"active_tasks": 2, "slots_held": 2}

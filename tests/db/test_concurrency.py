@@ -52,7 +52,7 @@ async def test_eight_connections_claim_a_thousand_tasks_exactly_once(
     ).fetchone()
     assert rows is not None and rows["events"] == 1000
     load = sql.execute(
-        "SELECT sum(active_tasks) AS a, sum(counted_active_tasks) AS c FROM dispatch.agent_load"
+        "SELECT sum(active_tasks) AS a, sum(slots_held) AS c FROM dispatch.agent_load"
     ).fetchone()
     assert load == {"a": 1000, "c": 1000}
     print(
@@ -96,7 +96,7 @@ async def test_concurrent_assigners_respect_every_agent_limit(
     ).fetchall()
     assert over == []
     load = sql.execute(
-        "SELECT count(*) FILTER (WHERE active_tasks <> counted_active_tasks) AS drift,"
+        "SELECT count(*) FILTER (WHERE active_tasks <> slots_held) AS drift,"
         " sum(active_tasks) AS active FROM dispatch.agent_load"
     ).fetchone()
     assert load == {"drift": 0, "active": 30}

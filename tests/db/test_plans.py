@@ -48,16 +48,17 @@ SELECT 'todo', 'req-' || (i % 50), 'api', 'pending', 300, i % 11,
        CASE WHEN i % 11 < 10 THEN now() + interval '1 minute' + i * interval '1 ms' END
 FROM generate_series(1, {PENDING}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
-                            assigned_agent, created_at, updated_at, available_at, assigned_at,
-                            deadline_at)
+                            assigned_agent, slot, created_at, updated_at, available_at,
+                            assigned_at, deadline_at)
 SELECT 'busy', 'req', 'api',
        CASE WHEN i % 2 = 0 THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-       300, 0, 'agent-' || (i % {AGENTS}), now() - interval '1 minute', now(),
-       now() - interval '1 minute', now() - interval '1 minute', now() + interval '1 hour'
+       300, 0, 'agent-' || (i % {AGENTS}), i / {AGENTS} + 1, now() - interval '1 minute', now(),
+       now() - interval '1 minute', now() - interval '1 minute',
+       now() + interval '1 hour' + (i * 7919 % {ACTIVE}) * interval '1 s'  -- not in heap order
 FROM generate_series(1, {ACTIVE}) i;
 SET session_replication_role = origin;
-INSERT INTO dispatch.agents (agent_id, capabilities, max_concurrent, active_count)
-SELECT 'agent-' || i, '{{code}}', 1000, {ACTIVE // AGENTS} FROM generate_series(0, {AGENTS - 1}) i;
+INSERT INTO dispatch.agents (agent_id, capabilities, max_concurrent)
+SELECT 'agent-' || i, '{{code}}', 1000 FROM generate_series(0, {AGENTS - 1}) i;
 ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false);
 VACUUM ANALYZE dispatch.tasks;
 VACUUM ANALYZE dispatch.agents;
@@ -192,26 +193,32 @@ def test_claim_walks_the_pending_order_index(conn: Conn) -> None:
 
 def test_claim_finds_the_agents_own_tasks_among_its_active_ones_only(conn: Conn) -> None:
     """agent-0 holds 50 active tasks (25 pushed, not started) and 50,000 finished ones: its claim
-    returns its oldest pushed task reading its active rows (to count its load under its lock,
-    and to find its own tasks), none of its history and none of the other agents' tasks."""
+    returns its oldest pushed task reading its active rows (to find its own tasks), none of its
+    history and none of the other agents' tasks."""
     reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-0')")
     check_plans(reads)
     assert reads.seq_scans == 0
     assert sum(reads.index_tuples.values()) <= 3 * ACTIVE // AGENTS, reads.index_tuples
 
 
-def test_a_full_looking_agent_has_its_load_counted_from_its_own_active_rows(conn: Conn) -> None:
-    """Completions do not lower an agent's stored active_count; when it says full, the claim
-    counts the agent's load under its lock: from its own active rows (index only), on the generic
-    plan too, not from every agent's active tasks nor its history."""
-    conn.execute("UPDATE dispatch.agents SET active_count = 1000 WHERE agent_id = 'agent-1'")
+def test_a_full_agent_finds_its_slots_taken_from_its_own_active_rows(conn: Conn) -> None:
+    """A claim finds which of the agent's slots are free from the agent's own active rows (index
+    only), on the generic plan too, not from every agent's active tasks nor its history; a full
+    agent gets nothing and reads no pending task."""
+    conn.execute("UPDATE dispatch.agents SET max_concurrent = %s WHERE agent_id = 'agent-1'",
+                 (ACTIVE // AGENTS,))
     conn.commit()
     try:
         reads = measure(conn, "SELECT * FROM dispatch.task_claim('agent-1')")
+        got = conn.execute(
+            "SELECT assigned_at < now() AS before FROM dispatch.task_claim('agent-1', p_max => 5)"
+        ).fetchall()
+        conn.rollback()
     finally:
-        conn.execute("UPDATE dispatch.agents SET active_count = %s WHERE agent_id = 'agent-1'",
-                     (ACTIVE // AGENTS,))
+        conn.execute("UPDATE dispatch.agents SET max_concurrent = 1000 WHERE agent_id = 'agent-1'")
         conn.commit()
+    assert got and all(g["before"] for g in got), got  # only what was pushed to it already
+    assert pending_reads(reads) == 0, reads.index_tuples
     check_plans(reads)
     assert reads.seq_scans == 0
     assert reads.index_tuples.get("tasks_active_deadline_idx", 0) == 0, reads.index_tuples
@@ -226,7 +233,7 @@ def test_assign_reads_about_a_batch_not_the_queue(conn: Conn) -> None:
 
 
 def test_assign_with_every_agent_at_its_limit_reads_no_task(conn: Conn) -> None:
-    conn.execute("UPDATE dispatch.agents SET max_concurrent = active_count")
+    conn.execute("UPDATE dispatch.agents SET max_concurrent = %s", (ACTIVE // AGENTS,))
     try:
         reads = measure(conn, "SELECT * FROM dispatch.task_assign(100)")
     finally:

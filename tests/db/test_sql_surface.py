@@ -125,14 +125,14 @@ def test_every_status_edge_from_raw_sql(sql: Conn, old: str) -> None:
             assert status == {"status": old}
 
 
-def test_raw_sql_transitions_keep_active_count(sql: Conn) -> None:
+def test_raw_sql_transitions_take_slots(sql: Conn) -> None:
     _task_in(sql, "running")
     _task_in(sql, "assigned")
     _task_in(sql, "completed")
     load = sql.execute(
-        "SELECT active_tasks, counted_active_tasks FROM dispatch.agent_load WHERE agent_id = 'a1'"
+        "SELECT active_tasks, slots_held FROM dispatch.agent_load WHERE agent_id = 'a1'"
     ).fetchone()
-    assert load == {"active_tasks": 2, "counted_active_tasks": 2}
+    assert load == {"active_tasks": 2, "slots_held": 2}
 
 
 def test_dba_functions_behave_like_the_api(sql: Conn) -> None:

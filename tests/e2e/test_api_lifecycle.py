@@ -237,6 +237,7 @@ def test_a_waiting_claim_wakes_when_the_assigner_pushes_to_it(sp: ServeProcess) 
 
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=sp.api, timeout=60) as http:
+                await asyncio.sleep(1.1)  # a claim notes its agent as seen once a second at most
                 claim = asyncio.create_task(http.post(
                     "/api/v1/tasks/claim", json={"capabilities": ["a"], "wait_seconds": 30},
                     headers={"X-Agent-ID": "bob"},

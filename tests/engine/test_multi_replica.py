@@ -152,7 +152,7 @@ async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_
             "SELECT id, task_id, event, actor, payload FROM dispatch.task_events ORDER BY id"
         ).fetchall()
         load = conn.execute(
-            "SELECT agent_id, active_tasks, counted_active_tasks FROM dispatch.agent_load"
+            "SELECT agent_id, active_tasks, slots_held FROM dispatch.agent_load"
         ).fetchall()
         completions = conn.execute(
             "SELECT count(*) AS n FROM dispatch.task_events WHERE event = 'completed'"
@@ -163,7 +163,7 @@ async def test_three_replicas_two_thousand_tasks_twenty_agents(db_url: str, tmp_
     history = replay(events, LIMIT)
     assert not history.double and not history.over_limit and not history.foreign_reports, history
     peak, assignments = history.peak, history.assignments
-    assert all(r["active_tasks"] == r["counted_active_tasks"] == 0 for r in load), load
+    assert all(r["active_tasks"] == r["slots_held"] == 0 for r in load), load
     assert len(load) == AGENTS
     by_mode = Counter(e["payload"].get("mode") for e in events if e["event"] == "assigned")
     print(

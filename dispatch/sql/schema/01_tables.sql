@@ -63,9 +63,6 @@ CREATE TABLE dispatch.agents (
                      CHECK (max_concurrent BETWEEN 1 AND 1000),
     drained          boolean NOT NULL DEFAULT false,
     source           text NOT NULL DEFAULT 'registry',
-    -- The agent row is the concurrency semaphore: active_count is kept equal to the number of its
-    -- assigned + running tasks by the status trigger on dispatch.tasks, under this row's lock.
-    active_count     integer NOT NULL DEFAULT 0,
     last_assigned_at timestamptz,
     last_seen_at     timestamptz NOT NULL DEFAULT now(),
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -99,6 +96,9 @@ CREATE TABLE dispatch.tasks (
                           CONSTRAINT tasks_priority_range CHECK (priority BETWEEN 0 AND 10),
     status                dispatch.task_status NOT NULL DEFAULT 'pending',
     assigned_agent        text,
+    -- Which of its agent's slots (1 .. its limit) the task holds while assigned or running
+    -- (dispatch.slots_take); kept afterwards as a record of where it ran.
+    slot                  integer,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
     -- The number of the current (or last) assignment, raised by each one. Reports may present
@@ -186,9 +186,9 @@ CREATE INDEX tasks_pending_aging_idx ON dispatch.tasks (age_due_at)
 CREATE INDEX tasks_pending_deferred_idx ON dispatch.tasks (available_at)
     WHERE status = 'pending' AND available_at > created_at;
 
--- An agent's active tasks: counted (index only) whenever work is given to it, and its claim
--- finds the ones pushed to it that it has not started.
-CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent, status)
+-- An agent's active tasks and the slots they hold: read whenever work is given to it, and its
+-- claim finds the ones pushed to it that it has not started.
+CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent, status) INCLUDE (slot)
     WHERE status IN ('assigned', 'running');
 
 -- The reapers: the active tasks whose deadline passes next.

@@ -145,29 +145,57 @@ $$;
 CREATE TRIGGER tasks_after_insert AFTER INSERT ON dispatch.tasks
     FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_after_insert();
 
--- An agent's active tasks (assigned or running), counted now (tasks_active_agent_idx). Whoever
--- assigns to an agent counts them under the agent's row lock: the limit is decided on this count,
--- not on the stored active_count, so a completion never has to update (and wait for) the agent's
--- row.
+-- An agent's active tasks (assigned or running), counted now (tasks_active_agent_idx).
 CREATE FUNCTION dispatch.agent_active(p_agent_id text) RETURNS integer
 LANGUAGE sql STABLE AS $$
     SELECT count(*)::integer FROM dispatch.tasks t
     WHERE t.assigned_agent = p_agent_id AND t.status IN ('assigned', 'running')
 $$;
 
--- The agent row with active_count counted now.
-CREATE FUNCTION dispatch.agent_counted(a dispatch.agents) RETURNS dispatch.agents
-LANGUAGE plpgsql STABLE AS $$
+-- The agent's concurrency limit is a set of slots, 1 .. its limit; each active task holds one
+-- (tasks.slot). Whoever gives work takes free slots for it, each under a transaction-level
+-- advisory lock (key: the agent's hash and the slot number), tried without waiting: two claims of
+-- one agent, or a claim and the assigner, take different slots and never wait for each other,
+-- and nothing counts the agent's load on its row, so no completion, claim or give queues on a row
+-- shared by other tasks. The lock is held to the commit, when the task holding the slot is
+-- visible; a slot is free when no active task of the agent holds it, read by a statement after
+-- the lock was granted (so it sees whoever held the lock before). A hash shared by two agents only
+-- makes a slot look taken a little longer. Returns up to p_want slots, fewer when the agent has
+-- fewer free (its active tasks counted too, so that one given a slot outside 1 .. p_limit by
+-- plain SQL still counts).
+CREATE FUNCTION dispatch.slots_take(p_agent_id text, p_want integer, p_limit integer)
+RETURNS integer[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    k    integer := hashtext(p_agent_id);
+    held integer[];
+    got  integer[] := '{}';
+    want integer;
 BEGIN
-    a.active_count := dispatch.agent_active(a.agent_id);
-    RETURN a;
+    held := ARRAY(SELECT t.slot FROM dispatch.tasks t
+                  WHERE t.assigned_agent = p_agent_id AND t.status IN ('assigned', 'running'));
+    want := least(p_want, p_limit - cardinality(held));
+    IF want <= 0 THEN
+        RETURN got;
+    END IF;
+    FOR s IN 1 .. p_limit LOOP
+        CONTINUE WHEN s = ANY (held);
+        IF pg_try_advisory_xact_lock(k, s) THEN
+            got := got || s;
+            EXIT WHEN cardinality(got) = want;
+        END IF;
+    END LOOP;
+    -- Taken by a transaction that committed between the first look and the lock.
+    RETURN ARRAY(SELECT g FROM unnest(got) g
+                 WHERE NOT EXISTS (SELECT 1 FROM dispatch.tasks t
+                                   WHERE t.assigned_agent = p_agent_id AND t.slot = g
+                                     AND t.status IN ('assigned', 'running'))
+                 ORDER BY g);
 END
 $$;
 
--- Guards every status change and notes assignments on the agent's row (active_count rises with
--- each; it is brought back to the count by the next assignment or claim of that agent, under its
--- lock: a task leaving an agent does not touch the agent's row, which would queue every completion
--- behind the assigner's lock). Status changes made by raw SQL
+-- Guards every status change; work given by raw SQL takes a slot of its agent here (the
+-- functions take theirs before they give). Status changes made by raw SQL
 -- (not through the functions below, which set dispatch.via) get a generic event so that no change
 -- escapes the history.
 CREATE FUNCTION dispatch.tasks_before_update() RETURNS trigger
@@ -216,14 +244,11 @@ BEGIN
     IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
         PERFORM pg_notify('dispatch_work', '');  -- a slot is free
     END IF;
-    -- Work given by plain SQL raises the agent's load here; the claim and the assigner, which
-    -- hold the agent's row already, write it once for all they give.
+    -- Work given by plain SQL takes a slot: the first free one, past the agent's limit if it must
+    -- (whoever gives by hand decides); the task still counts against the limit.
     IF is_active AND (NOT was_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent)
        AND via_sql THEN
-        UPDATE dispatch.agents
-        SET active_count = active_count + 1,
-            last_assigned_at = coalesce(NEW.assigned_at, now())
-        WHERE agent_id = NEW.assigned_agent;
+        NEW.slot := (dispatch.slots_take(NEW.assigned_agent, 1, 2147483647))[1];
     END IF;
     IF NEW.status = 'pending' AND OLD.status <> 'pending' AND via_sql THEN
         PERFORM pg_notify('dispatch_work', '');

@@ -143,7 +143,7 @@ $$;
 -- An assignment by hand (raw SQL: the claim and the assigner, dispatch.via = 'fn', use
 -- flow_grant) is held to the limits too: it is refused while its concurrency key is at its cap,
 -- and it takes its cost from its bucket (which may go below zero, and waits to refill). Named to
--- run after tasks_before_update, so the agent's row is locked before the flow locks.
+-- run after tasks_before_update, so the task has its slot before the flow locks are taken.
 CREATE FUNCTION dispatch.tasks_flow_count() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE

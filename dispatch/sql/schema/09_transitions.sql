@@ -390,16 +390,6 @@ BEGIN
         LIMIT p_limit
         FOR NO KEY UPDATE SKIP LOCKED
     LOOP
-        -- The end of an attempt updates its agent's row. When another session holds that row (a
-        -- claim in flight, or a psql session left open), this task waits for the next round and
-        -- the round goes on: waiting would hold every other expiry back, and past lock_timeout
-        -- it would fail the whole round.
-        IF t.assigned_agent IS NOT NULL THEN
-            PERFORM 1 FROM dispatch.agents ag WHERE ag.agent_id = t.assigned_agent
-            FOR NO KEY UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND AND EXISTS (
-                SELECT 1 FROM dispatch.agents ag WHERE ag.agent_id = t.assigned_agent);
-        END IF;
         IF t.status = 'assigned' AND t.wake_deadline_at <= p_now AND t.deadline_at > p_now THEN
             r := dispatch.task_reassign(t, 'wake_timeout', p_now);
             event := 'reassigned';

@@ -49,32 +49,17 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce(array_agg(x ORDER BY x), '{}') FROM unnest(p_need) x WHERE NOT x = ANY (p_have)
 $$;
 
--- The agent's row, locked by the caller, with active_count counted now (a new statement: it sees
--- every assignment committed before the lock was granted) and stored when it changed.
-CREATE FUNCTION dispatch.agent_refresh(a dispatch.agents) RETURNS dispatch.agents
-LANGUAGE plpgsql AS $$
-DECLARE
-    n integer := dispatch.agent_active(a.agent_id);
-BEGIN
-    IF n <> a.active_count THEN
-        UPDATE dispatch.agents SET active_count = n WHERE agent_id = a.agent_id;
-        a.active_count := n;
-    END IF;
-    RETURN a;
-END
-$$;
-
--- Why the agent takes no new work at all now (empty: it may). p_capacity false leaves its load out.
+-- Why the agent takes no new work at all now (empty: it may), p_load being its active tasks
+-- (NULL leaves its load out).
 CREATE FUNCTION dispatch.agent_unavailability(
-    a dispatch.agents, c dispatch.config, p_capacity boolean DEFAULT true
+    a dispatch.agents, c dispatch.config, p_load integer DEFAULT NULL
 ) RETURNS text[]
 LANGUAGE sql STABLE AS $$
     SELECT array_remove(ARRAY[
         CASE WHEN a.drained THEN 'drained' END,
         CASE WHEN a.status NOT IN ('ready', 'sleeping', 'busy') THEN 'status ' || a.status END,
-        CASE WHEN p_capacity
-                  AND a.active_count >= coalesce(a.max_concurrent, c.max_concurrent_per_agent)
-             THEN format('at its limit (%s of %s tasks active)', a.active_count,
+        CASE WHEN p_load >= coalesce(a.max_concurrent, c.max_concurrent_per_agent)
+             THEN format('at its limit (%s of %s tasks active)', p_load,
                          coalesce(a.max_concurrent, c.max_concurrent_per_agent)) END
     ], NULL)
 $$;
@@ -85,10 +70,10 @@ $$;
 -- callers prefer the others.
 CREATE FUNCTION dispatch.agent_ineligibility(
     a dispatch.agents, p_required text[], p_owner text, c dispatch.config,
-    p_capacity boolean DEFAULT true
+    p_load integer DEFAULT NULL
 ) RETURNS text[]
 LANGUAGE sql STABLE AS $$
-    SELECT dispatch.agent_unavailability(a, c, p_capacity) || array_remove(ARRAY[
+    SELECT dispatch.agent_unavailability(a, c, p_load) || array_remove(ARRAY[
         CASE WHEN NOT a.capabilities @> p_required
              THEN 'missing capabilities: ' || array_to_string(
                  dispatch.capabilities_missing(a.capabilities, p_required), ', ') END,
@@ -117,30 +102,37 @@ LANGUAGE sql STABLE AS $$
     ORDER BY tk.queue_priority DESC, tk.queue_at
 $$;
 
--- A claim's one write of its agent's row, under its lock: seen now, its status and load as the
--- claim saw them (`a`), plus the p_given tasks it just gave. (The lifecycle functions' gives do not
--- touch the agent's row themselves: see tasks_before_update.)
--- (plpgsql: it keeps the UPDATE's plan, where a SQL function would set up its executor anew at
+-- A claim notes on its agent's row that the agent was seen now, in the status the claim gives it
+-- (`a`), and when it last got work. Not every claim writes: only when the row says something
+-- else than that or was written over a second ago, and never by waiting (a row another
+-- transaction is writing is left to it), so the claims of one agent do not queue on its row.
+-- (plpgsql: it keeps the statement's plan, where a SQL function would set up its executor anew at
 -- each call, about 80 us.)
 CREATE FUNCTION dispatch.agent_note(a dispatch.agents, p_now timestamptz, p_given integer)
 RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE dispatch.agents
-    SET last_seen_at = p_now, status = a.status, active_count = a.active_count + p_given,
-        last_assigned_at = CASE WHEN p_given > 0 THEN p_now ELSE last_assigned_at END
-    WHERE agent_id = a.agent_id;
+    UPDATE dispatch.agents ag
+    SET last_seen_at = p_now, status = a.status,
+        last_assigned_at = CASE WHEN p_given > 0 THEN p_now ELSE ag.last_assigned_at END
+    WHERE ag.agent_id = (SELECT x.agent_id FROM dispatch.agents x
+                         WHERE x.agent_id = a.agent_id
+                           AND (x.status IS DISTINCT FROM a.status
+                                OR x.last_seen_at < p_now - interval '1 second'
+                                OR p_given > 0 AND x.last_assigned_at IS NULL
+                                OR p_given > 0 AND x.last_assigned_at < p_now - interval '1 second')
+                         FOR NO KEY UPDATE SKIP LOCKED);
 END
 $$;
 
--- Moves a locked pending task to an agent (assigner and pull claim share it; c is the config row
--- the caller already read). When the attempt's first deadline comes before the reapers' next
+-- Moves a locked pending task to an agent, into the slot p_slot the caller took for it
+-- (assigner and pull claim share it; c is the config row the caller already read). When the attempt's first deadline comes before the reapers' next
 -- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
 -- epoch): a reaper sleeping past it wakes.
 -- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, c dispatch.config, p_score real, p_mode text,
-    p_now timestamptz, p_start boolean DEFAULT false
+    p_now timestamptz, p_slot integer, p_start boolean DEFAULT false
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -151,7 +143,7 @@ BEGIN
     -- this one write; its history still says assigned, then started.
     UPDATE dispatch.tasks
     SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-        assigned_agent = a.agent_id, assigned_at = p_now, lease = t.lease + 1,
+        assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now, lease = t.lease + 1,
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping' AND NOT p_start
                                 THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
@@ -163,7 +155,8 @@ BEGIN
     PERFORM dispatch.event_write(t.task_id, 'assigned',
         CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
-                           'attempt', t.retry_count + 1, 'lease', r.lease, 'mode', p_mode,
+                           'attempt', t.retry_count + 1, 'lease', r.lease, 'slot', p_slot,
+                           'mode', p_mode,
                            'wake', a.status = 'sleeping' AND NOT p_start), p_now);
     IF p_start THEN
         PERFORM dispatch.event_write(t.task_id, 'started', a.agent_id,
@@ -214,6 +207,7 @@ DECLARE
     rkeys text[] := '{}';
     costs integer[] := '{}';
     park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
+    slots integer[];         -- the agent's slots this claim took for new tasks
     given integer := 0;      -- new tasks given
 BEGIN
     IF p_max IS NULL OR p_max NOT BETWEEN 1 AND 100 THEN
@@ -221,8 +215,10 @@ BEGIN
             USING ERRCODE = 'UD400', COLUMN = 'max_tasks';
     END IF;
     SELECT * INTO c FROM dispatch.config;
+    -- Shared with the agent's other claims and the assigner (its slots keep them apart), exclusive
+    -- of whoever changes what it may take (drain, registration, removal).
     SELECT * INTO a FROM dispatch.agents ag WHERE ag.agent_id = p_agent_id
-    FOR UPDATE;             -- the agent row is the semaphore
+    FOR KEY SHARE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
             p_agent_id, p_agent_id USING ERRCODE = 'UD404';
@@ -246,22 +242,19 @@ BEGIN
         own := own + 1;
         RETURN NEXT t;
     END LOOP;
-    -- Its stored load never counts too few (completions do not lower it): when it leaves less
-    -- room than asked for, the load is counted now (by a statement after the lock: it sees every
-    -- assignment committed before). The row is written once, at the end: seen, its load, and
-    -- what this claim gave it.
     a.status := CASE WHEN a.status IN ('unknown', 'stopped', 'sleeping')
                      THEN 'ready'::dispatch.agent_status ELSE a.status END;
-    IF own < p_max AND a.active_count + p_max - own
-                       > coalesce(a.max_concurrent, c.max_concurrent_per_agent) THEN
-        a.active_count := dispatch.agent_active(p_agent_id);
-    END IF;
     IF own = p_max OR cardinality(dispatch.agent_unavailability(a, c)) > 0 THEN
         PERFORM dispatch.agent_note(a, p_now, 0);
         RETURN;
     END IF;
-    room := least(p_max - own,
-                  coalesce(a.max_concurrent, c.max_concurrent_per_agent) - a.active_count);
+    slots := dispatch.slots_take(p_agent_id, p_max - own,
+                                 coalesce(a.max_concurrent, c.max_concurrent_per_agent));
+    room := cardinality(slots);
+    IF room = 0 THEN
+        PERFORM dispatch.agent_note(a, p_now, 0);
+        RETURN;
+    END IF;
     IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
                                   WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
         PERFORM dispatch.queue_age(p_now, 10);
@@ -276,7 +269,7 @@ BEGIN
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
         CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
-            a, cand.required_capabilities, cand.owner, c, false)) > 0;
+            a, cand.required_capabilities, cand.owner, c)) > 0;
         IF p_agent_id = ANY (cand.previous_agents) THEN
             again := again || cand.task_id;
             CONTINUE;
@@ -335,10 +328,10 @@ BEGIN
     FOR i IN 1 .. cardinality(taken) LOOP
         CONTINUE WHEN ok[i] IS FALSE;
         PERFORM dispatch.fn_enter();
-        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now,
-                                p_start);
-        PERFORM dispatch.fn_leave();
         given := given + 1;
+        t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now,
+                                slots[given], p_start);
+        PERFORM dispatch.fn_leave();
         RETURN NEXT t;
     END LOOP;
     PERFORM dispatch.agent_note(a, p_now, given);
@@ -352,18 +345,16 @@ END
 $$;
 
 -- The assigner, in two steps. Plan: walk the pending queue and pick each task's best eligible
--- agent from an unlocked snapshot of the agents that have room (counting the plan's own picks
--- against their room), locking each picked task (SKIP LOCKED: a claim or another replica has the
--- others). Apply: lock the picked agents' rows, in agent_id order, check each again as it is now,
--- and give it its tasks up to its room; a task whose agent can no longer take it stays pending.
--- An agent row (the semaphore) is held only from its lock to the commit, for the agents that get
--- work: claims and completions of other agents never wait for a round, and those of a picked
--- agent only for the gives; two replicas lock agents in the same order, so they cannot deadlock,
--- and each agent's load is counted under its lock and rises with each give, so the limit holds
--- inside the round too.
+-- agent from an unlocked snapshot of the agents that have room, with their loads counted now
+-- (counting the plan's own picks against their room), locking each picked task (SKIP LOCKED: a
+-- claim or another replica has the others). Apply: for each picked agent, in agent_id order, take
+-- its row's key-share lock (shared with its claims, exclusive of a drain or a change of what it
+-- may take), check it again as it is now, and take free slots for its picks
+-- (dispatch.slots_take): each pick with a slot is given, one without stays pending. Claims of the
+-- picked agents never wait for a round, nor a round for them: they take different slots.
 -- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
--- (counting its own picks); the apply step, once every picked agent is locked and checked, has
--- flow_grant decide on the tasks with flow keys before it gives anything.
+-- (counting its own picks); the apply step, once every pick has its slot, has flow_grant decide
+-- on the tasks with flow keys before it gives anything.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
 LANGUAGE plpgsql AS $$
@@ -371,18 +362,23 @@ DECLARE
     walk  NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
     c     dispatch.config;
     free  dispatch.agents[];
+    loads integer[];       -- the active tasks of each agent of free, with the plan's picks
     room  integer;
     cand  record;
+    k     integer;
     a     dispatch.agents;
     held  dispatch.agents;
     t     dispatch.tasks;
     picks uuid[] := '{}';
     pickd text[] := '{}';  -- the agent of each pick
     id    text;
+    slots integer[];
+    used  integer;
     keyed boolean := false;  -- some pick has flow keys
     plan  dispatch.flow_state;  -- the flow limits as the walk sees them, with what it picked
-    gives dispatch.tasks[] := '{}';   -- the picks that pass the check under their agent's lock
-    givers dispatch.agents[] := '{}';  -- and their agents, as locked
+    gives dispatch.tasks[] := '{}';   -- the picks that pass the check and have a slot
+    givers dispatch.agents[] := '{}';  -- and their agents, as checked
+    gslots integer[] := '{}';          -- and their slots
     ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
@@ -390,17 +386,12 @@ DECLARE
     given text[] := '{}';    -- the agent of each task given
 BEGIN
     SELECT * INTO c FROM dispatch.config;
-    -- The agents with room: by their stored load (never too low), counted now for those it
-    -- shows full.
-    free := ARRAY(SELECT x.ag
-                  FROM dispatch.agents a0
-                  CROSS JOIN LATERAL (SELECT CASE
-                      WHEN a0.active_count < coalesce(a0.max_concurrent, c.max_concurrent_per_agent)
-                      THEN a0 ELSE dispatch.agent_counted(a0) END AS ag) x
-                  WHERE cardinality(dispatch.agent_unavailability(x.ag, c)) = 0
-                  ORDER BY a0.agent_id);
-    SELECT sum(coalesce(f.max_concurrent, c.max_concurrent_per_agent) - f.active_count)
-    INTO room FROM unnest(free) f;
+    SELECT array_agg(x.ag ORDER BY (x.ag).agent_id), array_agg(x.n ORDER BY (x.ag).agent_id)
+    INTO free, loads
+    FROM (SELECT a0 AS ag, dispatch.agent_active(a0.agent_id) AS n FROM dispatch.agents a0) x
+    WHERE cardinality(dispatch.agent_unavailability(x.ag, c, x.n)) = 0;
+    SELECT sum(coalesce((free[i]).max_concurrent, c.max_concurrent_per_agent) - loads[i])
+    INTO room FROM generate_subscripts(free, 1) i;
     room := least(coalesce(room, 0), p_batch);
     IF room <= 0 THEN
         RETURN;
@@ -424,20 +415,22 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        SELECT s.* INTO a FROM unnest(free) s
+        SELECT x.ordinality INTO k FROM unnest(free) WITH ORDINALITY x
         WHERE cardinality(dispatch.agent_ineligibility(
-                  s, cand.required_capabilities, cand.owner, c)) = 0
-        ORDER BY s.agent_id = ANY (cand.previous_agents),
-                 dispatch.availability(s.status) DESC,
-                 s.active_count,
-                 s.last_assigned_at NULLS FIRST,
-                 s.agent_id
+                  free[x.ordinality], cand.required_capabilities, cand.owner, c,
+                  loads[x.ordinality])) = 0
+        ORDER BY x.agent_id = ANY (cand.previous_agents),
+                 dispatch.availability(x.status) DESC,
+                 loads[x.ordinality],
+                 x.last_assigned_at NULLS FIRST,
+                 x.agent_id
         LIMIT 1;
         CONTINUE WHEN NOT FOUND;
         PERFORM 1 FROM dispatch.tasks tk
         WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
+        a := free[k];
         picks := picks || cand.task_id;
         pickd := pickd || a.agent_id;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
@@ -446,30 +439,27 @@ BEGIN
                                         p_now, true);
         END IF;
         -- The pick counts against the agent's room in the snapshot, and spreads ties.
-        a.active_count := a.active_count + 1;
+        loads[k] := loads[k] + 1;
         a.last_assigned_at := p_now;
-        FOR k IN 1 .. cardinality(free) LOOP
-            IF (free[k]).agent_id = a.agent_id THEN
-                free[k] := a;
-                EXIT;
-            END IF;
-        END LOOP;
+        free[k] := a;
     END LOOP;
     CLOSE walk;
     FOR id IN SELECT DISTINCT x FROM unnest(pickd) x ORDER BY x LOOP
-        SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR UPDATE;
-        IF held.active_count + array_length(array_positions(pickd, id), 1)
-           > coalesce(held.max_concurrent, c.max_concurrent_per_agent) THEN
-            held := dispatch.agent_refresh(held);  -- its load, counted under its lock
-        END IF;
+        SELECT * INTO held FROM dispatch.agents ag WHERE ag.agent_id = id FOR KEY SHARE;
+        CONTINUE WHEN NOT FOUND;
+        slots := dispatch.slots_take(id, array_length(array_positions(pickd, id), 1),
+                                     coalesce(held.max_concurrent, c.max_concurrent_per_agent));
+        used := 0;
         FOR i IN 1 .. cardinality(picks) LOOP
+            EXIT WHEN used = cardinality(slots);
             CONTINUE WHEN pickd[i] <> id;
             SELECT * INTO t FROM dispatch.tasks tk WHERE tk.task_id = picks[i];
             CONTINUE WHEN cardinality(dispatch.agent_ineligibility(
                 held, t.required_capabilities, t.owner, c)) > 0;
+            used := used + 1;
             gives := gives || t;
             givers := givers || held;
-            held.active_count := held.active_count + 1;
+            gslots := gslots || slots[used];
         END LOOP;
     END LOOP;
     IF keyed THEN
@@ -489,16 +479,18 @@ BEGIN
         score := dispatch.task_score(a, t);
         wake := a.status = 'sleeping';
         waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
-        PERFORM dispatch.task_give(t, a, c, score, 'push', p_now);
+        PERFORM dispatch.task_give(t, a, c, score, 'push', p_now, gslots[i]);
         given := given || a.agent_id;
         RETURN NEXT;
     END LOOP;
     PERFORM dispatch.fn_leave();
-    -- One write per agent given work (under the lock taken above): its load rises by its gives.
-    UPDATE dispatch.agents ag
-    SET active_count = ag.active_count + g.n, last_assigned_at = p_now
-    FROM (SELECT x AS agent_id, count(*)::integer AS n FROM unnest(given) x GROUP BY x) g
-    WHERE ag.agent_id = g.agent_id;
+    -- When the agents got work, for the next rounds' ties; an agent whose row is being written
+    -- (by its claim) is left as it is rather than waited for.
+    UPDATE dispatch.agents ag SET last_assigned_at = p_now
+    WHERE ag.agent_id IN (SELECT x.agent_id FROM dispatch.agents x
+                          WHERE x.agent_id = ANY (given)
+                          ORDER BY x.agent_id
+                          FOR NO KEY UPDATE SKIP LOCKED);
     IF refill IS NOT NULL THEN
         PERFORM dispatch.flow_wake(refill);
     END IF;
@@ -537,7 +529,7 @@ BEGIN
         CONTINUE WHEN EXISTS (
             SELECT 1 FROM dispatch.agents ag
             WHERE cardinality(dispatch.agent_ineligibility(
-                      ag, cand.required_capabilities, cand.owner, c, false)) = 0);
+                      ag, cand.required_capabilities, cand.owner, c)) = 0);
         -- Reported already, and not assigned since: again only after unmatched_repeat_ms.
         CONTINUE WHEN EXISTS (
             SELECT 1 FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
@@ -579,10 +571,11 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH r AS (
-        SELECT ag, dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c)
+        SELECT ag, n,
+               dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c, n)
                    AS base_reasons,
                ag.agent_id = ANY (t.previous_agents) AS prev
-        FROM dispatch.agents a0, dispatch.agent_counted(a0) ag
+        FROM dispatch.agents ag, dispatch.agent_active(ag.agent_id) n
     ), e AS (
         SELECT r.*,
                cardinality(r.base_reasons) = 0 AS ok,
@@ -601,7 +594,7 @@ BEGIN
            END,
            dispatch.availability((x.ag).status),
            dispatch.priority_weight(t.priority),
-           (x.ag).active_count, coalesce((x.ag).max_concurrent, c.max_concurrent_per_agent),
+           x.n, coalesce((x.ag).max_concurrent, c.max_concurrent_per_agent),
            (x.ag).status, (x.ag).drained, (x.ag).owner, x.prev,
            x.base_reasons
                || CASE WHEN x.ok AND x.prev AND coalesce(x.others, false)
@@ -611,7 +604,7 @@ BEGIN
     ORDER BY x.chosen DESC,
              x.prev,
              dispatch.availability((x.ag).status) DESC,
-             (x.ag).active_count,
+             x.n,
              (x.ag).last_assigned_at NULLS FIRST,
              (x.ag).agent_id;
 END

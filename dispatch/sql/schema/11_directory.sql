@@ -1,4 +1,6 @@
--- Registers or updates an agent; NULL arguments keep the current value.
+-- Registers or updates an agent; NULL arguments keep the current value. The row's exclusive lock
+-- waits for the agent's claims and assignments under way (they hold its key-share lock), and
+-- those that come later see the change.
 CREATE FUNCTION dispatch.agent_upsert(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_owner text DEFAULT NULL,
     p_max_concurrent integer DEFAULT NULL, p_status dispatch.agent_status DEFAULT NULL,
@@ -8,6 +10,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     a dispatch.agents;
 BEGIN
+    PERFORM 1 FROM dispatch.agents WHERE agent_id = p_agent_id FOR UPDATE;
     INSERT INTO dispatch.agents AS ag (agent_id, capabilities, owner, max_concurrent, status, policy,
                                        source, last_seen_at, created_at, updated_at)
     VALUES (p_agent_id, dispatch.normalize_capabilities(coalesce(p_capabilities, '{}')), p_owner,
@@ -52,6 +55,8 @@ BEGIN
 END
 $$;
 
+-- Drains an agent (no new work) or undrains it. Like a registration, it waits for the claims and
+-- assignments of the agent under way: once it returns, the agent gets nothing new.
 CREATE FUNCTION dispatch.agent_drain(p_agent_id text, p_drained boolean DEFAULT true,
                                      p_now timestamptz DEFAULT now())
 RETURNS dispatch.agents
@@ -59,6 +64,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     a dispatch.agents;
 BEGIN
+    PERFORM 1 FROM dispatch.agents WHERE agent_id = p_agent_id FOR UPDATE;
     UPDATE dispatch.agents SET drained = p_drained, updated_at = p_now
     WHERE agent_id = p_agent_id
     RETURNING * INTO a;
@@ -73,8 +79,8 @@ END
 $$;
 
 -- An agent stopping gives its active tasks back (no attempt counted: its own shutdown is no
--- failure of the work). Lock the agent's tasks before the agent row, in the order every transition takes them (task
--- first, then the agent through the status trigger), so a stop racing a completion cannot deadlock.
+-- failure of the work). The agent's tasks are locked before its row, in the order a completion
+-- that claims the next task takes them, so the two cannot deadlock.
 CREATE FUNCTION dispatch.agent_stop(p_agent_id text, p_now timestamptz DEFAULT now())
 RETURNS integer
 LANGUAGE plpgsql AS $$

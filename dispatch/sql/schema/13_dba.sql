@@ -57,9 +57,9 @@ CREATE VIEW dispatch.agent_load AS
 SELECT a.agent_id, a.status, a.drained, a.source, a.owner, a.capabilities,
        dispatch.agent_active(a.agent_id) AS active_tasks,
        coalesce(a.max_concurrent, c.max_concurrent_per_agent) AS max_concurrent,
-       (SELECT count(*) FROM dispatch.tasks t
+       (SELECT count(DISTINCT t.slot) FROM dispatch.tasks t
         WHERE t.status IN ('assigned', 'running') AND t.assigned_agent = a.agent_id)::integer
-           AS counted_active_tasks,
+           AS slots_held,
        a.last_assigned_at, a.last_seen_at
 FROM dispatch.agents a CROSS JOIN dispatch.config c
 ORDER BY a.agent_id;
