@@ -1,10 +1,11 @@
 """A transaction holding back the xmin horizon (a forgotten psql session, a long report, a replica's
 hot_standby_feedback) during a soak of lifecycles over REST.
 
-While it is held, no dead row version can be removed: the tasks' and the agents' (an assigner round
-notes when it gave each agent work, a claim notes its agent as seen at most once a second) pile up. What must hold: the broker keeps working, claims
-stay free of pathology (p99 under a generous bound; the numbers are printed), and once the
-transaction ends and vacuum runs, the dead tuples are gone and stop growing.
+While it is held, no dead row version can be removed: the tasks' and the agents' (an assigner
+round notes when it gave each agent work, a claim notes its agent as seen at most once a second)
+pile up. What must hold: the broker keeps working, claims stay free of pathology (p99 under a
+generous bound; the numbers are printed), and once the transaction ends and vacuum runs, the dead
+tuples are gone and stop growing.
 
 Claims are timed by a probe agent whose capability no task asks for: the assigner never pushes it
 anything, so each of its claims (wait_seconds 0, answered 204 at once) walks the whole pending
