@@ -115,17 +115,20 @@ class Broker:
     async def apply_then_claim(
         self, change: Change, agent_id: str, then: NextClaim, *, now: datetime | None = None
     ) -> tuple[Task, list[Task]]:
-        """A report and the agent's claim of its next tasks in one transaction, so a busy agent
-        makes one request per task for both. The claim runs in a savepoint: should it fail, the
-        report still stands (with no next task). When nothing was there to claim and the agent
-        will wait, the wait happens after the commit, as a claim's long poll."""
+        """A report and the agent's claim of its next tasks in one transaction (one statement),
+        so a busy agent makes one request per task for both. The claim runs in a subtransaction:
+        should it fail, the report still stands (with no next task). When nothing was there to
+        claim and the agent will wait, the wait happens after the commit, as a claim's long
+        poll."""
         claimed: list[Task] = []
 
         async def both() -> Task:
             nonlocal claimed
-            async with self.tasks.transaction() as conn:
-                task = await self.tasks.apply(change, now=now, conn=conn)
-                claimed = await self._claim_in(conn, agent_id, then, now)
+            task, claimed, error = await self.tasks.apply_then_claim(
+                change, agent_id, max_tasks=then.max_tasks, start=then.start, now=now
+            )
+            if error is not None:
+                log.info("the claim after the report of %s failed: %s", agent_id, error)
             return task
 
         task = await self._fenced(change, both())

@@ -207,54 +207,35 @@ class Tasks(Queries):
     ) -> Task:
         """The change's SQL function; its errors (409 fencing, 403, 404) as the function raises
         them."""
-        match change:
-            case models.Start():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
-                    (change.task_id, change.agent_id, now, change.lease), conn,
-                )
-            case models.Progress():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_progress("
-                    "%s, %s, %s::float8, %s, %s, coalesce(%s, now()), %s)",
-                    (change.task_id, change.agent_id, change.percent, change.message,
-                     jsonb(change.data), now, change.lease), conn,
-                )
-            case models.Complete():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
-                    (change.task_id, change.actor, jsonb(change.result), change.admin, now,
-                     change.lease), conn,
-                )
-            case models.Fail():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
-                    (change.task_id, change.agent_id, change.error, change.retry_eligible, now,
-                     change.lease), conn,
-                )
-            case models.Cancel():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_cancel(%s, %s, %s, %s, coalesce(%s, now()))",
-                    (change.task_id, change.actor, change.reason, change.admin, now), conn,
-                )
-            case models.Update():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_update(%s, %s, %s, %s, %s, coalesce(%s, now()))",
-                    (change.task_id, change.actor, jsonb(change.metadata_patch), change.priority,
-                     change.admin, now), conn,
-                )
-            case models.Requeue():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
-                    (change.task_id, change.actor, now), conn,
-                )
-            case models.Release():
-                return await self._task(
-                    "SELECT * FROM dispatch.task_release(%s, %s, %s, coalesce(%s, now()), %s)",
-                    (change.task_id, change.agent_id, change.reason, now, change.lease), conn,
-                )
-            case _:
-                assert_never(change)
+        call, params = _call(change, now)
+        return await self._task(f"SELECT * FROM {call}", params, conn)
+
+    async def apply_then_claim(
+        self,
+        change: Change,
+        agent_id: str,
+        *,
+        max_tasks: int = 1,
+        start: bool = False,
+        now: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> tuple[Task, Claimed, str | None]:
+        """The change, then the agent's claim of its next tasks, in one statement (one round
+        trip, dispatch.task_then_claim): the change's errors as `apply` raises them; a failed
+        claim leaves the change standing and comes back as its message."""
+        call, params = _call(change, now)
+        rows = await self._rows(
+            f"SELECT * FROM dispatch.task_then_claim({call}, %s, %s, %s, coalesce(%s, now()))",
+            (*params, agent_id, max_tasks, start, now),
+            conn,
+        )
+        done = msgspec.convert(rows[0]["task"], Task, strict=False)
+        claimed = Claimed(
+            msgspec.convert(r["task"], Task, strict=False) for r in rows if r["part"] == "next"
+        )
+        claimed.assigned = sum(1 for r in rows if r["fresh"])
+        error = next((r["error"] for r in rows if r["part"] == "error"), None)
+        return done, claimed, error
 
     async def expire(
         self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None
@@ -303,3 +284,38 @@ class Tasks(Queries):
             (task_id, now), conn,
         )
         return rows[0]
+
+
+def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]]:
+    """The call of the change's SQL function, as an expression, and its parameters."""
+    match change:
+        case models.Start():
+            return ("dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, now, change.lease))
+        case models.Progress():
+            return ("dispatch.task_progress(%s, %s, %s::float8, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.percent, change.message,
+                     jsonb(change.data), now, change.lease))
+        case models.Complete():
+            return ("dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.actor, jsonb(change.result), change.admin, now,
+                     change.lease))
+        case models.Fail():
+            return ("dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.error, change.retry_eligible, now,
+                     change.lease))
+        case models.Cancel():
+            return ("dispatch.task_cancel(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.reason, change.admin, now))
+        case models.Update():
+            return ("dispatch.task_update(%s, %s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, jsonb(change.metadata_patch), change.priority,
+                     change.admin, now))
+        case models.Requeue():
+            return ("dispatch.task_requeue(%s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, now))
+        case models.Release():
+            return ("dispatch.task_release(%s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.reason, now, change.lease))
+        case _:
+            assert_never(change)

@@ -338,3 +338,18 @@ def test_the_dashboards_charts_read_only_the_last_hour(conn: Conn) -> None:
     assert pending_reads(reads) == 0, reads.index_tuples
     assert sum(reads.index_tuples.values()) <= 2 * ACTIVE, reads.index_tuples
 
+
+
+def test_the_aging_check_reads_only_the_aging_index_up_to_now(conn: Conn) -> None:
+    """Every claim and round asks whether some pending task's priority is due to rise. On the
+    generic plan that question must read tasks_pending_aging_idx up to now, not every pending row
+    through another index (the plan an EXISTS could get: 3 ms a claim with 10,000 pending)."""
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        reads = measure(conn, "SELECT dispatch.queue_aging_due(now())")
+    finally:
+        conn.execute("RESET plan_cache_mode")
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert set(reads.index_tuples) <= {"tasks_pending_aging_idx"}, reads.index_tuples
+    assert reads.index_tuples.get("tasks_pending_aging_idx", 0) <= 1, reads.index_tuples

@@ -255,8 +255,7 @@ BEGIN
         PERFORM dispatch.agent_note(a, p_now, 0);
         RETURN;
     END IF;
-    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
-                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+    IF c.aging_ms > 0 AND dispatch.queue_aging_due(p_now) THEN
         PERFORM dispatch.queue_age(p_now, 10);
     END IF;
     IF p_capabilities IS NOT NULL THEN
@@ -344,6 +343,42 @@ BEGIN
 END
 $$;
 
+-- A report and the agent's claim of its next tasks in one statement, so that a busy agent's
+-- request is one round trip: p_done is the task as the report's own function left it (called as
+-- this function's argument, so it has run before the claim begins, and its error fails the whole
+-- statement). The claim runs in a subtransaction: should it fail, the report still stands and the
+-- claim's error comes back instead of tasks. Rows: ('done', the reported task), then ('next',
+-- each claimed task, whether this claim assigned it), or ('error', its message).
+CREATE FUNCTION dispatch.task_then_claim(
+    p_done dispatch.tasks, p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
+) RETURNS TABLE (part text, task jsonb, fresh boolean, error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    claimed dispatch.tasks[];
+    t       dispatch.tasks;
+BEGIN
+    part := 'done';
+    task := to_jsonb(p_done);
+    RETURN NEXT;
+    BEGIN
+        claimed := ARRAY(SELECT c FROM dispatch.task_claim(p_agent_id, NULL, p_now, p_max,
+                                                          p_start) c);
+    EXCEPTION WHEN OTHERS THEN
+        part := 'error';
+        task := NULL;
+        GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
+        RETURN NEXT;
+        RETURN;
+    END;
+    FOREACH t IN ARRAY claimed LOOP
+        part := 'next';
+        task := to_jsonb(t);
+        fresh := t.assigned_at = p_now;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- The assigner, in two steps. Plan: walk the pending queue and pick each task's best eligible
 -- agent from an unlocked snapshot of the agents that have room, with their loads counted now
 -- (counting the plan's own picks against their room), locking each picked task (SKIP LOCKED: a
@@ -396,8 +431,7 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
-    IF c.aging_ms > 0 AND EXISTS (SELECT 1 FROM dispatch.tasks tk
-                                  WHERE tk.status = 'pending' AND tk.age_due_at <= p_now) THEN
+    IF c.aging_ms > 0 AND dispatch.queue_aging_due(p_now) THEN
         PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
     END IF;
     OPEN walk;

@@ -1,0 +1,65 @@
+"""A report and the agent's claim of its next task in one statement (dispatch.task_then_claim,
+what a completion or failure with `next` runs): the report first, the claim seeing it; a claim
+that fails leaves the report standing and says why; a report that fails claims nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+THEN = ("SELECT part, task ->> 'task_id' AS task_id, task ->> 'status' AS status, fresh, error"
+        " FROM dispatch.task_then_claim(dispatch.task_complete(%s, %s, '{}'), %s, 1, true,"
+        " now())")
+
+
+def running(sql: Conn, title: str) -> str:
+    sql.execute("SELECT dispatch.create_task(%s)", (title,))
+    row = sql.execute("SELECT task_id FROM dispatch.task_claim('a1', p_start => true)").fetchone()
+    assert row is not None
+    return str(row["task_id"])
+
+
+def test_the_completion_frees_the_slot_its_next_task_takes(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 1, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second')")
+    rows = sql.execute(THEN, (first, "a1", "a1")).fetchall()
+    assert [(r["part"], r["status"]) for r in rows] == [("done", "completed"),
+                                                         ("next", "running")]
+    assert rows[0]["task_id"] == first and rows[1]["fresh"] is True
+    load = sql.execute(
+        "SELECT active_tasks, slots_held FROM dispatch.agent_load WHERE agent_id = 'a1'"
+    ).fetchone()
+    assert load == {"active_tasks": 1, "slots_held": 1}  # limit 1: the freed slot, taken again
+
+
+def test_a_failed_claim_leaves_the_report_standing_and_says_why(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second')")
+    rows = sql.execute(THEN, (first, "a1", "nobody")).fetchall()
+    assert [r["part"] for r in rows] == ["done", "error"]
+    assert "agent nobody is not registered" in rows[1]["error"]
+    status = sql.execute("SELECT status::text FROM dispatch.tasks WHERE task_id = %s",
+                         (first,)).fetchone()
+    assert status == {"status": "completed"}
+    pending = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'")
+    assert pending.fetchone() == {"n": 1}
+
+
+def test_a_refused_report_claims_nothing(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    sql.execute("SELECT dispatch.agent_upsert('a2', '{}', NULL, 2, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second')")
+    with pytest.raises(psycopg.Error, match="agent a2 is not assigned"):  # 409
+        sql.execute(THEN, (first, "a2", "a2"))
+    status = sql.execute("SELECT status::text FROM dispatch.tasks WHERE task_id = %s",
+                         (first,)).fetchone()
+    assert status == {"status": "running"}
+    pending = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'")
+    assert pending.fetchone() == {"n": 1}
