@@ -67,6 +67,10 @@ class Broker:
         # Set when the process shuts down: waiting claims answer at once (with nothing), so the
         # HTTP server is not held open by long polls for their whole wait.
         self.closing = asyncio.Event()
+        # Set when this process runs the assigner (every `serve` does). A new task then goes to an
+        # agent with room by the assigner's push, which wakes that agent's waiting claim; other
+        # waiting claims are not woken by it, so a create costs one claim, not one per idle agent.
+        self.pushing = False
 
     async def apply_config(self) -> None:
         """Write this process's assignment settings where the SQL functions read them. Replicas
@@ -183,10 +187,11 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
-            # New work, or a task the assigner gives this agent, wakes the wait.
+            # A task the assigner gives this agent wakes the wait; so does any new work when no
+            # assigner runs here to push it.
             woken = (
-                (self.listener.event(WORK_CHANNEL),
-                 self.listener.event_for(ASSIGNED_CHANNEL, agent_id))
+                (self.listener.event_for(ASSIGNED_CHANNEL, agent_id),
+                 *(() if self.pushing else (self.listener.event(WORK_CHANNEL),)))
                 if self.listener else None
             )
             tasks = await self.tasks.claim(

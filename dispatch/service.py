@@ -169,6 +169,7 @@ class Service:
             ),
             Pruner(self.broker, retention_hours=s.retention.hours),
         ]
+        self.broker.pushing = True  # waiting claims wake for what the assigner gives them
         loops += self._nats_loops()
         return loops
 

@@ -239,7 +239,8 @@ def test_assign_with_every_agent_at_its_limit_reads_no_task(conn: Conn) -> None:
     finally:
         conn.execute("UPDATE dispatch.agents SET max_concurrent = 1000")
     check_plans(reads)
-    assert reads.seq_scans == 0 and pending_reads(reads) == 0, reads.index_tuples
+    # The first pending entry (is anything waiting?), and no walk.
+    assert reads.seq_scans == 0 and pending_reads(reads) <= 1, reads.index_tuples
 
 
 @pytest.mark.parametrize(
@@ -307,7 +308,8 @@ def test_placing_behind_a_flood_in_a_young_database_reads_one_entry(pg_server: s
 def test_the_aging_sweep_reads_only_what_is_due(conn: Conn) -> None:
     reads = measure(conn, "SELECT dispatch.queue_age(now(), 100)")
     check_plans(reads)
-    assert reads.seq_scans == 0 and pending_reads(reads) == 0, reads.index_tuples
+    # The first pending entry (is anything waiting?), and no walk.
+    assert reads.seq_scans == 0 and pending_reads(reads) <= 1, reads.index_tuples
     # Ten minutes on, every pending task below 10 is due: the sweep takes its 100 and stops.
     reads = measure(conn, "SELECT dispatch.queue_age(now() + interval '10 minutes', 100)")
     check_plans(reads)

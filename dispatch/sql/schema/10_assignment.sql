@@ -400,6 +400,7 @@ DECLARE
     loads integer[];       -- the active tasks of each agent of free, with the plan's picks
     room  integer;
     cand  record;
+    have  boolean := true;  -- cand holds a task of the walk not looked at yet
     k     integer;
     a     dispatch.agents;
     held  dispatch.agents;
@@ -421,23 +422,37 @@ DECLARE
     given text[] := '{}';    -- the agent of each task given
 BEGIN
     SELECT * INTO c FROM dispatch.config;
-    SELECT array_agg(x.ag ORDER BY (x.ag).agent_id), array_agg(x.n ORDER BY (x.ag).agent_id)
+    IF c.aging_ms > 0 AND dispatch.queue_aging_due(p_now) THEN
+        PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
+    END IF;
+    -- Nothing waiting (the last round of every wake-up): done before the agents are counted.
+    OPEN walk;
+    FETCH walk INTO cand;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- (Each agent's count written out here, not as dispatch.agent_active: a SQL function with
+    -- a FROM is not inlined, and its executor set up anew for every agent cost ~100 us each.)
+    SELECT array_agg(a0 ORDER BY a0.agent_id), array_agg(l.n ORDER BY a0.agent_id)
     INTO free, loads
-    FROM (SELECT a0 AS ag, dispatch.agent_active(a0.agent_id) AS n FROM dispatch.agents a0) x
-    WHERE cardinality(dispatch.agent_unavailability(x.ag, c, x.n)) = 0;
+    FROM dispatch.agents a0
+    CROSS JOIN LATERAL (SELECT count(*)::integer AS n FROM dispatch.tasks tk
+                        WHERE tk.assigned_agent = a0.agent_id
+                          AND tk.status IN ('assigned', 'running')) l
+    WHERE cardinality(dispatch.agent_unavailability(a0, c, l.n)) = 0;
     SELECT sum(coalesce((free[i]).max_concurrent, c.max_concurrent_per_agent) - loads[i])
     INTO room FROM generate_subscripts(free, 1) i;
     room := least(coalesce(room, 0), p_batch);
     IF room <= 0 THEN
         RETURN;
     END IF;
-    IF c.aging_ms > 0 AND dispatch.queue_aging_due(p_now) THEN
-        PERFORM dispatch.queue_age(p_now, greatest(p_batch, 100));
-    END IF;
-    OPEN walk;
     WHILE cardinality(picks) < room LOOP
-        FETCH walk INTO cand;
-        EXIT WHEN NOT FOUND;
+        IF have THEN  -- the first task, fetched above
+            have := false;
+        ELSE
+            FETCH walk INTO cand;
+            EXIT WHEN NOT FOUND;
+        END IF;
         IF cand.concurrency_key IS NOT NULL OR cand.rate_key IS NOT NULL THEN
             plan := dispatch.flow_admit(plan, cand.concurrency_key, cand.rate_key, cand.cost,
                                         p_now, false);
