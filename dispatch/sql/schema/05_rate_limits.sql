@@ -1,10 +1,13 @@
 -- Flow control, rate limits: a task with a rate_key takes `cost` tokens from that key's token
 -- bucket when it is assigned. Like a concurrency key, a busy bucket may not be one row locked
 -- until commit. It is split into rate_limits.shards rows (rate_buckets), each with its share of
--- the capacity and the refill. An assignment takes a shard holding the cost that no other
--- transaction holds (SKIP LOCKED); when none does, it locks every shard and pools them. The shards
--- together never hold more than one bucket would, so the limit holds; a small bucket (capacity
--- under 20) is one shard, exact.
+-- the capacity and the refill. A shard is held under a transaction-level advisory lock (class
+-- dispatch.rate_lock(key), objid the shard), and only its holder writes its row. An assignment
+-- takes a shard holding the cost whose lock it gets without waiting; when none does, it takes
+-- every shard's lock and pools them. The shards together never hold more than one bucket would,
+-- so the limit holds; a small bucket (capacity under 20) is one shard, exact. (Not row locks:
+-- a row lock tried with SKIP LOCKED still waits when the row it read has since been updated and
+-- the new version is locked, so two assignments could each wait for a shard the other held.)
 
 -- The longest an empty bucket may take to fill, in seconds (1e9 s: about 31.7 years), so the
 -- longest wait for a cost the bucket can hold (cost <= capacity): a bucket must refill at least
@@ -86,30 +89,60 @@ BEGIN
 END
 $$;
 
--- Locks every shard of a rate key's bucket, in shard order (with p_wait false: those no other
--- transaction holds), and reads them at p_now: the shards locked, their tokens together, and the
--- bucket's capacity and refill (NULL: the key has no bucket, or nothing could be locked).
+-- The advisory lock class of a rate key's shards (objid: the shard number).
+CREATE FUNCTION dispatch.rate_lock(p_key text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtext('dispatch.rate_key ' || p_key) $$;
+
+-- Takes the locks of every shard of a rate key's bucket, in shard order (with p_wait false:
+-- those it gets without waiting, and those this transaction holds already), and then reads them
+-- at p_now: the shards held, their tokens together, and the bucket's capacity and refill (NULL:
+-- the key has no bucket, or no shard's lock could be had). p_all: lock the 16 shards a bucket
+-- may have, for whoever rewrites the rows (dispatch.rate_limit_set).
 CREATE FUNCTION dispatch.rate_pool(
-    p_key text, p_now timestamptz, p_wait boolean,
+    p_key text, p_now timestamptz, p_wait boolean, p_all boolean DEFAULT false,
     OUT shards smallint[], OUT tokens float8, OUT capacity float8, OUT refill float8
 )
 LANGUAGE plpgsql AS $$
+DECLARE
+    lk  integer := dispatch.rate_lock(p_key);
+    n   integer;
+    got smallint[] := '{}';
 BEGIN
-    IF p_wait THEN
-        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
-        INTO shards, tokens, capacity, refill
-        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
-                     l.refill_per_second AS refill
-              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b) x;
-    ELSE
-        SELECT array_agg(x.shard ORDER BY x.shard), sum(x.tokens), max(x.capacity), max(x.refill)
-        INTO shards, tokens, capacity, refill
-        FROM (SELECT b.shard, dispatch.shard_tokens(b, l, p_now) AS tokens, l.capacity,
-                     l.refill_per_second AS refill
-              FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-              WHERE b.key = p_key ORDER BY b.shard FOR UPDATE OF b SKIP LOCKED) x;
+    n := CASE WHEN p_all THEN 16
+              ELSE (SELECT l.shards FROM dispatch.rate_limits l WHERE l.key = p_key) END;
+    FOR s IN 0 .. coalesce(n, 0) - 1 LOOP
+        IF p_wait THEN
+            PERFORM pg_advisory_xact_lock(lk, s);
+            got := got || s::smallint;
+        ELSIF pg_try_advisory_xact_lock(lk, s) THEN
+            got := got || s::smallint;
+        END IF;
+    END LOOP;
+    IF cardinality(got) = 0 THEN
+        RETURN;
     END IF;
+    -- Read after the locks were granted: it sees what their earlier holders wrote.
+    SELECT array_agg(b.shard ORDER BY b.shard), sum(dispatch.shard_tokens(b, l, p_now)),
+           max(l.capacity), max(l.refill_per_second)
+    INTO shards, tokens, capacity, refill
+    FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
+    WHERE b.key = p_key AND b.shard = ANY (got);
+END
+$$;
+
+-- Takes p_need tokens from one shard of a rate key's bucket that holds them, when this
+-- transaction holds that shard's lock: whether it did.
+CREATE FUNCTION dispatch.rate_take(p_key text, p_shard integer, p_need float8, p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE dispatch.rate_buckets b
+    SET tokens = dispatch.shard_tokens(b, l, p_now) - p_need,
+        refilled_at = greatest(b.refilled_at, p_now)
+    FROM dispatch.rate_limits l
+    WHERE l.key = p_key AND b.key = p_key AND b.shard = p_shard
+      AND dispatch.shard_tokens(b, l, p_now) >= p_need;
+    RETURN FOUND;
 END
 $$;
 
@@ -137,9 +170,12 @@ DECLARE
     idx     integer[];
     g       integer;
     need    float8;
-    sh      smallint;
+    n       integer;
+    lk      integer;
+    sh      integer;
     pool    record;
     rest    float8;
+    took    boolean;         -- one shard held the cost, and gave it
     holding boolean;         -- this transaction holds a shard of the key
     one     boolean := cardinality(p_costs) = 1;  -- a single task (most claims): no key to sort
 BEGIN
@@ -159,44 +195,37 @@ BEGIN
             CONTINUE WHEN cardinality(idx) = 0;
             need := (SELECT sum(p_costs[i]) FROM unnest(idx) i);
         END IF;
-        -- A shard that holds all of it and that no other transaction holds: first the one of
-        -- this backend (no other's, mostly), then the fullest. (Locked by key and shard alone: a
-        -- lock with the tokens in its condition could keep a row it then skips, and this
-        -- transaction would hold a shard it does not know of.)
-        SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
-        FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-        WHERE b.key = k AND b.shard = pg_backend_pid() % l.shards
-        FOR UPDATE OF b SKIP LOCKED;
-        holding := FOUND;
-        IF NOT holding OR rest < need THEN
-            sh := NULL;
+        -- A shard that holds all of it and whose lock no other transaction holds: first the
+        -- one of this backend (no other's, mostly), then the fullest. Read after its lock.
+        SELECT l.shards INTO n FROM dispatch.rate_limits l WHERE l.key = k;
+        CONTINUE WHEN NOT FOUND;  -- no bucket: no limit
+        lk := dispatch.rate_lock(k);
+        sh := pg_backend_pid() % n;
+        holding := pg_try_advisory_xact_lock(lk, sh);
+        took := false;
+        IF holding THEN
+            took := dispatch.rate_take(k, sh, need, p_now);
+        END IF;
+        IF NOT took THEN
             FOREACH g IN ARRAY ARRAY(
                 SELECT b.shard FROM dispatch.rate_buckets b
                 JOIN dispatch.rate_limits l ON l.key = b.key
-                WHERE b.key = k AND dispatch.shard_tokens(b, l, p_now) >= need
+                WHERE b.key = k AND b.shard <> sh AND dispatch.shard_tokens(b, l, p_now) >= need
                 ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
             LOOP
-                SELECT b.shard, dispatch.shard_tokens(b, l, p_now) INTO sh, rest
-                FROM dispatch.rate_buckets b JOIN dispatch.rate_limits l ON l.key = b.key
-                WHERE b.key = k AND b.shard = g
-                FOR UPDATE OF b SKIP LOCKED;
-                holding := holding OR FOUND;
-                EXIT WHEN FOUND;
+                CONTINUE WHEN NOT pg_try_advisory_xact_lock(lk, g);
+                holding := true;
+                took := dispatch.rate_take(k, g, need, p_now);
+                EXIT WHEN took;
             END LOOP;
         END IF;
-        IF sh IS NOT NULL AND rest >= need THEN
-            UPDATE dispatch.rate_buckets b
-            SET tokens = rest - need, refilled_at = greatest(b.refilled_at, p_now)
-            WHERE b.key = k AND b.shard = sh;
-            CONTINUE;
-        END IF;
+        CONTINUE WHEN took;
         -- Else all its shards, pooled; the tasks that fit take their cost in order. Holding a
         -- shard already (another transaction took from it since this one looked), it waits for
         -- none of the others: it pools those it can lock.
         pool := dispatch.rate_pool(k, p_now, p_waits AND NOT holding);
         IF pool.shards IS NULL THEN
-            CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.rate_limits l WHERE l.key = k);
-            pool.tokens := 0;  -- every shard held by others: none of them this time
+            pool.tokens := 0;  -- every shard held by others (or the bucket just went): none now
         END IF;
         rest := pool.tokens;
         FOREACH g IN ARRAY idx LOOP

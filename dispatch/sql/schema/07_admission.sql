@@ -3,7 +3,8 @@
 -- while they walk and flow_grant on what they take; a raw UPDATE meets tasks_flow_count), so no
 -- replica, agent or psql session gets around it. Locks are taken after the agents' rows,
 -- concurrency keys first and then rate keys, each in key order, and the only locks ever waited
--- for are the exclusive gate and a bucket's shards, so no two assignments can deadlock.
+-- for are a key's exclusive gate and a bucket's shard locks (in shard order, by a transaction
+-- holding none of that bucket's), so no two assignments can deadlock.
 
 -- What an assigning transaction knows of the flow limits it has met: each concurrency key's cap
 -- and the tasks it counts as active (those active when the key was first read, plus what this

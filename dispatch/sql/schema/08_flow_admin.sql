@@ -106,7 +106,7 @@ BEGIN
     INSERT INTO dispatch.rate_limits AS l (key, capacity, refill_per_second, shards, updated_at)
     VALUES (p_key, p_capacity, p_refill_per_second, dispatch.rate_shards(p_capacity), p_now)
     ON CONFLICT (key) DO UPDATE SET updated_at = p_now;  -- locks the row of an existing one
-    pool := dispatch.rate_pool(p_key, p_now, true);
+    pool := dispatch.rate_pool(p_key, p_now, true, p_all => true);
     UPDATE dispatch.rate_limits l
     SET capacity = p_capacity, refill_per_second = p_refill_per_second,
         shards = dispatch.rate_shards(p_capacity)
