@@ -84,6 +84,7 @@ class Assigner(TickLoop):
     """The push side of assignment; `assigned` counts the tasks this process assigned."""
 
     name = "assigner"
+    due = "available"
 
     def __init__(
         self,

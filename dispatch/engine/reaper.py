@@ -23,6 +23,7 @@ class Reaper(TickLoop):
     """`expired` and `unmatched` count what this process reaped and reported."""
 
     name = "reaper"
+    due = "deadline"
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import assert_never
+from typing import Literal, assert_never
 
 import msgspec
 from psycopg import sql
@@ -38,6 +38,20 @@ _CREATE = sql.SQL(
         for name in [f.name for f in _NEW_TASK_FIELDS] + ["requester", "idempotency_key"]
     )
 )
+
+# What a loop sleeps until (Tasks.seconds_until_due): the reaper a deadline, the assigner a task
+# becoming available, a DBA both.
+DueKind = Literal["all", "deadline", "available"]
+_DUE_CALLS: dict[DueKind, str] = {
+    "all": "dispatch.next_due(t.now)",
+    "deadline": "dispatch.next_deadline()",
+    "available": "dispatch.next_available(t.now)",
+}
+_DUE = {
+    kind: f"SELECT extract(epoch FROM {call} - t.now)::float8 AS s"
+    " FROM (SELECT coalesce(%s::timestamptz, now()) AS now) t"
+    for kind, call in _DUE_CALLS.items()
+}
 
 _LIST = """
 SELECT * FROM dispatch.tasks
@@ -256,16 +270,12 @@ class Tasks(Queries):
         )
 
     async def seconds_until_due(
-        self, *, now: datetime | None = None, conn: Conn | None = None
+        self, what: DueKind = "all", *, now: datetime | None = None, conn: Conn | None = None
     ) -> float | None:
-        """Seconds from now to dispatch.next_due, the next deadline or scheduled task (negative
-        when overdue); None if nothing is due."""
-        rows = await self._rows(
-            "SELECT extract(epoch FROM dispatch.next_due(t.now) - t.now)::float8 AS s"
-            " FROM (SELECT coalesce(%s::timestamptz, now()) AS now) t",
-            (now,),
-            conn,
-        )
+        """Seconds from now to the next instant due (negative when overdue): `deadline` for the
+        reaper (dispatch.next_deadline), `available` for the assigner (dispatch.next_available,
+        a scheduled or backed-off task), `all` for both (dispatch.next_due); None if nothing is."""
+        rows = await self._rows(_DUE[what], (now,), conn)
         s: float | None = rows[0]["s"]
         return s
 

@@ -265,8 +265,9 @@ def test_reports_touch_one_row(conn: Conn, call: str, status: str) -> None:
 
 @pytest.mark.parametrize(
     "call",
-    ["SELECT * FROM dispatch.task_expire()", "SELECT dispatch.next_due()"],
-    ids=["expire", "next_due"],
+    ["SELECT * FROM dispatch.task_expire()", "SELECT dispatch.next_due()",
+     "SELECT dispatch.next_deadline()", "SELECT dispatch.next_available()"],
+    ids=["expire", "next_due", "next_deadline", "next_available"],
 )
 def test_the_reapers_calls_read_no_pending_or_terminal_rows(conn: Conn, call: str) -> None:
     reads = measure(conn, call)

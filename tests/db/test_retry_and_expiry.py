@@ -190,11 +190,16 @@ async def test_agent_stopped_gives_its_active_tasks_back_uncounted(broker: Broke
 
 
 async def test_seconds_until_due_counts_to_the_earliest_deadline(broker: Broker) -> None:
-    assert await broker.tasks.seconds_until_due(now=T0) is None
+    due = broker.tasks.seconds_until_due
+    assert await due(now=T0) is None
     await make_running(broker, timeout_seconds=100)
-    assert await broker.tasks.seconds_until_due(now=T0) == 100
+    assert await due(now=T0) == 100
     await make_task(broker, available_at=at(50))
-    assert await broker.tasks.seconds_until_due(now=T0) == 50
+    assert await due(now=T0) == 50
+    # The reaper waits for the deadline, the assigner for the scheduled task.
+    assert await due("deadline", now=T0) == 100
+    assert await due("available", now=T0) == 50
+    assert await due("available", now=at(60)) is None
 
 
 class TestFencing:
