@@ -14,7 +14,7 @@ from datetime import datetime
 
 import msgspec
 
-from dispatch.errors import Conflict, DispatchError, Forbidden, InvalidInput, NotFound
+from dispatch.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dispatch.metrics import Metrics
 from dispatch.models import (
     TERMINAL_STATUSES,
@@ -32,7 +32,7 @@ from dispatch.models import (
 )
 from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
 from dispatch.settings import AssignmentSettings
-from dispatch.store import Conn, Store
+from dispatch.store import Store
 from dispatch.store.tasks import Claimed
 
 log = logging.getLogger(__name__)
@@ -218,18 +218,18 @@ class Broker:
     ) -> list[ReportOutcome]:
         """Several reports of one agent in one transaction, each fenced on its own. `then`:
         after the report at that index, if it was applied, the agent's claim of its next tasks
-        in the same transaction (in a savepoint, as apply_then_claim), carried by its
+        in the same statement (in a subtransaction, as apply_then_claim), carried by its
         outcome."""
         claimed: list[Task] = []
-        if then is None:  # one statement: no transaction block around it
+        if then is None:
             outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         else:
-            async with self.tasks.transaction() as conn:
-                outcomes = await self.tasks.report_batch(
-                    agent_id, reports, admin=admin, now=now, conn=conn
-                )
-                if outcomes[then[0]].status == 200:
-                    claimed = await self._claim_in(conn, agent_id, then[1], now)
+            outcomes, claimed, error = await self.tasks.report_batch_then_claim(
+                agent_id, reports, then[0], max_tasks=then[1].max_tasks, start=then[1].start,
+                admin=admin, now=now,
+            )
+            if error is not None:
+                log.info("the claim after the reports of %s failed: %s", agent_id, error)
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome.status == 200 and outcome.task is not None:
                 self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
@@ -246,21 +246,6 @@ class Broker:
             **msgspec.structs.asdict(outcomes[index]), next=claimed
         )
         return outcomes
-
-    async def _claim_in(
-        self, conn: Conn, agent_id: str, then: NextClaim, now: datetime | None
-    ) -> list[Task]:
-        """The agent's claim inside the caller's transaction, in a savepoint: when it fails, the
-        reports before it stand and nothing is claimed."""
-        try:
-            async with conn.transaction():
-                return await self.tasks.claim(
-                    agent_id, None, max_tasks=then.max_tasks, start=then.start, now=now,
-                    conn=conn,
-                )
-        except DispatchError as exc:
-            log.info("the claim after the reports of %s failed: %s", agent_id, exc)
-            return []
 
     def _count_claimed(self, tasks: Sequence[Task], started: bool) -> None:
         if tasks and self.metrics is not None:

@@ -72,6 +72,17 @@ LIMIT %(limit)s
 """
 
 
+def _outcome(reports: Sequence[Mapping[str, object]], r: Row) -> ReportOutcome:
+    """One row of dispatch.task_report_batch as the outcome of reports[ord - 1]."""
+    return ReportOutcome(
+        task_id=_report_task_id(reports[r["ord"] - 1]),
+        status=r["status"],
+        task=msgspec.convert(r["task"], Task, strict=False) if r["task"] else None,
+        error=r["error"],
+        field=r["field"],
+    )
+
+
 def _report_task_id(report: Mapping[str, object]) -> uuid.UUID | None:
     try:
         return uuid.UUID(str(report.get("task_id")))
@@ -194,16 +205,36 @@ class Tasks(Queries):
             (agent_id, Jsonb(list(reports)), admin, now),
             conn,
         )
-        return [
-            ReportOutcome(
-                task_id=_report_task_id(reports[r["ord"] - 1]),
-                status=r["status"],
-                task=msgspec.convert(r["task"], Task, strict=False) if r["task"] else None,
-                error=r["error"],
-                field=r["field"],
-            )
-            for r in rows
-        ]
+        return [_outcome(reports, r) for r in rows]
+
+    async def report_batch_then_claim(
+        self,
+        agent_id: str,
+        reports: Sequence[Mapping[str, object]],
+        then: int,
+        *,
+        max_tasks: int = 1,
+        start: bool = False,
+        admin: bool = False,
+        now: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> tuple[list[ReportOutcome], Claimed, str | None]:
+        """report_batch and, when the report at index `then` was applied, the agent's claim of
+        its next tasks, in one statement (dispatch.task_report_batch_then_claim): a failed claim
+        leaves the reports standing and comes back as its message."""
+        rows = await self._rows(
+            "SELECT * FROM dispatch.task_report_batch_then_claim(%s, %s, %s, coalesce(%s, now()),"
+            " %s, %s, %s)",
+            (agent_id, Jsonb(list(reports)), admin, now, then + 1, max_tasks, start),
+            conn,
+        )
+        outcomes = [_outcome(reports, r) for r in rows if r["part"] == "report"]
+        claimed = Claimed(
+            msgspec.convert(r["task"], Task, strict=False) for r in rows if r["part"] == "next"
+        )
+        claimed.assigned = sum(1 for r in rows if r["part"] == "next" and r["fresh"])
+        error = next((r["error"] for r in rows if r["part"] == "error"), None)
+        return outcomes, claimed, error
 
     async def assign(
         self, batch: int, *, now: datetime | None = None, conn: Conn | None = None

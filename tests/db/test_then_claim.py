@@ -1,6 +1,7 @@
 """A report and the agent's claim of its next task in one statement (dispatch.task_then_claim,
-what a completion or failure with `next` runs): the report first, the claim seeing it; a claim
-that fails leaves the report standing and says why; a report that fails claims nothing."""
+what a completion or failure with `next` runs, and dispatch.task_report_batch_then_claim, a batch
+of reports with `next`): the report first, the claim seeing it; a claim that fails leaves the
+report standing and says why; a report that fails claims nothing."""
 
 from __future__ import annotations
 
@@ -63,3 +64,49 @@ def test_a_refused_report_claims_nothing(sql: Conn) -> None:
     assert status == {"status": "running"}
     pending = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'")
     assert pending.fetchone() == {"n": 1}
+
+
+BATCH = ("SELECT ord, status, part, task ->> 'task_id' AS task_id,"
+         " task ->> 'status' AS task_status, fresh, error"
+         " FROM dispatch.task_report_batch_then_claim(%s, %s::jsonb, false, now(), %s, %s, true)")
+
+
+def reports(*items: tuple[str, str]) -> str:
+    return "[" + ", ".join(f'{{"task_id": "{t}", "action": "{a}"}}' for t, a in items) + "]"
+
+
+def test_a_batch_claims_after_the_report_that_asks_in_the_same_statement(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first, second = running(sql, "first"), running(sql, "second")
+    sql.execute("SELECT dispatch.create_task('third')")
+    rows = sql.execute(BATCH, ("a1", reports((first, "progress"), (second, "complete")), 2, 1)
+                       ).fetchall()
+    assert [(r["ord"], r["status"], r["part"], r["task_status"]) for r in rows] == [
+        (1, 200, "report", "running"), (2, 200, "report", "completed"),
+        (None, None, "next", "running")]
+    assert rows[2]["fresh"] is True and rows[2]["task_id"] not in (first, second)
+
+
+def test_a_batch_whose_asking_report_is_refused_claims_nothing(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second')")
+    rows = sql.execute(BATCH, ("a1", reports((first, "complete"), (first, "start")), 2, 1)
+                       ).fetchall()
+    # The second report (a start of a completed task) is a 409: no claim follows it.
+    assert [(r["ord"], r["status"], r["part"]) for r in rows] == [(1, 200, "report"),
+                                                                 (2, 409, "report")]
+    pending = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'")
+    assert pending.fetchone() == {"n": 1}
+
+
+def test_a_batch_whose_claim_fails_keeps_its_reports_and_says_why(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second')")
+    rows = sql.execute(BATCH, ("a1", reports((first, "complete")), 1, 0)).fetchall()
+    assert [(r["status"], r["part"]) for r in rows] == [(200, "report"), (None, "error")]
+    assert "max_tasks must be between 1 and 100" in rows[1]["error"]
+    status = sql.execute("SELECT status::text FROM dispatch.tasks WHERE task_id = %s",
+                         (first,)).fetchone()
+    assert status == {"status": "completed"}

@@ -343,29 +343,22 @@ BEGIN
 END
 $$;
 
--- A report and the agent's claim of its next tasks in one statement, so that a busy agent's
--- request is one round trip: p_done is the task as the report's own function left it (called as
--- this function's argument, so it has run before the claim begins, and its error fails the whole
--- statement). The claim runs in a subtransaction: should it fail, the report still stands and the
--- claim's error comes back instead of tasks. Rows: ('done', the reported task), then ('next',
--- each claimed task, whether this claim assigned it), or ('error', its message).
-CREATE FUNCTION dispatch.task_then_claim(
-    p_done dispatch.tasks, p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
+-- The claim a report asks for (its `next`), inside the report's statement: in a subtransaction, so
+-- that should it fail the reports still stand and its error comes back instead of tasks. Rows:
+-- ('next', each claimed task, whether this claim assigned it), or one ('error', its message).
+CREATE FUNCTION dispatch.task_claim_next(
+    p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
 ) RETURNS TABLE (part text, task jsonb, fresh boolean, error text)
 LANGUAGE plpgsql AS $$
 DECLARE
     claimed dispatch.tasks[];
     t       dispatch.tasks;
 BEGIN
-    part := 'done';
-    task := to_jsonb(p_done);
-    RETURN NEXT;
     BEGIN
         claimed := ARRAY(SELECT c FROM dispatch.task_claim(p_agent_id, NULL, p_now, p_max,
                                                           p_start) c);
     EXCEPTION WHEN OTHERS THEN
         part := 'error';
-        task := NULL;
         GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
         RETURN NEXT;
         RETURN;
@@ -376,6 +369,53 @@ BEGIN
         fresh := t.assigned_at = p_now;
         RETURN NEXT;
     END LOOP;
+END
+$$;
+
+-- A report and the agent's claim of its next tasks in one statement, so that a busy agent's
+-- request is one round trip: p_done is the task as the report's own function left it (called as
+-- this function's argument, so it has run before the claim begins, and its error fails the whole
+-- statement). Rows: ('done', the reported task), then dispatch.task_claim_next's.
+CREATE FUNCTION dispatch.task_then_claim(
+    p_done dispatch.tasks, p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
+) RETURNS TABLE (part text, task jsonb, fresh boolean, error text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    part := 'done';
+    task := to_jsonb(p_done);
+    RETURN NEXT;
+    RETURN QUERY SELECT * FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now);
+END
+$$;
+
+-- Several reports of one agent (dispatch.task_report_batch) and, when the one at p_then (its
+-- ordinal) was applied, the agent's claim of its next tasks, in one statement. Rows: the batch's,
+-- with part 'report', then dispatch.task_claim_next's (ord NULL).
+CREATE FUNCTION dispatch.task_report_batch_then_claim(
+    p_agent_id text, p_reports jsonb, p_admin boolean, p_now timestamptz,
+    p_then integer, p_max integer, p_start boolean
+) RETURNS TABLE (ord integer, status integer, error text, field text, task jsonb, part text,
+                 fresh boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    applied boolean := false;
+BEGIN
+    FOR ord, status, error, field, task IN
+        SELECT * FROM dispatch.task_report_batch(p_agent_id, p_reports, p_admin, p_now) b
+        ORDER BY b.ord
+    LOOP
+        part := 'report';
+        applied := applied OR (ord = p_then AND status = 200);
+        RETURN NEXT;
+    END LOOP;
+    IF applied THEN
+        ord := NULL;
+        status := NULL;
+        field := NULL;
+        RETURN QUERY SELECT NULL::integer, NULL::integer, n.error, NULL::text, n.task, n.part,
+                            n.fresh
+                     FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now) n;
+    END IF;
 END
 $$;
 
