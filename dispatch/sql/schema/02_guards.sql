@@ -12,11 +12,16 @@
 --                   config.events_notify, or before config.ui_notify_until)
 --   dispatch_due    (payload: an epoch) an assignment set a deadline nearer than the reapers'
 --                   tick (wakes sleeping reapers)
+
+-- Capabilities as they are compared: trimmed, lower case, each once, sorted. (PL/pgSQL for its
+-- cached plan: as a SQL function with a FROM it was not inlined, and every create planned it.)
 CREATE FUNCTION dispatch.normalize_capabilities(caps text[]) RETURNS text[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(array_agg(DISTINCT c ORDER BY c), '{}')
-    FROM (SELECT lower(btrim(x)) AS c FROM unnest(caps) AS x) s
-    WHERE c IS NOT NULL AND c <> ''
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN coalesce((SELECT array_agg(DISTINCT c ORDER BY c)
+                     FROM (SELECT lower(btrim(x)) AS c FROM unnest(caps) AS x) s
+                     WHERE c IS NOT NULL AND c <> ''), '{}');
+END
 $$;
 
 -- Who the session is, for the actor of events written from raw SQL.
