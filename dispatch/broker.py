@@ -125,24 +125,34 @@ class Broker:
         claim and the agent will wait, the wait happens after the commit, as a claim's long
         poll."""
         claimed: list[Task] = []
+        error: str | None = None
 
         async def both() -> Task:
-            nonlocal claimed
+            nonlocal claimed, error
             task, claimed, error = await self.tasks.apply_then_claim(
                 change, agent_id, max_tasks=then.max_tasks, start=then.start, now=now
             )
-            if error is not None:
-                log.info("the claim after the report of %s failed: %s", agent_id, error)
             return task
 
         task = await self._fenced(change, both())
+        return task, await self._after_claim(agent_id, then, claimed, error, now)
+
+    async def _after_claim(
+        self, agent_id: str, then: NextClaim, claimed: list[Task], error: str | None,
+        now: datetime | None,
+    ) -> list[Task]:
+        """What a report's claim of the agent's next tasks gave (logged when it failed, counted);
+        when it gave nothing and the agent will wait, the wait, after the commit, as a claim's
+        long poll."""
+        if error is not None:
+            log.info("the claim after the report of %s failed: %s", agent_id, error)
         self._count_claimed(claimed, then.start)
         if not claimed and then.wait_seconds > 0:
             claimed = await self.claim_many(
                 agent_id, max_tasks=then.max_tasks, start=then.start,
                 wait_seconds=then.wait_seconds, now=now,
             )
-        return task, claimed
+        return claimed
 
     async def _fenced(self, change: Change, run: Awaitable[Task]) -> Task:
         """Run a change; a conflict or refusal carries the task's current state."""
@@ -221,6 +231,7 @@ class Broker:
         in the same statement (in a subtransaction, as apply_then_claim), carried by its
         outcome."""
         claimed: list[Task] = []
+        error: str | None = None
         if then is None:
             outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         else:
@@ -228,20 +239,13 @@ class Broker:
                 agent_id, reports, then[0], max_tasks=then[1].max_tasks, start=then[1].start,
                 admin=admin, now=now,
             )
-            if error is not None:
-                log.info("the claim after the reports of %s failed: %s", agent_id, error)
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome.status == 200 and outcome.task is not None:
                 self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
         if then is None or outcomes[then[0]].status != 200:
             return outcomes
         index, claim = then
-        self._count_claimed(claimed, claim.start)
-        if not claimed and claim.wait_seconds > 0:
-            claimed = await self.claim_many(
-                agent_id, max_tasks=claim.max_tasks, start=claim.start,
-                wait_seconds=claim.wait_seconds, now=now,
-            )
+        claimed = await self._after_claim(agent_id, claim, claimed, error, now)
         outcomes[index] = ReportOutcomeWithNext(
             **msgspec.structs.asdict(outcomes[index]), next=claimed
         )

@@ -83,6 +83,17 @@ def _outcome(reports: Sequence[Mapping[str, object]], r: Row) -> ReportOutcome:
     )
 
 
+def _claimed_next(rows: Sequence[Row]) -> tuple[Claimed, str | None]:
+    """The rows of dispatch.task_claim_next among a report's: the tasks claimed (and how many of
+    them the claim assigned), or the claim's error."""
+    claimed = Claimed(
+        msgspec.convert(r["task"], Task, strict=False) for r in rows if r["part"] == "next"
+    )
+    claimed.assigned = sum(1 for r in rows if r["part"] == "next" and r["fresh"])
+    error = next((r["error"] for r in rows if r["part"] == "error"), None)
+    return claimed, error
+
+
 def _report_task_id(report: Mapping[str, object]) -> uuid.UUID | None:
     try:
         return uuid.UUID(str(report.get("task_id")))
@@ -229,12 +240,7 @@ class Tasks(Queries):
             conn,
         )
         outcomes = [_outcome(reports, r) for r in rows if r["part"] == "report"]
-        claimed = Claimed(
-            msgspec.convert(r["task"], Task, strict=False) for r in rows if r["part"] == "next"
-        )
-        claimed.assigned = sum(1 for r in rows if r["part"] == "next" and r["fresh"])
-        error = next((r["error"] for r in rows if r["part"] == "error"), None)
-        return outcomes, claimed, error
+        return outcomes, *_claimed_next(rows)
 
     async def assign(
         self, batch: int, *, now: datetime | None = None, conn: Conn | None = None
@@ -275,12 +281,7 @@ class Tasks(Queries):
             conn,
         )
         done = msgspec.convert(rows[0]["task"], Task, strict=False)
-        claimed = Claimed(
-            msgspec.convert(r["task"], Task, strict=False) for r in rows if r["part"] == "next"
-        )
-        claimed.assigned = sum(1 for r in rows if r["fresh"])
-        error = next((r["error"] for r in rows if r["part"] == "error"), None)
-        return done, claimed, error
+        return done, *_claimed_next(rows)
 
     async def expire(
         self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None

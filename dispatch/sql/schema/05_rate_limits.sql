@@ -130,18 +130,17 @@ BEGIN
 END
 $$;
 
--- Takes p_need tokens from one shard of a rate key's bucket that holds them, when this
--- transaction holds that shard's lock: whether it did.
-CREATE FUNCTION dispatch.rate_take(p_key text, p_shard integer, p_need float8, p_now timestamptz)
+-- Takes p_need tokens from one shard of bucket r that holds them, when this transaction holds
+-- that shard's lock: whether it did.
+CREATE FUNCTION dispatch.rate_take(r dispatch.rate_limits, p_shard integer, p_need float8,
+                                   p_now timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE dispatch.rate_buckets b
-    SET tokens = dispatch.shard_tokens(b, l, p_now) - p_need,
+    SET tokens = dispatch.shard_tokens(b, r, p_now) - p_need,
         refilled_at = greatest(b.refilled_at, p_now)
-    FROM dispatch.rate_limits l
-    WHERE l.key = p_key AND b.key = p_key AND b.shard = p_shard
-      AND dispatch.shard_tokens(b, l, p_now) >= p_need;
+    WHERE b.key = r.key AND b.shard = p_shard AND dispatch.shard_tokens(b, r, p_now) >= p_need;
     RETURN FOUND;
 END
 $$;
@@ -170,7 +169,7 @@ DECLARE
     idx     integer[];
     g       integer;
     need    float8;
-    n       integer;
+    rl      dispatch.rate_limits;
     lk      integer;
     sh      integer;
     pool    record;
@@ -197,25 +196,24 @@ BEGIN
         END IF;
         -- A shard that holds all of it and whose lock no other transaction holds: first the
         -- one of this backend (no other's, mostly), then the fullest. Read after its lock.
-        SELECT l.shards INTO n FROM dispatch.rate_limits l WHERE l.key = k;
+        SELECT * INTO rl FROM dispatch.rate_limits l WHERE l.key = k;
         CONTINUE WHEN NOT FOUND;  -- no bucket: no limit
         lk := dispatch.rate_lock(k);
-        sh := pg_backend_pid() % n;
+        sh := pg_backend_pid() % rl.shards;
         holding := pg_try_advisory_xact_lock(lk, sh);
         took := false;
         IF holding THEN
-            took := dispatch.rate_take(k, sh, need, p_now);
+            took := dispatch.rate_take(rl, sh, need, p_now);
         END IF;
         IF NOT took THEN
             FOREACH g IN ARRAY ARRAY(
                 SELECT b.shard FROM dispatch.rate_buckets b
-                JOIN dispatch.rate_limits l ON l.key = b.key
-                WHERE b.key = k AND b.shard <> sh AND dispatch.shard_tokens(b, l, p_now) >= need
-                ORDER BY dispatch.shard_tokens(b, l, p_now) DESC)
+                WHERE b.key = k AND b.shard <> sh AND dispatch.shard_tokens(b, rl, p_now) >= need
+                ORDER BY dispatch.shard_tokens(b, rl, p_now) DESC)
             LOOP
                 CONTINUE WHEN NOT pg_try_advisory_xact_lock(lk, g);
                 holding := true;
-                took := dispatch.rate_take(k, g, need, p_now);
+                took := dispatch.rate_take(rl, g, need, p_now);
                 EXIT WHEN took;
             END LOOP;
         END IF;

@@ -409,9 +409,6 @@ BEGIN
         RETURN NEXT;
     END LOOP;
     IF applied THEN
-        ord := NULL;
-        status := NULL;
-        field := NULL;
         RETURN QUERY SELECT NULL::integer, NULL::integer, n.error, NULL::text, n.task, n.part,
                             n.fresh
                      FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now) n;
