@@ -213,8 +213,8 @@ def results_table(r: Report) -> list[list[str]]:
             "<= 3 commits", _verdict(commits <= 3),
         ])
     # 5
-    if isinstance(r.scale, list) and len(r.scale) == 2:
-        small, large = r.scale
+    if isinstance(r.scale, list) and len(r.scale) == 3:
+        small, large, stranded = r.scale
         for name, a, b in (("claim (task_claim)", small.claim, large.claim),
                            (f"assign (task_assign batch {small.assign_batch})",
                             small.assign, large.assign)):
@@ -224,6 +224,15 @@ def results_table(r: Report) -> list[list[str]]:
                 f"p50 {_f(a.p(50), 2)} / p99 {_f(a.p(99), 2)} ms vs p50 {_f(b.p(50), 2)} / p99 "
                 f"{_f(b.p(99), 2)} ms (table {_f(small.table_mb)} vs {_f(large.table_mb)} MB); "
                 f"ratio {ratio:.2f}",
+                "p99 within 1.5x", _verdict(ratio <= 1.5),
+            ])
+        for name, a, b in (("claim", small.claim, stranded.claim),
+                           ("assign", small.assign, stranded.assign)):
+            ratio = b.p(99) / a.p(99)
+            rows.append([
+                f"5. {name} p99 behind {stranded.stranded_rows:,} pending no agent can take, vs "
+                f"{small.terminal_rows:,} terminal rows",
+                f"p50 {_f(b.p(50), 2)} / p99 {_f(b.p(99), 2)} ms; ratio {ratio:.2f}",
                 "p99 within 1.5x", _verdict(ratio <= 1.5),
             ])
     elif isinstance(r.scale, Unavailable):

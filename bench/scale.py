@@ -1,4 +1,5 @@
-"""Claim and assign latency with few and with many terminal rows in dispatch.tasks."""
+"""Claim and assign latency with few and with many terminal rows in dispatch.tasks, and with a
+backlog ahead of the work that no agent can take (its capability's agents gone, or full)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g,
      LATERAL (SELECT now() - interval '7 days' + g * interval '10 ms') AS c(t)
 """
 
+# Pending tasks that need a capability no agent has, ahead of every task timed (the same
+# priority, queued earlier): each claim and round passes over all of them.
+_STRANDED = """
+INSERT INTO dispatch.tasks (title, requester, source, required_capabilities, timeout_seconds)
+SELECT 'stranded ' || g, %(requester)s, 'sql', '{nobody-has-this}', 300
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g
+"""
+
 _PENDING = """
 INSERT INTO dispatch.tasks (title, requester, source)
 SELECT 'scale ' || g, %(requester)s, 'bench' FROM generate_series(1, %(n)s::integer) g
@@ -44,27 +53,31 @@ class ScalePoint:
     claim: Latencies
     assign: Latencies
     assign_batch: int
+    stranded_rows: int = 0  # pending rows no agent can take, ahead of the timed ones
 
 
-async def _seed(url: str, rows: int) -> float:
+async def _seed(url: str, rows: int, sql: str = _SEED) -> float:
     t0 = time.perf_counter()
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SET session_replication_role = replica")
         chunk = 200_000
         for lo in range(1, rows + 1, chunk):
             await conn.execute(
-                _SEED, {"requester": REQUESTER, "lo": lo, "hi": min(rows, lo + chunk - 1)}
+                sql, {"requester": REQUESTER, "lo": lo, "hi": min(rows, lo + chunk - 1)}
             )
         await conn.execute("SET session_replication_role = origin")
         await conn.execute("VACUUM (ANALYZE) dispatch.tasks")
     return time.perf_counter() - t0
 
 
-async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint:
-    dbname = f"scale_{rows}"
+async def measure_point(
+    cluster: Cluster, sizes: Sizes, rows: int, *, stranded: bool = False
+) -> ScalePoint:
+    """`rows` terminal rows, or with `stranded` as many pending rows that no agent can take."""
+    dbname = f"scale_{rows}" + ("_stranded" if stranded else "")
     url = cluster.create_database(dbname)
     await asyncio.to_thread(prepare_dispatch, url)
-    seed_s = await _seed(url, rows)
+    seed_s = await _seed(url, rows, _STRANDED if stranded else _SEED)
     samples = sizes.scale_samples
     claim, assign = Latencies(), Latencies()
     async with await psycopg.AsyncConnection.connect(
@@ -105,6 +118,8 @@ async def measure_point(cluster: Cluster, sizes: Sizes, rows: int) -> ScalePoint
         mb = float(row["mb"]) if row else 0.0
     with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+    if stranded:
+        return ScalePoint(0, mb, seed_s, claim, assign, sizes.assign_batch, stranded_rows=rows)
     return ScalePoint(rows, mb, seed_s, claim, assign, sizes.assign_batch)
 
 
@@ -112,4 +127,5 @@ async def run_scale(cluster: Cluster, sizes: Sizes) -> list[ScalePoint]:
     return [
         await measure_point(cluster, sizes, sizes.scale_small),
         await measure_point(cluster, sizes, sizes.scale_large),
+        await measure_point(cluster, sizes, sizes.scale_small, stranded=True),
     ]

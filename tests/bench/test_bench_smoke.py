@@ -38,7 +38,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
     report = bench(tmp_path / "BENCHMARKS.md", BENCH_ONLY="engine,peers,scale,backlog")
     for row in ("Dispatch engine (push)", "Dispatch engine (pull)", "pgqueuer", "procrastinate",
                 "raw SKIP LOCKED (floor)", "cost per task", "terminal rows",
-                "pending behind saturated agents",
+                "pending behind saturated agents", "pending no agent can take",
                 "flow control overhead, Dispatch engine (push)",
                 "flow control overhead, Dispatch engine (pull)", "the median of 3 rounds"):
         assert row in report, row

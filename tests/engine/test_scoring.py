@@ -126,6 +126,34 @@ async def test_owner_filter_on(owner_broker: Broker, sql: psycopg.Connection[Any
     assert r["nobodys-agent"] == ["ownership unknown (owner filter on, task owner carol)"]
 
 
+async def test_work_no_agent_can_take_is_passed_over_by_claims_and_rounds(
+    owner_broker: Broker, sql: psycopg.Connection[Any]
+) -> None:
+    """The walk leaves out, in its own scan, what the agents at hand could not take (a capability
+    none has, an owner none belongs to); what they can take behind it is found as before."""
+    b = owner_broker
+    await b.agents.upsert("bobs-device", capabilities=["python"])
+    sql.execute("INSERT INTO dispatch.agent_owners (agent_id, owner) VALUES ('bobs-device', 'bob')")
+    await b.agents.upsert("alices-agent", owner="alice", capabilities=["python", "sql"])
+    await b.agents.drain("alices-agent")
+    stranded = [await make_task(b, title="gpu", required_capabilities=["gpu"], priority=9),
+                await make_task(b, title="carol's", owner="carol", priority=9),
+                await make_task(b, title="alice's", owner="alice", priority=9)]
+    bobs = await make_task(b, title="bob's", owner="bob", required_capabilities=["PYTHON"])
+    anyones = await make_task(b, title="anyone's")
+    claimed = await b.claim_many("bobs-device", max_tasks=5, now=at(1))
+    assert [t.task_id for t in claimed] == [bobs.task_id, anyones.task_id]
+
+    await b.agents.drain("bobs-device")
+    await b.agents.drain("alices-agent", False)
+    sql_sel = await make_task(b, title="sql", required_capabilities=["sql"])
+    made = await b.assign(now=at(2))  # alice's agent alone has room: alice's, then sql
+    assert [(m.task_id, m.agent_id) for m in made] == [
+        (stranded[2].task_id, "alices-agent"), (sql_sel.task_id, "alices-agent")]
+    for task in stranded[:2]:
+        assert (await b.tasks.get(task.task_id)).status == "pending"
+
+
 async def test_a_task_without_owner_runs_on_any_eligible_agent_on_the_defaults(
     broker: Broker,
 ) -> None:
