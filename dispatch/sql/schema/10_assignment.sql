@@ -456,7 +456,7 @@ $$;
 -- on the tasks with flow keys before it gives anything.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     c     dispatch.config;
     free  dispatch.agents[];
