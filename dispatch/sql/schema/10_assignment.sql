@@ -94,7 +94,7 @@ $$;
 -- p_capabilities and p_owners, when given, leave out in the walk's own scan the rows that no
 -- agent the caller has in mind could take: those requiring a capability outside p_capabilities,
 -- and those with an owner outside p_owners (for the owner filter). A backlog that no agent can
--- take (its capability's agents all gone, or full) then costs a claim or a round about a
+-- take (its capability's agents all gone, or full) then costs a claim or a round well under a
 -- microsecond a row, where each row fetched and refused one at a time cost it 50-180 us.
 CREATE FUNCTION dispatch.pending_queue(
     p_now timestamptz, p_capabilities text[] DEFAULT NULL, p_owners text[] DEFAULT NULL
