@@ -4,6 +4,7 @@ that widen capabilities or register strangers, non-JSON bodies, and a report tha
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -275,9 +276,15 @@ async def test_a_row_written_around_the_range_check_does_not_stop_the_list(
     """A row that holds an unreadable time anyway (written before the check existed, or by a DBA
     who dropped it) reads as the earliest or latest time: it cannot stop the list for everyone."""
     task = await create(client)
-    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_available_at_range")
-    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range")
-    sql.execute(
+    # Off the event loop: the app's loops may hold a transaction open on this same loop.
+    await asyncio.to_thread(
+        sql.execute, "ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_available_at_range"
+    )
+    await asyncio.to_thread(
+        sql.execute, "ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range"
+    )
+    await asyncio.to_thread(
+        sql.execute,
         "UPDATE dispatch.tasks SET available_at = '9999-12-31T23:59:59-01:00',"
         " deadline_at = 'infinity', started_at = '0001-01-01T00:30:00+01:00' WHERE task_id = %s",
         (task["task_id"],),

@@ -406,9 +406,16 @@ async def test_a_task_row_with_an_unreadable_time_does_not_stall_the_relay(
     """A row holding a time Python cannot read (written around the range check: here a DBA
     dropped it) is relayed like any other, with the time read as the latest one."""
     task, _ = await broker.submit(NewTask(title="odd"), requester="req")
-    sql.execute("ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range")
-    sql.execute("UPDATE dispatch.tasks SET started_at = 'infinity' WHERE task_id = %s",
-                (task.task_id,))
+    # Off the event loop: the relay's batch holds its transaction across the publish, so DDL
+    # run on the loop's own thread would wait for a batch that cannot finish.
+    await asyncio.to_thread(
+        sql.execute, "ALTER TABLE dispatch.tasks DROP CONSTRAINT tasks_times_range"
+    )
+    await asyncio.to_thread(
+        sql.execute,
+        "UPDATE dispatch.tasks SET started_at = 'infinity' WHERE task_id = %s",
+        (task.task_id,),
+    )
     await broker.apply(Cancel(task_id=task.task_id, actor="req", reason="odd"))
     after, _ = await broker.submit(NewTask(title="after"), requester="req")
 
