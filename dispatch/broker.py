@@ -61,6 +61,7 @@ class Broker:
         self.insights = store.insights
         self.config = store.config
         self.ui_sessions = store.ui_sessions
+        self.schedules = store.schedules
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics

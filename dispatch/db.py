@@ -106,6 +106,13 @@ _CONSTRAINT_FIELDS = {
     "tasks_heartbeat_positive": "heartbeat_seconds",
     "tasks_metadata_object": "metadata",
     "tasks_progress_object": "progress",
+    "schedules_name_check": "name",
+    "schedules_cron_check": "cron",
+    "schedules_timezone_check": "timezone",
+    "schedules_template_check": "template",
+    "schedules_overlap_check": "overlap",
+    "schedules_catch_up_check": "catch_up",
+    "schedules_catch_up_limit_check": "catch_up_limit",
 }
 
 

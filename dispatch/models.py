@@ -360,3 +360,26 @@ class TenantWeight(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     weight: float
     default: bool = False
+
+
+class Schedule(msgspec.Struct, frozen=True, kw_only=True):
+    """Recurring work: a task made from `template` at every fire of `cron` in `timezone`.
+    `next_fire_at` is None while a scheduler has yet to compute it (new, changed or resumed)."""
+
+    name: str
+    cron: str
+    timezone: str
+    template: dict[str, object]
+    overlap: str
+    catch_up: str
+    catch_up_limit: int
+    paused: bool
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None
+    last_task_id: uuid.UUID | None
+    fired_count: int
+    skipped_count: int
+    missed_count: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime

@@ -31,6 +31,8 @@ def due_epoch(payload: str) -> float | None:
 AUTH_CHANNEL = "dispatch_auth"
 # Payload: an agent id the assigner just gave a task (dispatch.task_give): wakes its claims.
 ASSIGNED_CHANNEL = "dispatch_assigned"
+# A schedule was made, changed, paused or resumed (dispatch.schedules_changed).
+SCHEDULES_CHANNEL = "dispatch_schedules"
 
 
 async def first_set(events: Iterable[asyncio.Event], timeout: float) -> bool:
@@ -57,6 +59,7 @@ class Listener:
         url: str,
         channels: Iterable[str] = (
             WORK_CHANNEL, EVENTS_CHANNEL, DUE_CHANNEL, AUTH_CHANNEL, ASSIGNED_CHANNEL,
+            SCHEDULES_CHANNEL,
         ),
     ) -> None:
         self._url = url

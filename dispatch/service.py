@@ -146,6 +146,7 @@ class Service:
         from dispatch.engine.directory import DirectorySync
         from dispatch.engine.pruner import Pruner
         from dispatch.engine.reaper import Reaper
+        from dispatch.engine.scheduler import Scheduler
         from dispatch.integrations.alexandria import AlexandriaClient
         from dispatch.integrations.promptforge import PromptForgeClient
         from dispatch.integrations.warren import WarrenClient
@@ -168,6 +169,7 @@ class Service:
                 metrics=self.metrics,
             ),
             Pruner(self.broker, retention_hours=s.retention.hours),
+            Scheduler(self.broker, self.listener),
         ]
         self.broker.pushing = True  # waiting claims wake for what the assigner gives them
         loops += self._nats_loops()

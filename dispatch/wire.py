@@ -370,3 +370,58 @@ def flow_key(raw: str, field: str) -> str:
     if not 1 <= len(raw) <= 256 or "\x00" in raw:
         raise InvalidInput(f"{field} must be 1 to 256 characters, no NUL", field=field)
     return raw
+
+
+ScheduleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+CronText = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL)]
+ZoneName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+Overlap = Literal["skip", "allow"]
+CatchUp = Literal["none", "latest", "all"]
+CatchUpLimit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+
+
+class ScheduleCreate(_Body):
+    """POST /api/v1/schedules: `template` is the body of a task create (without available_at)."""
+
+    name: ScheduleName
+    cron: CronText
+    template: JsonObject
+    timezone: ZoneName = "UTC"
+    overlap: Overlap = "skip"
+    catch_up: CatchUp = "latest"
+    catch_up_limit: CatchUpLimit = 100
+    paused: bool = False
+
+
+class SchedulePatch(_Body):
+    """PATCH /api/v1/schedules/{name}: the fields given replace the schedule's."""
+
+    cron: CronText | None = None
+    timezone: ZoneName | None = None
+    template: JsonObject | None = None
+    overlap: Overlap | None = None
+    catch_up: CatchUp | None = None
+    catch_up_limit: CatchUpLimit | None = None
+    paused: bool | None = None
+
+
+def schedule_template(raw: dict[str, Any]) -> dict[str, Any]:
+    """A schedule's task template as stored: a task create's fields (aliases resolved, no
+    available_at: a fire's task is available when it fires; no source: it is `schedule`).
+    InvalidInput names the field as template.<field>."""
+    for name, why in (("available_at", "a fire's task is available at the fire"),
+                      ("source", "a fire's task has source 'schedule'")):
+        if name in raw:
+            raise InvalidInput(f"template.{name} cannot be set: {why}", field=f"template.{name}")
+    try:
+        req = msgspec.convert(raw, TaskCreate)
+        task = new_task(req)
+    except msgspec.ValidationError as exc:
+        path = error_path(str(exc))
+        field = f"template.{path}" if path else "template"
+        raise InvalidInput(f"template: {exc}", field=field) from None
+    except InvalidInput as exc:
+        raise InvalidInput(f"template: {exc}", field=f"template.{exc.field}") from None
+    fields = msgspec.to_builtins(task)
+    return {k: v for k, v in fields.items()
+            if k not in ("available_at", "source") and v is not None}

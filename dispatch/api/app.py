@@ -25,6 +25,7 @@ from dispatch.api.content import decode_strictly, require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.limits import LimitController, TenantController
+from dispatch.api.schedules import ScheduleController
 from dispatch.api.tasks import TaskController
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
@@ -118,7 +119,7 @@ def create_app(
     api = Router(
         path="/api/v1",
         route_handlers=[TaskController, AgentController, stats, LimitController,
-                        TenantController],
+                        TenantController, ScheduleController],
         guards=[require_agent, require_json_body],
         before_request=decode_strictly,
         parameters={

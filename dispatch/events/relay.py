@@ -93,13 +93,26 @@ class Outgoing:
     body: bytes
 
 
+def schedule_subject(schedule: str, what: str) -> str:
+    return f"swarm.dispatch.schedule.{schedule}.{what}"
+
+
+# A schedule's events also go to its own subject: swarm.dispatch.schedule.<name>.fired|skipped.
+_SCHEDULE_EVENTS = {"schedule_fired": "fired", "schedule_skipped": "skipped"}
+
+
 def messages(event: TaskEvent, task: Task | None, max_payload: int) -> list[Outgoing]:
-    """An event's messages: its task subject, and for an assignment also the agent's subject."""
+    """An event's messages: its task subject, for an assignment also the agent's subject, for a
+    schedule's fire or skip also the schedule's."""
     body = encode_event(event, task, max_payload)
     out = [Outgoing(event.id, task_subject(event), str(event.id), body)]
     agent = event.payload.get("assigned_agent")
     if event.event == "assigned" and isinstance(agent, str) and agent:
         out.append(Outgoing(event.id, agent_subject(agent), f"{event.id}:agent", body))
+    schedule = event.payload.get("schedule")
+    if event.event in _SCHEDULE_EVENTS and isinstance(schedule, str) and schedule:
+        subject = schedule_subject(schedule, _SCHEDULE_EVENTS[event.event])
+        out.append(Outgoing(event.id, subject, f"{event.id}:schedule", body))
     return out
 
 

@@ -14,10 +14,14 @@ from dispatch.store.config import Config
 from dispatch.store.flow import Flow
 from dispatch.store.insights import Insights
 from dispatch.store.outbox import Outbox
+from dispatch.store.schedules import Schedules
 from dispatch.store.sessions import UiSessions
 from dispatch.store.tasks import Tasks
 
-__all__ = ["Agents", "Config", "Conn", "Flow", "Insights", "Outbox", "Store", "Tasks", "UiSessions"]
+__all__ = [
+    "Agents", "Config", "Conn", "Flow", "Insights", "Outbox", "Schedules", "Store", "Tasks",
+    "UiSessions",
+]
 
 
 class Store:
@@ -32,3 +36,4 @@ class Store:
         self.insights = Insights(pool)
         self.config = Config(pool)
         self.ui_sessions = UiSessions(pool)
+        self.schedules = Schedules(pool)
