@@ -4,6 +4,7 @@ catch-up after an outage, two schedulers at once, and schedules a DBA writes in 
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,8 @@ def at(text: str) -> datetime:
 
 
 def add(sql: Sql, name: str, cron: str, **fields: object) -> None:
-    cols = {"name": name, "cron": cron, "template": '{"title": "%s run"}' % name, **fields}
+    template = json.dumps({"title": f"{name} run"})
+    cols = {"name": name, "cron": cron, "template": template, **fields}
     sql.execute(
         f"INSERT INTO dispatch.schedules ({', '.join(cols)})"
         f" VALUES ({', '.join(['%s'] * len(cols))})", list(cols.values()),
@@ -102,7 +104,9 @@ async def test_overlap_skip_makes_no_task_while_the_last_one_is_unfinished(
         " WHERE event = 'schedule_skipped' AND task_id = %s", (row["last_task_id"],),
     ).fetchall()
     assert len(skips) == 2  # the running task's timeline says what it held back
-    await broker.apply(Cancel(task_id=row["last_task_id"], actor="admin", reason="done", admin=True))
+    await broker.apply(
+        Cancel(task_id=row["last_task_id"], actor="admin", reason="done", admin=True)
+    )
     await scheduler.run_once(now=at("2026-06-01T12:04:01+00:00"))
     assert fires(sql, "long_job") == [first, at("2026-06-01T12:04:00+00:00")]
 
