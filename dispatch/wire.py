@@ -378,6 +378,7 @@ ZoneName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_N
 Overlap = Literal["skip", "allow"]
 CatchUp = Literal["none", "latest", "all"]
 CatchUpLimit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
 class ScheduleCreate(_Body):
@@ -418,6 +419,9 @@ def schedule_template(raw: dict[str, Any]) -> dict[str, Any]:
         task = new_task(req)
     except msgspec.ValidationError as exc:
         path = error_path(str(exc))
+        named = _NAMED_FIELD.search(str(exc))  # a missing or an unknown field
+        if named:
+            path = f"{path}.{named.group(1)}" if path else named.group(1)
         field = f"template.{path}" if path else "template"
         raise InvalidInput(f"template: {exc}", field=field) from None
     except InvalidInput as exc:

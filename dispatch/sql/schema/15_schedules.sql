@@ -135,9 +135,9 @@ BEGIN
     FOREACH fire IN ARRAY coalesce(p_fires, '{}') LOOP
         IF dispatch.schedule_running(s) THEN
             s.skipped_count := s.skipped_count + 1;
-            INSERT INTO dispatch.task_events (task_id, event, actor, payload)
-            VALUES (s.last_task_id, 'schedule_skipped', 'schedule:' || s.name,
-                    jsonb_build_object('schedule', s.name, 'fire_at', fire));
+            PERFORM dispatch.event_write(s.last_task_id, 'schedule_skipped', 'schedule:' || s.name,
+                                         jsonb_build_object('schedule', s.name, 'fire_at', fire),
+                                         now());
             CONTINUE;
         END IF;
         SELECT r.task, r.created INTO made FROM dispatch.schedule_task(
@@ -145,9 +145,10 @@ BEGIN
         ) r;
         IF made.created THEN
             s.fired_count := s.fired_count + 1;
-            INSERT INTO dispatch.task_events (task_id, event, actor, payload)
-            VALUES ((made.task).task_id, 'schedule_fired', 'schedule:' || s.name,
-                    jsonb_build_object('schedule', s.name, 'fire_at', fire));
+            PERFORM dispatch.event_write((made.task).task_id, 'schedule_fired',
+                                         'schedule:' || s.name,
+                                         jsonb_build_object('schedule', s.name, 'fire_at', fire),
+                                         now());
             RETURN NEXT made.task;
         END IF;
         s.last_task_id := (made.task).task_id;
@@ -177,9 +178,10 @@ BEGIN
     END IF;
     SELECT (r.task).* INTO made
     FROM dispatch.schedule_task(s, 'run:' || gen_random_uuid(), p_now) r;
-    INSERT INTO dispatch.task_events (task_id, event, actor, payload)
-    VALUES (made.task_id, 'schedule_fired', dispatch.session_actor(),
-            jsonb_build_object('schedule', s.name, 'fire_at', p_now, 'run_now', true));
+    PERFORM dispatch.event_write(made.task_id, 'schedule_fired', dispatch.session_actor(),
+                                 jsonb_build_object('schedule', s.name, 'fire_at', p_now,
+                                                    'run_now', true),
+                                 p_now);
     UPDATE dispatch.schedules SET last_task_id = made.task_id, fired_count = fired_count + 1
     WHERE name = p_name;
     RETURN made;
