@@ -6,37 +6,46 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from psycopg import sql
+
 from dispatch.models import Schedule, Task
 from dispatch.store.base import Conn, Queries, convert, jsonb
 
 # The columns a create or an update may set, in the order of dispatch.schedules.
-FIELDS = ("cron", "timezone", "template", "overlap", "catch_up", "catch_up_limit", "paused")
+FIELDS = ("name", "cron", "timezone", "template", "overlap", "catch_up", "catch_up_limit",
+          "paused")
+
+
+def _values(fields: dict[str, Any]) -> dict[str, Any]:
+    """The settable columns among `fields`, as parameters (the template as jsonb)."""
+    return {f: jsonb(fields[f]) if f == "template" else fields[f] for f in FIELDS if f in fields}
 
 
 class Schedules(Queries):
     async def create(self, name: str, fields: dict[str, Any], *, conn: Conn) -> Schedule | None:
         """Insert the schedule; None when the name is taken."""
-        names = [f for f in FIELDS if f in fields]
-        values = [jsonb(fields[f]) if f == "template" else fields[f] for f in names]
-        cols = ", ".join(["name", *names])
-        marks = ", ".join(["%s"] * (len(names) + 1))
-        rows = await self._rows(
-            f"INSERT INTO dispatch.schedules ({cols}) VALUES ({marks})"
-            " ON CONFLICT (name) DO NOTHING RETURNING *",
-            [name, *values], conn,
+        values = _values({"name": name, **fields})
+        query = sql.SQL(
+            "INSERT INTO dispatch.schedules ({}) VALUES ({})"
+            " ON CONFLICT (name) DO NOTHING RETURNING *"
+        ).format(
+            sql.SQL(", ").join(map(sql.Identifier, values)),
+            sql.SQL(", ").join(map(sql.Placeholder, values)),
         )
+        rows = await self._rows(query, values, conn)
         return convert(rows[0], Schedule) if rows else None
 
     async def update(self, name: str, fields: dict[str, Any], *, conn: Conn) -> Schedule | None:
-        names = [f for f in FIELDS if f in fields]
-        if not names:
+        values = _values(fields)
+        if not values:
             return await self.get(name, conn=conn)
-        sets = ", ".join(f"{f} = %s" for f in names)
-        values = [jsonb(fields[f]) if f == "template" else fields[f] for f in names]
-        rows = await self._rows(
-            f"UPDATE dispatch.schedules SET {sets} WHERE name = %s RETURNING *",
-            [*values, name], conn,
+        sets = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(f), sql.Placeholder(f)) for f in values
         )
+        query = sql.SQL(
+            "UPDATE dispatch.schedules SET {} WHERE name = %(name)s RETURNING *"
+        ).format(sets)
+        rows = await self._rows(query, {**values, "name": name}, conn)
         return convert(rows[0], Schedule) if rows else None
 
     async def get(self, name: str, *, conn: Conn | None = None) -> Schedule | None:
