@@ -423,9 +423,10 @@ def schedule_template(raw: dict[str, Any]) -> dict[str, Any]:
         if named:
             path = f"{path}.{named.group(1)}" if path else named.group(1)
         field = f"template.{path}" if path else "template"
-        raise InvalidInput(f"template: {exc}", field=field) from None
+        raise InvalidInput(f"{field}: {_AT_PATH.sub('', str(exc))}", field=field) from None
     except InvalidInput as exc:
-        raise InvalidInput(f"template: {exc}", field=f"template.{exc.field}") from None
+        field = f"template.{exc.field}" if exc.field else "template"
+        raise InvalidInput(f"{field}: {exc}", field=field) from None
     fields = msgspec.to_builtins(task)
     return {k: v for k, v in fields.items()
             if k not in ("available_at", "source") and v is not None}

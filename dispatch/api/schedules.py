@@ -35,7 +35,7 @@ async def _settle(schedules: Schedules, row: Schedule, conn: Conn) -> Schedule:
         await schedules.try_template(row.name, {"template": row.template}, conn=conn)
     except InvalidInput as exc:
         field = f"template.{exc.field}" if exc.field else "template"
-        raise InvalidInput(f"template: {exc}", field=field) from None
+        raise InvalidInput(f"{field}: {exc}", field=field) from None
     if row.paused or row.next_fire_at is not None:
         return row
     now = await schedules.now(conn=conn)

@@ -27,7 +27,7 @@ import httpx
 import msgspec
 
 from dispatch.errors import DispatchError
-from dispatch.models import TERMINAL_STATUSES, Agent, Stats, Task, TaskEvent
+from dispatch.models import TERMINAL_STATUSES, Agent, Schedule, Stats, Task, TaskEvent
 from dispatch.sdk.client import DispatchClient, ListFilters
 from dispatch.sdk.worker import (
     NUL_REPLACEMENT,
@@ -37,7 +37,7 @@ from dispatch.sdk.worker import (
     Worker,
     without_nul,
 )
-from dispatch.wire import TaskCreate
+from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
@@ -169,13 +169,13 @@ class Progress:
 
 # task commands
 
-def _metadata(raw: str) -> dict[str, object]:
+def _metadata(raw: str, option: str = "--metadata") -> dict[str, object]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise CliError(f"--metadata is not JSON: {exc}") from None
+        raise CliError(f"{option} is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise CliError("--metadata must be a JSON object")
+        raise CliError(f"{option} must be a JSON object")
     return value
 
 
@@ -525,6 +525,147 @@ def top(args: argparse.Namespace, conn: Conn) -> int:
             sys.stdout.flush()
 
 
+# schedule commands
+
+SCHEDULE_COLUMNS = ("NAME", "CRON", "TIMEZONE", "STATE", "NEXT_FIRE", "LAST_FIRE", "FIRED",
+                    "SKIPPED", "MISSED", "ERROR")
+# The task options of `schedule create|update` (instead of --template), by TaskCreate's names.
+TEMPLATE_OPTIONS = ("title", "description", "required_capabilities", "priority",
+                    "timeout_seconds", "max_retries", "owner", "metadata", "concurrency_key",
+                    "rate_key", "cost")
+
+
+def _schedule_row(s: Schedule) -> list[object]:
+    return [s.name, s.cron, s.timezone, "paused" if s.paused else "active", s.next_fire_at,
+            s.last_fire_at, s.fired_count, s.skipped_count, s.missed_count,
+            _short(s.last_error, 60) if s.last_error else None]
+
+
+def _schedule_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The schedule's fields the options give; the template from --template JSON or from
+    --title and the task options."""
+    fields: dict[str, object] = {
+        name: getattr(args, name) for name in ("cron", "timezone", "overlap", "catch_up",
+                                               "catch_up_limit", "paused")
+        if getattr(args, name, None) is not None
+    }
+    options = {name: getattr(args, name) for name in TEMPLATE_OPTIONS
+               if getattr(args, name, None) is not None}
+    if args.template is not None:
+        if options:
+            raise CliError("give --template or the task options (--title, ...), not both")
+        fields["template"] = _metadata(args.template, "--template")
+    elif options:
+        if "title" not in options:
+            raise CliError("the task options need --title (the template is replaced whole)")
+        if "metadata" in options:
+            options["metadata"] = _metadata(str(options["metadata"]))
+        fields["template"] = options
+    return fields
+
+
+def _schedule_out(args: argparse.Namespace, schedule: Schedule) -> None:
+    if args.json:
+        _print_json(schedule)
+    else:
+        print(table(SCHEDULE_COLUMNS, [_schedule_row(schedule)]))
+
+
+def schedule_create(args: argparse.Namespace, conn: Conn) -> int:
+    fields = _schedule_fields(args)
+    if "template" not in fields:
+        raise CliError("a schedule needs its task: --title (and options) or --template JSON")
+    try:
+        body = msgspec.convert({"name": args.name, **fields}, ScheduleCreate)
+    except msgspec.ValidationError as exc:
+        raise CliError(str(exc)) from None
+    with conn.client() as client:
+        _schedule_out(args, client.create_schedule(body))
+    return 0
+
+
+def schedule_update(args: argparse.Namespace, conn: Conn) -> int:
+    try:
+        change = msgspec.convert(_schedule_fields(args), SchedulePatch)
+    except msgspec.ValidationError as exc:
+        raise CliError(str(exc)) from None
+    with conn.client() as client:
+        _schedule_out(args, client.update_schedule(args.name, change))
+    return 0
+
+
+def schedule_list(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        schedules = client.schedules()
+    if args.json:
+        _print_json(schedules)
+    else:
+        print(table(SCHEDULE_COLUMNS, [_schedule_row(s) for s in schedules]))
+    return 0
+
+
+def schedule_show(args: argparse.Namespace, conn: Conn) -> int:
+    """The schedule, field by field, then the newest tasks it made."""
+    with conn.client() as client:
+        schedule = client.schedule(args.name)
+        tasks = client.schedule_tasks(args.name, limit=args.limit)
+    if args.json:
+        _print_json({"schedule": schedule, "tasks": tasks})
+        return 0
+    print(table(("FIELD", "VALUE"), list(msgspec.structs.asdict(schedule).items())))
+    print()
+    print(table(TASK_COLUMNS, [_task_row(t) for t in tasks]) if tasks else "(no tasks yet)")
+    return 0
+
+
+def schedule_pause(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        _schedule_out(args, client.pause_schedule(args.name, args.command_name == "pause"))
+    return 0
+
+
+def schedule_run(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        task = client.run_schedule(args.name)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
+def schedule_delete(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        client.delete_schedule(args.name)
+    _print_json({"deleted": args.name}) if args.json else print(f"deleted {args.name}")
+    return 0
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser, *, create: bool) -> None:
+    parser.add_argument("name")
+    parser.add_argument("--cron", required=create,
+                        help="5 fields, 6 with seconds last, or an alias such as @hourly")
+    parser.add_argument("--timezone", help="an IANA zone (default UTC)")
+    parser.add_argument("--overlap", choices=("skip", "allow"))
+    parser.add_argument("--catch-up", choices=("none", "latest", "all"))
+    parser.add_argument("--catch-up-limit", type=int)
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--paused", action="store_const", const=True)
+    if not create:
+        state.add_argument("--active", action="store_const", const=False, dest="paused")
+    parser.add_argument("--template", metavar="JSON",
+                        help="the task, as the body of a task create")
+    parser.add_argument("--title", help="the task's title (instead of --template)")
+    parser.add_argument("--description")
+    parser.add_argument("-c", "--capability", action="append", dest="required_capabilities",
+                        help="a required capability (repeatable)")
+    parser.add_argument("--priority", type=int)
+    parser.add_argument("--timeout", type=int, metavar="SECONDS", dest="timeout_seconds")
+    parser.add_argument("--max-retries", type=int)
+    parser.add_argument("--owner")
+    parser.add_argument("--metadata", metavar="JSON", help="a JSON object")
+    parser.add_argument("--concurrency-key")
+    parser.add_argument("--rate-key")
+    parser.add_argument("--cost", type=int)
+
+
 # the parser
 
 def add_client_options(parser: argparse.ArgumentParser, *, leaf: bool) -> None:
@@ -650,6 +791,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                            " needs the push extra)")
     work.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
     work.set_defaults(run=worker)
+
+    schedule = sub.add_parser("schedule", help="admin: recurring tasks from cron schedules")
+    schedules = schedule.add_subparsers(dest="command_name", required=True, metavar="ACTION")
+    schedules.add_parser("list", parents=[common], help="every schedule").set_defaults(
+        run=schedule_list)
+    show = schedules.add_parser("show", parents=[common],
+                                help="one schedule and the newest tasks it made")
+    show.add_argument("name")
+    show.add_argument("--limit", type=int, default=20)
+    show.set_defaults(run=schedule_show)
+    make = schedules.add_parser("create", parents=[common], help="create a schedule")
+    _add_schedule_options(make, create=True)
+    make.set_defaults(run=schedule_create)
+    change = schedules.add_parser("update", parents=[common],
+                                  help="change a schedule (a new timing applies from now on)")
+    _add_schedule_options(change, create=False)
+    change.set_defaults(run=schedule_update)
+    for name, run, text in (("pause", schedule_pause, "no fires until resumed"),
+                            ("resume", schedule_pause, "fire again, from now on"),
+                            ("run", schedule_run, "one task now, outside the timing"),
+                            ("delete", schedule_delete, "delete (its tasks stay)")):
+        one = schedules.add_parser(name, parents=[common], help=text)
+        one.add_argument("name")
+        one.set_defaults(run=run)
 
     live = sub.add_parser("top", parents=[common],
                           help="admin: a live view of the queue, throughput and agents")

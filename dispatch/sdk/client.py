@@ -33,13 +33,14 @@ from dispatch.models import (
     Explanation,
     NextClaim,
     ReportOutcomeWithNext,
+    Schedule,
     Stats,
     Task,
     TaskEvent,
     TaskStatus,
     TaskWithNext,
 )
-from dispatch.wire import TaskCreate
+from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
 
 T = TypeVar("T")
 TaskRef = uuid.UUID | str
@@ -257,6 +258,11 @@ class _Requests:
     def remove(self, agent_id: str | None) -> _Call:
         return self.agent(agent_id or self.agent_id, method="DELETE", admin=True)
 
+    def schedule(self, name: str = "", action: str = "", method: str = "GET",
+                 body: object = None, params: Mapping[str, str | int] | None = None) -> _Call:
+        path = "/api/v1/schedules" + (f"/{name}" if name else "") + (f"/{action}" if action else "")
+        return _Call(method, path, body, params=params, headers=self._admin())
+
 
 def _next(then: NextClaim | None) -> object:
     """A report's `next`: the claim of the agent's next tasks made in the same request."""
@@ -454,6 +460,36 @@ class DispatchClient:
     def explain(self, task_id: TaskRef) -> Explanation:
         call = self._r.task(task_id, "explain", method="GET", admin=True)
         return _decode(self._send(call), Explanation)
+
+    # schedules (admin): docs/schedules.md
+    def create_schedule(self, schedule: ScheduleCreate) -> Schedule:
+        body = msgspec.to_builtins(schedule)
+        return _decode(self._send(self._r.schedule(method="POST", body=body)), Schedule)
+
+    def schedules(self) -> builtins.list[Schedule]:
+        return _decode(self._send(self._r.schedule()), list[Schedule])
+
+    def schedule(self, name: str) -> Schedule:
+        return _decode(self._send(self._r.schedule(name)), Schedule)
+
+    def update_schedule(self, name: str, change: SchedulePatch) -> Schedule:
+        body = {k: v for k, v in msgspec.to_builtins(change).items() if v is not None}
+        return _decode(self._send(self._r.schedule(name, method="PATCH", body=body)), Schedule)
+
+    def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
+        call = self._r.schedule(name, "pause" if paused else "resume", method="POST")
+        return _decode(self._send(call), Schedule)
+
+    def delete_schedule(self, name: str) -> None:
+        _raise_for(self._send(self._r.schedule(name, method="DELETE")))
+
+    def run_schedule(self, name: str) -> Task:
+        """Run now: one task from the schedule's template at once."""
+        return _decode(self._send(self._r.schedule(name, "run", method="POST")), Task)
+
+    def schedule_tasks(self, name: str, limit: int = 20) -> builtins.list[Task]:
+        call = self._r.schedule(name, "tasks", params={"limit": limit})
+        return _decode(self._send(call), list[Task])
 
 
 class AsyncDispatchClient:
