@@ -7,6 +7,7 @@ so a page and its updates come from the same templates.
 """
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ MAX_FILTER_LENGTH = 256
 FILTERS = ("status", "capability", "requester", "owner", "assignee")
 # Checked by the handlers themselves (a clear 4xx page), so only the type here.
 PathText = Annotated[str, PathParameter()]
+SCHEDULE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 STATIC = {
     "dispatch.css": "text/css; charset=utf-8",
     "dispatch.js": "text/javascript; charset=utf-8",
@@ -360,6 +362,51 @@ async def delete_agent(request: Request[Any, Any, Any]) -> Redirect:
     return Redirect("/ui/agents", status_code=303)
 
 
+# -- schedules -------------------------------------------------------------------------------------
+
+
+def _schedule_name(raw: str) -> str:
+    if not SCHEDULE_NAME_RE.match(raw):
+        raise InvalidInput("schedule name: 1 to 128 letters, digits, '_' and '-'", field="name")
+    return raw
+
+
+@get("/schedules", opt={"page": True}, include_in_schema=False)
+async def schedules(request: Request[Any, Any, Any]) -> Response[str]:
+    ui = _ui(request)
+    every = await ui.broker.schedules.list_all()
+    return ui.page("schedules.html", nav="schedules", schedules=every)
+
+
+@get("/schedules/{name:str}", opt={"page": True}, include_in_schema=False)
+async def schedule_page(request: Request[Any, Any, Any], name: PathText) -> Response[str]:
+    ui = _ui(request)
+    found = await ui.broker.schedules.get(_schedule_name(name))
+    if found is None:
+        raise NotFound(f"schedule {name} does not exist")
+    made = await ui.broker.schedules.tasks(found.name, limit=20)
+    return ui.page("schedule.html", nav="schedules", s=found, tasks=made)
+
+
+@post("/schedules/{name:str}/{action:str}", include_in_schema=False)
+async def schedule_action(
+    request: Request[Any, Any, Any], name: PathText, action: PathText
+) -> Redirect:
+    """pause, resume (the scheduler computes the next fire at once: the change wakes it) or
+    run (one task now)."""
+    store = _ui(request).broker.schedules
+    name = _schedule_name(name)
+    if action == "pause":
+        await store.pause(name)
+    elif action == "resume":
+        await store.resume(name)
+    elif action == "run":
+        await store.run_now(name)
+    else:
+        raise NotFound(f"no action {action[:32]!r} on a schedule (pause, resume, run)")
+    return Redirect(f"/ui/schedules/{name}", status_code=303)
+
+
 # -- assets and the live stream ------------------------------------------------------------------
 
 
@@ -457,7 +504,8 @@ def create_ui(
     router = Router(
         path="/ui",
         route_handlers=[login_form, login, logout, overview, agents, tasks, task_page, cancel,
-                        requeue, drain, undrain, delete_agent, static, events],
+                        requeue, drain, undrain, delete_agent, schedules, schedule_page,
+                        schedule_action, static, events],
         before_request=require_session,
         exception_handlers={
             DispatchError: dispatch_error,  # type: ignore[dict-item]
