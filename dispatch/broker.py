@@ -2,7 +2,9 @@
 what the data layer does not: the claim's long poll, a conflict's details for the 409, the
 transition metrics, the assignment settings check, explain. Every change to a task is one call,
 `apply(change)`; plain reads and writes of a role go to that role of the data layer, which the
-broker holds as `tasks`, `agents`, `flow`, `outbox`, `insights` and `config`."""
+broker holds as `tasks`, `agents`, `flow`, `outbox`, `insights`, `config` and `schedules`;
+a schedule's create, update and resume are the broker's (they try the template and set the next
+fire)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from datetime import datetime
 
 import msgspec
 
+from dispatch.cron import Cron
 from dispatch.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dispatch.metrics import Metrics
 from dispatch.models import (
@@ -27,12 +30,13 @@ from dispatch.models import (
     NextClaim,
     ReportOutcome,
     ReportOutcomeWithNext,
+    Schedule,
     Task,
     TaskStatus,
 )
 from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
 from dispatch.settings import AssignmentSettings
-from dispatch.store import Store
+from dispatch.store import Conn, Store
 from dispatch.store.tasks import Claimed
 
 log = logging.getLogger(__name__)
@@ -326,3 +330,62 @@ class Broker:
             effective_priority=hold["effective_priority"],
             held_back=list(hold["reasons"]),
         )
+
+    # schedules: a write is one transaction that leaves the schedule ready to fire
+
+    async def schedule_create(self, name: str, fields: dict[str, object]) -> Schedule:
+        """A new schedule (Conflict when the name is taken), its template tried and its next
+        fire set."""
+        Cron(str(fields["cron"]), str(fields.get("timezone", "UTC")))
+        async with self.schedules.transaction() as conn:
+            row = await self.schedules.create(name, fields, conn=conn)
+            if row is None:
+                raise Conflict(f"schedule {name} exists already (PATCH it to change it)")
+            return await self._schedule_settle(row, conn)
+
+    async def schedule_update(self, name: str, fields: dict[str, object]) -> Schedule:
+        """Change the fields given; a new timing applies from now on."""
+        async with self.schedules.transaction() as conn:
+            current = await self._schedule(name, conn)
+            Cron(str(fields.get("cron", current.cron)),
+                 str(fields.get("timezone", current.timezone)))
+            row = await self.schedules.update(name, fields, conn=conn)
+            if row is None:
+                raise _schedule_gone(name)
+            return await self._schedule_settle(row, conn)
+
+    async def schedule_resume(self, name: str) -> Schedule:
+        """Resume: it fires from now on. Refused (InvalidInput) while its expression or zone
+        does not read, as the scheduler would pause it again."""
+        async with self.schedules.transaction() as conn:
+            current = await self._schedule(name, conn)
+            Cron(current.cron, current.timezone)
+            return await self._schedule_settle(
+                await self.schedules.resume(name, conn=conn), conn
+            )
+
+    async def _schedule(self, name: str, conn: Conn) -> Schedule:
+        found = await self.schedules.get(name, conn=conn)
+        if found is None:
+            raise _schedule_gone(name)
+        return found
+
+    async def _schedule_settle(self, row: Schedule, conn: Conn) -> Schedule:
+        """Try the template (a task the create would refuse is InvalidInput naming
+        template.<field>) and set the next fire of an active schedule that has none, by the
+        database's clock."""
+        try:
+            await self.schedules.try_template(row.name, {"template": row.template}, conn=conn)
+        except InvalidInput as exc:
+            field = f"template.{exc.field}" if exc.field else "template"
+            raise InvalidInput(f"{field}: {exc}", field=field) from None
+        if row.paused or row.next_fire_at is not None:
+            return row
+        now = await self.schedules.now(conn=conn)
+        await self.schedules.set_next(row.name, Cron(row.cron, row.timezone).next_after(now),
+                                      conn=conn)
+        return await self._schedule(row.name, conn)
+
+
+def _schedule_gone(name: str) -> NotFound:
+    return NotFound(f"schedule {name} does not exist")

@@ -1,8 +1,9 @@
 """Schedules (admin): recurring tasks made by every replica's scheduler, exactly once a fire.
 
-A create or an update is one transaction: the row, then the task a fire would make, made and
-taken back (so a template the create would refuse is a 400 now, not a paused schedule later),
-then the next fire, computed by the database's clock so that the answer shows it."""
+A create, an update or a resume is one transaction (Broker.schedule_*): the row, then the task a
+fire would make, made and taken back (so a template the create would refuse is a 400 now, not a
+paused schedule later), then the next fire, computed by the database's clock so that the answer
+shows it."""
 
 from typing import Annotated, Any
 
@@ -14,10 +15,8 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import CallerDep
 from dispatch.api.errors import ERRORS
-from dispatch.cron import Cron
-from dispatch.errors import Conflict, InvalidInput, NotFound
+from dispatch.errors import NotFound
 from dispatch.models import Schedule, Task
-from dispatch.store import Conn, Schedules
 from dispatch.wire import ScheduleCreate, SchedulePatch, schedule_template
 
 NamePath = Annotated[
@@ -29,22 +28,6 @@ def _gone(name: str) -> NotFound:
     return NotFound(f"schedule {name} does not exist")
 
 
-async def _settle(schedules: Schedules, row: Schedule, conn: Conn) -> Schedule:
-    """Try the template and set the next fire of an active schedule that has none."""
-    try:
-        await schedules.try_template(row.name, {"template": row.template}, conn=conn)
-    except InvalidInput as exc:
-        field = f"template.{exc.field}" if exc.field else "template"
-        raise InvalidInput(f"{field}: {exc}", field=field) from None
-    if row.paused or row.next_fire_at is not None:
-        return row
-    now = await schedules.now(conn=conn)
-    await schedules.set_next(row.name, Cron(row.cron, row.timezone).next_after(now), conn=conn)
-    found = await schedules.get(row.name, conn=conn)
-    assert found is not None
-    return found
-
-
 class ScheduleController(Controller):
     path = "/schedules"
     tags = ["schedules"]  # noqa: RUF012 - Litestar's own class attribute
@@ -53,16 +36,10 @@ class ScheduleController(Controller):
 
     @post("/", responses=ERRORS, status_code=HTTP_201_CREATED, summary="Create a schedule")
     async def create(self, caller: CallerDep, data: JSONBody[ScheduleCreate]) -> Schedule:
-        Cron(data.cron, data.timezone)
         fields: dict[str, Any] = msgspec.structs.asdict(data)
         name = fields.pop("name")
         fields["template"] = schedule_template(data.template)
-        schedules = caller.broker.schedules
-        async with schedules.transaction() as conn:
-            row = await schedules.create(name, fields, conn=conn)
-            if row is None:
-                raise Conflict(f"schedule {name} exists already (PATCH it to change it)")
-            return await _settle(schedules, row, conn)
+        return await caller.broker.schedule_create(name, fields)
 
     @get("/", responses=ERRORS, summary="Every schedule, by name")
     async def list_schedules(self, caller: CallerDep) -> list[Schedule]:
@@ -85,16 +62,7 @@ class ScheduleController(Controller):
         fields = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
         if "template" in fields:
             fields["template"] = schedule_template(fields["template"])
-        schedules = caller.broker.schedules
-        async with schedules.transaction() as conn:
-            current = await schedules.get(name, conn=conn)
-            if current is None:
-                raise _gone(name)
-            Cron(fields.get("cron", current.cron), fields.get("timezone", current.timezone))
-            row = await schedules.update(name, fields, conn=conn)
-            if row is None:
-                raise _gone(name)
-            return await _settle(schedules, row, conn)
+        return await caller.broker.schedule_update(name, fields)
 
     @post("/{name:str}/pause", responses=ERRORS, status_code=HTTP_200_OK,
           summary="Pause a schedule: no fires until it is resumed")
@@ -104,13 +72,7 @@ class ScheduleController(Controller):
     @post("/{name:str}/resume", responses=ERRORS, status_code=HTTP_200_OK,
           summary="Resume a schedule: it fires from now on (the paused fires are not made)")
     async def resume(self, name: NamePath, caller: CallerDep) -> Schedule:
-        schedules = caller.broker.schedules
-        async with schedules.transaction() as conn:
-            current = await schedules.get(name, conn=conn)
-            if current is None:
-                raise _gone(name)
-            Cron(current.cron, current.timezone)  # a schedule the scheduler paused as broken
-            return await _settle(schedules, await schedules.resume(name, conn=conn), conn)
+        return await caller.broker.schedule_resume(name)
 
     @delete("/{name:str}", responses=ERRORS, status_code=HTTP_204_NO_CONTENT,
             summary="Delete a schedule (the tasks it made stay)")
@@ -121,7 +83,7 @@ class ScheduleController(Controller):
     @post("/{name:str}/run", responses=ERRORS, status_code=HTTP_201_CREATED,
           summary="Run now: one task from the template at once, outside the timing")
     async def run_now(self, name: NamePath, caller: CallerDep) -> Task:
-        return await caller.broker.schedules.run_now(name)
+        return await caller.broker.schedules.run_now(name, caller.agent_id)
 
     @get("/{name:str}/tasks", responses=ERRORS, summary="The newest tasks the schedule made")
     async def tasks(

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import msgspec
@@ -37,7 +38,7 @@ from dispatch.sdk.worker import (
     Worker,
     without_nul,
 )
-from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
+from dispatch.wire import TaskCreate
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
@@ -531,8 +532,9 @@ SCHEDULE_COLUMNS = ("NAME", "CRON", "TIMEZONE", "STATE", "NEXT_FIRE", "LAST_FIRE
                     "SKIPPED", "MISSED", "ERROR")
 # The task options of `schedule create|update` (instead of --template), by TaskCreate's names.
 TEMPLATE_OPTIONS = ("title", "description", "required_capabilities", "priority",
-                    "timeout_seconds", "max_retries", "owner", "metadata", "concurrency_key",
-                    "rate_key", "cost")
+                    "timeout_seconds", "heartbeat_seconds", "max_retries", "owner", "metadata",
+                    "concurrency_key", "rate_key", "cost")
+SCHEDULE_OPTIONS = ("cron", "timezone", "overlap", "catch_up", "catch_up_limit", "paused")
 
 
 def _schedule_row(s: Schedule) -> list[object]:
@@ -541,27 +543,20 @@ def _schedule_row(s: Schedule) -> list[object]:
             _short(s.last_error, 60) if s.last_error else None]
 
 
-def _schedule_fields(args: argparse.Namespace) -> dict[str, object]:
-    """The schedule's fields the options give; the template from --template JSON or from
-    --title and the task options."""
-    fields: dict[str, object] = {
-        name: getattr(args, name) for name in ("cron", "timezone", "overlap", "catch_up",
-                                               "catch_up_limit", "paused")
-        if getattr(args, name, None) is not None
-    }
+def _schedule_fields(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The schedule's fields the options give (the template only from --template JSON), and the
+    task options given."""
+    fields = {name: getattr(args, name) for name in SCHEDULE_OPTIONS
+              if getattr(args, name, None) is not None}
     options = {name: getattr(args, name) for name in TEMPLATE_OPTIONS
                if getattr(args, name, None) is not None}
     if args.template is not None:
         if options:
             raise CliError("give --template or the task options (--title, ...), not both")
         fields["template"] = _metadata(args.template, "--template")
-    elif options:
-        if "title" not in options:
-            raise CliError("the task options need --title (the template is replaced whole)")
-        if "metadata" in options:
-            options["metadata"] = _metadata(str(options["metadata"]))
-        fields["template"] = options
-    return fields
+    if "metadata" in options:
+        options["metadata"] = _metadata(str(options["metadata"]))
+    return fields, options
 
 
 def _schedule_out(args: argparse.Namespace, schedule: Schedule) -> None:
@@ -572,31 +567,35 @@ def _schedule_out(args: argparse.Namespace, schedule: Schedule) -> None:
 
 
 def schedule_create(args: argparse.Namespace, conn: Conn) -> int:
-    fields = _schedule_fields(args)
+    # The server checks the fields (a bad one is its 400, naming it), as with `task create`.
+    fields, options = _schedule_fields(args)
+    if options:
+        if "title" not in options:
+            raise CliError("the task options need --title (or give --template JSON)")
+        fields["template"] = options
     if "template" not in fields:
         raise CliError("a schedule needs its task: --title (and options) or --template JSON")
-    try:
-        body = msgspec.convert({"name": args.name, **fields}, ScheduleCreate)
-    except msgspec.ValidationError as exc:
-        raise CliError(str(exc)) from None
     with conn.client() as client:
-        _schedule_out(args, client.create_schedule(body))
+        _schedule_out(args, client.create_schedule(args.name, **fields))
     return 0
 
 
 def schedule_update(args: argparse.Namespace, conn: Conn) -> int:
-    try:
-        change = msgspec.convert(_schedule_fields(args), SchedulePatch)
-    except msgspec.ValidationError as exc:
-        raise CliError(str(exc)) from None
+    """The options given replace the schedule's; task options change those fields of its template
+    (read first), --template replaces it whole."""
+    fields, options = _schedule_fields(args)
+    if not fields and not options:
+        raise CliError("nothing to change: give --cron, --timezone, --paused, --title, ...")
     with conn.client() as client:
-        _schedule_out(args, client.update_schedule(args.name, change))
+        if options:
+            fields["template"] = {**client.get_schedule(args.name).template, **options}
+        _schedule_out(args, client.update_schedule(args.name, **fields))
     return 0
 
 
 def schedule_list(args: argparse.Namespace, conn: Conn) -> int:
     with conn.client() as client:
-        schedules = client.schedules()
+        schedules = client.list_schedules()
     if args.json:
         _print_json(schedules)
     else:
@@ -607,7 +606,7 @@ def schedule_list(args: argparse.Namespace, conn: Conn) -> int:
 def schedule_show(args: argparse.Namespace, conn: Conn) -> int:
     """The schedule, field by field, then the newest tasks it made."""
     with conn.client() as client:
-        schedule = client.schedule(args.name)
+        schedule = client.get_schedule(args.name)
         tasks = client.schedule_tasks(args.name, limit=args.limit)
     if args.json:
         _print_json({"schedule": schedule, "tasks": tasks})
@@ -620,7 +619,11 @@ def schedule_show(args: argparse.Namespace, conn: Conn) -> int:
 
 def schedule_pause(args: argparse.Namespace, conn: Conn) -> int:
     with conn.client() as client:
-        _schedule_out(args, client.pause_schedule(args.name, args.command_name == "pause"))
+        if args.command_name == "pause":
+            schedule = client.pause_schedule(args.name)
+        else:
+            schedule = client.resume_schedule(args.name)
+    _schedule_out(args, schedule)
     return 0
 
 
@@ -642,22 +645,29 @@ def _add_schedule_options(parser: argparse.ArgumentParser, *, create: bool) -> N
     parser.add_argument("name")
     parser.add_argument("--cron", required=create,
                         help="5 fields, 6 with seconds last, or an alias such as @hourly")
-    parser.add_argument("--timezone", help="an IANA zone (default UTC)")
-    parser.add_argument("--overlap", choices=("skip", "allow"))
-    parser.add_argument("--catch-up", choices=("none", "latest", "all"))
-    parser.add_argument("--catch-up-limit", type=int)
+    parser.add_argument("--timezone", help="an IANA zone" + (" (default UTC)" if create else ""))
+    parser.add_argument("--overlap", choices=("skip", "allow"),
+                        help="skip: no fire while the last fire's task is unfinished"
+                             + (" (default)" if create else ""))
+    parser.add_argument("--catch-up", choices=("none", "latest", "all"),
+                        help="the fires missed while no replica ran"
+                             + (" (default latest)" if create else ""))
+    parser.add_argument("--catch-up-limit", type=int, metavar="N")
     state = parser.add_mutually_exclusive_group()
     state.add_argument("--paused", action="store_const", const=True)
     if not create:
-        state.add_argument("--active", action="store_const", const=False, dest="paused")
+        state.add_argument("--active", action="store_const", const=False, dest="paused",
+                           help="resume it")
     parser.add_argument("--template", metavar="JSON",
-                        help="the task, as the body of a task create")
+                        help="the task, as the body of a task create"
+                             + ("" if create else " (replaces the template whole)"))
     parser.add_argument("--title", help="the task's title (instead of --template)")
     parser.add_argument("--description")
     parser.add_argument("-c", "--capability", action="append", dest="required_capabilities",
                         help="a required capability (repeatable)")
     parser.add_argument("--priority", type=int)
     parser.add_argument("--timeout", type=int, metavar="SECONDS", dest="timeout_seconds")
+    parser.add_argument("--heartbeat", type=int, metavar="SECONDS", dest="heartbeat_seconds")
     parser.add_argument("--max-retries", type=int)
     parser.add_argument("--owner")
     parser.add_argument("--metadata", metavar="JSON", help="a JSON object")

@@ -9,6 +9,9 @@
 
 A requester creates a task from its title and the other fields of dispatch.wire.TaskCreate (the
 REST body) by name, `dispatch.create("summarise", rate_key="llm", cost=2)`, or from a TaskCreate.
+With the admin token it also manages schedules the same way: `dispatch.create_schedule("nightly",
+cron="0 3 * * *", template={"title": "re-index"})`, list_schedules, get_schedule, update_schedule,
+pause_schedule, resume_schedule, run_schedule, schedule_tasks, delete_schedule.
 
 Failures raise the errors of dispatch.errors: InvalidInput (400), Unauthorized (401), Forbidden
 (403), NotFound (404), Conflict (409, with `.task`, the task's current state), else ApiError.
@@ -22,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypedDict, TypeVar, Unpack
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -131,6 +135,16 @@ def _task_create(task: str | TaskCreate, fields: Mapping[str, Any]) -> TaskCreat
             raise TypeError("give a TaskCreate or a title and fields, not both")
         return task
     return TaskCreate(title=task, **fields)
+
+
+def _schedule_create(schedule: str | ScheduleCreate, fields: Mapping[str, Any]) -> ScheduleCreate:
+    """`schedule`, or a ScheduleCreate of the name and fields (TypeError for a name it lacks); a
+    template may be a TaskCreate."""
+    if isinstance(schedule, ScheduleCreate):
+        if fields:
+            raise TypeError("give a ScheduleCreate or a name and fields, not both")
+        return schedule
+    return ScheduleCreate(name=schedule, **fields)
 
 
 def _identity(agent_id: str, token: str | None) -> dict[str, str]:
@@ -260,8 +274,21 @@ class _Requests:
 
     def schedule(self, name: str = "", action: str = "", method: str = "GET",
                  body: object = None, params: Mapping[str, str | int] | None = None) -> _Call:
-        path = "/api/v1/schedules" + (f"/{name}" if name else "") + (f"/{action}" if action else "")
+        path = "/api/v1/schedules" + (f"/{quote(name, safe='')}" if name else "")
+        path += f"/{action}" if action else ""
         return _Call(method, path, body, params=params, headers=self._admin())
+
+    def create_schedule(self, schedule: str | ScheduleCreate, fields: Mapping[str, Any]) -> _Call:
+        body = msgspec.to_builtins(_schedule_create(schedule, fields))
+        return self.schedule(method="POST", body=body)
+
+    def update_schedule(self, name: str, change: SchedulePatch | None,
+                        fields: Mapping[str, Any]) -> _Call:
+        if change is not None and fields:
+            raise TypeError("give a SchedulePatch or fields, not both")
+        patch = change if change is not None else SchedulePatch(**fields)
+        body = {k: v for k, v in msgspec.to_builtins(patch).items() if v is not None}
+        return self.schedule(name, method="PATCH", body=body)
 
 
 def _next(then: NextClaim | None) -> object:
@@ -462,25 +489,34 @@ class DispatchClient:
         return _decode(self._send(call), Explanation)
 
     # schedules (admin): docs/schedules.md
-    def create_schedule(self, schedule: ScheduleCreate) -> Schedule:
-        body = msgspec.to_builtins(schedule)
-        return _decode(self._send(self._r.schedule(method="POST", body=body)), Schedule)
+    def create_schedule(self, schedule: str | ScheduleCreate, **fields: Any) -> Schedule:
+        """A new schedule: a ScheduleCreate, or its name and the other fields by name, e.g.
+        create_schedule("nightly", cron="0 3 * * *", template={"title": "re-index"}) (the
+        template is the body of a task create, a dict or a TaskCreate). Conflict when the name
+        is taken; InvalidInput names the field (cron, timezone, template.priority, ...)."""
+        return _decode(self._send(self._r.create_schedule(schedule, fields)), Schedule)
 
-    def schedules(self) -> builtins.list[Schedule]:
+    def list_schedules(self) -> builtins.list[Schedule]:
         return _decode(self._send(self._r.schedule()), list[Schedule])
 
-    def schedule(self, name: str) -> Schedule:
+    def get_schedule(self, name: str) -> Schedule:
         return _decode(self._send(self._r.schedule(name)), Schedule)
 
-    def update_schedule(self, name: str, change: SchedulePatch) -> Schedule:
-        body = {k: v for k, v in msgspec.to_builtins(change).items() if v is not None}
-        return _decode(self._send(self._r.schedule(name, method="PATCH", body=body)), Schedule)
+    def update_schedule(self, name: str, change: SchedulePatch | None = None,
+                        **fields: Any) -> Schedule:
+        """Change the fields given (a SchedulePatch, or the fields by name); a template replaces
+        the old one whole, a new cron or timezone applies from now on."""
+        return _decode(self._send(self._r.update_schedule(name, change, fields)), Schedule)
 
-    def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
-        call = self._r.schedule(name, "pause" if paused else "resume", method="POST")
-        return _decode(self._send(call), Schedule)
+    def pause_schedule(self, name: str) -> Schedule:
+        return _decode(self._send(self._r.schedule(name, "pause", method="POST")), Schedule)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Fires again from now on (the fires it missed while paused are not made)."""
+        return _decode(self._send(self._r.schedule(name, "resume", method="POST")), Schedule)
 
     def delete_schedule(self, name: str) -> None:
+        """Delete the schedule; the tasks it made stay."""
         _raise_for(self._send(self._r.schedule(name, method="DELETE")))
 
     def run_schedule(self, name: str) -> Task:
@@ -488,6 +524,7 @@ class DispatchClient:
         return _decode(self._send(self._r.schedule(name, "run", method="POST")), Task)
 
     def schedule_tasks(self, name: str, limit: int = 20) -> builtins.list[Task]:
+        """The newest tasks the schedule made, newest first (limit 1 to 500)."""
         call = self._r.schedule(name, "tasks", params={"limit": limit})
         return _decode(self._send(call), list[Task])
 
@@ -641,3 +678,39 @@ class AsyncDispatchClient:
     async def explain(self, task_id: TaskRef) -> Explanation:
         call = self._r.task(task_id, "explain", method="GET", admin=True)
         return _decode(await self._send(call), Explanation)
+
+    # schedules (admin): docs/schedules.md
+    async def create_schedule(self, schedule: str | ScheduleCreate, **fields: Any) -> Schedule:
+        """A new schedule: a ScheduleCreate, or its name and the other fields by name."""
+        return _decode(await self._send(self._r.create_schedule(schedule, fields)), Schedule)
+
+    async def list_schedules(self) -> builtins.list[Schedule]:
+        return _decode(await self._send(self._r.schedule()), list[Schedule])
+
+    async def get_schedule(self, name: str) -> Schedule:
+        return _decode(await self._send(self._r.schedule(name)), Schedule)
+
+    async def update_schedule(self, name: str, change: SchedulePatch | None = None,
+                              **fields: Any) -> Schedule:
+        """Change the fields given (a SchedulePatch, or the fields by name)."""
+        call = self._r.update_schedule(name, change, fields)
+        return _decode(await self._send(call), Schedule)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        call = self._r.schedule(name, "pause", method="POST")
+        return _decode(await self._send(call), Schedule)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        call = self._r.schedule(name, "resume", method="POST")
+        return _decode(await self._send(call), Schedule)
+
+    async def delete_schedule(self, name: str) -> None:
+        _raise_for(await self._send(self._r.schedule(name, method="DELETE")))
+
+    async def run_schedule(self, name: str) -> Task:
+        """Run now: one task from the schedule's template at once."""
+        return _decode(await self._send(self._r.schedule(name, "run", method="POST")), Task)
+
+    async def schedule_tasks(self, name: str, limit: int = 20) -> builtins.list[Task]:
+        call = self._r.schedule(name, "tasks", params={"limit": limit})
+        return _decode(await self._send(call), list[Task])

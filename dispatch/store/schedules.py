@@ -70,8 +70,10 @@ class Schedules(Queries):
         rows = await self._rows("SELECT * FROM dispatch.schedule_resume(%s)", (name,), conn)
         return convert(rows[0], Schedule)
 
-    async def run_now(self, name: str, *, conn: Conn | None = None) -> Task:
-        return await self._task("SELECT * FROM dispatch.schedule_run_now(%s)", (name,), conn)
+    async def run_now(self, name: str, actor: str, *, conn: Conn | None = None) -> Task:
+        return await self._task(
+            "SELECT * FROM dispatch.schedule_run_now(%s, %s)", (name, actor), conn
+        )
 
     async def try_template(self, name: str, fields: dict[str, Any], *, conn: Conn) -> None:
         """Make (and take back) the task a fire of this schedule would make: raises what the
@@ -89,7 +91,8 @@ class Schedules(Queries):
         """The newest tasks the schedule made (fires and runs now), newest first."""
         rows = await self._rows(
             "SELECT * FROM dispatch.tasks WHERE requester = %s AND idempotency_key IS NOT NULL"
-            " ORDER BY created_at DESC LIMIT %s", ("schedule:" + name, limit), conn,
+            " AND source = 'schedule' ORDER BY created_at DESC LIMIT %s",
+            ("schedule:" + name, limit), conn,
         )
         return [convert(r, Task) for r in rows]
 

@@ -25,7 +25,7 @@ from litestar.response.sse import ServerSentEventMessage
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError, InvalidInput, NotFound
 from dispatch.metrics import Metrics
-from dispatch.models import TERMINAL_STATUSES, Cancel, Requeue, TaskFilter, TaskStatus
+from dispatch.models import TERMINAL_STATUSES, Cancel, Requeue, Task, TaskFilter, TaskStatus
 from dispatch.notify import Listener
 from dispatch.settings import UiSettings
 from dispatch.ui import charts
@@ -39,6 +39,10 @@ UI_ACTOR = "admin"
 PAGE_SIZE = 50
 OVERVIEW = "overview"
 TASK_TOPIC = "task:"
+SCHEDULES = "schedules"
+SCHEDULE_TOPIC = "schedule:"
+# The newest tasks a schedule's page lists.
+SCHEDULE_TASKS = 20
 # Filter values longer than this are no filter anyone types.
 MAX_FILTER_LENGTH = 256
 FILTERS = ("status", "capability", "requester", "owner", "assignee")
@@ -84,6 +88,21 @@ def _json(value: object) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 
 
+def _time(value: datetime | None) -> str:
+    return "" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _fire(task: Task) -> str:
+    """Which fire of its schedule made a task (its key is fire:<UTC time>), or "run now"."""
+    key = task.idempotency_key or ""
+    if not key.startswith("fire:"):
+        return "run now"
+    try:
+        return _time(datetime.fromisoformat(key.removeprefix("fire:")))
+    except ValueError:
+        return key.removeprefix("fire:")
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=PackageLoader("dispatch.ui", "templates"),
@@ -95,7 +114,8 @@ def _environment() -> Environment:
     env.filters["seconds"] = _seconds
     env.filters["ms"] = _ms
     env.filters["tojson_pretty"] = _json
-    env.filters["time"] = lambda t: "" if t is None else f"{t:%Y-%m-%d %H:%M:%S} UTC"
+    env.filters["time"] = _time
+    env.filters["fire"] = _fire
     return env
 
 
@@ -153,6 +173,18 @@ class Dashboard:
             "now": datetime.now(UTC),
         }
 
+    async def schedules_context(self) -> dict[str, Any]:
+        return {"schedules": await self.broker.schedules.list_all()}
+
+    async def schedule_context(self, name: str) -> dict[str, Any]:
+        schedules = self.broker.schedules
+        async with schedules.transaction() as conn:
+            found = await schedules.get(name, conn=conn)
+            if found is None:
+                raise NotFound(f"schedule {name} does not exist")
+            made = await schedules.tasks(name, limit=SCHEDULE_TASKS, conn=conn)
+        return {"s": found, "tasks": made, "limit": SCHEDULE_TASKS}
+
     async def compute(self, topic: str) -> str:
         """One topic's live fragments, {element id: html}, as JSON."""
         fragments: dict[str, str]
@@ -163,6 +195,20 @@ class Dashboard:
                 "overview-charts": self.render("_overview_charts.html", **ctx),
                 "agents-table": self.render("_agents_table.html", **ctx),
             }
+        elif topic == SCHEDULES:
+            ctx = await self.schedules_context()
+            fragments = {"schedules-table": self.render("_schedules_table.html", **ctx)}
+        elif topic.startswith(SCHEDULE_TOPIC):
+            try:
+                ctx = await self.schedule_context(topic.removeprefix(SCHEDULE_TOPIC))
+            except NotFound:
+                # Deleted while its page was open.
+                fragments = {"schedule-summary": "<p>This schedule no longer exists.</p>"}
+            else:
+                fragments = {
+                    "schedule-summary": self.render("_schedule_summary.html", **ctx),
+                    "schedule-tasks": self.render("_schedule_tasks.html", **ctx),
+                }
         else:
             task_id = uuid.UUID(topic.removeprefix(TASK_TOPIC))
             try:
@@ -374,34 +420,32 @@ def _schedule_name(raw: str) -> str:
 @get("/schedules", opt={"page": True}, include_in_schema=False)
 async def schedules(request: Request[Any, Any, Any]) -> Response[str]:
     ui = _ui(request)
-    every = await ui.broker.schedules.list_all()
-    return ui.page("schedules.html", nav="schedules", schedules=every)
+    ctx = await ui.schedules_context()
+    return ui.page("schedules.html", topic=SCHEDULES, nav="schedules", **ctx)
 
 
 @get("/schedules/{name:str}", opt={"page": True}, include_in_schema=False)
 async def schedule_page(request: Request[Any, Any, Any], name: PathText) -> Response[str]:
     ui = _ui(request)
-    found = await ui.broker.schedules.get(_schedule_name(name))
-    if found is None:
-        raise NotFound(f"schedule {name} does not exist")
-    made = await ui.broker.schedules.tasks(found.name, limit=20)
-    return ui.page("schedule.html", nav="schedules", s=found, tasks=made)
+    found = _schedule_name(name)
+    ctx = await ui.schedule_context(found)
+    return ui.page("schedule.html", topic=f"{SCHEDULE_TOPIC}{found}", nav="schedules", **ctx)
 
 
 @post("/schedules/{name:str}/{action:str}", include_in_schema=False)
 async def schedule_action(
     request: Request[Any, Any, Any], name: PathText, action: PathText
 ) -> Redirect:
-    """pause, resume (the scheduler computes the next fire at once: the change wakes it) or
-    run (one task now)."""
-    store = _ui(request).broker.schedules
+    """pause, resume (as the API resumes: refused for an expression the scheduler cannot read,
+    and the next fire computed at once) or run (one task now)."""
+    schedules = _ui(request).broker.schedules
     name = _schedule_name(name)
     if action == "pause":
-        await store.pause(name)
+        await schedules.pause(name)
     elif action == "resume":
-        await store.resume(name)
+        await _ui(request).broker.schedule_resume(name)
     elif action == "run":
-        await store.run_now(name)
+        await schedules.run_now(name, UI_ACTOR)
     else:
         raise NotFound(f"no action {action[:32]!r} on a schedule (pause, resume, run)")
     return Redirect(f"/ui/schedules/{name}", status_code=303)
@@ -426,10 +470,14 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     ui = _ui(request)
     session = ui.sessions.session_hash(request.cookies.get(COOKIE))
     topic = request.query_params.get("topic", "")
-    if topic != OVERVIEW:
-        if not topic.startswith(TASK_TOPIC):
-            raise InvalidInput("topic is overview or task:<task id>", field="topic")
+    if topic.startswith(TASK_TOPIC):
         topic = f"{TASK_TOPIC}{_task_id(topic.removeprefix(TASK_TOPIC))}"
+    elif topic.startswith(SCHEDULE_TOPIC):
+        _schedule_name(topic.removeprefix(SCHEDULE_TOPIC))
+    elif topic not in (OVERVIEW, SCHEDULES):
+        raise InvalidInput(
+            "topic is overview, task:<task id>, schedules or schedule:<name>", field="topic"
+        )
 
     async def stream() -> Any:
         # A first comment, so that the browser's EventSource reports the stream open at once.

@@ -62,6 +62,9 @@ async def test_create_read_change_and_delete(client: httpx.AsyncClient, sql: Sql
     listed = (await client.get(f"{BASE}/nightly/tasks", headers=ADMIN)).json()
     assert [t["task_id"] for t in listed] == [task["task_id"]]
     assert (await client.get(f"{BASE}/nightly", headers=ADMIN)).json()["fired_count"] == 1
+    fired = [e for e in (await client.get(f"/api/v1/tasks/{task['task_id']}/events",
+                                          headers=ADMIN)).json() if e["event"] == "schedule_fired"]
+    assert fired[0]["actor"] == "ops" and fired[0]["payload"]["run_now"] is True
 
     assert (await client.delete(f"{BASE}/nightly", headers=ADMIN)).status_code == 204
     assert (await client.get(f"{BASE}/nightly", headers=ADMIN)).status_code == 404

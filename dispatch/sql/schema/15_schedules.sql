@@ -164,8 +164,10 @@ END
 $$;
 
 -- "Run now": one task from the schedule's template at once, outside its timing (overlap does not
--- apply: it was asked for). Returns the task.
-CREATE FUNCTION dispatch.schedule_run_now(p_name text, p_now timestamptz DEFAULT now())
+-- apply: it was asked for); `p_actor` (default the session's) is who asked. Returns the task.
+CREATE FUNCTION dispatch.schedule_run_now(
+    p_name text, p_actor text DEFAULT NULL, p_now timestamptz DEFAULT now()
+)
 RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -178,7 +180,8 @@ BEGIN
     END IF;
     SELECT (r.task).* INTO made
     FROM dispatch.schedule_task(s, 'run:' || gen_random_uuid(), p_now) r;
-    PERFORM dispatch.event_write(made.task_id, 'schedule_fired', dispatch.session_actor(),
+    PERFORM dispatch.event_write(made.task_id, 'schedule_fired',
+                                 coalesce(p_actor, dispatch.session_actor()),
                                  jsonb_build_object('schedule', s.name, 'fire_at', p_now,
                                                     'run_now', true),
                                  p_now);
