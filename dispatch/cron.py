@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import groupby
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
@@ -121,54 +122,46 @@ class Cron:
         """The newest n fires at or before now, walking the wall clock back."""
         it = croniter(self.expression, _wall(now, self.zone) + timedelta(seconds=1))
         found: list[datetime] = []
-        while len(found) < n:
-            try:
-                wall = it.get_prev(datetime)
-            except CroniterBadDateError:
+        for wall in _walls(it.get_prev):
+            if len(found) >= n:
                 break
-            kind = _kind(wall, self.zone)
-            if kind == "gap":
-                continue
-            found.append(_instant(wall, self.zone, fold=0))
-            if kind == "fold" and self._every_hour:
-                found.append(_instant(wall, self.zone, fold=1))
+            found.extend(self._passes(wall))
         return sorted(f for f in found if f <= now)[-n:]
 
     def _instants(self, start: datetime) -> Iterator[datetime]:
         """The fires after the wall time `start`, in order. A run of wall times in a repeated
         hour is read whole: its first pass, then (every-hour expressions) its second."""
-        it = croniter(self.expression, start)
-        held: datetime | None = None
-        while True:
-            if held is not None:
-                wall, held = held, None
-            else:
-                try:
-                    wall = it.get_next(datetime)
-                except CroniterBadDateError:
-                    return
-            kind = _kind(wall, self.zone)
-            if kind == "gap":
+        runs = groupby(_walls(croniter(self.expression, start).get_next),
+                       key=lambda wall: _kind(wall, self.zone) == "fold")
+        for repeated, walls in runs:
+            if not repeated:
+                for wall in walls:
+                    yield from self._passes(wall)
                 continue
-            if kind == "plain":
-                yield _instant(wall, self.zone, fold=0)
-                continue
-            repeated = [wall]
-            while True:
-                try:
-                    after = it.get_next(datetime)
-                except CroniterBadDateError:
-                    after = None
-                    break
-                if _kind(after, self.zone) != "fold":
-                    break
-                repeated.append(after)
-            yield from (_instant(w, self.zone, fold=0) for w in repeated)
+            run = list(walls)
+            yield from (_instant(w, self.zone, fold=0) for w in run)
             if self._every_hour:
-                yield from (_instant(w, self.zone, fold=1) for w in repeated)
-            if after is None:
-                return
-            held = after
+                yield from (_instant(w, self.zone, fold=1) for w in run)
+
+    def _passes(self, wall: datetime) -> list[datetime]:
+        """The instants the wall time fires at: none when the clock skips it, its first pass,
+        and its second too in a repeated hour for an every-hour expression."""
+        kind = _kind(wall, self.zone)
+        if kind == "gap":
+            return []
+        first = [_instant(wall, self.zone, fold=0)]
+        if kind == "fold" and self._every_hour:
+            return [*first, _instant(wall, self.zone, fold=1)]
+        return first
+
+
+def _walls(step: Callable[[type[datetime]], datetime]) -> Iterator[datetime]:
+    """The wall times croniter's get_next or get_prev gives, until it finds no more."""
+    while True:
+        try:
+            yield step(datetime)
+        except CroniterBadDateError:
+            return
 
 
 def zone(name: str) -> tzinfo:

@@ -198,13 +198,14 @@ LANGUAGE sql AS $$
     WHERE name = p_name
 $$;
 
--- psql's pause and resume (the API's too).
-CREATE FUNCTION dispatch.schedule_pause(p_name text) RETURNS dispatch.schedules
+-- psql's pause and resume (the API's too): one function sets `paused`, the trigger does the rest.
+CREATE FUNCTION dispatch.schedule_set_paused(p_name text, p_paused boolean)
+RETURNS dispatch.schedules
 LANGUAGE plpgsql AS $$
 DECLARE
     s dispatch.schedules;
 BEGIN
-    UPDATE dispatch.schedules SET paused = true WHERE name = p_name RETURNING * INTO s;
+    UPDATE dispatch.schedules SET paused = p_paused WHERE name = p_name RETURNING * INTO s;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'schedule % does not exist', p_name USING ERRCODE = 'UD404';
     END IF;
@@ -212,15 +213,8 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION dispatch.schedule_pause(p_name text) RETURNS dispatch.schedules
+LANGUAGE sql AS $$ SELECT dispatch.schedule_set_paused(p_name, true) $$;
+
 CREATE FUNCTION dispatch.schedule_resume(p_name text) RETURNS dispatch.schedules
-LANGUAGE plpgsql AS $$
-DECLARE
-    s dispatch.schedules;
-BEGIN
-    UPDATE dispatch.schedules SET paused = false WHERE name = p_name RETURNING * INTO s;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'schedule % does not exist', p_name USING ERRCODE = 'UD404';
-    END IF;
-    RETURN s;
-END
-$$;
+LANGUAGE sql AS $$ SELECT dispatch.schedule_set_paused(p_name, false) $$;
