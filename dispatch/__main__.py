@@ -26,8 +26,11 @@ def _serve(settings: object, config: str | None) -> None:
     workers = supervisor.worker_count(settings)
     if not settings.server.reuse_port:  # else a worker of serve --workers: checked already
         preflight.check_ports(settings, workers if workers > 1 else 1)
+        preflight.check_pool_mode(settings.database)
         if settings.database.url:
             preflight.check_database(settings.database.url)
+        if settings.database.listen_url:
+            preflight.check_database(settings.database.listen_url, "database.listen_url")
     if workers > 1:
         if supervisor.run(settings, config) != 0:
             raise SystemExit(1)
@@ -44,15 +47,16 @@ def _serve(settings: object, config: str | None) -> None:
 
 def _migrate(settings: object) -> None:
     from dispatch.migrate import migrate
+    from dispatch.preflight import check_database, session_url
     from dispatch.service import resolve_database_url
     from dispatch.settings import Settings
 
     assert isinstance(settings, Settings)
     if settings.database.url:
-        from dispatch.preflight import check_database
-
         check_database(settings.database.url)
-    applied = migrate(resolve_database_url(settings))
+    if settings.database.listen_url:
+        check_database(settings.database.listen_url, "database.listen_url")
+    applied = migrate(session_url(settings.database, resolve_database_url(settings)))
     print(f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date")
 
 

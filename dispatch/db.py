@@ -34,21 +34,24 @@ from dispatch.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
-# Every session speaks UTC so that timestamps leave as RFC 3339 UTC. Over TCP, a server that has
-# gone without a goodbye (a partition, a host that died: the connection is half-open) is given up
-# on after about 30 s: keepalive probes find it while the connection waits for an answer or for a
+# The libpq parameters of every connection Dispatch opens. Over TCP, a server that has gone
+# without a goodbye (a partition, a host that died: the connection is half-open) is given up on
+# after about 30 s: keepalive probes find it while the connection waits for an answer or for a
 # NOTIFY, and tcp_user_timeout while a request goes unacknowledged. The kernel's own defaults wait
 # two hours and 15 minutes, and meanwhile the request (or the LISTEN) hangs. libpq ignores these
-# for Unix sockets.
-CONNECT_KWARGS: dict[str, object] = {
+# for Unix sockets. No `options`: PgBouncer refuses a connection that sends it ("unsupported
+# startup parameter"), so session settings are made once connected (`set_session`), or, behind a
+# transaction-mode pooler, are the server's defaults (`session_drift`).
+LINK_KWARGS: dict[str, object] = {
     "autocommit": True,
-    "options": "-c TimeZone=UTC",
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
     "tcp_user_timeout": 30000,
 }
+# A direct connection of a tool or a test that talks to Postgres itself: UTC from the start.
+CONNECT_KWARGS: dict[str, object] = {**LINK_KWARGS, "options": "-c TimeZone=UTC"}
 
 # A pool slot whose server went away retries its connection with a doubling delay; giving up
 # after this long (a waiting request then starts a fresh slot) keeps the delay short, so that the
@@ -270,12 +273,55 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     conn.adapters.register_loader("timestamptz", ReadableTimestamptz)
 
 
-def session_options(database: DatabaseSettings) -> str:
-    """The libpq options of a pooled session: UTC, and the lock and statement bounds."""
-    return (
-        f"-c TimeZone=UTC -c lock_timeout={database.lock_timeout_ms}"
-        f" -c statement_timeout={database.statement_timeout_ms}"
-    )
+def session_settings(database: DatabaseSettings) -> dict[str, str]:
+    """What every pooled session must have: UTC (timestamps leave as RFC 3339 UTC), and the lock
+    and statement bounds (a stuck row or a runaway statement is a 503, not a hang)."""
+    return {
+        "TimeZone": "UTC",
+        "lock_timeout": f"{database.lock_timeout_ms}ms",
+        "statement_timeout": f"{database.statement_timeout_ms}ms",
+    }
+
+
+# Each setting in a form Postgres compares without units: the time zone's name, or milliseconds.
+_READ_SETTINGS = (
+    "SELECT current_setting('TimeZone') AS \"TimeZone\","
+    " (SELECT setting FROM pg_settings WHERE name = 'lock_timeout') AS lock_timeout,"
+    " (SELECT setting FROM pg_settings WHERE name = 'statement_timeout') AS statement_timeout"
+)
+
+
+async def set_session(conn: psycopg.AsyncConnection[Any], wanted: dict[str, str]) -> None:
+    """Make `wanted` this session's settings, in one round trip (a direct connection, or one
+    through a session-mode pooler, keeps them until it closes)."""
+    query = "SELECT " + ", ".join(f"set_config(%s, %s, false) AS s{i}" for i in range(len(wanted)))
+    await conn.execute(query, [v for pair in wanted.items() for v in pair])
+
+
+_UTC_NAMES = {"utc", "etc/utc", "uct", "etc/uct", "zulu", "etc/zulu", "universal"}
+
+
+def session_drift(row: dict[str, Any], wanted: dict[str, str]) -> dict[str, str]:
+    """The settings of `row` (as _READ_SETTINGS reads them) that differ from `wanted`, each with
+    the value found."""
+    found: dict[str, str] = {}
+    for name, value in wanted.items():
+        have = str(row[name])
+        if name == "TimeZone":
+            same = have.lower() in _UTC_NAMES
+        else:
+            same = have == value.removesuffix("ms")
+        if not same:
+            found[name] = have + ("ms" if name != "TimeZone" else "")
+    return found
+
+
+async def read_session(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    cur = await conn.execute(_READ_SETTINGS)
+    row = await cur.fetchone()
+    assert row is not None
+    names = ("TimeZone", "lock_timeout", "statement_timeout")
+    return dict(zip(names, row.values() if isinstance(row, dict) else row, strict=True))
 
 
 def create_pool(
@@ -287,20 +333,31 @@ def create_pool(
 ) -> AsyncConnectionPool[Any]:
     """An unopened pool of autocommit UTC connections with dict rows, bounded as `database` says
     (its defaults when None; min_size/max_size override its pool size); open it with wait=True.
-    Take connections with `connection(pool)`, which never hands out one the server dropped."""
+    Take connections with `connection(pool)`, which never hands out one the server dropped.
+
+    With database.pool_mode "transaction" (the URL is a transaction-mode pooler such as
+    PgBouncer's), a connection sets nothing (a SET would stay on whichever server connection ran
+    it, for other clients to inherit) and never prepares a statement (the next transaction may
+    run on a server connection that lacks it); the session settings must then be the server's
+    defaults, which `verify_pool` checks."""
     database = database or DatabaseSettings()
+    pooled = database.pool_mode == "transaction"
+    wanted = session_settings(database)
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await _configure(conn)
+        if pooled:
+            conn.prepare_threshold = None
+        else:
+            await set_session(conn, wanted)
+
     return AsyncConnectionPool(
         url,
         min_size=database.pool_min if min_size is None else min_size,
         max_size=database.pool_max if max_size is None else max_size,
         open=False,
-        kwargs={
-            **CONNECT_KWARGS,
-            "options": session_options(database),
-            "row_factory": dict_row,
-            "connect_timeout": 5,
-        },
-        configure=_configure,
+        kwargs={**LINK_KWARGS, "row_factory": dict_row, "connect_timeout": 5},
+        configure=configure,
         timeout=database.pool_timeout_ms / 1000,
         reconnect_timeout=RECONNECT_SECONDS,
     )
@@ -330,10 +387,12 @@ class HealthProbe:
                 try:
                     async with asyncio.timeout(self.timeout):
                         if self._conn is None or self._conn.closed or self._conn.broken:
+                            # No statement_timeout of its own: through a transaction-mode
+                            # pooler a SET would outlive the probe; the asyncio bound holds
+                            # anywhere (and a connection it cut short is dropped below).
                             self._conn = await psycopg.AsyncConnection.connect(
-                                self.url, autocommit=True,
+                                self.url, **LINK_KWARGS,  # type: ignore[arg-type]
                                 connect_timeout=max(1, int(self.timeout)),
-                                options=f"-c statement_timeout={int(self.timeout * 1000)}",
                             )
                         await self._conn.execute("SELECT 1")
                     return "ok"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psycopg
 
-from dispatch.db import CONNECT_KWARGS
+from dispatch.db import LINK_KWARGS
 from dispatch.errors import MigrationError
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ MIGRATIONS_DIR = SQL_DIR / "migrations"
 # takes): no lock or statement bound from a server or role default cuts it short. The pooled
 # sessions of the replicas that keep serving meanwhile have theirs, so they answer 503 rather than
 # queue behind it without end.
-MIGRATE_KWARGS: dict[str, object] = {
-    **CONNECT_KWARGS,
-    "options": f"{CONNECT_KWARGS['options']} -c lock_timeout=0 -c statement_timeout=0",
-}
+MIGRATE_SETTINGS = {"TimeZone": "UTC", "lock_timeout": "0", "statement_timeout": "0"}
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_KEY = 0x44495350  # "DISP"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -113,7 +110,9 @@ def migrate(
     """Bring the database to this code's schema; return the versions recorded (empty when it was
     up to date)."""
     migrations = discover(migrations_dir)
-    with psycopg.connect(url, **MIGRATE_KWARGS) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(url, **LINK_KWARGS) as conn:  # type: ignore[arg-type]
+        for name, value in MIGRATE_SETTINGS.items():
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             conn.execute("CREATE SCHEMA IF NOT EXISTS dispatch")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from dispatch.db import CONNECT_KWARGS
+from dispatch.db import LINK_KWARGS
 from dispatch.loop import cancel_task
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Listener:
         delay = 0.1
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._url, **CONNECT_KWARGS)  # type: ignore[arg-type]
+                conn = await psycopg.AsyncConnection.connect(self._url, **LINK_KWARGS)  # type: ignore[arg-type]
                 async with conn:
                     for ch in self._channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))

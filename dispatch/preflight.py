@@ -4,17 +4,22 @@ a port already taken, a database URL that does not parse, a database that does n
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import secrets
 import socket
+from typing import Any
 
 import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
 
-from dispatch.db import CONNECT_KWARGS
+from dispatch import db
+from dispatch.db import LINK_KWARGS
 from dispatch.errors import ConfigError, DispatchError
-from dispatch.settings import Settings
+from dispatch.settings import DatabaseSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +60,19 @@ def check_ports(settings: Settings, workers: int) -> None:
                 raise StartupError(f"cannot listen on {s.host}:{port} ({setting}): {exc}") from None
 
 
-def check_database(url: str) -> None:
+def check_database(url: str, setting: str = "database.url") -> None:
     """The URL parses and the database answers (a full server is told from a missing one)."""
+    env = "DISPATCH_" + setting.replace(".", "_").upper()
     try:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"database.url (DISPATCH_DATABASE_URL) is malformed: {_one_line(exc)}; expected e.g."
+            f"{setting} ({env}) is malformed: {_one_line(exc)}; expected e.g."
             " postgresql://user:password@host:5432/dbname"
         ) from None
     where = _where(url)
     try:
-        with psycopg.connect(url, connect_timeout=5, **CONNECT_KWARGS):  # type: ignore[arg-type]
+        with psycopg.connect(url, connect_timeout=5, **LINK_KWARGS):  # type: ignore[arg-type]
             pass
     except psycopg.OperationalError as exc:
         # At connection time libpq reports the server's refusal as text, without its SQLSTATE.
@@ -80,7 +86,7 @@ def check_database(url: str) -> None:
                 " max_connections (or the role's connection limit)"
             ) from None
         raise StartupError(
-            f"cannot connect to the database at {where} (database.url, DISPATCH_DATABASE_URL):"
+            f"cannot connect to the database at {where} ({setting}, {env}):"
             f" {_one_line(exc)}"
         ) from None
 
@@ -104,7 +110,7 @@ def connection_plan(url: str, settings: Settings, workers: int) -> Plan:
     each could not get a pool of MIN_POOL, smaller pools when the configured ones do not fit.
     StartupError when not even one worker fits."""
     db = settings.database
-    with psycopg.connect(url, connect_timeout=5, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(url, connect_timeout=5, **LINK_KWARGS) as conn:  # type: ignore[arg-type]
         row = conn.execute(
             "SELECT current_setting('max_connections')::int,"
             " current_setting('superuser_reserved_connections')::int,"
@@ -147,3 +153,89 @@ def connection_plan(url: str, settings: Settings, workers: int) -> Plan:
 def _where(url: str) -> str:
     params = conninfo_to_dict(url)
     return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+
+def check_pool_mode(database: DatabaseSettings) -> None:
+    """A transaction-mode pool has a session URL beside it for LISTEN and migrations."""
+    if database.pool_mode == "transaction" and not database.listen_url:
+        raise ConfigError(
+            "database.pool_mode is transaction, so database.url cannot LISTEN or hold a"
+            " migration's lock: set database.listen_url (DISPATCH_DATABASE_LISTEN_URL) to a"
+            " direct or session-mode URL of the same database"
+        )
+
+
+def check_listen(database: DatabaseSettings, url: str) -> None:
+    """A LISTEN on the session URL hears a NOTIFY sent through `url` (database.url, resolved).
+    It does not when the session URL goes through a transaction-mode pooler (the server
+    connection that ran the LISTEN went back to the pool, where its notifications are dropped)
+    or to another server. Checked before anything runs on the session URL: a migration there
+    would leave its settings on a pooled server connection."""
+    listen = session_url(database, url)
+    token = secrets.token_hex(8)
+    with psycopg.connect(listen, connect_timeout=5, **LINK_KWARGS) as ear:  # type: ignore[arg-type]
+        ear.execute(f"LISTEN {LISTEN_CHECK_CHANNEL}")
+        with psycopg.connect(url, connect_timeout=5, **LINK_KWARGS) as mouth:  # type: ignore[arg-type]
+            mouth.execute("SELECT pg_notify(%s, %s)", (LISTEN_CHECK_CHANNEL, token))
+        heard = any(n.payload == token for n in ear.notifies(timeout=LISTEN_CHECK_SECONDS))
+        ear.execute(f"UNLISTEN {LISTEN_CHECK_CHANNEL}")
+    if heard:
+        return
+    setting = "database.listen_url" if database.listen_url else "database.url"
+    advice = (
+        "set database.listen_url (DISPATCH_DATABASE_LISTEN_URL) to a direct or session-mode URL"
+        " of the same database"
+    )
+    if database.pool_mode != "transaction":
+        advice += (", and database.pool_mode to transaction if database.url is a"
+                   " transaction-mode pooler")
+    raise StartupError(
+        f"a LISTEN on {setting} did not hear a NOTIFY sent through database.url within"
+        f" {LISTEN_CHECK_SECONDS:g} s: it goes through a transaction-mode pooler, or to another"
+        f" server; {advice}"
+    )
+
+
+def session_url(database: DatabaseSettings, url: str) -> str:
+    """The URL of LISTEN, migrations and the connection plan: database.listen_url, else `url`."""
+    return database.listen_url or url
+
+
+# How many pooled connections the settings check reads at once, each in a transaction of its
+# own, so that a transaction-mode pooler serves them from as many server connections.
+SETTINGS_SAMPLE = 4
+LISTEN_CHECK_SECONDS = 5.0
+LISTEN_CHECK_CHANNEL = "dispatch_listen_check"
+
+
+async def check_sessions(pool: AsyncConnectionPool[Any], database: DatabaseSettings) -> None:
+    """The pooled sessions have the settings they must have (behind a transaction-mode pooler,
+    as the server's defaults); a StartupError names what to change."""
+    wanted = db.session_settings(database)
+    found: dict[str, str] = {}
+    hold = asyncio.Event()
+
+    async def read() -> None:
+        async with db.connection(pool) as conn, conn.transaction():
+            found.update(db.session_drift(await db.read_session(conn), wanted))
+            await hold.wait()
+
+    tasks = [asyncio.ensure_future(read()) for _ in range(min(SETTINGS_SAMPLE, pool.max_size))]
+    await asyncio.sleep(0.05)  # all of them inside their transactions at once
+    hold.set()
+    await asyncio.gather(*tasks)
+    if found:
+        have = ", ".join(f"{k}={v}" for k, v in sorted(found.items()))
+        if database.pool_mode == "transaction":
+            fix = "; ".join(f"ALTER ROLE <role> IN DATABASE <db> SET {k} = '{wanted[k]}'"
+                            for k in sorted(found))
+            raise StartupError(
+                f"database.pool_mode is transaction, so sessions through database.url keep no"
+                f" setting of Dispatch's own, and the server's defaults are not what they must"
+                f" be ({have}): run {fix} (then RECONNECT in PgBouncer's console), or set them"
+                " in the pooler's connect_query"
+            )
+        raise StartupError(
+            f"sessions through database.url lose the settings Dispatch makes ({have}): is it a"
+            " transaction-mode pooler? then set database.pool_mode to transaction"
+        )

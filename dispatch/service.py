@@ -22,7 +22,13 @@ from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
 from dispatch.notify import Listener
-from dispatch.preflight import connection_plan
+from dispatch.preflight import (
+    check_listen,
+    check_pool_mode,
+    check_sessions,
+    connection_plan,
+    session_url,
+)
 from dispatch.settings import Settings
 from dispatch.store import Store
 
@@ -117,19 +123,23 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        check_pool_mode(s.database)
         self.database_url = await asyncio.to_thread(resolve_database_url, s)
-        applied = await asyncio.to_thread(migrate, self.database_url)
+        session = session_url(s.database, self.database_url)
+        await asyncio.to_thread(check_listen, s.database, self.database_url)
+        applied = await asyncio.to_thread(migrate, session)
         if applied:
             log.info("migrations applied: %s", applied)
         if not s.server.reuse_port:  # one process alone: the budget is all its own
-            plan = await asyncio.to_thread(connection_plan, self.database_url, s, 1)
+            plan = await asyncio.to_thread(connection_plan, session, s, 1)
             s = self.settings = msgspec.structs.replace(s, database=msgspec.structs.replace(
                 s.database, pool_min=plan.pool_min, pool_max=plan.pool_max))
         self.pool = db.create_pool(self.database_url, s.database)
         await self.pool.open(wait=True, timeout=30)
         self.probe = db.HealthProbe(self.database_url)
-        self.listener = Listener(self.database_url)
+        self.listener = Listener(session)
         await self.listener.start()
+        await check_sessions(self.pool, s.database)
         self.broker = Broker(
             Store(self.pool), listener=self.listener, assignment=s.assignment, metrics=self.metrics
         )

@@ -47,6 +47,14 @@ class ServerSettings(_Section, frozen=True):
 
 class DatabaseSettings(_Section, frozen=True):
     url: Url = ""
+    # A session URL of the same primary (direct, or a session-mode pooler) for what needs a
+    # session of its own: LISTEN, migrations and their lock, the connection plan. "": url.
+    listen_url: Url = ""
+    # What url's connections are: "session" (a direct connection, or a session-mode pooler:
+    # Dispatch sets the session's settings once connected) or "transaction" (a transaction-mode
+    # pooler such as PgBouncer's: no SET and no prepared statements on url; the settings must be
+    # the server's defaults for the role, checked at start-up; listen_url required).
+    pool_mode: Literal["session", "transaction"] = "session"
     pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # The connections one `dispatch serve` may hold, all its workers together (each worker: its

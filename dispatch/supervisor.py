@@ -22,7 +22,7 @@ from types import FrameType
 
 from dispatch.banner import SUPERVISED_ENV, banner, print_banner
 from dispatch.migrate import migrate
-from dispatch.preflight import connection_plan
+from dispatch.preflight import check_listen, check_pool_mode, connection_plan, session_url
 from dispatch.service import resolve_database_url
 from dispatch.settings import Settings
 
@@ -83,11 +83,14 @@ def _healthy(settings: Settings, i: int) -> bool:
 
 def run(settings: Settings, config: str | None) -> int:
     """Supervise the workers until SIGTERM/SIGINT; the exit status of the whole."""
+    check_pool_mode(settings.database)
     url = resolve_database_url(settings)
-    applied = migrate(url)
+    session = session_url(settings.database, url)
+    check_listen(settings.database, url)
+    applied = migrate(session)
     if applied:
         log.info("migrations applied: %s", applied)
-    plan = connection_plan(url, settings, worker_count(settings))
+    plan = connection_plan(session, settings, worker_count(settings))
     n = plan.workers
     token = settings.server.admin_token or secrets.token_urlsafe(32)  # shown by the banner
     env = {

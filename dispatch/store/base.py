@@ -77,16 +77,15 @@ class Queries:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:
-        """Hold the session advisory lock `key` for the block if no other replica holds it;
-        yields whether it was taken (the block should do nothing when it was not)."""
-        async with db.connection(self.pool) as conn:
-            rows = await self._rows("SELECT pg_try_advisory_lock(%s) AS ok", (key,), conn)
-            taken = bool(rows[0]["ok"])
-            try:
-                yield taken
-            finally:
-                if taken:
-                    await self._rows("SELECT pg_advisory_unlock(%s) AS ok", (key,), conn)
+        """Hold the advisory lock `key` for the block if no other replica holds it; yields
+        whether it was taken (the block should do nothing when it was not). The lock is a
+        transaction's, held by a pooled connection idle in its transaction until the block ends:
+        a session lock would stay behind on whichever server connection a transaction-mode
+        pooler ran it on. The transaction takes no snapshot between statements, so it holds back
+        no vacuum."""
+        async with self.transaction() as conn:
+            rows = await self._rows("SELECT pg_try_advisory_xact_lock(%s) AS ok", (key,), conn)
+            yield bool(rows[0]["ok"])
 
     async def _rows(self, query: Any, params: Params, conn: Conn | None) -> list[Row]:
         async with self._borrow(conn) as c:
