@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 import msgspec
@@ -57,7 +57,14 @@ class Broker:
         listener: Listener | None = None,
         assignment: AssignmentSettings | None = None,
         metrics: Metrics | None = None,
+        reads: Store | None = None,
+        replica: Callable[[], dict[str, object]] | None = None,
     ) -> None:
+        # Reads that may lag (the dashboard, stats, gauges, explain): on the read replica when
+        # there is one (dispatch.replica), else the same store. `replica()` says how it stands.
+        self.store = store
+        self.reads = reads if reads is not None else store
+        self.replica = replica
         self.tasks = store.tasks
         self.agents = store.agents
         self.flow = store.flow
@@ -305,12 +312,21 @@ class Broker:
         return expiries
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
-        """Every candidate agent for the task with its score factors or exclusion reasons."""
-        async with self.tasks.transaction() as conn:
-            task = await self.tasks.get(task_id, conn=conn)
-            rows = await self.tasks.explain(task_id, conn=conn)
-            hold = await self.tasks.hold(task_id, conn=conn)
-            config = await self.config.get(conn=conn)
+        """Every candidate agent for the task with its score factors or exclusion reasons (read
+        where reads may lag; from the primary when the replica has not the task yet)."""
+        try:
+            return await self._explain(self.reads, task_id)
+        except NotFound:
+            if self.reads is self.store:
+                raise
+            return await self._explain(self.store, task_id)
+
+    async def _explain(self, reads: Store, task_id: uuid.UUID) -> Explanation:
+        async with reads.tasks.transaction() as conn:
+            task = await reads.tasks.get(task_id, conn=conn)
+            rows = await reads.tasks.explain(task_id, conn=conn)
+            hold = await reads.tasks.hold(task_id, conn=conn)
+            config = await reads.config.get(conn=conn)
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
             notes = ["the task has no owner: it is not owner-scoped, any eligible agent may run it"]

@@ -29,6 +29,7 @@ from dispatch.preflight import (
     connection_plan,
     session_url,
 )
+from dispatch.replica import ReadRoute, ReplicaMonitor
 from dispatch.settings import Settings
 from dispatch.store import Store
 
@@ -110,6 +111,8 @@ class Service:
         self.database_url = ""
         self.metrics = Metrics()
         self.pool: AsyncConnectionPool[Any] | None = None
+        self.read_pool: AsyncConnectionPool[Any] | None = None
+        self.replica: ReplicaMonitor | None = None
         self.probe: db.HealthProbe | None = None
         self.listener: Listener | None = None
         self.broker: Broker | None = None
@@ -140,8 +143,23 @@ class Service:
         self.listener = Listener(session)
         await self.listener.start()
         await check_sessions(self.pool, s.database)
+        store = Store(self.pool)
+        reads = store
+        if s.database.read_url:
+            # Opened without waiting: a replica that is down delays nothing (reads stay on the
+            # primary until the monitor finds it).
+            self.read_pool = db.create_pool(
+                s.database.read_url, msgspec.structs.replace(s.database, pool_mode="session"),
+                min_size=1, max_size=max(2, s.database.pool_max // 2),
+            )
+            await self.read_pool.open(wait=False)
+            self.replica = ReplicaMonitor(
+                ReadRoute(self.pool, self.read_pool), max_lag_ms=s.database.read_max_lag_ms
+            )
+            reads = Store(self.replica.route)  # type: ignore[arg-type]  # pool-shaped
         self.broker = Broker(
-            Store(self.pool), listener=self.listener, assignment=s.assignment, metrics=self.metrics
+            store, listener=self.listener, assignment=s.assignment, metrics=self.metrics,
+            reads=reads, replica=self.replica.status if self.replica is not None else None,
         )
         await self.broker.apply_config()
         self.loops = self._build_loops()
@@ -180,6 +198,7 @@ class Service:
             ),
             Pruner(self.broker, retention_hours=s.retention.hours),
             Scheduler(self.broker, self.listener),
+            *([self.replica] if self.replica is not None else []),
         ]
         self.broker.pushing = True  # waiting claims wake for what the assigner gives them
         loops += self._nats_loops()
@@ -277,8 +296,9 @@ class Service:
         """The queue gauges read from the database at scrape time (GET /metrics)."""
         assert self.pool is not None and self.broker is not None
         # A scrape does not queue for long behind busy requests: it reports database_up 0.
-        async with db.connection(self.pool, timeout=2.0) as conn:
-            return await self.broker.insights.metrics_gauges(conn=conn)
+        reads = self.broker.reads
+        async with db.connection(reads.pool, timeout=2.0) as conn:
+            return await reads.insights.metrics_gauges(conn=conn)
 
     async def stop(self) -> None:
         if self.broker is not None:
@@ -298,6 +318,8 @@ class Service:
             await self.listener.stop()
         if self.probe is not None:
             await self.probe.close()
+        if self.read_pool is not None:
+            await self.read_pool.close()
         if self.pool is not None:
             await self.pool.close()
         self.stopped.set()

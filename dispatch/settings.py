@@ -55,6 +55,11 @@ class DatabaseSettings(_Section, frozen=True):
     # pooler such as PgBouncer's: no SET and no prepared statements on url; the settings must be
     # the server's defaults for the role, checked at start-up; listen_url required).
     pool_mode: Literal["session", "transaction"] = "session"
+    # A read replica (a streaming standby of the primary) for the dashboard, stats, the metrics'
+    # queue gauges and explain; never the lifecycle. Reads go to the primary while the replica
+    # is down or more than read_max_lag_ms behind. "": every read on the primary.
+    read_url: Url = ""
+    read_max_lag_ms: PositiveMs = 5000
     pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # The connections one `dispatch serve` may hold, all its workers together (each worker: its

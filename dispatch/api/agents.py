@@ -181,4 +181,4 @@ class AgentController(Controller):
     security=ADMIN_SECURITY,
 )
 async def stats(caller: CallerDep) -> Stats:
-    return await caller.broker.insights.stats()
+    return await caller.broker.reads.insights.stats()

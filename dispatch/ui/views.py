@@ -147,12 +147,13 @@ class Dashboard:
     # -- what the hub computes: one set of queries per topic, however many tabs show it ----------
 
     async def overview_context(self) -> dict[str, Any]:
-        insights = self.broker.insights
-        async with insights.transaction() as conn:
-            stats = await insights.stats(conn=conn)
-            series = await insights.ui_series(conn=conn)
-            agents = await self.broker.agents.all(conn=conn)
+        reads = self.broker.reads
+        async with reads.insights.transaction() as conn:
+            stats = await reads.insights.stats(conn=conn)
+            series = await reads.insights.ui_series(conn=conn)
+            agents = await reads.agents.all(conn=conn)
         return {
+            "replica": self.broker.replica() if self.broker.replica is not None else None,
             "stats": stats,
             "statuses": [s.value for s in TaskStatus],
             "throughput": charts.throughput(series),
@@ -162,8 +163,13 @@ class Dashboard:
         }
 
     async def task_context(self, task_id: uuid.UUID) -> dict[str, Any]:
-        task = await self.broker.tasks.get(task_id)
-        events = await self.broker.tasks.events(task_id)
+        reads = self.broker.reads
+        try:
+            task = await reads.tasks.get(task_id)
+        except NotFound:  # made a moment ago, not on the read replica yet
+            reads = self.broker.store
+            task = await reads.tasks.get(task_id)
+        events = await reads.tasks.events(task_id)
         explanation = await self.broker.explain(task_id)
         return {
             "task": task,
@@ -305,7 +311,7 @@ async def overview(request: Request[Any, Any, Any]) -> Response[str]:
 async def agents(request: Request[Any, Any, Any]) -> Response[str]:
     ui = _ui(request)
     return ui.page(
-        "agents.html", topic=OVERVIEW, nav="agents", agents=await ui.broker.agents.all(),
+        "agents.html", topic=OVERVIEW, nav="agents", agents=await ui.broker.reads.agents.all(),
         now=datetime.now(UTC),
     )
 
@@ -333,7 +339,7 @@ async def tasks(request: Request[Any, Any, Any]) -> Response[str]:
     )
     raw_cursor = _filter_value(request, "cursor")
     after = decode_cursor(raw_cursor) if raw_cursor else None
-    rows = await ui.broker.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
+    rows = await ui.broker.reads.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
     next_link = None
     if len(rows) > PAGE_SIZE:
         rows = rows[:PAGE_SIZE]
