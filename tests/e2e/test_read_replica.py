@@ -5,7 +5,6 @@ primary when the replica is down, behind or not a standby; /health and the dashb
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from psycopg.conninfo import make_conninfo
 from dispatch.db import CONNECT_KWARGS
 from dispatch.migrate import migrate
 from tests import pgdist
+from tests.pgstandby import Standby
 from tests.serve import ServeProcess, free_port, serving
 
 
@@ -79,48 +79,6 @@ def test_a_replica_that_is_down_does_not_stop_serve(db_url: str, tmp_path: Path)
 
 
 # -- a real streaming standby (the distribution's PostgreSQL) ------------------------------------
-
-
-class Standby:
-    """A hot standby of `primary` made with pg_basebackup -R, on its own port."""
-
-    def __init__(self, primary: pgdist.Cluster) -> None:
-        self.bin = primary.bin
-        self.data = primary.root / "standby"
-        self.port = free_port()
-        source = primary.url.split("@", 1)[1].split("/", 1)[0]
-        host, port = source.split(":")
-        subprocess.run(
-            pgdist._as_owner([str(self.bin / "pg_basebackup"), "-D", str(self.data), "-R",
-                              "-X", "stream", "-c", "fast", "-h", host, "-p", port, "-U", "postgres"]),
-            check=True, capture_output=True,
-        )
-        # The primary's settings (a standby needs max_connections and the like at least as
-        # high), on a port of its own.
-        self.flags = primary.flags.replace(f"-c port={port} ", f"-c port={self.port} ")
-        assert self.flags != primary.flags
-        self.log = primary.root / "standby.log"
-
-    def url(self, dbname: str) -> str:
-        return make_conninfo(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
-
-    def start(self) -> None:
-        subprocess.run(
-            pgdist._as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60",
-                              "-l", str(self.log), "-o", self.flags, "start"]),
-            check=True, capture_output=True,
-        )
-
-    def stop(self) -> None:
-        subprocess.run(
-            pgdist._as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast",
-                              "stop"]),
-            capture_output=True,
-        )
-
-    def replay(self, dbname: str, paused: bool) -> None:
-        with psycopg.connect(self.url(dbname), **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
-            conn.execute(f"SELECT pg_wal_replay_{'pause' if paused else 'resume'}()")
 
 
 @pytest.fixture
