@@ -287,8 +287,10 @@ def session_settings(database: DatabaseSettings) -> dict[str, str]:
 _READ_SETTINGS = (
     "SELECT current_setting('TimeZone') AS \"TimeZone\","
     " (SELECT setting FROM pg_settings WHERE name = 'lock_timeout') AS lock_timeout,"
-    " (SELECT setting FROM pg_settings WHERE name = 'statement_timeout') AS statement_timeout"
+    " (SELECT setting FROM pg_settings WHERE name = 'statement_timeout') AS statement_timeout,"
+    " pg_backend_pid() AS pid"
 )
+_READ_NAMES = ("TimeZone", "lock_timeout", "statement_timeout", "pid")
 
 
 async def set_session(conn: psycopg.AsyncConnection[Any], wanted: dict[str, str]) -> None:
@@ -317,11 +319,12 @@ def session_drift(row: dict[str, Any], wanted: dict[str, str]) -> dict[str, str]
 
 
 async def read_session(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    """The settings session_drift checks, and the server process (`pid`) this session runs on."""
     cur = await conn.execute(_READ_SETTINGS)
     row = await cur.fetchone()
     assert row is not None
-    names = ("TimeZone", "lock_timeout", "statement_timeout")
-    return dict(zip(names, row.values() if isinstance(row, dict) else row, strict=True))
+    values = row.values() if isinstance(row, dict) else row
+    return dict(zip(_READ_NAMES, values, strict=True))
 
 
 def create_pool(

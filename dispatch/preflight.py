@@ -4,7 +4,7 @@ a port already taken, a database URL that does not parse, a database that does n
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import logging
 import secrets
@@ -210,20 +210,43 @@ LISTEN_CHECK_CHANNEL = "dispatch_listen_check"
 
 async def check_sessions(pool: AsyncConnectionPool[Any], database: DatabaseSettings) -> None:
     """The pooled sessions have the settings they must have (behind a transaction-mode pooler,
-    as the server's defaults); a StartupError names what to change."""
+    as the server's defaults), and, in session mode, each pooled connection is one server
+    session; a StartupError names what to change.
+
+    SETTINGS_SAMPLE pooled connections each read their settings and server process in a
+    transaction, all held open at once (a transaction pooler serves them from as many server
+    connections), then again one after the other in the reverse order: a connection whose
+    transactions ran on two server processes, or a server process two connections shared, is
+    behind a transaction pooler (PgBouncer hands out its most recently freed server first, so
+    the sample finds it)."""
     wanted = db.session_settings(database)
     found: dict[str, str] = {}
-    hold = asyncio.Event()
+    n = min(SETTINGS_SAMPLE, pool.max_size)
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(db.connection(pool)) for _ in range(n)]
+        seen: list[set[int]] = [set() for _ in conns]
 
-    async def read() -> None:
-        async with db.connection(pool) as conn, conn.transaction():
-            found.update(db.session_drift(await db.read_session(conn), wanted))
-            await hold.wait()
+        async def read(i: int) -> None:
+            row = await db.read_session(conns[i])
+            found.update(db.session_drift(row, wanted))
+            seen[i].add(int(row["pid"]))
 
-    tasks = [asyncio.ensure_future(read()) for _ in range(min(SETTINGS_SAMPLE, pool.max_size))]
-    await asyncio.sleep(0.05)  # all of them inside their transactions at once
-    hold.set()
-    await asyncio.gather(*tasks)
+        async with contextlib.AsyncExitStack() as held:
+            for i, conn in enumerate(conns):
+                await held.enter_async_context(conn.transaction())
+                await read(i)
+        for i in reversed(range(n)):
+            async with conns[i].transaction():
+                await read(i)
+    moved = any(len(pids) > 1 for pids in seen)
+    shared = len(set().union(*seen)) < sum(len(pids) for pids in seen)
+    if database.pool_mode == "session" and (moved or shared):
+        raise StartupError(
+            "database.url behaves as a transaction-mode pooler (one pooled connection's"
+            " transactions ran on different server processes, or two shared one): set"
+            " database.pool_mode to transaction and database.listen_url"
+            " (DISPATCH_DATABASE_LISTEN_URL) to a direct or session-mode URL"
+        )
     if found:
         have = ", ".join(f"{k}={v}" for k, v in sorted(found.items()))
         if database.pool_mode == "transaction":

@@ -57,7 +57,12 @@ class ReadRoute:
         return conn
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await self._lent.pop(id(conn), self.primary).putconn(conn)
+        pool = self._lent.pop(id(conn), self.primary)
+        if pool is self.replica and (conn.broken or conn.closed):
+            # The replica went away under a read: the next reads go to the primary at once,
+            # not after the monitor's next round (which turns them back when it answers).
+            self.use_replica = False
+        await pool.putconn(conn)
 
 
 class ReplicaMonitor(BackgroundLoop):

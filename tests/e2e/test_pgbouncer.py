@@ -219,3 +219,16 @@ def test_a_transaction_pooler_taken_for_a_session_is_refused(db_url: str, tmp_pa
     with pgbouncer.pgbouncer(db_url, "transaction") as pooled:
         out = serve_fails(pooled, tmp_path, {})
     assert "database.pool_mode" in out, out
+
+
+def test_a_transaction_pooler_with_a_direct_listen_url_still_needs_pool_mode(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The LISTEN is direct, so it hears; the pool is a transaction pooler taken for a session
+    one (its SETs and prepared statements would not hold): serve finds its connections moving
+    between server processes and says to set pool_mode."""
+    role_defaults(db_url, SERVER_DEFAULTS)
+    with pgbouncer.pgbouncer(db_url, "transaction") as pooled:
+        out = serve_fails(pooled, tmp_path, {"DISPATCH_DATABASE_LISTEN_URL": db_url})
+    assert "behaves as a transaction-mode pooler" in out, out
+    assert "database.pool_mode" in out
