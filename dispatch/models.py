@@ -109,7 +109,7 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
 
 # A change to one task, as one value: the broker applies any of them the same way (fenced on the
 # task, counted under `event`) and the store maps each to its SQL function. `lease`, where a
-# report may present it, is the assignment the reporter holds; a stale one is refused (409).
+# report may present it, is the assignment the reporter holds; any other is refused (409).
 
 
 class Start(msgspec.Struct, frozen=True, kw_only=True):

@@ -43,7 +43,8 @@ WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=30)]
 MaxTasks = Annotated[int, msgspec.Meta(ge=1, le=100)]
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-# The number of the assignment a report belongs to (the task's `lease`).
+# The token of the assignment a report belongs to (the task's `lease`: random, compared only for
+# equality).
 Lease = Annotated[int, msgspec.Meta(ge=1, le=2_147_483_647)]
 # Every timestamp a client sends must lie here (dispatch.time_in_range says the same in SQL).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)

@@ -494,7 +494,9 @@ class Worker:
             held = self._running.get(task.task_id)
             # A new attempt of a task this worker just reported on (a failure whose retry its
             # `next` claimed back) replaces the finishing one; the same attempt twice does not.
-            if held is not None and held.task.lease >= task.lease:
+            # Leases are random tokens: the same lease is the same attempt, any other a new one
+            # (an older one cannot come back: its start or claim was fenced before the new one).
+            if held is not None and held.task.lease == task.lease:
                 return
             self._running[task.task_id] = attempt
         assert self._handler is not None

@@ -81,43 +81,46 @@ async def test_psql_cannot_store_a_timestamp_the_service_could_not_read(
 # -- 2. stale attempts -----------------------------------------------------------------------------
 
 
-async def second_attempt(client: httpx.AsyncClient, sql: Sql) -> tuple[str, int]:
-    """bob held attempt 1, failed it, and was given the task again: (task id, its lease now)."""
+async def second_attempt(client: httpx.AsyncClient, sql: Sql) -> tuple[str, int, int]:
+    """bob held attempt 1, failed it, and was given the task again: (task id, the lease of
+    attempt 1, its lease now)."""
     await register(client, "bob")
     tid = (await create(client, max_retries=3))["task_id"]
     r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
-    assert r.status_code == 200 and r.json()["lease"] == 1
+    assert r.status_code == 200
+    first = r.json()["lease"]
     r = await client.post(f"/api/v1/tasks/{tid}/fail", json={"error": "flaky"}, headers=BOB)
     assert r.json()["status"] == "pending"
     # A DBA skips the retry's backoff; nobody else is eligible, so bob gets it again.
     sql.execute("UPDATE dispatch.tasks SET available_at = now() WHERE task_id = %s", (tid,))
     r = await client.post("/api/v1/tasks/claim", json={}, headers=BOB)
     assert r.status_code == 200 and r.json()["task_id"] == tid
-    assert (r.json()["lease"], r.json()["retry_count"]) == (2, 1)
-    return tid, 2
+    lease = r.json()["lease"]
+    assert r.json()["retry_count"] == 1 and 1 <= lease < 2**31 and lease != first
+    return tid, first, lease
 
 
 async def test_a_report_of_an_earlier_attempt_is_409_even_from_the_same_agent(
     client: httpx.AsyncClient, sql: Sql
 ) -> None:
-    tid, lease = await second_attempt(client, sql)
+    tid, first, lease = await second_attempt(client, sql)
     events_before = counts(sql)[1]
     stale = [
-        ("start", {"lease": 1}),
-        ("progress", {"percent": 50, "lease": 1}),
-        ("complete", {"result": {"from": "attempt 1"}, "lease": 1}),
-        ("fail", {"error": "late", "retry_eligible": False, "lease": 1}),
+        ("start", {"lease": first}),
+        ("progress", {"percent": 50, "lease": first}),
+        ("complete", {"result": {"from": "attempt 1"}, "lease": first}),
+        ("fail", {"error": "late", "retry_eligible": False, "lease": first}),
     ]
     for action, body in stale:
         r = await client.post(f"/api/v1/tasks/{tid}/{action}", json=body, headers=BOB)
         assert r.status_code == 409, (action, r.text)
-        assert "lease 1" in r.json()["error"] and r.json()["detail"]["lease"] == lease
+        assert f"lease {first} " in r.json()["error"] and r.json()["detail"]["lease"] == lease
     # The header form, and the batch form.
     r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"result": 1},
-                          headers={**BOB, "X-Dispatch-Lease": "1"})
+                          headers={**BOB, "X-Dispatch-Lease": str(first)})
     assert r.status_code == 409
     r = await client.post("/api/v1/tasks/reports", headers=BOB, json=[
-        {"task_id": tid, "action": "complete", "result": 1, "lease": 1},
+        {"task_id": tid, "action": "complete", "result": 1, "lease": first},
     ])
     assert r.status_code == 200 and r.json()[0]["status"] == 409
     assert counts(sql)[1] == events_before
@@ -136,14 +139,14 @@ async def test_a_report_of_an_earlier_attempt_is_409_even_from_the_same_agent(
     r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"result": {"from": "attempt 2"},
                                                                   "lease": lease}, headers=BOB)
     assert r.status_code == 200
-    r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"lease": 1}, headers=BOB)
+    r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"lease": first}, headers=BOB)
     assert r.status_code == 409
 
 
 async def test_body_and_header_lease_must_agree(client: httpx.AsyncClient, sql: Sql) -> None:
-    tid, _ = await second_attempt(client, sql)
-    r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"lease": 2},
-                          headers={**BOB, "X-Dispatch-Lease": "1"})
+    tid, first, lease = await second_attempt(client, sql)
+    r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"lease": lease},
+                          headers={**BOB, "X-Dispatch-Lease": str(first)})
     assert r.status_code == 400 and r.json()["detail"]["field"] == "lease"
     for bad in (0, -1, "x", 2**40):
         r = await client.post(f"/api/v1/tasks/{tid}/complete", json={"lease": bad}, headers=BOB)

@@ -182,18 +182,20 @@ async def test_agent_reports_follow_the_fencing_rules(
     second = await broker.claim("agent-a")
     assert second is not None
     await broker.agents.stop("agent-a")
-    assert (await broker.claim("agent-c")) is not None
+    taken = await broker.claim("agent-c")
+    assert taken is not None
     reply = await ask(client, f"swarm.task.{second.task_id}.started", {"agent_id": "agent-a"})
     assert reply["status"] == 409
     assert reply["detail"]["assigned_agent"] == "agent-c"
     assert reply["detail"]["status"] == "assigned"
     # A report naming an earlier lease is stale, even from the agent that holds the task now.
-    assert second.lease == 1
+    now = taken.lease
+    assert now != second.lease
     reply = await ask(client, f"swarm.task.{second.task_id}.completed",
-                      {"agent_id": "agent-c", "result": {"x": 1}, "lease": 1})
-    assert reply["status"] == 409 and reply["detail"]["lease"] == 2
+                      {"agent_id": "agent-c", "result": {"x": 1}, "lease": second.lease})
+    assert reply["status"] == 409 and reply["detail"]["lease"] == now
     reply = await ask(client, f"swarm.task.{second.task_id}.started",
-                      {"agent_id": "agent-c", "lease": 2})
+                      {"agent_id": "agent-c", "lease": now})
     assert reply["status"] == "running"
     # Unknown task; a report without agent_id (e.g. an outbound event body) is refused.
     reply = await ask(client, f"swarm.task.{uuid.uuid4()}.started", {"agent_id": "agent-a"})

