@@ -27,6 +27,13 @@ class Metrics:
             "Events the relay set aside because NATS refused them while accepting others",
             registry=r,
         )
+        self.event_duplicates = Counter(
+            "dispatch_event_duplicates_total",
+            "Event messages JetStream acknowledged as duplicates, by what the stream held under "
+            "the message id: same (the same event: a re-publish, dropped) or conflict (another "
+            "message: the event was published again under a new id)",
+            ["verdict"], registry=r,
+        )
         self.nats_publish_failures = Counter(
             "dispatch_nats_publish_failures_total", "Failed publishes to NATS", registry=r
         )

@@ -2,11 +2,13 @@
 transactional outbox dispatch.task_events) to NATS JetStream, then marks them published.
 
 One batch is one transaction: take the relay's advisory lock (one replica relays at a time; the
-others stand by), lock the oldest unpublished rows, publish each with `Nats-Msg-Id: <event id>` and
-wait for JetStream's acks, mark the acked rows, commit. A crash between publish and mark rolls the
-marks back, and the rows go out again under the same message ids, which JetStream drops as
-duplicates within the stream's duplicate window. The relay wakes on NOTIFY dispatch_events (polling
-is only a fallback) and, while NATS is down, on reconnection."""
+others stand by), lock the oldest unpublished rows, publish each with `Nats-Msg-Id: <event id>.<its
+created_at in microseconds>` (msg_id) and wait for JetStream's acks, mark the acked rows, commit. A
+crash between publish and mark rolls the marks back, and the rows go out again under the same
+message ids, which JetStream drops as duplicates within the stream's duplicate window. An ack that
+says duplicate is checked against what the stream holds: another event under the same id is
+published again under a new one (verify_duplicate). The relay wakes on NOTIFY dispatch_events
+(polling is only a fallback) and, while NATS is down, on reconnection."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 from nats.errors import Error as NatsError
 from nats.js import api as js_api
+from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from dispatch.broker import Broker
@@ -49,13 +53,29 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 # so that it cannot hold up the events behind it. An outage or a full stream refuses everything and
 # sets nothing aside.
 REFUSALS_BEFORE_SET_ASIDE = 3
+# A message JetStream calls a duplicate but that is not the event it was sent for goes out again
+# under `<message id>+1`, then +2 ..., up to this many times (each is checked the same way).
+CONFLICT_RETRIES = 3
 # Room kept under the stream's max_msg_size for the message's headers (JetStream counts them):
 # "NATS/1.0", the message id and the origin header need well under this.
 HEADER_ROOM = 256
 
 
 _ENVELOPE_KEYS = frozenset(EventMessage.__struct_fields__)
+# What names the event in a message body; the rest (the task snapshot, truncated) is read or sized
+# when the relay publishes, so a re-publish of the same event may differ there.
+_IDENTITY_KEYS = ("event", "task_id", "event_id", "at", "actor")
 _encoder = msgspec.json.Encoder()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def msg_id(event: TaskEvent) -> str:
+    """The event's Nats-Msg-Id, `<id>.<created_at in microseconds since the epoch>`. The id alone
+    repeats across a failover: a standby promoted behind its primary hands out again the ids of the
+    WAL it never got, which the old primary's relay had already published, and JetStream would drop
+    the new events as duplicates. A re-issued id comes with a later created_at; one row always gets
+    the same message id, so its re-publish after a crash is still dropped."""
+    return f"{event.id}.{(event.created_at - _EPOCH) // timedelta(microseconds=1)}"
 
 
 def task_subject(event: TaskEvent) -> str:
@@ -105,15 +125,29 @@ def messages(event: TaskEvent, task: Task | None, max_payload: int) -> list[Outg
     """An event's messages: its task subject, for an assignment also the agent's subject, for a
     schedule's fire or skip also the schedule's."""
     body = encode_event(event, task, max_payload)
-    out = [Outgoing(event.id, task_subject(event), str(event.id), body)]
+    base = msg_id(event)
+    out = [Outgoing(event.id, task_subject(event), base, body)]
     agent = event.payload.get("assigned_agent")
     if event.event == "assigned" and isinstance(agent, str) and agent:
-        out.append(Outgoing(event.id, agent_subject(agent), f"{event.id}:agent", body))
+        out.append(Outgoing(event.id, agent_subject(agent), f"{base}:agent", body))
     schedule = event.payload.get("schedule")
     if event.event in _SCHEDULE_EVENTS and isinstance(schedule, str) and schedule:
         subject = schedule_subject(schedule, _SCHEDULE_EVENTS[event.event])
-        out.append(Outgoing(event.id, subject, f"{event.id}:schedule", body))
+        out.append(Outgoing(event.id, subject, f"{base}:schedule", body))
     return out
+
+
+def same_event(stored: js_api.RawStreamMsg, sent: Outgoing) -> bool:
+    """Whether the stream's message is the event `sent` carries (on the same subject)."""
+    if stored.subject != sent.subject or stored.data is None:
+        return False
+    if stored.data == sent.body:
+        return True
+    try:
+        had, ours = msgspec.json.decode(stored.data), msgspec.json.decode(sent.body)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(had, dict) and all(had.get(k) == ours[k] for k in _IDENTITY_KEYS)
 
 
 def waves(events: Sequence[TaskEvent]) -> list[list[TaskEvent]]:
@@ -163,6 +197,11 @@ class Relay(BackgroundLoop):
         self.publish_timeout = publish_timeout
         self.published = 0
         self.set_aside = 0
+        # Duplicate acks for the event that was sent (re-publishes), and for another message
+        # under its id (conflicts: each published again under a new id).
+        self.republished = 0
+        self.conflicts = 0
+        self._last_conflict: str | None = None
         self._last_set_aside: str | None = None
         # event id -> (refusals, self.published at the first refusal)
         self._refusals: dict[int, tuple[int, int]] = {}
@@ -181,6 +220,9 @@ class Relay(BackgroundLoop):
         if self.set_aside:
             report["events_set_aside"] = self.set_aside
             report["events_set_aside_last"] = self._last_set_aside
+        if self.conflicts:
+            report["event_id_conflicts"] = self.conflicts
+            report["event_id_conflicts_last"] = self._last_conflict
         return report
 
     def _failed(self, n: int = 1) -> None:
@@ -317,6 +359,46 @@ class Relay(BackgroundLoop):
     def headers(self, message: Outgoing) -> dict[str, str]:
         return {MSG_ID_HEADER: message.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
 
+    def _duplicate(self, verdict: str) -> None:
+        if self.metrics is not None:
+            self.metrics.event_duplicates.labels(verdict).inc()
+
+    async def verify_duplicate(
+        self, js: JetStreamContext, m: Outgoing, ack: js_api.PubAck
+    ) -> str | None:
+        """JetStream acknowledged m as a duplicate: read the message it holds under m's id (at the
+        ack's sequence). The same event: a re-publish, nothing to do. Anything else (another
+        event under the same id, or a message the stream no longer has): m goes out again under
+        `<id>+1`, +2 ..., until it is stored. None when m is in the stream, else why not."""
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                stored: js_api.RawStreamMsg | None = await js.get_msg(STREAM, ack.seq)
+            except NotFoundError:
+                stored = None
+            if stored is not None and same_event(stored, m):
+                if attempt == 1:
+                    self.republished += 1
+                    self._duplicate("same")
+                return None
+            if attempt == 1:
+                self.conflicts += 1
+                self._duplicate("conflict")
+            held = "nothing any more" if stored is None else f"{stored.subject!r}"
+            self._last_conflict = (
+                f"event {m.event_id} ({m.subject}): message id {m.msg_id} was already taken by"
+                f" stream sequence {ack.seq} ({held})"
+            )
+            log.error("event relay: %s; publishing it again as %s+%d", self._last_conflict,
+                      m.msg_id, attempt)
+            again = dataclasses.replace(m, msg_id=f"{m.msg_id}+{attempt}")
+            ack = await js.publish(m.subject, m.body, timeout=self.publish_timeout,
+                                   headers=self.headers(again))
+            if ack.stream != STREAM:
+                return "an ack from another stream"
+            if not ack.duplicate:
+                return None
+        return f"message id {m.msg_id} and {CONFLICT_RETRIES} others are all taken"
+
     async def publish(
         self, events: Sequence[TaskEvent], tasks: dict[uuid.UUID, Task]
     ) -> tuple[list[int], PublishFailed | None]:
@@ -356,6 +438,14 @@ class Relay(BackgroundLoop):
                     problem = problem or fut.exception() or "an ack from another stream"
                     if isinstance(fut.exception(), APIError):
                         self._refused(m.event_id)  # not another stream's ack: a config error
+                elif fut.result().duplicate:
+                    try:
+                        why = await self.verify_duplicate(js, m, fut.result())
+                    except (NatsError, TimeoutError) as exc:
+                        why = f"checking a duplicate ack failed: {exc!r}"
+                    if why is not None:
+                        failed.add(m.event_id)
+                        problem = problem or why
             acked.extend(e.id for e in wave if e.id not in failed)
             if failed:
                 self._failed(len(failed))

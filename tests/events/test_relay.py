@@ -33,6 +33,12 @@ def event_log(sql: Sql) -> list[dict[str, Any]]:
     ).fetchall()
 
 
+def msg_id_of(e: dict[str, Any]) -> str:
+    """The Nats-Msg-Id of an event row: its id and created_at in microseconds since the epoch."""
+    micros = (e["created_at"] - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return f"{e['id']}.{micros}"
+
+
 def expected_messages(log: list[dict[str, Any]]) -> int:
     return len(log) + sum(1 for e in log if e["event"] == "assigned")
 
@@ -45,7 +51,7 @@ def assert_stream_matches_log(stored: list[Stored], log: list[dict[str, Any]]) -
         by_msg_id[m.headers["Nats-Msg-Id"]] = m
     assert len(stored) == expected_messages(log)
     for e in log:
-        m = by_msg_id[str(e["id"])]
+        m = by_msg_id[msg_id_of(e)]
         assert m.subject == f"swarm.task.{e['task_id']}.{e['event']}"
         body = m.body
         assert body["event"] == e["event"]
@@ -57,7 +63,7 @@ def assert_stream_matches_log(stored: list[Stored], log: list[dict[str, Any]]) -
         for key, value in e["payload"].items():
             assert body[key] == value, (e["event"], key)
         if e["event"] == "assigned":
-            agent = by_msg_id[f"{e['id']}:agent"]
+            agent = by_msg_id[f"{msg_id_of(e)}:agent"]
             agent_id = e["payload"]["assigned_agent"]
             assert agent.subject == f"swarm.dispatch.agent.{agent_id}.assigned"
             assert agent.body == body

@@ -4,12 +4,14 @@
 --   BEGIN;
 --   SELECT dispatch.event_relay_lock();          -- false: another replica is relaying, stand by
 --   SELECT * FROM dispatch.event_relay_batch(500);
---   ... publish each row with Nats-Msg-Id = id, wait for the JetStream acks ...
+--   ... publish each row with Nats-Msg-Id = id.created_at (in microseconds), wait for the acks ...
 --   SELECT dispatch.event_mark_published(ids);
 --   COMMIT;
 --
 -- A crash between publish and mark rolls the marks back; the next relay publishes the same rows
--- again under the same message ids and JetStream's duplicate window drops the copies.
+-- again under the same message ids and JetStream's duplicate window drops the copies. The id alone
+-- would not do: a standby promoted behind its primary hands out again ids that the lost WAL used,
+-- and the old primary's relay may have published those; created_at tells the two apart.
 
 -- Only one replica relays at a time. Row locks with SKIP LOCKED alone would let replica B lock and
 -- publish a later event of a task while replica A is still publishing an earlier one of the same
