@@ -53,8 +53,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     assigned_agent: str | None
     previous_agents: list[str]
     retry_count: int
-    # The number of the current (or last) assignment, raised by each one; a report may present it,
-    # and one naming an earlier assignment is refused (409).
+    # The token of the current (or last) assignment, drawn at random by each one (0: never
+    # assigned); a report may present it, and one naming another assignment is refused (409).
     lease: int = 0
     max_retries: int
     timeout_seconds: int

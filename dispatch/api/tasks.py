@@ -71,7 +71,7 @@ LeaseHeader = Annotated[
         name="X-Dispatch-Lease",
         ge=1,
         le=2_147_483_647,
-        description="The lease the task was given with; a report naming an earlier one is 409.",
+        description="The lease the task was given with; a report naming another one is 409.",
     ),
 ]
 
