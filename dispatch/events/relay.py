@@ -370,34 +370,37 @@ class Relay(BackgroundLoop):
         ack's sequence). The same event: a re-publish, nothing to do. Anything else (another
         event under the same id, or a message the stream no longer has): m goes out again under
         `<id>+1`, +2 ..., until it is stored. None when m is in the stream, else why not."""
-        for attempt in range(1, CONFLICT_RETRIES + 1):
+        taken = m.msg_id
+        for attempt in range(CONFLICT_RETRIES + 1):
             try:
                 stored: js_api.RawStreamMsg | None = await js.get_msg(STREAM, ack.seq)
             except NotFoundError:
                 stored = None
             if stored is not None and same_event(stored, m):
-                if attempt == 1:
+                if attempt == 0:
                     self.republished += 1
                     self._duplicate("same")
                 return None
-            if attempt == 1:
+            if attempt == 0:
                 self.conflicts += 1
                 self._duplicate("conflict")
-            held = "nothing any more" if stored is None else f"{stored.subject!r}"
+            if attempt == CONFLICT_RETRIES:
+                break
+            held = "nothing any more" if stored is None else repr(stored.subject)
             self._last_conflict = (
-                f"event {m.event_id} ({m.subject}): message id {m.msg_id} was already taken by"
+                f"event {m.event_id} ({m.subject}): message id {taken} was already taken by"
                 f" stream sequence {ack.seq} ({held})"
             )
-            log.error("event relay: %s; publishing it again as %s+%d", self._last_conflict,
-                      m.msg_id, attempt)
-            again = dataclasses.replace(m, msg_id=f"{m.msg_id}+{attempt}")
+            taken = f"{m.msg_id}+{attempt + 1}"
+            log.error("event relay: %s; publishing it again as %s", self._last_conflict, taken)
+            again = dataclasses.replace(m, msg_id=taken)
             ack = await js.publish(m.subject, m.body, timeout=self.publish_timeout,
                                    headers=self.headers(again))
             if ack.stream != STREAM:
                 return "an ack from another stream"
             if not ack.duplicate:
                 return None
-        return f"message id {m.msg_id} and {CONFLICT_RETRIES} others are all taken"
+        return f"message ids {m.msg_id} to {taken} are all taken by other messages"
 
     async def publish(
         self, events: Sequence[TaskEvent], tasks: dict[uuid.UUID, Task]

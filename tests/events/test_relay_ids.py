@@ -109,3 +109,32 @@ async def test_a_foreign_message_under_an_events_id_does_not_swallow_the_event(
     assert metrics.registry.get_sample_value(
         "dispatch_event_duplicates_total", {"verdict": "same"}) == 1
     assert (await js.stream_info(STREAM)).state.messages == len(after)
+
+
+async def test_a_taken_fallback_id_is_checked_too_and_a_retry_adds_nothing(
+    broker: Broker, pool: AsyncConnectionPool[Any], listener: Listener,
+    nats_conn: NatsConnection, metrics: Metrics, client: Client, sql: Sql,
+) -> None:
+    """The event's id and its first fallback are both taken: it lands under the second. Sent again
+    (a relay killed before it marked), it follows the same ids and finds itself there: nothing new
+    in the stream."""
+    relay = Relay(Broker(Store(pool)), listener, nats_conn, metrics=metrics)
+    await relay.ensure_stream()
+    task, _ = await broker.submit(NewTask(title="squatted twice"), requester="req")
+    [created] = event_log(sql)
+    taken = msg_id_of(created)
+    js = client.jetstream()
+    for squatted in (taken, f"{taken}+1"):
+        await js.publish(f"swarm.task.{task.task_id}.created", b"{}",
+                         headers={MSG_ID_HEADER: squatted})
+    assert await relay.relay_once() is False
+    stored = await read_stream(client)
+    assert [m.headers[MSG_ID_HEADER] for m in stored] == [taken, f"{taken}+1", f"{taken}+2"]
+    assert stored[2].body["event_id"] == created["id"]
+
+    sql.execute("UPDATE dispatch.task_events SET published_at = NULL")
+    assert await relay.relay_once() is False
+    assert unpublished(sql) == 0
+    assert len(await read_stream(client)) == 3
+    # Counted by the first look at each publish: the event's own id was taken both times.
+    assert (relay.conflicts, relay.republished) == (2, 0)
