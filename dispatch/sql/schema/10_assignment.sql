@@ -154,11 +154,12 @@ $$;
 -- lease 1 again, and the agent holding the lost timeline's lease 1 would pass the fence next to
 -- the new holder). A random token from the lost timeline matches the new one with odds 1 in 2^31.
 -- Leases are only ever compared for equality (task_fence), never ordered.
+-- One draw k from 2^31-2 values, counted on from the previous lease around 1 .. 2^31-1: every
+-- value but the previous one, uniformly. One expression using each argument once, so the planner
+-- inlines it into the assignment's UPDATE (no function call per assignment).
 CREATE FUNCTION dispatch.lease_next(p_previous integer) RETURNS integer
 LANGUAGE sql VOLATILE AS $$
-    -- One draw from 2^31-2 values, shifted past the previous lease: uniform over the rest.
-    SELECT CASE WHEN p_previous >= 1 AND r >= p_previous THEN r + 1 ELSE r END
-    FROM (SELECT 1 + floor(random() * 2147483646)::integer AS r) AS draw
+    SELECT ((p_previous::bigint + floor(random() * 2147483646)::bigint) % 2147483647 + 1)::integer
 $$;
 
 -- Moves a locked pending task to an agent, into the slot p_slot the caller took for it
