@@ -19,41 +19,31 @@ import pytest
 from psycopg.rows import dict_row
 
 from dispatch.db import CONNECT_KWARGS
-from dispatch.migrate import migrate
-from tests import pgdist
+from tests import pgrepl
 from tests.chaos.checks import all_invariants
 from tests.chaos.swarm import Swarm
-from tests.pgstandby import Standby, multi_host_url
 from tests.serve import serving
 
 LOOPS = ("assigner", "reaper", "directory")
 
 
 @pytest.fixture
-def sync_pair() -> Iterator[tuple[pgdist.Cluster, Standby]]:
+def sync_pair() -> Iterator[pgrepl.Pair]:
     """A primary whose every commit waits for its streaming standby, with a migrated database
     `dispatch`."""
     if os.environ.get("DISPATCH_TEST_PG") != "distribution":
         pytest.skip("streaming replication runs on the distribution build (DISPATCH_TEST_PG)")
-    with pgdist.running(settings={"synchronous_commit": "on"}) as primary:
-        with psycopg.connect(primary.url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
-            conn.execute("CREATE DATABASE dispatch")
-        migrate(primary.url.rsplit("/", 1)[0] + "/dispatch")
-        standby = Standby(primary)
-        standby.start()
-        try:
-            with psycopg.connect(primary.url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
-                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-                conn.execute("SELECT pg_reload_conf()")
-                deadline = time.monotonic() + 30
-                while conn.execute(
-                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
-                ).fetchone() != (1,):
-                    assert time.monotonic() < deadline, "the standby never became synchronous"
-                    time.sleep(0.1)
-            yield primary, standby
-        finally:
-            standby.stop("immediate")
+    with pgrepl.async_pair(settings={"synchronous_commit": "on"}) as pair, \
+            psycopg.connect(pair.primary.url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 30
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+        ).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the standby never became synchronous"
+            time.sleep(0.1)
+        yield pair
 
 
 async def healthy(ops: str) -> dict[str, object]:
@@ -67,11 +57,10 @@ async def healthy(ops: str) -> dict[str, object]:
 
 
 async def test_the_primary_dies_and_its_synchronous_standby_takes_over(
-    sync_pair: tuple[pgdist.Cluster, Standby], tmp_path: Path
+    sync_pair: pgrepl.Pair, tmp_path: Path
 ) -> None:
-    primary, standby = sync_pair
-    url = multi_host_url(primary, standby, "dispatch")
-    with serving(url, tmp_path, env={"DISPATCH_LOG_LEVEL": "warning"}) as sp:
+    primary, standby = sync_pair.primary, sync_pair.standby
+    with serving(sync_pair.url, tmp_path, env={"DISPATCH_LOG_LEVEL": "warning"}) as sp:
         swarm = Swarm(sp.api)
         async with swarm.running():
             await swarm.until(completed=30)
@@ -88,6 +77,6 @@ async def test_the_primary_dies_and_its_synchronous_standby_takes_over(
           f" {resumed - promoted:.1f} s after it; {len(swarm.created)} created,"
           f" {len(swarm.completed)} completed, {len(swarm.answered(503))} answers of 503")
     assert any(killed < c.started for c in swarm.calls if c.status in (200, 201))
-    with psycopg.connect(standby.url("dispatch"), row_factory=dict_row,
+    with psycopg.connect(sync_pair.standby_url, row_factory=dict_row,
                          **CONNECT_KWARGS) as sql:  # type: ignore[arg-type]
         all_invariants(sql, swarm)
