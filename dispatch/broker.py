@@ -9,6 +9,7 @@ fire)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from dispatch.models import (
     TaskStatus,
 )
 from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
+from dispatch.replica import ReadRoute
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Conn, Store
 from dispatch.store.tasks import Claimed
@@ -310,6 +312,12 @@ class Broker:
                     retried = expiry.status == TaskStatus.PENDING
                     self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
         return expiries
+
+    def fresh_reads(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A block whose reads (self.reads) see what the primary has committed by its start: on a
+        read replica once it has replayed that far, or on the primary (dispatch.replica)."""
+        route = self.reads.pool
+        return route.caught_up() if isinstance(route, ReadRoute) else contextlib.nullcontext()
 
     async def explain(self, task_id: uuid.UUID) -> Explanation:
         """Every candidate agent for the task with its score factors or exclusion reasons (read

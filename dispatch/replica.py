@@ -8,7 +8,11 @@ recovery and within database.read_max_lag_ms of the primary, and to the primary 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg
@@ -23,6 +27,13 @@ log = logging.getLogger(__name__)
 # How often the monitor measures the replica's lag, and how long one measure may take.
 CHECK_SECONDS = 1.0
 CHECK_TIMEOUT_SECONDS = 2.0
+# How long a dashboard read waits for the replica to replay what the primary has committed
+# (caught_up) before it reads the primary instead; and how often it looks meanwhile.
+CATCH_UP_SECONDS = 0.25
+CATCH_UP_POLL_SECONDS = 0.005
+
+# Set for a block whose reads must not lag and that the replica could not serve in time.
+_primary_only: ContextVar[bool] = ContextVar("dispatch_primary_only", default=False)
 
 # The replica's replay position against the primary's write position (sent as a parameter):
 # bytes still to replay, and how old the last replayed commit is (the lag in time while bytes
@@ -51,7 +62,7 @@ class ReadRoute:
         return self.primary.timeout
 
     async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
-        pool = self.replica if self.use_replica else self.primary
+        pool = self.replica if self.use_replica and not _primary_only.get() else self.primary
         conn = await pool.getconn(timeout=timeout)
         self._lent[id(conn)] = pool
         return conn
@@ -63,6 +74,44 @@ class ReadRoute:
             # not after the monitor's next round (which turns them back when it answers).
             self.use_replica = False
         await pool.putconn(conn)
+
+    @contextlib.asynccontextmanager
+    async def caught_up(self, timeout: float = CATCH_UP_SECONDS) -> AsyncIterator[None]:
+        """For the block, reads see at least what the primary had committed when it began: on the
+        replica once it has replayed that far (waiting up to `timeout`), else on the primary. For
+        the dashboard, which refreshes when the primary notifies a change and would otherwise
+        read the replica a moment before it has that change."""
+        token = None
+        if self.use_replica and not await self._replayed(timeout):
+            token = _primary_only.set(True)
+        try:
+            yield
+        finally:
+            if token is not None:
+                _primary_only.reset(token)
+
+    async def _replayed(self, timeout: float) -> bool:
+        """Whether the replica replays, within `timeout`, up to the primary's WAL position now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with db.connection(self.primary, timeout=timeout) as conn:
+                cur = await conn.execute("SELECT pg_current_wal_lsn()::text AS lsn")
+                row = await cur.fetchone()
+            assert row is not None
+            async with db.connection(self.replica, timeout=timeout) as conn:
+                while True:
+                    cur = await conn.execute(
+                        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn AS ok", (row["lsn"],)
+                    )
+                    done = await cur.fetchone()
+                    if done is not None and done["ok"]:
+                        return True
+                    if loop.time() >= deadline:
+                        return False
+                    await asyncio.sleep(CATCH_UP_POLL_SECONDS)
+        except (DispatchError, psycopg.Error):
+            return False
 
 
 class ReplicaMonitor(BackgroundLoop):

@@ -148,7 +148,7 @@ class Dashboard:
 
     async def overview_context(self) -> dict[str, Any]:
         reads = self.broker.reads
-        async with reads.insights.transaction() as conn:
+        async with self.broker.fresh_reads(), reads.insights.transaction() as conn:
             stats = await reads.insights.stats(conn=conn)
             series = await reads.insights.ui_series(conn=conn)
             agents = await reads.agents.all(conn=conn)
@@ -164,13 +164,10 @@ class Dashboard:
 
     async def task_context(self, task_id: uuid.UUID) -> dict[str, Any]:
         reads = self.broker.reads
-        try:
+        async with self.broker.fresh_reads():
             task = await reads.tasks.get(task_id)
-        except NotFound:  # made a moment ago, not on the read replica yet
-            reads = self.broker.store
-            task = await reads.tasks.get(task_id)
-        events = await reads.tasks.events(task_id)
-        explanation = await self.broker.explain(task_id)
+            events = await reads.tasks.events(task_id)
+            explanation = await self.broker.explain(task_id)
         return {
             "task": task,
             "events": events,
@@ -310,10 +307,10 @@ async def overview(request: Request[Any, Any, Any]) -> Response[str]:
 @get("/agents", opt={"page": True}, include_in_schema=False)
 async def agents(request: Request[Any, Any, Any]) -> Response[str]:
     ui = _ui(request)
-    return ui.page(
-        "agents.html", topic=OVERVIEW, nav="agents", agents=await ui.broker.reads.agents.all(),
-        now=datetime.now(UTC),
-    )
+    async with ui.broker.fresh_reads():
+        found = await ui.broker.reads.agents.all()
+    return ui.page("agents.html", topic=OVERVIEW, nav="agents", agents=found,
+                   now=datetime.now(UTC))
 
 
 def _filter_value(request: Request[Any, Any, Any], name: str) -> str | None:
@@ -339,7 +336,8 @@ async def tasks(request: Request[Any, Any, Any]) -> Response[str]:
     )
     raw_cursor = _filter_value(request, "cursor")
     after = decode_cursor(raw_cursor) if raw_cursor else None
-    rows = await ui.broker.reads.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
+    async with ui.broker.fresh_reads():
+        rows = await ui.broker.reads.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
     next_link = None
     if len(rows) > PAGE_SIZE:
         rows = rows[:PAGE_SIZE]

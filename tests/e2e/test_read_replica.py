@@ -4,6 +4,7 @@ primary when the replica is down, behind or not a standby; /health and the dashb
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from dispatch.migrate import migrate
 from tests import pgdist
 from tests.pgstandby import Standby
 from tests.serve import ServeProcess, free_port, serving
+from tests.ui.test_live import Stream, until
 
 
 def health_replica(sp: ServeProcess) -> dict[str, object]:
@@ -99,7 +101,7 @@ def replicated() -> Iterator[tuple[str, Standby]]:
             standby.stop()
 
 
-def test_reads_follow_the_replica_and_fall_back_when_it_is_down_or_behind(
+async def test_reads_follow_the_replica_and_fall_back_when_it_is_down_or_behind(
     replicated: tuple[str, Standby], tmp_path: Path
 ) -> None:
     url, standby = replicated
@@ -111,8 +113,19 @@ def test_reads_follow_the_replica_and_fall_back_when_it_is_down_or_behind(
         wait_until(lambda: health_replica(sp)["reads"] == "replica", "reads on the replica")
         assert 'data-reads="replica"' in overview(sp)
         standby.replay("dispatch", paused=True)
-        task_id = create(sp, "unseen on the replica")
-        assert pending(sp) == 0
+        stream = Stream()
+        async with httpx.AsyncClient(base_url=sp.api, timeout=30) as ui:
+            assert (await ui.post("/ui/login", data={"token": sp.admin_token})).status_code in (
+                200, 303)
+            follow = asyncio.create_task(stream.follow(ui))
+            await until(lambda: stream.pending == 0, "the dashboard's first snapshot")
+            task_id = await asyncio.to_thread(create, sp, "unseen on the replica")
+            # The stats read the replica, which has not the task; the dashboard's refresh, woken
+            # by the primary's notification, waits for the replica to replay it, and reads the
+            # primary when it does not in time.
+            assert await asyncio.to_thread(pending, sp) == 0
+            await until(lambda: stream.pending == 1, "the dashboard showing the new task")
+            follow.cancel()
         r = httpx.get(f"{sp.api}/api/v1/tasks/{task_id}", headers={"X-Agent-ID": "req"})
         assert r.status_code == 200 and r.json()["status"] == "pending"
         explain = httpx.get(f"{sp.api}/api/v1/tasks/{task_id}/explain", headers={
