@@ -43,6 +43,9 @@ from dispatch.store.tasks import Claimed
 
 log = logging.getLogger(__name__)
 
+# The requester of every task a schedule fires is `schedule:<name>` (dispatch.schedule_fire).
+SCHEDULE_REQUESTER = "schedule:"
+
 # A batched report's action -> the event its single call counts.
 _REPORT_EVENTS = {"start": "started", "progress": "progress", "complete": "completed",
                   "fail": "failed"}
@@ -105,6 +108,13 @@ class Broker:
         self, new: NewTask, *, requester: str, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
         """Create a task; returns (task, created). A repeated idempotency key returns the first."""
+        if requester.startswith(SCHEDULE_REQUESTER):
+            # A fire's task is found by its requester and idempotency key (fire:<time>): a client
+            # creating under that name could make a fire's task ahead of it.
+            raise Forbidden(
+                f"requester ids starting with {SCHEDULE_REQUESTER} are the scheduler's own (the"
+                " tasks a schedule fires); create the task under another agent id"
+            )
         task, created = await self.tasks.create(
             new, requester=requester, idempotency_key=idempotency_key
         )

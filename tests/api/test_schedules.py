@@ -145,6 +145,21 @@ async def test_only_an_admin_may_touch_schedules(client: httpx.AsyncClient, sql:
     assert rows(sql) == 0
 
 
+async def test_no_client_creates_under_a_schedule_s_name(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """A fire's task is keyed by requester schedule:<name> and idempotency key fire:<time>; a
+    client sending that X-Agent-ID (as anyone may in open auth mode, or an admin) could make the
+    task of a fire to come, which the fire would then take for its own."""
+    for headers in (agent("schedule:nightly"), admin("schedule:nightly")):
+        r = await client.post("/api/v1/tasks", json={"title": "not a fire"},
+                              headers={**headers, "Idempotency-Key": "fire:2030-01-01T03:00:00Z"})
+        assert r.status_code == 403, r.text
+        assert "schedule:" in r.json()["error"]
+    left = sql.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone()
+    assert left == {"n": 0}
+
+
 async def test_seconds_and_aliases_are_accepted(client: httpx.AsyncClient) -> None:
     r = await client.post(BASE, json=body("often", cron="* * * * * */5", timezone="UTC"),
                           headers=ADMIN)
