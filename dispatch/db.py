@@ -342,7 +342,7 @@ def create_pool(
     PgBouncer's), a connection sets nothing (a SET would stay on whichever server connection ran
     it, for other clients to inherit) and never prepares a statement (the next transaction may
     run on a server connection that lacks it); the session settings must then be the server's
-    defaults, which `verify_pool` checks."""
+    defaults, which `dispatch.preflight.check_sessions` checks at start-up."""
     database = database or DatabaseSettings()
     pooled = database.pool_mode == "transaction"
     wanted = session_settings(database)
