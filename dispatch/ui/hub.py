@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from dispatch.metrics import Metrics
-from dispatch.notify import EVENTS_CHANNEL, WORK_CHANNEL, Listener
+from dispatch.notify import EVENTS_CHANNEL, SCHEDULES_CHANNEL, WORK_CHANNEL, Listener
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class Hub:
         # Topics whose last refresh failed: logged when they start failing, not at every retry.
         self.failing: set[str] = set()
         if listener is not None:
-            listener.watch(EVENTS_CHANNEL, self._changed)
-            listener.watch(WORK_CHANNEL, self._changed)
+            # A schedule changed (made, paused, resumed, edited in psql) may fire no event.
+            for channel in (EVENTS_CHANNEL, WORK_CHANNEL, SCHEDULES_CHANNEL):
+                listener.watch(channel, self._changed)
 
     @property
     def subscribers(self) -> int:

@@ -236,3 +236,27 @@ async def test_a_failing_topic_leaves_the_others_updating(
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+async def test_a_schedule_paused_in_psql_shows_on_open_dashboards(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A pause writes no task event; the schedule's NOTIFY wakes the hub. The tick is set to a
+    minute, so an update that arrives at all was woken by the notification."""
+    env = {"DISPATCH_UI_TICK_MS": "60000"}
+    with serving(db_url, tmp_path, admin_token=ADMIN_TOKEN, env=env) as sp:
+        async with httpx.AsyncClient(base_url=sp.api, timeout=30) as client:
+            r = await client.post("/api/v1/schedules", headers={
+                "X-Agent-ID": "ops", "Authorization": f"Bearer {ADMIN_TOKEN}"}, json={
+                "name": "nightly", "cron": "0 3 * * *", "template": {"title": "t"}})
+            assert r.status_code == 201, r.text
+            await sign_in(client)
+            stream = Stream()
+            follow = asyncio.create_task(stream.follow(client, "schedules"))
+            await until(lambda: len(stream.updates) > 0, "the first snapshot")
+            assert "paused" not in stream.updates[-1]["schedules-table"]
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("SELECT dispatch.schedule_pause('nightly')")
+            await until(lambda: "paused" in stream.updates[-1]["schedules-table"],
+                        "the dashboard showing the pause")
+            follow.cancel()
