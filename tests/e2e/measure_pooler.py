@@ -1,7 +1,8 @@
 """`dispatch serve` directly on Postgres, behind PgBouncer in session mode and in transaction mode
-(not a test: a measurement, on a throwaway cluster of the distribution's PostgreSQL).
+(not a test: a measurement, on a throwaway cluster of the distribution's PostgreSQL, or with
+--build embedded of pgserver's).
 
-    .venv/bin/python -m tests.e2e.measure_pooler [--rounds 2]
+    .venv/bin/python -m tests.e2e.measure_pooler [--rounds 2] [--build embedded]
 
 For each: the wake-up latency (an agent waits in a long-poll claim; a task is created; the time
 from the create's request to the claim's answer, 300 times in a row) and the REST lifecycle's
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +24,7 @@ import psycopg
 
 from dispatch.db import CONNECT_KWARGS
 from dispatch.migrate import migrate
-from tests import pgbouncer, pgdist
+from tests import pg, pgbouncer, pgdist
 from tests.serve import ServeProcess, serving
 
 WAKEUPS = 300
@@ -101,18 +104,30 @@ async def throughput(sp: ServeProcess) -> str:
     return f"lifecycle {TASKS / elapsed:.0f} tasks/s, {errors} errors"
 
 
+@contextlib.contextmanager
+def cluster(build: str) -> Iterator[str]:
+    """A superuser URL to the `postgres` database of a throwaway server of the build."""
+    if build == "embedded":
+        with pg.embedded_server() as url:
+            yield url
+    else:
+        with pgdist.cluster() as url:
+            yield url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--build", choices=("distribution", "embedded"), default="distribution")
     args = parser.parse_args()
-    with pgdist.running() as cluster:
-        with psycopg.connect(cluster.url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+    with cluster(args.build) as server:
+        with psycopg.connect(server, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
             conn.execute("CREATE DATABASE dispatch")
             # What transaction mode needs of the server (docs/operations.md).
             for name, value in (("TimeZone", "UTC"), ("lock_timeout", "2000ms"),
                                 ("statement_timeout", "15000ms")):
                 conn.execute(f"ALTER ROLE postgres IN DATABASE dispatch SET {name} = '{value}'")
-        url = cluster.url.rsplit("/", 1)[0] + "/dispatch"
+        url = pg.database_url(server, "dispatch")
         migrate(url)
         tmp = Path(tempfile.mkdtemp())
         quiet = {"DISPATCH_LOG_LEVEL": "warning"}
