@@ -45,6 +45,15 @@ SELECT pg_is_in_recovery() AS standby,
 """
 
 
+async def _primary_lsn(primary: AsyncConnectionPool[Any], timeout: float) -> str:
+    """The primary's WAL write position now."""
+    async with db.connection(primary, timeout=timeout) as conn:
+        cur = await conn.execute("SELECT pg_current_wal_lsn()::text AS lsn")
+        row = await cur.fetchone()
+    assert row is not None
+    return str(row["lsn"])
+
+
 class ReadRoute:
     """The pool reads go to: the replica's while `use_replica`, else the primary's. Shaped like
     the pool for `db.connection`: getconn, putconn, timeout."""
@@ -95,14 +104,11 @@ class ReadRoute:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            async with db.connection(self.primary, timeout=timeout) as conn:
-                cur = await conn.execute("SELECT pg_current_wal_lsn()::text AS lsn")
-                row = await cur.fetchone()
-            assert row is not None
+            lsn = await _primary_lsn(self.primary, timeout)
             async with db.connection(self.replica, timeout=timeout) as conn:
                 while True:
                     cur = await conn.execute(
-                        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn AS ok", (row["lsn"],)
+                        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn AS ok", (lsn,)
                     )
                     done = await cur.fetchone()
                     if done is not None and done["ok"]:
@@ -129,12 +135,9 @@ class ReplicaMonitor(BackgroundLoop):
 
     async def run_once(self) -> None:
         try:
-            async with db.connection(self.route.primary, timeout=CHECK_TIMEOUT_SECONDS) as conn:
-                cur = await conn.execute("SELECT pg_current_wal_lsn()::text AS lsn")
-                row = await cur.fetchone()
-            assert row is not None
+            lsn = await _primary_lsn(self.route.primary, CHECK_TIMEOUT_SECONDS)
             async with db.connection(self.route.replica, timeout=CHECK_TIMEOUT_SECONDS) as conn:
-                cur = await conn.execute(_REPLICA_LAG, (row["lsn"],))
+                cur = await conn.execute(_REPLICA_LAG, (lsn,))
                 lag = await cur.fetchone()
             assert lag is not None
         except (DispatchError, psycopg.Error) as exc:

@@ -129,7 +129,8 @@ class Service:
         check_pool_mode(s.database)
         self.database_url = await asyncio.to_thread(resolve_database_url, s)
         session = session_url(s.database, self.database_url)
-        await asyncio.to_thread(check_listen, s.database, self.database_url)
+        if not s.server.reuse_port:  # a worker of serve --workers: its supervisor checked
+            await asyncio.to_thread(check_listen, s.database, self.database_url)
         applied = await asyncio.to_thread(migrate, session)
         if applied:
             log.info("migrations applied: %s", applied)
