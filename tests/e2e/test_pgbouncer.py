@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from psycopg.rows import dict_row
 
 from dispatch.db import CONNECT_KWARGS
 from tests import pgbouncer
-from tests.serve import ServeProcess, serve_ports, serving
+from tests.e2e.test_startup import ports, serve
+from tests.serve import ServeProcess, serving
 
 TASKS = 240
 AGENTS = 4
@@ -66,15 +65,10 @@ def transaction_env(pooled: str, direct: str) -> dict[str, str]:
 
 def serve_fails(url: str, tmp_path: Path, env: dict[str, str]) -> str:
     """Run serve expecting it to refuse to start; its output."""
-    api, ops = serve_ports(1)
-    full = {
-        "DISPATCH_DATABASE_URL": url, "DISPATCH_PORT": str(api), "DISPATCH_METRICS_PORT": str(ops),
-        "DISPATCH_HOST": "127.0.0.1", "DISPATCH_ADMIN_TOKEN": "t", "DISPATCH_LOG_FORMAT": "text",
-        "DISPATCH_DATA_DIR": str(tmp_path / "data"), "DISPATCH_SERVER_WORKERS": "1", **env,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "dispatch", "serve"], env={**os.environ, **full},
-        capture_output=True, text=True, timeout=90,
+    done = serve(
+        "serve", timeout=90, **ports(), DISPATCH_DATABASE_URL=url, DISPATCH_HOST="127.0.0.1",
+        DISPATCH_ADMIN_TOKEN="t", DISPATCH_LOG_FORMAT="text",
+        DISPATCH_DATA_DIR=str(tmp_path / "data"), DISPATCH_SERVER_WORKERS="1", **env,
     )
     assert done.returncode != 0, done.stdout + done.stderr
     return done.stdout + done.stderr

@@ -17,7 +17,7 @@ from dispatch.events.connection import NatsConnection
 from dispatch.events.relay import MSG_ID_HEADER, STREAM, Relay
 from dispatch.events.schemas import ORIGIN_HEADER, ORIGIN_RELAY
 from dispatch.metrics import Metrics
-from dispatch.models import Cancel, NewTask
+from dispatch.models import Cancel, NewTask, Task
 from dispatch.notify import Listener
 from dispatch.store import Store
 from tests.events.conftest import eventually, unpublished
@@ -35,6 +35,18 @@ Sql = psycopg.Connection[dict[str, Any]]
 
 async def settled(sql: Sql) -> bool:
     return unpublished(sql) == 0
+
+
+async def one_created(
+    broker: Broker, pool: AsyncConnectionPool[Any], listener: Listener,
+    nats_conn: NatsConnection, metrics: Metrics, sql: Sql, title: str,
+) -> tuple[Relay, Task, dict[str, Any]]:
+    """A relay with its stream, and a task just created: the task and its one event row."""
+    relay = Relay(Broker(Store(pool)), listener, nats_conn, metrics=metrics)
+    await relay.ensure_stream()
+    task, _ = await broker.submit(NewTask(title=title), requester="req")
+    [created] = event_log(sql)
+    return relay, task, created
 
 
 async def test_an_event_id_issued_again_goes_out_under_a_new_message_id(
@@ -68,10 +80,8 @@ async def test_a_foreign_message_under_an_events_id_does_not_swallow_the_event(
     reads the stored message, sees another event, logs it and publishes the event again under a
     new id. A plain re-publish of an event (the same event, a newer task snapshot) is only
     counted."""
-    relay = Relay(Broker(Store(pool)), listener, nats_conn, metrics=metrics)
-    await relay.ensure_stream()
-    task, _ = await broker.submit(NewTask(title="squatted"), requester="req")
-    [created] = event_log(sql)
+    relay, task, created = await one_created(
+        broker, pool, listener, nats_conn, metrics, sql, "squatted")
     taken = msg_id_of(created)
     js = client.jetstream()
     squatter = await js.publish(
@@ -118,10 +128,8 @@ async def test_a_taken_fallback_id_is_checked_too_and_a_retry_adds_nothing(
     """The event's id and its first fallback are both taken: it lands under the second. Sent again
     (a relay killed before it marked), it follows the same ids and finds itself there: nothing new
     in the stream."""
-    relay = Relay(Broker(Store(pool)), listener, nats_conn, metrics=metrics)
-    await relay.ensure_stream()
-    task, _ = await broker.submit(NewTask(title="squatted twice"), requester="req")
-    [created] = event_log(sql)
+    relay, task, created = await one_created(
+        broker, pool, listener, nats_conn, metrics, sql, "squatted twice")
     taken = msg_id_of(created)
     js = client.jetstream()
     for squatted in (taken, f"{taken}+1"):
