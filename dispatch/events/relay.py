@@ -320,7 +320,8 @@ class Relay(BackgroundLoop):
             tasks = await self.broker.tasks.by_id(list({e.task_id for e in events}), conn=conn)
             acked, error = await self.publish(events, tasks)
             if acked:
-                await outbox.mark_published(acked, conn=conn)
+                since = min(e.created_at for e in events)
+                await outbox.mark_published(acked, since=since, conn=conn)
             aside = self._to_set_aside(len(acked))
             reason = f"refused by JetStream {REFUSALS_BEFORE_SET_ASIDE} times: {error}"
             if aside:

@@ -27,10 +27,18 @@ class Outbox(Queries):
         )
 
     async def mark_published(
-        self, ids: Sequence[int], *, now: datetime | None = None, conn: Conn | None = None
+        self,
+        ids: Sequence[int],
+        *,
+        since: datetime | None = None,
+        now: datetime | None = None,
+        conn: Conn | None = None,
     ) -> int:
+        """Mark the events `ids` published; `since`, when given, is a bound no older than their
+        oldest created_at (the history partitions before it are not searched)."""
         return await self._count(
-            "SELECT dispatch.event_mark_published(%s, coalesce(%s, now())) AS n",
-            (list(ids), now),
+            "SELECT dispatch.event_mark_published(%s, coalesce(%s, now()),"
+            " coalesce(%s, '-infinity')) AS n",
+            (list(ids), now, since),
             conn,
         )

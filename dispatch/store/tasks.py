@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, assert_never
 
 import msgspec
@@ -313,6 +313,31 @@ class Tasks(Queries):
 
     async def prune(self, before: datetime, limit: int = 1000, *, conn: Conn | None = None) -> int:
         return await self._count("SELECT dispatch.task_prune(%s, %s) AS n", (before, limit), conn)
+
+    async def history_prepare(
+        self, start: datetime, end: datetime, width: timedelta, *, conn: Conn | None = None
+    ) -> int:
+        """Create the history partitions missing for [start, end) (and for rows in the default
+        partition); how many were created."""
+        return await self._count(
+            "SELECT dispatch.history_prepare(%s, %s, %s) AS n", (start, end, width), conn
+        )
+
+    async def history_drop(self, before: datetime, *, conn: Conn | None = None) -> int:
+        """Drop the history partitions that end at or before `before`; how many were dropped."""
+        return await self._count("SELECT dispatch.history_drop(%s) AS n", (before,), conn)
+
+    async def history_state(self, before: datetime, *, conn: Conn | None = None) -> Row:
+        """`overdue`: partitions still there that end at or before `before`; `unplaced`: rows
+        in the default partition; `until`: the end of the last partition."""
+        rows = await self._rows(
+            "SELECT count(*) FILTER (WHERE to_at <= %s) AS overdue, max(to_at) AS until,"
+            " (SELECT count(*) FROM dispatch.task_events_default) AS unplaced"
+            " FROM dispatch.history_partitions",
+            (before,),
+            conn,
+        )
+        return rows[0]
 
     async def explain(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[Row]:
         return await self._rows("SELECT * FROM dispatch.task_explain(%s)", (task_id,), conn)

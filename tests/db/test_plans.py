@@ -48,11 +48,12 @@ SELECT 'todo', 'req-' || (i % 50), 'api', 'pending', 300, i % 11,
        CASE WHEN i % 11 < 10 THEN now() + interval '1 minute' + i * interval '1 ms' END
 FROM generate_series(1, {PENDING}) i;
 INSERT INTO dispatch.tasks (title, requester, source, status, timeout_seconds, priority,
-                            assigned_agent, slot, created_at, updated_at, available_at,
-                            assigned_at, deadline_at)
+                            assigned_agent, slot, pushed, created_at, updated_at,
+                            available_at, assigned_at, deadline_at)
 SELECT 'busy', 'req', 'api',
        CASE WHEN i % 2 = 0 THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-       300, 0, 'agent-' || (i % {AGENTS}), i / {AGENTS} + 1, now() - interval '1 minute', now(),
+       300, 0, 'agent-' || (i % {AGENTS}), i / {AGENTS} + 1, true,
+       now() - interval '1 minute', now(),
        now() - interval '1 minute', now() - interval '1 minute',
        now() + interval '1 hour' + (i * 7919 % {ACTIVE}) * interval '1 s'  -- not in heap order
 FROM generate_series(1, {ACTIVE}) i;

@@ -14,19 +14,21 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 def writes(sql: Conn, statement: str, params: tuple[object, ...] = ()) -> Counter[str]:
-    """Rows each dispatch table got (inserted or updated) from one autocommit statement."""
+    """Rows each dispatch table got (inserted or updated) from one autocommit statement; a
+    partitioned table's partitions count as the table."""
 
     def now() -> Counter[str]:
         sql.execute("SELECT pg_stat_force_next_flush()")
         rows = sql.execute(
-            "SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_user_tables"
-            " WHERE schemaname = 'dispatch'"
+            "SELECT (SELECT relname FROM pg_class WHERE oid = coalesce(pg_partition_root(relid),"
+            " relid)) AS relname, sum(n_tup_ins) AS ins, sum(n_tup_upd) AS upd"
+            " FROM pg_stat_user_tables WHERE schemaname = 'dispatch' GROUP BY 1"
         ).fetchall()
         sql.execute("SELECT pg_stat_clear_snapshot()")
         out: Counter[str] = Counter()
         for r in rows:
-            out[f"{r['relname']} insert"] = r["n_tup_ins"]
-            out[f"{r['relname']} update"] = r["n_tup_upd"]
+            out[f"{r['relname']} insert"] = r["ins"]
+            out[f"{r['relname']} update"] = r["upd"]
         return out
 
     before = now()

@@ -1,15 +1,19 @@
-"""Retention: terminal tasks older than retention.hours go, with their history; others stay."""
+"""Retention: terminal tasks older than retention.hours go; the history is partitioned by time and
+goes by whole partitions, created ahead of the clock."""
 
 from __future__ import annotations
 
+import itertools
+from datetime import timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
 from dispatch.broker import Broker
 from dispatch.engine.pruner import PRUNE_LOCK_KEY, Pruner
 from dispatch.models import Cancel, Complete, Start, TaskStatus
-from tests.factories import at, make_task
+from tests.factories import T0, at, make_task
 
 HOUR = 3600.0
 
@@ -54,3 +58,118 @@ async def test_one_replica_prunes_at_a_time(
     assert await pruner.run_once(now=at(2 * HOUR)) is None
     sql.execute("SELECT pg_advisory_unlock(%s)", (PRUNE_LOCK_KEY,))
     assert await pruner.run_once(now=at(2 * HOUR)) == 1
+
+
+def partitions(sql: psycopg.Connection[Any]) -> list[tuple[Any, Any]]:
+    rows = sql.execute(
+        "SELECT from_at, to_at FROM dispatch.history_partitions WHERE from_at IS NOT NULL"
+    ).fetchall()
+    return [(r["from_at"], r["to_at"]) for r in rows]
+
+
+def placed(sql: psycopg.Connection[Any], task_id: Any) -> list[str]:
+    rows = sql.execute(
+        "SELECT tableoid::regclass::text AS part FROM dispatch.task_events WHERE task_id = %s"
+        " ORDER BY id",
+        (task_id,),
+    ).fetchall()
+    return [r["part"] for r in rows]
+
+
+async def test_history_partitions_are_created_ahead_and_dropped_whole(
+    broker: Broker, sql: psycopg.Connection[Any]
+) -> None:
+    pruner = Pruner(broker, retention_hours=24)  # 6-hour partitions
+    assert pruner.width == timedelta(hours=6)
+    await pruner.run_once(now=at(0))
+    made = partitions(sql)
+    assert made[0] == (T0, T0 + timedelta(hours=6))
+    assert made[-1][1] >= T0 + 3 * timedelta(hours=6)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(made))  # no gaps
+
+    # The lifecycle writes into them, never into the default partition.
+    await broker.agents.upsert("a")
+    task = await make_task(broker, title="early")
+    await broker.assign(now=at(60))
+    await broker.apply(Complete(task_id=task.task_id, actor="a", result={}), now=at(120))
+    later = await make_task(broker, title="later")
+    await broker.apply(Cancel(task_id=later.task_id, actor="req", reason="x"), now=at(7 * HOUR))
+    assert placed(sql, task.task_id)[1:] == ["dispatch.task_events_p20300101_120000"] * 2
+    assert placed(sql, later.task_id)[1:] == ["dispatch.task_events_p20300101_180000"]
+
+    # A day after the first partition ended, it goes whole: the events of `early` with it, the
+    # task itself by its own retention (it finished more than 24 hours before). (The `created`
+    # events, written at the real clock, years before T0, were in the default partition: the
+    # round gives them a partition of their own and drops it too.)
+    assert await pruner.run_once(now=at(30 * HOUR + 60)) == 1
+    assert placed(sql, task.task_id) == []
+    assert sql.execute(
+        "SELECT to_regclass('dispatch.task_events_p20300101_120000') AS t"
+    ).fetchone() == {"t": None}
+    assert placed(sql, later.task_id) == ["dispatch.task_events_p20300101_180000"]
+    assert pruner.partitions_dropped == 2
+    assert partitions(sql)[0][0] == T0 + timedelta(hours=6)
+    assert pruner.health()["history"] == "ok"
+
+
+async def test_an_event_outside_every_partition_is_kept_and_then_placed(
+    broker: Broker, sql: psycopg.Connection[Any]
+) -> None:
+    pruner = Pruner(broker, retention_hours=1)  # 15-minute partitions
+    await pruner.run_once(now=at(0))
+    # Ten years later than any partition: the transition still commits, into the default one.
+    far = at(10 * 365 * 24 * HOUR)
+    task = await make_task(broker)
+    await broker.apply(Cancel(task_id=task.task_id, actor="req", reason="x"), now=far)
+    assert placed(sql, task.task_id)[-1] == "dispatch.task_events_default"
+    # The next round moves it into a partition of its own slot, and leaves the default empty.
+    await pruner.run_once(now=at(60))
+    cancelled = sql.execute(
+        "SELECT tableoid::regclass::text AS part, created_at FROM dispatch.task_events"
+        " WHERE task_id = %s AND event = 'cancelled'",
+        (task.task_id,),
+    ).fetchone()
+    assert cancelled is not None and cancelled["created_at"] == far
+    slot = far.replace(minute=far.minute - far.minute % 15, second=0, microsecond=0)
+    assert cancelled["part"] == f"dispatch.task_events_p{slot:%Y%m%d_%H%M%S}"
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.task_events_default").fetchone() == {
+        "n": 0
+    }
+
+
+async def test_a_drop_that_cannot_have_its_lock_waits_for_the_next_round(
+    broker: Broker, sql: psycopg.Connection[Any], db_url: str
+) -> None:
+    pruner = Pruner(broker, retention_hours=1)
+    await pruner.run_once(now=at(0))
+    task = await make_task(broker)
+    await broker.apply(Cancel(task_id=task.task_id, actor="req", reason="x"), now=at(60))
+    # A DBA's open transaction has read the history: the drop must not queue behind it.
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM dispatch.task_events")
+        assert await pruner.run_once(now=at(2 * HOUR)) == 1
+        assert pruner.partitions_dropped == 0
+        assert placed(sql, task.task_id)[-1] == "dispatch.task_events_p20300101_120000"
+        # Event writes go on meanwhile.
+        other = await make_task(broker)
+        await broker.apply(Cancel(task_id=other.task_id, actor="req", reason="y"), now=at(2 * HOUR))
+    await pruner.run_once(now=at(2 * HOUR))
+    assert pruner.partitions_dropped >= 1
+    assert placed(sql, task.task_id) in ([], ["dispatch.task_events_default"])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("history_prepare(now(), now() + interval '1 day', interval '10 seconds')",
+         "1 minute to 31 days wide"),
+        ("history_prepare(now(), now() + interval '10 days', interval '1 minute')",
+         "more than 1000 partitions"),
+    ],
+)
+def test_history_functions_refuse_bad_widths(
+    sql: psycopg.Connection[Any], call: str, message: str
+) -> None:
+    with pytest.raises(psycopg.Error, match=message):
+        sql.execute(f"SELECT dispatch.{call}")
+    assert partitions(sql) == []

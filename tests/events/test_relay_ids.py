@@ -57,6 +57,7 @@ async def test_an_event_id_issued_again_goes_out_under_a_new_message_id(
     gone = event_log(sql)
     # What a standby promoted behind its primary looks like: it never got these rows (nor their
     # task), and its sequence hands their ids out again.
+    sql.execute("DELETE FROM dispatch.task_events WHERE task_id = %s", (lost.task_id,))
     sql.execute("DELETE FROM dispatch.tasks WHERE task_id = %s", (lost.task_id,))
     sql.execute("SELECT setval(pg_get_serial_sequence('dispatch.task_events', 'id'), %s, false)",
                 (gone[0]["id"],))

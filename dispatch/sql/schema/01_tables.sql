@@ -104,6 +104,9 @@ CREATE TABLE dispatch.tasks (
     -- Which of its agent's slots (1 .. its limit) the task holds while assigned or running
     -- (dispatch.slots_take); kept afterwards as a record of where it ran.
     slot                  integer,
+    -- The assigner gave it (true) or the agent's own claim took it (false): a claim hands the
+    -- agent the pushed tasks it has not started, and not again those it took itself.
+    pushed                boolean NOT NULL DEFAULT false,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
     -- The token of the current (or last) assignment (0: never assigned), drawn at random by each
@@ -222,9 +225,14 @@ CREATE INDEX tasks_parent_idx ON dispatch.tasks (parent_task_id)
     WHERE parent_task_id IS NOT NULL;
 
 -- History and transactional outbox in one: written in the transaction that makes the change.
+-- Partitioned by time so that retention drops whole partitions instead of deleting rows
+-- (16_history.sql): the pruner creates them ahead and drops those past retention. A task's history
+-- is kept by time, not by task: no foreign key, so deleting a task leaves its events to their
+-- partition. Rows outside every partition land in task_events_default, never in an error, and the
+-- pruner moves them into partitions of their own.
 CREATE TABLE dispatch.task_events (
-    id           bigserial PRIMARY KEY,
-    task_id      uuid NOT NULL REFERENCES dispatch.tasks (task_id) ON DELETE CASCADE,
+    id           bigserial,
+    task_id      uuid NOT NULL,
     event        text NOT NULL,
     actor        text NOT NULL,
     payload      jsonb NOT NULL DEFAULT '{}',
@@ -232,10 +240,13 @@ CREATE TABLE dispatch.task_events (
     published_at timestamptz,
     -- Set (with published_at) when the relay gave up on the event: NATS refused it for good.
     relay_error  text,
+    PRIMARY KEY (id, created_at),
     CONSTRAINT task_events_times_range CHECK (
         least(created_at, published_at) >= '1970-01-01 00:00:00+00'
         AND greatest(created_at, published_at) < '9999-01-01 00:00:00+00')
-);
+) PARTITION BY RANGE (created_at);
+
+CREATE TABLE dispatch.task_events_default PARTITION OF dispatch.task_events DEFAULT;
 
 CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
 

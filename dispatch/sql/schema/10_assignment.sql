@@ -180,7 +180,7 @@ BEGIN
     -- this one write; its history still says assigned, then started.
     UPDATE dispatch.tasks
     SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-        assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now,
+        assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now, pushed = p_mode <> 'claim',
         lease = dispatch.lease_next(t.lease),
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping' AND NOT p_start
@@ -269,9 +269,7 @@ BEGIN
     FOR t IN
         SELECT tk.* FROM dispatch.tasks tk
         WHERE tk.assigned_agent = p_agent_id AND tk.status = 'assigned'
-          AND (SELECT e.actor FROM dispatch.task_events e
-               WHERE e.task_id = tk.task_id AND e.event = 'assigned'
-               ORDER BY e.id DESC LIMIT 1) IS DISTINCT FROM p_agent_id
+          AND tk.pushed
         ORDER BY tk.assigned_at, tk.queue_priority DESC, tk.queue_at  -- a round's: queue order
         LIMIT p_max
         FOR NO KEY UPDATE OF tk SKIP LOCKED

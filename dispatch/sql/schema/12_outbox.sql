@@ -38,12 +38,14 @@ LANGUAGE sql VOLATILE AS $$
     FOR UPDATE SKIP LOCKED
 $$;
 
-CREATE FUNCTION dispatch.event_mark_published(p_ids bigint[], p_now timestamptz DEFAULT now())
-RETURNS integer
+-- p_since (the batch's oldest created_at) spares the lookup of each id in the older partitions.
+CREATE FUNCTION dispatch.event_mark_published(
+    p_ids bigint[], p_now timestamptz DEFAULT now(), p_since timestamptz DEFAULT '-infinity'
+) RETURNS integer
 LANGUAGE sql VOLATILE AS $$
     WITH marked AS (
         UPDATE dispatch.task_events SET published_at = p_now
-        WHERE id = ANY (p_ids) AND published_at IS NULL
+        WHERE id = ANY (p_ids) AND published_at IS NULL AND created_at >= p_since
         RETURNING 1
     )
     SELECT count(*)::integer FROM marked
