@@ -73,7 +73,7 @@ bench: $(BENCH_STAMP) ## benchmark beside pgqueuer/procrastinate on both Postgre
 	done
 
 .PHONY: bench-soak
-bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim latency over BENCH_SOAK_SECONDS (default 600 s)
+bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim p99 over BENCH_SOAK_SECONDS (1800 s), retention on
 	$(BIN)/python -m bench --soak
 
 .PHONY: test-distribution

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             result.finished, result.load_after = _now(), report.load_average()
             md = report.render_soak(result)
             print(md)
-            report.write(out, None, md)
+            report.write(out, None, md, cl.build)
             print(f"wrote the soak section of {out}")
             return 0
 

@@ -39,10 +39,16 @@ class Sizes:
     scale_samples: int = field(default_factory=lambda: _int("BENCH_SCALE_SAMPLES", 1000))
     backlog_pending: int = field(default_factory=lambda: _int("BENCH_BACKLOG_PENDING", 10_000))
     backlog_samples: int = field(default_factory=lambda: _int("BENCH_BACKLOG_SAMPLES", 2000))
-    soak_seconds: float = field(default_factory=lambda: _float("BENCH_SOAK_SECONDS", 600))
+    soak_seconds: float = field(default_factory=lambda: _float("BENCH_SOAK_SECONDS", 1800))
     soak_rate: int = field(default_factory=lambda: _int("BENCH_SOAK_RATE", 200))
     soak_sample_seconds: float = field(
-        default_factory=lambda: _float("BENCH_SOAK_SAMPLE_SECONDS", 30)
+        default_factory=lambda: _float("BENCH_SOAK_SAMPLE_SECONDS", 60)
+    )
+    soak_retention_minutes: float = field(
+        default_factory=lambda: _float("BENCH_SOAK_RETENTION_MINUTES", 5)
+    )
+    soak_prune_seconds: float = field(
+        default_factory=lambda: _float("BENCH_SOAK_PRUNE_SECONDS", 10)
     )
     replicas_tasks: int = field(default_factory=lambda: _int("BENCH_REPLICAS_TASKS", 1500))
     replicas_kill_every: float = field(
@@ -71,9 +77,11 @@ ENV_HELP = """Environment variables (defaults in brackets):
   BENCH_SCALE_SMALL        terminal rows for the small scale point [10000]
   BENCH_SCALE_LARGE        terminal rows for the large scale point [1000000]
   BENCH_SCALE_SAMPLES      timed claims and assigns per scale point [1000]
-  BENCH_SOAK_SECONDS       soak duration (make bench-soak only) [600]
+  BENCH_SOAK_SECONDS       soak duration (make bench-soak only) [1800]
   BENCH_SOAK_RATE          soak lifecycle rate, tasks/s [200]
-  BENCH_SOAK_SAMPLE_SECONDS soak sampling interval [30]
+  BENCH_SOAK_SAMPLE_SECONDS soak sampling interval [60]
+  BENCH_SOAK_RETENTION_MINUTES retention of the soak's pruner [5]
+  BENCH_SOAK_PRUNE_SECONDS seconds between the soak's pruner rounds [10]
   BENCH_BACKLOG_PENDING    pending tasks behind saturated agents in the backlog phase [10000]
   BENCH_BACKLOG_SAMPLES    timed complete+claim pairs in the backlog phase [2000]
   BENCH_REPLICAS_TASKS     tasks through 3 serve replicas under kill -9 [1500]

@@ -388,34 +388,73 @@ METHOD = """\
   100 ms during it)."""
 
 
+def _soak_markers(build: str) -> tuple[str, str]:
+    return f"<!-- soak:{build}:begin -->", f"<!-- soak:{build}:end -->"
+
+
+def soak_verdict(s: SoakResult) -> str:
+    """Dead tuples and claim p99 in the steady state (after one retention period and two prune
+    rounds): the first half of those samples against the second."""
+    warm = s.retention_minutes * 60 + 2 * s.prune_seconds
+    steady = [x for x in s.samples if x.t >= warm]
+    if len(steady) < 2:
+        return "Too short for a steady state (it starts after one retention period)."
+    half = len(steady) // 2
+    first, second = steady[:half], steady[half:]
+
+    def dead(xs: list[SoakSample], name: str) -> int:
+        return max(x.tables.get(name, (0, 0))[1] for x in xs)
+
+    def p99(xs: list[SoakSample]) -> float:
+        return max(x.claim_p99 for x in xs)
+
+    return (
+        f"Steady state (t >= {warm:.0f} s, {len(steady)} samples), first half -> second half: "
+        f"task_events dead tuples at most {dead(first, 'task_events'):,} -> "
+        f"{dead(second, 'task_events'):,}; tasks dead tuples at most {dead(first, 'tasks'):,} -> "
+        f"{dead(second, 'tasks'):,}; claim p99 at most {p99(first):.2f} -> {p99(second):.2f} ms; "
+        f"history partitions {min(x.partitions for x in steady)}-"
+        f"{max(x.partitions for x in steady)}; task_events live rows "
+        f"{min(x.tables.get('task_events', (0,))[0] for x in steady):,}-"
+        f"{max(x.tables.get('task_events', (0,))[0] for x in steady):,}."
+    )
+
+
 def render_soak(s: SoakResult) -> str:
+    begin, end = _soak_markers(s.build)
     lines = [
-        SOAK_BEGIN,
-        "## Soak (`make bench-soak`)",
+        begin,
+        f"## Soak (`make bench-soak`) on the {s.build} build",
         "",
         f"Run from {s.started} to {s.finished} UTC; load average before / after: {s.load_before} / "
         f"{s.load_after}.",
         "",
         f"In-process pull lifecycle paced at {s.rate} tasks/s for {s.seconds:.0f} s, {s.agents} "
-        f"agents (claim woken by NOTIFY), autovacuum at its defaults; {s.completed} tasks "
-        "completed. Dead tuples from pg_stat_user_tables; claim latency of successful claims in "
-        "each interval.",
+        f"agents (claim woken by NOTIFY), autovacuum at its defaults, the pruner every "
+        f"{s.prune_seconds:.0f} s with a retention of {s.retention_minutes:g} minutes (history "
+        f"partitions created ahead and dropped whole); {s.completed:,} tasks completed. Dead "
+        "tuples from pg_stat_user_tables (a partitioned table's partitions summed); claim "
+        "latency of successful claims in each interval.",
+        "",
+        soak_verdict(s),
         "",
         "| t (s) | completed | tasks live / dead | task_events live / dead | agents live / dead |"
-        " autovacuums (tasks, events, agents) | claim p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|---|",
+        " autovacuums (tasks, events, agents) | history partitions | pruned tasks |"
+        " dropped partitions | claim p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     def lv(x: SoakSample, name: str) -> str:
         t = x.tables.get(name)
         return f"{t[0]:,} / {t[1]:,}" if t else "?"
 
     for x in s.samples:
-
         av = ", ".join(str(x.tables.get(n, (0, 0, 0))[2]) for n in ("tasks", "task_events",
                                                                      "agents"))
         lines.append(f"| {x.t:.0f} | {x.completed:,} | {lv(x, 'tasks')} | {lv(x, 'task_events')} | "
-                     f"{lv(x, 'agents')} | {av} | {_f(x.claim_p50, 2)} / {_f(x.claim_p99, 2)} |")
-    lines += ["", SOAK_END]
+                     f"{lv(x, 'agents')} | {av} | {x.partitions} | {x.pruned:,} | {x.dropped} | "
+                     f"{_f(x.claim_p50, 2)} / {_f(x.claim_p99, 2)} |")
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -439,18 +478,19 @@ def write(path: Path, main_md: str | None, soak_md: str | None, build: str = "em
     and the hand-written analysis (between ANALYSIS_BEGIN and ANALYSIS_END) survive a run that
     does not produce them."""
     old = path.read_text() if path.exists() else ""
-    old, old_soak = _cut(old, SOAK_BEGIN, SOAK_END)
+    old, _ = _cut(old, SOAK_BEGIN, SOAK_END)  # the single soak section of earlier reports
     old, analysis = _cut(old, ANALYSIS_BEGIN, ANALYSIS_END)
     runs: dict[str, str] = {}
+    soaks: dict[str, str] = {}
     for name in BUILDS:
         old, runs[name] = _cut(old, *_run_markers(name))
+        old, soaks[name] = _cut(old, *_soak_markers(name))
     if main_md is not None:
         begin, end = _run_markers(build)
         runs[build] = f"{begin}\n{main_md.strip()}\n{end}"
+    if soak_md is not None:
+        soaks[build] = soak_md
     head = old.strip()
-    body = (head + "\n\n" if head else "") + "\n\n".join(r.strip() for r in runs.values() if r)
-    soak = soak_md if soak_md is not None else old_soak
-    for section in (soak, analysis):
-        if section:
-            body += "\n\n" + section.strip()
+    sections = [*runs.values(), *soaks.values(), analysis]
+    body = (head + "\n\n" if head else "") + "\n\n".join(x.strip() for x in sections if x)
     path.write_text(body.strip() + "\n")

@@ -73,16 +73,31 @@ class Pruner(BackgroundLoop):
         self.pruned += total
         return total
 
-    async def _keep_history(self, now: datetime, before: datetime) -> None:
-        # Each step is its own short transaction: a drop holds the events table's exclusive lock
-        # until its transaction ends.
+    async def start(self) -> None:
+        """Prepare the history's partitions before the first request can write an event (the
+        rounds then keep them), so that a new database never starts writing into the default
+        partition."""
+        try:
+            async with self.tasks.exclusive(PRUNE_LOCK_KEY) as mine:
+                if mine:
+                    await self._prepare(datetime.now(UTC))
+        except Exception as exc:  # the rounds report it (and retry)
+            log.warning("preparing the history's partitions at start failed: %s", exc)
+        await super().start()
+
+    async def _prepare(self, now: datetime) -> None:
         async with self.tasks.maintenance(PRUNE_STATEMENT_TIMEOUT_MS) as conn:
             self.partitions_created += await self.tasks.history_prepare(
                 now, now + self.ahead, self.width, conn=conn
             )
+
+    async def _keep_history(self, now: datetime, before: datetime) -> None:
+        # Each step is its own short transaction: a drop holds the events table's exclusive lock
+        # until its transaction ends.
+        await self._prepare(now)
         async with self.tasks.transaction() as conn:
             self.partitions_dropped += await self.tasks.history_drop(before, conn=conn)
-        state = await self.tasks.history_state(before)
+        state = await self.tasks.history_state(before, self.width)
         problems = []
         if state["overdue"]:
             problems.append(

@@ -327,14 +327,19 @@ class Tasks(Queries):
         """Drop the history partitions that end at or before `before`; how many were dropped."""
         return await self._count("SELECT dispatch.history_drop(%s) AS n", (before,), conn)
 
-    async def history_state(self, before: datetime, *, conn: Conn | None = None) -> Row:
+    async def history_state(
+        self, before: datetime, width: timedelta, *, conn: Conn | None = None
+    ) -> Row:
         """`overdue`: partitions still there that end at or before `before`; `unplaced`: rows
-        in the default partition; `until`: the end of the last partition."""
+        in the default partition that should have a partition by now (those of the clock's own
+        slot wait there until it is past); `until`: the end of the last partition."""
         rows = await self._rows(
-            "SELECT count(*) FILTER (WHERE to_at <= %s) AS overdue, max(to_at) AS until,"
-            " (SELECT count(*) FROM dispatch.task_events_default) AS unplaced"
+            "SELECT count(*) FILTER (WHERE to_at <= %(before)s) AS overdue, max(to_at) AS until,"
+            " (SELECT count(*) FROM dispatch.task_events_default"
+            "  WHERE created_at < now() - %(width)s - interval '10 minutes'"
+            "     OR created_at > now() + interval '5 minutes') AS unplaced"
             " FROM dispatch.history_partitions",
-            (before,),
+            {"before": before, "width": width},
             conn,
         )
         return rows[0]

@@ -39,8 +39,11 @@ async def test_pruner_deletes_old_terminal_tasks_only(
     assert await pruner.run_once(now=at(48 * HOUR)) == 1
     left = {r["title"] for r in sql.execute("SELECT title FROM dispatch.tasks").fetchall()}
     assert left == {"old and still running", "recently cancelled", "old but pending"}
+    # Its history of the test's clock went with its partition (its `created` event, written at
+    # the real clock, is in the real clock's slot).
     gone = sql.execute(
-        "SELECT count(*) AS n FROM dispatch.task_events WHERE task_id = %s", (old_done.task_id,)
+        "SELECT count(*) AS n FROM dispatch.task_events WHERE task_id = %s AND event <> 'created'",
+        (old_done.task_id,),
     ).fetchone()
     assert gone == {"n": 0}
     assert (await broker.tasks.get(pending.task_id)).status is TaskStatus.PENDING
@@ -99,15 +102,17 @@ async def test_history_partitions_are_created_ahead_and_dropped_whole(
 
     # A day after the first partition ended, it goes whole: the events of `early` with it, the
     # task itself by its own retention (it finished more than 24 hours before). (The `created`
-    # events, written at the real clock, years before T0, were in the default partition: the
-    # round gives them a partition of their own and drops it too.)
+    # events are written at the real clock, years before T0, in a slot with no partition: they
+    # wait in the default partition while that slot is the clock's own.)
     assert await pruner.run_once(now=at(30 * HOUR + 60)) == 1
-    assert placed(sql, task.task_id) == []
+    assert placed(sql, task.task_id) == ["dispatch.task_events_default"]
     assert sql.execute(
         "SELECT to_regclass('dispatch.task_events_p20300101_120000') AS t"
     ).fetchone() == {"t": None}
-    assert placed(sql, later.task_id) == ["dispatch.task_events_p20300101_180000"]
-    assert pruner.partitions_dropped == 2
+    assert placed(sql, later.task_id) == [
+        "dispatch.task_events_default", "dispatch.task_events_p20300101_180000"
+    ]
+    assert pruner.partitions_dropped == 1
     assert partitions(sql)[0][0] == T0 + timedelta(hours=6)
     assert pruner.health()["history"] == "ok"
 
@@ -132,9 +137,30 @@ async def test_an_event_outside_every_partition_is_kept_and_then_placed(
     assert cancelled is not None and cancelled["created_at"] == far
     slot = far.replace(minute=far.minute - far.minute % 15, second=0, microsecond=0)
     assert cancelled["part"] == f"dispatch.task_events_p{slot:%Y%m%d_%H%M%S}"
-    assert sql.execute("SELECT count(*) AS n FROM dispatch.task_events_default").fetchone() == {
-        "n": 0
-    }
+    assert sql.execute(
+        "SELECT count(*) AS n FROM dispatch.task_events_default WHERE event <> 'created'"
+    ).fetchone() == {"n": 0}
+
+
+def test_the_clocks_own_slot_is_not_attached_while_events_arrive_in_the_default_partition(
+    sql: psycopg.Connection[Any],
+) -> None:
+    """Attaching a partition for rows being written into the default partition would fail those
+    writes (their partition check): the slot of the clock waits, the next ones are created."""
+    prepare = "SELECT dispatch.history_prepare(now(), now() + interval '30 minutes', '15 minutes')"
+    sql.execute("INSERT INTO dispatch.task_events (task_id, event, actor) VALUES"
+                " (gen_random_uuid(), 'created', 'dba')")
+    sql.execute(prepare)
+    now = sql.execute("SELECT now() AS t").fetchone()
+    assert now is not None
+    assert all(from_at > now["t"] for from_at, _ in partitions(sql))
+    assert len(partitions(sql)) >= 1
+    sql.execute("INSERT INTO dispatch.task_events (task_id, event, actor) VALUES"
+                " (gen_random_uuid(), 'created', 'dba')")
+    # With nothing in the default partition, the clock's slot is created too (a new database).
+    sql.execute("DELETE FROM dispatch.task_events_default")
+    sql.execute(prepare)
+    assert any(from_at <= now["t"] < to_at for from_at, to_at in partitions(sql))
 
 
 async def test_a_drop_that_cannot_have_its_lock_waits_for_the_next_round(

@@ -59,6 +59,14 @@ BEGIN
     WHERE to_at > lo AND to_at <= p_at;
     SELECT least(hi, min(from_at)) INTO hi FROM dispatch.history_partitions
     WHERE from_at > p_at AND from_at < hi;
+    -- The clock's own slot (give or take 5 minutes) takes no rows from the default partition
+    -- while more may be arriving: a write routed to the default partition just before the attach
+    -- would fail its partition check just after it. Those rows wait there until the slot is past.
+    IF lo < now() + interval '5 minutes' AND hi > now() - interval '5 minutes'
+       AND EXISTS (SELECT 1 FROM dispatch.task_events_default
+                   WHERE created_at >= lo AND created_at < hi) THEN
+        RETURN false;
+    END IF;
     name := 'task_events_p' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS');
     EXECUTE format('CREATE TABLE dispatch.%I (LIKE dispatch.task_events INCLUDING DEFAULTS'
                    ' INCLUDING CONSTRAINTS)', name);
@@ -95,7 +103,9 @@ BEGIN
     WHILE t < p_to AND NOT blocked LOOP
         BEGIN
             n := n + dispatch.history_partition_cover(t, p_width)::integer;
-            t := (SELECT to_at FROM dispatch.history_partitions WHERE from_at <= t AND to_at > t);
+            t := coalesce((SELECT to_at FROM dispatch.history_partitions
+                           WHERE from_at <= t AND to_at > t),  -- or the slot left for later:
+                          to_timestamp((floor(extract(epoch FROM t) / w) + 1) * w));
         EXCEPTION WHEN lock_not_available THEN
             blocked := true;
         END;
