@@ -77,6 +77,7 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
                         prune_seconds=sizes.soak_prune_seconds, build=cluster.build)
     pruner = Pruner(broker, retention_hours=sizes.soak_retention_minutes / 60,
                     interval_seconds=sizes.soak_prune_seconds)
+    await pruner.run_once()  # as serve does at start: partitions before the first event
     window = Latencies()
     stop_at = time.monotonic() + sizes.soak_seconds
     completed = 0
