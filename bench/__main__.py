@@ -134,14 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     build = os.environ.get("BENCH_PG", "embedded")
     with cluster(os.environ.get("BENCH_DATABASE_URL") or None, build) as cl:
         if args.soak:
-            settings = cl.settings()
-            postgres = f"PostgreSQL {settings['server_version']} (jit={settings['jit']})"
-            print(f"[{_now()}] soak on the {cl.build} build ({postgres}) for "
-                  f"{sizes.soak_seconds:.0f} s at {sizes.soak_rate}/s, the pruner every "
-                  f"{sizes.soak_prune_seconds:g} s with a retention of "
-                  f"{sizes.soak_retention_minutes:g} minutes", flush=True)
+            print(f"[{_now()}] soak for {sizes.soak_seconds:.0f} s at {sizes.soak_rate}/s",
+                  flush=True)
             holder: list[soak.SoakResult] = []
-            git = report.machine()["git"]
+
             started, load_before = _now(), report.load_average()
 
             async def go_soak() -> None:
@@ -150,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             runner(go_soak())
             result = holder[0]
             result.started, result.load_before = started, load_before
-            result.postgres, result.git = postgres, git
             result.finished, result.load_after = _now(), report.load_average()
             md = report.render_soak(result)
             print(md)

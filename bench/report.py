@@ -393,37 +393,30 @@ def _soak_markers(build: str) -> tuple[str, str]:
 
 
 def soak_verdict(s: SoakResult) -> str:
-    """The steady state in numbers: the samples after one retention period and two prune rounds.
-    Dead tuples: the most in its first half against its second half; claim p99 (of each
-    interval): its first third against its last third."""
+    """Dead tuples and claim p99 in the steady state (after one retention period and two prune
+    rounds): the first half of those samples against the second."""
     warm = s.retention_minutes * 60 + 2 * s.prune_seconds
     steady = [x for x in s.samples if x.t >= warm]
-    if len(steady) < 3:
-        return (f"Too short for a steady state: {len(steady)} samples after t = {warm:.0f} s "
-                "(one retention period and two prune rounds), 3 needed.")
-    half, third = len(steady) // 2, len(steady) // 3
+    if len(steady) < 2:
+        return "Too short for a steady state (it starts after one retention period)."
+    half = len(steady) // 2
+    first, second = steady[:half], steady[half:]
 
-    def dead(name: str) -> str:
-        first, second = (max((x.tables[name].dead for x in xs if name in x.tables), default=0)
-                         for xs in (steady[:half], steady[half:]))
-        return f"{name} {first:,} -> {second:,}"
+    def dead(xs: list[SoakSample], name: str) -> int:
+        return max(x.tables.get(name, (0, 0))[1] for x in xs)
 
-    def p99(xs: list[SoakSample]) -> str:
-        values = [x.claim_p99 for x in xs if not math.isnan(x.claim_p99)]
-        if not values:
-            return "n/a"
-        return f"median {_f(statistics.median(values), 2)} / max {_f(max(values), 2)} ms"
+    def p99(xs: list[SoakSample]) -> float:
+        return max(x.claim_p99 for x in xs)
 
-    live = [x.tables["task_events"].live for x in steady if "task_events" in x.tables]
     return (
-        f"Steady state: {len(steady)} samples from t = {warm:.0f} s. Most dead tuples, first half "
-        f"-> second half: {dead('task_events')}, {dead('tasks')}. Claim p99 of the intervals, "
-        f"first third -> last third: {p99(steady[:third])} -> {p99(steady[-third:])}. "
-        f"History partitions {min(x.partitions for x in steady)}-"
-        f"{max(x.partitions for x in steady)}, task_events live rows "
-        + (f"{min(live):,}-{max(live):,}" if live else "n/a")
-        + f"; by the end {s.samples[-1].pruned:,} tasks pruned, "
-        f"{s.samples[-1].created} history partitions created and {s.samples[-1].dropped} dropped."
+        f"Steady state (t >= {warm:.0f} s, {len(steady)} samples), first half -> second half: "
+        f"task_events dead tuples at most {dead(first, 'task_events'):,} -> "
+        f"{dead(second, 'task_events'):,}; tasks dead tuples at most {dead(first, 'tasks'):,} -> "
+        f"{dead(second, 'tasks'):,}; claim p99 at most {p99(first):.2f} -> {p99(second):.2f} ms; "
+        f"history partitions {min(x.partitions for x in steady)}-"
+        f"{max(x.partitions for x in steady)}; task_events live rows "
+        f"{min(x.tables.get('task_events', (0,))[0] for x in steady):,}-"
+        f"{max(x.tables.get('task_events', (0,))[0] for x in steady):,}."
     )
 
 
@@ -431,43 +424,36 @@ def render_soak(s: SoakResult) -> str:
     begin, end = _soak_markers(s.build)
     lines = [
         begin,
-        f"## Soak (`make bench-soak`) on the {s.build} build: {s.postgres}",
+        f"## Soak (`make bench-soak`) on the {s.build} build",
         "",
-        f"Run from {s.started} to {s.finished} UTC at git {s.git}; load average before / after: "
-        f"{s.load_before} / {s.load_after}.",
+        f"Run from {s.started} to {s.finished} UTC; load average before / after: {s.load_before} / "
+        f"{s.load_after}.",
         "",
         f"In-process pull lifecycle paced at {s.rate} tasks/s for {s.seconds:.0f} s, {s.agents} "
         f"agents (claim woken by NOTIFY), autovacuum at its defaults, the pruner every "
-        f"{s.prune_seconds:g} s with a retention of {s.retention_minutes:g} minutes (where the "
-        f"history is partitioned, its partitions are created ahead and dropped whole); "
-        f"{s.completed:,} tasks completed. Live and dead tuples and autovacuums from "
-        "pg_stat_user_tables, a partitioned table's partitions of the moment summed (a dropped "
-        "partition takes its counts along); claim latency of the successful claims of each "
-        "interval; pruned, created and dropped count from the start.",
+        f"{s.prune_seconds:.0f} s with a retention of {s.retention_minutes:g} minutes (history "
+        f"partitions created ahead and dropped whole); {s.completed:,} tasks completed. Dead "
+        "tuples from pg_stat_user_tables (a partitioned table's partitions summed); claim "
+        "latency of successful claims in each interval.",
         "",
         soak_verdict(s),
         "",
         "| t (s) | completed | tasks live / dead | task_events live / dead | agents live / dead |"
         " autovacuums (tasks, events, agents) | history partitions | pruned tasks |"
-        " partitions created / dropped | claims | claim p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " dropped partitions | claim p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def tuples(x: SoakSample, name: str) -> str:
+    def lv(x: SoakSample, name: str) -> str:
         t = x.tables.get(name)
-        return f"{t.live:,} / {t.dead:,}" if t else "?"
-
-    def autovacuums(x: SoakSample) -> str:
-        return ", ".join(str(x.tables[n].autovacuums) if n in x.tables else "?"
-                         for n in ("tasks", "task_events", "agents"))
+        return f"{t[0]:,} / {t[1]:,}" if t else "?"
 
     for x in s.samples:
-        lines.append(
-            f"| {x.t:.0f} | {x.completed:,} | {tuples(x, 'tasks')} | {tuples(x, 'task_events')} | "
-            f"{tuples(x, 'agents')} | {autovacuums(x)} | {x.partitions} | {x.pruned:,} | "
-            f"{x.created} / {x.dropped} | {x.claims:,} | "
-            f"{_f(x.claim_p50, 2)} / {_f(x.claim_p99, 2)} |"
-        )
+        av = ", ".join(str(x.tables.get(n, (0, 0, 0))[2]) for n in ("tasks", "task_events",
+                                                                     "agents"))
+        lines.append(f"| {x.t:.0f} | {x.completed:,} | {lv(x, 'tasks')} | {lv(x, 'task_events')} | "
+                     f"{lv(x, 'agents')} | {av} | {x.partitions} | {x.pruned:,} | {x.dropped} | "
+                     f"{_f(x.claim_p50, 2)} / {_f(x.claim_p99, 2)} |")
     lines += ["", end]
     return "\n".join(lines)
 

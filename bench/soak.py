@@ -1,5 +1,5 @@
 """`make bench-soak`: a paced in-process lifecycle for BENCH_SOAK_SECONDS with the pruner running
-(a short retention, so that it deletes tasks and drops history partitions during the run), sampling
+(a short retention, so that history partitions are created and dropped during the run), sampling
 dead tuples of the hot tables (a partitioned table's partitions summed) and claim latency per
 interval."""
 
@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import psycopg
 
@@ -25,38 +24,25 @@ from dispatch.store import Store
 
 _TABLE_STATS = """
 SELECT r.relname, sum(s.n_live_tup)::bigint, sum(s.n_dead_tup)::bigint,
-       sum(s.autovacuum_count)::bigint
+       sum(s.autovacuum_count)::bigint, sum(s.n_tup_hot_upd)::bigint, sum(s.n_tup_upd)::bigint
 FROM pg_stat_user_tables s
 JOIN pg_class r ON r.oid = coalesce(pg_partition_root(s.relid), s.relid)
 WHERE s.schemaname = 'dispatch' AND r.relname IN ('tasks', 'task_events', 'agents')
 GROUP BY r.relname
 """
-# The history's range partitions (the default partition aside); 0 while it is a plain table.
-_PARTITIONS = """
-SELECT count(*) FROM pg_inherits i JOIN pg_partitioned_table p ON p.partrelid = i.inhparent
-WHERE i.inhparent = 'dispatch.task_events'::regclass AND i.inhrelid <> p.partdefid
-"""
-
-
-class TableStats(NamedTuple):
-    """pg_stat_user_tables of one table, summed over its partitions of the moment."""
-
-    live: int
-    dead: int
-    autovacuums: int
+_PARTITIONS = "SELECT count(*) FROM dispatch.history_partitions WHERE from_at IS NOT NULL"
 
 
 @dataclass
 class SoakSample:
     t: float
     completed: int
-    tables: dict[str, TableStats]
+    tables: dict[str, tuple[int, int, int, int, int]]  # live, dead, autovacuums, hot, upd
     claim_p50: float
     claim_p99: float
     claims: int
     partitions: int = 0  # of the event history, then
     pruned: int = 0  # tasks deleted by retention so far
-    created: int = 0  # history partitions created so far
     dropped: int = 0  # history partitions dropped so far
 
 
@@ -74,8 +60,6 @@ class SoakResult:
     retention_minutes: float = 0.0
     prune_seconds: float = 0.0
     build: str = "embedded"
-    postgres: str = ""  # server version and JIT setting
-    git: str = ""  # the commit it ran
 
 
 async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
@@ -93,8 +77,7 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
                         prune_seconds=sizes.soak_prune_seconds, build=cluster.build)
     pruner = Pruner(broker, retention_hours=sizes.soak_retention_minutes / 60,
                     interval_seconds=sizes.soak_prune_seconds)
-    # As serve does at start: the history's partitions (where it has them) before the first event.
-    pruned = await pruner.run_once() or 0
+    await pruner.run_once()  # as serve does at start: partitions before the first event
     window = Latencies()
     stop_at = time.monotonic() + sizes.soak_seconds
     completed = 0
@@ -126,10 +109,9 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
             completed += 1
 
     async def prune() -> None:
-        nonlocal pruned
-        while stop_at - time.monotonic() > sizes.soak_prune_seconds:
-            await asyncio.sleep(sizes.soak_prune_seconds)
-            pruned += await pruner.run_once() or 0
+        while time.monotonic() < stop_at:
+            await pruner.run_once()
+            await asyncio.sleep(min(sizes.soak_prune_seconds, max(0.0, stop_at - time.monotonic())))
 
     async def sampler() -> None:
         started = time.monotonic()
@@ -139,32 +121,28 @@ async def run_soak(cluster: Cluster, sizes: Sizes) -> SoakResult:
                 await asyncio.sleep(max(0.0, min(sizes.soak_sample_seconds, remaining)))
                 await conn.execute("SELECT pg_stat_clear_snapshot()")
                 rows = await (await conn.execute(_TABLE_STATS)).fetchall()
-                partitions = await (await conn.execute(_PARTITIONS)).fetchone()
+                parts = await (await conn.execute(_PARTITIONS)).fetchone()
                 ms = window.ms
                 window.ms = []
                 sample = SoakSample(
                     t=time.monotonic() - started, completed=completed,
-                    tables={r[0]: TableStats(r[1], r[2], r[3]) for r in rows},
+                    tables={r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows},
                     claim_p50=percentile(ms, 50), claim_p99=percentile(ms, 99), claims=len(ms),
-                    partitions=partitions[0] if partitions else 0, pruned=pruned,
-                    created=getattr(pruner, "partitions_created", 0),
-                    dropped=getattr(pruner, "partitions_dropped", 0),
+                    partitions=parts[0] if parts else 0, pruned=pruner.pruned,
+                    dropped=pruner.partitions_dropped,
                 )
                 result.samples.append(sample)
-                dead = {name: t.dead for name, t in sample.tables.items()}
+                dead = {k: v[1] for k, v in sample.tables.items()}
                 print(f"  soak t={sample.t:6.0f}s completed={completed} dead={dead} "
                       f"claim p50={sample.claim_p50:.2f} ms p99={sample.claim_p99:.2f} ms "
                       f"partitions={sample.partitions} pruned={sample.pruned} "
-                      f"created={sample.created} dropped={sample.dropped}",
+                      f"dropped={sample.dropped}",
                       flush=True)
                 if time.monotonic() >= stop_at:
                     return
 
     try:
-        # A failing part (the pruner's round too) ends the soak: its numbers would not hold.
-        async with asyncio.TaskGroup() as group:
-            for part in (producer(), sampler(), prune(), *(agent(a) for a in agents)):
-                group.create_task(part)
+        await asyncio.gather(producer(), sampler(), prune(), *(agent(a) for a in agents))
     finally:
         await listener.stop()
         await pool.close()

@@ -95,29 +95,24 @@ def test_the_per_call_loop_reports_every_round() -> None:
 
 
 def test_the_soak_runs_with_retention_and_keeps_each_build(tmp_path: Path) -> None:
-    """`make bench-soak` with tiny sizes: the pruner runs beside the load (with a 3-second
-    retention it prunes tasks), the samples reach the report with a verdict in numbers (its steady
-    state starts after one retention period and two prune rounds, at t = 5 s), and the other
-    build's soak section stays."""
+    """`make bench-soak` with tiny sizes: the pruner runs beside the load (history partitions
+    created), the samples reach the report, and another build's soak section stays."""
     out = tmp_path / "BENCHMARKS.md"
-    other_build = "distribution" if BUILD == "embedded" else "embedded"
-    other = f"<!-- soak:{other_build}:begin -->\nother soak\n<!-- soak:{other_build}:end -->"
+    other = "<!-- soak:external:begin -->\nother soak\n<!-- soak:external:end -->"
     out.write_text(f"# head\n\n{other}\n")
-    full = {**os.environ, **TINY, "BENCH_OUTPUT": str(out), "BENCH_SOAK_SECONDS": "8",
-            "BENCH_SOAK_SAMPLE_SECONDS": "1", "BENCH_SOAK_RATE": "50",
-            "BENCH_SOAK_RETENTION_MINUTES": "0.05", "BENCH_SOAK_PRUNE_SECONDS": "1"}
+    full = {**os.environ, **TINY, "BENCH_OUTPUT": str(out), "BENCH_SOAK_SECONDS": "6",
+            "BENCH_SOAK_SAMPLE_SECONDS": "2", "BENCH_SOAK_RATE": "50",
+            "BENCH_SOAK_RETENTION_MINUTES": "1", "BENCH_SOAK_PRUNE_SECONDS": "1"}
     full.pop("BENCH_DATABASE_URL", None)
     proc = subprocess.run([sys.executable, "-m", "bench", "--soak"], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
-    assert report.startswith("# head") and "other soak" in report
-    assert f"## Soak (`make bench-soak`) on the {BUILD} build: PostgreSQL" in report
+    assert f"## Soak (`make bench-soak`) on the {BUILD} build" in report
+    assert "other soak" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
     samples = [r.split(" | ") for r in rows[1:]]
-    assert len(samples) >= 6, report
-    last = samples[-1]
-    assert int(last[1].replace(",", "")) > 0  # tasks completed
-    assert int(last[6]) >= 1  # history partitions the pruner created
-    assert int(last[7].replace(",", "")) > 0  # tasks pruned
-    assert "Steady state: " in report and "Claim p99 of the intervals" in report, report
+    assert len(samples) >= 2, report
+    assert int(samples[-1][1].replace(",", "")) > 0  # tasks completed
+    assert int(samples[-1][6]) >= 1  # history partitions the pruner created
+    assert "Too short for a steady state" in report  # 6 s: no steady state after a minute
