@@ -79,6 +79,18 @@ BEGIN
 END
 $$;
 
+-- history_partition_cover, or NULL when its lock was not free within the caller's lock_timeout
+-- (the attempt is rolled back whole).
+CREATE FUNCTION dispatch.history_partition_try(p_at timestamptz, p_width interval)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN dispatch.history_partition_cover(p_at, p_width);
+EXCEPTION WHEN lock_not_available THEN
+    RETURN NULL;
+END
+$$;
+
 -- Creates the partitions missing for [p_from, p_to), and one for every slot that has rows in the
 -- default partition; returns how many it created. Attaching one waits for every reader of the
 -- default partition, so each waits at most p_lock_wait and the first that cannot have its lock
@@ -92,7 +104,7 @@ DECLARE
     saved   text := current_setting('lock_timeout');
     t       timestamptz;
     n       integer := 0;
-    blocked boolean := false;
+    made    boolean := false;  -- NULL once a lock was not free: the rest waits for the next call
 BEGIN
     IF p_to - p_from > p_width * 1000 THEN
         RAISE EXCEPTION 'history_prepare would create more than 1000 partitions of %', p_width
@@ -100,26 +112,20 @@ BEGIN
     END IF;
     PERFORM set_config('lock_timeout', (extract(epoch FROM p_lock_wait) * 1000)::bigint::text, true);
     t := p_from;
-    WHILE t < p_to AND NOT blocked LOOP
-        BEGIN
-            n := n + dispatch.history_partition_cover(t, p_width)::integer;
-            t := coalesce((SELECT to_at FROM dispatch.history_partitions
-                           WHERE from_at <= t AND to_at > t),  -- or the slot left for later:
-                          to_timestamp((floor(extract(epoch FROM t) / w) + 1) * w));
-        EXCEPTION WHEN lock_not_available THEN
-            blocked := true;
-        END;
+    WHILE t < p_to AND made IS NOT NULL LOOP
+        made := dispatch.history_partition_try(t, p_width);
+        n := n + coalesce(made::integer, 0);
+        t := coalesce((SELECT to_at FROM dispatch.history_partitions
+                       WHERE from_at <= t AND to_at > t),  -- or the slot left for later:
+                      to_timestamp((floor(extract(epoch FROM t) / w) + 1) * w));
     END LOOP;
     FOR t IN
         SELECT min(created_at) FROM dispatch.task_events_default
         GROUP BY floor(extract(epoch FROM created_at) / w) ORDER BY 1
     LOOP
-        EXIT WHEN blocked;
-        BEGIN
-            n := n + dispatch.history_partition_cover(t, p_width)::integer;
-        EXCEPTION WHEN lock_not_available THEN
-            blocked := true;
-        END;
+        EXIT WHEN made IS NULL;
+        made := dispatch.history_partition_try(t, p_width);
+        n := n + coalesce(made::integer, 0);
     END LOOP;
     PERFORM set_config('lock_timeout', saved, true);
     RETURN n;
