@@ -27,6 +27,20 @@ def _one(url: str, query: str) -> object:
     return row[0]
 
 
+def _flushed_lsn(url: str) -> str:
+    """The primary's WAL position once all it has written so far is on disk. The test clusters
+    commit with synchronous_commit off, so a commit already answered may still sit in the WAL
+    buffers, past pg_current_wal_lsn(): a transaction that commits synchronously flushes the WAL
+    up to its own commit record, and with it every commit before."""
+    with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SELECT pg_current_xact_id()")
+        row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 class Pair:
     """A running primary and its streaming standby; `url` names both (libpq takes the writable
     one)."""
@@ -54,8 +68,8 @@ class Pair:
             time.sleep(0.05)
 
     def wait_caught_up(self, timeout: float = 30.0) -> None:
-        """Until the standby has replayed everything the primary has written so far."""
-        target = _one(self.primary.url, "SELECT pg_current_wal_lsn()::text")
+        """Until the standby has replayed everything the primary has committed so far."""
+        target = _flushed_lsn(self.primary.url)
         deadline = time.monotonic() + timeout
         while not _one(self.standby_url,
                        f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"):
@@ -63,8 +77,8 @@ class Pair:
             time.sleep(0.05)
 
     def behind(self) -> bool:
-        """Whether the primary has written WAL the standby has not replayed."""
-        written = _one(self.primary.url, "SELECT pg_current_wal_lsn()::text")
+        """Whether the primary has committed WAL the standby has not replayed."""
+        written = _flushed_lsn(self.primary.url)
         return not _one(self.standby_url, f"SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn")
 
     @contextlib.contextmanager
