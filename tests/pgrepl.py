@@ -28,15 +28,17 @@ def _one(url: str, query: str) -> object:
 
 
 def _flushed_lsn(url: str) -> str:
-    """The primary's WAL position once all it has written so far is on disk. The test clusters
-    commit with synchronous_commit off, so a commit already answered may still sit in the WAL
-    buffers, past pg_current_wal_lsn(): a transaction that commits synchronously flushes the WAL
-    up to its own commit record, and with it every commit before."""
+    """A WAL position past every commit the primary has answered so far, flushed there, which the
+    standby's replay reaches once it has them all. The test clusters commit with synchronous_commit
+    off, so a commit already answered may still sit in the WAL buffers (past pg_current_wal_lsn()
+    and the flush position): a transaction that writes WAL and commits synchronously flushes the
+    WAL up to its own commit record, past every commit before it. (One that only took a
+    transaction id would write no WAL of its own, and Postgres commits that one asynchronously.)"""
     with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
-            conn.execute("SELECT pg_current_xact_id()")
-        row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+            conn.execute("SELECT pg_logical_emit_message(true, 'dispatch-tests', 'flush')")
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
 
