@@ -105,9 +105,11 @@ class Broker:
     # -- requesters ------------------------------------------------------------------------------
 
     async def submit(
-        self, new: NewTask, *, requester: str, idempotency_key: str | None = None
+        self, new: NewTask, *, requester: str, idempotency_key: str | None = None,
+        viewer: str | None = None,
     ) -> tuple[Task, bool]:
-        """Create a task; returns (task, created). A repeated idempotency key returns the first."""
+        """Create a task; returns (task, created). A repeated idempotency key returns the first.
+        The tasks it depends on must be visible to `viewer` (None: any task)."""
         if requester.startswith(SCHEDULE_REQUESTER):
             # A fire's task is found by its requester and idempotency key (fire:<time>): a client
             # creating under that name could make a fire's task ahead of it.
@@ -116,7 +118,7 @@ class Broker:
                 " tasks a schedule fires); create the task under another agent id"
             )
         task, created = await self.tasks.create(
-            new, requester=requester, idempotency_key=idempotency_key
+            new, requester=requester, idempotency_key=idempotency_key, viewer=viewer
         )
         if created and self.metrics is not None:
             self.metrics.tasks_created.labels(task.source).inc()
@@ -214,10 +216,12 @@ class Broker:
         max_tasks: int = 1,
         start: bool = False,
         wait_seconds: float = 0,
+        idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> list[Task]:
         """Up to max_tasks of the best tasks this agent may take (started too with `start`),
-        waiting up to wait_seconds for the first; a long poll woken by NOTIFY."""
+        waiting up to wait_seconds for the first; a long poll woken by NOTIFY. A claim sent again
+        with its idempotency key returns what the first one took."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
@@ -229,7 +233,8 @@ class Broker:
                 if self.listener else None
             )
             tasks = await self.tasks.claim(
-                agent_id, capabilities, max_tasks=max_tasks, start=start, now=now
+                agent_id, capabilities, max_tasks=max_tasks, start=start, key=idempotency_key,
+                now=now,
             )
             remaining = deadline - loop.time()
             self._count_claimed(tasks, start)

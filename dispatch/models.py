@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -13,6 +13,7 @@ import msgspec
 class TaskStatus(enum.StrEnum):
     """Mirrors the Postgres enum dispatch.task_status one-to-one."""
 
+    BLOCKED = "blocked"
     PENDING = "pending"
     ASSIGNED = "assigned"
     RUNNING = "running"
@@ -78,6 +79,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     rate_key: str | None = None
     cost: int = 1
+    # Dependencies: how many of the tasks it depends on it still waits for (blocked while any).
+    waiting_on: int = 0
 
 
 class TaskWithNext(Task, frozen=True, kw_only=True):
@@ -85,6 +88,42 @@ class TaskWithNext(Task, frozen=True, kw_only=True):
     report left it, and what the agent claimed next (possibly none)."""
 
     next: list[Task] = msgspec.field(default_factory=list)
+
+
+OnFailure = Literal["cancel", "run"]
+
+
+class Dependency(msgspec.Struct, frozen=True, kw_only=True):
+    """An edge of a new task: the task it waits for, and what that task's end other than
+    completion does to it (cancel it, or let it run)."""
+
+    task_id: uuid.UUID
+    on_failure: OnFailure = "cancel"
+
+
+class DependencyState(msgspec.Struct, frozen=True, kw_only=True):
+    """One dependency as its dependent reads it: the edge and what the dependency gave."""
+
+    task_id: uuid.UUID
+    title: str
+    status: TaskStatus
+    on_failure: OnFailure
+    # It has let the dependent run (completed, or ended and on_failure is run).
+    satisfied: bool
+    result: object | None
+    error: str | None
+    completed_at: datetime | None
+
+
+class Dependencies(msgspec.Struct, frozen=True, kw_only=True):
+    """GET /api/v1/tasks/{id}/dependencies: what the task waits for, with their results, and the
+    tasks that wait for it."""
+
+    task_id: uuid.UUID
+    status: TaskStatus
+    waiting_on: int
+    dependencies: list[DependencyState]
+    dependents: list[uuid.UUID]
 
 
 class NewTask(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +144,7 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     rate_key: str | None = None
     cost: int = 1
+    depends_on: list[Dependency] = msgspec.field(default_factory=list)
 
 
 # A change to one task, as one value: the broker applies any of them the same way (fenced on the
@@ -182,7 +222,30 @@ class Release(msgspec.Struct, frozen=True, kw_only=True):
     lease: int | None = None
 
 
-Change = Start | Progress | Complete | Fail | Cancel | Update | Requeue | Release
+class Depend(msgspec.Struct, frozen=True, kw_only=True):
+    """A waiting task's requester (or an admin) makes it depend on another task too."""
+
+    event: ClassVar[str] = "dependency_added"
+    task_id: uuid.UUID
+    depends_on: uuid.UUID
+    actor: str
+    on_failure: OnFailure = "cancel"
+    admin: bool = False
+    # Who must be able to see the dependency (None: anyone may).
+    viewer: str | None = None
+
+
+class Undepend(msgspec.Struct, frozen=True, kw_only=True):
+    event: ClassVar[str] = "dependency_removed"
+    task_id: uuid.UUID
+    depends_on: uuid.UUID
+    actor: str
+    admin: bool = False
+
+
+Change = (
+    Start | Progress | Complete | Fail | Cancel | Update | Requeue | Release | Depend | Undepend
+)
 
 
 class NextClaim(msgspec.Struct, frozen=True, kw_only=True):

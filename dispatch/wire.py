@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from dispatch.errors import InvalidInput
-from dispatch.models import AgentStatus, Cursor, NewTask, Task, TaskStatus
+from dispatch.models import AgentStatus, Cursor, Dependency, NewTask, OnFailure, Task, TaskStatus
 
 # PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
 NO_NUL = r"^[^\x00]*$"
@@ -65,6 +65,24 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies reject unknown fields."""
 
 
+class DependencyBody(_Body):
+    """An item of depends_on given as an object: the task, and what its failure does."""
+
+    task_id: uuid.UUID
+    on_failure: OnFailure = "cancel"
+
+
+# The tasks a new task waits for: ids, or {task_id, on_failure} objects (on_failure cancel when
+# given as an id).
+DependsOn = Annotated[list[uuid.UUID | DependencyBody], msgspec.Meta(max_length=1000)]
+
+
+class DependBody(_Body):
+    """PUT /api/v1/tasks/{id}/dependencies/{dependency_id}."""
+
+    on_failure: OnFailure = "cancel"
+
+
 class TaskCreate(_Body, omit_defaults=True):
     """POST /api/v1/tasks (the client sends it without defaults). `scope` is the original
     service's single capability, `context` its name for metadata."""
@@ -86,6 +104,7 @@ class TaskCreate(_Body, omit_defaults=True):
     concurrency_key: ShortText | None = None
     rate_key: ShortText | None = None
     cost: Cost = 1
+    depends_on: DependsOn | None = None
 
 
 class TaskPatch(_Body):
@@ -329,6 +348,11 @@ def new_task(req: TaskCreate) -> NewTask:
         fields["required_capabilities"] = [req.scope] if req.scope is not None else []
     if req.metadata is None:
         fields["metadata"] = req.context or {}
+    fields["depends_on"] = [
+        Dependency(task_id=d) if isinstance(d, uuid.UUID)
+        else Dependency(task_id=d.task_id, on_failure=d.on_failure)
+        for d in req.depends_on or ()
+    ]
     # NewTask's fields are TaskCreate's, without the aliases and what a subclass adds.
     return NewTask(**{name: fields[name] for name in NewTask.__struct_fields__})
 
@@ -409,10 +433,12 @@ class SchedulePatch(_Body):
 
 def schedule_template(raw: dict[str, Any]) -> dict[str, Any]:
     """A schedule's task template as stored: a task create's fields (aliases resolved, no
-    available_at: a fire's task is available when it fires; no source: it is `schedule`).
+    available_at: a fire's task is available when it fires; no source: it is `schedule`; no
+    depends_on).
     InvalidInput names the field as template.<field>."""
     for name, why in (("available_at", "a fire's task is available at the fire"),
-                      ("source", "a fire's task has source 'schedule'")):
+                      ("source", "a fire's task has source 'schedule'"),
+                      ("depends_on", "a fire's task depends on no other task")):
         if name in raw:
             raise InvalidInput(f"template.{name} cannot be set: {why}", field=f"template.{name}")
     try:
@@ -430,4 +456,4 @@ def schedule_template(raw: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInput(f"{field}: {exc}", field=field) from None
     fields = msgspec.to_builtins(task)
     return {k: v for k, v in fields.items()
-            if k not in ("available_at", "source") and v is not None}
+            if k not in ("available_at", "source", "depends_on") and v is not None}

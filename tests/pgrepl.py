@@ -34,11 +34,11 @@ def _flushed_lsn(url: str) -> str:
     and the flush position): a transaction that writes WAL and commits synchronously flushes the
     WAL up to its own commit record, past every commit before it. (One that only took a
     transaction id would write no WAL of its own, and Postgres commits that one asynchronously.)"""
-    with psycopg.connect(url, **CONNECT_KWARGS) as conn:  # type: ignore[arg-type]
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = on")
-            conn.execute("SELECT pg_logical_emit_message(true, 'dispatch-tests', 'flush')")
-            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    with (psycopg.connect(url, **CONNECT_KWARGS) as conn,  # type: ignore[arg-type]
+          conn.transaction()):
+        conn.execute("SET LOCAL synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, 'dispatch-tests', 'flush')")
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
 

@@ -4,7 +4,7 @@ import uuid
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Response, get, patch, post
+from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
@@ -19,6 +19,8 @@ from dispatch.models import (
     Cancel,
     Change,
     Complete,
+    Depend,
+    Dependencies,
     Explanation,
     Fail,
     NextClaim,
@@ -32,6 +34,7 @@ from dispatch.models import (
     TaskEvent,
     TaskFilter,
     TaskWithNext,
+    Undepend,
     Update,
 )
 from dispatch.wire import (
@@ -39,6 +42,7 @@ from dispatch.wire import (
     NO_NUL,
     ClaimRequest,
     CompleteReport,
+    DependBody,
     FailReport,
     NextRequest,
     ProgressReport,
@@ -88,6 +92,15 @@ def parse_task_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise InvalidInput(f"task_id must be a UUID, got {raw[:64]!r}", field="task_id") from None
+
+
+def parse_dependency_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"the dependency must be a task id (a UUID), got {raw[:64]!r}", field="depends_on"
+        ) from None
 
 
 # dispatch.jsonb_merge_patch recurses once per level of nested objects; a bound keeps a hostile
@@ -172,7 +185,7 @@ class TaskController(Controller):
             if parent is None or not caller.sees(parent):
                 raise InvalidInput("parent_task_id does not exist", field="parent_task_id")
         task, created = await caller.broker.submit(
-            new, requester=caller.agent_id, idempotency_key=idempotency_key
+            new, requester=caller.agent_id, idempotency_key=idempotency_key, viewer=caller.viewer
         )
         return Response(
             task,
@@ -254,6 +267,66 @@ class TaskController(Controller):
             caller.shown(await caller.broker.tasks.get(tid))
         return await caller.broker.tasks.events(tid)
 
+    @get(
+        "/{task_id:str}/dependencies",
+        responses=ERRORS,
+        summary="What a task waits for, with their results, and the tasks waiting for it",
+        description=(
+            "Whoever may see the task (its agent too) reads the status, result and error of every"
+            " task it depends on in this one call."
+        ),
+    )
+    async def dependency_list(self, task_id: TaskIdPath, caller: CallerDep) -> Dependencies:
+        task = caller.shown(await caller.broker.tasks.get(parse_task_id(task_id)))
+        return await caller.broker.tasks.dependencies(task)
+
+    @put(
+        "/{task_id:str}/dependencies/{dependency_id:str}",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Make a waiting task depend on another (its requester or an admin)",
+        description=(
+            "The task must be pending or blocked; it is blocked until the dependency completes."
+            " A cycle is 400; a dependency that already failed, on an edge that would cancel, 409."
+        ),
+    )
+    async def depend(
+        self,
+        task_id: TaskIdPath,
+        dependency_id: Annotated[str, PathParameter(description="The task to wait for.")],
+        caller: CallerDep,
+        data: JSONBody[DependBody | None] = None,
+    ) -> Task:
+        change = Depend(
+            task_id=parse_task_id(task_id),
+            depends_on=parse_dependency_id(dependency_id),
+            actor=caller.agent_id,
+            on_failure=(data or DependBody()).on_failure,
+            admin=caller.admin,
+            viewer=caller.viewer,
+        )
+        return await caller.broker.apply(change)
+
+    @delete(
+        "/{task_id:str}/dependencies/{dependency_id:str}",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Stop a waiting task from depending on another (its requester or an admin)",
+    )
+    async def undepend(
+        self,
+        task_id: TaskIdPath,
+        dependency_id: Annotated[str, PathParameter(description="The task no longer waited for.")],
+        caller: CallerDep,
+    ) -> Task:
+        change = Undepend(
+            task_id=parse_task_id(task_id),
+            depends_on=parse_dependency_id(dependency_id),
+            actor=caller.agent_id,
+            admin=caller.admin,
+        )
+        return await caller.broker.apply(change)
+
     @patch(
         "/{task_id:str}",
         responses=ERRORS,
@@ -307,7 +380,17 @@ class TaskController(Controller):
         ),
     )
     async def claim(
-        self, caller: CallerDep, data: JSONBody[ClaimRequest | None] = None
+        self,
+        caller: CallerDep,
+        data: JSONBody[ClaimRequest | None] = None,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Idempotency-Key", min_length=1, max_length=200, pattern=NO_NUL,
+                description="Sent again with the same key, the claim answers what it took the"
+                " first time (while the agent holds it) instead of taking more.",
+            ),
+        ] = None,
     ) -> Response[Task | list[Task] | None]:
         body = data or ClaimRequest()
         tasks = await caller.broker.claim_many(
@@ -316,6 +399,7 @@ class TaskController(Controller):
             max_tasks=body.max_tasks or 1,
             start=body.start,
             wait_seconds=body.wait_seconds,
+            idempotency_key=idempotency_key,
         )
         if not tasks:
             return Response(None, status_code=HTTP_204_NO_CONTENT)

@@ -38,7 +38,7 @@ from dispatch.sdk.worker import (
     Worker,
     without_nul,
 )
-from dispatch.wire import TaskCreate
+from dispatch.wire import DependencyBody, TaskCreate
 
 DEFAULT_URL = "http://localhost:8600"
 # How much of a failed command's stderr becomes the task's error.
@@ -196,6 +196,9 @@ def task_create(args: argparse.Namespace, conn: Conn) -> int:
              if getattr(args, name, None) is not None}
     if args.metadata is not None:
         given["metadata"] = _metadata(args.metadata)
+    if args.depends_on:
+        given["depends_on"] = [
+            DependencyBody(task_id=dep, on_failure=mode) for dep, mode in args.depends_on]
     body = TaskCreate(**given)
     if args.count < 1:
         raise CliError("--count must be at least 1")
@@ -274,6 +277,37 @@ def task_requeue(args: argparse.Namespace, conn: Conn) -> int:
     return 0
 
 
+DEPENDENCY_COLUMNS = ("TASK_ID", "STATUS", "ON_FAILURE", "LETS_RUN", "TITLE", "RESULT")
+
+
+def task_deps(args: argparse.Namespace, conn: Conn) -> int:
+    """What a task waits for, with their results, and what waits for it."""
+    with conn.client() as client:
+        deps = client.dependencies(args.task_id)
+    if args.json:
+        _print_json(deps)
+        return 0
+    print(f"task {deps.task_id} is {deps.status}, waiting for {deps.waiting_on}")
+    print(table(DEPENDENCY_COLUMNS, [
+        [d.task_id, d.status, d.on_failure, "yes" if d.satisfied else "no", _short(d.title, 40),
+         _short(_cell(d.result if d.error is None else d.error), 60)]
+        for d in deps.dependencies]))
+    if deps.dependents:
+        print("dependents: " + ", ".join(str(d) for d in deps.dependents))
+    return 0
+
+
+def task_depend(args: argparse.Namespace, conn: Conn) -> int:
+    with conn.client() as client:
+        admin = conn.admin_token is not None
+        if args.remove:
+            task = client.undepend(args.task_id, args.on, admin=admin)
+        else:
+            task = client.depend(args.task_id, args.on, on_failure=args.on_failure, admin=admin)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
 def task_explain(args: argparse.Namespace, conn: Conn) -> int:
     with conn.client() as client:
         explanation = client.explain(args.task_id)
@@ -284,6 +318,8 @@ def task_explain(args: argparse.Namespace, conn: Conn) -> int:
           f" ({'owner-scoped' if explanation.owner_scoped else 'not owner-scoped'})")
     for note in explanation.notes:
         print(f"note: {note}")
+    for reason in explanation.held_back:
+        print(f"held back: {reason}")
     rows = [[c.agent_id, "yes" if c.eligible else "no", f"{c.score:.2f}",
              f"{c.active_tasks}/{c.max_concurrent}", c.status, "; ".join(c.reasons) or "-"]
             for c in explanation.candidates]
@@ -709,6 +745,14 @@ def _task_id(raw: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"not a task id (a UUID): {raw!r}") from None
 
 
+def _dependency(raw: str) -> tuple[uuid.UUID, str]:
+    """TASK_ID or TASK_ID:run (or :cancel, the default)."""
+    task_id, _, mode = raw.partition(":")
+    if mode not in ("", "cancel", "run"):
+        raise argparse.ArgumentTypeError(f"after the task id, :run or :cancel, not {mode!r}")
+    return _task_id(task_id), mode or "cancel"
+
+
 Command = Callable[[argparse.Namespace, Conn], int]
 
 
@@ -730,6 +774,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     create.add_argument("--owner")
     create.add_argument("--metadata", metavar="JSON", help="a JSON object")
     create.add_argument("--parent", type=_task_id, metavar="TASK_ID", dest="parent_task_id")
+    create.add_argument("--depends-on", type=_dependency, action="append", metavar="TASK_ID[:run]",
+                        help="wait until this task completes (repeatable); with :run, run even"
+                             " if it fails or is cancelled (else that cancels this one)")
     create.add_argument("--available-at", type=_moment, metavar="TIME",
                         help="not before this RFC 3339 time, e.g. 2030-01-01T09:00:00Z")
     create.add_argument("--source")
@@ -756,6 +803,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         one = tasks.add_parser(name, parents=[common], help=text)
         one.add_argument("task_id", type=_task_id)
         one.set_defaults(run=run)
+    deps = tasks.add_parser("deps", parents=[common],
+                            help="what a task waits for, with their results, and its dependents")
+    deps.add_argument("task_id", type=_task_id)
+    deps.set_defaults(run=task_deps)
+    depend = tasks.add_parser("depend", parents=[common],
+                              help="make a waiting task depend on another (or --remove it)")
+    depend.add_argument("task_id", type=_task_id)
+    depend.add_argument("on", type=_task_id, metavar="DEPENDENCY_ID")
+    depend.add_argument("--on-failure", choices=("cancel", "run"), default="cancel")
+    depend.add_argument("--remove", action="store_true", help="stop depending on it")
+    depend.set_defaults(run=task_depend)
     cancel = tasks.add_parser("cancel", parents=[common], help="cancel a task")
     cancel.add_argument("task_id", type=_task_id)
     cancel.add_argument("--reason")

@@ -34,6 +34,7 @@ from dispatch.errors import Conflict, DispatchError, InvalidInput, error_for_sta
 from dispatch.models import (
     Agent,
     AgentStatus,
+    Dependencies,
     Explanation,
     NextClaim,
     ReportOutcomeWithNext,
@@ -204,6 +205,13 @@ class _Requests:
         body = {"status": "cancelled", **_omit_none([("reason", reason)])}
         return self.task(task_id, method="PATCH", body=body, admin=admin)
 
+    def depend(self, task_id: TaskRef, on: TaskRef, on_failure: str, admin: bool) -> _Call:
+        return self.task(task_id, f"dependencies/{on}", method="PUT",
+                         body={"on_failure": on_failure}, admin=admin)
+
+    def undepend(self, task_id: TaskRef, on: TaskRef, admin: bool) -> _Call:
+        return self.task(task_id, f"dependencies/{on}", method="DELETE", admin=admin)
+
     def register(self, agent_id: str | None, capabilities: Sequence[str] | None,
                  owner: str | None, max_concurrent: int | None,
                  status: AgentStatus | str | None, admin: bool) -> _Call:
@@ -219,7 +227,8 @@ class _Requests:
         return self.agent(self.agent_id, "heartbeat", body=body)
 
     def claim(self, capabilities: Sequence[str] | None, wait_seconds: float,
-              max_tasks: int | None = None, start: bool = False) -> _Call:
+              max_tasks: int | None = None, start: bool = False,
+              idempotency_key: str | None = None) -> _Call:
         body: dict[str, object] = {"wait_seconds": wait_seconds}
         if capabilities is not None:
             body["capabilities"] = list(capabilities)
@@ -227,7 +236,8 @@ class _Requests:
             body["max_tasks"] = max_tasks
         if start:
             body["start"] = True
-        return _Call("POST", "/api/v1/tasks/claim", body)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return _Call("POST", "/api/v1/tasks/claim", body, headers=headers)
 
     def report(self, task_id: TaskRef, action: str, lease: int | None,
                fields: Sequence[tuple[str, object]] = ()) -> _Call:
@@ -410,6 +420,21 @@ class DispatchClient:
     def cancel(self, task_id: TaskRef, reason: str | None = None, *, admin: bool = False) -> Task:
         return _decode(self._send(self._r.cancel(task_id, reason, admin)), Task)
 
+    # dependencies: a task created with depends_on=[...] waits (blocked) until they complete
+    def dependencies(self, task_id: TaskRef) -> Dependencies:
+        """What the task waits for, with their status, result and error, and its dependents."""
+        call = self._r.task(task_id, "dependencies", method="GET")
+        return _decode(self._send(call), Dependencies)
+
+    def depend(self, task_id: TaskRef, on: TaskRef, *, on_failure: str = "cancel",
+               admin: bool = False) -> Task:
+        """Make a waiting task (pending or blocked) depend on `on` too (its requester, or an
+        admin); on_failure "run" lets it run even when `on` fails or is cancelled."""
+        return _decode(self._send(self._r.depend(task_id, on, on_failure, admin)), Task)
+
+    def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
+        return _decode(self._send(self._r.undepend(task_id, on, admin)), Task)
+
     # agents
     def register(self, *, capabilities: Sequence[str] | None = None, owner: str | None = None,
                  max_concurrent: int | None = None, status: AgentStatus | str | None = None,
@@ -425,9 +450,12 @@ class DispatchClient:
         return _claimed(self._send(self._r.claim(capabilities, wait_seconds)))
 
     def claim_many(self, max_tasks: int, *, capabilities: Sequence[str] | None = None,
-                   wait_seconds: float = 0, start: bool = False) -> builtins.list[Task]:
-        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds."""
-        call = self._r.claim(capabilities, wait_seconds, max_tasks, start)
+                   wait_seconds: float = 0, start: bool = False,
+                   idempotency_key: str | None = None) -> builtins.list[Task]:
+        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds. Sent
+        again with the same idempotency_key after its answer was lost (a dropped connection),
+        the claim answers what it took the first time."""
+        call = self._r.claim(capabilities, wait_seconds, max_tasks, start, idempotency_key)
         return _claimed_many(self._send(call))
 
     def start(self, task_id: TaskRef, *, lease: int | None = None) -> Task:
@@ -603,6 +631,17 @@ class AsyncDispatchClient:
                      admin: bool = False) -> Task:
         return _decode(await self._send(self._r.cancel(task_id, reason, admin)), Task)
 
+    async def dependencies(self, task_id: TaskRef) -> Dependencies:
+        call = self._r.task(task_id, "dependencies", method="GET")
+        return _decode(await self._send(call), Dependencies)
+
+    async def depend(self, task_id: TaskRef, on: TaskRef, *, on_failure: str = "cancel",
+                     admin: bool = False) -> Task:
+        return _decode(await self._send(self._r.depend(task_id, on, on_failure, admin)), Task)
+
+    async def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
+        return _decode(await self._send(self._r.undepend(task_id, on, admin)), Task)
+
     # agents
     async def register(self, *, capabilities: Sequence[str] | None = None,
                        owner: str | None = None, max_concurrent: int | None = None,
@@ -619,9 +658,11 @@ class AsyncDispatchClient:
         return _claimed(await self._send(self._r.claim(capabilities, wait_seconds)))
 
     async def claim_many(self, max_tasks: int, *, capabilities: Sequence[str] | None = None,
-                         wait_seconds: float = 0, start: bool = False) -> builtins.list[Task]:
-        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds."""
-        call = self._r.claim(capabilities, wait_seconds, max_tasks, start)
+                         wait_seconds: float = 0, start: bool = False,
+                         idempotency_key: str | None = None) -> builtins.list[Task]:
+        """Up to max_tasks tasks (started too with `start`), waiting up to wait_seconds; the
+        same idempotency_key again answers what the first claim took."""
+        call = self._r.claim(capabilities, wait_seconds, max_tasks, start, idempotency_key)
         return _claimed_many(await self._send(call))
 
     async def start(self, task_id: TaskRef, *, lease: int | None = None) -> Task:

@@ -413,18 +413,22 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         assert self._stopping is not None
+        key: str | None = None
         while not self._stopping.is_set():
             # Ask for at least one: while full, the server holds the claim until room frees up
-            # (its limit is ours), so a freed slot is filled without a round trip.
+            # (its limit is ours), so a freed slot is filled without a round trip. A claim whose
+            # answer was lost on the way is sent again under its key: it answers what it took.
+            key = key or uuid.uuid4().hex
             try:
                 tasks = await self._client.claim_many(
                     max(1, self._room()), capabilities=self.capabilities,
-                    wait_seconds=self.poll_seconds, start=True,
+                    wait_seconds=self.poll_seconds, start=True, idempotency_key=key,
                 )
             except (DispatchError, httpx.HTTPError) as exc:
                 log.warning("claim failed: %s", exc)
                 await self._pause(1.0)
                 continue
+            key = None
             self._launch_all(tasks)
 
     async def _adopt_loop(self) -> None:

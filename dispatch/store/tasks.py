@@ -35,7 +35,7 @@ _CREATE = sql.SQL(
 ).format(
     args=sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
-        for name in [f.name for f in _NEW_TASK_FIELDS] + ["requester", "idempotency_key"]
+        for name in [f.name for f in _NEW_TASK_FIELDS] + ["requester", "idempotency_key", "viewer"]
     )
 )
 
@@ -115,11 +115,17 @@ class Tasks(Queries):
         *,
         requester: str,
         idempotency_key: str | None = None,
+        viewer: str | None = None,
         conn: Conn | None = None,
     ) -> tuple[Task, bool]:
-        """Create a task; with a repeated idempotency key return the existing one and False."""
+        """Create a task; with a repeated idempotency key return the existing one and False. Its
+        dependencies must be visible to `viewer` (None: any task)."""
         params: dict[str, object] = msgspec.structs.asdict(new)
         params["metadata"] = Jsonb(new.metadata)
+        params["depends_on"] = (
+            Jsonb(msgspec.to_builtins(new.depends_on)) if new.depends_on else None
+        )
+        params["viewer"] = viewer
         params["requester"] = requester
         params["idempotency_key"] = idempotency_key
         row = dict((await self._rows(_CREATE, params, conn))[0])
@@ -184,16 +190,18 @@ class Tasks(Queries):
         *,
         max_tasks: int = 1,
         start: bool = False,
+        key: str | None = None,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> list[Task]:
         """Up to max_tasks of the best tasks this agent may take (started with `start`): its own
-        pushed tasks first, then new ones (Claimed.assigned counts these)."""
+        pushed tasks first, then new ones (Claimed.assigned counts these). A claim repeated with
+        its idempotency `key` returns what the first one took (its answer was lost)."""
         rows = await self._rows(
             "SELECT c.*, c.assigned_at = coalesce(%s, now()) AS fresh"
-            " FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s) c",
+            " FROM dispatch.task_claim(%s, %s, coalesce(%s, now()), %s, %s, %s) c",
             (now, agent_id, list(capabilities) if capabilities is not None else None, now,
-             max_tasks, start),
+             max_tasks, start, key),
             conn,
         )
         claimed = Claimed(convert(r, Task) for r in rows)
@@ -344,6 +352,28 @@ class Tasks(Queries):
         )
         return rows[0]
 
+    async def dependencies(
+        self, task: Task, *, conn: Conn | None = None
+    ) -> models.Dependencies:
+        """The task's dependencies, with their results, and its dependents."""
+        async with self._borrow(conn) as c:
+            deps = await self._rows(
+                "SELECT depends_on AS task_id, title, status, on_failure, satisfied, result,"
+                " error, completed_at FROM dispatch.dependencies WHERE task_id = %s"
+                " ORDER BY created_at, depends_on",
+                (task.task_id,), c,
+            )
+            dependents = await self._rows(
+                "SELECT task_id FROM dispatch.task_dependencies WHERE depends_on = %s"
+                " ORDER BY created_at, task_id",
+                (task.task_id,), c,
+            )
+        return models.Dependencies(
+            task_id=task.task_id, status=task.status, waiting_on=task.waiting_on,
+            dependencies=[convert(r, models.DependencyState) for r in deps],
+            dependents=[r["task_id"] for r in dependents],
+        )
+
     async def explain(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[Row]:
         return await self._rows("SELECT * FROM dispatch.task_explain(%s)", (task_id,), conn)
 
@@ -389,5 +419,12 @@ def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]
         case models.Release():
             return ("dispatch.task_release(%s, %s, %s, coalesce(%s, now()), %s)",
                     (change.task_id, change.agent_id, change.reason, now, change.lease))
+        case models.Depend():
+            return ("dispatch.task_depend(%s, %s, %s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.depends_on, change.actor, change.on_failure,
+                     change.admin, change.viewer, now))
+        case models.Undepend():
+            return ("dispatch.task_undepend(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.depends_on, change.actor, change.admin, now))
         case _:
             assert_never(change)

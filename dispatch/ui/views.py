@@ -168,8 +168,10 @@ class Dashboard:
             task = await reads.tasks.get(task_id)
             events = await reads.tasks.events(task_id)
             explanation = await self.broker.explain(task_id)
+            dependencies = await reads.tasks.dependencies(task)
         return {
             "task": task,
+            "deps": dependencies,
             "events": events,
             "explain": explanation,
             "terminal": task.status in TERMINAL_STATUSES,

@@ -68,6 +68,16 @@ MATRIX: dict[str, Row] = {
                 open=TASK_OK, tokens=(200, 200, 200, 200, 200, 200, 403, 401)),
     "get": Row("GET", "/tasks/{task}", None, open=TASK_OK, tokens=TASK_HIDDEN),
     "events": Row("GET", "/tasks/{task}/events", None, open=TASK_OK, tokens=TASK_HIDDEN),
+    "dependencies": Row("GET", "/tasks/{task}/dependencies", None,
+                        open=TASK_OK, tokens=TASK_HIDDEN),
+    # Only the requester or an admin edits the edges, and only while the task waits (this one is
+    # assigned: 409).
+    "depend": Row("PUT", "/tasks/{task}/dependencies/{task}", None,
+                  open=(409, 403, 403, 403, 403, 409, 403, 403),
+                  tokens=(409, 403, 403, 403, 404, 409, 403, 401)),
+    "undepend": Row("DELETE", "/tasks/{task}/dependencies/{task}", None,
+                    open=(409, 403, 403, 403, 403, 409, 403, 403),
+                    tokens=(409, 403, 403, 403, 404, 409, 403, 401)),
     "explain": Row("GET", "/tasks/{task}/explain", None,
                    open=ADMIN_ONLY_OPEN, tokens=ADMIN_ONLY_TOKENS),
     "patch metadata": Row("PATCH", "/tasks/{task}", {"metadata": {"k": 1}},

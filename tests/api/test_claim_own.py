@@ -94,3 +94,32 @@ async def test_another_agents_pushed_task_is_not_returned(
     assert holder(sql, task["task_id"]) == ("assigned", "bob")
     r = await client.post("/api/v1/tasks/claim", json={}, headers=agent("carol"))
     assert r.status_code == 204
+
+
+async def test_a_claim_sent_again_under_its_key_answers_what_it_took(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    await register(client, "bob", capabilities=[], max_concurrent=10)
+    made = [await create(client, f"t{i}") for i in range(4)]
+    key = {"Idempotency-Key": "claim-1"}
+    body = {"max_tasks": 2, "start": True}
+    r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
+    assert r.status_code == 200, r.text
+    first = [t["task_id"] for t in r.json()]
+    assert len(first) == 2
+    # The answer was lost; the same claim again: the same two tasks, running, and no more taken.
+    r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
+    assert [t["task_id"] for t in r.json()] == first
+    assert all(t["status"] == "running" for t in r.json())
+    assert sorted(holder(sql, t["task_id"])[0] for t in made) == [
+        "pending", "pending", "running", "running"]
+    # Another key is another claim.
+    r = await client.post("/api/v1/tasks/claim", json=body,
+                          headers={**BOB, "Idempotency-Key": "claim-2"})
+    assert {t["task_id"] for t in r.json()}.isdisjoint(first)
+    # Once the first claim's tasks are reported on, its key takes anew.
+    for task_id in first:
+        r = await client.post(f"/api/v1/tasks/{task_id}/complete", json={}, headers=BOB)
+        assert r.status_code == 200
+    r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
+    assert r.status_code == 204

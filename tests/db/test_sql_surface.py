@@ -10,8 +10,16 @@ import pytest
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-ALL_STATUSES = ["pending", "assigned", "running", "completed", "failed", "timed_out", "cancelled"]
+ALL_STATUSES = ["blocked", "pending", "assigned", "running", "completed", "failed", "timed_out",
+                "cancelled"]
 LEGAL = {
+    ("blocked", "pending"),
+    ("blocked", "completed"),
+    ("blocked", "cancelled"),
+    ("pending", "blocked"),
+    ("failed", "blocked"),
+    ("timed_out", "blocked"),
+    ("cancelled", "blocked"),
     ("pending", "assigned"),
     ("pending", "completed"),
     ("pending", "cancelled"),
@@ -41,6 +49,7 @@ def _task_in(sql: Conn, status: str) -> str:
     assert row is not None
     task_id = str(row["task_id"])
     path = {
+        "blocked": ["blocked"],
         "pending": [],
         "assigned": ["assigned"],
         "running": ["assigned", "running"],

@@ -218,6 +218,37 @@ async def test_task_page_timeline_and_explain_update_live(
     await page.screenshot(path=screenshot_dir / "task.png", full_page=True)
 
 
+async def test_a_blocked_task_shows_what_it_waits_for_and_runs_when_it_completes(
+    page: Page, server: ServeProcess, rest: httpx.AsyncClient, screenshot_dir: Path
+) -> None:
+    first = await create(rest, "collect the logs", "collect")
+    merged = await create(rest, "summarise the logs", "summarise",
+                          depends_on=[first["task_id"]])
+    assert merged["status"] == "blocked"
+    await sign_in(page, server)
+    await page.goto(f"{server.api}/ui/tasks/{merged['task_id']}")
+    await expect(page.locator("#task-status")).to_have_text("blocked")
+    deps = page.locator("#task-dependencies")
+    await expect(deps).to_contain_text("Depends on (1 to complete)")
+    await expect(deps.locator("li")).to_have_text(["pending collect the logs"])
+    await expect(page.locator("#task-explain .held")).to_contain_text(
+        f"waiting for 1 of its dependencies to complete: {first['task_id']} (pending)")
+    await page.screenshot(path=screenshot_dir / "task-blocked.png", full_page=True)
+    await mark_page(page)
+
+    # The dependency completes: the page follows, the task is pending and can be taken.
+    r = await rest.post(f"/api/v1/tasks/{first['task_id']}/complete",
+                        headers={"X-Agent-ID": "alice"}, json={"result": {"lines": 42}})
+    assert r.status_code == 200, r.text
+    await expect(page.locator("#task-status")).to_have_text("pending")
+    await expect(deps.locator("li")).to_have_text(["completed collect the logs"])
+    await expect(page.locator("#task-timeline li .event")).to_have_text(
+        ["created", "blocked", "unblocked"])
+    await page.click("text=collect the logs")
+    await page.wait_for_url(f"{server.api}/ui/tasks/{first['task_id']}")
+    await expect(page.locator("#task-dependencies")).to_contain_text("Waited for by")
+
+
 async def test_cancel_and_requeue_from_the_task_page(
     page: Page, server: ServeProcess, rest: httpx.AsyncClient, screenshot_dir: Path
 ) -> None:

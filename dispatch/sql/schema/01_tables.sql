@@ -12,8 +12,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT t IS NULL OR (t >= '1970-01-01 00:00:00+00' AND t < '9999-01-01 00:00:00+00')
 $$;
 
+-- blocked: waits out of the queue for the tasks it depends on (09_dependencies.sql).
 CREATE TYPE dispatch.task_status AS ENUM (
-    'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
+    'blocked', 'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
 );
 
 CREATE TYPE dispatch.agent_status AS ENUM (
@@ -107,6 +108,9 @@ CREATE TABLE dispatch.tasks (
     -- The assigner gave it (true) or the agent's own claim took it (false): a claim hands the
     -- agent the pushed tasks it has not started, and not again those it took itself.
     pushed                boolean NOT NULL DEFAULT false,
+    -- The Idempotency-Key of the claim that took it (NULL: none, or the assigner gave it): the same
+    -- claim sent again, its answer lost, returns what it took instead of taking more.
+    claim_key             text,
     previous_agents       text[] NOT NULL DEFAULT '{}',
     retry_count           integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
     -- The token of the current (or last) assignment (0: never assigned), drawn at random by each
@@ -159,6 +163,12 @@ CREATE TABLE dispatch.tasks (
     -- A pending task that its concurrency key's cap holds back is parked out of the walk
     -- (tasks_pending_order_idx) until a task of its key ends (04_parking.sql).
     parked                boolean NOT NULL DEFAULT false,
+    -- Dependencies (09_dependencies.sql): how many of the tasks it depends on have not yet let it
+    -- run (it is blocked while any has not), and whether any task depends on this one (so that
+    -- only such a task's end looks for dependents).
+    waiting_on            integer NOT NULL DEFAULT 0 CONSTRAINT tasks_waiting_on_range
+                          CHECK (waiting_on >= 0),
+    has_dependents        boolean NOT NULL DEFAULT false,
     CONSTRAINT tasks_times_range CHECK (
         least(deadline_at, wake_deadline_at, created_at, updated_at, assigned_at, started_at,
               last_progress_at, completed_at, queue_at, age_due_at) >= '1970-01-01 00:00:00+00'
@@ -223,6 +233,25 @@ CREATE UNIQUE INDEX tasks_idempotency_key_idx ON dispatch.tasks (requester, idem
 
 CREATE INDEX tasks_parent_idx ON dispatch.tasks (parent_task_id)
     WHERE parent_task_id IS NOT NULL;
+
+-- Dependencies between tasks (09_dependencies.sql): the edge task_id -> depends_on.
+CREATE TABLE dispatch.task_dependencies (
+    -- The dependent, and the task it waits for.
+    task_id    uuid NOT NULL REFERENCES dispatch.tasks (task_id) ON DELETE CASCADE,
+    depends_on uuid NOT NULL REFERENCES dispatch.tasks (task_id) ON DELETE CASCADE,
+    -- What the dependency's end other than completion does to the dependent: cancel it, or let it
+    -- run as if the dependency had completed.
+    on_failure text NOT NULL DEFAULT 'cancel'
+               CONSTRAINT task_dependencies_on_failure CHECK (on_failure IN ('cancel', 'run')),
+    -- The dependency has let the dependent run (it completed, or ended and on_failure is run).
+    satisfied  boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (task_id, depends_on),
+    CONSTRAINT task_dependencies_not_self CHECK (task_id <> depends_on)
+);
+
+-- A dependency's dependents, read when it ends.
+CREATE INDEX task_dependencies_depends_on_idx ON dispatch.task_dependencies (depends_on);
 
 -- History and transactional outbox in one: written in the transaction that makes the change.
 -- Partitioned by time so that retention drops whole partitions instead of deleting rows

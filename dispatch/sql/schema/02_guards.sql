@@ -52,14 +52,15 @@ CREATE FUNCTION dispatch.status_edge_allowed(
 ) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE old_status
-        WHEN 'pending'   THEN new_status IN ('assigned', 'completed', 'cancelled')
+        WHEN 'blocked'   THEN new_status IN ('pending', 'completed', 'cancelled')
+        WHEN 'pending'   THEN new_status IN ('assigned', 'completed', 'cancelled', 'blocked')
         WHEN 'assigned'  THEN new_status IN ('running', 'completed', 'failed', 'timed_out',
                                              'pending', 'cancelled')
         WHEN 'running'   THEN new_status IN ('completed', 'failed', 'timed_out', 'pending',
                                              'cancelled')
-        WHEN 'failed'    THEN new_status = 'pending'
-        WHEN 'timed_out' THEN new_status = 'pending'
-        WHEN 'cancelled' THEN new_status = 'pending'
+        WHEN 'failed'    THEN new_status IN ('pending', 'blocked')
+        WHEN 'timed_out' THEN new_status IN ('pending', 'blocked')
+        WHEN 'cancelled' THEN new_status IN ('pending', 'blocked')
         ELSE false
     END
 $$;
@@ -220,7 +221,8 @@ BEGIN
                 USING ERRCODE = 'UD409',
                       HINT = 'the lifecycle: pending -> assigned -> running -> completed | failed | timed_out; '
                              'pending -> completed (manual); pending | assigned | running -> cancelled; '
-                             'failed | timed_out | cancelled -> pending (requeue). '
+                             'failed | timed_out | cancelled -> pending (requeue); blocked -> pending '
+                             'when its dependencies complete (dispatch.task_depend, task_undepend). '
                              'Use the dispatch.* functions (dispatch.cancel_task, dispatch.requeue_task).';
         END IF;
         IF via_sql THEN

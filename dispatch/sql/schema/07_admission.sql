@@ -190,7 +190,7 @@ CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
--- line. With the task's tenant and effective priority, for explain.
+-- line; for a blocked task, the dependencies it waits for. With the task's tenant and effective priority, for explain.
 CREATE FUNCTION dispatch.task_hold(p_task_id uuid, p_now timestamptz DEFAULT now())
 RETURNS TABLE (tenant text, effective_priority integer, reasons text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -225,6 +225,17 @@ BEGIN
                     tenant, ahead, t.priority);
             END IF;
         END IF;
+    ELSIF t.status = 'blocked' THEN
+        -- The tasks it waits for (09_dependencies.sql), the first ten by name.
+        reasons := reasons || (
+            SELECT format('waiting for %s of its dependencies to complete: %s%s', t.waiting_on,
+                          string_agg(format('%s (%s)', d.depends_on, d.status), ', '),
+                          CASE WHEN t.waiting_on > 10 THEN ', ...' ELSE '' END)
+            FROM (SELECT dd.depends_on, tk.status
+                  FROM dispatch.task_dependencies dd
+                  JOIN dispatch.tasks tk ON tk.task_id = dd.depends_on
+                  WHERE dd.task_id = t.task_id AND NOT dd.satisfied
+                  ORDER BY dd.created_at, dd.depends_on LIMIT 10) d);
     END IF;
     RETURN NEXT;
 END

@@ -176,6 +176,9 @@ $$;
 -- Creation: the one way a task row is made, by the API, NATS and psql (dispatch.create_task).
 -- A repeated (requester, idempotency key) returns the task it made first, with created false.
 -- Unset arguments take the column defaults' values; the requester defaults to the session's actor.
+-- depends_on: the tasks it waits for (a JSON array of ids or {"task_id", "on_failure"} objects),
+-- each visible to `viewer` (NULL: no visibility check); it is created blocked while any has yet to
+-- complete.
 CREATE FUNCTION dispatch.task_create(
     title text,
     description text DEFAULT '',
@@ -194,6 +197,8 @@ CREATE FUNCTION dispatch.task_create(
     concurrency_key text DEFAULT NULL,
     rate_key text DEFAULT NULL,
     cost integer DEFAULT 1,
+    depends_on jsonb DEFAULT NULL,
+    viewer text DEFAULT NULL,
     OUT task dispatch.tasks,
     OUT created boolean
 )
@@ -218,6 +223,12 @@ BEGIN
         SELECT * INTO task FROM dispatch.tasks tk
         WHERE tk.requester = coalesce(task_create.requester, dispatch.session_actor())
           AND tk.idempotency_key = task_create.idempotency_key;
+    ELSIF task_create.depends_on IS NOT NULL AND task_create.depends_on <> '[]'::jsonb THEN
+        -- The tasks it waits for (09_dependencies.sql), visible to `viewer` (NULL: any task).
+        PERFORM dispatch.fn_enter();
+        task := dispatch.task_depend_attach(task, task_create.depends_on, task_create.viewer,
+                                            task.created_at);
+        PERFORM dispatch.fn_leave();
     END IF;
 END
 $$;
@@ -303,7 +314,7 @@ BEGIN
     manual := dispatch.task_is_resolver(t, p_actor, p_admin)
               AND p_actor IS DISTINCT FROM t.assigned_agent;
     IF manual THEN
-        PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+        PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running');
     ELSE
         PERFORM dispatch.task_fence(t, p_actor, p_lease);
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
@@ -456,7 +467,7 @@ BEGIN
         RAISE EXCEPTION '% may not cancel task % (only its requester, its owner or an admin)',
             p_actor, p_task_id USING ERRCODE = 'UD403';
     END IF;
-    PERFORM dispatch.task_require_status(t, 'pending', 'assigned', 'running');
+    PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running');
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
@@ -470,7 +481,9 @@ BEGIN
 END
 $$;
 
--- Dead-letter requeue (admin): a failed, timed-out or cancelled task starts over.
+-- Dead-letter requeue (admin): a failed, timed-out or cancelled task starts over; blocked again
+-- while it has dependencies yet to complete. One that ended without completing, on an edge that
+-- cancels, is UD409: requeue that one first.
 CREATE FUNCTION dispatch.task_requeue(
     p_task_id uuid, p_actor text, p_now timestamptz DEFAULT now()
 ) RETURNS dispatch.tasks
@@ -478,17 +491,36 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t dispatch.tasks := dispatch.task_lock(p_task_id);
     previous dispatch.task_status := t.status;
+    ended uuid;
+    waiting integer := 0;
 BEGIN
     PERFORM dispatch.task_require_status(t, 'failed', 'timed_out', 'cancelled');
+    IF t.waiting_on > 0 THEN
+        SELECT dd.depends_on INTO ended
+        FROM dispatch.task_dependencies dd JOIN dispatch.tasks tk ON tk.task_id = dd.depends_on
+        WHERE dd.task_id = p_task_id AND NOT dd.satisfied
+          AND tk.status IN ('failed', 'timed_out', 'cancelled')
+        LIMIT 1;
+        IF ended IS NOT NULL THEN
+            RAISE EXCEPTION 'task % depends on %, which ended without completing: requeue that one first',
+                p_task_id, ended USING ERRCODE = 'UD409';
+        END IF;
+        SELECT count(*) INTO waiting FROM dispatch.task_dependencies dd
+        WHERE dd.task_id = p_task_id AND NOT dd.satisfied;
+    END IF;
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
-    SET status = 'pending', retry_count = 0, assigned_agent = NULL, available_at = p_now,
+    SET status = (CASE WHEN waiting > 0 THEN 'blocked' ELSE 'pending' END)::dispatch.task_status,
+        waiting_on = waiting,
+        retry_count = 0, assigned_agent = NULL, available_at = p_now,
         deadline_at = NULL, wake_deadline_at = NULL, completed_at = NULL,
         updated_at = p_now
     WHERE task_id = p_task_id
     RETURNING * INTO t;
     PERFORM dispatch.event_write(p_task_id, 'requeued', p_actor,
-        jsonb_build_object('previous_status', previous), p_now);
+        jsonb_build_object('previous_status', previous)
+        || CASE WHEN waiting > 0 THEN jsonb_build_object('waiting_on', waiting)
+                ELSE '{}'::jsonb END, p_now);
     PERFORM pg_notify('dispatch_work', '');
     PERFORM dispatch.fn_leave();
     RETURN t;

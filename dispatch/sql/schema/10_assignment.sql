@@ -169,7 +169,7 @@ $$;
 -- Identical payloads fold, so a batch with one short timeout sends one.
 CREATE FUNCTION dispatch.task_give(
     t dispatch.tasks, a dispatch.agents, c dispatch.config, p_score real, p_mode text,
-    p_now timestamptz, p_slot integer, p_start boolean DEFAULT false
+    p_now timestamptz, p_slot integer, p_start boolean DEFAULT false, p_key text DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -181,6 +181,7 @@ BEGIN
     UPDATE dispatch.tasks
     SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
         assigned_agent = a.agent_id, slot = p_slot, assigned_at = p_now, pushed = p_mode <> 'claim',
+        claim_key = p_key,
         lease = dispatch.lease_next(t.lease),
         deadline_at = p_now + make_interval(secs => t.timeout_seconds),
         wake_deadline_at = CASE WHEN a.status = 'sleeping' AND NOT p_start
@@ -218,10 +219,13 @@ $$;
 -- is refused: a claim is not a registration). p_capabilities, when given, narrows what the agent
 -- takes now to those of its registered capabilities; it never widens them. Flow control: tasks
 -- whose concurrency key or rate key holds them back are passed over, and flow_grant decides on
--- the tasks taken, under its locks.
+-- the tasks taken, under its locks. p_key (the request's Idempotency-Key): a claim sent again
+-- with the same key, its first answer lost on the way (a dropped connection, a replica killed),
+-- returns the tasks the first one took that the agent still holds, and takes nothing more; the
+-- first one's tasks would otherwise wait for their timeout, the agent never having heard of them.
 CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
-    p_max integer DEFAULT 1, p_start boolean DEFAULT false
+    p_max integer DEFAULT 1, p_start boolean DEFAULT false, p_key text DEFAULT NULL
 ) RETURNS SETOF dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -262,6 +266,20 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'agent % is not registered: register it first (PUT /api/v1/agents/%, or dispatch.agent_upsert)',
             p_agent_id, p_agent_id USING ERRCODE = 'UD404';
+    END IF;
+    IF p_key IS NOT NULL THEN
+        FOR t IN
+            SELECT tk.* FROM dispatch.tasks tk
+            WHERE tk.assigned_agent = p_agent_id AND tk.status IN ('assigned', 'running')
+              AND tk.claim_key = p_key
+            ORDER BY tk.assigned_at, tk.queue_priority DESC, tk.queue_at
+        LOOP
+            own := own + 1;
+            RETURN NEXT t;
+        END LOOP;
+        IF own > 0 THEN
+            RETURN;
+        END IF;
     END IF;
     -- Its own tasks first: those the assigner gave it that it has not started, oldest first
     -- (not those a claim already handed it: it has them). They hold their slots already, so an
@@ -368,7 +386,7 @@ BEGIN
         PERFORM dispatch.fn_enter();
         given := given + 1;
         t := dispatch.task_give(taken[i], a, c, dispatch.task_score(a, taken[i]), 'claim', p_now,
-                                slots[given], p_start);
+                                slots[given], p_start, p_key);
         PERFORM dispatch.fn_leave();
         RETURN NEXT t;
     END LOOP;
