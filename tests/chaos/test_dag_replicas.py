@@ -5,8 +5,8 @@ The plan: a root; 499 tasks that each depend on the root; 499 that each depend o
 of those; a last task that depends on all 499 of the second layer. Agents claim (and start) over
 REST from whichever replica answers and complete what they hold; a request the kill cut off is
 retried on another replica (a claim under its Idempotency-Key, so that it answers what it took
-rather than leaving that to time out). What must hold: every task completes, each was assigned exactly once,
-and none started before the last of its dependencies had completed."""
+rather than leaving that to time out). What must hold: every task completes, each was assigned
+exactly once, and none started before the last of its dependencies had completed."""
 
 from __future__ import annotations
 
