@@ -17,6 +17,7 @@ class TaskStatus(enum.StrEnum):
     PENDING = "pending"
     ASSIGNED = "assigned"
     RUNNING = "running"
+    REVIEW = "review"
     COMPLETED = "completed"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -37,6 +38,9 @@ class AgentStatus(enum.StrEnum):
     DEGRADED = "degraded"
     STOPPED = "stopped"
     UNKNOWN = "unknown"
+
+
+Approval = Literal["before_start", "review", "both"]
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,8 +83,15 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     rate_key: str | None = None
     cost: int = 1
-    # Dependencies: how many of the tasks it depends on it still waits for (blocked while any).
+    # How many things it still waits for before it may run (blocked while any): the tasks it
+    # depends on that have not completed, and its approval.
     waiting_on: int = 0
+    # Gates: before_start (approved before it runs), review (its result accepted before it
+    # completes), both; who approved it and when; a reviewer's feedback for the next attempt.
+    approval: Approval | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    feedback: str | None = None
 
 
 class TaskWithNext(Task, frozen=True, kw_only=True):
@@ -145,6 +156,7 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     rate_key: str | None = None
     cost: int = 1
     depends_on: list[Dependency] = msgspec.field(default_factory=list)
+    approval: Approval | None = None
 
 
 # A change to one task, as one value: the broker applies any of them the same way (fenced on the
@@ -243,8 +255,47 @@ class Undepend(msgspec.Struct, frozen=True, kw_only=True):
     admin: bool = False
 
 
+class Approve(msgspec.Struct, frozen=True, kw_only=True):
+    """A task waiting for approval may run (its requester, its owner or an admin)."""
+
+    event: ClassVar[str] = "approved"
+    task_id: uuid.UUID
+    actor: str
+    admin: bool = False
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True):
+    """A task waiting for approval is cancelled, with the reason."""
+
+    event: ClassVar[str] = "rejected"
+    task_id: uuid.UUID
+    actor: str
+    reason: str | None = None
+    admin: bool = False
+
+
+class Accept(msgspec.Struct, frozen=True, kw_only=True):
+    """The result in review stands: the task completes."""
+
+    event: ClassVar[str] = "accepted"
+    task_id: uuid.UUID
+    actor: str
+    admin: bool = False
+
+
+class RequestChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """The result in review does not stand: another attempt, with the feedback on the task."""
+
+    event: ClassVar[str] = "changes_requested"
+    task_id: uuid.UUID
+    actor: str
+    feedback: str
+    admin: bool = False
+
+
 Change = (
     Start | Progress | Complete | Fail | Cancel | Update | Requeue | Release | Depend | Undepend
+    | Approve | Reject | Accept | RequestChanges
 )
 
 

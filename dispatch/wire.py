@@ -18,7 +18,16 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from dispatch.errors import InvalidInput
-from dispatch.models import AgentStatus, Cursor, Dependency, NewTask, OnFailure, Task, TaskStatus
+from dispatch.models import (
+    AgentStatus,
+    Approval,
+    Cursor,
+    Dependency,
+    NewTask,
+    OnFailure,
+    Task,
+    TaskStatus,
+)
 
 # PostgreSQL text cannot hold NUL; rejecting it here keeps it a 400 instead of a driver error.
 NO_NUL = r"^[^\x00]*$"
@@ -77,6 +86,18 @@ class DependencyBody(_Body):
 DependsOn = Annotated[list[uuid.UUID | DependencyBody], msgspec.Meta(max_length=1000)]
 
 
+class DecisionBody(_Body):
+    """POST /api/v1/tasks/{id}/approve, /reject, /accept: the reason (reject's, recorded)."""
+
+    reason: LongText | None = None
+
+
+class ChangesBody(_Body):
+    """POST /api/v1/tasks/{id}/request-changes: what to change, for the next attempt."""
+
+    feedback: Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=NO_NUL)]
+
+
 class DependBody(_Body):
     """PUT /api/v1/tasks/{id}/dependencies/{dependency_id}."""
 
@@ -105,6 +126,7 @@ class TaskCreate(_Body, omit_defaults=True):
     rate_key: ShortText | None = None
     cost: Cost = 1
     depends_on: DependsOn | None = None
+    approval: Approval | None = None
 
 
 class TaskPatch(_Body):

@@ -16,6 +16,8 @@ from dispatch.api.deps import Caller, CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
 from dispatch.errors import Forbidden, InvalidInput, NotFound
 from dispatch.models import (
+    Accept,
+    Approve,
     Cancel,
     Change,
     Complete,
@@ -25,9 +27,11 @@ from dispatch.models import (
     Fail,
     NextClaim,
     Progress,
+    Reject,
     Release,
     ReportOutcome,
     ReportOutcomeWithNext,
+    RequestChanges,
     Requeue,
     Start,
     Task,
@@ -40,8 +44,10 @@ from dispatch.models import (
 from dispatch.wire import (
     MAX_REPORTS,
     NO_NUL,
+    ChangesBody,
     ClaimRequest,
     CompleteReport,
+    DecisionBody,
     DependBody,
     FailReport,
     NextRequest,
@@ -326,6 +332,62 @@ class TaskController(Controller):
             admin=caller.admin,
         )
         return await caller.broker.apply(change)
+
+    @post(
+        "/{task_id:str}/approve",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Let a task that waits for approval run (its requester, its owner or an admin)",
+    )
+    async def approve(
+        self, task_id: TaskIdPath, caller: CallerDep, data: JSONBody[DecisionBody | None] = None
+    ) -> Task:
+        return await caller.broker.apply(
+            Approve(task_id=parse_task_id(task_id), actor=caller.agent_id, admin=caller.admin)
+        )
+
+    @post(
+        "/{task_id:str}/reject",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Cancel a task that waits for approval, with the reason",
+    )
+    async def reject(
+        self, task_id: TaskIdPath, caller: CallerDep, data: JSONBody[DecisionBody | None] = None
+    ) -> Task:
+        return await caller.broker.apply(
+            Reject(task_id=parse_task_id(task_id), actor=caller.agent_id,
+                   reason=(data or DecisionBody()).reason, admin=caller.admin)
+        )
+
+    @post(
+        "/{task_id:str}/accept",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Accept the result of a task in review: it completes",
+    )
+    async def accept(
+        self, task_id: TaskIdPath, caller: CallerDep, data: JSONBody[DecisionBody | None] = None
+    ) -> Task:
+        return await caller.broker.apply(
+            Accept(task_id=parse_task_id(task_id), actor=caller.agent_id, admin=caller.admin)
+        )
+
+    @post(
+        "/{task_id:str}/request-changes",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Send a task in review back for another attempt, with what to change",
+        description="The feedback is on the task (`feedback`) for the next attempt, which counts"
+        " as an attempt: with no retries left the task fails.",
+    )
+    async def request_changes(
+        self, task_id: TaskIdPath, caller: CallerDep, data: JSONBody[ChangesBody]
+    ) -> Task:
+        return await caller.broker.apply(
+            RequestChanges(task_id=parse_task_id(task_id), actor=caller.agent_id,
+                           feedback=data.feedback, admin=caller.admin)
+        )
 
     @patch(
         "/{task_id:str}",

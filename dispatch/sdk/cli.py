@@ -308,6 +308,16 @@ def task_depend(args: argparse.Namespace, conn: Conn) -> int:
     return 0
 
 
+def task_decide(args: argparse.Namespace, conn: Conn) -> int:
+    """approve / reject / accept / request-changes."""
+    with conn.client() as client:
+        task = client.decide(args.task_id, args.decision, reason=getattr(args, "reason", None),
+                             feedback=getattr(args, "feedback", None),
+                             admin=conn.admin_token is not None)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
 def task_explain(args: argparse.Namespace, conn: Conn) -> int:
     with conn.client() as client:
         explanation = client.explain(args.task_id)
@@ -508,7 +518,8 @@ def top_frame(conn: Conn, client: DispatchClient, previous: _Sample | None,
         rate = (f"{(sample.completed - previous.completed) / dt:.1f} completed/s, "
                 f"{(sample.failed - previous.failed) / dt:.1f} failed/s")
     q = stats.queue
-    order = ("pending", "assigned", "running", "completed", "failed", "timed_out", "cancelled")
+    order = ("blocked", "pending", "assigned", "running", "review", "completed", "failed",
+             "timed_out", "cancelled")
     lines = [
         f"dispatch top  {conn.url}  {datetime.now(UTC):%H:%M:%S} UTC  (Ctrl-C quits)",
         "",
@@ -774,6 +785,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     create.add_argument("--owner")
     create.add_argument("--metadata", metavar="JSON", help="a JSON object")
     create.add_argument("--parent", type=_task_id, metavar="TASK_ID", dest="parent_task_id")
+    create.add_argument("--approval", choices=("before_start", "review", "both"),
+                        help="before_start: wait for approve; review: its result waits for"
+                             " accept (or request-changes); both")
     create.add_argument("--depends-on", type=_dependency, action="append", metavar="TASK_ID[:run]",
                         help="wait until this task completes (repeatable); with :run, run even"
                              " if it fails or is cancelled (else that cancels this one)")
@@ -814,6 +828,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     depend.add_argument("--on-failure", choices=("cancel", "run"), default="cancel")
     depend.add_argument("--remove", action="store_true", help="stop depending on it")
     depend.set_defaults(run=task_depend)
+    for decision, text in (("approve", "let a task waiting for approval run"),
+                           ("reject", "cancel a task waiting for approval"),
+                           ("accept", "accept the result of a task in review"),
+                           ("request-changes", "send a task in review back, with feedback")):
+        decide = tasks.add_parser(decision, parents=[common], help=text)
+        decide.add_argument("task_id", type=_task_id)
+        if decision == "reject":
+            decide.add_argument("--reason")
+        if decision == "request-changes":
+            decide.add_argument("--feedback", required=True, help="what to change")
+        decide.set_defaults(run=task_decide, decision=decision)
     cancel = tasks.add_parser("cancel", parents=[common], help="cancel a task")
     cancel.add_argument("task_id", type=_task_id)
     cancel.add_argument("--reason")

@@ -59,6 +59,10 @@ class ApiError(DispatchError):
         self.status = status
 
 
+# A person's decisions on a gated task (POST /api/v1/tasks/{id}/<decision>).
+DECISIONS = ("approve", "reject", "accept", "request-changes")
+
+
 class Page(msgspec.Struct, frozen=True, kw_only=True):
     """One page of GET /api/v1/tasks; `next_cursor` is None on the last page."""
 
@@ -211,6 +215,13 @@ class _Requests:
 
     def undepend(self, task_id: TaskRef, on: TaskRef, admin: bool) -> _Call:
         return self.task(task_id, f"dependencies/{on}", method="DELETE", admin=admin)
+
+    def decide(self, task_id: TaskRef, decision: str, reason: str | None,
+               feedback: str | None, admin: bool) -> _Call:
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+        body = _omit_none([("reason", reason), ("feedback", feedback)])
+        return self.task(task_id, decision, body=body, admin=admin)
 
     def register(self, agent_id: str | None, capabilities: Sequence[str] | None,
                  owner: str | None, max_concurrent: int | None,
@@ -435,6 +446,14 @@ class DispatchClient:
     def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
         return _decode(self._send(self._r.undepend(task_id, on, admin)), Task)
 
+    # gates: a task created with approval="before_start" | "review" | "both"
+    def decide(self, task_id: TaskRef, decision: str, *, reason: str | None = None,
+               feedback: str | None = None, admin: bool = False) -> Task:
+        """approve or reject (with a reason) a task waiting for approval; accept or
+        request-changes (with feedback) a task in review. Its requester, its owner or an admin."""
+        return _decode(self._send(self._r.decide(task_id, decision, reason, feedback, admin)),
+                       Task)
+
     # agents
     def register(self, *, capabilities: Sequence[str] | None = None, owner: str | None = None,
                  max_concurrent: int | None = None, status: AgentStatus | str | None = None,
@@ -641,6 +660,11 @@ class AsyncDispatchClient:
 
     async def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
         return _decode(await self._send(self._r.undepend(task_id, on, admin)), Task)
+
+    async def decide(self, task_id: TaskRef, decision: str, *, reason: str | None = None,
+                     feedback: str | None = None, admin: bool = False) -> Task:
+        call = self._r.decide(task_id, decision, reason, feedback, admin)
+        return _decode(await self._send(call), Task)
 
     # agents
     async def register(self, *, capabilities: Sequence[str] | None = None,

@@ -423,6 +423,18 @@ def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]
             return ("dispatch.task_depend(%s, %s, %s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.depends_on, change.actor, change.on_failure,
                      change.admin, change.viewer, now))
+        case models.Approve():
+            return ("dispatch.task_approve(%s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.admin, now))
+        case models.Reject():
+            return ("dispatch.task_reject(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.reason, change.admin, now))
+        case models.Accept():
+            return ("dispatch.task_accept(%s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.admin, now))
+        case models.RequestChanges():
+            return ("dispatch.task_request_changes(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, change.feedback, change.admin, now))
         case models.Undepend():
             return ("dispatch.task_undepend(%s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.depends_on, change.actor, change.admin, now))

@@ -25,7 +25,19 @@ from litestar.response.sse import ServerSentEventMessage
 from dispatch.broker import Broker
 from dispatch.errors import DispatchError, InvalidInput, NotFound
 from dispatch.metrics import Metrics
-from dispatch.models import TERMINAL_STATUSES, Cancel, Requeue, Task, TaskFilter, TaskStatus
+from dispatch.models import (
+    TERMINAL_STATUSES,
+    Accept,
+    Approve,
+    Cancel,
+    Change,
+    Reject,
+    RequestChanges,
+    Requeue,
+    Task,
+    TaskFilter,
+    TaskStatus,
+)
 from dispatch.notify import Listener
 from dispatch.settings import UiSettings
 from dispatch.ui import charts
@@ -387,6 +399,35 @@ async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirec
     return Redirect(f"/ui/tasks/{tid}", status_code=303)
 
 
+@post("/tasks/{task_id:str}/decide", include_in_schema=False)
+async def decide(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
+    """A gate's decision: approve, reject (with a reason), accept, request changes (with the
+    feedback for the next attempt); the same broker calls as the API's."""
+    tid = _task_id(task_id)
+    form = await request.form()
+    decision, text = form.get("decision"), form.get("text")
+    text = text.strip() if isinstance(text, str) and text.strip() else None
+    if text is not None and (len(text) > 65536 or "\x00" in text):
+        raise InvalidInput("the text must be at most 64 KiB, without NUL", field="text")
+    change: Change
+    match decision:
+        case "approve":
+            change = Approve(task_id=tid, actor=UI_ACTOR, admin=True)
+        case "reject":
+            change = Reject(task_id=tid, actor=UI_ACTOR, reason=text, admin=True)
+        case "accept":
+            change = Accept(task_id=tid, actor=UI_ACTOR, admin=True)
+        case "request-changes":
+            if text is None:
+                raise InvalidInput("say what to change", field="text")
+            change = RequestChanges(task_id=tid, actor=UI_ACTOR, feedback=text, admin=True)
+        case _:
+            raise InvalidInput("decision: approve, reject, accept or request-changes",
+                               field="decision")
+    await _ui(request).broker.apply(change)
+    return Redirect(f"/ui/tasks/{tid}", status_code=303)
+
+
 async def _form_agent_id(request: Request[Any, Any, Any]) -> str:
     # The agent id travels in the form, not the path: an id may contain "/".
     agent_id = (await request.form()).get("agent_id")
@@ -558,7 +599,7 @@ def create_ui(
     router = Router(
         path="/ui",
         route_handlers=[login_form, login, logout, overview, agents, tasks, task_page, cancel,
-                        requeue, drain, undrain, delete_agent, schedules, schedule_page,
+                        requeue, decide, drain, undrain, delete_agent, schedules, schedule_page,
                         schedule_action, static, events],
         before_request=require_session,
         exception_handlers={

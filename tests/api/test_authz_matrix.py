@@ -75,6 +75,12 @@ MATRIX: dict[str, Row] = {
     "depend": Row("PUT", "/tasks/{task}/dependencies/{task}", None,
                   open=(409, 403, 403, 403, 403, 409, 403, 403),
                   tokens=(409, 403, 403, 403, 404, 409, 403, 401)),
+    # A gate's decisions: the requester, the owner or an admin (this task has no gate: 409).
+    **{name: Row("POST", f"/tasks/{{task}}/{name}", body,
+                 open=(409, 409, 403, 403, 403, 409, 403, 403),
+                 tokens=(409, 409, 403, 403, 404, 409, 403, 401))
+       for name, body in (("approve", None), ("reject", {"reason": "no"}), ("accept", None),
+                          ("request-changes", {"feedback": "more"}))},
     "undepend": Row("DELETE", "/tasks/{task}/dependencies/{task}", None,
                     open=(409, 403, 403, 403, 403, 409, 403, 403),
                     tokens=(409, 403, 403, 403, 404, 409, 403, 401)),

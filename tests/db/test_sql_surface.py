@@ -10,8 +10,8 @@ import pytest
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-ALL_STATUSES = ["blocked", "pending", "assigned", "running", "completed", "failed", "timed_out",
-                "cancelled"]
+ALL_STATUSES = ["blocked", "pending", "assigned", "running", "review", "completed", "failed",
+                "timed_out", "cancelled"]
 LEGAL = {
     ("blocked", "pending"),
     ("blocked", "completed"),
@@ -20,6 +20,12 @@ LEGAL = {
     ("failed", "blocked"),
     ("timed_out", "blocked"),
     ("cancelled", "blocked"),
+    ("assigned", "review"),
+    ("running", "review"),
+    ("review", "completed"),
+    ("review", "pending"),
+    ("review", "failed"),
+    ("review", "cancelled"),
     ("pending", "assigned"),
     ("pending", "completed"),
     ("pending", "cancelled"),
@@ -53,6 +59,7 @@ def _task_in(sql: Conn, status: str) -> str:
         "pending": [],
         "assigned": ["assigned"],
         "running": ["assigned", "running"],
+        "review": ["assigned", "running", "review"],
         "completed": ["assigned", "running", "completed"],
         "failed": ["assigned", "failed"],
         "timed_out": ["assigned", "timed_out"],

@@ -249,6 +249,45 @@ async def test_a_blocked_task_shows_what_it_waits_for_and_runs_when_it_completes
     await expect(page.locator("#task-dependencies")).to_contain_text("Waited for by")
 
 
+async def test_approve_and_review_from_the_task_page(
+    page: Page, server: ServeProcess, rest: httpx.AsyncClient, screenshot_dir: Path
+) -> None:
+    await register(rest, "writer", ["write"])
+    task = await create(rest, "write the announcement", "write", approval="both")
+    tid = task["task_id"]
+    await sign_in(page, server)
+    await page.goto(f"{server.api}/ui/tasks/{tid}")
+    await expect(page.locator("#task-status")).to_have_text("blocked")
+    await expect(page.locator("#task-explain .held")).to_contain_text("waiting for approval")
+    await page.click("#approve")
+    # Approved: the assigner gives it to the writer, who completes it; the result waits.
+    await expect(page.locator("#task-status")).to_have_text("assigned")
+    await expect(page.locator("#task-gate")).to_contain_text("approved by admin")
+    writer = {"X-Agent-ID": "writer"}
+    assert (await rest.post(f"/api/v1/tasks/{tid}/start", headers=writer)).status_code == 200
+    r = await rest.post(f"/api/v1/tasks/{tid}/complete", headers=writer,
+                        json={"result": {"text": "We are live."}})
+    assert r.json()["status"] == "review"
+    await expect(page.locator("#task-status")).to_have_text("review")
+    await expect(page.locator("#task-result")).to_contain_text("We are live.")
+    await page.screenshot(path=screenshot_dir / "task-review.png", full_page=True)
+    await page.fill("#feedback", "say when, too")
+    await page.click("#request-changes")
+    await expect(page.locator("#task-feedback")).to_have_text("say when, too")
+    assert (await get_task(rest, tid))["retry_count"] == 1
+    # The writer's next attempt is accepted from the page.
+    async def given_again() -> bool:
+        return (await get_task(rest, tid))["status"] == "assigned"
+    await until(given_again, "the second attempt assigned")
+    assert (await rest.post(f"/api/v1/tasks/{tid}/start", headers=writer)).status_code == 200
+    await rest.post(f"/api/v1/tasks/{tid}/complete", headers=writer,
+                    json={"result": {"text": "We are live today at noon."}})
+    await expect(page.locator("#task-status")).to_have_text("review")
+    await page.click("#accept")
+    await expect(page.locator("#task-status")).to_have_text("completed")
+    assert (await get_task(rest, tid))["result"] == {"text": "We are live today at noon."}
+
+
 async def test_cancel_and_requeue_from_the_task_page(
     page: Page, server: ServeProcess, rest: httpx.AsyncClient, screenshot_dir: Path
 ) -> None:

@@ -24,6 +24,7 @@ PAGES = ["/ui", "/ui/", "/ui/agents", "/ui/tasks", "/ui/tasks?status=pending",
 OTHERS = ["/ui/static/dispatch.css", "/ui/static/dispatch.js", "/ui/events?topic=overview",
           f"/ui/events?topic=task:{uuid.uuid4()}"]
 ACTIONS = [f"/ui/tasks/{uuid.uuid4()}/cancel", f"/ui/tasks/{uuid.uuid4()}/requeue",
+           f"/ui/tasks/{uuid.uuid4()}/decide",
            "/ui/agents/drain", "/ui/agents/undrain", "/ui/agents/delete", "/ui/logout"]
 
 

@@ -12,9 +12,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT t IS NULL OR (t >= '1970-01-01 00:00:00+00' AND t < '9999-01-01 00:00:00+00')
 $$;
 
--- blocked: waits out of the queue for the tasks it depends on (09_dependencies.sql).
+-- blocked: waits out of the queue for the tasks it depends on (09_dependencies.sql) or for its
+-- approval; review: its agent's result waits to be accepted (18_gates.sql).
 CREATE TYPE dispatch.task_status AS ENUM (
-    'blocked', 'pending', 'assigned', 'running', 'completed', 'failed', 'timed_out', 'cancelled'
+    'blocked', 'pending', 'assigned', 'running', 'review', 'completed', 'failed', 'timed_out',
+    'cancelled'
 );
 
 CREATE TYPE dispatch.agent_status AS ENUM (
@@ -169,11 +171,22 @@ CREATE TABLE dispatch.tasks (
     waiting_on            integer NOT NULL DEFAULT 0 CONSTRAINT tasks_waiting_on_range
                           CHECK (waiting_on >= 0),
     has_dependents        boolean NOT NULL DEFAULT false,
+    -- Gates (18_gates.sql): before_start, a person approves it before it may run (counted in
+    -- waiting_on until then); review, its agent's result is accepted before it completes; both.
+    approval              text CONSTRAINT tasks_approval_kind
+                          CHECK (approval IN ('before_start', 'review', 'both')),
+    approved_by           text,
+    approved_at           timestamptz,
+    -- The reviewer's request for changes, for the next attempt.
+    feedback              text CONSTRAINT tasks_feedback_length
+                          CHECK (octet_length(feedback) <= 65536),
     CONSTRAINT tasks_times_range CHECK (
         least(deadline_at, wake_deadline_at, created_at, updated_at, assigned_at, started_at,
-              last_progress_at, completed_at, queue_at, age_due_at) >= '1970-01-01 00:00:00+00'
+              last_progress_at, completed_at, queue_at, age_due_at, approved_at)
+            >= '1970-01-01 00:00:00+00'
         AND greatest(deadline_at, wake_deadline_at, created_at, updated_at, assigned_at,
-                     started_at, last_progress_at, completed_at, queue_at, age_due_at)
+                     started_at, last_progress_at, completed_at, queue_at, age_due_at,
+                     approved_at)
             < '9999-01-01 00:00:00+00')
 );
 

@@ -55,9 +55,10 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHEN 'blocked'   THEN new_status IN ('pending', 'completed', 'cancelled')
         WHEN 'pending'   THEN new_status IN ('assigned', 'completed', 'cancelled', 'blocked')
         WHEN 'assigned'  THEN new_status IN ('running', 'completed', 'failed', 'timed_out',
-                                             'pending', 'cancelled')
+                                             'pending', 'cancelled', 'review')
         WHEN 'running'   THEN new_status IN ('completed', 'failed', 'timed_out', 'pending',
-                                             'cancelled')
+                                             'cancelled', 'review')
+        WHEN 'review'    THEN new_status IN ('completed', 'pending', 'failed', 'cancelled')
         WHEN 'failed'    THEN new_status IN ('pending', 'blocked')
         WHEN 'timed_out' THEN new_status IN ('pending', 'blocked')
         WHEN 'cancelled' THEN new_status IN ('pending', 'blocked')
@@ -112,6 +113,10 @@ BEGIN
     IF jsonb_typeof(NEW.metadata) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'metadata must be a JSON object'
             USING ERRCODE = 'UD400', COLUMN = 'metadata';
+    END IF;
+    IF NEW.approval IS NOT NULL AND NEW.approval NOT IN ('before_start', 'review', 'both') THEN
+        RAISE EXCEPTION 'approval must be before_start, review or both (got %)', left(NEW.approval, 40)
+            USING ERRCODE = 'UD400', COLUMN = 'approval';
     END IF;
     IF NEW.owner IS NOT NULL AND char_length(NEW.owner) NOT BETWEEN 1 AND 256 THEN
         RAISE EXCEPTION 'owner must be 1 to 256 characters, or NULL for a task any eligible agent may run'
@@ -222,7 +227,9 @@ BEGIN
                       HINT = 'the lifecycle: pending -> assigned -> running -> completed | failed | timed_out; '
                              'pending -> completed (manual); pending | assigned | running -> cancelled; '
                              'failed | timed_out | cancelled -> pending (requeue); blocked -> pending '
-                             'when its dependencies complete (dispatch.task_depend, task_undepend). '
+                             'when its dependencies complete and it is approved; assigned | running '
+                             '-> review -> completed | pending (dispatch.task_accept, '
+                             'task_request_changes). '
                              'Use the dispatch.* functions (dispatch.cancel_task, dispatch.requeue_task).';
         END IF;
         IF via_sql THEN

@@ -190,7 +190,8 @@ CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
--- line; for a blocked task, the dependencies it waits for. With the task's tenant and effective priority, for explain.
+-- line; for a blocked task, its approval and the dependencies it waits for; for a task in review,
+-- its review. With the task's tenant and effective priority, for explain.
 CREATE FUNCTION dispatch.task_hold(p_task_id uuid, p_now timestamptz DEFAULT now())
 RETURNS TABLE (tenant text, effective_priority integer, reasons text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -226,16 +227,26 @@ BEGIN
             END IF;
         END IF;
     ELSIF t.status = 'blocked' THEN
+        IF t.approval IN ('before_start', 'both') AND t.approved_at IS NULL THEN
+            reasons := reasons || 'waiting for approval by its requester, its owner or an admin'::text;
+        END IF;
         -- The tasks it waits for (09_dependencies.sql), the first ten by name.
-        reasons := reasons || (
-            SELECT format('waiting for %s of its dependencies to complete: %s%s', t.waiting_on,
-                          string_agg(format('%s (%s)', d.depends_on, d.status), ', '),
-                          CASE WHEN t.waiting_on > 10 THEN ', ...' ELSE '' END)
-            FROM (SELECT dd.depends_on, tk.status
-                  FROM dispatch.task_dependencies dd
-                  JOIN dispatch.tasks tk ON tk.task_id = dd.depends_on
-                  WHERE dd.task_id = t.task_id AND NOT dd.satisfied
-                  ORDER BY dd.created_at, dd.depends_on LIMIT 10) d);
+        SELECT count(*) INTO ahead FROM dispatch.task_dependencies dd
+        WHERE dd.task_id = t.task_id AND NOT dd.satisfied;
+        IF ahead > 0 THEN
+            reasons := reasons || (
+                SELECT format('waiting for %s of its dependencies to complete: %s%s', ahead,
+                              string_agg(format('%s (%s)', d.depends_on, d.status), ', '),
+                              CASE WHEN ahead > 10 THEN ', ...' ELSE '' END)
+                FROM (SELECT dd.depends_on, tk.status
+                      FROM dispatch.task_dependencies dd
+                      JOIN dispatch.tasks tk ON tk.task_id = dd.depends_on
+                      WHERE dd.task_id = t.task_id AND NOT dd.satisfied
+                      ORDER BY dd.created_at, dd.depends_on LIMIT 10) d);
+        END IF;
+    ELSIF t.status = 'review' THEN
+        reasons := reasons || ('its result waits for review (accept or request changes) by its'
+                               ' requester, its owner or an admin')::text;
     END IF;
     RETURN NEXT;
 END

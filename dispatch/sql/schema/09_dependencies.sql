@@ -70,6 +70,17 @@ LANGUAGE sql IMMUTABLE AS $$
         OR p_viewer = t.assigned_agent OR p_viewer = ANY (t.previous_agents), false)
 $$;
 
+-- What a task waits for before it may run: its dependencies yet to let it, and its approval
+-- (18_gates.sql) while it has none.
+CREATE FUNCTION dispatch.task_waits(t dispatch.tasks) RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM dispatch.task_dependencies dd
+            WHERE dd.task_id = t.task_id AND NOT dd.satisfied)::integer
+        + coalesce(t.approval IN ('before_start', 'both') AND t.approved_at IS NULL, false)::integer;
+END
+$$;
+
 -- Cancels a dependent whose dependency ended without completing (inside fn_enter).
 CREATE FUNCTION dispatch.task_cancel_for(
     p_task_id uuid, p_dependency uuid, p_dependency_status dispatch.task_status, p_now timestamptz
@@ -162,8 +173,7 @@ BEGIN
     END IF;
     UPDATE dispatch.tasks SET has_dependents = true WHERE task_id = ANY (ids) AND NOT has_dependents;
     -- What still holds it, counted from its edges (an edit may have changed one it had).
-    SELECT count(*) FILTER (WHERE NOT dd.satisfied) INTO n
-    FROM dispatch.task_dependencies dd WHERE dd.task_id = t.task_id;
+    n := dispatch.task_waits(t);
     UPDATE dispatch.tasks
     SET waiting_on = n,
         status = CASE WHEN doomed IS NOT NULL THEN status
@@ -176,14 +186,17 @@ BEGIN
     END IF;
     IF t.status = 'blocked' AND was <> 'blocked' THEN
         PERFORM dispatch.event_write(t.task_id, 'blocked', dispatch.session_actor(),
-            jsonb_build_object('waiting_for', to_jsonb(waiting), 'waiting_on', n), p_now);
+            jsonb_build_object('waiting_for', to_jsonb(waiting), 'waiting_on', n)
+            || CASE WHEN n > cardinality(waiting) THEN '{"approval": true}'::jsonb
+                    ELSE '{}'::jsonb END, p_now);
     END IF;
     RETURN t;
 END
 $$;
 
--- A waiting task lost a reason to wait (an edge satisfied or removed): one less, and pending when
--- none is left (event unblocked). The task is locked here. Inside fn_enter.
+-- A waiting task lost a reason to wait (an edge satisfied or removed, p_by the dependency; or its
+-- approval, p_by NULL): one less, and pending when none is left (event unblocked). The task is
+-- locked here. Inside fn_enter.
 CREATE FUNCTION dispatch.task_wait_less(
     p_task_id uuid, p_by uuid, p_actor text, p_now timestamptz
 ) RETURNS void
@@ -198,7 +211,7 @@ BEGIN
         UPDATE dispatch.tasks SET waiting_on = 0, status = 'pending', updated_at = p_now
         WHERE task_id = p_task_id;
         PERFORM dispatch.event_write(p_task_id, 'unblocked', p_actor,
-            jsonb_build_object('last_dependency', p_by), p_now);
+            jsonb_strip_nulls(jsonb_build_object('last_dependency', p_by)), p_now);
         PERFORM pg_notify('dispatch_work', '');
     ELSE
         UPDATE dispatch.tasks SET waiting_on = greatest(remaining - 1, 0) WHERE task_id = p_task_id;

@@ -198,6 +198,7 @@ CREATE FUNCTION dispatch.task_create(
     rate_key text DEFAULT NULL,
     cost integer DEFAULT 1,
     depends_on jsonb DEFAULT NULL,
+    approval text DEFAULT NULL,
     viewer text DEFAULT NULL,
     OUT task dispatch.tasks,
     OUT created boolean
@@ -208,14 +209,15 @@ BEGIN
     INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
                                       priority, timeout_seconds, heartbeat_seconds, max_retries,
                                       metadata, parent_task_id, available_at, source,
-                                      idempotency_key, concurrency_key, rate_key, cost)
+                                      idempotency_key, concurrency_key, rate_key, cost, approval)
     VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
             task_create.owner, coalesce(task_create.required_capabilities, '{}'),
             coalesce(task_create.priority, 0), task_create.timeout_seconds,
             task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
             coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
             task_create.available_at, task_create.source, task_create.idempotency_key,
-            task_create.concurrency_key, task_create.rate_key, task_create.cost)
+            task_create.concurrency_key, task_create.rate_key, task_create.cost,
+            task_create.approval)
     ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING * INTO task;
     created := task.task_id IS NOT NULL;
@@ -224,10 +226,20 @@ BEGIN
         WHERE tk.requester = coalesce(task_create.requester, dispatch.session_actor())
           AND tk.idempotency_key = task_create.idempotency_key;
     ELSIF task_create.depends_on IS NOT NULL AND task_create.depends_on <> '[]'::jsonb THEN
-        -- The tasks it waits for (09_dependencies.sql), visible to `viewer` (NULL: any task).
+        -- The tasks it waits for (09_dependencies.sql), visible to `viewer` (NULL: any task);
+        -- its approval is counted with them.
         PERFORM dispatch.fn_enter();
         task := dispatch.task_depend_attach(task, task_create.depends_on, task_create.viewer,
                                             task.created_at);
+        PERFORM dispatch.fn_leave();
+    ELSIF task.approval IN ('before_start', 'both') THEN
+        -- Waits for its approval (18_gates.sql).
+        PERFORM dispatch.fn_enter();
+        UPDATE dispatch.tasks tk SET status = 'blocked', waiting_on = 1
+        WHERE tk.task_id = task.task_id
+        RETURNING * INTO task;
+        PERFORM dispatch.event_write(task.task_id, 'blocked', task.requester,
+            '{"waiting_for": [], "waiting_on": 1, "approval": true}', task.created_at);
         PERFORM dispatch.fn_leave();
     END IF;
 END
@@ -307,7 +319,7 @@ DECLARE
     holder text := t.assigned_agent;
     manual boolean;
 BEGIN
-    IF t.status = 'completed' AND p_actor = t.assigned_agent THEN
+    IF t.status IN ('completed', 'review') AND p_actor = t.assigned_agent THEN
         PERFORM dispatch.task_fence(t, p_actor, p_lease);
         RETURN t;
     END IF;
@@ -320,6 +332,18 @@ BEGIN
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     END IF;
     PERFORM dispatch.fn_enter();
+    IF NOT manual AND t.approval IN ('review', 'both') THEN
+        -- The result waits for its review (18_gates.sql); the agent's slot is free.
+        UPDATE dispatch.tasks
+        SET status = 'review', result = p_result, updated_at = p_now,
+            deadline_at = NULL, wake_deadline_at = NULL
+        WHERE task_id = p_task_id
+        RETURNING * INTO t;
+        PERFORM dispatch.event_write(p_task_id, 'in_review', p_actor,
+            jsonb_build_object('assigned_agent', holder, 'result', p_result), p_now);
+        PERFORM dispatch.fn_leave();
+        RETURN t;
+    END IF;
     UPDATE dispatch.tasks
     SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
         deadline_at = NULL, wake_deadline_at = NULL,
@@ -467,7 +491,7 @@ BEGIN
         RAISE EXCEPTION '% may not cancel task % (only its requester, its owner or an admin)',
             p_actor, p_task_id USING ERRCODE = 'UD403';
     END IF;
-    PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running');
+    PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running', 'review');
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
@@ -505,9 +529,8 @@ BEGIN
             RAISE EXCEPTION 'task % depends on %, which ended without completing: requeue that one first',
                 p_task_id, ended USING ERRCODE = 'UD409';
         END IF;
-        SELECT count(*) INTO waiting FROM dispatch.task_dependencies dd
-        WHERE dd.task_id = p_task_id AND NOT dd.satisfied;
     END IF;
+    waiting := dispatch.task_waits(t);
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = (CASE WHEN waiting > 0 THEN 'blocked' ELSE 'pending' END)::dispatch.task_status,

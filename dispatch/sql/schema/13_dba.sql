@@ -18,13 +18,15 @@ CREATE FUNCTION dispatch.create_task(
     concurrency_key text DEFAULT NULL,
     rate_key text DEFAULT NULL,
     cost integer DEFAULT 1,
-    depends_on jsonb DEFAULT NULL
+    depends_on jsonb DEFAULT NULL,
+    approval text DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE sql AS $$
     SELECT (dispatch.task_create(title, description, requester, owner, required_capabilities,
                                  priority, timeout_seconds, heartbeat_seconds, max_retries,
                                  metadata, parent_task_id, available_at, source, idempotency_key,
-                                 concurrency_key, rate_key, cost, depends_on)).task
+                                 concurrency_key, rate_key, cost, depends_on,
+                                 approval)).task
 $$;
 
 CREATE FUNCTION dispatch.cancel_task(task_id uuid, actor text DEFAULT NULL, reason text DEFAULT NULL)

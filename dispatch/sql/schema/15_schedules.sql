@@ -100,7 +100,8 @@ LANGUAGE sql AS $$
         idempotency_key => p_key,
         concurrency_key => p_schedule.template->>'concurrency_key',
         rate_key => p_schedule.template->>'rate_key',
-        cost => coalesce((p_schedule.template->>'cost')::integer, 1)
+        cost => coalesce((p_schedule.template->>'cost')::integer, 1),
+        approval => p_schedule.template->>'approval'
     ) c
 $$;
 
@@ -111,7 +112,7 @@ LANGUAGE sql STABLE AS $$
     SELECT p_schedule.overlap = 'skip' AND EXISTS (
         SELECT 1 FROM dispatch.tasks
         WHERE task_id = p_schedule.last_task_id
-          AND status IN ('pending', 'assigned', 'running'))
+          AND status IN ('blocked', 'pending', 'assigned', 'running', 'review'))
 $$;
 
 -- Records the fires the scheduler found due (oldest first; `p_missed` more were left out by the
