@@ -17,6 +17,7 @@ class TaskStatus(enum.StrEnum):
     PENDING = "pending"
     ASSIGNED = "assigned"
     RUNNING = "running"
+    SUSPENDED = "suspended"
     REVIEW = "review"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -92,6 +93,9 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     approved_by: str | None = None
     approved_at: datetime | None = None
     feedback: str | None = None
+    # Signals: what the suspended task waits for, and the payload of the signal that resumed it.
+    waiting_for: str | None = None
+    signal: object | None = None
 
 
 class TaskWithNext(Task, frozen=True, kw_only=True):
@@ -293,9 +297,31 @@ class RequestChanges(msgspec.Struct, frozen=True, kw_only=True):
     admin: bool = False
 
 
+class Suspend(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent sets its running task aside until a signal comes (its slot is free meanwhile);
+    no signal within timeout_seconds fails the attempt."""
+
+    event: ClassVar[str] = "suspended"
+    task_id: uuid.UUID
+    agent_id: str
+    waiting_for: str
+    timeout_seconds: int
+    lease: int | None = None
+
+
+class Signal(msgspec.Struct, frozen=True, kw_only=True):
+    """What a suspended task waits for has come: the payload goes on the task, which resumes."""
+
+    event: ClassVar[str] = "signalled"
+    task_id: uuid.UUID
+    actor: str
+    payload: object = None
+    admin: bool = False
+
+
 Change = (
     Start | Progress | Complete | Fail | Cancel | Update | Requeue | Release | Depend | Undepend
-    | Approve | Reject | Accept | RequestChanges
+    | Approve | Reject | Accept | RequestChanges | Suspend | Signal
 )
 
 

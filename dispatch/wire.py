@@ -86,6 +86,20 @@ class DependencyBody(_Body):
 DependsOn = Annotated[list[uuid.UUID | DependencyBody], msgspec.Meta(max_length=1000)]
 
 
+class SuspendReport(_Body):
+    """POST /api/v1/tasks/{id}/suspend: what the task waits for, and for how long at most."""
+
+    waiting_for: Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=NO_NUL)]
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=31_536_000)]
+    lease: Lease | None = None
+
+
+class SignalBody(_Body):
+    """POST /api/v1/tasks/{id}/signal: the payload the suspended task resumes with."""
+
+    payload: Any = None
+
+
 class DecisionBody(_Body):
     """POST /api/v1/tasks/{id}/approve, /reject, /accept: the reason (reject's, recorded)."""
 

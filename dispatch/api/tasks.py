@@ -33,7 +33,9 @@ from dispatch.models import (
     ReportOutcomeWithNext,
     RequestChanges,
     Requeue,
+    Signal,
     Start,
+    Suspend,
     Task,
     TaskEvent,
     TaskFilter,
@@ -54,7 +56,9 @@ from dispatch.wire import (
     ProgressReport,
     ReleaseReport,
     Reports,
+    SignalBody,
     StartReport,
+    SuspendReport,
     TaskCreate,
     TaskPatch,
     decode_cursor,
@@ -617,6 +621,50 @@ class TaskController(Controller):
                 task_id=parse_task_id(task_id), agent_id=caller.agent_id, reason=body.reason,
                 lease=lease_of(body.lease, lease_header),
             )
+        )
+
+    @post(
+        "/{task_id:str}/suspend",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="The agent sets its running task aside until a signal comes",
+        description=(
+            "The task is suspended: the agent's slot is free and its lease over. A signal"
+            " (POST .../signal) resumes it with the payload on the task, given back to this agent"
+            " when it may take it then; no signal within timeout_seconds fails the attempt."
+        ),
+    )
+    async def suspend(
+        self,
+        task_id: TaskIdPath,
+        data: JSONBody[SuspendReport],
+        caller: CallerDep,
+        lease_header: LeaseHeader = None,
+    ) -> Task:
+        return await caller.broker.apply(
+            Suspend(
+                task_id=parse_task_id(task_id), agent_id=caller.agent_id,
+                waiting_for=data.waiting_for, timeout_seconds=data.timeout_seconds,
+                lease=lease_of(data.lease, lease_header),
+            )
+        )
+
+    @post(
+        "/{task_id:str}/signal",
+        responses=ERRORS,
+        status_code=HTTP_200_OK,
+        summary="Resume a suspended task with a payload",
+        description=(
+            "Its requester, its owner, an agent that held it or an admin. 409 when the task is"
+            " not suspended."
+        ),
+    )
+    async def signal(
+        self, task_id: TaskIdPath, caller: CallerDep, data: JSONBody[SignalBody | None] = None
+    ) -> Task:
+        return await caller.broker.apply(
+            Signal(task_id=parse_task_id(task_id), actor=caller.agent_id,
+                   payload=(data or SignalBody()).payload, admin=caller.admin)
         )
 
     @get(

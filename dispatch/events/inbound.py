@@ -32,7 +32,9 @@ from dispatch.events.schemas import (
     ErrorReply,
     FailedReport,
     ProgressReport,
+    SignalReport,
     StartedReport,
+    SuspendedReport,
     TaskRequest,
 )
 from dispatch.models import (
@@ -41,7 +43,9 @@ from dispatch.models import (
     Complete,
     Fail,
     Progress,
+    Signal,
     Start,
+    Suspend,
 )
 from dispatch.wire import AGENT_ID_RE, error_path, new_task, progress_fields
 
@@ -236,6 +240,13 @@ class NatsInbound:
                     task_id=task_id, agent_id=report.agent_id, error=report.error,
                     retry_eligible=report.retry_eligible, lease=report.lease,
                 )
+            case SuspendedReport():
+                change = Suspend(
+                    task_id=task_id, agent_id=report.agent_id, waiting_for=report.waiting_for,
+                    timeout_seconds=report.timeout_seconds, lease=report.lease,
+                )
+            case SignalReport():
+                change = Signal(task_id=task_id, actor=report.sender, payload=report.payload)
         return await self.broker.apply(change)
 
     async def _on_agent(self, msg: Msg) -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
@@ -26,7 +27,7 @@ AGENT_ID_HEADER = "X-Agent-ID"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 SUBJECT_REQUEST = "swarm.task.request"
-REPORT_KINDS = ("started", "progress", "completed", "failed")
+REPORT_KINDS = ("started", "progress", "completed", "failed", "suspended", "signal")
 SUBJECT_AGENT = "swarm.agent.>"
 
 
@@ -79,12 +80,32 @@ class FailedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     lease: wire.Lease | None = None
 
 
-Report = StartedReport | ProgressReport | CompletedReport | FailedReport
+class SuspendedReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.suspended: the agent sets its running task aside until a signal."""
+
+    agent_id: str
+    waiting_for: Annotated[str, msgspec.Meta(min_length=1, max_length=65536)]
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=31_536_000)]
+    lease: wire.Lease | None = None
+
+
+class SignalReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.signal: what a suspended task waits for has come, from `sender` (its
+    requester, its owner or an agent that held it)."""
+
+    sender: str
+    payload: object = None
+
+
+Report = (StartedReport | ProgressReport | CompletedReport | FailedReport | SuspendedReport
+          | SignalReport)
 REPORT_TYPES: dict[str, type[Report]] = {
     "started": StartedReport,
     "progress": ProgressReport,
     "completed": CompletedReport,
     "failed": FailedReport,
+    "suspended": SuspendedReport,
+    "signal": SignalReport,
 }
 
 

@@ -308,6 +308,20 @@ def task_depend(args: argparse.Namespace, conn: Conn) -> int:
     return 0
 
 
+def task_signal(args: argparse.Namespace, conn: Conn) -> int:
+    """Resume a suspended task with a payload."""
+    payload: object = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--payload is not JSON: {exc}") from None
+    with conn.client() as client:
+        task = client.signal(args.task_id, payload, admin=conn.admin_token is not None)
+    _print_json(task) if args.json else print(table(TASK_COLUMNS, [_task_row(task)]))
+    return 0
+
+
 def task_decide(args: argparse.Namespace, conn: Conn) -> int:
     """approve / reject / accept / request-changes."""
     with conn.client() as client:
@@ -839,6 +853,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         if decision == "request-changes":
             decide.add_argument("--feedback", required=True, help="what to change")
         decide.set_defaults(run=task_decide, decision=decision)
+    signal = tasks.add_parser("signal", parents=[common],
+                              help="resume a suspended task, with a payload for its agent")
+    signal.add_argument("task_id", type=_task_id)
+    signal.add_argument("--payload", metavar="JSON", help="any JSON value")
+    signal.set_defaults(run=task_signal)
     cancel = tasks.add_parser("cancel", parents=[common], help="cancel a task")
     cancel.add_argument("task_id", type=_task_id)
     cancel.add_argument("--reason")

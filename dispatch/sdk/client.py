@@ -216,6 +216,15 @@ class _Requests:
     def undepend(self, task_id: TaskRef, on: TaskRef, admin: bool) -> _Call:
         return self.task(task_id, f"dependencies/{on}", method="DELETE", admin=admin)
 
+    def suspend(self, task_id: TaskRef, waiting_for: str, timeout_seconds: int,
+                lease: int | None) -> _Call:
+        body = {"waiting_for": waiting_for, "timeout_seconds": timeout_seconds,
+                **_omit_none([("lease", lease)])}
+        return self.task(task_id, "suspend", body=body)
+
+    def signal(self, task_id: TaskRef, payload: object, admin: bool) -> _Call:
+        return self.task(task_id, "signal", body={"payload": payload}, admin=admin)
+
     def decide(self, task_id: TaskRef, decision: str, reason: str | None,
                feedback: str | None, admin: bool) -> _Call:
         if decision not in DECISIONS:
@@ -446,6 +455,17 @@ class DispatchClient:
     def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
         return _decode(self._send(self._r.undepend(task_id, on, admin)), Task)
 
+    # signals: an agent suspends the task it runs; a signal resumes it with a payload
+    def suspend(self, task_id: TaskRef, waiting_for: str, timeout_seconds: int, *,
+                lease: int | None = None) -> Task:
+        """Set the running task aside until a signal (the agent's slot is free meanwhile)."""
+        call = self._r.suspend(task_id, waiting_for, timeout_seconds, lease)
+        return _decode(self._send(call), Task)
+
+    def signal(self, task_id: TaskRef, payload: object = None, *, admin: bool = False) -> Task:
+        """Resume a suspended task; the payload is on the task (`signal`) for its next run."""
+        return _decode(self._send(self._r.signal(task_id, payload, admin)), Task)
+
     # gates: a task created with approval="before_start" | "review" | "both"
     def decide(self, task_id: TaskRef, decision: str, *, reason: str | None = None,
                feedback: str | None = None, admin: bool = False) -> Task:
@@ -660,6 +680,15 @@ class AsyncDispatchClient:
 
     async def undepend(self, task_id: TaskRef, on: TaskRef, *, admin: bool = False) -> Task:
         return _decode(await self._send(self._r.undepend(task_id, on, admin)), Task)
+
+    async def suspend(self, task_id: TaskRef, waiting_for: str, timeout_seconds: int, *,
+                      lease: int | None = None) -> Task:
+        call = self._r.suspend(task_id, waiting_for, timeout_seconds, lease)
+        return _decode(await self._send(call), Task)
+
+    async def signal(self, task_id: TaskRef, payload: object = None, *,
+                     admin: bool = False) -> Task:
+        return _decode(await self._send(self._r.signal(task_id, payload, admin)), Task)
 
     async def decide(self, task_id: TaskRef, decision: str, *, reason: str | None = None,
                      feedback: str | None = None, admin: bool = False) -> Task:

@@ -82,6 +82,18 @@ class Permanent(TaskError):
     retryable = False
 
 
+class WaitForSignal(Exception):
+    """Raised by a handler: set the task aside until a signal comes, without holding a slot.
+    The signal's payload is then on the task (`task.signal`) and the handler runs again from
+    the start with it, on this worker when it can take it; no signal within timeout_seconds
+    fails the attempt."""
+
+    def __init__(self, waiting_for: str, timeout_seconds: int) -> None:
+        super().__init__(waiting_for)
+        self.waiting_for = waiting_for
+        self.timeout_seconds = timeout_seconds
+
+
 class TaskLost(Exception):
     """The worker no longer holds this attempt; raised by TaskContext.progress, and the reason
     the handler was cancelled."""
@@ -527,6 +539,14 @@ class Worker:
                     return
                 raise
             except TaskLost:
+                return
+            except WaitForSignal as wait:
+                log.info("task %s: suspended until %s", task.task_id, wait.waiting_for)
+                why, seconds = wait.waiting_for, wait.timeout_seconds
+                answer = await self._deliver(task, "suspend", lambda: self._client.suspend(
+                    task.task_id, why, seconds, lease=task.lease))
+                if isinstance(answer, DispatchError):
+                    await self._report_fail(attempt, f"could not suspend: {answer}", retry=True)
                 return
             except TaskError as exc:
                 log.info("task %s failed: %s", task.task_id, exc)

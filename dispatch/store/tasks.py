@@ -435,6 +435,13 @@ def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]
         case models.RequestChanges():
             return ("dispatch.task_request_changes(%s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, change.feedback, change.admin, now))
+        case models.Suspend():
+            return ("dispatch.task_suspend(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+                    (change.task_id, change.agent_id, change.waiting_for, change.timeout_seconds,
+                     now, change.lease))
+        case models.Signal():
+            return ("dispatch.task_signal(%s, %s, %s, %s, coalesce(%s, now()))",
+                    (change.task_id, change.actor, Jsonb(change.payload), change.admin, now))
         case models.Undepend():
             return ("dispatch.task_undepend(%s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.depends_on, change.actor, change.admin, now))

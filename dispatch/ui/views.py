@@ -34,6 +34,7 @@ from dispatch.models import (
     Reject,
     RequestChanges,
     Requeue,
+    Signal,
     Task,
     TaskFilter,
     TaskStatus,
@@ -401,8 +402,9 @@ async def requeue(request: Request[Any, Any, Any], task_id: PathText) -> Redirec
 
 @post("/tasks/{task_id:str}/decide", include_in_schema=False)
 async def decide(request: Request[Any, Any, Any], task_id: PathText) -> Redirect:
-    """A gate's decision: approve, reject (with a reason), accept, request changes (with the
-    feedback for the next attempt); the same broker calls as the API's."""
+    """A person's decision: approve, reject (with a reason), accept, request changes (with the
+    feedback for the next attempt), signal a suspended task (with a JSON payload); the same
+    broker calls as the API's."""
     tid = _task_id(task_id)
     form = await request.form()
     decision, text = form.get("decision"), form.get("text")
@@ -421,8 +423,14 @@ async def decide(request: Request[Any, Any, Any], task_id: PathText) -> Redirect
             if text is None:
                 raise InvalidInput("say what to change", field="text")
             change = RequestChanges(task_id=tid, actor=UI_ACTOR, feedback=text, admin=True)
+        case "signal":
+            try:
+                payload = json.loads(text) if text is not None else None
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"the payload is not JSON: {exc}", field="text") from None
+            change = Signal(task_id=tid, actor=UI_ACTOR, payload=payload, admin=True)
         case _:
-            raise InvalidInput("decision: approve, reject, accept or request-changes",
+            raise InvalidInput("decision: approve, reject, accept, request-changes or signal",
                                field="decision")
     await _ui(request).broker.apply(change)
     return Redirect(f"/ui/tasks/{tid}", status_code=303)

@@ -81,6 +81,14 @@ MATRIX: dict[str, Row] = {
                  tokens=(409, 409, 403, 403, 404, 409, 403, 401))
        for name, body in (("approve", None), ("reject", {"reason": "no"}), ("accept", None),
                           ("request-changes", {"feedback": "more"}))},
+    # Only the agent holding it suspends a task (this one is assigned, not running: 409); anyone
+    # who may see it signals one (it is not suspended: 409).
+    "suspend": Row("POST", "/tasks/{task}/suspend", {"waiting_for": "x", "timeout_seconds": 60},
+                   open=(403, 403, 409, 409, 403, 403, 403, 403),
+                   tokens=(403, 403, 409, 409, 404, 403, 403, 401)),
+    "signal": Row("POST", "/tasks/{task}/signal", {"payload": 1},
+                  open=(409, 409, 409, 409, 403, 409, 403, 403),
+                  tokens=(409, 409, 409, 409, 404, 409, 403, 401)),
     "undepend": Row("DELETE", "/tasks/{task}/dependencies/{task}", None,
                     open=(409, 403, 403, 403, 403, 409, 403, 403),
                     tokens=(409, 403, 403, 403, 404, 409, 403, 401)),

@@ -74,3 +74,28 @@ async def test_reject_and_bad_gates(client: httpx.AsyncClient, sql: Sql) -> None
                           json={"reason": "freeze until Monday"})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert r.json()["error"] == "rejected by alice: freeze until Monday"
+
+
+async def test_suspend_and_signal_over_rest(client: httpx.AsyncClient) -> None:
+    await register(client, "worker-1", capabilities=[])
+    r = await client.post("/api/v1/tasks", headers=ALICE, json={"title": "book a flight"})
+    tid = r.json()["task_id"]
+    r = await client.post("/api/v1/tasks/claim", headers=WORKER, json={"start": True})
+    lease = r.json()["lease"]
+    r = await client.post(f"/api/v1/tasks/{tid}/signal", headers=ALICE, json={"payload": 1})
+    assert r.status_code == 409  # not waiting yet
+    r = await client.post(f"/api/v1/tasks/{tid}/suspend", headers=WORKER,
+                          json={"waiting_for": "which seat", "timeout_seconds": 0})
+    assert r.status_code == 400
+    r = await client.post(f"/api/v1/tasks/{tid}/suspend", headers=WORKER,
+                          json={"waiting_for": "which seat", "timeout_seconds": 900,
+                                "lease": lease})
+    assert r.status_code == 200 and r.json()["status"] == "suspended", r.text
+    r = await client.post(f"/api/v1/tasks/{tid}/signal", headers=agent("bob"), json={})
+    assert r.status_code == 403
+    r = await client.post(f"/api/v1/tasks/{tid}/signal", headers=ALICE,
+                          json={"payload": {"seat": "12A"}})
+    assert r.status_code == 200 and r.json()["status"] == "assigned", r.text
+    # The worker's next claim returns it, with the answer.
+    r = await client.post("/api/v1/tasks/claim", headers=WORKER, json={"start": True})
+    assert r.json()["task_id"] == tid and r.json()["signal"] == {"seat": "12A"}

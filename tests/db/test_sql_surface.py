@@ -10,8 +10,8 @@ import pytest
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-ALL_STATUSES = ["blocked", "pending", "assigned", "running", "review", "completed", "failed",
-                "timed_out", "cancelled"]
+ALL_STATUSES = ["blocked", "pending", "assigned", "running", "suspended", "review", "completed",
+                "failed", "timed_out", "cancelled"]
 LEGAL = {
     ("blocked", "pending"),
     ("blocked", "completed"),
@@ -22,6 +22,13 @@ LEGAL = {
     ("cancelled", "blocked"),
     ("assigned", "review"),
     ("running", "review"),
+    ("running", "suspended"),
+    ("suspended", "assigned"),
+    ("suspended", "pending"),
+    ("suspended", "failed"),
+    ("suspended", "timed_out"),
+    ("suspended", "completed"),
+    ("suspended", "cancelled"),
     ("review", "completed"),
     ("review", "pending"),
     ("review", "failed"),
@@ -60,6 +67,7 @@ def _task_in(sql: Conn, status: str) -> str:
         "assigned": ["assigned"],
         "running": ["assigned", "running"],
         "review": ["assigned", "running", "review"],
+        "suspended": ["assigned", "running", "suspended"],
         "completed": ["assigned", "running", "completed"],
         "failed": ["assigned", "failed"],
         "timed_out": ["assigned", "timed_out"],

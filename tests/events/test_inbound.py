@@ -308,3 +308,26 @@ async def test_a_request_carries_flow_control_fields(
         reply = await ask(client, "swarm.task.request", body)
         assert reply["status"] == 400 and reply["detail"]["field"] == field, reply
     assert task_count(sql) == 1
+
+
+async def test_an_agent_suspends_and_a_signal_over_nats_resumes(
+    inbound: NatsInbound, relay: Relay, broker: Broker, client: Client
+) -> None:
+    await broker.agents.upsert("agent-a")
+    await broker.submit(NewTask(title="ask the user"), requester="req")
+    claimed = await broker.claim("agent-a")
+    assert claimed is not None
+    subject = f"swarm.task.{claimed.task_id}"
+    await ask(client, f"{subject}.started", {"agent_id": "agent-a"})
+    reply = await ask(client, f"{subject}.suspended", {"agent_id": "agent-a", "waiting_for": "x",
+                                                       "timeout_seconds": 0})
+    assert reply["status"] == 400
+    reply = await ask(client, f"{subject}.suspended", {
+        "agent_id": "agent-a", "waiting_for": "the user's choice", "timeout_seconds": 600})
+    assert reply["status"] == "suspended" and reply["waiting_for"] == "the user's choice"
+    reply = await ask(client, f"{subject}.signal", {"sender": "req", "payload": {"choice": 2}})
+    assert reply["status"] == "assigned" and reply["signal"] == {"choice": 2}
+    assert reply["assigned_agent"] == "agent-a"
+    # It no longer waits: a second signal is 409.
+    reply = await ask(client, f"{subject}.signal", {"sender": "req", "payload": {"choice": 3}})
+    assert reply["status"] == 409

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from dispatch.models import Task
+from dispatch.models import Task, TaskEvent
 from dispatch.sdk.client import DispatchClient
-from dispatch.sdk.worker import Permanent, TaskContext, Worker
+from dispatch.sdk.worker import Permanent, TaskContext, WaitForSignal, Worker
 from tests.sdk import agent as agent_process
 from tests.sdk.conftest import eventually
 from tests.serve import ServeProcess
@@ -179,6 +179,39 @@ def test_failures_retry_unless_permanent(sp: ServeProcess) -> None:
         dead = eventually(lambda: alice.get(doomed.task_id), lambda t: t.status in TERMINAL)
         assert dead.status == "failed" and dead.retry_count == 0
         assert dead.error == "the input is malformed"
+
+
+def test_a_handler_waits_for_a_signal_without_holding_its_slot(sp: ServeProcess) -> None:
+    """WaitForSignal suspends the task: the worker's one slot runs other work meanwhile; the
+    signal brings the task back to this worker, whose handler runs again with the payload."""
+    worker = Worker(sp.api, "w-signal", capabilities=["ask"], concurrency=1, poll_seconds=1)
+    runs: list[object] = []
+
+    @worker.handler
+    async def ask(ctx: TaskContext) -> object:
+        runs.append(ctx.task.signal)
+        if ctx.metadata.get("ask") and ctx.task.signal is None:
+            raise WaitForSignal("the user's answer", timeout_seconds=600)
+        return {"answer": ctx.task.signal}
+
+    with DispatchClient(sp.api, "alice") as alice, working(worker):
+        question = alice.create("question", required_capabilities=["ask"], metadata={"ask": 1})
+        eventually(lambda: alice.get(question.task_id), lambda t: t.status == "suspended")
+        # The slot is free: another task runs while the question waits.
+        other = alice.create("other", required_capabilities=["ask"])
+        done = eventually(lambda: alice.get(other.task_id), lambda t: t.status in TERMINAL)
+        assert done.status == "completed"
+        alice.signal(question.task_id, {"choice": "b"})
+        answered = eventually(lambda: alice.get(question.task_id),
+                              lambda t: t.status in TERMINAL)
+    assert answered.status == "completed" and answered.result == {"answer": {"choice": "b"}}
+    assert answered.retry_count == 0 and answered.previous_agents == []
+    assert [e.event for e in alice_events(sp, question.task_id)].count("assigned") == 2
+
+
+def alice_events(sp: ServeProcess, task_id: uuid.UUID) -> list[TaskEvent]:
+    with DispatchClient(sp.api, "alice") as alice:
+        return list(alice.events(task_id))
 
 
 def test_tasks_pushed_by_the_assigner_are_run_too(sp: ServeProcess, admin: DispatchClient) -> None:

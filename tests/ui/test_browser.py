@@ -288,6 +288,36 @@ async def test_approve_and_review_from_the_task_page(
     assert (await get_task(rest, tid))["result"] == {"text": "We are live today at noon."}
 
 
+async def test_signal_a_suspended_task_from_its_page(
+    page: Page, server: ServeProcess, rest: httpx.AsyncClient
+) -> None:
+    await register(rest, "booker", ["book"])
+    task = await create(rest, "book the venue", "book")
+    tid = task["task_id"]
+    booker = {"X-Agent-ID": "booker"}
+
+    async def assigned() -> bool:
+        return (await get_task(rest, tid))["status"] == "assigned"
+    await until(assigned, "the task assigned to the booker")
+    assert (await rest.post(f"/api/v1/tasks/{tid}/start", headers=booker)).status_code == 200
+    r = await rest.post(f"/api/v1/tasks/{tid}/suspend", headers=booker,
+                        json={"waiting_for": "which date suits", "timeout_seconds": 3600})
+    assert r.status_code == 200, r.text
+    await sign_in(page, server)
+    await page.goto(f"{server.api}/ui/tasks/{tid}")
+    await expect(page.locator("#task-status")).to_have_text("suspended")
+    await expect(page.locator("#task-waiting-for")).to_contain_text("which date suits")
+    await page.fill("#signal-payload", "not json")
+    await page.click("#signal")
+    await expect(page.locator("body")).to_contain_text("not JSON")
+    await page.goto(f"{server.api}/ui/tasks/{tid}")
+    await page.fill("#signal-payload", '{"date": "2027-03-01"}')
+    await page.click("#signal")
+    await expect(page.locator("#task-status")).to_have_text("assigned")
+    await expect(page.locator("#task-signal")).to_contain_text("2027-03-01")
+    assert (await get_task(rest, tid))["assigned_agent"] == "booker"
+
+
 async def test_cancel_and_requeue_from_the_task_page(
     page: Page, server: ServeProcess, rest: httpx.AsyncClient, screenshot_dir: Path
 ) -> None:

@@ -13,10 +13,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- blocked: waits out of the queue for the tasks it depends on (09_dependencies.sql) or for its
--- approval; review: its agent's result waits to be accepted (18_gates.sql).
+-- approval; review: its agent's result waits to be accepted (18_gates.sql); suspended: its agent
+-- set it aside until a signal comes (19_signals.sql).
 CREATE TYPE dispatch.task_status AS ENUM (
-    'blocked', 'pending', 'assigned', 'running', 'review', 'completed', 'failed', 'timed_out',
-    'cancelled'
+    'blocked', 'pending', 'assigned', 'running', 'suspended', 'review', 'completed', 'failed',
+    'timed_out', 'cancelled'
 );
 
 CREATE TYPE dispatch.agent_status AS ENUM (
@@ -177,6 +178,11 @@ CREATE TABLE dispatch.tasks (
                           CHECK (approval IN ('before_start', 'review', 'both')),
     approved_by           text,
     approved_at           timestamptz,
+    -- Signals (19_signals.sql): what the suspended task waits for (its agent's words), and the
+    -- payload of the signal that resumed it, for the agent that runs it next.
+    waiting_for           text CONSTRAINT tasks_waiting_for_length
+                          CHECK (octet_length(waiting_for) <= 65536),
+    signal                jsonb,
     -- The reviewer's request for changes, for the next attempt.
     feedback              text CONSTRAINT tasks_feedback_length
                           CHECK (octet_length(feedback) <= 65536),
@@ -227,6 +233,10 @@ CREATE INDEX tasks_active_agent_idx ON dispatch.tasks (assigned_agent, status) I
 -- The reapers: the active tasks whose deadline passes next.
 CREATE INDEX tasks_active_deadline_idx ON dispatch.tasks (deadline_at)
     WHERE status IN ('assigned', 'running');
+
+-- Suspended tasks by the end of their wait (the reapers time them out).
+CREATE INDEX tasks_suspended_deadline_idx ON dispatch.tasks (deadline_at)
+    WHERE status = 'suspended';
 
 -- A concurrency limit set on a key that already has active tasks starts from their count.
 CREATE INDEX tasks_active_concurrency_idx ON dispatch.tasks (concurrency_key)

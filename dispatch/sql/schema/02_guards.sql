@@ -57,7 +57,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHEN 'assigned'  THEN new_status IN ('running', 'completed', 'failed', 'timed_out',
                                              'pending', 'cancelled', 'review')
         WHEN 'running'   THEN new_status IN ('completed', 'failed', 'timed_out', 'pending',
-                                             'cancelled', 'review')
+                                             'cancelled', 'review', 'suspended')
+        WHEN 'suspended' THEN new_status IN ('assigned', 'pending', 'failed', 'timed_out',
+                                             'completed', 'cancelled')
         WHEN 'review'    THEN new_status IN ('completed', 'pending', 'failed', 'cancelled')
         WHEN 'failed'    THEN new_status IN ('pending', 'blocked')
         WHEN 'timed_out' THEN new_status IN ('pending', 'blocked')
@@ -229,7 +231,8 @@ BEGIN
                              'failed | timed_out | cancelled -> pending (requeue); blocked -> pending '
                              'when its dependencies complete and it is approved; assigned | running '
                              '-> review -> completed | pending (dispatch.task_accept, '
-                             'task_request_changes). '
+                             'task_request_changes); running -> suspended -> assigned | pending '
+                             '(dispatch.task_suspend, task_signal). '
                              'Use the dispatch.* functions (dispatch.cancel_task, dispatch.requeue_task).';
         END IF;
         IF via_sql THEN

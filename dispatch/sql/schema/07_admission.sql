@@ -190,8 +190,8 @@ CREATE TRIGGER tasks_flow_count BEFORE UPDATE OF status ON dispatch.tasks
 
 -- Every rule that holds back a pending task now (empty: none does): its availability, its
 -- concurrency key, its rate key, and fair share when its tenant's earlier tasks pushed it back in
--- line; for a blocked task, its approval and the dependencies it waits for; for a task in review,
--- its review. With the task's tenant and effective priority, for explain.
+-- line; for a blocked task, its approval and the dependencies it waits for; for a suspended one,
+-- its signal; for a task in review, its review. With the task's tenant and effective priority, for explain.
 CREATE FUNCTION dispatch.task_hold(p_task_id uuid, p_now timestamptz DEFAULT now())
 RETURNS TABLE (tenant text, effective_priority integer, reasons text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -244,6 +244,11 @@ BEGIN
                       WHERE dd.task_id = t.task_id AND NOT dd.satisfied
                       ORDER BY dd.created_at, dd.depends_on LIMIT 10) d);
         END IF;
+    ELSIF t.status = 'suspended' THEN
+        reasons := reasons || format('suspended by %s until a signal (at most until %s): %s',
+            t.assigned_agent,
+            to_char(t.deadline_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+            left(t.waiting_for, 200));
     ELSIF t.status = 'review' THEN
         reasons := reasons || ('its result waits for review (accept or request changes) by its'
                                ' requester, its owner or an admin')::text;

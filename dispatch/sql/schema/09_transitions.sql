@@ -326,7 +326,8 @@ BEGIN
     manual := dispatch.task_is_resolver(t, p_actor, p_admin)
               AND p_actor IS DISTINCT FROM t.assigned_agent;
     IF manual THEN
-        PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running');
+        PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running',
+                                             'suspended');
     ELSE
         PERFORM dispatch.task_fence(t, p_actor, p_lease);
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
@@ -441,6 +442,24 @@ BEGIN
         status := r.status;
         RETURN NEXT;
     END LOOP;
+    -- Suspended tasks whose signal did not come in time: the attempt fails (19_signals.sql).
+    FOR t IN
+        SELECT * FROM dispatch.tasks tk
+        WHERE tk.status = 'suspended' AND tk.deadline_at <= p_now
+        ORDER BY tk.deadline_at
+        LIMIT p_limit
+        FOR NO KEY UPDATE SKIP LOCKED
+    LOOP
+        PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+            jsonb_build_object('assigned_agent', t.assigned_agent, 'timed_out_in_state', t.status,
+                               'reason', 'signal', 'waiting_for', t.waiting_for), p_now);
+        r := dispatch.task_end_attempt(t, 'timed_out', 'no signal in time: ' || t.waiting_for,
+                                       true, p_now);
+        task_id := r.task_id;
+        event := 'timeout';
+        status := r.status;
+        RETURN NEXT;
+    END LOOP;
     PERFORM dispatch.fn_leave();
     -- Flow control's sweep (04_parking.sql): parked tasks whose key has room go back in line.
     PERFORM dispatch.flow_unpark();
@@ -454,11 +473,13 @@ $$;
 CREATE FUNCTION dispatch.next_deadline() RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT min(least(tk.deadline_at,
-                             CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
-                             coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
-                                 + make_interval(secs => tk.heartbeat_seconds)))
-            FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running'));
+    RETURN least(
+        (SELECT min(least(tk.deadline_at,
+                          CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
+                          coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                              + make_interval(secs => tk.heartbeat_seconds)))
+         FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running')),
+        (SELECT min(tk.deadline_at) FROM dispatch.tasks tk WHERE tk.status = 'suspended'));
 END
 $$;
 
@@ -491,7 +512,8 @@ BEGIN
         RAISE EXCEPTION '% may not cancel task % (only its requester, its owner or an admin)',
             p_actor, p_task_id USING ERRCODE = 'UD403';
     END IF;
-    PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running', 'review');
+    PERFORM dispatch.task_require_status(t, 'blocked', 'pending', 'assigned', 'running',
+                                         'suspended', 'review');
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
