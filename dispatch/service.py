@@ -233,6 +233,7 @@ class Service:
             s, self.broker, admin_token=admin_token, listener=self.listener,
             metrics=self.metrics,
         )
+        self.hubs.append(api_app.state["follow"])  # the API's followed tasks
         dashboard = api_app.state.get("ui")
         if dashboard is not None:
             self.hubs.append(dashboard.hub)

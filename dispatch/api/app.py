@@ -24,6 +24,7 @@ from dispatch.api.auth import Authenticator, require_agent
 from dispatch.api.content import decode_strictly, require_json_body
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
+from dispatch.api.follow import follow_hub
 from dispatch.api.limits import LimitController, TenantController
 from dispatch.api.schedules import ScheduleController
 from dispatch.api.tasks import TaskController
@@ -142,7 +143,8 @@ def create_app(
         # Revocations made through any replica reach this one's token cache.
         listener.watch(AUTH_CHANNEL, auth.forget)
     handlers: list[Router | HTTPRouteHandler] = [api, index, docs_assets(), *mounts]
-    app_state: dict[str, object] = {**(state or {}), "auth": auth, "broker": broker}
+    app_state: dict[str, object] = {**(state or {}), "auth": auth, "broker": broker,
+                                    "follow": follow_hub(broker, listener)}
     return Litestar(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,16 +1,18 @@
 """Task endpoints: HTTP in, one broker call, HTTP out."""
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Response, delete, get, patch, post, put
+from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
+from dispatch.api import follow
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Caller, CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
@@ -269,6 +271,38 @@ class TaskController(Controller):
     @get("/{task_id:str}", responses=ERRORS, summary="Get a task")
     async def get_task(self, task_id: TaskIdPath, caller: CallerDep) -> Task:
         return caller.shown(await caller.broker.tasks.get(parse_task_id(task_id)))
+
+    @get(
+        "/{task_id:str}/stream",
+        responses=ERRORS,
+        summary="Follow a task live: its events as server-sent events",
+        description=(
+            "Each message is one event (its id the event's id, its `event` the event's name, its"
+            " data the event as GET .../events gives it): the history first (after Last-Event-ID"
+            " or `after` when given), then each new event as it is written, so that progress"
+            " `data` arrives as a stream of partial output. After the task has ended, a last"
+            " message `end` (data: its status) closes the stream."
+        ),
+    )
+    async def stream(
+        self,
+        task_id: TaskIdPath,
+        caller: CallerDep,
+        request: Request[Any, Any, Any],
+        after: Annotated[int | None, QueryParameter(ge=0, le=2**62)] = None,
+        last_event_id: Annotated[
+            str | None, HeaderParameter(name="Last-Event-ID", max_length=32)
+        ] = None,
+    ) -> ServerSentEvent:
+        tid = parse_task_id(task_id)
+        caller.shown(await caller.broker.tasks.get(tid))
+        if last_event_id is not None and after is None:
+            if not last_event_id.isdigit() or len(last_event_id) > 18:
+                raise InvalidInput("Last-Event-ID must be an event id", field="Last-Event-ID")
+            after = int(last_event_id)
+        hub = request.app.state["follow"]
+        return ServerSentEvent(follow.stream(caller.broker, hub, tid, after or 0),
+                               headers={"Cache-Control": "no-store"})
 
     @get("/{task_id:str}/events", responses=ERRORS, summary="A task's history, oldest first")
     async def events(self, task_id: TaskIdPath, caller: CallerDep) -> list[TaskEvent]:

@@ -28,7 +28,7 @@ import httpx
 import msgspec
 
 from dispatch.errors import DispatchError
-from dispatch.models import TERMINAL_STATUSES, Agent, Schedule, Stats, Task, TaskEvent
+from dispatch.models import Agent, Schedule, Stats, Task, TaskEvent
 from dispatch.sdk.client import DispatchClient, ListFilters
 from dispatch.sdk.worker import (
     NUL_REPLACEMENT,
@@ -352,33 +352,28 @@ def task_explain(args: argparse.Namespace, conn: Conn) -> int:
 
 
 def task_watch(args: argparse.Namespace, conn: Conn) -> int:
-    """Follow a task's history until it ends: exit 0 when it completed, 1 otherwise."""
-    seen = 0
+    """Follow a task's history live (its event stream) until it ends: exit 0 when it completed,
+    1 otherwise."""
     progress = Progress()
     with conn.client() as client:
-        while True:
-            task = client.get(args.task_id)
-            events = client.events(args.task_id)
-            fresh, seen = events[seen:], len(events)
-            if fresh:
-                progress.done()
-            for event in fresh:
-                if args.json:
-                    print(msgspec.json.encode(event).decode(), flush=True)
-                else:
-                    print("  ".join(_cell(c) for c in _event_row(event)), flush=True)
-            if task.status in TERMINAL_STATUSES:
-                progress.done()
-                if args.json:
-                    print(msgspec.json.encode(task).decode(), flush=True)
-                else:
-                    print(f"task {task.task_id} {task.status}"
-                          + (f": {_cell(task.result)}" if task.result is not None else "")
-                          + (f": {task.error}" if task.error else ""), flush=True)
-                return 0 if task.status == "completed" else 1
-            percent = (task.progress or {}).get("percent")
-            progress.show(f"{task.status}" + (f" {percent}%" if percent is not None else ""))
-            time.sleep(args.interval)
+        for event in client.follow(args.task_id):
+            progress.done()
+            if args.json:
+                print(msgspec.json.encode(event).decode(), flush=True)
+            else:
+                print("  ".join(_cell(c) for c in _event_row(event)), flush=True)
+            if event.event == "progress":
+                percent = event.payload.get("percent")
+                progress.show("running" + (f" {percent}%" if percent is not None else ""))
+        task = client.get(args.task_id)
+    progress.done()
+    if args.json:
+        print(msgspec.json.encode(task).decode(), flush=True)
+    else:
+        print(f"task {task.task_id} {task.status}"
+              + (f": {_cell(task.result)}" if task.result is not None else "")
+              + (f": {task.error}" if task.error else ""), flush=True)
+    return 0 if task.status == "completed" else 1
 
 
 # agent commands
@@ -863,9 +858,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cancel.add_argument("--reason")
     cancel.set_defaults(run=task_cancel)
     watch = tasks.add_parser("watch", parents=[common],
-                             help="follow a task until it ends (exit 0 if it completed)")
+                             help="follow a task live until it ends (exit 0 if it completed)")
     watch.add_argument("task_id", type=_task_id)
-    watch.add_argument("--interval", type=float, default=0.5)
     watch.set_defaults(run=task_watch)
 
     agent = sub.add_parser("agent", help="list, register, drain, delete agents")

@@ -19,7 +19,9 @@ Failures raise the errors of dispatch.errors: InvalidInput (400), Unauthorized (
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -367,6 +369,45 @@ def _claimed_many(response: httpx.Response) -> list[Task]:
     return _decode(response, list[Task])
 
 
+# Following a task (GET /api/v1/tasks/{id}/stream): no read timeout (a quiet task sends nothing
+# for as long as it runs); a dropped stream is opened again after this pause, resuming after the
+# last event received.
+FOLLOW_TIMEOUT = httpx.Timeout(10.0, read=None)
+FOLLOW_RETRY_SECONDS = 0.5
+
+
+class _Sse:
+    """Server-sent events from lines: each named message's (event, data) once its blank line
+    comes (the stream's unnamed ones are comments, to keep it open)."""
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            message = (self.event, "\n".join(self.data)) if self.event else None
+            self.event, self.data = "", []
+            return message
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self.event = value
+        elif name == "data":
+            self.data.append(value)
+        return None
+
+
+def _follow_path(task_id: TaskRef) -> str:
+    return f"/api/v1/tasks/{task_id}/stream"
+
+
+def _follow_headers(last: int | None) -> dict[str, str]:
+    return {"Last-Event-ID": str(last)} if last is not None else {}
+
+
 class DispatchClient:
     """Synchronous client; `agent_id` is sent as X-Agent-ID on every request, with `token` (the
     agent's own, auth.mode tokens) when given."""
@@ -420,6 +461,32 @@ class DispatchClient:
 
     def events(self, task_id: TaskRef) -> builtins.list[TaskEvent]:
         return _decode(self._send(self._r.task(task_id, "events", "GET")), list[TaskEvent])
+
+    def follow(self, task_id: TaskRef, *, after: int | None = None) -> Iterator[TaskEvent]:
+        """The task's events as they are written: its history first (after event id `after`),
+        then each new one, until the task has ended. A dropped connection is opened again,
+        resuming after the last event received."""
+        last = after
+        while True:
+            try:
+                with self._http.stream("GET", _follow_path(task_id), timeout=FOLLOW_TIMEOUT,
+                                       headers=_follow_headers(last)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _raise_for(response)
+                    sse = _Sse()
+                    for line in response.iter_lines():
+                        message = sse.feed(line)
+                        if message is None:
+                            continue
+                        if message[0] == "end":
+                            return
+                        event = msgspec.json.decode(message[1], type=TaskEvent)
+                        last = event.id
+                        yield event
+            except httpx.TransportError:
+                pass
+            time.sleep(FOLLOW_RETRY_SECONDS)
 
     def list(self, **filters: Unpack[ListFilters]) -> Page:
         return _page(self._send(self._r.list(filters)))
@@ -645,6 +712,32 @@ class AsyncDispatchClient:
 
     async def get(self, task_id: TaskRef) -> Task:
         return _decode(await self._send(self._r.task(task_id, method="GET")), Task)
+
+    async def follow(self, task_id: TaskRef, *,
+                     after: int | None = None) -> AsyncIterator[TaskEvent]:
+        """As DispatchClient.follow."""
+        last = after
+        while True:
+            try:
+                async with self._http.stream("GET", _follow_path(task_id),
+                                             timeout=FOLLOW_TIMEOUT,
+                                             headers=_follow_headers(last)) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _raise_for(response)
+                    sse = _Sse()
+                    async for line in response.aiter_lines():
+                        message = sse.feed(line)
+                        if message is None:
+                            continue
+                        if message[0] == "end":
+                            return
+                        event = msgspec.json.decode(message[1], type=TaskEvent)
+                        last = event.id
+                        yield event
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(FOLLOW_RETRY_SECONDS)
 
     async def events(self, task_id: TaskRef) -> builtins.list[TaskEvent]:
         return _decode(await self._send(self._r.task(task_id, "events", "GET")), list[TaskEvent])

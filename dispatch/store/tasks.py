@@ -183,6 +183,27 @@ class Tasks(Queries):
                 await self.get(task_id, conn=c)
         return [convert(r, TaskEvent) for r in rows]
 
+    async def follow(
+        self, task_id: uuid.UUID, after: int, limit: int, *, conn: Conn | None = None
+    ) -> tuple[models.TaskStatus, list[TaskEvent]]:
+        """The task's status and its events after event id `after`, oldest first (at most
+        `limit`): what a follower has yet to see. NotFound when there is no such task."""
+        async with self._borrow(conn) as c:
+            task = await self.get(task_id, conn=c)
+            rows = await self._rows(
+                "SELECT * FROM dispatch.task_events WHERE task_id = %s AND id > %s"
+                " ORDER BY id LIMIT %s", (task_id, after, limit), c,
+            )
+        return task.status, [convert(r, TaskEvent) for r in rows]
+
+    async def last_event_id(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> int:
+        """The id of the task's newest event (0: none)."""
+        rows = await self._rows(
+            "SELECT coalesce(max(id), 0) AS id FROM dispatch.task_events WHERE task_id = %s",
+            (task_id,), conn,
+        )
+        return int(rows[0]["id"])
+
     async def claim(
         self,
         agent_id: str,

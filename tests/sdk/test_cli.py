@@ -220,7 +220,7 @@ def test_watch_follows_a_task_to_its_end(sp: ServeProcess) -> None:
         task = alice.create("watched")
         watch = subprocess.Popen(
             [sys.executable, "-m", "dispatch", "task", "watch", str(task.task_id),
-             "--interval", "0.1", "--json"],
+             "--json"],
             env=cli_env(sp, "alice", False), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
