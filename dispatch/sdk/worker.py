@@ -49,7 +49,7 @@ import httpx
 import msgspec
 
 from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
-from dispatch.models import NextClaim, Task, TaskStatus, TaskWithNext
+from dispatch.models import Dependencies, NextClaim, Task, TaskStatus, TaskWithNext
 from dispatch.sdk.client import AsyncDispatchClient, DispatchClient, report_item, report_outcome
 from dispatch.wire import MAX_REPORTS
 
@@ -135,6 +135,10 @@ class TaskContext:
     @property
     def lease(self) -> int:
         return self._attempt.task.lease
+
+    async def dependencies(self) -> Dependencies:
+        """What the task depended on, with each one's status, result and error (one call)."""
+        return await self._worker._client.dependencies(self.task_id)
 
     @property
     def cancelled(self) -> bool:
