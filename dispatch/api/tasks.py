@@ -99,20 +99,11 @@ def lease_of(body: int | None, header: int | None) -> int | None:
     return body if body is not None else header
 
 
-def parse_task_id(raw: str) -> uuid.UUID:
+def parse_task_id(raw: str, field: str = "task_id") -> uuid.UUID:
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise InvalidInput(f"task_id must be a UUID, got {raw[:64]!r}", field="task_id") from None
-
-
-def parse_dependency_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidInput(
-            f"the dependency must be a task id (a UUID), got {raw[:64]!r}", field="depends_on"
-        ) from None
+        raise InvalidInput(f"{field} must be a UUID, got {raw[:64]!r}", field=field) from None
 
 
 # dispatch.jsonb_merge_patch recurses once per level of nested objects; a bound keeps a hostile
@@ -343,7 +334,7 @@ class TaskController(Controller):
     ) -> Task:
         change = Depend(
             task_id=parse_task_id(task_id),
-            depends_on=parse_dependency_id(dependency_id),
+            depends_on=parse_task_id(dependency_id, field="depends_on"),
             actor=caller.agent_id,
             on_failure=(data or DependBody()).on_failure,
             admin=caller.admin,
@@ -365,7 +356,7 @@ class TaskController(Controller):
     ) -> Task:
         change = Undepend(
             task_id=parse_task_id(task_id),
-            depends_on=parse_dependency_id(dependency_id),
+            depends_on=parse_task_id(dependency_id, field="depends_on"),
             actor=caller.agent_id,
             admin=caller.admin,
         )

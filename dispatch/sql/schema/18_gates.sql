@@ -22,10 +22,21 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION dispatch.task_awaits_approval(t dispatch.tasks) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(t.status = 'blocked' AND t.approval IN ('before_start', 'both')
-                    AND t.approved_at IS NULL, false)
+-- Locks the task for approve or reject (as task_decide_lock); UD409 unless it waits for its
+-- approval.
+CREATE FUNCTION dispatch.task_approval_lock(p_task_id uuid, p_actor text, p_admin boolean)
+RETURNS dispatch.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t dispatch.tasks := dispatch.task_decide_lock(p_task_id, p_actor, p_admin);
+BEGIN
+    IF NOT coalesce(t.status = 'blocked' AND t.approval IN ('before_start', 'both')
+                    AND t.approved_at IS NULL, false) THEN
+        RAISE EXCEPTION 'task % is not waiting for approval (it is %)', p_task_id, t.status
+            USING ERRCODE = 'UD409';
+    END IF;
+    RETURN t;
+END
 $$;
 
 CREATE FUNCTION dispatch.task_approve(
@@ -33,12 +44,8 @@ CREATE FUNCTION dispatch.task_approve(
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    t dispatch.tasks := dispatch.task_decide_lock(p_task_id, p_actor, p_admin);
+    t dispatch.tasks := dispatch.task_approval_lock(p_task_id, p_actor, p_admin);
 BEGIN
-    IF NOT dispatch.task_awaits_approval(t) THEN
-        RAISE EXCEPTION 'task % is not waiting for approval (it is %)', p_task_id, t.status
-            USING ERRCODE = 'UD409';
-    END IF;
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks SET approved_by = p_actor, approved_at = p_now, updated_at = p_now
     WHERE task_id = p_task_id;
@@ -55,12 +62,8 @@ CREATE FUNCTION dispatch.task_reject(
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    t dispatch.tasks := dispatch.task_decide_lock(p_task_id, p_actor, p_admin);
+    t dispatch.tasks := dispatch.task_approval_lock(p_task_id, p_actor, p_admin);
 BEGIN
-    IF NOT dispatch.task_awaits_approval(t) THEN
-        RAISE EXCEPTION 'task % is not waiting for approval (it is %)', p_task_id, t.status
-            USING ERRCODE = 'UD409';
-    END IF;
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'cancelled', completed_at = p_now, updated_at = p_now,
