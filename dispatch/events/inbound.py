@@ -28,7 +28,10 @@ from dispatch.events.schemas import (
     SUBJECT_AGENT,
     SUBJECT_REQUEST,
     AgentAnnouncement,
+    ChangesMessage,
     CompletedReport,
+    DecisionMessage,
+    DependMessage,
     ErrorReply,
     FailedReport,
     ProgressReport,
@@ -36,16 +39,23 @@ from dispatch.events.schemas import (
     StartedReport,
     SuspendedReport,
     TaskRequest,
+    UndependMessage,
 )
 from dispatch.models import (
+    Accept,
     AgentStatus,
+    Approve,
     Change,
     Complete,
+    Depend,
     Fail,
     Progress,
+    Reject,
+    RequestChanges,
     Signal,
     Start,
     Suspend,
+    Undepend,
 )
 from dispatch.wire import AGENT_ID_RE, error_path, new_task, progress_fields
 
@@ -76,7 +86,7 @@ _Handler = Callable[[Msg], Awaitable[object]]
 
 class NatsInbound:
     """Subscribes, in queue group `dispatch` (so each message is handled by one replica), to
-    swarm.task.request, swarm.task.<id>.started|progress|completed|failed and swarm.agent.>.
+    swarm.task.request, swarm.task.<id>.<kind> for each of REPORT_KINDS and swarm.agent.>.
     Each subscription handles its messages one at a time, in arrival order; every outcome goes to
     the reply subject when the message has one."""
 
@@ -247,6 +257,25 @@ class NatsInbound:
                 )
             case SignalReport():
                 change = Signal(task_id=task_id, actor=report.sender, payload=report.payload)
+            case DecisionMessage() if kind == "approve":
+                change = Approve(task_id=task_id, actor=report.sender)
+            case DecisionMessage() if kind == "reject":
+                change = Reject(task_id=task_id, actor=report.sender, reason=report.reason)
+            case DecisionMessage():
+                change = Accept(task_id=task_id, actor=report.sender)
+            case ChangesMessage():
+                change = RequestChanges(
+                    task_id=task_id, actor=report.sender, feedback=report.feedback
+                )
+            case DependMessage():
+                change = Depend(
+                    task_id=task_id, depends_on=report.depends_on, actor=report.sender,
+                    on_failure=report.on_failure,
+                )
+            case UndependMessage():
+                change = Undepend(
+                    task_id=task_id, depends_on=report.depends_on, actor=report.sender
+                )
         return await self.broker.apply(change)
 
     async def _on_agent(self, msg: Msg) -> object:

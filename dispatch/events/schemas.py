@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 
 from dispatch import wire
-from dispatch.models import Task
+from dispatch.models import OnFailure, Task
 from dispatch.wire import Source, TaskCreate
 
 QUEUE_GROUP = "dispatch"
@@ -27,7 +27,12 @@ AGENT_ID_HEADER = "X-Agent-ID"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 SUBJECT_REQUEST = "swarm.task.request"
-REPORT_KINDS = ("started", "progress", "completed", "failed", "suspended", "signal")
+# swarm.task.<id>.<kind>: an agent's reports, then what a requester, an owner or another system
+# decides about a task (the REST endpoints of the same names).
+REPORT_KINDS = (
+    "started", "progress", "completed", "failed", "suspended", "signal",
+    "approve", "reject", "accept", "request-changes", "depend", "undepend",
+)
 SUBJECT_AGENT = "swarm.agent.>"
 
 
@@ -97,8 +102,38 @@ class SignalReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     payload: object = None
 
 
+class DecisionMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.approve|reject|accept: a gate's decision, from `sender` (the task's
+    requester or its owner); reject's reason is recorded."""
+
+    sender: str
+    reason: wire.LongText | None = None
+
+
+class ChangesMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.request-changes: the result in review does not stand."""
+
+    sender: str
+    feedback: Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=wire.NO_NUL)]
+
+
+class DependMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.depend: the waiting task's requester makes it wait for another task."""
+
+    sender: str
+    depends_on: uuid.UUID
+    on_failure: OnFailure = "cancel"
+
+
+class UndependMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.task.<id>.undepend: the waiting task's requester removes an edge."""
+
+    sender: str
+    depends_on: uuid.UUID
+
+
 Report = (StartedReport | ProgressReport | CompletedReport | FailedReport | SuspendedReport
-          | SignalReport)
+          | SignalReport | DecisionMessage | ChangesMessage | DependMessage | UndependMessage)
 REPORT_TYPES: dict[str, type[Report]] = {
     "started": StartedReport,
     "progress": ProgressReport,
@@ -106,6 +141,12 @@ REPORT_TYPES: dict[str, type[Report]] = {
     "failed": FailedReport,
     "suspended": SuspendedReport,
     "signal": SignalReport,
+    "approve": DecisionMessage,
+    "reject": DecisionMessage,
+    "accept": DecisionMessage,
+    "request-changes": ChangesMessage,
+    "depend": DependMessage,
+    "undepend": UndependMessage,
 }
 
 

@@ -18,6 +18,7 @@ from dispatch.events.relay import Relay
 from dispatch.models import AgentStatus, Complete, NewTask, Progress, Start, TaskStatus
 from tests.events.conftest import eventually, unpublished
 from tests.events.streamread import read_stream
+from tests.factories import at, make_task
 from tests.natsfix import NatsServer
 
 Sql = psycopg.Connection[dict[str, Any]]
@@ -331,3 +332,60 @@ async def test_an_agent_suspends_and_a_signal_over_nats_resumes(
     # It no longer waits: a second signal is 409.
     reply = await ask(client, f"{subject}.signal", {"sender": "req", "payload": {"choice": 3}})
     assert reply["status"] == 409
+
+
+async def test_gates_and_dependencies_are_decided_over_nats(
+    inbound: NatsInbound, broker: Broker, client: Client, sql: Sql
+) -> None:
+    # Review: the completed result waits; request-changes sends it back, accept completes it.
+    reviewed = await make_task(broker, title="write", approval="review")
+    subject = f"swarm.task.{reviewed.task_id}"
+    for attempt, agent in ((1, "agent-a"), (2, "agent-b")):
+        now = at(3600 * attempt)  # past the retry's backoff
+        await broker.agents.upsert(agent)
+        claimed = await broker.claim(agent, now=now)
+        assert claimed is not None and claimed.task_id == reviewed.task_id
+        await broker.apply(Start(task_id=claimed.task_id, agent_id=agent), now=now)
+        done = await broker.apply(Complete(task_id=claimed.task_id, actor=agent,
+                                           result={"draft": attempt}))
+        assert done.status is TaskStatus.REVIEW
+        if attempt == 1:
+            reply = await ask(client, f"{subject}.request-changes", {"sender": "req"})
+            assert reply["status"] == 400  # feedback is required
+            reply = await ask(client, f"{subject}.request-changes",
+                              {"sender": "req", "feedback": "shorter"})
+            assert reply["status"] == "pending" and reply["feedback"] == "shorter"
+    reply = await ask(client, f"{subject}.accept", {"sender": "req"})
+    assert reply["status"] == "completed" and reply["result"] == {"draft": 2}
+
+    # Approval: only the requester (or the owner) may decide; reject records the reason.
+    gated = await make_task(broker, title="deploy", approval="before_start")
+    subject = f"swarm.task.{gated.task_id}"
+    reply = await ask(client, f"{subject}.approve", {"sender": "mallory"})
+    assert reply["status"] == 403
+    reply = await ask(client, f"{subject}.approve", {"sender": "req", "unknown": 1})
+    assert reply["status"] == 400
+    reply = await ask(client, f"{subject}.approve", {"sender": "req"})
+    assert reply["status"] == "pending" and reply["approved_by"] == "req"
+    other = await make_task(broker, title="drop db", approval="before_start")
+    reply = await ask(client, f"swarm.task.{other.task_id}.reject",
+                      {"sender": "req", "reason": "too risky"})
+    assert reply["status"] == "cancelled" and "too risky" in reply["error"]
+
+    # Edges: the requester adds and removes a dependency of a waiting task; a cycle is 400.
+    first = await make_task(broker, title="first")
+    second = await make_task(broker, title="second")
+    reply = await ask(client, f"swarm.task.{second.task_id}.depend",
+                      {"sender": "req", "depends_on": str(first.task_id)})
+    assert reply["status"] == "blocked" and reply["waiting_on"] == 1
+    reply = await ask(client, f"swarm.task.{first.task_id}.depend",
+                      {"sender": "req", "depends_on": str(second.task_id)})
+    assert reply["status"] == 400
+    reply = await ask(client, f"swarm.task.{second.task_id}.undepend",
+                      {"sender": "mallory", "depends_on": str(first.task_id)})
+    assert reply["status"] == 403
+    reply = await ask(client, f"swarm.task.{second.task_id}.undepend",
+                      {"sender": "req", "depends_on": str(first.task_id)})
+    assert reply["status"] == "pending" and reply["waiting_on"] == 0
+    edges = sql.execute("SELECT count(*) AS n FROM dispatch.task_dependencies").fetchone()
+    assert edges == {"n": 0}
