@@ -293,12 +293,21 @@ class Broker:
         for an attempt that ended the task, task_run_seconds{status}."""
         if self.metrics is None:
             return
+        if event == "completed" and task.status == TaskStatus.REVIEW:
+            event = "in_review"  # the result waits for a reviewer; accepted, it completes
         self.metrics.task_transitions.labels(event).inc()
-        if event == "failed":
+        if event == "accepted":
+            self.metrics.task_transitions.labels("completed").inc()
+        elif event == "approved" and task.status == TaskStatus.PENDING:
+            self.metrics.task_transitions.labels("unblocked").inc()
+        elif event == "failed" or (
+            event == "changes_requested" and task.status in (TaskStatus.PENDING, TaskStatus.FAILED)
+        ):
+            # request-changes ends the attempt as a failure does: a retry, or the end.
             retried = task.status == TaskStatus.PENDING
             self.metrics.task_transitions.labels("retry" if retried else "dlq").inc()
         if (
-            event in {"completed", "failed", "cancelled"}
+            event in {"completed", "failed", "cancelled", "accepted", "changes_requested"}
             and task.status in TERMINAL_STATUSES
             and task.assigned_at is not None
             and task.completed_at is not None

@@ -10,6 +10,7 @@ import pytest
 
 from dispatch.broker import Broker
 from dispatch.errors import Conflict, Forbidden, InvalidInput
+from dispatch.metrics import Metrics
 from dispatch.models import (
     Accept,
     Approve,
@@ -117,3 +118,26 @@ async def test_bad_approval_values_are_refused(sql: Sql) -> None:
     row = sql.execute("SELECT status::text, waiting_on FROM dispatch.create_task('y',"
                       " approval => 'before_start')").fetchone()
     assert row == {"status": "blocked", "waiting_on": 1}
+
+
+async def test_gate_decisions_are_counted_as_the_transitions_they_are(broker: Broker) -> None:
+    broker.metrics = metrics = Metrics()
+
+    def counted(event: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "dispatch_task_transitions_total", {"event": event}
+        )
+        return value or 0.0
+
+    t = await make_running(broker, approval="review")
+    await broker.apply(Complete(task_id=t.task_id, actor="agent-1", result="draft"))
+    assert (counted("in_review"), counted("completed")) == (1, 0)
+    await broker.apply(Accept(task_id=t.task_id, actor="req"))
+    assert (counted("accepted"), counted("completed")) == (1, 1)
+    t = await make_running(broker, agent="agent-2", approval="review", max_retries=0)
+    await broker.apply(Complete(task_id=t.task_id, actor="agent-2", result="draft"))
+    await broker.apply(RequestChanges(task_id=t.task_id, actor="req", feedback="no"))
+    assert (counted("changes_requested"), counted("dlq")) == (1, 1)
+    gated = await make_task(broker, approval="before_start")
+    await broker.apply(Approve(task_id=gated.task_id, actor="req"))
+    assert (counted("approved"), counted("unblocked")) == (1, 1)
