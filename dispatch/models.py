@@ -96,6 +96,9 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     # Signals: what the suspended task waits for, and the payload of the signal that resumed it.
     waiting_for: str | None = None
     signal: object | None = None
+    # The W3C trace context of its create ({"traceparent", "tracestate"}) when tracing was on:
+    # an agent's spans for it continue that trace.
+    trace_context: dict[str, str] | None = None
 
 
 class TaskWithNext(Task, frozen=True, kw_only=True):
@@ -388,6 +391,8 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     score: float
     wake: bool
     waited: float
+    # The task's trace context (tracing): the assignment's span continues its trace.
+    trace_context: dict[str, str] | None = None
 
 
 class Expiry(msgspec.Struct, frozen=True, kw_only=True):

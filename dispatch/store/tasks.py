@@ -35,7 +35,8 @@ _CREATE = sql.SQL(
 ).format(
     args=sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
-        for name in [f.name for f in _NEW_TASK_FIELDS] + ["requester", "idempotency_key", "viewer"]
+        for name in [f.name for f in _NEW_TASK_FIELDS]
+        + ["requester", "idempotency_key", "viewer", "trace_context"]
     )
 )
 
@@ -116,10 +117,12 @@ class Tasks(Queries):
         requester: str,
         idempotency_key: str | None = None,
         viewer: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
         conn: Conn | None = None,
     ) -> tuple[Task, bool]:
         """Create a task; with a repeated idempotency key return the existing one and False. Its
-        dependencies must be visible to `viewer` (None: any task)."""
+        dependencies must be visible to `viewer` (None: any task); `trace_context` is stored
+        with it."""
         params: dict[str, object] = msgspec.structs.asdict(new)
         params["metadata"] = Jsonb(new.metadata)
         params["depends_on"] = (
@@ -128,6 +131,7 @@ class Tasks(Queries):
         params["viewer"] = viewer
         params["requester"] = requester
         params["idempotency_key"] = idempotency_key
+        params["trace_context"] = jsonb(trace_context)
         row = dict((await self._rows(_CREATE, params, conn))[0])
         created = bool(row.pop("created"))
         return convert(row, Task), created

@@ -186,6 +186,10 @@ CREATE TABLE dispatch.tasks (
     -- The reviewer's request for changes, for the next attempt.
     feedback              text CONSTRAINT tasks_feedback_length
                           CHECK (octet_length(feedback) <= 65536),
+    -- The W3C trace context of its create ({"traceparent": ..., "tracestate": ...}) while tracing
+    -- is on (dispatch.tracing): its assignment, its events and its agent continue that trace.
+    trace_context         jsonb CONSTRAINT tasks_trace_context_size
+                          CHECK (octet_length(trace_context::text) <= 1024),
     CONSTRAINT tasks_times_range CHECK (
         least(deadline_at, wake_deadline_at, created_at, updated_at, assigned_at, started_at,
               last_progress_at, completed_at, queue_at, age_due_at, approved_at)

@@ -178,7 +178,8 @@ $$;
 -- Unset arguments take the column defaults' values; the requester defaults to the session's actor.
 -- depends_on: the tasks it waits for (a JSON array of ids or {"task_id", "on_failure"} objects),
 -- each visible to `viewer` (NULL: no visibility check); it is created blocked while any has yet to
--- complete.
+-- complete. trace_context: the W3C trace context of the create (dispatch.tracing), NULL while
+-- tracing is off.
 CREATE FUNCTION dispatch.task_create(
     title text,
     description text DEFAULT '',
@@ -200,6 +201,7 @@ CREATE FUNCTION dispatch.task_create(
     depends_on jsonb DEFAULT NULL,
     approval text DEFAULT NULL,
     viewer text DEFAULT NULL,
+    trace_context jsonb DEFAULT NULL,
     OUT task dispatch.tasks,
     OUT created boolean
 )
@@ -209,7 +211,8 @@ BEGIN
     INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
                                       priority, timeout_seconds, heartbeat_seconds, max_retries,
                                       metadata, parent_task_id, available_at, source,
-                                      idempotency_key, concurrency_key, rate_key, cost, approval)
+                                      idempotency_key, concurrency_key, rate_key, cost, approval,
+                                      trace_context)
     VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
             task_create.owner, coalesce(task_create.required_capabilities, '{}'),
             coalesce(task_create.priority, 0), task_create.timeout_seconds,
@@ -217,7 +220,7 @@ BEGIN
             coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
             task_create.available_at, task_create.source, task_create.idempotency_key,
             task_create.concurrency_key, task_create.rate_key, task_create.cost,
-            task_create.approval)
+            task_create.approval, task_create.trace_context)
     ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING * INTO task;
     created := task.task_id IS NOT NULL;
