@@ -21,12 +21,14 @@ def _serve(settings: object, config: str | None) -> None:
     from dispatch import preflight, supervisor
     from dispatch.service import Service
     from dispatch.settings import Settings
+    from dispatch.tracing import check_installed
 
     assert isinstance(settings, Settings)
     workers = supervisor.worker_count(settings)
     if not settings.server.reuse_port:  # else a worker of serve --workers: checked already
         preflight.check_ports(settings, workers if workers > 1 else 1)
         preflight.check_pool_mode(settings.database)
+        check_installed(settings.tracing)
         if settings.database.url:
             preflight.check_database(settings.database.url)
         if settings.database.listen_url:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -40,6 +42,10 @@ from dispatch.replica import ReadRoute
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Conn, Store
 from dispatch.store.tasks import Claimed
+from dispatch.tracing import NOOP
+
+if TYPE_CHECKING:
+    from dispatch.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ class Broker:
         metrics: Metrics | None = None,
         reads: Store | None = None,
         replica: Callable[[], dict[str, object]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         # Reads that may lag (the dashboard, stats, gauges, explain): on the read replica when
         # there is one (dispatch.replica), else the same store. `replica()` says how it stands.
@@ -81,6 +88,8 @@ class Broker:
         self.listener = listener
         self.assignment = assignment or AssignmentSettings()
         self.metrics = metrics
+        # Spans of the transitions and assignments (None: tracing is off, the default).
+        self.tracing = tracing
         # Set when the process shuts down: waiting claims answer at once (with nothing), so the
         # HTTP server is not held open by long polls for their whole wait.
         self.closing = asyncio.Event()
@@ -106,10 +115,12 @@ class Broker:
 
     async def submit(
         self, new: NewTask, *, requester: str, idempotency_key: str | None = None,
-        viewer: str | None = None,
+        viewer: str | None = None, trace_parent: Mapping[str, str] | None = None,
     ) -> tuple[Task, bool]:
         """Create a task; returns (task, created). A repeated idempotency key returns the first.
-        The tasks it depends on must be visible to `viewer` (None: any task)."""
+        The tasks it depends on must be visible to `viewer` (None: any task). While tracing is
+        on, the task keeps the trace context of its create span, the child of `trace_parent` (a
+        message's headers) or else of the current span."""
         if requester.startswith(SCHEDULE_REQUESTER):
             # A fire's task is found by its requester and idempotency key (fire:<time>): a client
             # creating under that name could make a fire's task ahead of it.
@@ -117,9 +128,12 @@ class Broker:
                 f"requester ids starting with {SCHEDULE_REQUESTER} are the scheduler's own (the"
                 " tasks a schedule fires); create the task under another agent id"
             )
-        task, created = await self.tasks.create(
-            new, requester=requester, idempotency_key=idempotency_key, viewer=viewer
-        )
+        creating = NOOP if self.tracing is None else self.tracing.creating(trace_parent)
+        with creating as trace_context:
+            task, created = await self.tasks.create(
+                new, requester=requester, idempotency_key=idempotency_key, viewer=viewer,
+                trace_context=trace_context,
+            )
         if created and self.metrics is not None:
             self.metrics.tasks_created.labels(task.source).inc()
             self.metrics.task_transitions.labels("created").inc()
@@ -152,6 +166,7 @@ class Broker:
         poll."""
         claimed: list[Task] = []
         error: str | None = None
+        start = time.time_ns()
 
         async def both() -> Task:
             nonlocal claimed, error
@@ -161,11 +176,11 @@ class Broker:
             return task
 
         task = await self._fenced(change, both())
-        return task, await self._after_claim(agent_id, then, claimed, error, now)
+        return task, await self._after_claim(agent_id, then, claimed, error, now, start)
 
     async def _after_claim(
         self, agent_id: str, then: NextClaim, claimed: list[Task], error: str | None,
-        now: datetime | None,
+        now: datetime | None, start_ns: int,
     ) -> list[Task]:
         """What a report's claim of the agent's next tasks gave (logged when it failed, counted);
         when it gave nothing and the agent will wait, the wait, after the commit, as a claim's
@@ -173,6 +188,8 @@ class Broker:
         if error is not None:
             log.info("the claim after the report of %s failed: %s", agent_id, error)
         self._count_claimed(claimed, then.start)
+        if claimed and self.tracing is not None:
+            self._trace_claimed(claimed, then.start, start_ns)
         if not claimed and then.wait_seconds > 0:
             claimed = await self.claim_many(
                 agent_id, max_tasks=then.max_tasks, start=then.start,
@@ -182,6 +199,7 @@ class Broker:
 
     async def _fenced(self, change: Change, run: Awaitable[Task]) -> Task:
         """Run a change; a conflict or refusal carries the task's current state."""
+        start = time.time_ns()
         try:
             task = await run
         except (Conflict, Forbidden, NotFound) as exc:
@@ -192,6 +210,8 @@ class Broker:
             exc.task = (await self.tasks.by_id([change.task_id])).get(change.task_id)
             raise
         self._count(change.event, task)
+        if self.tracing is not None:
+            self.tracing.transitions(change.event, [task], start)
         return task
 
     # -- agents reporting ------------------------------------------------------------------------
@@ -232,12 +252,15 @@ class Broker:
                  *(() if self.pushing else (self.listener.event(WORK_CHANNEL),)))
                 if self.listener else None
             )
+            began = time.time_ns()
             tasks = await self.tasks.claim(
                 agent_id, capabilities, max_tasks=max_tasks, start=start, key=idempotency_key,
                 now=now,
             )
             remaining = deadline - loop.time()
             self._count_claimed(tasks, start)
+            if tasks and self.tracing is not None:
+                self._trace_claimed(tasks, start, began)
             if tasks or remaining <= 0 or self.closing.is_set():
                 return tasks
             if woken is None:  # no listener: look again every half second
@@ -261,6 +284,7 @@ class Broker:
         outcome."""
         claimed: list[Task] = []
         error: str | None = None
+        start = time.time_ns()
         if then is None:
             outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         else:
@@ -271,10 +295,14 @@ class Broker:
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome.status == 200 and outcome.task is not None:
                 self._count(_REPORT_EVENTS[str(report["action"])], outcome.task)
+                if self.tracing is not None:
+                    self.tracing.transitions(
+                        _REPORT_EVENTS[str(report["action"])], [outcome.task], start
+                    )
         if then is None or outcomes[then[0]].status != 200:
             return outcomes
         index, claim = then
-        claimed = await self._after_claim(agent_id, claim, claimed, error, now)
+        claimed = await self._after_claim(agent_id, claim, claimed, error, now, start)
         outcomes[index] = ReportOutcomeWithNext(
             **msgspec.structs.asdict(outcomes[index]), next=claimed
         )
@@ -287,6 +315,15 @@ class Broker:
             self.metrics.task_transitions.labels("assigned").inc(assigned)
             if started:
                 self.metrics.task_transitions.labels("started").inc(len(tasks))
+
+    def _trace_claimed(self, tasks: Sequence[Task], started: bool, start_ns: int) -> None:
+        """The spans of a claim: an assignment for each task it assigned, a start for each it
+        started."""
+        assert self.tracing is not None
+        assigned = tasks.assigned if isinstance(tasks, Claimed) else len(tasks)
+        self.tracing.transitions("assigned", tasks[len(tasks) - assigned:], start_ns)
+        if started:
+            self.tracing.transitions("started", tasks, start_ns)
 
     def _count(self, event: str, task: Task) -> None:
         """task_transitions_total{event} (with the retry or dlq that follows a failure) and,
@@ -321,7 +358,10 @@ class Broker:
         self, *, batch: int | None = None, now: datetime | None = None
     ) -> list[Assignment]:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
+        start = time.time_ns()
         assignments = await self.tasks.assign(batch or self.assignment.batch_size, now=now)
+        if assignments and self.tracing is not None:
+            self.tracing.assigned(assignments, start)
         if assignments and self.metrics is not None:
             self.metrics.task_transitions.labels("assigned").inc(len(assignments))
         return assignments

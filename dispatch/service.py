@@ -32,6 +32,7 @@ from dispatch.preflight import (
 from dispatch.replica import ReadRoute, ReplicaMonitor
 from dispatch.settings import Settings
 from dispatch.store import Store
+from dispatch.tracing import Tracing, tracing_from
 
 if TYPE_CHECKING:
     from litestar import Litestar, Router
@@ -82,6 +83,7 @@ def web_app(
     admin_token: str | None = None,
     listener: Listener | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Litestar:
     """The API on port 8600, with the dashboard under /ui when ui.enabled."""
     from dispatch.api.app import create_app
@@ -98,18 +100,20 @@ def web_app(
         )
         mounts.append(router)
     return create_app(
-        settings, broker, admin_token=token, listener=listener, metrics=metrics, mounts=mounts,
-        state=state,
+        settings, broker, admin_token=token, listener=listener, metrics=metrics,
+        tracing=tracing, mounts=mounts, state=state,
     )
 
 
 class Service:
-    """Everything one process runs. `start()` is ready when both ports accept connections."""
+    """Everything one process runs. `start()` is ready when both ports accept connections.
+    `tracing` replaces the one the settings ask for (tests pass one that keeps its spans)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.database_url = ""
         self.metrics = Metrics()
+        self.tracing = tracing if tracing is not None else tracing_from(settings.tracing)
         self.pool: AsyncConnectionPool[Any] | None = None
         self.read_pool: AsyncConnectionPool[Any] | None = None
         self.replica: ReplicaMonitor | None = None
@@ -161,6 +165,7 @@ class Service:
         self.broker = Broker(
             store, listener=self.listener, assignment=s.assignment, metrics=self.metrics,
             reads=reads, replica=self.replica.status if self.replica is not None else None,
+            tracing=self.tracing,
         )
         await self.broker.apply_config()
         self.loops = self._build_loops()
@@ -218,7 +223,8 @@ class Service:
         conn = NatsConnection(self.settings.hermes.url)
         poll = self.settings.hermes.poll_interval_ms / 1000
         relay = Relay(
-            self.broker, self.listener, conn, metrics=self.metrics, poll_interval=poll
+            self.broker, self.listener, conn, metrics=self.metrics, poll_interval=poll,
+            tracing=self.tracing,
         )
         # Started in this order, stopped in reverse: inbound and relay before the connection.
         return [conn, relay, NatsInbound(conn, self.broker)]
@@ -231,7 +237,7 @@ class Service:
         admin_token = s.server.admin_token or secrets.token_urlsafe(32)  # shown by the banner
         api_app = web_app(
             s, self.broker, admin_token=admin_token, listener=self.listener,
-            metrics=self.metrics,
+            metrics=self.metrics, tracing=self.tracing,
         )
         self.hubs.append(api_app.state["follow"])  # the API's followed tasks
         dashboard = api_app.state.get("ui")
@@ -324,6 +330,8 @@ class Service:
             await self.read_pool.close()
         if self.pool is not None:
             await self.pool.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the spans not exported yet
         self.stopped.set()
 
     async def run(self) -> None:

@@ -141,6 +141,21 @@ class LoggingSettings(_Section, frozen=True):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+class TracingSettings(_Section, frozen=True):
+    # OpenTelemetry spans (the tracing extra): each API request, transition, assignment and
+    # relay batch, one trace per task from its create to its agent (dispatch.tracing).
+    enabled: bool = False
+    # otlp: OTLP over HTTP to endpoint; console: printed on stdout; none: made and propagated,
+    # not exported.
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    # The OTLP/HTTP traces URL (http://collector:4318/v1/traces); "": OpenTelemetry's own
+    # (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318).
+    endpoint: Url = ""
+    service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "dispatch"
+    # The share of new traces kept; a trace its caller started keeps the caller's decision.
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+
+
 class Settings(_Section, frozen=True):
     """Everything `dispatch` reads from its configuration, built once and passed explicitly."""
 
@@ -156,6 +171,7 @@ class Settings(_Section, frozen=True):
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
     ui: UiSettings = UiSettings()
+    tracing: TracingSettings = TracingSettings()
     data_dir: str = DEFAULT_DATA_DIR
 
 

@@ -32,6 +32,7 @@ from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.notify import AUTH_CHANNEL, Listener
 from dispatch.settings import Settings
+from dispatch.tracing import Tracing
 from dispatch.wire import AGENT_ID_PATTERN
 
 # Swagger UI's files, served by this app from the swagger-ui-py package (server extra), so the
@@ -109,13 +110,15 @@ def create_app(
     admin_token: str | None = None,
     listener: Listener | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
     mounts: Sequence[Router] = (),
     state: Mapping[str, object] | None = None,
 ) -> Litestar:
     """The API app over `broker`. `admin_token`,
     when given, replaces settings.server.admin_token (`serve` passes the one it generated when
     the setting is empty); `listener` brings other replicas' token revocations; `metrics`
-    counts HTTP requests; `mounts` are further routers (the dashboard) with their `state`."""
+    counts HTTP requests; `tracing` makes a span of each; `mounts` are further routers (the
+    dashboard) with their `state`."""
 
     api = Router(
         path="/api/v1",
@@ -149,8 +152,12 @@ def create_app(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.server.max_body_bytes,
-        # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app.
-        middleware=[metrics.http.middleware] if metrics is not None else [],
+        # HTTP metrics (dispatch_http_*) into the process's registry, served by the ops app; a
+        # span per request while tracing is on.
+        middleware=[
+            *([metrics.http.middleware] if metrics is not None else []),
+            *([tracing.middleware] if tracing is not None else []),
+        ],
         before_send=[deny_framing],
         openapi_config=openapi_config(),
         state=State(app_state),

@@ -215,7 +215,9 @@ class NatsInbound:
             )
         new = new_task(req)
         key = req.idempotency_key or headers.get(IDEMPOTENCY_HEADER)
-        task, _created = await self.broker.submit(new, requester=requester, idempotency_key=key)
+        task, _created = await self.broker.submit(
+            new, requester=requester, idempotency_key=key, trace_parent=headers
+        )
         return task
 
     async def _on_report(self, msg: Msg) -> object:

@@ -8,7 +8,8 @@ crash between publish and mark rolls the marks back, and the rows go out again u
 message ids, which JetStream drops as duplicates within the stream's duplicate window. An ack that
 says duplicate is checked against what the stream holds: another event under the same id is
 published again under a new one (verify_duplicate). The relay wakes on NOTIFY dispatch_events
-(polling is only a fallback) and, while NATS is down, on reconnection."""
+(polling is only a fallback) and, while NATS is down, on reconnection. While tracing is on, a
+batch is a span and each message carries its task's trace context (traceparent)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import dataclasses
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.errors import Error as NatsError
@@ -35,6 +36,10 @@ from dispatch.loop import BackgroundLoop
 from dispatch.metrics import Metrics
 from dispatch.models import Task, TaskEvent
 from dispatch.notify import EVENTS_CHANNEL, Listener
+from dispatch.tracing import NOOP
+
+if TYPE_CHECKING:
+    from dispatch.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,8 @@ class Outgoing:
     subject: str
     msg_id: str
     body: bytes
+    # The task's W3C trace context (traceparent, tracestate), sent while tracing is on.
+    trace_context: Mapping[str, str] | None = None
 
 
 def schedule_subject(schedule: str, what: str) -> str:
@@ -126,14 +133,15 @@ def messages(event: TaskEvent, task: Task | None, max_payload: int) -> list[Outg
     schedule's fire or skip also the schedule's."""
     body = encode_event(event, task, max_payload)
     base = msg_id(event)
-    out = [Outgoing(event.id, task_subject(event), base, body)]
+    trace = task.trace_context if task is not None else None
+    out = [Outgoing(event.id, task_subject(event), base, body, trace)]
     agent = event.payload.get("assigned_agent")
     if event.event == "assigned" and isinstance(agent, str) and agent:
-        out.append(Outgoing(event.id, agent_subject(agent), f"{base}:agent", body))
+        out.append(Outgoing(event.id, agent_subject(agent), f"{base}:agent", body, trace))
     schedule = event.payload.get("schedule")
     if event.event in _SCHEDULE_EVENTS and isinstance(schedule, str) and schedule:
         subject = schedule_subject(schedule, _SCHEDULE_EVENTS[event.event])
-        out.append(Outgoing(event.id, subject, f"{base}:schedule", body))
+        out.append(Outgoing(event.id, subject, f"{base}:schedule", body, trace))
     return out
 
 
@@ -187,8 +195,10 @@ class Relay(BackgroundLoop):
         batch_size: int = 500,
         poll_interval: float = 5.0,
         publish_timeout: float = 5.0,
+        tracing: Tracing | None = None,
     ) -> None:
         super().__init__(interval=poll_interval, backoff=(0.1, 5.0))
+        self.tracing = tracing
         self.broker = broker
         self.listener = listener
         self.nats = nats_conn
@@ -318,7 +328,11 @@ class Relay(BackgroundLoop):
             if not events:
                 return False
             tasks = await self.broker.tasks.by_id(list({e.task_id for e in events}), conn=conn)
-            acked, error = await self.publish(events, tasks)
+            span = NOOP if self.tracing is None else self.tracing.span(
+                "dispatch.relay", kind="producer", attributes={"dispatch.events": len(events)}
+            )
+            with span:
+                acked, error = await self.publish(events, tasks)
             if acked:
                 since = min(e.created_at for e in events)
                 await outbox.mark_published(acked, since=since, conn=conn)
@@ -358,6 +372,9 @@ class Relay(BackgroundLoop):
         log.error("event relay: set aside %s", self._last_set_aside)
 
     def headers(self, message: Outgoing) -> dict[str, str]:
+        if self.tracing is not None and message.trace_context:
+            return {**message.trace_context, MSG_ID_HEADER: message.msg_id,
+                    ORIGIN_HEADER: ORIGIN_RELAY}
         return {MSG_ID_HEADER: message.msg_id, ORIGIN_HEADER: ORIGIN_RELAY}
 
     def _duplicate(self, verdict: str) -> None:
