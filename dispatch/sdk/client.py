@@ -47,6 +47,7 @@ from dispatch.models import (
     TaskStatus,
     TaskWithNext,
 )
+from dispatch.sdk import tracing
 from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
 
 T = TypeVar("T")
@@ -152,6 +153,13 @@ def _schedule_create(schedule: str | ScheduleCreate, fields: Mapping[str, Any]) 
             raise TypeError("give a ScheduleCreate or a name and fields, not both")
         return schedule
     return ScheduleCreate(name=schedule, **fields)
+
+
+def _with_trace(headers: Mapping[str, str]) -> dict[str, str]:
+    """A request's headers with the current span's trace context."""
+    out = dict(headers)
+    tracing.inject(out)
+    return out
 
 
 def _identity(agent_id: str, token: str | None) -> dict[str, str]:
@@ -427,6 +435,7 @@ class DispatchClient:
             base_url=base_url, timeout=timeout, transport=transport,
             headers=_identity(agent_id, token),
         )
+        self._traced = tracing.active()
 
     def __enter__(self) -> DispatchClient:
         return self
@@ -441,7 +450,8 @@ class DispatchClient:
 
     def _send(self, call: _Call) -> httpx.Response:
         return self._http.request(
-            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+            call.method, call.path, json=call.json, params=call.params,
+            headers=_with_trace(call.headers) if self._traced else call.headers,
         )
 
     # requesters
@@ -681,6 +691,7 @@ class AsyncDispatchClient:
             base_url=base_url, timeout=timeout, transport=transport,
             headers=_identity(agent_id, token),
         )
+        self._traced = tracing.active()
 
     async def __aenter__(self) -> AsyncDispatchClient:
         return self
@@ -695,7 +706,8 @@ class AsyncDispatchClient:
 
     async def _send(self, call: _Call) -> httpx.Response:
         return await self._http.request(
-            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+            call.method, call.path, json=call.json, params=call.params,
+            headers=_with_trace(call.headers) if self._traced else call.headers,
         )
 
     # requesters

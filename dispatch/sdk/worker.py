@@ -24,7 +24,8 @@ SIGTERM (or SIGINT) it stops claiming, lets running handlers finish within `grac
 releases the rest: pending again, with no attempt counted (POST /tasks/{id}/release).
 With `claim=False` it takes only what the assigner pushes, looking for it now and then; with
 `nats_url` (push mode, nats-py) too, the relay's `swarm.dispatch.agent.<id>.assigned` tells it at
-once that the assigner gave it a task.
+once that the assigner gave it a task. When the application has configured an OpenTelemetry tracer
+provider, each task's handler and reports are a span in the task's trace (dispatch.sdk.tracing).
 
 Imports only httpx and msgspec (the client install; nats-py in push mode): no server dependency.
 """
@@ -50,6 +51,7 @@ import msgspec
 
 from dispatch.errors import Conflict, DispatchError, Forbidden, NotFound, Unavailable
 from dispatch.models import Dependencies, NextClaim, Task, TaskStatus, TaskWithNext
+from dispatch.sdk import tracing
 from dispatch.sdk.client import AsyncDispatchClient, DispatchClient, report_item, report_outcome
 from dispatch.wire import MAX_REPORTS
 
@@ -309,6 +311,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._freed: asyncio.Event | None = None
         self._reports: _Reports
+        self._traced = False
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the coroutine function run once per task."""
@@ -331,6 +334,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._freed = asyncio.Event()
+        self._traced = tracing.active()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
@@ -520,6 +524,15 @@ class Worker:
                 return
             self._running[task.task_id] = attempt
         assert self._handler is not None
+        if self._traced:  # the handler and its reports in the span, which ends with them
+            ctx, span = tracing.handling(task)
+            attempt.runner = asyncio.create_task(
+                self._handler(TaskContext(self, attempt)), context=ctx.copy()
+            )
+            attempt.job = asyncio.create_task(self._run(attempt), name=str(task.task_id),
+                                              context=ctx)
+            attempt.job.add_done_callback(lambda _: span.end())
+            return
         attempt.runner = asyncio.create_task(self._handler(TaskContext(self, attempt)))
         attempt.job = asyncio.create_task(self._run(attempt), name=str(task.task_id))
 
