@@ -29,6 +29,10 @@ _TRACE_HEADER_BYTES = (b"traceparent", b"tracestate")
 # What runs in place of a span while tracing is off (reusable, yields None).
 NOOP: contextlib.nullcontext[None] = contextlib.nullcontext()
 
+# The longest tracestate a task keeps (W3C: propagate at least 512 characters); a longer one is
+# dropped, the traceparent kept (dispatch.tasks.trace_context holds up to 1 kB).
+MAX_TRACESTATE = 512
+
 MISSING_EXTRA = "tracing.enabled needs OpenTelemetry: pip install 'dispatch-broker[tracing]'"
 
 
@@ -133,6 +137,8 @@ class Tracing:
         """The current span's trace context, to store or send; None without a valid span."""
         out: Carrier = {}
         self._w3c.inject(out)
+        if len(out.get("tracestate", "")) > MAX_TRACESTATE:
+            del out["tracestate"]
         return out or None
 
     def _record(

@@ -241,6 +241,19 @@ async def test_a_malformed_traceparent_starts_a_new_trace(
     assert stored.split("-")[1] == hexes(request)[0] != CALLER_TRACE
 
 
+async def test_a_long_tracestate_is_not_kept(traced_client: httpx.AsyncClient) -> None:
+    state = ",".join(f"k{i}={'v' * 200}" for i in range(30))  # 30 members: valid, 6 kB
+    r = await traced_client.post(
+        "/api/v1/tasks", json={"title": "t"},
+        headers={"X-Agent-ID": "alice", "traceparent": traceparent(CALLER_TRACE, CALLER_SPAN),
+                 "tracestate": state},
+    )
+    assert r.status_code == 201, r.text
+    context = r.json()["trace_context"]
+    assert context.keys() == {"traceparent"}
+    assert context["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+
+
 async def test_tracing_off_stores_no_context(pool: AsyncConnectionPool[Any]) -> None:
     app = create_app(Settings(), Broker(Store(pool)))
     async with AsyncTestClient(app=app) as client:
