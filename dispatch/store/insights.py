@@ -36,12 +36,12 @@ SELECT
     (SELECT count(*) FROM dispatch.tasks WHERE status IN ('failed', 'timed_out')) AS dead_letter
 """
 
-# The dashboard's charts: per minute of the last hour, the tasks that ended (completed, or
-# failed for good) and the create-to-assign wait of the tasks assigned. Only terminal rows of the
-# last hour (tasks_terminal_completed_idx) and the active rows (tasks_active_deadline_idx) are read,
-# however deep the queue or long the history. `since` is written out at each use, not joined from
-# a clock CTE, so that the planner estimates the last hour's rows from the column's statistics (a
-# join's guess, a third of the history, plans a sort of them, and JIT where JIT is on).
+# The dashboard's charts: per minute of the last hour, the tasks that ended (completed, or failed
+# for good) and the create-to-assign wait of the tasks assigned. Only terminal rows of the last hour
+# (tasks_terminal_completed_idx) and the active and suspended rows (tasks_active_deadline_idx) are
+# read, however deep the queue or long the history. `since` is written out at each use, not joined
+# from a clock CTE, so that the planner estimates the last hour's rows from the column's statistics
+# (a join's guess, a third of the history, plans a sort of them, and JIT where JIT is on).
 _UI_SERIES = """
 WITH ended AS (
     SELECT status, created_at, assigned_at, completed_at FROM dispatch.tasks
@@ -52,7 +52,7 @@ assigned AS (
     SELECT created_at, assigned_at FROM ended WHERE assigned_at >= {since}
     UNION ALL
     SELECT created_at, assigned_at FROM dispatch.tasks
-    WHERE status IN ('assigned', 'running') AND assigned_at >= {since}
+    WHERE status IN ('assigned', 'running', 'suspended') AND assigned_at >= {since}
 )
 SELECT g.minute,
        coalesce(d.completed, 0) AS completed,

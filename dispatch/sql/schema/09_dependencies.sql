@@ -283,3 +283,20 @@ CREATE TRIGGER tasks_dependents_settle AFTER UPDATE OF status ON dispatch.tasks
                        AND NEW.status IN ('completed', 'failed', 'timed_out', 'cancelled'))
     EXECUTE FUNCTION dispatch.tasks_dependents_settle();
 
+
+-- A deleted task's edges go with it, both ways (retention deletes ended tasks; a DBA may delete
+-- any). Once per DELETE statement, and only while edges exist at all.
+CREATE FUNCTION dispatch.tasks_deleted_edges() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM dispatch.task_dependencies) THEN
+        DELETE FROM dispatch.task_dependencies dd WHERE dd.task_id IN (SELECT task_id FROM gone);
+        DELETE FROM dispatch.task_dependencies dd WHERE dd.depends_on IN (SELECT task_id FROM gone);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_deleted_edges AFTER DELETE ON dispatch.tasks
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.tasks_deleted_edges();

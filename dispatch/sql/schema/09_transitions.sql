@@ -417,19 +417,29 @@ DECLARE
     r dispatch.tasks;
 BEGIN
     PERFORM dispatch.fn_enter();
+    -- With the suspended tasks whose signal did not come in time (19_signals.sql): the same
+    -- index, in one walk.
     FOR t IN
         SELECT * FROM dispatch.tasks tk
-        WHERE tk.status IN ('assigned', 'running')
+        WHERE tk.status IN ('assigned', 'running', 'suspended')
           AND (tk.deadline_at <= p_now
                OR (tk.status = 'assigned' AND tk.wake_deadline_at <= p_now)
-               OR tk.heartbeat_seconds IS NOT NULL
+               OR tk.status <> 'suspended' AND tk.heartbeat_seconds IS NOT NULL
                   AND coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
                       + make_interval(secs => tk.heartbeat_seconds) <= p_now)
         ORDER BY tk.deadline_at
         LIMIT p_limit
         FOR NO KEY UPDATE SKIP LOCKED
     LOOP
-        IF t.status = 'assigned' AND t.wake_deadline_at <= p_now AND t.deadline_at > p_now THEN
+        IF t.status = 'suspended' THEN
+            PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
+                jsonb_build_object('assigned_agent', t.assigned_agent,
+                                   'timed_out_in_state', t.status, 'reason', 'signal',
+                                   'waiting_for', t.waiting_for), p_now);
+            r := dispatch.task_end_attempt(t, 'timed_out', 'no signal in time: ' || t.waiting_for,
+                                           true, p_now);
+            event := 'timeout';
+        ELSIF t.status = 'assigned' AND t.wake_deadline_at <= p_now AND t.deadline_at > p_now THEN
             r := dispatch.task_reassign(t, 'wake_timeout', p_now);
             event := 'reassigned';
         ELSE
@@ -442,24 +452,6 @@ BEGIN
             event := 'timeout';
         END IF;
         task_id := r.task_id;
-        status := r.status;
-        RETURN NEXT;
-    END LOOP;
-    -- Suspended tasks whose signal did not come in time: the attempt fails (19_signals.sql).
-    FOR t IN
-        SELECT * FROM dispatch.tasks tk
-        WHERE tk.status = 'suspended' AND tk.deadline_at <= p_now
-        ORDER BY tk.deadline_at
-        LIMIT p_limit
-        FOR NO KEY UPDATE SKIP LOCKED
-    LOOP
-        PERFORM dispatch.event_write(t.task_id, 'timeout', 'dispatch',
-            jsonb_build_object('assigned_agent', t.assigned_agent, 'timed_out_in_state', t.status,
-                               'reason', 'signal', 'waiting_for', t.waiting_for), p_now);
-        r := dispatch.task_end_attempt(t, 'timed_out', 'no signal in time: ' || t.waiting_for,
-                                       true, p_now);
-        task_id := r.task_id;
-        event := 'timeout';
         status := r.status;
         RETURN NEXT;
     END LOOP;
@@ -476,13 +468,14 @@ $$;
 CREATE FUNCTION dispatch.next_deadline() RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN least(
-        (SELECT min(least(tk.deadline_at,
-                          CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
-                          coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
-                              + make_interval(secs => tk.heartbeat_seconds)))
-         FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running')),
-        (SELECT min(tk.deadline_at) FROM dispatch.tasks tk WHERE tk.status = 'suspended'));
+    -- A suspended task has its deadline only (the end of its wait).
+    RETURN (SELECT min(CASE WHEN tk.status = 'suspended' THEN tk.deadline_at
+                            ELSE least(tk.deadline_at,
+                                       CASE WHEN tk.status = 'assigned' THEN tk.wake_deadline_at END,
+                                       coalesce(tk.last_progress_at, tk.started_at, tk.assigned_at)
+                                           + make_interval(secs => tk.heartbeat_seconds))
+                       END)
+            FROM dispatch.tasks tk WHERE tk.status IN ('assigned', 'running', 'suspended'));
 END
 $$;
 
