@@ -26,7 +26,7 @@ def _serve(settings: object, config: str | None) -> None:
     assert isinstance(settings, Settings)
     workers = supervisor.worker_count(settings)
     if not settings.server.reuse_port:  # else a worker of serve --workers: checked already
-        preflight.check_ports(settings, workers if workers > 1 else 1)
+        preflight.check_ports(settings)
         preflight.check_pool_mode(settings.database)
         check_installed(settings.tracing)
         if settings.database.url:

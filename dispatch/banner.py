@@ -13,6 +13,8 @@ from dispatch.settings import Settings
 
 # Set by the supervisor in its workers' environment: the supervisor prints the banner, not them.
 SUPERVISED_ENV = "_DISPATCH_SUPERVISED"
+# A supervised worker serves its ops app on this Unix socket (dispatch.serve_ops).
+OPS_SOCKET_ENV = "_DISPATCH_OPS_SOCKET"
 
 
 def supervised() -> bool:
@@ -37,9 +39,7 @@ def banner(settings: Settings, admin_token: str, *, generated: bool, workers: in
     ]
     if settings.ui.enabled:
         lines.append(f"  Dashboard   {api}/ui")
-    metrics = f"{ops}/metrics" + (
-        f" (worker i: port {s.metrics_port} + i)" if workers > 1 else "")
-    lines.append(f"  Metrics     {metrics}")
+    lines.append(f"  Metrics     {ops}/metrics" + (" (all workers)" if workers > 1 else ""))
     if generated:
         lines += [
             "The admin token was generated for this run (set server.admin_token or",

@@ -313,6 +313,11 @@ class Broker:
             # The agent's own tasks among them were counted when the assigner gave them.
             assigned = tasks.assigned if isinstance(tasks, Claimed) else len(tasks)
             self.metrics.task_transitions.labels("assigned").inc(assigned)
+            for task in tasks[len(tasks) - assigned:]:  # the new ones come after its own
+                if task.assigned_at is not None:
+                    since = max(task.created_at, task.available_at)
+                    waited = (task.assigned_at - since).total_seconds()
+                    self.metrics.waited(task.required_capabilities, max(waited, 0.0))
             if started:
                 self.metrics.task_transitions.labels("started").inc(len(tasks))
 

@@ -391,6 +391,8 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     score: float
     wake: bool
     waited: float
+    # What the task requires (the assignment wait is measured by capability).
+    capabilities: list[str] = msgspec.field(default_factory=list)
     # The task's trace context (tracing): the assignment's span continues its trace.
     trace_context: dict[str, str] | None = None
 
@@ -425,6 +427,18 @@ class Cursor(msgspec.Struct, frozen=True, array_like=True):
     task_id: uuid.UUID
 
 
+class PendingBy(msgspec.Struct, frozen=True, kw_only=True):
+    """The pending queue of one capability or tenant (`other`: the rest, past the largest 20)."""
+
+    key: str
+    pending: int
+    # Available now (the others are scheduled for later), and the longest one of them has waited.
+    ready: int
+    oldest_wait_seconds: float
+    # By capability: the agents not stopped nor drained that have it (None for `other`).
+    agents: int | None = None
+
+
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
     """Queue statistics for GET /api/v1/stats; the total_* keys are the original service's names
     (in_progress is running; failed counts failed and timed_out, both failure ends)."""
@@ -441,6 +455,10 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     total_in_progress: int
     total_completed: int
     total_failed: int
+    # The pending queue by capability (a task requiring several counts under each; `(any)`: no
+    # capability required), and by tenant while flow control is on (else None).
+    by_capability: list[PendingBy] = msgspec.field(default_factory=list)
+    by_tenant: list[PendingBy] | None = None
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):

@@ -35,12 +35,11 @@ class StartupError(DispatchError):
     """serve cannot start as configured; the message says why and which setting to change."""
 
 
-def check_ports(settings: Settings, workers: int) -> None:
-    """The API port and every ops port (one per worker) are free on server.host."""
+def check_ports(settings: Settings) -> None:
+    """The API port and the ops port are free on server.host."""
     s = settings.server
-    wanted = [("server.port (DISPATCH_PORT)", s.port)]
-    wanted += [("server.metrics_port (DISPATCH_METRICS_PORT)", s.metrics_port + i)
-               for i in range(workers)]
+    wanted = [("server.port (DISPATCH_PORT)", s.port),
+              ("server.metrics_port (DISPATCH_METRICS_PORT)", s.metrics_port)]
     for setting, port in wanted:
         if port == 0:  # the system picks a free one
             continue

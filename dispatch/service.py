@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -17,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from dispatch import db
 from dispatch.api.protocol import protocol_class
-from dispatch.banner import banner, print_banner, supervised
+from dispatch.banner import OPS_SOCKET_ENV, banner, print_banner, supervised
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
@@ -251,12 +252,16 @@ class Service:
             (api_app, s.server.port),
             (create_ops_app(self), s.server.metrics_port),
         ]
+        # A worker of serve --workers N: its ops app is on its socket; the supervisor serves the
+        # metrics port for all of them.
+        ops_socket = os.environ.get(OPS_SOCKET_ENV)
         for i, (app, port) in enumerate(apps):
             config = uvicorn.Config(
                 app, host=s.server.host, port=port, log_config=None, access_log=False,
                 lifespan="on", loop="none",
                 http=protocol_class(s.server.read_timeout_ms / 1000),
                 timeout_keep_alive=max(1, s.server.keep_alive_ms // 1000),
+                uds=ops_socket if i == 1 else None,
             )
             server = _Server(config)
             self.servers.append(server)

@@ -1,9 +1,9 @@
 """`dispatch serve --workers N`: N processes on one machine, each a full replica (API, loops, its
 own pool), the way several replicas share one database. They share the API port (SO_REUSEPORT:
-the kernel spreads connections over them); worker i serves its ops app on metrics_port + i, to be
-scraped like any replica. This process owns what must exist once: the embedded Postgres, the
-migration, a generated admin token. It restarts a worker that dies and stops them all on
-SIGTERM/SIGINT."""
+the kernel spreads connections over them). This process owns what must exist once: the embedded
+Postgres, the migration, a generated admin token, and the one ops endpoint on metrics_port
+(dispatch.serve_ops: every worker's metrics summed, every worker's health). It restarts a worker
+that dies and stops them all on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -12,17 +12,28 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from dispatch.banner import SUPERVISED_ENV, banner, print_banner
+import httpx
+from prometheus_client import multiprocess
+
+from dispatch.banner import OPS_SOCKET_ENV, SUPERVISED_ENV, banner, print_banner
 from dispatch.migrate import migrate
-from dispatch.preflight import check_listen, check_pool_mode, connection_plan, session_url
+from dispatch.preflight import (
+    StartupError,
+    check_listen,
+    check_pool_mode,
+    connection_plan,
+    session_url,
+)
+from dispatch.serve_ops import ServeOps, ServeOpsThread, metrics_dir, worker_socket
 from dispatch.service import resolve_database_url
 from dispatch.settings import Settings
 
@@ -51,11 +62,14 @@ def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 def _start(
-    i: int, env: dict[str, str], config: str | None, metrics_port: int
+    i: int, env: dict[str, str], config: str | None, run_dir: Path
 ) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "dispatch", *(["--config", config] if config else []), "serve"]
-    ops = {"DISPATCH_SERVER_METRICS_PORT": str(metrics_port + i)}
-    return subprocess.Popen(args, env={**env, **ops}, preexec_fn=_die_with_parent)
+    sock = worker_socket(run_dir, i)
+    sock.unlink(missing_ok=True)  # a dead predecessor's
+    return subprocess.Popen(
+        args, env={**env, OPS_SOCKET_ENV: str(sock)}, preexec_fn=_die_with_parent
+    )
 
 
 def _die_with_parent() -> None:
@@ -68,16 +82,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _healthy(settings: Settings, i: int) -> bool:
+def _healthy(run_dir: Path, i: int) -> bool:
     """Worker i's /health answers 200."""
-    host = settings.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{settings.server.metrics_port + i}/health"
+    transport = httpx.HTTPTransport(uds=str(worker_socket(run_dir, i)))
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as answer:
-            return bool(answer.status == 200)
-    except OSError:
+        with httpx.Client(transport=transport, timeout=0.5) as client:
+            return client.get("http://worker/health").status_code == 200
+    except httpx.HTTPError:
         return False
 
 
@@ -92,6 +103,27 @@ def run(settings: Settings, config: str | None) -> int:
         log.info("migrations applied: %s", applied)
     plan = connection_plan(session, settings, worker_count(settings))
     n = plan.workers
+    run_dir = Path(tempfile.mkdtemp(prefix="dispatch-serve-"))
+    try:
+        return _supervise(settings, config, url, plan.pool_min, plan.pool_max, n, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _supervise(
+    settings: Settings, config: str | None, url: str, pool_min: int, pool_max: int, n: int,
+    run_dir: Path,
+) -> int:
+    metrics_dir(run_dir).mkdir()
+    ops = ServeOpsThread(ServeOps(run_dir, n), settings.server.host, settings.server.metrics_port)
+    ops.start()
+    while not (ops.started or ops.failed):
+        time.sleep(0.02)
+    if ops.failed:
+        raise StartupError(
+            f"cannot serve the ops endpoint on port {settings.server.metrics_port}"
+            " (server.metrics_port); see the error above"
+        )
     token = settings.server.admin_token or secrets.token_urlsafe(32)  # shown by the banner
     env = {
         **os.environ,
@@ -101,8 +133,10 @@ def run(settings: Settings, config: str | None) -> int:
         "DISPATCH_SERVER_WORKERS": "1",
         "DISPATCH_SERVER_REUSE_PORT": "true",
         # Each worker's share of the connection budget.
-        "DISPATCH_DATABASE_POOL_MIN": str(plan.pool_min),
-        "DISPATCH_DATABASE_POOL_MAX": str(plan.pool_max),
+        "DISPATCH_DATABASE_POOL_MIN": str(pool_min),
+        "DISPATCH_DATABASE_POOL_MAX": str(pool_max),
+        # Each worker records its metrics into files here; the ops endpoint sums them.
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(run_dir)),
     }
     stopping = False
 
@@ -112,8 +146,7 @@ def run(settings: Settings, config: str | None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    port = settings.server.metrics_port
-    procs = [_start(i, env, config, port) for i in range(n)]
+    procs = [_start(i, env, config, run_dir) for i in range(n)]
     log.info("dispatch serving with %d workers", n, extra={"port": settings.server.port})
     started = [time.monotonic()] * n
     early = [0] * n  # each worker's exits in a row within QUICK_EXIT_SECONDS of its start
@@ -121,7 +154,7 @@ def run(settings: Settings, config: str | None) -> int:
     announced = False
     while not stopping:
         time.sleep(0.2)
-        if not announced and all(_healthy(settings, i) for i in range(n)):
+        if not announced and all(_healthy(run_dir, i) for i in range(n)):
             print_banner(banner(settings, token, generated=not settings.server.admin_token,
                                 workers=n))
             announced = True
@@ -137,9 +170,11 @@ def run(settings: Settings, config: str | None) -> int:
                 stopping, status = True, 1
                 break
             log.error("worker %d exited with %s; restarting it", i, proc.returncode)
+            # Its counters stay in the sums; its live gauges (requests in progress) go.
+            multiprocess.mark_process_dead(proc.pid, str(metrics_dir(run_dir)))
             if early[i]:
                 time.sleep(2)
-            procs[i], started[i] = _start(i, env, config, port), time.monotonic()
+            procs[i], started[i] = _start(i, env, config, run_dir), time.monotonic()
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -150,4 +185,5 @@ def run(settings: Settings, config: str | None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    ops.stop()
     return status

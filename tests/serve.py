@@ -31,28 +31,12 @@ def free_port() -> int:
             return port
 
 
-def free_port_run(count: int) -> int:
-    """A port p with p .. p+count-1 all free: `serve --workers N` gives worker i the ops port
-    metrics_port + i."""
-    while True:
-        base = free_port()
-        try:
-            with contextlib.ExitStack() as held:
-                for port in range(base, base + count):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("0.0.0.0", port))
-            return base
-        except OSError:
-            continue
-
-
-def serve_ports(workers: int) -> tuple[int, int]:
-    """An API port and a run of `workers` ops ports, all free and none the same: each is free on
-    its own, so the run is drawn again when it covers the API port."""
+def serve_ports() -> tuple[int, int]:
+    """An API port and an ops port, both free and not the same."""
     api = free_port()
     while True:
-        ops = free_port_run(workers)
-        if not ops <= api < ops + workers:
+        ops = free_port()
+        if ops != api:
             return api, ops
 
 
@@ -91,7 +75,7 @@ def start_serve(
     timeout: float = 30.0,
 ) -> ServeProcess:
     """Start `python -m dispatch serve` against database_url; return once /health answers 200."""
-    api_port, ops_port = serve_ports(8)
+    api_port, ops_port = serve_ports()
     full_env = {
         **os.environ,
         "DISPATCH_DATABASE_URL": database_url,

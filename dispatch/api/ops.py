@@ -1,4 +1,5 @@
-"""The ops app on the metrics port: GET /health and GET /metrics (Prometheus text)."""
+"""The ops app on the metrics port: GET /health and GET /metrics (Prometheus text). A worker of
+`serve --workers N` serves it on a Unix socket for the serve's one endpoint (dispatch.serve_ops)."""
 
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -46,7 +47,7 @@ class _Snapshot(Collector):
         for status, n in sorted(dict(self.values.get("agents") or {}).items()):
             agents.add_metric([status], float(n))
         oldest = self.values.get("oldest_pending_seconds")
-        return [*self._flow(self.values),
+        return [*self._flow(self.values), *self._by(self.values),
             up,
             depth,
             GaugeMetricFamily(
@@ -59,6 +60,45 @@ class _Snapshot(Collector):
                 value=float(self.values.get("event_log_unpublished") or 0),
             ),
         ]
+
+    @staticmethod
+    def _by(values: Mapping[str, Any]) -> list[GaugeMetricFamily]:
+        """The pending queue by capability, and by tenant while flow control is on: the largest
+        keys and `other` (dispatch.pending_by)."""
+        families: list[GaugeMetricFamily] = []
+        for label, rows in (("capability", values.get("by_capability")),
+                            ("tenant", values.get("by_tenant"))):
+            if rows is None:
+                continue
+            pending = GaugeMetricFamily(
+                f"dispatch_{label}_pending", f"Pending tasks by {label} (the largest, and other)",
+                labels=[label],
+            )
+            ready = GaugeMetricFamily(
+                f"dispatch_{label}_ready", f"Pending tasks available now, by {label}",
+                labels=[label],
+            )
+            oldest = GaugeMetricFamily(
+                f"dispatch_{label}_oldest_wait_seconds",
+                f"How long the longest-waiting available task has waited, by {label}",
+                labels=[label],
+            )
+            families += [pending, ready, oldest]
+            for row in rows:
+                pending.add_metric([row["key"]], float(row["pending"]))
+                ready.add_metric([row["key"]], float(row["ready"]))
+                oldest.add_metric([row["key"]], float(row["oldest_wait_seconds"]))
+            if label == "capability":
+                agents = GaugeMetricFamily(
+                    "dispatch_capability_agents",
+                    "Agents not stopped nor drained that have the capability",
+                    labels=[label],
+                )
+                for row in rows:
+                    if row.get("agents") is not None:
+                        agents.add_metric([row["key"]], float(row["agents"]))
+                families.append(agents)
+        return families
 
     @staticmethod
     def _flow(values: Mapping[str, Any]) -> list[GaugeMetricFamily]:
@@ -88,6 +128,17 @@ class _Snapshot(Collector):
         return [held, tokens, active, cap]
 
 
+async def database_exposition(service: OpsSource) -> bytes:
+    """The gauges read from the database now (dispatch_database_up 0 when it cannot be read)."""
+    try:
+        values: Mapping[str, Any] | None = await service.gauges()
+    except Exception:  # any failure to read the database shows as dispatch_database_up 0
+        values = None
+    scrape = CollectorRegistry(auto_describe=False)
+    scrape.register(_Snapshot(values))
+    return generate_latest(scrape)
+
+
 def create_ops_app(service: OpsSource) -> Litestar:
     @get("/health")
     async def health() -> Response[dict[str, object]]:
@@ -98,21 +149,21 @@ def create_ops_app(service: OpsSource) -> Litestar:
     async def metrics() -> Response[bytes]:
         """The process's dispatch_ metrics (with the API's dispatch_http_*), the database
         gauges, and the default registry (the Python process collectors)."""
-        try:
-            values: Mapping[str, Any] | None = await service.gauges()
-        except Exception:  # any failure to read the database shows as dispatch_database_up 0
-            values = None
-        scrape = CollectorRegistry(auto_describe=False)
-        scrape.register(_Snapshot(values))
         body = (
             generate_latest(service.metrics.registry)
-            + generate_latest(scrape)
+            + await database_exposition(service)
             + generate_latest(REGISTRY)
         )
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    @get("/metrics/database")
+    async def database_metrics() -> Response[bytes]:
+        """The database gauges alone: what the ops endpoint of `serve --workers N` adds, once,
+        to the sum of its workers' series."""
+        return Response(await database_exposition(service), media_type=CONTENT_TYPE_LATEST)
+
     return Litestar(
-        route_handlers=[health, metrics],
+        route_handlers=[health, metrics, database_metrics],
         openapi_config=None,
         logging_config=None,  # dispatch.logs configured the process's logging
         exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]

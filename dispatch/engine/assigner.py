@@ -139,7 +139,7 @@ class Assigner(TickLoop):
             for assignment in batch:
                 made.append(assignment)
                 if self.metrics is not None:
-                    self.metrics.assignment_wait.observe(assignment.waited)
+                    self.metrics.waited(assignment.capabilities, assignment.waited)
                 if assignment.wake and self.waker is not None:
                     self.waker.request(assignment.agent_id)
 

@@ -68,6 +68,8 @@ class DirectorySync(BackgroundLoop):
                 "dispatch_directory_service_up",
                 "1 when the external service answered the last directory refresh", ["service"],
                 registry=metrics.registry,
+                # Whichever worker refreshed last (one holds the lock at a time) says.
+                multiprocess_mode="livemostrecent",
             )
 
     async def _close(self) -> None:

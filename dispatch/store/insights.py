@@ -9,6 +9,19 @@ from typing import Any
 from dispatch.models import Stats
 from dispatch.store.base import Conn, Queries, Row, convert
 
+# The pending queue by capability, and by tenant while flow control is on (13_dba.sql), each the
+# TOP_KEYS largest and 'other'.
+TOP_KEYS = 20
+_NOW = "coalesce(%(now)s::timestamptz, now())"
+_BY = f"""
+    (SELECT coalesce(jsonb_agg(to_jsonb(p)), '[]')
+     FROM dispatch.pending_by('capability', {TOP_KEYS}, {_NOW}) p) AS by_capability,
+    CASE WHEN dispatch.flow_control_on() THEN
+        (SELECT coalesce(jsonb_agg(to_jsonb(p) - 'agents'), '[]')
+         FROM dispatch.pending_by('tenant', {TOP_KEYS}, {_NOW}) p)
+    END AS by_tenant
+"""
+
 # `now` is written out at each use rather than joined from a clock CTE: a join leaves the planner
 # guessing a third of the history for "the last hour" (a sequential scan of it, and JIT where JIT
 # is on); written out, the last hour is read through tasks_terminal_completed_idx and the dead
@@ -33,8 +46,8 @@ SELECT
             * 1000 FROM recent WHERE assigned_at IS NOT NULL) AS wait_ms_p95,
     (SELECT count(*) FROM recent WHERE status = 'completed') AS completed_last_hour,
     (SELECT count(*) FROM recent WHERE status IN ('failed', 'timed_out')) AS failed_last_hour,
-    (SELECT count(*) FROM dispatch.tasks WHERE status IN ('failed', 'timed_out')) AS dead_letter
-"""
+    (SELECT count(*) FROM dispatch.tasks WHERE status IN ('failed', 'timed_out')) AS dead_letter,
+""" + _BY
 
 # The dashboard's charts: per minute of the last hour, the tasks that ended (completed, or failed
 # for good) and the create-to-assign wait of the tasks assigned. Only terminal rows of the last hour
@@ -98,8 +111,9 @@ SELECT
     (SELECT coalesce(jsonb_object_agg(r.key, r.tokens), '{}') FROM dispatch.rate_limit_list() r)
         AS rate_tokens,
     (SELECT coalesce(jsonb_object_agg(l.key, jsonb_build_array(l.active_tasks, l.max_active)),
-                     '{}') FROM dispatch.concurrency_limit_list() l) AS concurrency_active
-"""
+                     '{}') FROM dispatch.concurrency_limit_list() l) AS concurrency_active,
+""" + _BY
+
 
 
 class Insights(Queries):
@@ -131,6 +145,8 @@ class Insights(Queries):
     async def metrics_gauges(self, *, conn: Conn | None = None) -> dict[str, Any]:
         """The queue gauges read at scrape time: queue_depth {status: n}, oldest_pending_seconds,
         agents {status: n}, event_log_unpublished; flow control's flow_held [{rule, key, tasks}],
-        rate_tokens {key: tokens}, concurrency_active {key: [active, max_active]}."""
-        rows = await self._rows(_GAUGES, (), conn)
+        rate_tokens {key: tokens}, concurrency_active {key: [active, max_active]}; by_capability
+        and by_tenant (None while flow control is off) [{key, pending, ready,
+        oldest_wait_seconds, agents}]."""
+        rows = await self._rows(_GAUGES, {"now": None}, conn)
         return dict(rows[0])

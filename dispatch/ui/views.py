@@ -211,6 +211,7 @@ class Dashboard:
             fragments = {
                 "overview-cards": self.render("_overview_cards.html", **ctx),
                 "overview-charts": self.render("_overview_charts.html", **ctx),
+                "overview-queues": self.render("_overview_queues.html", **ctx),
                 "agents-table": self.render("_agents_table.html", **ctx),
             }
         elif topic == SCHEDULES:

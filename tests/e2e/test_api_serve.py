@@ -71,7 +71,7 @@ def test_workers_print_one_banner_and_json_logs_off_a_terminal(
 
 def test_logs_are_text_on_a_terminal(db_url: str, tmp_path: Path) -> None:
     """The default format with stderr a terminal (a pty here): text lines, and the banner."""
-    api, ops = serve_ports(2)
+    api, ops = serve_ports()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")} | {
         "DISPATCH_DATABASE_URL": db_url, "DISPATCH_PORT": str(api),
         "DISPATCH_METRICS_PORT": str(ops), "DISPATCH_HOST": "127.0.0.1",

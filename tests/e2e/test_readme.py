@@ -47,7 +47,7 @@ def make_run(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """`make run` on the embedded default, its data in tmp_path instead of ./.dispatch."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    api, ops = serve_ports(8)  # make run's workers take ops, ops + 1, ...
+    api, ops = serve_ports()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
     env |= {
         "DISPATCH_DATA_DIR": str(tmp_path / "data"),

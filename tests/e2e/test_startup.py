@@ -19,11 +19,11 @@ import pytest
 
 from dispatch import supervisor
 from dispatch.settings import Settings, load_settings
-from tests.serve import free_port, free_port_run, serve_ports
+from tests.serve import free_port, serve_ports
 
 
 def ports() -> dict[str, str]:
-    api, ops = serve_ports(1)
+    api, ops = serve_ports()
     return {"DISPATCH_PORT": str(api), "DISPATCH_METRICS_PORT": str(ops)}
 
 
@@ -61,7 +61,7 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
     taken_port: int, db_url: str, workers: str
 ) -> None:
     done = serve("serve", "--workers", workers, DISPATCH_DATABASE_URL=db_url,
-                 DISPATCH_PORT=str(taken_port), DISPATCH_METRICS_PORT=str(free_port_run(4)))
+                 DISPATCH_PORT=str(taken_port), DISPATCH_METRICS_PORT=str(free_port()))
     one_clear_line(done, f"port {taken_port}", "already in use", "DISPATCH_PORT")
     done = serve("serve", "--workers", workers, DISPATCH_DATABASE_URL=db_url,
                  DISPATCH_PORT=str(free_port()), DISPATCH_METRICS_PORT=str(taken_port))

@@ -1,5 +1,6 @@
-"""`dispatch serve --workers N`: N full replicas sharing the API port, each with its ops port,
-supervised (a dead worker comes back, SIGTERM stops them all, none outlives the supervisor)."""
+"""`dispatch serve --workers N`: N full replicas sharing the API port and one ops endpoint that
+sums them, supervised (a dead worker comes back, SIGTERM stops them all, none outlives the
+supervisor)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -16,16 +18,24 @@ from dispatch import supervisor
 from tests.serve import ServeProcess, serving
 
 
-def ops(sp: ServeProcess, i: int) -> str:
-    port = int(sp.ops.rsplit(":", 1)[1]) + i
-    return f"http://127.0.0.1:{port}"
-
-
-def healthy(url: str) -> bool:
+def health(sp: ServeProcess) -> dict[str, Any]:
     try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        answer = httpx.get(f"{sp.ops}/health", timeout=5)
     except httpx.HTTPError:
-        return False
+        return {}
+    return dict(answer.json()) if answer.status_code in (200, 503) else {}
+
+
+def all_ok(sp: ServeProcess, n: int) -> bool:
+    report = health(sp)
+    workers = report.get("workers", [])
+    return len(workers) == n and all(w["status"] == "ok" for w in workers)
+
+
+def worker_metrics(socket: str) -> str:
+    transport = httpx.HTTPTransport(uds=socket)
+    with httpx.Client(transport=transport, timeout=5) as client:
+        return client.get("http://worker/metrics").text
 
 
 def wait(predicate: object, timeout: float, what: str) -> None:
@@ -48,8 +58,7 @@ def worker_pids(supervisor: int) -> list[int]:
     return pids
 
 
-def requests_served(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
+def requests_served(text: str) -> float:
     return sum(
         float(m.group(1))
         for m in re.finditer(
@@ -59,23 +68,43 @@ def requests_served(url: str) -> float:
     )
 
 
-def test_workers_share_the_api_and_are_supervised(db_url: str, tmp_path: Path) -> None:
+def test_workers_share_the_api_and_one_ops_endpoint(db_url: str, tmp_path: Path) -> None:
     with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
-        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers")
+        wait(lambda: all_ok(sp, 2), 30, "both workers")
         for i in range(60):
             with httpx.Client() as client:  # a new connection each time: the kernel spreads them
                 r = client.put(f"{sp.api}/api/v1/agents/w{i}", json={},
                                headers={"X-Agent-ID": f"w{i}"})
                 assert r.status_code == 200
-        served = [requests_served(ops(sp, i)) for i in (0, 1)]
-        assert sum(served) == 60 and min(served) > 0, served
 
-        # A worker killed outright is replaced.
+        r = httpx.post(f"{sp.api}/api/v1/tasks", headers={"X-Agent-ID": "req"},
+                       json={"title": "render", "required_capabilities": ["gpu"]})
+        assert r.status_code == 201, r.text
+
+        # The serve's one /metrics sums its workers; each worker's own view shows its share.
+        text = httpx.get(f"{sp.ops}/metrics").text
+        assert requests_served(text) == 60
+        sockets = [w["socket"] for w in health(sp)["workers"]]
+        served = [requests_served(worker_metrics(s)) for s in sockets]
+        assert sum(served) == 60 and min(served) > 0, served
+        # The database gauges once, no _created series, no per-process labels.
+        assert text.count("# TYPE dispatch_queue_depth gauge") == 1
+        assert re.findall(r"^dispatch_database_up (\S+)$", text, re.M) == ["1.0"]
+        assert 'dispatch_capability_pending{capability="gpu"} 1.0' in text
+        assert 'dispatch_capability_agents{capability="gpu"} 0.0' in text
+        assert not re.search(r"^\w+_created[{ ]", text, re.M) and "pid=" not in text
+
+        # A worker killed outright is replaced; its counts stay in the sum.
         workers = worker_pids(sp.proc.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
+        wait(lambda: not all_ok(sp, 2), 15, "/health to see the worker gone")
+        report = health(sp)
+        assert report["status"] == "degraded"
+        assert httpx.get(f"{sp.ops}/health").status_code == 200  # the other one serves
         wait(lambda: len(set(worker_pids(sp.proc.pid)) - set(workers)) == 1, 15, "a new worker")
-        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers again")
+        wait(lambda: all_ok(sp, 2), 30, "both workers again")
+        assert requests_served(httpx.get(f"{sp.ops}/metrics").text) == 60
 
         # kill -9 of the supervisor takes its workers with it.
         workers = worker_pids(sp.proc.pid)
@@ -100,7 +129,7 @@ def test_sigterm_answers_waiting_claims_and_stops_the_workers(db_url: str, tmp_p
     """A long-polling claim does not hold a stopping worker open for its whole wait (beyond the
     supervisor's grace, which then kills the worker and drops the request): it answers 204."""
     with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
-        wait(lambda: healthy(ops(sp, 0)) and healthy(ops(sp, 1)), 30, "both workers")
+        wait(lambda: all_ok(sp, 2), 30, "both workers")
         agent = {"X-Agent-ID": "a1"}
         assert httpx.put(f"{sp.api}/api/v1/agents/a1", json={}, headers=agent).status_code == 200
         answers: list[object] = []
@@ -114,8 +143,7 @@ def test_sigterm_answers_waiting_claims_and_stops_the_workers(db_url: str, tmp_p
 
         waiting = threading.Thread(target=claim)
         waiting.start()
-        wait(lambda: sum(in_progress(ops(sp, i), "/api/v1/tasks/claim") for i in (0, 1)) == 1,
-             15, "the claim to wait")
+        wait(lambda: in_progress(sp.ops, "/api/v1/tasks/claim") == 1, 15, "the claim to wait")
         workers = worker_pids(sp.proc.pid)
         sp.proc.send_signal(signal.SIGTERM)
         assert sp.proc.wait(30) == 0, sp.log()

@@ -127,6 +127,11 @@ async def test_overview_follows_new_tasks_without_a_reload(
     await expect(pending).to_have_text("3")
     await assert_not_reloaded(page)
     await expect(page.locator("#oldest-pending")).not_to_have_text("none")
+    # By capability: "write" has three waiting and no agent that could take them.
+    write = page.locator('#overview-queues tr[data-capability="write"]')
+    await expect(write.locator("td").nth(1)).to_have_text("3")
+    await expect(write.locator("td").nth(4)).to_contain_text("no agent")
+    await expect(write).to_have_class("short")
     # The charts drew the completed and failed minutes.
     assert await page.locator("#overview-charts rect.done").count() == 60
     await page.screenshot(path=screenshot_dir / "overview.png", full_page=True)

@@ -486,7 +486,7 @@ $$;
 -- on the tasks with flow keys before it gives anything.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8,
-               trace_context jsonb)
+               capabilities text[], trace_context jsonb)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     c     dispatch.config;
@@ -626,6 +626,7 @@ BEGIN
         score := dispatch.task_score(a, t);
         wake := a.status = 'sleeping';
         waited := greatest(extract(epoch FROM p_now - greatest(t.created_at, t.available_at)), 0);
+        capabilities := t.required_capabilities;
         trace_context := t.trace_context;
         PERFORM dispatch.task_give(t, a, c, score, 'push', p_now, gslots[i]);
         given := given || a.agent_id;

@@ -56,6 +56,66 @@ LEFT JOIN dispatch.tasks t ON t.status = s.status
 GROUP BY s.status
 ORDER BY s.status;
 
+-- The pending queue by capability (a task that requires several counts under each; one that
+-- requires none under '(any)') or by tenant (owner, else requester): the p_top keys with the most
+-- pending tasks, the rest summed as 'other', so that a gauge of it has at most p_top + 1 series.
+-- pending counts scheduled tasks too; ready those available now, oldest_wait_seconds the longest
+-- a ready one has waited. agents: by capability, the agents not stopped nor drained that have it
+-- (all of them for '(any)'); the supply beside the demand.
+CREATE FUNCTION dispatch.pending_by(
+    p_dimension text, p_top integer DEFAULT 20, p_now timestamptz DEFAULT now()
+) RETURNS TABLE (key text, pending bigint, ready bigint, oldest_wait_seconds float8, agents bigint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_dimension NOT IN ('capability', 'tenant') THEN
+        RAISE EXCEPTION 'pending_by: the dimension is capability or tenant (got %)',
+            left(p_dimension, 40) USING ERRCODE = 'UD400';
+    END IF;
+    RETURN QUERY
+    WITH per AS (
+        SELECT k.key, count(*) AS pending,
+               count(*) FILTER (WHERE tk.available_at <= p_now) AS ready,
+               min(greatest(tk.created_at, tk.available_at))
+                   FILTER (WHERE tk.available_at <= p_now) AS since
+        FROM dispatch.tasks tk
+        CROSS JOIN LATERAL (
+            SELECT coalesce(tk.owner, tk.requester) AS key WHERE p_dimension = 'tenant'
+            UNION ALL
+            SELECT c FROM unnest(CASE WHEN tk.required_capabilities = '{}' THEN '{(any)}'::text[]
+                                      ELSE tk.required_capabilities END) c
+            WHERE p_dimension = 'capability'
+        ) k
+        WHERE tk.status = 'pending'
+        GROUP BY k.key
+    ),
+    shown AS (
+        SELECT CASE WHEN rank <= p_top THEN r.key ELSE 'other' END AS key,
+               sum(r.pending)::bigint AS pending, sum(r.ready)::bigint AS ready,
+               min(r.since) AS since
+        FROM (SELECT per.*, row_number() OVER (ORDER BY per.pending DESC, per.key) AS rank
+              FROM per) r
+        GROUP BY 1
+    )
+    SELECT s.key, s.pending, s.ready,
+           coalesce(extract(epoch FROM p_now - s.since)::float8, 0),
+           CASE WHEN p_dimension = 'capability' AND s.key <> 'other' THEN
+               (SELECT count(*) FROM dispatch.agents a
+                WHERE a.status <> 'stopped' AND NOT a.drained
+                  AND (s.key = '(any)' OR s.key = ANY (a.capabilities)))
+           END
+    FROM shown s
+    ORDER BY s.key = 'other', s.pending DESC, s.key;
+END
+$$;
+
+-- Flow control is on: a tenant weight, a concurrency limit or a rate limit is set.
+CREATE FUNCTION dispatch.flow_control_on() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT FROM dispatch.tenant_weights)
+        OR EXISTS (SELECT FROM dispatch.concurrency_limits)
+        OR EXISTS (SELECT FROM dispatch.rate_limits)
+$$;
+
 CREATE VIEW dispatch.agent_load AS
 SELECT a.agent_id, a.status, a.drained, a.source, a.owner, a.capabilities,
        dispatch.agent_active(a.agent_id) AS active_tasks,
