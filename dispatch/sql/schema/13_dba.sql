@@ -72,20 +72,23 @@ BEGIN
             left(p_dimension, 40) USING ERRCODE = 'UD400';
     END IF;
     RETURN QUERY
-    WITH per AS (
-        SELECT k.key, count(*) AS pending,
-               count(*) FILTER (WHERE tk.available_at <= p_now) AS ready,
-               min(greatest(tk.created_at, tk.available_at))
-                   FILTER (WHERE tk.available_at <= p_now) AS since
+    WITH keyed AS (
+        SELECT coalesce(tk.owner, tk.requester) AS key, tk.available_at, tk.created_at
         FROM dispatch.tasks tk
-        CROSS JOIN LATERAL (
-            SELECT coalesce(tk.owner, tk.requester) AS key WHERE p_dimension = 'tenant'
-            UNION ALL
-            SELECT c FROM unnest(CASE WHEN tk.required_capabilities = '{}' THEN '{(any)}'::text[]
-                                      ELSE tk.required_capabilities END) c
-            WHERE p_dimension = 'capability'
-        ) k
-        WHERE tk.status = 'pending'
+        WHERE p_dimension = 'tenant' AND tk.status = 'pending'
+        UNION ALL
+        SELECT c.key, tk.available_at, tk.created_at
+        FROM dispatch.tasks tk,
+             unnest(CASE WHEN tk.required_capabilities = '{}' THEN '{(any)}'::text[]
+                         ELSE tk.required_capabilities END) AS c (key)
+        WHERE p_dimension = 'capability' AND tk.status = 'pending'
+    ),
+    per AS (
+        SELECT k.key, count(*) AS pending,
+               count(*) FILTER (WHERE k.available_at <= p_now) AS ready,
+               min(greatest(k.created_at, k.available_at))
+                   FILTER (WHERE k.available_at <= p_now) AS since
+        FROM keyed k
         GROUP BY k.key
     ),
     shown AS (
