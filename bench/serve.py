@@ -24,8 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def free_port(count: int = 1) -> int:
     """A port p with p .. p + count - 1 free, below the kernel's ephemeral range (32768 and up on
-    Linux): there, the load generator's own connections cannot take it (or serve's worker i's ops
-    port, metrics_port + i) before serve binds it."""
+    Linux): there, the load generator's own connections cannot take it before serve binds it."""
     while True:
         base = random.randrange(20000, 32000 - count)
         try:
@@ -124,9 +123,9 @@ ADMIN_TOKEN = "bench-admin-token"
 @contextlib.contextmanager
 def dispatch_serve(database_url: str, env: Mapping[str, str] | None = None) -> Iterator[Process]:
     """`python -m dispatch serve` on free loopback ports, ready once /health answers 200."""
-    api_port, ops_port = free_port(), free_port(8)  # worker i serves ops on ops_port + i
-    while ops_port <= api_port < ops_port + 8:  # each was free, but not apart from the other
-        ops_port = free_port(8)
+    api_port, ops_port = free_port(), free_port()
+    while ops_port == api_port:  # each was free, but not apart from the other
+        ops_port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-serve-"))
     full_env = {
         **os.environ,

@@ -88,10 +88,12 @@ class ServeOps:
                 worker = {"status": f"answered {answer.status_code}"}
             workers.append({**where, **worker})
         up = [w for w in workers if w.get("status") == "ok"]
-        report: dict[str, object] = {
-            "status": "ok" if len(up) == self.workers else "degraded",
-            "workers": workers,
-        }
+        report: dict[str, object] = {"status": "ok" if len(up) == self.workers else "degraded"}
+        # As one process reports them: ok when any worker's is (each checks on its own connection).
+        for key in ("database", "nats"):
+            seen = [w[key] for w in workers if w.get(key) is not None]
+            report[key] = "ok" if "ok" in seen else (seen[0] if seen else "unknown")
+        report["workers"] = workers
         return bool(up), report
 
     async def metrics(self) -> bytes:
