@@ -5,6 +5,8 @@ what an agent may take (a drain) waits for the gives under way, and they for it.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -86,3 +88,40 @@ def test_the_claims_of_one_agent_take_its_slots_side_by_side(db_url: str, sql: C
         "SELECT active_tasks, slots_held FROM dispatch.agent_load WHERE agent_id = 'a1'"
     ).fetchone()
     assert load == {"active_tasks": 2, "slots_held": 2}
+
+
+def test_an_agent_that_says_degraded_while_its_claim_runs_stays_degraded(
+    db_url: str, sql: Conn
+) -> None:
+    """A claim reads its agent without holding off a heartbeat. A worker that shuts down says
+    `degraded` while its last claim may still be under way; that claim must not write `ready`
+    back, or the assigner gives the task the worker is about to release straight back to it."""
+    sql.execute("SELECT dispatch.agent_upsert('a1')")
+    sql.execute("SELECT dispatch.create_task('one')")
+    with connect(db_url) as blocker, connect(db_url) as claimer, connect(db_url) as beat:
+        claimer.execute("SET lock_timeout = '30s'")
+        pid = claimer.execute("SELECT pg_backend_pid() AS pid").fetchone()
+        assert pid is not None
+        claimed: list[object] = []
+        with blocker.transaction():
+            # The claim reads its agent, takes the task, then waits to write its event.
+            blocker.execute("LOCK TABLE dispatch.task_events IN ACCESS EXCLUSIVE MODE")
+            thread = threading.Thread(target=lambda: claimed.extend(claimer.execute(
+                "SELECT * FROM dispatch.task_claim('a1')").fetchall()))
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not sql.execute(
+                "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted "
+                "AND relation = 'dispatch.task_events'::regclass", (pid["pid"],)
+            ).fetchone():
+                assert time.monotonic() < deadline, "the claim never reached its event"
+                time.sleep(0.01)
+            assert sql.execute(
+                "SELECT 1 FROM pg_locks WHERE pid = %s AND granted "
+                "AND relation = 'dispatch.agents'::regclass", (pid["pid"],)
+            ).fetchone(), "the claim has not read its agent yet"
+            beat.execute("SELECT dispatch.agent_heartbeat('a1', 'degraded')")
+        thread.join(30)
+    assert len(claimed) == 1
+    row = sql.execute("SELECT status FROM dispatch.agents WHERE agent_id = 'a1'").fetchone()
+    assert row == {"status": "degraded"}

@@ -126,22 +126,27 @@ BEGIN
 END
 $$;
 
--- A claim notes on its agent's row that the agent was seen now, in the status the claim gives it
--- (`a`), and when it last got work. Not every claim writes: only when the row says something
--- else than that or was written over a second ago, and never by waiting (a row another
--- transaction is writing is left to it), so the claims of one agent do not queue on its row.
--- (plpgsql: it keeps the statement's plan, where a SQL function would set up its executor anew at
--- each call, about 80 us.)
+-- A claim notes on its agent's row that the agent was seen now (an agent unknown, stopped or
+-- sleeping is ready again: it claims) and when it last got work. The status is decided against
+-- the row as it is when written, not as the claim read it: a claim reads the agent FOR KEY SHARE,
+-- which does not hold off a heartbeat, and an agent that said `degraded` (shutting down) while
+-- its claim was under way stays out of the assigner's choices. Not every claim writes: only when
+-- the row says something else or was written over a second ago, and never by waiting (a row
+-- another transaction is writing is left to it), so the claims of one agent do not queue on its
+-- row. (plpgsql: it keeps the statement's plan, where a SQL function would set up its executor
+-- anew at each call, about 80 us.)
 CREATE FUNCTION dispatch.agent_note(a dispatch.agents, p_now timestamptz, p_given integer)
 RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE dispatch.agents ag
-    SET last_seen_at = p_now, status = a.status,
+    SET last_seen_at = p_now,
+        status = CASE WHEN ag.status IN ('unknown', 'stopped', 'sleeping')
+                      THEN 'ready'::dispatch.agent_status ELSE ag.status END,
         last_assigned_at = CASE WHEN p_given > 0 THEN p_now ELSE ag.last_assigned_at END
     WHERE ag.agent_id = (SELECT x.agent_id FROM dispatch.agents x
                          WHERE x.agent_id = a.agent_id
-                           AND (x.status IS DISTINCT FROM a.status
+                           AND (x.status IN ('unknown', 'stopped', 'sleeping')
                                 OR x.last_seen_at < p_now - interval '1 second'
                                 OR p_given > 0 AND x.last_assigned_at IS NULL
                                 OR p_given > 0 AND x.last_assigned_at < p_now - interval '1 second')
