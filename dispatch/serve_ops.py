@@ -17,11 +17,10 @@ from typing import Any
 import httpx
 import uvicorn
 from litestar import Litestar, Response, get
-from litestar.exceptions import HTTPException
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from dispatch.api.errors import http_error, internal_error
+from dispatch.api.ops import ops_app
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +107,11 @@ class ServeOps:
 
 
 def create_serve_ops_app(ops: ServeOps) -> Litestar:
-    @get("/health")
-    async def health() -> Response[dict[str, object]]:
-        ok, report = await ops.health()
-        return Response(report, status_code=200 if ok else 503)
-
     @get("/metrics")
     async def metrics() -> Response[bytes]:
         return Response(await ops.metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    return Litestar(
-        route_handlers=[health, metrics],
-        openapi_config=None,
-        logging_config=None,
-        exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]
-        on_shutdown=[ops.close],
-    )
+    return ops_app(ops, [metrics], on_shutdown=[ops.close])
 
 
 class _Server(uvicorn.Server):

@@ -1,11 +1,12 @@
 """The ops app on the metrics port: GET /health and GET /metrics (Prometheus text). A worker of
 `serve --workers N` serves it on a Unix socket for the serve's one endpoint (dispatch.serve_ops)."""
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from litestar import Litestar, Response, get
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -139,12 +140,32 @@ async def database_exposition(service: OpsSource) -> bytes:
     return generate_latest(scrape)
 
 
-def create_ops_app(service: OpsSource) -> Litestar:
+class HealthSource(Protocol):
+    async def health(self) -> tuple[bool, dict[str, object]]: ...
+
+
+def ops_app(
+    source: HealthSource, handlers: Sequence[HTTPRouteHandler],
+    on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> Litestar:
+    """An ops app: GET /health (200 or 503 with `source`'s report) beside `handlers`, no OpenAPI,
+    the process's own logging, errors answered as the API answers them."""
+
     @get("/health")
     async def health() -> Response[dict[str, object]]:
-        ok, report = await service.health()
+        ok, report = await source.health()
         return Response(report, status_code=200 if ok else 503)
 
+    return Litestar(
+        route_handlers=[health, *handlers],
+        openapi_config=None,
+        logging_config=None,  # dispatch.logs configured the process's logging
+        exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]
+        on_shutdown=list(on_shutdown),
+    )
+
+
+def create_ops_app(service: OpsSource) -> Litestar:
     @get("/metrics")
     async def metrics() -> Response[bytes]:
         """The process's dispatch_ metrics (with the API's dispatch_http_*), the database
@@ -162,9 +183,4 @@ def create_ops_app(service: OpsSource) -> Litestar:
         to the sum of its workers' series."""
         return Response(await database_exposition(service), media_type=CONTENT_TYPE_LATEST)
 
-    return Litestar(
-        route_handlers=[health, metrics, database_metrics],
-        openapi_config=None,
-        logging_config=None,  # dispatch.logs configured the process's logging
-        exception_handlers={HTTPException: http_error, Exception: internal_error},  # type: ignore[dict-item]
-    )
+    return ops_app(service, [metrics, database_metrics])
