@@ -6,7 +6,6 @@ Tests that need auth.mode tokens say so and build their app with it."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +26,7 @@ from dispatch.settings import AuthSettings, ServerSettings, Settings, load_setti
 from dispatch.store import Store
 from dispatch.store.base import Queries
 from tests.api.conftest import ADMIN_TOKEN, MAX_BODY, admin, counts
+from tests.poll import until
 
 Sql = psycopg.Connection[dict[str, Any]]
 
@@ -69,11 +69,7 @@ async def issue(client: httpx.AsyncClient, agent_id: str) -> str:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+    await until(check, what, timeout)
 
 
 def test_the_auth_settings_default_to_open_and_come_from_the_environment() -> None:

@@ -9,8 +9,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from dispatch.settings import ServerSettings, Settings, load_settings
 from dispatch.store import Store
 from dispatch.tracing import Tracing, tracing_from
 from tests.natsfix import NatsServer, nats_server
+from tests.poll import until
 from tests.serve import serve_ports
 
 __all__ = ["nats_server"]
@@ -63,17 +63,6 @@ def hexes(span: ReadableSpan) -> tuple[str, str, str | None]:
 
 def traceparent(trace_id: str, span_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
-
-
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -134,7 +123,7 @@ async def test_one_trace_from_the_create_to_the_agent(
                 "X-Agent-ID": "ops", "Authorization": "Bearer admin-secret"})
             return any(a["agent_id"] == "traced-1" for a in r.json())
 
-        await eventually(registered, "the agent's registration")
+        await until(registered, "the agent's registration")
         r = await http.post(
             "/api/v1/tasks", json={"title": "traced", "required_capabilities": ["traced"]},
             headers={"X-Agent-ID": "alice",
@@ -149,12 +138,12 @@ async def test_one_trace_from_the_create_to_the_agent(
                                   headers={"X-Agent-ID": "alice"})).json()
             return got["status"] == "completed"
 
-        await eventually(completed, "the task's completion")
+        await until(completed, "the task's completion")
 
         async def relayed() -> list[Any]:
             return [m for m in published if m.subject == f"swarm.task.{task_id}.completed"]
 
-        await eventually(relayed, "the completed event on NATS")
+        await until(relayed, "the completed event on NATS")
     proc.send_signal(signal.SIGTERM)  # its shutdown calls serve, which runs in this loop
     assert await asyncio.to_thread(proc.wait, 30) == 0, (tmp_path / "agent.log").read_text()
 

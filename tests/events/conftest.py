@@ -23,6 +23,7 @@ from dispatch.metrics import Metrics
 from dispatch.notify import Listener
 from dispatch.store import Store
 from tests.natsfix import NatsServer, nats_server
+from tests.poll import until
 
 __all__ = ["nats_server"]
 
@@ -83,12 +84,7 @@ async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "condition"
 ) -> None:
     """Wait (with a deadline, not a fixed sleep) until check() is true."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    await until(check, what, timeout, every=0.02)
 
 
 def unpublished(sql: psycopg.Connection[dict[str, Any]]) -> int:
