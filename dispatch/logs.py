@@ -51,3 +51,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     root.setLevel(settings.level.upper())
     # pgserver narrates every start at info level; its warnings and errors still come through.
     logging.getLogger("pgserver").setLevel(max(logging.WARNING, root.level))
+    # httpx notes every request it sends at info: the supervisor's calls to its workers at each
+    # health probe and scrape, every call to Warren, PromptForge and Alexandria. A request that
+    # fails reaches the log through its caller.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

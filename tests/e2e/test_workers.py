@@ -93,6 +93,8 @@ def test_workers_share_the_api_and_one_ops_endpoint(db_url: str, tmp_path: Path)
         assert 'dispatch_capability_pending{capability="gpu"} 1.0' in text
         assert 'dispatch_capability_agents{capability="gpu"} 0.0' in text
         assert not re.search(r"^\w+_created[{ ]", text, re.M) and "pid=" not in text
+        # The supervisor's calls to its workers at each probe and scrape are not logged.
+        assert "HTTP Request:" not in sp.log()
 
         # A worker killed outright is replaced; its counts stay in the sum.
         workers = worker_pids(sp.proc.pid)
