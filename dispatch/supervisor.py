@@ -37,6 +37,9 @@ from dispatch.serve_ops import ServeOps, ServeOpsThread, metrics_dir, worker_soc
 from dispatch.service import resolve_database_url
 from dispatch.settings import Settings
 
+RUN_DIR_PREFIX = "dispatch-serve-"
+SUPERVISOR_PID_FILE = "supervisor.pid"
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0
@@ -92,6 +95,22 @@ def _healthy(run_dir: Path, i: int) -> bool:
         return False
 
 
+def _remove_orphaned_run_dirs() -> None:
+    """A supervisor killed outright (kill -9) leaves its run directory (metrics files, sockets);
+    the next one to start removes those whose supervisor is gone."""
+    for found in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            pid = int((found / SUPERVISOR_PID_FILE).read_text())
+            if found.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(found, ignore_errors=True)
+        except (OSError, ValueError):
+            # Not ours, not a run directory, or its supervisor is alive: left alone.
+            continue
+
+
 def run(settings: Settings, config: str | None) -> int:
     """Supervise the workers until SIGTERM/SIGINT; the exit status of the whole."""
     check_pool_mode(settings.database)
@@ -103,7 +122,9 @@ def run(settings: Settings, config: str | None) -> int:
         log.info("migrations applied: %s", applied)
     plan = connection_plan(session, settings, worker_count(settings))
     n = plan.workers
-    run_dir = Path(tempfile.mkdtemp(prefix="dispatch-serve-"))
+    _remove_orphaned_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    (run_dir / SUPERVISOR_PID_FILE).write_text(str(os.getpid()))
     try:
         return _supervise(settings, config, url, plan.pool_min, plan.pool_max, n, run_dir)
     finally:

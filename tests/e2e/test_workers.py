@@ -110,9 +110,15 @@ def test_workers_share_the_api_and_one_ops_endpoint(db_url: str, tmp_path: Path)
 
         # kill -9 of the supervisor takes its workers with it.
         workers = worker_pids(sp.proc.pid)
+        run_dir = Path(health(sp)["workers"][0]["socket"]).parent
         sp.kill()
         wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
              "the workers to exit")
+    # Its run directory (metrics files, sockets) is left behind; the next serve removes it.
+    assert run_dir.is_dir()
+    with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
+        wait(lambda: all_ok(sp, 2), 30, "both workers")
+        assert not run_dir.exists()
 
 
 def test_default_workers_respect_a_container_cpu_quota(tmp_path: Path) -> None:
