@@ -29,6 +29,7 @@ from dispatch.models import (
     Change,
     Expiry,
     Explanation,
+    Holder,
     NewTask,
     NextClaim,
     ReportOutcome,
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 SCHEDULE_REQUESTER = "schedule:"
 
 # A batched report's action -> the event its single call counts.
+# The statuses in which a task has a holder (explain names it).
+HELD = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 _REPORT_EVENTS = {"start": "started", "progress": "progress", "complete": "completed",
                   "fail": "failed"}
 
@@ -404,6 +407,8 @@ class Broker:
             rows = await reads.tasks.explain(task_id, conn=conn)
             hold = await reads.tasks.hold(task_id, conn=conn)
             config = await reads.config.get(conn=conn)
+            held = task.assigned_agent is not None and task.status in HELD
+            given = await reads.tasks.last_assignment(task_id, conn=conn) if held else None
         filter_on = bool(config["owner_filter_enabled"])
         if task.owner is None:
             notes = ["the task has no owner: it is not owner-scoped, any eligible agent may run it"]
@@ -411,6 +416,25 @@ class Broker:
             notes = [f"the owner filter is off: agents of any owner may run {task.owner}'s task"]
         else:
             notes = [f"owner-scoped: only agents that belong to {task.owner} may run it"]
+        holder = None
+        if held and task.assigned_agent is not None:
+            payload = given["payload"] if given is not None else {}
+            claimed = given is not None and given["actor"] == task.assigned_agent
+            score = payload.get("score")
+            holder = Holder(
+                agent_id=task.assigned_agent, since=task.assigned_at,
+                attempt=task.retry_count + 1, lease=task.lease,
+                how="claimed" if claimed else "assigned",
+                score=float(score) if isinstance(score, int | float) else None,
+            )
+            if claimed:
+                notes.append(f"{task.assigned_agent} holds it: it asked for work and took it "
+                             f"(attempt {holder.attempt})")
+            else:
+                notes.append(
+                    f"{task.assigned_agent} holds it: the assigner chose it as the best eligible "
+                    "agent" + (f", with score {holder.score:.3f}" if holder.score is not None
+                               else "") + f" (attempt {holder.attempt})")
         return Explanation(
             task_id=task.task_id,
             status=task.status,
@@ -422,6 +446,7 @@ class Broker:
             tenant=hold["tenant"],
             effective_priority=hold["effective_priority"],
             held_back=list(hold["reasons"]),
+            holder=holder,
         )
 
     # schedules: a write is one transaction that leaves the schedule ready to fire

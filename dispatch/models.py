@@ -477,6 +477,20 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     owner: str | None
     previous_agent: bool
     reasons: list[str]
+    # The agent holding the task (assigned or running): judged without the task in its load.
+    holder: bool = False
+
+
+class Holder(msgspec.Struct, frozen=True, kw_only=True):
+    """Who holds an assigned or running task, since when, and how it came to: `claimed` (the
+    agent asked for work and took it) or `assigned` (the assigner chose it, with `score`)."""
+
+    agent_id: str
+    since: datetime | None
+    attempt: int
+    lease: int | None
+    how: str
+    score: float | None = None
 
 
 class Explanation(msgspec.Struct, frozen=True, kw_only=True):
@@ -496,6 +510,8 @@ class Explanation(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str | None = None
     effective_priority: int | None = None
     held_back: list[str] = msgspec.field(default_factory=list)
+    # An assigned or running task's holder (null otherwise).
+    holder: Holder | None = None
 
 
 class ConcurrencyLimit(msgspec.Struct, frozen=True, kw_only=True):

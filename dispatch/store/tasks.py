@@ -402,6 +402,14 @@ class Tasks(Queries):
     async def explain(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[Row]:
         return await self._rows("SELECT * FROM dispatch.task_explain(%s)", (task_id,), conn)
 
+    async def last_assignment(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> Row | None:
+        """The task's latest `assigned` event (who chose the agent, with what score)."""
+        rows = await self._rows(
+            "SELECT actor, payload, created_at FROM dispatch.task_events"
+            " WHERE task_id = %s AND event = 'assigned' ORDER BY id DESC LIMIT 1", (task_id,), conn,
+        )
+        return rows[0] if rows else None
+
     async def hold(
         self, task_id: uuid.UUID, *, now: datetime | None = None, conn: Conn | None = None
     ) -> Row:

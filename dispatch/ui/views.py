@@ -41,7 +41,7 @@ from dispatch.models import (
 )
 from dispatch.notify import Listener
 from dispatch.settings import UiSettings
-from dispatch.ui import charts
+from dispatch.ui import charts, timeline
 from dispatch.ui.hub import KEEP_SECONDS, Hub
 from dispatch.ui.session import COOKIE, Sessions, same_origin
 from dispatch.ui.throttle import SignInThrottle
@@ -68,33 +68,36 @@ STATIC = {
 }
 
 
+def _span(seconds: float) -> str:
+    """A length of time, the one way the dashboard writes it: whole seconds under a minute, whole
+    minutes under an hour, whole hours under two days, then days."""
+    n = int(max(0.0, seconds))
+    if n < 60:
+        return f"{n} s"
+    if n < 3600:
+        return f"{n // 60} min"
+    if n < 172800:
+        return f"{n // 3600} h"
+    return f"{n // 86400} d"
+
+
 def _age(then: datetime | None, now: datetime) -> str:
+    """When, relative to now ("3 min ago", "in 20 s"); the absolute time goes in a title."""
     if then is None:
         return "never"
-    seconds = max(0, int((now - then).total_seconds()))
-    if seconds < 120:
-        return f"{seconds} s ago"
-    if seconds < 7200:
-        return f"{seconds // 60} min ago"
-    if seconds < 172800:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"
+    seconds = (now - then).total_seconds()
+    return f"{_span(seconds)} ago" if seconds >= 0 else f"in {_span(-seconds)}"
 
 
 def _seconds(value: float | None) -> str:
-    if value is None:
-        return "none"
-    if value < 120:
-        return f"{value:.0f} s"
-    if value < 7200:
-        return f"{value / 60:.0f} min"
-    return f"{value / 3600:.1f} h"
+    return "none" if value is None else _span(value)
 
 
 def _ms(value: float | None) -> str:
+    """A latency: milliseconds under a second, then as any other length of time."""
     if value is None:
         return "n/a"
-    return f"{value:.0f} ms" if value < 10000 else f"{value / 1000:.1f} s"
+    return f"{value:.0f} ms" if value < 1000 else _span(value / 1000)
 
 
 def _json(value: object) -> str:
@@ -186,6 +189,7 @@ class Dashboard:
             "task": task,
             "deps": dependencies,
             "events": events,
+            "timeline": timeline.entries(events),
             "explain": explanation,
             "terminal": task.status in TERMINAL_STATUSES,
             "now": datetime.now(UTC),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import psycopg
+import pytest
 from litestar.testing import AsyncTestClient
 
 from dispatch.broker import Broker
@@ -263,6 +265,46 @@ async def test_explain_lists_candidates_or_says_not_implemented(
     assert r.status_code == 200
     assert r.json()["task_id"] == tid
     assert "bob" in [c["agent_id"] for c in r.json()["candidates"]]
+
+
+async def test_explain_names_the_holder_of_a_running_task_and_why_it_has_it(
+    client: httpx.AsyncClient, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """An agent at its limit because of the very task it holds is not "at its limit" for it:
+    explain says who holds the task, since when, how it got it (a claim, or the assigner's
+    choice with its score)."""
+    for name in ("bob", "carol"):
+        r = await client.put(f"/api/v1/agents/{name}", headers=agent(name),
+                             json={"capabilities": ["code"], "max_concurrent": 1})
+        assert r.status_code == 200
+    claimed = (await create(client, scope="code"))["task_id"]
+    r = await client.post("/api/v1/tasks/claim", headers=BOB, json={"start": True})
+    assert r.status_code == 200 and r.json()["task_id"] == claimed
+    pushed = (await create(client, scope="code"))["task_id"]
+    given = sql.execute("SELECT task_id, agent_id, score FROM dispatch.task_assign(10)").fetchall()
+    assert [(str(g["task_id"]), g["agent_id"]) for g in given] == [(pushed, "carol")]
+
+    r = await client.get(f"/api/v1/tasks/{claimed}/explain", headers=admin())
+    assert r.status_code == 200
+    body = r.json()
+    assert body["holder"]["agent_id"] == "bob" and body["holder"]["how"] == "claimed"
+    assert body["holder"]["attempt"] == 1 and body["holder"]["lease"] is not None
+    bob = body["candidates"][0]
+    assert bob["agent_id"] == "bob" and bob["holder"] is True
+    assert not any("limit" in reason for reason in bob["reasons"]), bob["reasons"]
+    # Carol is full with her own task: that reason stays hers.
+    carol = next(c for c in body["candidates"] if c["agent_id"] == "carol")
+    assert carol["holder"] is False and any("limit" in x for x in carol["reasons"])
+
+    body = (await client.get(f"/api/v1/tasks/{pushed}/explain", headers=admin())).json()
+    assert body["holder"]["agent_id"] == "carol" and body["holder"]["how"] == "assigned"
+    assert body["holder"]["score"] == pytest.approx(given[0]["score"], rel=1e-3)
+    assert any(n.startswith("carol holds it: the assigner chose it") for n in body["notes"])
+
+    # A pending task has no holder.
+    waiting = (await create(client, scope="code"))["task_id"]
+    body = (await client.get(f"/api/v1/tasks/{waiting}/explain", headers=admin())).json()
+    assert body["holder"] is None and not any(c["holder"] for c in body["candidates"])
 
 
 async def test_openapi_document_is_served(client: httpx.AsyncClient) -> None:

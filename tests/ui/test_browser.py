@@ -205,7 +205,7 @@ async def test_task_page_timeline_and_explain_update_live(
     await expect(page.locator("#task-agent")).to_have_text("coder")
     await expect(timeline).to_have_text(["created", "assigned"])
     coder = page.locator('tr[data-candidate="coder"]')
-    await expect(coder).to_have_class("eligible")
+    await expect(coder).to_have_class("holder")
     await expect(coder.locator("td").nth(5)).to_have_text("1/2")
 
     agent = {"X-Agent-ID": "coder"}

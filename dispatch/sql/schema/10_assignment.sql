@@ -704,13 +704,14 @@ $$;
 -- Every agent of the directory as a candidate for the task: the factors of its score, whether it is
 -- eligible, and every reason it is not. Ordered as the assigner would choose (best first), the
 -- excluded ones after, by agent id. A previous agent of the task is eligible only when no other
--- agent is.
+-- agent is. The agent holding an assigned or running task comes first (`holder`), judged without
+-- the task itself in its load: it is not "at its limit" because of the task it holds.
 CREATE FUNCTION dispatch.task_explain(p_task_id uuid)
 RETURNS TABLE (
     agent_id text, eligible boolean, score real, capability_match real, availability real,
     priority_weight real, active_tasks integer, max_concurrent integer,
     status dispatch.agent_status, drained boolean, owner text, previous_agent boolean,
-    reasons text[]
+    reasons text[], holder boolean
 )
 LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_column
@@ -724,12 +725,16 @@ BEGIN
         RAISE EXCEPTION 'task % not found', p_task_id USING ERRCODE = 'UD404';
     END IF;
     RETURN QUERY
-    WITH r AS (
-        SELECT ag, n,
-               dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c, n)
-                   AS base_reasons,
-               ag.agent_id = ANY (t.previous_agents) AS prev
+    WITH h AS (
+        SELECT ag, n, ag.agent_id = t.assigned_agent AND t.status IN ('assigned', 'running')
+                          AS holds
         FROM dispatch.agents ag, dispatch.agent_active(ag.agent_id) n
+    ), r AS (
+        SELECT ag, n, holds,
+               dispatch.agent_ineligibility(ag, t.required_capabilities, t.owner, c,
+                                            n - holds::integer) AS base_reasons,
+               (ag).agent_id = ANY (t.previous_agents) AS prev
+        FROM h
     ), e AS (
         SELECT r.*,
                cardinality(r.base_reasons) = 0 AS ok,
@@ -753,9 +758,11 @@ BEGIN
            x.base_reasons
                || CASE WHEN x.ok AND x.prev AND coalesce(x.others, false)
                        THEN ARRAY['attempted this task before and another agent is eligible']
-                       ELSE '{}'::text[] END
+                       ELSE '{}'::text[] END,
+           x.holds
     FROM x
-    ORDER BY x.chosen DESC,
+    ORDER BY x.holds DESC,
+             x.chosen DESC,
              x.prev,
              dispatch.availability((x.ag).status) DESC,
              x.n,

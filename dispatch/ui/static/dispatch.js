@@ -28,7 +28,15 @@
     Object.keys(fragments).forEach(function (id) {
       var el = document.getElementById(id);
       if (el && shown[id] !== fragments[id]) {
+        // What the reader opened stays open across the swap.
+        var open = {};
+        el.querySelectorAll("details[data-keep][open]").forEach(function (d) {
+          open[d.getAttribute("data-keep")] = true;
+        });
         el.innerHTML = fragments[id];
+        el.querySelectorAll("details[data-keep]").forEach(function (d) {
+          if (open[d.getAttribute("data-keep")]) d.open = true;
+        });
         shown[id] = fragments[id];
       }
     });
