@@ -115,6 +115,52 @@ SELECT
 """ + _BY
 
 
+# The dashboard's flow-control panel: concurrency keys fullest first and rate buckets emptiest
+# first (FLOW_KEYS of each), with the tasks each holds back (dispatch.flow_held, as the metrics
+# read it). While flow control is off (no rule) only that check runs: the one-time filter keeps
+# flow_held from being read.
+FLOW_KEYS = 20
+_FLOW = f"""
+WITH flow AS (SELECT dispatch.flow_control_on() AS enabled),
+held AS MATERIALIZED (SELECT * FROM dispatch.flow_held() WHERE (SELECT enabled FROM flow))
+SELECT (SELECT enabled FROM flow) AS enabled,
+    (SELECT coalesce(jsonb_agg(c), '[]') FROM (
+        SELECT l.key, l.active_tasks, l.max_active, coalesce(h.tasks, 0) AS held
+        FROM dispatch.concurrency_limit_list() l
+        LEFT JOIN held h ON h.rule = 'concurrency' AND h.key = l.key
+        WHERE (SELECT enabled FROM flow)
+        ORDER BY l.active_tasks::float8 / greatest(l.max_active, 1) DESC, l.key
+        LIMIT {FLOW_KEYS}) c) AS concurrency,
+    (SELECT coalesce(jsonb_agg(r), '[]') FROM (
+        SELECT l.key, l.capacity, l.refill_per_second, l.tokens, coalesce(h.tasks, 0) AS held
+        FROM dispatch.rate_limit_list() l
+        LEFT JOIN held h ON h.rule = 'rate' AND h.key = l.key
+        WHERE (SELECT enabled FROM flow)
+        ORDER BY l.tokens / greatest(l.capacity, 1), l.key
+        LIMIT {FLOW_KEYS}) r) AS rate,
+    (SELECT coalesce(sum(tasks), 0) FROM held WHERE rule = 'fair_share') AS fair_share_held
+"""
+
+# An agent's page: the tasks it ended last (newest first), and over the last hour how many it
+# completed and failed (for good, or timed out) and its mean run time. Read through
+# tasks_terminal_completed_idx by time, filtered by agent.
+_AGENT_RECENT = """
+SELECT task_id, title, status, error, started_at, completed_at
+FROM dispatch.tasks
+WHERE assigned_agent = %(agent)s AND status IN ('completed', 'failed', 'timed_out', 'cancelled')
+ORDER BY completed_at DESC
+LIMIT %(limit)s
+"""
+_AGENT_HOUR = """
+SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status IN ('failed', 'timed_out')) AS failed,
+       avg(extract(epoch FROM completed_at - started_at))
+           FILTER (WHERE status = 'completed' AND started_at IS NOT NULL) AS mean_run_seconds
+FROM dispatch.tasks
+WHERE assigned_agent = %(agent)s AND status IN ('completed', 'failed', 'timed_out', 'cancelled')
+  AND completed_at >= now() - interval '1 hour'
+"""
+
 
 class Insights(Queries):
     async def stats(self, *, now: datetime | None = None, conn: Conn | None = None) -> Stats:
@@ -150,3 +196,22 @@ class Insights(Queries):
         oldest_wait_seconds, agents}]."""
         rows = await self._rows(_GAUGES, {"now": None}, conn)
         return dict(rows[0])
+
+    async def flow(self, *, conn: Conn | None = None) -> dict[str, Any]:
+        """Flow control for the dashboard: enabled; concurrency [{key, active_tasks, max_active,
+        held}]; rate [{key, capacity, refill_per_second, tokens, held}]; fair_share_held."""
+        rows = await self._rows(_FLOW, {}, conn)
+        return dict(rows[0])
+
+    async def agent_activity(
+        self, agent_id: str, *, limit: int = 20, conn: Conn | None = None
+    ) -> dict[str, Any]:
+        """recent: the last `limit` tasks the agent ended; completed, failed, mean_run_seconds
+        over the last hour."""
+        params = {"agent": agent_id, "limit": limit}
+        recent = await self._rows(_AGENT_RECENT, params, conn)
+        hour = dict((await self._rows(_AGENT_HOUR, params, conn))[0])
+        if hour["mean_run_seconds"] is not None:
+            hour["mean_run_seconds"] = float(hour["mean_run_seconds"])
+        return {"recent": recent, **hour}
+

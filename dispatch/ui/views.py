@@ -54,6 +54,9 @@ OVERVIEW = "overview"
 TASK_TOPIC = "task:"
 SCHEDULES = "schedules"
 SCHEDULE_TOPIC = "schedule:"
+AGENT_TOPIC = "agent:"
+# An agent's page lists this many of its current tasks and of those it ended last.
+AGENT_TASKS = 20
 # The newest tasks a schedule's page lists.
 SCHEDULE_TASKS = 20
 # Filter values longer than this are no filter anyone types.
@@ -168,6 +171,7 @@ class Dashboard:
             stats = await reads.insights.stats(conn=conn)
             series = await reads.insights.ui_series(conn=conn)
             agents = await reads.agents.all(conn=conn)
+            flow = await reads.insights.flow(conn=conn)
         return {
             "replica": self.broker.replica() if self.broker.replica is not None else None,
             "stats": stats,
@@ -175,6 +179,27 @@ class Dashboard:
             "throughput": charts.throughput(series),
             "wait": charts.wait(series),
             "agents": agents,
+            "flow": flow,
+            "now": datetime.now(UTC),
+        }
+
+    async def agent_context(self, agent_id: str) -> dict[str, Any]:
+        reads = self.broker.reads
+        async with self.broker.fresh_reads(), reads.insights.transaction() as conn:
+            agent = await reads.agents.get(agent_id, conn=conn)
+            current = await reads.tasks.page(
+                TaskFilter(assignee=agent_id, statuses=[TaskStatus.ASSIGNED, TaskStatus.RUNNING]),
+                limit=AGENT_TASKS, conn=conn,
+            )
+            activity = await reads.insights.agent_activity(agent_id, limit=AGENT_TASKS,
+                                                           conn=conn)
+        ended = activity["completed"] + activity["failed"]
+        return {
+            "agent": agent,
+            "current": current,
+            "activity": activity,
+            "failure_rate": activity["failed"] / ended if ended else None,
+            "limit": AGENT_TASKS,
             "now": datetime.now(UTC),
         }
 
@@ -217,7 +242,19 @@ class Dashboard:
                 "overview-charts": self.render("_overview_charts.html", **ctx),
                 "overview-queues": self.render("_overview_queues.html", **ctx),
                 "agents-table": self.render("_agents_table.html", **ctx),
+                "overview-flow": self.render("_overview_flow.html", **ctx),
             }
+        elif topic.startswith(AGENT_TOPIC):
+            try:
+                ctx = await self.agent_context(topic.removeprefix(AGENT_TOPIC))
+            except NotFound:
+                # Deleted while its page was open.
+                fragments = {"agent-summary": "<p>This agent no longer exists.</p>"}
+            else:
+                fragments = {
+                    "agent-summary": self.render("_agent_summary.html", **ctx),
+                    "agent-tasks": self.render("_agent_tasks.html", **ctx),
+                }
         elif topic == SCHEDULES:
             ctx = await self.schedules_context()
             fragments = {"schedules-table": self.render("_schedules_table.html", **ctx)}
@@ -331,6 +368,17 @@ async def agents(request: Request[Any, Any, Any]) -> Response[str]:
         found = await ui.broker.reads.agents.all()
     return ui.page("agents.html", topic=OVERVIEW, nav="agents", agents=found,
                    now=datetime.now(UTC))
+
+
+@get("/agent", opt={"page": True}, include_in_schema=False)
+async def agent_page(request: Request[Any, Any, Any]) -> Response[str]:
+    """One agent: /ui/agent?id=<agent id> (an id may hold "/", so not in the path)."""
+    ui = _ui(request)
+    agent_id = request.query_params.get("id") or ""
+    if not AGENT_ID_RE.match(agent_id):
+        raise InvalidInput("id: 1 to 128 characters of [A-Za-z0-9._:@/-]", field="id")
+    ctx = await ui.agent_context(agent_id)
+    return ui.page("agent.html", topic=f"{AGENT_TOPIC}{agent_id}", nav="agents", **ctx)
 
 
 def _filter_value(request: Request[Any, Any, Any], name: str) -> str | None:
@@ -449,16 +497,25 @@ async def _form_agent_id(request: Request[Any, Any, Any]) -> str:
     return agent_id
 
 
+async def _back_to(request: Request[Any, Any, Any], agent_id: str) -> Redirect:
+    """Back to the agent's page when the form came from it, else to the agents."""
+    if (await request.form()).get("back") == "agent":
+        return Redirect("/ui/agent?" + urlencode({"id": agent_id}), status_code=303)
+    return Redirect("/ui/agents", status_code=303)
+
+
 @post("/agents/drain", include_in_schema=False)
 async def drain(request: Request[Any, Any, Any]) -> Redirect:
-    await _ui(request).broker.agents.drain(await _form_agent_id(request), True)
-    return Redirect("/ui/agents", status_code=303)
+    agent_id = await _form_agent_id(request)
+    await _ui(request).broker.agents.drain(agent_id, True)
+    return await _back_to(request, agent_id)
 
 
 @post("/agents/undrain", include_in_schema=False)
 async def undrain(request: Request[Any, Any, Any]) -> Redirect:
-    await _ui(request).broker.agents.drain(await _form_agent_id(request), False)
-    return Redirect("/ui/agents", status_code=303)
+    agent_id = await _form_agent_id(request)
+    await _ui(request).broker.agents.drain(agent_id, False)
+    return await _back_to(request, agent_id)
 
 
 @post("/agents/delete", include_in_schema=False)
@@ -534,9 +591,14 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
         topic = f"{TASK_TOPIC}{_task_id(topic.removeprefix(TASK_TOPIC))}"
     elif topic.startswith(SCHEDULE_TOPIC):
         _schedule_name(topic.removeprefix(SCHEDULE_TOPIC))
+    elif topic.startswith(AGENT_TOPIC):
+        if not AGENT_ID_RE.match(topic.removeprefix(AGENT_TOPIC)):
+            raise InvalidInput("agent:<agent id>: 1 to 128 characters of [A-Za-z0-9._:@/-]",
+                               field="topic")
     elif topic not in (OVERVIEW, SCHEDULES):
         raise InvalidInput(
-            "topic is overview, task:<task id>, schedules or schedule:<name>", field="topic"
+            "topic is overview, task:<task id>, agent:<agent id>, schedules or schedule:<name>",
+            field="topic",
         )
 
     async def stream() -> Any:
@@ -611,9 +673,9 @@ def create_ui(
     )
     router = Router(
         path="/ui",
-        route_handlers=[login_form, login, logout, overview, agents, tasks, task_page, cancel,
-                        requeue, decide, drain, undrain, delete_agent, schedules, schedule_page,
-                        schedule_action, static, events],
+        route_handlers=[login_form, login, logout, overview, agents, agent_page, tasks, task_page,
+                        cancel, requeue, decide, drain, undrain, delete_agent, schedules,
+                        schedule_page, schedule_action, static, events],
         before_request=require_session,
         exception_handlers={
             DispatchError: dispatch_error,  # type: ignore[dict-item]
