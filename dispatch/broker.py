@@ -159,6 +159,29 @@ class Broker:
 
         return await self._fenced(changes[0], all_of())
 
+    async def apply_each(
+        self, changes: Sequence[Change], *, batch: int = 100
+    ) -> tuple[int, list[tuple[uuid.UUID, str]]]:
+        """Apply changes each to its own task (the dashboard's bulk requeue and cancel), `batch`
+        of them to a transaction. A change its task refuses now (it moved on since it was
+        selected) is undone alone, in its savepoint, and reported; returns (applied, [(task id,
+        why not)])."""
+        applied: list[tuple[Change, Task]] = []
+        skipped: list[tuple[uuid.UUID, str]] = []
+        for i in range(0, len(changes), batch):
+            done: list[tuple[Change, Task]] = []
+            async with self.tasks.transaction() as conn:
+                for change in changes[i:i + batch]:
+                    try:
+                        async with conn.transaction():
+                            done.append((change, await self.tasks.apply(change, conn=conn)))
+                    except (Conflict, Forbidden, NotFound, InvalidInput) as exc:
+                        skipped.append((change.task_id, exc.message))
+            applied += done  # counted once their transaction committed
+            for change, task in done:
+                self._count(change.event, task)
+        return len(applied), skipped
+
     async def apply_then_claim(
         self, change: Change, agent_id: str, then: NextClaim, *, now: datetime | None = None
     ) -> tuple[Task, list[Task]]:

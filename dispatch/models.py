@@ -417,6 +417,11 @@ class TaskFilter(msgspec.Struct, frozen=True, kw_only=True):
     parent_task_id: uuid.UUID | None = None
     # Only the tasks this caller is involved in (auth.mode tokens; deps.task_visible).
     visible_to: str | None = None
+    # The dashboard's search: a title substring (any case), a prefix of the id's text, and a
+    # metadata document the task's contains (metadata @> it).
+    title: str | None = None
+    id_prefix: str | None = None
+    metadata: dict[str, object] | None = None
 
 
 class Cursor(msgspec.Struct, frozen=True, array_like=True):

@@ -72,6 +72,52 @@ ORDER BY priority DESC, created_at, task_id
 LIMIT %(limit)s
 """
 
+# The dashboard's listing: the API's filters and a search (a title substring, an id prefix, one
+# metadata key=value), newest or oldest first by creation. The order is a top-N sort of the rows
+# that match (no index on creation time: every create would pay for one); the dashboard's hub
+# spaces its refreshes by how long they take.
+_UI_WHERE = """
+WHERE (%(statuses)s::dispatch.task_status[] IS NULL OR status = ANY (%(statuses)s))
+  AND (%(requester)s::text IS NULL OR requester = %(requester)s)
+  AND (%(owner)s::text IS NULL OR owner = %(owner)s)
+  AND (%(assignee)s::text IS NULL OR assigned_agent = %(assignee)s)
+  AND (%(capability)s::text IS NULL OR required_capabilities @> ARRAY[%(capability)s::text])
+  AND (%(title)s::text IS NULL OR title ILIKE %(title)s)
+  AND (%(id_prefix)s::text IS NULL OR task_id::text LIKE %(id_prefix)s)
+  AND (%(metadata)s::jsonb IS NULL OR metadata @> %(metadata)s)
+"""
+_UI_LIST = {
+    "newest": "SELECT * FROM dispatch.tasks" + _UI_WHERE + """
+  AND (%(c_created)s::timestamptz IS NULL
+       OR (created_at, task_id) < (%(c_created)s, %(c_id)s::uuid))
+ORDER BY created_at DESC, task_id DESC LIMIT %(limit)s""",
+    "oldest": "SELECT * FROM dispatch.tasks" + _UI_WHERE + """
+  AND (%(c_created)s::timestamptz IS NULL
+       OR (created_at, task_id) > (%(c_created)s, %(c_id)s::uuid))
+ORDER BY created_at, task_id LIMIT %(limit)s""",
+}
+_UI_IDS = "SELECT task_id FROM dispatch.tasks" + _UI_WHERE + """
+ORDER BY created_at, task_id LIMIT %(limit)s"""
+_UI_COUNT = "SELECT count(*) AS n FROM (SELECT 1 FROM dispatch.tasks" + _UI_WHERE + """
+LIMIT %(limit)s) x"""
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _ui_params(filters: TaskFilter) -> dict[str, object]:
+    return {
+        "statuses": [str(s) for s in filters.statuses] if filters.statuses else None,
+        "requester": filters.requester,
+        "owner": filters.owner,
+        "assignee": filters.assignee,
+        "capability": filters.capability.strip().lower() if filters.capability else None,
+        "title": f"%{_like(filters.title)}%" if filters.title else None,
+        "id_prefix": f"{filters.id_prefix}%" if filters.id_prefix else None,
+        "metadata": Jsonb(filters.metadata) if filters.metadata is not None else None,
+    }
+
 
 def _outcome(reports: Sequence[Mapping[str, object]], r: Row) -> ReportOutcome:
     """One row of dispatch.task_report_batch as the outcome of reports[ord - 1]."""
@@ -176,6 +222,28 @@ class Tasks(Queries):
             "limit": limit,
         }
         return [convert(r, Task) for r in await self._rows(_LIST, params, conn)]
+
+    async def ui_page(
+        self, filters: TaskFilter, *, order: str = "newest", limit: int = 50,
+        after: Cursor | None = None, conn: Conn | None = None,
+    ) -> list[Task]:
+        """The dashboard's listing (filters with its search), `order` newest or oldest first."""
+        params = {**_ui_params(filters), "limit": limit,
+                  "c_created": after.created_at if after else None,
+                  "c_id": after.task_id if after else None}
+        return [convert(r, Task) for r in await self._rows(_UI_LIST[order], params, conn)]
+
+    async def ui_ids(
+        self, filters: TaskFilter, *, limit: int, conn: Conn | None = None
+    ) -> list[uuid.UUID]:
+        """The ids of the first `limit` tasks the dashboard's filters select, oldest first."""
+        rows = await self._rows(_UI_IDS, {**_ui_params(filters), "limit": limit}, conn)
+        return [r["task_id"] for r in rows]
+
+    async def ui_count(self, filters: TaskFilter, *, limit: int, conn: Conn | None = None) -> int:
+        """How many tasks the filters select, counted up to `limit`."""
+        rows = await self._rows(_UI_COUNT, {**_ui_params(filters), "limit": limit}, conn)
+        return int(rows[0]["n"])
 
     async def events(self, task_id: uuid.UUID, *, conn: Conn | None = None) -> list[TaskEvent]:
         """The task's history, oldest first; NotFound when there is no such task."""

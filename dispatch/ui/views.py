@@ -31,6 +31,7 @@ from dispatch.models import (
     Approve,
     Cancel,
     Change,
+    Cursor,
     Reject,
     RequestChanges,
     Requeue,
@@ -41,11 +42,11 @@ from dispatch.models import (
 )
 from dispatch.notify import Listener
 from dispatch.settings import UiSettings
-from dispatch.ui import charts, timeline
+from dispatch.ui import charts, task_list, timeline
 from dispatch.ui.hub import KEEP_SECONDS, Hub
 from dispatch.ui.session import COOKIE, Sessions, same_origin
 from dispatch.ui.throttle import SignInThrottle
-from dispatch.wire import AGENT_ID_RE, decode_cursor, encode_cursor, parse_statuses
+from dispatch.wire import AGENT_ID_RE, decode_cursor, encode_cursor
 
 # The actor of the events the dashboard's buttons write.
 UI_ACTOR = "admin"
@@ -61,7 +62,6 @@ AGENT_TASKS = 20
 SCHEDULE_TASKS = 20
 # Filter values longer than this are no filter anyone types.
 MAX_FILTER_LENGTH = 256
-FILTERS = ("status", "capability", "requester", "owner", "assignee")
 # Checked by the handlers themselves (a clear 4xx page), so only the type here.
 PathText = Annotated[str, PathParameter()]
 SCHEDULE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
@@ -203,6 +203,23 @@ class Dashboard:
             "now": datetime.now(UTC),
         }
 
+    async def tasks_context(
+        self, listing: task_list.ListQuery, after: Cursor | None = None
+    ) -> dict[str, Any]:
+        reads = self.broker.reads
+        async with self.broker.fresh_reads(), reads.tasks.transaction() as conn:
+            rows = await reads.tasks.ui_page(listing.filters, order=listing.order,
+                                             limit=PAGE_SIZE + 1, after=after, conn=conn)
+            count = await reads.tasks.ui_count(listing.filters, limit=task_list.BULK_LIMIT,
+                                               conn=conn)
+        next_link = None
+        if len(rows) > PAGE_SIZE:
+            rows = rows[:PAGE_SIZE]
+            next_link = "/ui/tasks?" + listing.query(cursor=encode_cursor(rows[-1]))
+        return {"tasks": rows, "listing": listing, "filters": listing.values,
+                "count": count, "bulk_limit": task_list.BULK_LIMIT, "next_link": next_link,
+                "now": datetime.now(UTC)}
+
     async def task_context(self, task_id: uuid.UUID) -> dict[str, Any]:
         reads = self.broker.reads
         async with self.broker.fresh_reads():
@@ -244,6 +261,9 @@ class Dashboard:
                 "agents-table": self.render("_agents_table.html", **ctx),
                 "overview-flow": self.render("_overview_flow.html", **ctx),
             }
+        elif topic.startswith(task_list.TOPIC):
+            ctx = await self.tasks_context(task_list.from_topic(topic))
+            fragments = {"tasks-table": self.render("_tasks_table.html", **ctx)}
         elif topic.startswith(AGENT_TOPIC):
             try:
                 ctx = await self.agent_context(topic.removeprefix(AGENT_TOPIC))
@@ -393,30 +413,49 @@ def _filter_value(request: Request[Any, Any, Any], name: str) -> str | None:
 
 @get("/tasks", opt={"page": True}, include_in_schema=False)
 async def tasks(request: Request[Any, Any, Any]) -> Response[str]:
+    """The task list: filters, search, order, newest first by default; the first page is live
+    (topic tasks?<query>), later pages are not."""
     ui = _ui(request)
-    values = {name: _filter_value(request, name) for name in FILTERS}
-    filters = TaskFilter(
-        statuses=parse_statuses(values["status"]) if values["status"] else None,
-        requester=values["requester"],
-        owner=values["owner"],
-        assignee=values["assignee"],
-        capability=values["capability"],
-    )
+    listing = task_list.parse(lambda name: request.query_params.getall(name, []))
     raw_cursor = _filter_value(request, "cursor")
     after = decode_cursor(raw_cursor) if raw_cursor else None
-    async with ui.broker.fresh_reads():
-        rows = await ui.broker.reads.tasks.page(filters, limit=PAGE_SIZE + 1, after=after)
-    next_link = None
-    if len(rows) > PAGE_SIZE:
-        rows = rows[:PAGE_SIZE]
-        query = {k: v for k, v in values.items() if v}
-        next_link = "/ui/tasks?" + urlencode({**query, "cursor": encode_cursor(rows[-1])})
-    first_link = "/ui/tasks?" + urlencode({k: v for k, v in values.items() if v})
+    ctx = await ui.tasks_context(listing, after)
+    notice = _filter_value(request, "done")
     return ui.page(
-        "tasks.html", nav="tasks", tasks=rows, filters=values,
-        statuses=[s.value for s in TaskStatus],
-        next_link=next_link, first_link=first_link if after else None, now=datetime.now(UTC),
+        "tasks.html", nav="tasks", topic=None if after else task_list.TOPIC + listing.query(),
+        statuses=[s.value for s in TaskStatus], first_link=(
+            "/ui/tasks?" + listing.query()) if after else None,
+        notice=notice, **ctx,
     )
+
+
+@post("/tasks/bulk", include_in_schema=False)
+async def bulk(request: Request[Any, Any, Any]) -> Redirect:
+    """Requeue or cancel every task the posted filter selects now (at most BULK_LIMIT), through
+    the same broker changes as a task's buttons, BULK_BATCH to a transaction; a task that moved
+    on meanwhile is skipped and counted."""
+    ui = _ui(request)
+    form = await request.form()
+    listing = task_list.parse(lambda name: form.getall(name, []))
+    action = form.get("action")
+    if action not in ("requeue", "cancel"):
+        raise InvalidInput("action: requeue or cancel", field="action")
+    if not listing.filters.statuses and not any(listing.values.values()):
+        raise InvalidInput("filter the tasks first: a bulk action does not take every task",
+                           field="status")
+    async with ui.broker.fresh_reads():
+        ids = await ui.broker.store.tasks.ui_ids(listing.filters, limit=task_list.BULK_LIMIT)
+    changes: list[Change] = [
+        Requeue(task_id=tid, actor=UI_ACTOR) if action == "requeue" else
+        Cancel(task_id=tid, actor=UI_ACTOR, reason="cancelled from the dashboard (bulk)",
+               admin=True)
+        for tid in ids
+    ]
+    applied, skipped = await ui.broker.apply_each(changes, batch=task_list.BULK_BATCH)
+    done = f"{'Requeued' if action == 'requeue' else 'Cancelled'} {applied}"
+    if skipped:
+        done += f"; {len(skipped)} skipped (changed meanwhile: {skipped[0][1][:120]})"
+    return Redirect("/ui/tasks?" + listing.query(done=done), status_code=303)
 
 
 def _task_id(raw: str) -> uuid.UUID:
@@ -591,13 +630,16 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
         topic = f"{TASK_TOPIC}{_task_id(topic.removeprefix(TASK_TOPIC))}"
     elif topic.startswith(SCHEDULE_TOPIC):
         _schedule_name(topic.removeprefix(SCHEDULE_TOPIC))
+    elif topic.startswith(task_list.TOPIC):
+        topic = task_list.TOPIC + task_list.from_topic(topic).query()
     elif topic.startswith(AGENT_TOPIC):
         if not AGENT_ID_RE.match(topic.removeprefix(AGENT_TOPIC)):
             raise InvalidInput("agent:<agent id>: 1 to 128 characters of [A-Za-z0-9._:@/-]",
                                field="topic")
     elif topic not in (OVERVIEW, SCHEDULES):
         raise InvalidInput(
-            "topic is overview, task:<task id>, agent:<agent id>, schedules or schedule:<name>",
+            "topic is overview, task:<task id>, agent:<agent id>, tasks?<query>, schedules or "
+            "schedule:<name>",
             field="topic",
         )
 
@@ -674,7 +716,7 @@ def create_ui(
     router = Router(
         path="/ui",
         route_handlers=[login_form, login, logout, overview, agents, agent_page, tasks, task_page,
-                        cancel, requeue, decide, drain, undrain, delete_agent, schedules,
+                        bulk, cancel, requeue, decide, drain, undrain, delete_agent, schedules,
                         schedule_page, schedule_action, static, events],
         before_request=require_session,
         exception_handlers={

@@ -81,13 +81,15 @@ def transactions(db_url: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def streams(server: ServeProcess, count: int) -> AsyncIterator[list[Stream]]:
+async def streams(
+    server: ServeProcess, count: int, topic: str = "overview"
+) -> AsyncIterator[list[Stream]]:
     limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
     async with httpx.AsyncClient(base_url=server.api, timeout=httpx.Timeout(10, read=None),
                                  limits=limits) as client:
         await sign_in(client)
         tabs = [Stream() for _ in range(count)]
-        tasks = [asyncio.create_task(tab.follow(client)) for tab in tabs]
+        tasks = [asyncio.create_task(tab.follow(client, topic)) for tab in tabs]
         try:
             await until(lambda: all(tab.updates for tab in tabs), f"{count} streams updated")
             yield tabs
