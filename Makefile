@@ -46,7 +46,7 @@ test: $(STAMP) ## run the test suite against real Postgres (and real NATS)
 
 .PHONY: screenshots
 screenshots: $(STAMP) ## run the dashboard's browser tests, saving their screenshots in docs/screenshots
-	DISPATCH_SCREENSHOT_DIR=docs/screenshots DISPATCH_REQUIRE_BROWSER=1 $(BIN)/pytest tests/ui/test_browser.py tests/ui/test_schedules_page.py -q
+	DISPATCH_SCREENSHOT_DIR=docs/screenshots DISPATCH_REQUIRE_BROWSER=1 $(BIN)/pytest tests/ui/test_browser.py tests/ui/test_schedules_page.py tests/ui/test_triage_task_page.py tests/ui/test_triage_task_list.py tests/ui/test_triage_agents.py -q
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
