@@ -48,13 +48,14 @@ class ListQuery:
         return urlencode(pairs + sorted(extra.items()))
 
 
-def _value(name: str, raw: str | None) -> str | None:
+def value(name: str, raw: str | None) -> str | None:
+    """A query value, stripped; None when empty; InvalidInput when overlong or with NUL."""
     if raw is None or not raw.strip():
         return None
-    value = raw.strip()
-    if len(value) > MAX_FILTER_LENGTH or "\x00" in value:
+    text = raw.strip()
+    if len(text) > MAX_FILTER_LENGTH or "\x00" in text:
         raise InvalidInput(f"{name}: at most {MAX_FILTER_LENGTH} characters, no NUL", field=name)
-    return value
+    return text
 
 
 def _metadata(raw: str) -> dict[str, object]:
@@ -71,7 +72,7 @@ def _metadata(raw: str) -> dict[str, object]:
 
 def parse(get_all: Callable[[str], list[str]]) -> ListQuery:
     """The listing a query (or a bulk form) asks for; InvalidInput names a bad field."""
-    values = {name: _value(name, last[-1] if (last := get_all(name)) else None)
+    values = {name: value(name, last[-1] if (last := get_all(name)) else None)
               for name in FIELDS}
     raw_statuses = [s for raw in get_all("status") for s in raw.split(",") if s.strip()]
     if len(raw_statuses) > len(TaskStatus) * 2:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 from playwright.async_api import Page, expect
 
+from tests import poll
 from tests.serve import ServeProcess
 from tests.ui.conftest import ADMIN_TOKEN, require_chromium
 
@@ -23,15 +24,7 @@ DEADLINE = 30.0
 
 
 async def until(check: Callable[[], Awaitable[Any]], what: str, deadline: float = DEADLINE) -> Any:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while True:
-        value = await check()
-        if value:
-            return value
-        if loop.time() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        await asyncio.sleep(0.1)
+    return await poll.until(check, what, deadline, every=0.1)
 
 
 async def sign_in(page: Page, server: ServeProcess) -> None:
