@@ -42,10 +42,11 @@ async def test_create_read_change_and_delete(client: httpx.AsyncClient, sql: Sql
     assert (await client.get(f"{BASE}/nightly", headers=ADMIN)).json()["name"] == "nightly"
     assert [s["name"] for s in (await client.get(BASE, headers=ADMIN)).json()] == ["nightly"]
 
-    # Minutes 5, 15, ..., 55: never the old timing's 03:00 in Berlin (a whole hour in UTC), which
-    # "*/10" met when the test ran in the ten minutes before it.
-    r = await client.patch(f"{BASE}/nightly", json={"cron": "5-59/10 * * * *", "timezone": "UTC"},
-                           headers=ADMIN)
+    # Minutes 5, 15, ..., 55 of an hour twelve hours from now: never the old timing's 03:00 in
+    # Berlin, and never while the test runs (it would fire and count one more).
+    far = (datetime.now(UTC).hour + 12) % 24
+    r = await client.patch(f"{BASE}/nightly", json={"cron": f"5-59/10 {far} * * *",
+                                                    "timezone": "UTC"}, headers=ADMIN)
     assert r.status_code == 200, r.text
     changed = datetime.fromisoformat(r.json()["next_fire_at"])
     assert changed.minute % 10 == 5 and changed != nxt  # the new timing, from now on

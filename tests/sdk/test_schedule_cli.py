@@ -18,32 +18,36 @@ from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
 from tests.sdk.test_cli import cli_env, dispatch, ok, rows
 from tests.serve import ServeProcess
 
+# Every cron here names an hour twelve hours from now, so no schedule fires by itself while a
+# test runs (a "*/5" schedule fired once when the test crossed a five-minute mark).
+H = (datetime.now(UTC).hour + 12) % 24
+
 
 def test_a_schedule_from_create_to_delete(sp: ServeProcess, admin: DispatchClient) -> None:
     made = json.loads(ok(dispatch(
-        sp, "schedule", "create", "nightly", "--cron", "0 3 * * *", "--timezone",
+        sp, "schedule", "create", "nightly", "--cron", f"0 {H} * * *", "--timezone",
         "Europe/Berlin", "--title", "re-index", "-c", "code", "--priority", "4",
         "--metadata", '{"repo": "mono"}', "--json", admin=True)))
     assert made["template"]["title"] == "re-index"
     assert made["template"]["required_capabilities"] == ["code"]
     assert made["template"]["priority"] == 4 and made["template"]["metadata"] == {"repo": "mono"}
     assert datetime.fromisoformat(made["next_fire_at"]) > datetime.now(UTC)
-    ok(dispatch(sp, "schedule", "create", "feed", "--cron", "*/5 * * * *", "--template",
+    ok(dispatch(sp, "schedule", "create", "feed", "--cron", f"*/5 {H} * * *", "--template",
                 '{"title": "poll the feed"}', "--overlap", "allow", admin=True))
 
     listed = rows(ok(dispatch(sp, "schedule", "list", admin=True)))
     assert [r["NAME"] for r in listed] == ["feed", "nightly"]
     nightly = listed[1]
-    assert nightly["CRON"] == "0 3 * * *" and nightly["TIMEZONE"] == "Europe/Berlin"
+    assert nightly["CRON"] == f"0 {H} * * *" and nightly["TIMEZONE"] == "Europe/Berlin"
     assert nightly["STATE"] == "active" and nightly["NEXT_FIRE"] != "-"
     assert (nightly["LAST_FIRE"], nightly["FIRED"], nightly["SKIPPED"]) == ("-", "0", "0")
     assert nightly["ERROR"] == "-"
     assert [s["name"] for s in json.loads(ok(dispatch(sp, "schedule", "list", "--json",
                                                       admin=True)))] == ["feed", "nightly"]
 
-    changed = json.loads(ok(dispatch(sp, "schedule", "update", "nightly", "--cron", "30 4 * * *",
+    changed = json.loads(ok(dispatch(sp, "schedule", "update", "nightly", "--cron", f"30 {H} * * *",
                                      "--json", admin=True)))
-    assert changed["cron"] == "30 4 * * *" and changed["template"]["title"] == "re-index"
+    assert changed["cron"] == f"30 {H} * * *" and changed["template"]["title"] == "re-index"
     assert datetime.fromisoformat(changed["next_fire_at"]).minute == 30
     # Task options change those fields of the template; the rest of it stays.
     changed = json.loads(ok(dispatch(sp, "schedule", "update", "nightly", "--priority", "7",
@@ -152,12 +156,12 @@ def test_only_the_admin_token_manages_schedules(sp: ServeProcess, admin: Dispatc
 
 
 def test_the_client_methods(sp: ServeProcess, admin: DispatchClient) -> None:
-    made = admin.create_schedule("nightly", cron="0 3 * * *", timezone="Europe/Berlin",
+    made = admin.create_schedule("nightly", cron=f"0 {H} * * *", timezone="Europe/Berlin",
                                  template=TaskCreate(title="re-index", priority=3))
     assert (made.template["title"], made.template["priority"]) == ("re-index", 3)
     assert made.next_fire_at is not None and made.next_fire_at > datetime.now(UTC)
     assert (made.overlap, made.catch_up, made.paused) == ("skip", "latest", False)
-    struct = admin.create_schedule(ScheduleCreate(name="feed", cron="*/5 * * * *",
+    struct = admin.create_schedule(ScheduleCreate(name="feed", cron=f"*/5 {H} * * *",
                                                   template={"title": "poll"}, paused=True))
     assert struct.paused and struct.next_fire_at is None
     with pytest.raises(TypeError):
@@ -173,10 +177,10 @@ def test_the_client_methods(sp: ServeProcess, admin: DispatchClient) -> None:
         assert bad.value.field == field, (fields, bad.value.field, bad.value.message)
     assert [s.name for s in admin.list_schedules()] == ["feed", "nightly"]
 
-    changed = admin.update_schedule("nightly", cron="30 4 * * *")
-    assert changed.cron == "30 4 * * *" and changed.timezone == "Europe/Berlin"
+    changed = admin.update_schedule("nightly", cron=f"30 {H} * * *")
+    assert changed.cron == f"30 {H} * * *" and changed.timezone == "Europe/Berlin"
     changed = admin.update_schedule("nightly", SchedulePatch(catch_up="none", overlap="allow"))
-    assert (changed.catch_up, changed.overlap, changed.cron) == ("none", "allow", "30 4 * * *")
+    assert (changed.catch_up, changed.overlap, changed.cron) == ("none", "allow", f"30 {H} * * *")
     with pytest.raises(NotFound):
         admin.update_schedule("absent", cron="@daily")
     assert admin.pause_schedule("nightly").paused
