@@ -395,6 +395,8 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     capabilities: list[str] = msgspec.field(default_factory=list)
     # The task's trace context (tracing): the assignment's span continues its trace.
     trace_context: dict[str, str] | None = None
+    # Whether another round now may give more (dispatch.task_assign's `more`).
+    more: bool = False
 
 
 class Expiry(msgspec.Struct, frozen=True, kw_only=True):

@@ -124,10 +124,11 @@ class Assigner(TickLoop):
         return report
 
     async def run_once(self) -> list[Assignment]:
-        """Assignment batches until one assigns nothing; returns every assignment made.
+        """Assignment batches until one assigns nothing or says there is no more to give now;
+        returns every assignment made.
 
         Not "until a batch is short": a batch can end short because the agents it locked filled up
-        while tasks for other agents were still waiting further down the queue."""
+        while tasks for other agents were still waiting further down the queue (its `more`)."""
         made: list[Assignment] = []
         while True:
             batch = await self.broker.assign(batch=self.batch)
@@ -142,6 +143,8 @@ class Assigner(TickLoop):
                     self.metrics.waited(assignment.capabilities, assignment.waited)
                 if assignment.wake and self.waker is not None:
                     self.waker.request(assignment.agent_id)
+            if not batch[0].more:
+                return made
 
     def arm(self) -> None:
         self._woken = self.listener.event(WORK_CHANNEL) if self.listener is not None else None

@@ -489,9 +489,13 @@ $$;
 -- Flow control: the plan passes over tasks whose concurrency key or rate key holds them back
 -- (counting its own picks); the apply step, once every pick has its slot, has flow_grant decide
 -- on the tasks with flow keys before it gives anything.
+-- `more` (the same on every row): whether another round now may give more: the plan stopped at
+-- the batch size, or a pick was not given (its agent filled up meanwhile, or changed). False when
+-- the walk reached the end of what it could give: the assigner then sleeps until it is woken,
+-- without a round that would find nothing.
 CREATE FUNCTION dispatch.task_assign(p_batch integer DEFAULT 100, p_now timestamptz DEFAULT now())
 RETURNS TABLE (task_id uuid, agent_id text, score real, wake boolean, waited float8,
-               capabilities text[], trace_context jsonb)
+               capabilities text[], trace_context jsonb, more boolean)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     c     dispatch.config;
@@ -621,6 +625,7 @@ BEGIN
                                  ARRAY(SELECT x.cost FROM unnest(gives) x), p_now) f;
         refill := least(refill, later);
     END IF;
+    more := cardinality(picks) >= p_batch OR cardinality(gives) < cardinality(picks);
     PERFORM dispatch.fn_enter();
     FOR i IN 1 .. cardinality(gives) LOOP
         CONTINUE WHEN ok[i] IS FALSE;
