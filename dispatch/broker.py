@@ -391,6 +391,19 @@ class Broker:
         """One assignment batch (SKIP LOCKED); empty when nothing is assignable."""
         start = time.time_ns()
         assignments = await self.tasks.assign(batch or self.assignment.batch_size, now=now)
+        return self._assigned(assignments, start)
+
+    async def assign_round(
+        self, *, batch: int | None = None, now: datetime | None = None
+    ) -> tuple[list[Assignment], float | None]:
+        """One assignment batch, with the seconds until a deferred task becomes available (None:
+        none waits; see Tasks.assign_round)."""
+        start = time.time_ns()
+        assignments, due = await self.tasks.assign_round(
+            batch or self.assignment.batch_size, now=now)
+        return self._assigned(assignments, start), due
+
+    def _assigned(self, assignments: list[Assignment], start: int) -> list[Assignment]:
         if assignments and self.tracing is not None:
             self.tracing.assigned(assignments, start)
         if assignments and self.metrics is not None:

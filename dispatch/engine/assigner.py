@@ -84,7 +84,6 @@ class Assigner(TickLoop):
     """The push side of assignment; `assigned` counts the tasks this process assigned."""
 
     name = "assigner"
-    due = "available"
 
     def __init__(
         self,
@@ -102,6 +101,7 @@ class Assigner(TickLoop):
         self.assigned = 0
         self._woken: asyncio.Event | None = None
         self._due = float("inf")  # wall-clock epoch of the nearest refill announced
+        self._next: float | None = None  # seconds to the next deferred task, as of the last batch
         self._nearer = asyncio.Event()
         if listener is not None:
             listener.watch(DUE_CHANNEL, self._on_due)
@@ -131,7 +131,7 @@ class Assigner(TickLoop):
         while tasks for other agents were still waiting further down the queue (its `more`)."""
         made: list[Assignment] = []
         while True:
-            batch = await self.broker.assign(batch=self.batch)
+            batch, self._next = await self.broker.assign_round(batch=self.batch)
             self.progressed()
             if not batch:
                 return made
@@ -151,7 +151,7 @@ class Assigner(TickLoop):
 
     async def round(self) -> float:
         self.assigned += len(await self.run_once())
-        return await self.until_due()
+        return self.sleep_for(self._next)  # read by the last batch's own statement
 
     async def sleep(self, seconds: float) -> None:
         """Until the next NOTIFY dispatch_work, an announced refill, or seconds."""

@@ -25,7 +25,10 @@ class TickLoop(BackgroundLoop):
     async def until_due(self) -> float:
         """Seconds to sleep: a little past the next due instant, so that `available_at <= now`
         holds when the loop looks again; never longer than the tick."""
-        due = await self.broker.tasks.seconds_until_due(self.due)
+        return self.sleep_for(await self.broker.tasks.seconds_until_due(self.due))
+
+    def sleep_for(self, due: float | None) -> float:
+        """Seconds to sleep for a due instant `due` seconds away (None: nothing is due)."""
         if due is None:
             return self.interval
         return min(self.interval, max(due + 0.005, 0.0))

@@ -54,6 +54,17 @@ _DUE = {
     for kind, call in _DUE_CALLS.items()
 }
 
+# The round's rows, then one row with only `due` (an Append runs its branches in order; the
+# second reads the statement's snapshot, which is all next_available needs: a round gives only
+# tasks that are available already).
+_ASSIGN_ROUND = """
+WITH t AS (SELECT coalesce(%s::timestamptz, now()) AS now)
+SELECT a.*, NULL::float8 AS due FROM t, dispatch.task_assign(%s, t.now) a
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       extract(epoch FROM dispatch.next_available(t.now) - t.now)::float8 FROM t
+"""
+
 _LIST = """
 SELECT * FROM dispatch.tasks
 WHERE (%(statuses)s::dispatch.task_status[] IS NULL OR status = ANY (%(statuses)s))
@@ -353,6 +364,15 @@ class Tasks(Queries):
             conn,
         )
         return [convert(r, Assignment) for r in rows]
+
+    async def assign_round(
+        self, batch: int, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> tuple[list[Assignment], float | None]:
+        """One assignment batch, and in the same statement the assigner's next due instant
+        (seconds_until_due("available")): one round trip for a round that ends a wake-up."""
+        rows = await self._rows(_ASSIGN_ROUND, (now, batch), conn)
+        due: float | None = rows[-1]["due"]
+        return [convert(r, Assignment) for r in rows[:-1]], due
 
     async def apply(
         self, change: Change, *, now: datetime | None = None, conn: Conn | None = None

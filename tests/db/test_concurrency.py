@@ -173,34 +173,6 @@ async def test_batch_insert_notifies_once(db_url: str) -> None:
     assert [n.channel for n in notes] == ["dispatch_work"]
 
 
-def test_a_freed_slot_wakes_the_assigner_only_when_something_waits(db_url: str, sql: Any) -> None:
-    """A completion or failure frees its agent's slot: dispatch_work goes out when a pending task
-    could take it (another in line, or this one back in line for a retry), not when the line is
-    empty (every replica's listener would pay a transaction for it, and its assigner a round)."""
-    sql.execute("SELECT dispatch.agent_upsert('a1', p_max_concurrent => 5)")
-    sql.execute("SELECT dispatch.create_task('one', max_retries => 0)")
-    sql.execute("SELECT dispatch.create_task('two', max_retries => 1)")
-    first, second = (r["task_id"] for r in sql.execute(
-        "SELECT task_id FROM dispatch.task_claim('a1', NULL, now(), 2, true)"))
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute("LISTEN dispatch_work")
-        sql.execute("SELECT dispatch.task_complete(%s, 'a1', '{}')", (first,))
-        assert list(conn.notifies(timeout=0.5)) == []  # nothing waits
-        sql.execute("SELECT dispatch.task_fail(%s, 'a1', 'flaky')", (second,))
-        assert [n.channel for n in conn.notifies(timeout=2, stop_after=1)] == ["dispatch_work"]
-        retried = sql.execute("SELECT status::text AS s FROM dispatch.tasks WHERE task_id = %s",
-                              (second,)).fetchone()
-        assert retried == {"s": "pending"}  # its retry is in line
-        # Another task's completion while the retry waits in line (its backoff) wakes too.
-        sql.execute("SELECT dispatch.create_task('three')")
-        list(conn.notifies(timeout=0.5))  # the create's own
-        third = sql.execute("SELECT task_id FROM dispatch.task_claim('a1', NULL, now(), 1, true)"
-                            ).fetchone()
-        assert third is not None and third["task_id"] not in (first, second)
-        sql.execute("SELECT dispatch.task_complete(%s, 'a1', '{}')", (third["task_id"],))
-        assert [n.channel for n in conn.notifies(timeout=2, stop_after=1)] == ["dispatch_work"]
-
-
 def test_a_round_says_whether_another_would_give_more(sql: Any) -> None:
     """task_assign's `more`: true when it stopped at its batch size with work left, false when
     its walk reached the end of what it could give (the assigner then runs no empty round)."""

@@ -258,15 +258,10 @@ BEGIN
         END IF;
         NEW.updated_at := greatest(NEW.updated_at, OLD.updated_at);
     END IF;
-    -- A slot is free: the assigner looks again when there is something for it to give (this task
-    -- back in line, or another in line; a parked task comes back through tasks_flow_unpark, a
-    -- task that enters the line later announces itself). With no pending task the wake would
-    -- only cost every replica's listener a transaction and its assigner a round.
-    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent)
-       AND (NEW.status = 'pending'
-            OR EXISTS (SELECT 1 FROM dispatch.tasks tk WHERE tk.status = 'pending'
-                       AND NOT tk.parked))
-    THEN
+    -- A slot is free. Always announced, even with no task in line: one created meanwhile (not
+    -- visible here) wakes a round that may still see this slot held, and only this notification
+    -- makes the assigner look again once the slot is free (else the task waits for the tick).
+    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
         PERFORM pg_notify('dispatch_work', '');
     END IF;
     -- Work given by plain SQL takes a slot: the first free one, past the agent's limit if it must
