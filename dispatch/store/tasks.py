@@ -395,7 +395,7 @@ class Tasks(Queries):
         """The change, then the agent's claim of its next tasks, in one statement (one round
         trip, dispatch.task_then_claim): the change's errors as `apply` raises them; a failed
         claim leaves the change standing and comes back as its message."""
-        call, params = _call(change, now)
+        call, params = _call(change, now, refill=True)
         rows = await self._rows(
             f"SELECT * FROM dispatch.task_then_claim({call}, %s, %s, %s, coalesce(%s, now()))",
             (*params, agent_id, max_tasks, start, now),
@@ -509,8 +509,12 @@ class Tasks(Queries):
         return rows[0]
 
 
-def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]]:
-    """The call of the change's SQL function, as an expression, and its parameters."""
+def _call(
+    change: Change, now: datetime | None, *, refill: bool = False
+) -> tuple[str, tuple[object, ...]]:
+    """The call of the change's SQL function, as an expression, and its parameters. `refill`: the
+    agent claims its next tasks in the same statement (a completion or failure then leaves the
+    announcement of the slot it frees to that claim: dispatch.refill_promise)."""
     match change:
         case models.Start():
             return ("dispatch.task_start(%s, %s, coalesce(%s, now()), %s)",
@@ -520,13 +524,13 @@ def _call(change: Change, now: datetime | None) -> tuple[str, tuple[object, ...]
                     (change.task_id, change.agent_id, change.percent, change.message,
                      jsonb(change.data), now, change.lease))
         case models.Complete():
-            return ("dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+            return ("dispatch.task_complete(%s, %s, %s, %s, coalesce(%s, now()), %s, %s)",
                     (change.task_id, change.actor, jsonb(change.result), change.admin, now,
-                     change.lease))
+                     change.lease, refill))
         case models.Fail():
-            return ("dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s)",
+            return ("dispatch.task_fail(%s, %s, %s, %s, coalesce(%s, now()), %s, %s)",
                     (change.task_id, change.agent_id, change.error, change.retry_eligible, now,
-                     change.lease))
+                     change.lease, refill))
         case models.Cancel():
             return ("dispatch.task_cancel(%s, %s, %s, %s, coalesce(%s, now()))",
                     (change.task_id, change.actor, change.reason, change.admin, now))

@@ -38,6 +38,42 @@ def test_the_completion_frees_the_slot_its_next_task_takes(sql: Conn) -> None:
     assert load == {"active_tasks": 1, "slots_held": 1}  # limit 1: the freed slot, taken again
 
 
+def test_a_slot_refilled_by_the_next_claim_wakes_no_assigner(sql: Conn, db_url: str) -> None:
+    """A freed slot wakes the assigners (NOTIFY dispatch_work) unless the agent's next claim,
+    in the same statement, takes a task into it: its room is then what it was. A claim that
+    takes nothing, or a failure whose task goes back in line, still wakes them."""
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first = running(sql, "first")
+    sql.execute("SELECT dispatch.create_task('second', max_retries => 1)")
+    then = ("SELECT part, task ->> 'task_id' AS task_id, task ->> 'status' AS status"
+            " FROM dispatch.task_then_claim({}, 'a1', 1, true, now())")
+    complete = "dispatch.task_complete(%s, 'a1', '{}', p_refill => true)"
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        rows = sql.execute(then.format(complete), (first,)).fetchall()
+        assert [r["part"] for r in rows] == ["done", "next"]  # the slot is taken again
+        assert list(listener.notifies(timeout=0.5)) == []
+        second = rows[1]["task_id"]
+        rows = sql.execute(then.format(complete), (second,)).fetchall()
+        assert [r["part"] for r in rows] == ["done"]  # nothing to take: the slot stays free
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+        third = running(sql, "third")
+        sql.execute("SELECT dispatch.create_task('fourth')")
+        list(listener.notifies(timeout=0.5))  # the create's
+        fail = "dispatch.task_fail(%s, 'a1', 'flaky', p_refill => true)"
+        sql.execute("UPDATE dispatch.tasks SET max_retries = 1 WHERE task_id = %s", (third,))
+        rows = sql.execute(then.format(fail), (third,)).fetchall()
+        assert (rows[0]["part"], rows[0]["status"]) == ("done", "pending")  # a retry
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+        # A plain completion (no claim follows) announces its slot as ever.
+        fourth = rows[1]["task_id"]
+        sql.execute("SELECT dispatch.task_complete(%s, 'a1', '{}')", (fourth,))
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+
+
 def test_a_failed_claim_leaves_the_report_standing_and_says_why(sql: Conn) -> None:
     sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
     first = running(sql, "first")

@@ -207,6 +207,16 @@ BEGIN
 END
 $$;
 
+-- A completion or failure whose agent claims its next tasks in the same transaction
+-- (dispatch.task_then_claim passes p_refill): the slot it frees is announced by that claim, and
+-- only when it takes nothing (dispatch.task_claim_next). When it takes a task the agent's room is
+-- what it was, and a NOTIFY would cost every replica's listener a transaction and its assigner a
+-- round for nothing. Transaction-local; every completion and failure sets it.
+CREATE FUNCTION dispatch.refill_promise(p_agent_id text, p_refill boolean) RETURNS void
+LANGUAGE sql AS $$
+    SELECT set_config('dispatch.refill', CASE WHEN p_refill THEN p_agent_id ELSE '' END, true)
+$$;
+
 -- Guards every status change; work given by raw SQL takes a slot of its agent here (the
 -- functions take theirs before they give). Status changes made by raw SQL
 -- (not through the functions below, which set dispatch.via) get a generic event so that no change
@@ -258,10 +268,14 @@ BEGIN
         END IF;
         NEW.updated_at := greatest(NEW.updated_at, OLD.updated_at);
     END IF;
-    -- A slot is free. Always announced, even with no task in line: one created meanwhile (not
-    -- visible here) wakes a round that may still see this slot held, and only this notification
-    -- makes the assigner look again once the slot is free (else the task waits for the tick).
-    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent) THEN
+    -- A slot is free. Announced even with no task in line: one created meanwhile (not visible
+    -- here) wakes a round that may still see this slot held, and only this notification makes
+    -- the assigner look again once the slot is free (else the task waits for the tick). Left to
+    -- the claim that follows in the same transaction when its agent promised one (refill_promise).
+    IF was_active AND (NOT is_active OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent)
+       AND (NEW.status = 'pending'
+            OR current_setting('dispatch.refill', true) IS DISTINCT FROM OLD.assigned_agent)
+    THEN
         PERFORM pg_notify('dispatch_work', '');
     END IF;
     -- Work given by plain SQL takes a slot: the first free one, past the agent's limit if it must

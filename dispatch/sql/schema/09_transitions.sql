@@ -314,7 +314,7 @@ $$;
 -- agent's own complete after it is a conflict, not a repeat.
 CREATE FUNCTION dispatch.task_complete(
     p_task_id uuid, p_actor text, p_result jsonb DEFAULT NULL, p_admin boolean DEFAULT false,
-    p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
+    p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL, p_refill boolean DEFAULT false
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -335,6 +335,7 @@ BEGIN
         PERFORM dispatch.task_fence(t, p_actor, p_lease);
         PERFORM dispatch.task_require_status(t, 'assigned', 'running');
     END IF;
+    PERFORM dispatch.refill_promise(holder, p_refill AND NOT manual);
     PERFORM dispatch.fn_enter();
     IF NOT manual AND t.approval IN ('review', 'both') THEN
         -- The result waits for its review (18_gates.sql); the agent's slot is free.
@@ -367,7 +368,7 @@ $$;
 CREATE FUNCTION dispatch.task_fail(
     p_task_id uuid, p_agent_id text, p_error text DEFAULT NULL,
     p_retry_eligible boolean DEFAULT true, p_now timestamptz DEFAULT now(),
-    p_lease integer DEFAULT NULL
+    p_lease integer DEFAULT NULL, p_refill boolean DEFAULT false
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -375,6 +376,7 @@ DECLARE
 BEGIN
     PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
     PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+    PERFORM dispatch.refill_promise(p_agent_id, p_refill);
     PERFORM dispatch.fn_enter();
     PERFORM dispatch.event_write(p_task_id, 'failed', p_agent_id,
         jsonb_build_object('assigned_agent', p_agent_id, 'error', p_error,

@@ -415,16 +415,31 @@ LANGUAGE plpgsql AS $$
 DECLARE
     claimed dispatch.tasks[];
     t       dispatch.tasks;
+    -- The agent whose slot the report before freed, leaving its announcement to this claim.
+    promised text := nullif(current_setting('dispatch.refill', true), '');
+    owed    boolean := promised = p_agent_id;
 BEGIN
+    IF promised IS NOT NULL THEN
+        PERFORM set_config('dispatch.refill', '', true);
+        IF NOT owed THEN  -- another agent claims: the slot stays free
+            PERFORM pg_notify('dispatch_work', '');
+        END IF;
+    END IF;
     BEGIN
         claimed := ARRAY(SELECT c FROM dispatch.task_claim(p_agent_id, NULL, p_now, p_max,
                                                           p_start) c);
     EXCEPTION WHEN OTHERS THEN
+        IF owed THEN
+            PERFORM pg_notify('dispatch_work', '');
+        END IF;
         part := 'error';
         GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
         RETURN NEXT;
         RETURN;
     END;
+    IF owed AND cardinality(claimed) = 0 THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
     FOREACH t IN ARRAY claimed LOOP
         part := 'next';
         task := to_jsonb(t);
