@@ -258,13 +258,15 @@ def results_table(r: Report) -> list[list[str]]:
         ok = x.all_done_s is not None and x.all_done_s <= 30
         rows.append([
             f"replicas: {x.replicas} serve, {x.agents} agents (limit {x.limit}), {x.tasks:,} "
-            f"backlog, kill -9 of a replica every {x.kill_every_s:.0f} s",
+            f"backlog, kill -9 of a replica 1 s in, then every {x.kill_every_s:.0f} s",
             (f"all done in {x.all_done_s:.1f} s" if x.all_done_s is not None
              else f"{x.unfinished} unfinished after {x.waited_s:.0f} s")
             + f"; {x.kills} kills, {x.double} double assignments, {x.lost} lost, "
-            f"{x.over_limit} over limit",
+            f"{x.over_limit} over limit"
+            + ("" if x.kills else " (done before the first kill: it shows nothing)"),
             "<= 30 s, 0, 0, 0",
-            _verdict(ok and x.double == 0 and x.lost == 0 and x.over_limit == 0),
+            _verdict(ok and x.double == 0 and x.lost == 0 and x.over_limit == 0)
+            if x.kills else "n/a",
         ])
     elif isinstance(r.replicas, Unavailable):
         rows.append([f"replicas: {r.replicas.what}", f"not available: {r.replicas.why}",
