@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # A client that cannot get a connection slot: the server is up, it is full.
 TOO_MANY_CLIENTS = "53300"
-# Each worker's connections outside its pool: LISTEN and /health's probe.
+# Each worker's connections outside its pool: /health's probe and a LISTEN (a lone serve's own;
+# under serve --workers N the supervisor's one, counted once per worker as a margin).
 FIXED_PER_WORKER = 2
 # The smallest pool worth running a worker with.
 MIN_POOL = 2

@@ -22,7 +22,7 @@ from dispatch.banner import OPS_SOCKET_ENV, banner, print_banner, supervised
 from dispatch.broker import Broker
 from dispatch.metrics import Metrics
 from dispatch.migrate import migrate
-from dispatch.notify import Listener
+from dispatch.notify import NOTIFY_SOCKET_ENV, Listener
 from dispatch.preflight import (
     check_listen,
     check_pool_mode,
@@ -146,7 +146,8 @@ class Service:
         self.pool = db.create_pool(self.database_url, s.database)
         await self.pool.open(wait=True, timeout=30)
         self.probe = db.HealthProbe(self.database_url)
-        self.listener = Listener(session)
+        # A worker of serve --workers N hears its supervisor's one LISTEN.
+        self.listener = Listener(session, relay=os.environ.get(NOTIFY_SOCKET_ENV, ""))
         await self.listener.start()
         await check_sessions(self.pool, s.database)
         store = Store(self.pool)

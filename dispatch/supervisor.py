@@ -2,7 +2,8 @@
 own pool), the way several replicas share one database. They share the API port (SO_REUSEPORT:
 the kernel spreads connections over them). This process owns what must exist once: the embedded
 Postgres, the migration, a generated admin token, and the one ops endpoint on metrics_port
-(dispatch.serve_ops: every worker's metrics summed, every worker's health). It restarts a worker
+(dispatch.serve_ops: every worker's metrics summed, every worker's health), and the one LISTEN
+whose notifications it passes on to every worker (dispatch.notify.Fanout). It restarts a worker
 that dies and stops them all on SIGTERM/SIGINT."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client import multiprocess
 
 from dispatch.banner import OPS_SOCKET_ENV, SUPERVISED_ENV, banner, print_banner
 from dispatch.migrate import migrate
+from dispatch.notify import NOTIFY_SOCKET_ENV, Fanout, FanoutThread
 from dispatch.preflight import (
     StartupError,
     check_listen,
@@ -39,6 +41,7 @@ from dispatch.settings import Settings
 
 RUN_DIR_PREFIX = "dispatch-serve-"
 SUPERVISOR_PID_FILE = "supervisor.pid"
+NOTIFY_SOCKET = "notify.sock"
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,12 @@ def run(settings: Settings, config: str | None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     (run_dir / SUPERVISOR_PID_FILE).write_text(str(os.getpid()))
     try:
-        return _supervise(settings, config, url, plan.pool_min, plan.pool_max, n, run_dir)
+        fanout = FanoutThread(Fanout(session, run_dir / NOTIFY_SOCKET))
+        fanout.start()
+        try:
+            return _supervise(settings, config, url, plan.pool_min, plan.pool_max, n, run_dir)
+        finally:
+            fanout.stop()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -149,6 +157,7 @@ def _supervise(
     env = {
         **os.environ,
         SUPERVISED_ENV: "1",
+        NOTIFY_SOCKET_ENV: str(run_dir / NOTIFY_SOCKET),
         "DISPATCH_DATABASE_URL": url,
         "DISPATCH_SERVER_ADMIN_TOKEN": token,
         "DISPATCH_SERVER_WORKERS": "1",

@@ -19,7 +19,7 @@ from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
-from dispatch.notify import DUE_CHANNEL, WORK_CHANNEL, Listener, due_epoch
+from dispatch.notify import ASSIGNER_WAKE, DUE_CHANNEL, Listener, due_epoch
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +147,16 @@ class Assigner(TickLoop):
                 return made
 
     def arm(self) -> None:
-        self._woken = self.listener.event(WORK_CHANNEL) if self.listener is not None else None
+        # dispatch_work, when this process's assigner is the one it wakes (see Listener).
+        self._woken = self.listener.event(ASSIGNER_WAKE) if self.listener is not None else None
 
     async def round(self) -> float:
         self.assigned += len(await self.run_once())
         return self.sleep_for(self._next)  # read by the last batch's own statement
 
     async def sleep(self, seconds: float) -> None:
-        """Until the next NOTIFY dispatch_work, an announced refill, or seconds."""
+        """Until the next NOTIFY dispatch_work (when it wakes this assigner), an announced refill,
+        or seconds."""
         woken = self._woken
         if woken is None:
             await asyncio.sleep(seconds)

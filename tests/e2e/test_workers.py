@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from dispatch import supervisor
+from tests.engine.test_fanout import listening_sessions
 from tests.serve import ServeProcess, serving
 
 
@@ -160,8 +161,52 @@ def test_sigterm_answers_waiting_claims_and_stops_the_workers(db_url: str, tmp_p
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+def test_the_workers_share_one_listen_and_every_waiting_claim_wakes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Postgres signals one session per NOTIFY for the whole serve, not one per worker, and a
+    claim waiting on either worker still wakes for the task given to its agent."""
+    n = 16
+    with serving(db_url, tmp_path, env={"DISPATCH_SERVER_WORKERS": "2"}) as sp:
+        wait(lambda: all_ok(sp, 2), 30, "both workers")
+        assert listening_sessions(db_url) == 1
+        for i in range(n):
+            r = httpx.put(f"{sp.api}/api/v1/agents/w{i}", json={"max_concurrent": 1},
+                          headers={"X-Agent-ID": f"w{i}"})
+            assert r.status_code == 200, r.text
+        answers: list[object] = []
+
+        def claim(agent: str) -> None:
+            try:  # a new connection each: the kernel spreads them over the workers
+                r = httpx.post(f"{sp.api}/api/v1/tasks/claim", headers={"X-Agent-ID": agent},
+                               json={"wait_seconds": 30}, timeout=60)
+                answers.append((r.status_code, r.json()["assigned_agent"] == agent))
+            except (httpx.HTTPError, ValueError, LookupError) as exc:
+                answers.append(repr(exc))
+
+        waiting = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(n)]
+        for thread in waiting:
+            thread.start()
+        wait(lambda: in_progress(sp.ops, "/api/v1/tasks/claim") == n, 15, "every claim to wait")
+        sockets = [w["socket"] for w in health(sp)["workers"]]
+        per_worker = [in_progress_text(worker_metrics(s), "/api/v1/tasks/claim") for s in sockets]
+        assert min(per_worker) > 0, per_worker  # both workers hold waiting claims
+        for i in range(n):
+            r = httpx.post(f"{sp.api}/api/v1/tasks", headers={"X-Agent-ID": "req"},
+                           json={"title": f"t{i}"})
+            assert r.status_code == 201, r.text
+        # Woken, not timed out: each answers with its task well before its 30 s wait ends.
+        for thread in waiting:
+            thread.join(20)
+        assert answers == [(200, True)] * n, answers
+        assert listening_sessions(db_url) == 1
+
+
 def in_progress(url: str, path: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
+    return in_progress_text(httpx.get(f"{url}/metrics").text, path)
+
+
+def in_progress_text(text: str, path: str) -> float:
     return sum(
         float(m.group(1))
         for m in re.finditer(
