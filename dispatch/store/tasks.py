@@ -48,8 +48,9 @@ _DUE_CALLS: dict[DueKind, str] = {
     "deadline": "dispatch.next_deadline()",
     "available": "dispatch.next_available(t.now)",
 }
+_SECONDS_UNTIL = "extract(epoch FROM {} - t.now)::float8"
 _DUE = {
-    kind: f"SELECT extract(epoch FROM {call} - t.now)::float8 AS s"
+    kind: f"SELECT {_SECONDS_UNTIL.format(call)} AS s"
     " FROM (SELECT coalesce(%s::timestamptz, now()) AS now) t"
     for kind, call in _DUE_CALLS.items()
 }
@@ -57,12 +58,12 @@ _DUE = {
 # The round's rows, then one row with only `due` (an Append runs its branches in order; the
 # second reads the statement's snapshot, which is all next_available needs: a round gives only
 # tasks that are available already).
-_ASSIGN_ROUND = """
+_ASSIGN_ROUND = f"""
 WITH t AS (SELECT coalesce(%s::timestamptz, now()) AS now)
 SELECT a.*, NULL::float8 AS due FROM t, dispatch.task_assign(%s, t.now) a
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       extract(epoch FROM dispatch.next_available(t.now) - t.now)::float8 FROM t
+       {_SECONDS_UNTIL.format(_DUE_CALLS["available"])} FROM t
 """
 
 _LIST = """
