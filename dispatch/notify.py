@@ -205,6 +205,7 @@ class Fanout:
     def __init__(self, url: str, path: Path) -> None:
         self.path = path
         self.listener = Listener(url)
+        self.bound = threading.Event()  # the socket accepts workers
         self._clients: dict[asyncio.StreamWriter, None] = {}  # in the order they came
         self._chosen: asyncio.StreamWriter | None = None
         self._serving: set[asyncio.Task[object]] = set()
@@ -215,6 +216,7 @@ class Fanout:
         """Serve the socket until `stop` is set."""
         self.path.unlink(missing_ok=True)
         server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        self.bound.set()
         await self.listener.start(wait=False)  # it retries until the database answers
         try:
             await stop.wait()
@@ -280,7 +282,11 @@ class FanoutThread:
             self._loop.close()
 
     def start(self) -> None:
+        """Returns once the socket accepts workers; OSError when it cannot (the error logged)."""
         self._thread.start()
+        while not self.fanout.bound.wait(0.05):
+            if not self._thread.is_alive():
+                raise OSError(f"cannot serve notifications on {self.fanout.path}")
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):  # its loop has ended already

@@ -130,7 +130,10 @@ def run(settings: Settings, config: str | None) -> int:
     (run_dir / SUPERVISOR_PID_FILE).write_text(str(os.getpid()))
     try:
         fanout = FanoutThread(Fanout(session, run_dir / NOTIFY_SOCKET))
-        fanout.start()
+        try:
+            fanout.start()
+        except OSError as exc:
+            raise StartupError(f"{exc}; see the error above") from None
         try:
             return _supervise(settings, config, url, plan.pool_min, plan.pool_max, n, run_dir)
         finally:

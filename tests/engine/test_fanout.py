@@ -14,7 +14,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dispatch.notify import ASSIGNED_CHANNEL, ASSIGNER_WAKE, WORK_CHANNEL, Fanout, Listener
+from dispatch.notify import (
+    ASSIGNED_CHANNEL,
+    ASSIGNER_WAKE,
+    WORK_CHANNEL,
+    Fanout,
+    FanoutThread,
+    Listener,
+)
 from tests.poll import until
 
 
@@ -197,3 +204,11 @@ async def test_a_garbled_line_makes_the_worker_reconnect(
     finally:
         await ear.stop()
         server.close()
+
+
+def test_a_fanout_that_cannot_open_its_socket_stops_serve_from_starting(tmp_path: Path) -> None:
+    """The supervisor turns this into a start-up error, rather than running workers that would
+    never hear a notification."""
+    fan = FanoutThread(Fanout("postgresql:///unused", tmp_path / "absent" / "notify.sock"))
+    with pytest.raises(OSError, match="cannot serve notifications on"):
+        fan.start()
