@@ -417,28 +417,25 @@ DECLARE
     t       dispatch.tasks;
     -- The agent whose slot the report before freed, leaving its announcement to this claim.
     promised text := nullif(current_setting('dispatch.refill', true), '');
-    owed    boolean := promised = p_agent_id;
 BEGIN
-    IF promised IS NOT NULL THEN
+    IF promised IS NOT NULL THEN  -- what the claim frees itself is announced as usual
         PERFORM set_config('dispatch.refill', '', true);
-        IF NOT owed THEN  -- another agent claims: the slot stays free
-            PERFORM pg_notify('dispatch_work', '');
-        END IF;
     END IF;
     BEGIN
         claimed := ARRAY(SELECT c FROM dispatch.task_claim(p_agent_id, NULL, p_now, p_max,
                                                           p_start) c);
     EXCEPTION WHEN OTHERS THEN
-        IF owed THEN
-            PERFORM pg_notify('dispatch_work', '');
-        END IF;
-        part := 'error';
+        claimed := '{}';
         GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
+    END;
+    -- The slot stays free unless this agent's claim took a task into it: announced.
+    IF promised IS NOT NULL AND (promised <> p_agent_id OR cardinality(claimed) = 0) THEN
+        PERFORM pg_notify('dispatch_work', '');
+    END IF;
+    IF error IS NOT NULL THEN
+        part := 'error';
         RETURN NEXT;
         RETURN;
-    END;
-    IF owed AND cardinality(claimed) = 0 THEN
-        PERFORM pg_notify('dispatch_work', '');
     END IF;
     FOREACH t IN ARRAY claimed LOOP
         part := 'next';
