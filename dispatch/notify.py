@@ -49,6 +49,7 @@ NOTIFY_SOCKET_ENV = "_DISPATCH_NOTIFY_SOCKET"
 ASSIGNER_WAKE = "assigner"
 # A Fanout's line to the one worker whose assigner dispatch_work wakes.
 _CHOSEN = ("", ASSIGNER_WAKE)
+_CHOSEN_LINE = msgspec.json.encode(_CHOSEN) + b"\n"
 
 
 async def first_set(events: Iterable[asyncio.Event], timeout: float) -> bool:
@@ -241,9 +242,13 @@ class Fanout:
         writer.close()
         if writer is self._chosen:
             self._chosen = None
+        self._choose()
+
+    def _choose(self) -> None:
+        """With none chosen, the longest connected worker's assigner is the one work wakes."""
         if self._chosen is None and self._clients:
             self._chosen = next(iter(self._clients))
-            self._chosen.write(msgspec.json.encode(_CHOSEN) + b"\n")
+            self._chosen.write(_CHOSEN_LINE)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -253,9 +258,7 @@ class Fanout:
             await self.listener.connected.wait()
             self._clients[writer] = None
             writer.write(b"[]\n")  # listening: what came before this is the worker's to re-check
-            if self._chosen is None:
-                self._chosen = writer
-                writer.write(msgspec.json.encode(_CHOSEN) + b"\n")
+            self._choose()
             await reader.read()  # until the worker goes
         except (OSError, asyncio.CancelledError):
             pass
