@@ -118,6 +118,68 @@ def test_progress_written_from_psql_must_be_an_object(sql: Conn, value: str) -> 
     sql.execute("UPDATE dispatch.tasks SET progress = NULL WHERE task_id = %s", (row["task_id"],))
 
 
+# The checks a trigger makes on the columns a task is created with (tasks_values_checked), as
+# their CHECK constraints made them: (column, a value it may not hold, the constraint).
+CREATED_WITH = [
+    ("title", "''", "tasks_title_length"),
+    ("title", "repeat('x', 501)", "tasks_title_length"),
+    ("description", "repeat('x', 65537)", "tasks_description_length"),
+    ("priority", "11", "tasks_priority_range"),
+    ("max_retries", "-1", "tasks_max_retries_range"),
+    ("timeout_seconds", "0", "tasks_timeout_positive"),
+    ("heartbeat_seconds", "0", "tasks_heartbeat_positive"),
+    ("metadata", "'[]'::jsonb", "tasks_metadata_object"),
+    ("idempotency_key", "''", "tasks_idempotency_key_length"),
+    ("concurrency_key", "repeat('k', 257)", "tasks_concurrency_key_length"),
+    ("rate_key", "''", "tasks_rate_key_length"),
+    ("cost", "0", "tasks_cost_range"),
+    ("approval", "'later'", "tasks_approval_kind"),
+    ("waiting_for", "repeat('w', 65537)", "tasks_waiting_for_length"),
+    ("feedback", "repeat('f', 65537)", "tasks_feedback_length"),
+    ("trace_context", "jsonb_build_object('traceparent', repeat('0', 1100))",
+     "tasks_trace_context_size"),
+]
+
+
+@pytest.mark.parametrize(("column", "bad", "constraint"), CREATED_WITH)
+def test_a_dba_update_of_a_creation_column_is_checked_as_by_a_constraint(
+    sql: Conn, column: str, bad: str, constraint: str
+) -> None:
+    """The values a task is created with are checked by a trigger, not by CHECK constraints that
+    every assignment and completion would evaluate again; from psql an UPDATE that writes a bad
+    one is refused as the constraint refused it (check_violation, its name, the column) and the
+    row is left as it was."""
+    row = sql.execute(
+        "INSERT INTO dispatch.tasks (title) VALUES ('t') RETURNING *").fetchone()
+    assert row is not None
+    with pytest.raises(psycopg.errors.CheckViolation) as err:
+        sql.execute(f"UPDATE dispatch.tasks SET {column} = {bad} WHERE task_id = %s",
+                    (row["task_id"],))
+    assert err.value.diag.constraint_name == constraint
+    assert err.value.diag.column_name == column
+    assert err.value.diag.message_primary == (
+        f'new row for relation "tasks" violates check constraint "{constraint}"')
+    after = sql.execute("SELECT * FROM dispatch.tasks WHERE task_id = %s",
+                        (row["task_id"],)).fetchone()
+    assert after == row
+
+
+@pytest.mark.parametrize(("column", "bad", "constraint"), CREATED_WITH)
+def test_a_dba_insert_of_a_bad_creation_value_is_refused(
+    sql: Conn, column: str, bad: str, constraint: str
+) -> None:
+    """A plain INSERT is refused too: by the insert trigger's own check, whose message says what
+    to write instead (invalid input, naming the column), or else by the constraint's."""
+    columns, values = ("title", bad) if column == "title" else (f"title, {column}", f"'t', {bad}")
+    with pytest.raises(psycopg.Error) as err:
+        sql.execute(f"INSERT INTO dispatch.tasks ({columns}) VALUES ({values})")
+    assert err.value.sqlstate in ("UD400", "23514")
+    assert err.value.diag.column_name == column
+    if err.value.sqlstate == "23514":
+        assert err.value.diag.constraint_name == constraint
+    assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone() == {"n": 0}
+
+
 def test_insert_not_pending_is_refused(sql: Conn) -> None:
     with pytest.raises(psycopg.Error, match="a new task must be pending"):
         sql.execute("INSERT INTO dispatch.tasks (title, status) VALUES ('x', 'running')")

@@ -211,8 +211,9 @@ $$;
 -- (dispatch.task_then_claim passes p_refill): the slot it frees is announced by that claim, and
 -- only when it takes nothing (dispatch.task_claim_next). When it takes a task the agent's room is
 -- what it was, and a NOTIFY would cost every replica's listener a transaction and its assigner a
--- round for nothing. Transaction-local; every completion and failure sets it.
-CREATE FUNCTION dispatch.refill_promise(p_agent_id text, p_refill boolean) RETURNS void
+-- round for nothing. Transaction-local; every completion and failure sets it. Returns
+-- set_config's text so that the planner inlines it, as dispatch.fn_enter.
+CREATE FUNCTION dispatch.refill_promise(p_agent_id text, p_refill boolean) RETURNS text
 LANGUAGE sql AS $$
     SELECT set_config('dispatch.refill', CASE WHEN p_refill THEN p_agent_id ELSE '' END, true)
 $$;
@@ -293,3 +294,62 @@ $$;
 
 CREATE TRIGGER tasks_before_update BEFORE UPDATE OF status, assigned_agent ON dispatch.tasks
     FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_update();
+
+-- What the columns a task gets at its creation may hold (the others' checks are CHECK
+-- constraints: 01_tables.sql says why). A rule broken raises what its CHECK constraint raised
+-- before: check_violation, the same message, under the constraint's name, naming the column. As
+-- in a CHECK constraint, a NULL passes, and the row checked is the one the other BEFORE triggers
+-- left (they fire in name order: tasks_values_checked is the last), so their own checks, with
+-- messages a psql user can act on, speak first. On every new row, and on an UPDATE that writes
+-- one of these columns (from psql too): not on the transitions' (an assignment or a completion
+-- never runs it).
+CREATE FUNCTION dispatch.tasks_values_checked() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    broken text;  -- the constraint
+    col    text;  -- its column
+BEGIN
+    IF (char_length(NEW.title) BETWEEN 1 AND 500) IS FALSE THEN
+        broken := 'tasks_title_length'; col := 'title';
+    ELSIF (octet_length(NEW.description) <= 65536) IS FALSE THEN
+        broken := 'tasks_description_length'; col := 'description';
+    ELSIF (NEW.priority BETWEEN 0 AND 10) IS FALSE THEN
+        broken := 'tasks_priority_range'; col := 'priority';
+    ELSIF (NEW.max_retries BETWEEN 0 AND 100) IS FALSE THEN
+        broken := 'tasks_max_retries_range'; col := 'max_retries';
+    ELSIF (NEW.timeout_seconds > 0) IS FALSE THEN
+        broken := 'tasks_timeout_positive'; col := 'timeout_seconds';
+    ELSIF (NEW.heartbeat_seconds > 0) IS FALSE THEN
+        broken := 'tasks_heartbeat_positive'; col := 'heartbeat_seconds';
+    ELSIF (jsonb_typeof(NEW.metadata) = 'object') IS FALSE THEN
+        broken := 'tasks_metadata_object'; col := 'metadata';
+    ELSIF (char_length(NEW.idempotency_key) BETWEEN 1 AND 200) IS FALSE THEN
+        broken := 'tasks_idempotency_key_length'; col := 'idempotency_key';
+    ELSIF (char_length(NEW.concurrency_key) BETWEEN 1 AND 256) IS FALSE THEN
+        broken := 'tasks_concurrency_key_length'; col := 'concurrency_key';
+    ELSIF (char_length(NEW.rate_key) BETWEEN 1 AND 256) IS FALSE THEN
+        broken := 'tasks_rate_key_length'; col := 'rate_key';
+    ELSIF (NEW.cost BETWEEN 1 AND 1000000000) IS FALSE THEN
+        broken := 'tasks_cost_range'; col := 'cost';
+    ELSIF (NEW.approval IN ('before_start', 'review', 'both')) IS FALSE THEN
+        broken := 'tasks_approval_kind'; col := 'approval';
+    ELSIF (octet_length(NEW.waiting_for) <= 65536) IS FALSE THEN
+        broken := 'tasks_waiting_for_length'; col := 'waiting_for';
+    ELSIF (octet_length(NEW.feedback) <= 65536) IS FALSE THEN
+        broken := 'tasks_feedback_length'; col := 'feedback';
+    ELSIF (octet_length(NEW.trace_context::text) <= 1024) IS FALSE THEN
+        broken := 'tasks_trace_context_size'; col := 'trace_context';
+    ELSE
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'new row for relation "tasks" violates check constraint "%"', broken
+        USING ERRCODE = 'check_violation', CONSTRAINT = broken, COLUMN = col,
+              SCHEMA = 'dispatch', TABLE = 'tasks';
+END
+$$;
+
+CREATE TRIGGER tasks_values_checked
+    BEFORE INSERT OR UPDATE OF title, description, priority, max_retries, timeout_seconds,
+                               heartbeat_seconds, metadata, idempotency_key, concurrency_key,
+                               rate_key, cost, approval, waiting_for, feedback, trace_context
+    ON dispatch.tasks FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_values_checked();
