@@ -318,10 +318,32 @@ CREATE FUNCTION dispatch.task_complete(
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    t dispatch.tasks := dispatch.task_lock(p_task_id);
-    holder text := t.assigned_agent;
+    t dispatch.tasks;
+    holder text;
     manual boolean;
 BEGIN
+    -- The common case first: the agent completes the task it holds (on the lease it names), and
+    -- no review waits. The lock, the fence and the status check are the UPDATE's WHERE, which
+    -- Postgres checks again on the row as it is once locked; every other case (a repeat, a
+    -- manual resolution, a review, a stale or refused report) takes the path below.
+    PERFORM dispatch.refill_promise(p_actor, p_refill);
+    PERFORM dispatch.fn_enter();
+    UPDATE dispatch.tasks tk
+    SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, wake_deadline_at = NULL
+    WHERE tk.task_id = p_task_id AND tk.assigned_agent = p_actor
+      AND tk.status IN ('assigned', 'running') AND (p_lease IS NULL OR tk.lease = p_lease)
+      AND (tk.approval IS NULL OR tk.approval NOT IN ('review', 'both'))
+    RETURNING * INTO t;
+    IF FOUND THEN
+        PERFORM dispatch.event_write(p_task_id, 'completed', p_actor,
+            jsonb_build_object('assigned_agent', p_actor, 'result', p_result), p_now);
+        PERFORM dispatch.fn_leave();
+        RETURN t;
+    END IF;
+    PERFORM dispatch.fn_leave();
+    t := dispatch.task_lock(p_task_id);
+    holder := t.assigned_agent;
     IF t.status IN ('completed', 'review') AND p_actor = t.assigned_agent THEN
         PERFORM dispatch.task_fence(t, p_actor, p_lease);
         RETURN t;
