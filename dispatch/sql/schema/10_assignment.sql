@@ -196,16 +196,15 @@ BEGIN
         progress = NULL, updated_at = p_now
     WHERE task_id = t.task_id
     RETURNING * INTO r;
+    -- With p_start, its started event in the same INSERT.
     PERFORM dispatch.event_write(t.task_id, 'assigned',
         CASE WHEN p_mode = 'claim' THEN a.agent_id ELSE 'dispatch' END,
         jsonb_build_object('assigned_agent', a.agent_id, 'score', p_score,
                            'attempt', t.retry_count + 1, 'lease', r.lease, 'slot', p_slot,
                            'mode', p_mode,
-                           'wake', a.status = 'sleeping' AND NOT p_start), p_now);
-    IF p_start THEN
-        PERFORM dispatch.event_write(t.task_id, 'started', a.agent_id,
-            jsonb_build_object('assigned_agent', a.agent_id), p_now);
-    END IF;
+                           'wake', a.status = 'sleeping' AND NOT p_start), p_now,
+        CASE WHEN p_start THEN 'started' END, a.agent_id,
+        CASE WHEN p_start THEN jsonb_build_object('assigned_agent', a.agent_id) END);
     IF p_mode <> 'claim' THEN  -- wakes the agent's claim waiting on the server, if any
         PERFORM pg_notify('dispatch_assigned', a.agent_id);
     END IF;
