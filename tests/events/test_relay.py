@@ -195,7 +195,12 @@ async def test_relay_killed_between_publish_and_mark_leaves_no_duplicate(
     successor = Relay(Broker(Store(pool)), listener, nats_conn, poll_interval=600)
     await successor.start()
     try:
-        await eventually(lambda: _async(unpublished(sql) == 0), what="successor marks all")
+        # Its count, not only the rows: it counts once its transaction has committed and its
+        # connection is back in the pool, and a stop in between would cut the count short.
+        await eventually(
+            lambda: _async(unpublished(sql) == 0 and successor.published == len(log)),
+            what="successor marks and counts all",
+        )
     finally:
         await successor.stop()
     assert successor.published == len(log)
