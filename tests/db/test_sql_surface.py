@@ -168,15 +168,14 @@ def test_a_dba_update_of_a_creation_column_is_checked_as_by_a_constraint(
 def test_a_dba_insert_of_a_bad_creation_value_is_refused(
     sql: Conn, column: str, bad: str, constraint: str
 ) -> None:
-    """A plain INSERT is refused too: by the insert trigger's own check, whose message says what
-    to write instead (invalid input, naming the column), or else by the constraint's."""
+    """A plain INSERT is refused too, by the insert triggers' own checks, whose message says what
+    to write instead (invalid input, naming the column)."""
     columns, values = ("title", bad) if column == "title" else (f"title, {column}", f"'t', {bad}")
     with pytest.raises(psycopg.Error) as err:
         sql.execute(f"INSERT INTO dispatch.tasks ({columns}) VALUES ({values})")
-    assert err.value.sqlstate in ("UD400", "23514")
+    assert err.value.sqlstate == "UD400"
     assert err.value.diag.column_name == column
-    if err.value.sqlstate == "23514":
-        assert err.value.diag.constraint_name == constraint
+    assert column.split("_")[0] in err.value.diag.message_primary
     assert sql.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone() == {"n": 0}
 
 

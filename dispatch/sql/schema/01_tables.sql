@@ -94,8 +94,9 @@ CREATE TABLE dispatch.agent_owners (
 -- transitions write (its times, lease, retry_count, progress, waiting_on) are CHECK constraints.
 -- Those on the columns set when it is created and rarely changed after (title, description,
 -- priority, limits, keys, metadata, approval, waiting_for, feedback, trace_context) are checked
--- by the trigger tasks_values_checked (02_guards.sql) on an INSERT and on an UPDATE that writes
--- one of those columns, raising the same check_violation under the same constraint name:
+-- by the insert triggers (UD400, naming the column) and by tasks_values_checked (02_guards.sql)
+-- on an UPDATE that writes one of those columns, raising the same check_violation under the same
+-- constraint name:
 -- Postgres plans every CHECK constraint of a table again in each statement that writes one of its
 -- rows, whichever columns it changes, and these fifteen cost each assignment and completion about
 -- 50 us for columns they never touch.

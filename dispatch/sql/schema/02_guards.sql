@@ -135,6 +135,22 @@ BEGIN
         RAISE EXCEPTION 'owner must be 1 to 256 characters, or NULL for a task any eligible agent may run'
             USING ERRCODE = 'UD400', COLUMN = 'owner';
     END IF;
+    IF char_length(NEW.idempotency_key) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'idempotency_key must be 1 to 200 characters, or NULL'
+            USING ERRCODE = 'UD400', COLUMN = 'idempotency_key';
+    END IF;
+    IF octet_length(NEW.waiting_for) > 65536 THEN
+        RAISE EXCEPTION 'waiting_for must be at most 64 KiB'
+            USING ERRCODE = 'UD400', COLUMN = 'waiting_for';
+    END IF;
+    IF octet_length(NEW.feedback) > 65536 THEN
+        RAISE EXCEPTION 'feedback must be at most 64 KiB'
+            USING ERRCODE = 'UD400', COLUMN = 'feedback';
+    END IF;
+    IF octet_length(NEW.trace_context::text) > 1024 THEN
+        RAISE EXCEPTION 'trace_context must be at most 1 KiB as JSON text'
+            USING ERRCODE = 'UD400', COLUMN = 'trace_context';
+    END IF;
     IF NEW.timeout_seconds IS NULL THEN
         SELECT * INTO c FROM dispatch.config;
         NEW.timeout_seconds := c.default_timeout_seconds;
@@ -306,14 +322,14 @@ $$;
 CREATE TRIGGER tasks_before_update BEFORE UPDATE OF status, assigned_agent ON dispatch.tasks
     FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_update();
 
--- What the columns a task gets at its creation may hold (the others' checks are CHECK
--- constraints: 01_tables.sql says why). A rule broken raises what its CHECK constraint raised
--- before: check_violation, the same message, under the constraint's name, naming the column. As
--- in a CHECK constraint, a NULL passes, and the row checked is the one the other BEFORE triggers
--- left (they fire in name order: tasks_values_checked is the last), so their own checks, with
--- messages a psql user can act on, speak first. On every new row, and on an UPDATE that writes
--- one of these columns (from psql too): not on the transitions' (an assignment or a completion
--- never runs it).
+-- What the columns a task gets at its creation may hold, when an UPDATE writes one of them (from
+-- psql too; no transition does, so an assignment or a completion never runs it). A new row's are
+-- checked by tasks_before_insert and tasks_queue_place, with messages a psql user can act on. The
+-- others' checks are CHECK constraints: 01_tables.sql says why. A rule broken raises what its
+-- CHECK constraint raised before: check_violation, the same message, under the constraint's
+-- name, naming the column. As in a CHECK constraint, a NULL passes, and the row checked is the
+-- one the other BEFORE triggers left (they fire in name order: tasks_values_checked is the
+-- last).
 CREATE FUNCTION dispatch.tasks_values_checked() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -360,7 +376,7 @@ END
 $$;
 
 CREATE TRIGGER tasks_values_checked
-    BEFORE INSERT OR UPDATE OF title, description, priority, max_retries, timeout_seconds,
+    BEFORE UPDATE OF title, description, priority, max_retries, timeout_seconds,
                                heartbeat_seconds, metadata, idempotency_key, concurrency_key,
                                rate_key, cost, approval, waiting_for, feedback, trace_context
     ON dispatch.tasks FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_values_checked();
