@@ -201,7 +201,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
     with dispatch_serve(url) as serve:
         agent_ids = [f"rest-{i:03d}" for i in range(sizes.rest_agents)]
         for a in agent_ids:
-            await _register(serve.base, a, 10)
+            await _register(serve.base, a, 1)
         idle_rss = serve.rss_kb()
         cluster.checkpoint()
         before = read_counters(cluster.admin_url, dbname)
