@@ -395,13 +395,14 @@ class Broker:
 
     async def assign_round(
         self, *, batch: int | None = None, now: datetime | None = None
-    ) -> tuple[list[Assignment], float | None]:
+    ) -> tuple[list[Assignment], float | None, bool]:
         """One assignment batch, with the seconds until a deferred task becomes available (None:
-        none waits; see Tasks.assign_round)."""
+        none waits) and whether every agent was full with work waiting (see
+        Tasks.assign_round)."""
         start = time.time_ns()
-        assignments, due = await self.tasks.assign_round(
+        assignments, due, full = await self.tasks.assign_round(
             batch or self.assignment.batch_size, now=now)
-        return self._assigned(assignments, start), due
+        return self._assigned(assignments, start), due, full
 
     def _assigned(self, assignments: list[Assignment], start: int) -> list[Assignment]:
         if assignments and self.tracing is not None:

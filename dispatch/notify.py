@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "dispatch_work"
 EVENTS_CHANNEL = "dispatch_events"
+# The payload of a new task's dispatch_work: new work, no room freed (see engine/assigner.py).
+CREATED = "created"
 # Payload: the epoch of a deadline an assignment just set (wakes reapers that sleep past it).
 DUE_CHANNEL = "dispatch_due"
 
@@ -148,7 +150,7 @@ class Listener:
                             self._fire(ch)
                     elif note == _CHOSEN:
                         self.wakes_assigner = True
-                        self._fire(ASSIGNER_WAKE)  # its sibling's work, unheard meanwhile
+                        self._fire(WORK_CHANNEL)  # its sibling's work, unheard meanwhile
                     else:
                         self._fire(*note)
                 log.warning("listener's relay closed; reconnecting")

@@ -3,6 +3,12 @@ directory changes), it runs assignment batches until nothing more is assignable,
 the next notification, the next scheduled task or the tick, whichever comes first. Sleeping agents
 that win a task are woken through Warren after the commit, in the background.
 
+When its last round found work waiting and no agent with room for any of it, the wake-ups of new
+tasks alone (dispatch_work with payload `created`) do not start another round: nothing can take
+them until room is freed, and whatever frees room (a task ending or given back, a registration,
+heartbeat, undrain or directory change) sends dispatch_work with another payload. A deep backlog
+behind busy agents then costs no round per new task. The tick still runs one.
+
 A rate limit that held a task back announces on dispatch_due when its bucket will have refilled;
 the assigner of every replica wakes then instead of at the next tick."""
 
@@ -19,7 +25,14 @@ from dispatch.engine.tick import TickLoop
 from dispatch.integrations import describe
 from dispatch.metrics import Metrics
 from dispatch.models import Assignment
-from dispatch.notify import ASSIGNER_WAKE, DUE_CHANNEL, Listener, due_epoch
+from dispatch.notify import (
+    ASSIGNER_WAKE,
+    CREATED,
+    DUE_CHANNEL,
+    WORK_CHANNEL,
+    Listener,
+    due_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +94,8 @@ class Waker:
 
 
 class Assigner(TickLoop):
-    """The push side of assignment; `assigned` counts the tasks this process assigned."""
+    """The push side of assignment; `assigned` counts the tasks this process assigned, `passed`
+    the wake-ups it let pass (new tasks while every agent was full)."""
 
     name = "assigner"
 
@@ -99,12 +113,21 @@ class Assigner(TickLoop):
         self.waker = waker
         self.batch = broker.assignment.batch_size
         self.assigned = 0
+        self.passed = 0
         self._woken: asyncio.Event | None = None
+        self._full = False  # the last round found work waiting and no agent with room
+        self._room = 0  # dispatch_work heard that may have freed room (all but new tasks')
+        self._room_armed = 0  # _room when the last round began
         self._due = float("inf")  # wall-clock epoch of the nearest refill announced
         self._next: float | None = None  # seconds to the next deferred task, as of the last batch
         self._nearer = asyncio.Event()
         if listener is not None:
             listener.watch(DUE_CHANNEL, self._on_due)
+            listener.watch(WORK_CHANNEL, self._on_work)
+
+    def _on_work(self, payload: str) -> None:
+        if payload != CREATED:
+            self._room += 1
 
     def _on_due(self, payload: str) -> None:
         due = due_epoch(payload)
@@ -131,7 +154,7 @@ class Assigner(TickLoop):
         while tasks for other agents were still waiting further down the queue (its `more`)."""
         made: list[Assignment] = []
         while True:
-            batch, self._next = await self.broker.assign_round(batch=self.batch)
+            batch, self._next, self._full = await self.broker.assign_round(batch=self.batch)
             self.progressed()
             if not batch:
                 return made
@@ -149,20 +172,30 @@ class Assigner(TickLoop):
     def arm(self) -> None:
         # dispatch_work, when this process's assigner is the one it wakes (see Listener).
         self._woken = self.listener.event(ASSIGNER_WAKE) if self.listener is not None else None
+        self._room_armed = self._room
+
+    def _only_created(self) -> bool:
+        """Woken by new tasks alone since a round that found every agent full."""
+        return self._full and self._room == self._room_armed
 
     async def round(self) -> float:
         self.assigned += len(await self.run_once())
         return self.sleep_for(self._next)  # read by the last batch's own statement
 
     async def sleep(self, seconds: float) -> None:
-        """Until the next NOTIFY dispatch_work (when it wakes this assigner), an announced refill,
-        or seconds."""
+        """Until the next NOTIFY dispatch_work (when it wakes this assigner) that may find work
+        to give, an announced refill, or seconds."""
         woken = self._woken
         if woken is None:
             await asyncio.sleep(seconds)
             return
         until = time.time() + seconds
-        while not woken.is_set():
+        while not woken.is_set() or self._only_created():
+            if woken.is_set():  # new tasks, and no agent has room for them: sleep on
+                self.passed += 1
+                self.arm()
+                woken = self._woken
+                assert woken is not None
             # A little past the refill, so that the bucket holds the tokens when we look.
             left = min(until, self._due + 0.005) - time.time()
             if left <= 0:

@@ -62,6 +62,39 @@ async def test_freed_capacity_wakes_the_assigner(broker: Broker, listener: Liste
         await assigner.stop()
 
 
+async def test_new_tasks_behind_full_agents_wake_no_round_until_room_is_freed(
+    broker: Broker, listener: Listener
+) -> None:
+    """A deep backlog behind busy agents: each new task's NOTIFY would run a round that finds
+    no agent with room. The assigner lets those wake-ups pass, and still runs at once when room
+    appears (a registration, a completion)."""
+    await broker.agents.upsert("solo", max_concurrent=1)
+    first = await submit(broker)
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        rounds = assigner.rounds
+        second = await submit(broker)  # a round finds it, and solo full
+        await assigner.wait_until(lambda a: a.rounds > rounds, 5)
+        rounds = assigner.rounds
+        backlog = [await submit(broker) for _ in range(5)]
+        await assigner.wait_until(lambda a: a.passed >= 1, 5)
+        await asyncio.sleep(0.3)  # the other notifications arrive meanwhile
+        assert assigner.rounds == rounds
+        assert assigner.assigned == 1
+        assert {(await broker.tasks.get(t)).status for t in backlog} == {TaskStatus.PENDING}
+        # Room appears: a new agent, then a completion. Each wakes a round well before the tick.
+        await broker.agents.upsert("helper", max_concurrent=1)
+        await assigner.wait_until(lambda a: a.assigned >= 2, 5)
+        await broker.apply(Complete(task_id=first, actor="solo", result={"done": True}))
+        await assigner.wait_until(lambda a: a.assigned >= 3, 5)
+        assert (await broker.tasks.get(second)).assigned_agent == "helper"
+        assert (await broker.tasks.get(backlog[0])).assigned_agent == "solo"
+    finally:
+        await assigner.stop()
+
+
 async def test_scheduled_task_is_assigned_when_it_becomes_available(
     broker: Broker, listener: Listener
 ) -> None:

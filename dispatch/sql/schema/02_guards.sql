@@ -177,7 +177,9 @@ BEGIN
                            'required_capabilities', to_jsonb(NEW.required_capabilities),
                            'owner', NEW.owner, 'source', NEW.source),
         NEW.created_at);
-    PERFORM pg_notify('dispatch_work', '');
+    -- Payload 'created': new work and nothing else (no room freed), which an assigner that
+    -- found every agent full may leave to its tick; every other dispatch_work may free room.
+    PERFORM pg_notify('dispatch_work', 'created');
     RETURN NULL;
 END
 $$;

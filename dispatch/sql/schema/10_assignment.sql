@@ -563,6 +563,10 @@ BEGIN
     INTO room FROM generate_subscripts(free, 1) i;
     room := least(coalesce(room, 0), p_batch);
     IF room <= 0 THEN
+        -- Work is waiting and no agent has room for any of it: said to the caller's statement
+        -- (the assigner's round reads it after this), which then leaves the wake-ups of new
+        -- tasks alone until something frees room (every such change sends dispatch_work).
+        PERFORM set_config('dispatch.assign_full', 'on', true);
         RETURN;
     END IF;
     caps := ARRAY(SELECT DISTINCT x FROM unnest(free) f, unnest(f.capabilities) x);
