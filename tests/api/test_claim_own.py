@@ -4,6 +4,8 @@ tests/e2e/test_api_lifecycle.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from typing import Any
 
 import httpx
@@ -123,3 +125,31 @@ async def test_a_claim_sent_again_under_its_key_answers_what_it_took(
         assert r.status_code == 200
     r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
     assert r.status_code == 204
+
+
+
+def test_a_claim_sent_again_while_the_first_is_still_running_waits_for_it(
+    sql: Sql, db_url: str
+) -> None:
+    """A replica killed mid-claim leaves the claim's transaction running in Postgres; the agent
+    sends the claim again, under its key, through another replica. The second waits for the
+    first to end and answers what it took, instead of taking other tasks while the first one's
+    stay running with an agent that never heard of them."""
+    sql.execute("SELECT dispatch.agent_upsert('bob', '{}', NULL, 10)")
+    made = [sql.execute("INSERT INTO dispatch.tasks (title) VALUES (%s) RETURNING task_id::text",
+                        [f"t{i}"]).fetchone() for i in range(4)]
+    claim = "SELECT task_id::text FROM dispatch.task_claim('bob', NULL, now(), 2, true, 'lost')"
+    with psycopg.connect(db_url) as first:  # the killed replica's session, mid-transaction
+        took = sorted(row[0] for row in first.execute(claim).fetchall())
+        assert len(took) == 2
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            def again() -> list[str]:
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    return sorted(row[0] for row in conn.execute(claim).fetchall())
+            answer = pool.submit(again)
+            time.sleep(0.5)
+            assert not answer.done()  # waiting for the first claim's transaction
+            first.commit()
+            assert answer.result(timeout=10) == took
+    assert sorted(holder(sql, row["task_id"])[0] for row in made if row) == [
+        "pending", "pending", "running", "running"]

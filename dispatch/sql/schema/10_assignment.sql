@@ -272,6 +272,11 @@ BEGIN
             p_agent_id, p_agent_id USING ERRCODE = 'UD404';
     END IF;
     IF p_key IS NOT NULL THEN
+        -- The first claim under this key may still be running, its answer lost with the server
+        -- that ran it (killed mid-request): its transaction ends all the same, committed or not.
+        -- Wait for it, so that this one sees what it took (each statement here reads anew) and
+        -- does not take other tasks while the first one's stay with an agent that never heard.
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_key, hashtext(p_agent_id)));
         FOR t IN
             SELECT tk.* FROM dispatch.tasks tk
             WHERE tk.assigned_agent = p_agent_id AND tk.status IN ('assigned', 'running')
