@@ -127,6 +127,27 @@ async def test_a_claim_sent_again_under_its_key_answers_what_it_took(
     assert r.status_code == 204
 
 
+async def test_a_claim_sent_again_answers_the_pushed_tasks_the_first_one_started(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """The assigner pushed two tasks to bob; his claim under a key started them and its answer
+    was lost. The same claim again answers those two, and takes nothing more: otherwise they
+    would stay running with an agent that never heard of them until their timeout, and run twice."""
+    await register(client, "bob", capabilities=[], max_concurrent=4)
+    pushed = [await create(client, f"pushed-{i}") for i in range(2)]
+    assign_round(sql)
+    later = [await create(client, f"later-{i}") for i in range(2)]
+    key = {"Idempotency-Key": "claim-lost"}
+    body = {"max_tasks": 2, "start": True}
+    r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
+    assert r.status_code == 200, r.text
+    first = [t["task_id"] for t in r.json()]
+    assert first == [t["task_id"] for t in pushed]
+    r = await client.post("/api/v1/tasks/claim", json=body, headers={**BOB, **key})
+    assert r.status_code == 200, r.text
+    assert [(t["task_id"], t["status"]) for t in r.json()] == [(i, "running") for i in first]
+    assert [holder(sql, t["task_id"]) for t in later] == [("pending", None)] * 2
+
 
 def test_a_claim_sent_again_while_the_first_is_still_running_waits_for_it(
     sql: Sql, db_url: str

@@ -248,8 +248,11 @@ BEGIN
 END
 $$;
 
+-- p_claim_key: the Idempotency-Key of the claim that starts a task pushed to its agent, so that
+-- the same claim sent again (its answer lost) answers this task too.
 CREATE FUNCTION dispatch.task_start(
-    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL
+    p_task_id uuid, p_agent_id text, p_now timestamptz DEFAULT now(), p_lease integer DEFAULT NULL,
+    p_claim_key text DEFAULT NULL
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -263,7 +266,7 @@ BEGIN
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks
     SET status = 'running', started_at = p_now, last_progress_at = p_now,
-        wake_deadline_at = NULL, updated_at = p_now
+        wake_deadline_at = NULL, claim_key = coalesce(p_claim_key, claim_key), updated_at = p_now
     WHERE task_id = p_task_id
     RETURNING * INTO t;
     PERFORM dispatch.event_write(p_task_id, 'started', p_agent_id,

@@ -301,8 +301,8 @@ BEGIN
         LIMIT p_max
         FOR NO KEY UPDATE OF tk SKIP LOCKED
     LOOP
-        IF p_start THEN
-            t := dispatch.task_start(t.task_id, p_agent_id, p_now);
+        IF p_start THEN  -- under the claim's key: a retry of this claim answers it too
+            t := dispatch.task_start(t.task_id, p_agent_id, p_now, p_claim_key => p_key);
         END IF;
         own := own + 1;
         RETURN NEXT t;
