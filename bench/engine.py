@@ -14,8 +14,17 @@ from bench.results import Throughput
 from dispatch import db
 from dispatch.broker import Broker
 from dispatch.errors import Conflict
-from dispatch.models import Assignment, Complete, NewTask, NextClaim, Start, Task
+from dispatch.models import (
+    Assignment,
+    Complete,
+    NewTask,
+    NextClaim,
+    ReportOutcomeWithNext,
+    Start,
+    Task,
+)
 from dispatch.store import Store
+from dispatch.wire import MAX_REPORTS
 
 REQUESTER = "bench-requester"
 RESULT = {"ok": True}
@@ -79,9 +88,12 @@ async def run_on(broker: Broker, agent_id: str, task: Task) -> Task | None:
     return claimed[0] if claimed else None
 
 
-async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) -> float:
+async def drain_pull(
+    broker: Broker, agents: list[str], n: int, lat: Latencies
+) -> tuple[float, int]:
     """Each agent holds one task at a time: it claims one (started in the same step) only when
-    the completion of its last one brought no next task."""
+    the completion of its last one brought no next task. Returns the seconds and the completion
+    requests sent (one a task)."""
     done = 0
 
     async def agent(agent_id: str) -> None:
@@ -106,17 +118,70 @@ async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) 
     await asyncio.gather(*(agent(a) for a in agents))
     if done < n:
         raise RuntimeError(f"pull drain stopped after {done} of {n} tasks")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, done
+
+
+class Reports:
+    """An agent's completions on their way, as the SDK's worker sends them: one goes at once,
+    alone; those its slots finish while it is in flight leave together once it is back, in one
+    transaction (dispatch.task_report_batch_then_claim) whose `next` claims a task, started, for
+    each slot they free."""
+
+    def __init__(self, broker: Broker, agent_id: str) -> None:
+        self.broker = broker
+        self.agent_id = agent_id
+        self.queue: asyncio.Queue[tuple[Task, asyncio.Future[Task | None]]] = asyncio.Queue()
+        self.requests = 0
+
+    async def complete(self, task: Task) -> Task | None:
+        """Complete a started task; the next task of its slot (started), if one was claimed."""
+        done: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((task, done))
+        return await done
+
+    async def send(self) -> None:
+        """Runs until cancelled: each request takes every completion waiting."""
+        while True:
+            waiting = [await self.queue.get()]
+            while not self.queue.empty() and len(waiting) < MAX_REPORTS:
+                waiting.append(self.queue.get_nowait())
+            self.requests += 1
+            try:
+                await self._deliver(waiting)
+            except Exception as exc:  # the slots waiting on it fail the drain
+                for _, done in waiting:
+                    if not done.done():
+                        done.set_exception(exc)
+
+    async def _deliver(self, waiting: list[tuple[Task, asyncio.Future[Task | None]]]) -> None:
+        if len(waiting) == 1:
+            task, done = waiting[0]
+            done.set_result(await run_on(self.broker, self.agent_id, task))
+            return
+        items = [{"task_id": str(t.task_id), "action": "complete", "result": RESULT}
+                 for t, _ in waiting]
+        outcomes = await self.broker.report(
+            self.agent_id, items,
+            then=(len(items) - 1, NextClaim(max_tasks=len(items), start=True)))
+        refused = [o for o in outcomes if o.status != 200]
+        if refused:
+            raise RuntimeError(f"a batch of completions refused: {refused[0]}")
+        last = outcomes[-1]
+        claimed = last.next if isinstance(last, ReportOutcomeWithNext) else []
+        for i, (_, done) in enumerate(waiting):
+            done.set_result(claimed[i] if i < len(claimed) else None)
 
 
 async def drain_push(
     broker: Broker, agents: list[str], slots: int, n: int, batch: int, lat: Latencies
-) -> float:
+) -> tuple[float, int]:
     """One assigner calls task_assign in batches; each agent runs `slots` tasks at a time. A
     slot starts the task it is told of (an agent's NATS subject would tell it) and then keeps
     going on what each completion's next brings (the agent's own pushed tasks first); a pushed
-    task a completion's next already started is not started twice."""
+    task a completion's next already started is not started twice. The agent's completions go
+    as its Reports send them. Returns the seconds and the completion requests sent."""
     told: dict[str, asyncio.Queue[Assignment | None]] = {a: asyncio.Queue() for a in agents}
+    reports = {a: Reports(broker, a) for a in agents}
     started: set[object] = set()
     freed = asyncio.Event()
     done = 0
@@ -133,7 +198,7 @@ async def drain_push(
             except Conflict:  # a completion's next started it first
                 continue
             while task is not None:
-                task = await run_on(broker, agent_id, task)
+                task = await reports[agent_id].complete(task)
                 done += 1
                 freed.set()
                 if task is not None:
@@ -154,11 +219,16 @@ async def drain_push(
             for _ in range(slots):
                 queue.put_nowait(None)
 
+    senders = [asyncio.create_task(r.send()) for r in reports.values()]
     t0 = time.perf_counter()
-    await asyncio.gather(assigner(), *(slot(a) for a in agents for _ in range(slots)))
+    try:
+        await asyncio.gather(assigner(), *(slot(a) for a in agents for _ in range(slots)))
+    finally:
+        for sender in senders:
+            sender.cancel()
     if done < n:
         raise RuntimeError(f"push drain stopped after {done} of {n} tasks")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, sum(r.requests for r in reports.values())
 
 
 async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = False) -> Throughput:
@@ -192,7 +262,7 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
             drain = drain_pull(broker, agents, n, lat)
         else:
             drain = drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat)
-        drain_s = await asyncio.wait_for(drain, sizes.phase_timeout)
+        drain_s, requests = await asyncio.wait_for(drain, sizes.phase_timeout)
         cpu = meter.stop()
     finally:
         await pool.close()
@@ -204,7 +274,8 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
     else:
         settings = (
             f"{sizes.pgq_consumers} agents x {sizes.pgq_batch} slots, pool {sizes.connections}, "
-            f"task_assign batch {sizes.assign_batch}"
+            f"task_assign batch {sizes.assign_batch}, completions in {requests:,} requests"
+            " (those ready together in one, as the SDK's worker sends them)"
         )
     if flow:
         settings += (f", flow control: {len(FLOW_TENANTS)} tenants (2 weighted), every task under"
