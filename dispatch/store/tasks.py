@@ -29,6 +29,7 @@ from dispatch.store.base import Conn, Queries, Row, convert, jsonb
 
 # dispatch.task_create called with named arguments, one per field of NewTask (whose names are the
 # function's parameters), so a field is declared in the struct and the function, nowhere else.
+# Composed once, here: psycopg composes a sql.Composed again at every execute (about 40 us).
 _NEW_TASK_FIELDS = msgspec.structs.fields(NewTask)
 _CREATE = sql.SQL(
     "SELECT (r.task).*, r.created FROM dispatch.task_create({args}) r"
@@ -38,7 +39,7 @@ _CREATE = sql.SQL(
         for name in [f.name for f in _NEW_TASK_FIELDS]
         + ["requester", "idempotency_key", "viewer", "trace_context"]
     )
-)
+).as_bytes(None)
 
 # What a loop sleeps until (Tasks.seconds_until_due): the reaper a deadline, the assigner a task
 # becoming available, a DBA both.
