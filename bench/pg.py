@@ -127,6 +127,7 @@ class Cost:
     wal_bytes: int
     wal_fpi: int
     xids: int  # write transactions, cluster-wide (transaction ids assigned)
+    wal_span: tuple[str, str] = ("", "")  # the WAL positions it was read between (bench.wal)
 
     def per(self, n: int) -> tuple[float, float]:
         """(commits, WAL bytes) per task."""
@@ -157,7 +158,7 @@ def cost_between(admin_url: str, before: Counters, after: Counters) -> Cost:
         wal = int(row[0])
     return Cost(
         after.commits - before.commits, wal, after.wal_fpi - before.wal_fpi,
-        after.next_xid - before.next_xid,
+        after.next_xid - before.next_xid, (before.wal_lsn, after.wal_lsn),
     )
 
 

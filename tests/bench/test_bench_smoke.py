@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests import pgdist
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD = "distribution" if os.environ.get("DISPATCH_TEST_PG") == "distribution" else "embedded"
 TINY = {
@@ -92,6 +96,37 @@ def test_the_per_call_loop_reports_every_round() -> None:
     for line in rounds:
         numbers = [int(part.split()[-1]) for part in line.split("|")]
         assert len(numbers) == 3 and all(x > 0 for x in numbers), line
+
+
+def distribution_tool(module: str, *args: str) -> str:
+    """`python -m module args` at tiny sizes; these tools run on the distribution build only."""
+    try:
+        pgdist.bindir()
+    except pgdist.DistributionMissing as exc:
+        pytest.skip(f"needs the distribution's PostgreSQL: {exc}")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env={**os.environ, **TINY},
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_the_wal_breakdown_names_the_records_of_a_phase() -> None:
+    """`python -m bench.wal`: pg_waldump of the push phase's WAL, behind BENCHMARKS.md's "Where
+    the WAL goes"."""
+    out = distribution_tool("bench.wal", "push")
+    assert "### engine push: 40 tasks" in out and "B of WAL a task" in out, out
+    for record in ("Heap/INSERT", "Heap/UPDATE", "Btree/INSERT_LEAF", "Transaction/COMMIT"):
+        assert record in out, record
+
+
+def test_the_statement_breakdown_lists_the_engine_statements() -> None:
+    """`python -m bench.statements`: pg_stat_statements of the engine phases."""
+    out = distribution_tool("bench.statements")
+    for heading in ("### engine push: 40 tasks", "### engine pull: 40 tasks"):
+        assert heading in out, out
+    assert "dispatch.task_then_claim" in out and "dispatch.task_create" in out, out
 
 
 def test_the_soak_runs_with_retention_and_keeps_each_build(tmp_path: Path) -> None:
