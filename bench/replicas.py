@@ -1,7 +1,7 @@
 """Replicas under kill -9: three `dispatch serve` replicas on one database, agents working over
 REST through whichever replica answers, a backlog of tasks, and one replica killed (and a new one
-started) a second in and then every few seconds. Measured: time until every task is done; from the event history,
-double assignments and agents over their limit; tasks lost."""
+started) a second in and then every few seconds. Measured: time until every task is done; from
+the event history, double assignments and agents over their limit; tasks lost."""
 
 from __future__ import annotations
 

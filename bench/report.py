@@ -366,13 +366,14 @@ METHOD = """\
 - 3: every system does N single-row enqueues from the same number of concurrent producers, then
   drains them: Dispatch through dispatch.broker on one psycopg pool (push: `task_assign` batches
   handed to agent workers that start and complete, each agent sending the completions its slots
-  finish while one is in flight together in one request, whose `next` claims a task for each
-  slot, as the SDK's worker does; pull: each agent `task_claim`s, starts and completes, its
-  completion claiming its next task); pgqueuer with its own drain benchmark's shape (asyncpg, a QueueManager per consumer,
-  batch 10, mode=drain); procrastinate with an async task and `run_worker_async(wait=False)`; the
-  floor with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)` claim and one
-  `UPDATE` complete per row. "lifecycle" = N / (enqueue time + drain time); "drain" = N / drain
-  time. The peers do enqueue, claim, complete; Dispatch also writes `start` and an event per step.
+  finish while one is in flight together in one request, whose `next` claims a task for each slot,
+  as the SDK's worker does; pull: each agent `task_claim`s, starts and completes, its completion
+  claiming its next task); pgqueuer with its own drain benchmark's shape (asyncpg, a QueueManager
+  per consumer, batch 10, mode=drain); procrastinate with an async task and
+  `run_worker_async(wait=False)`; the floor with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE
+  SKIP LOCKED)` claim and one `UPDATE` complete per row. "lifecycle" = N / (enqueue time + drain
+  time); "drain" = N / drain time. The peers do enqueue, claim, complete; Dispatch also writes
+  `start` and an event per step.
 - flow control overhead: the Dispatch engine drain of row 3 (push and pull) beside the same drain
   with flow control configured: tasks spread round-robin over 4 tenants (requesters; two with
   weights 2 and 0.5), and every task under one concurrency key (cap 1,000,000) and one rate key
