@@ -50,7 +50,7 @@ screenshots: $(STAMP) ## run the dashboard's browser tests, saving their screens
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
-	$(BIN)/ruff check dispatch tests
+	$(BIN)/ruff check dispatch tests bench
 	$(BIN)/mypy
 
 .PHONY: clean
