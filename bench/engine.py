@@ -88,12 +88,9 @@ async def run_on(broker: Broker, agent_id: str, task: Task) -> Task | None:
     return claimed[0] if claimed else None
 
 
-async def drain_pull(
-    broker: Broker, agents: list[str], n: int, lat: Latencies
-) -> tuple[float, int]:
+async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) -> float:
     """Each agent holds one task at a time: it claims one (started in the same step) only when
-    the completion of its last one brought no next task. Returns the seconds and the completion
-    requests sent (one a task)."""
+    the completion of its last one brought no next task."""
     done = 0
 
     async def agent(agent_id: str) -> None:
@@ -118,7 +115,7 @@ async def drain_pull(
     await asyncio.gather(*(agent(a) for a in agents))
     if done < n:
         raise RuntimeError(f"pull drain stopped after {done} of {n} tasks")
-    return time.perf_counter() - t0, done
+    return time.perf_counter() - t0
 
 
 class Reports:
@@ -259,10 +256,12 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
             submit_all(broker, n, sizes.producers, flow=flow), sizes.phase_timeout
         )
         if mode == "pull":
-            drain = drain_pull(broker, agents, n, lat)
+            drain_s = await asyncio.wait_for(drain_pull(broker, agents, n, lat),
+                                             sizes.phase_timeout)
         else:
-            drain = drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat)
-        drain_s, requests = await asyncio.wait_for(drain, sizes.phase_timeout)
+            drain_s, requests = await asyncio.wait_for(
+                drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat),
+                sizes.phase_timeout)
         cpu = meter.stop()
     finally:
         await pool.close()
