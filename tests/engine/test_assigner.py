@@ -28,6 +28,15 @@ async def submit(broker: Broker, **fields: Any) -> uuid.UUID:
     return task.task_id
 
 
+async def settled(assigner: Assigner) -> int:
+    """The assigner's round count once no round has run for 0.3 s."""
+    while True:
+        rounds = assigner.rounds
+        await asyncio.sleep(0.3)
+        if assigner.rounds == rounds:
+            return rounds
+
+
 async def test_new_task_reaches_an_idle_agent_without_waiting_for_the_tick(
     broker: Broker, listener: Listener
 ) -> None:
@@ -77,7 +86,9 @@ async def test_new_tasks_behind_full_agents_wake_no_round_until_room_is_freed(
         rounds = assigner.rounds
         second = await submit(broker)  # a round finds it, and solo full
         await assigner.wait_until(lambda a: a.rounds > rounds, 5)
-        rounds = assigner.rounds
+        # first's own NOTIFY can arrive after the first round began and wake one more round, which
+        # may run before second is committed and so find nothing waiting: let the rounds settle.
+        rounds = await settled(assigner)
         backlog = [await submit(broker) for _ in range(5)]
         await assigner.wait_until(lambda a: a.passed >= 1, 5)
         await asyncio.sleep(0.3)  # the other notifications arrive meanwhile
