@@ -1,5 +1,6 @@
 """Claim and assign latency with few and with many terminal rows in dispatch.tasks, and with a
-backlog ahead of the work that no agent can take (its capability's agents gone, or full)."""
+backlog ahead of the work that no agent can take (no agent has its capability), after the
+reaper's sweep has parked it."""
 
 from __future__ import annotations
 
@@ -88,6 +89,11 @@ async def measure_point(
             await store.agents.upsert(
                 f"scale-{i}", owner=REQUESTER, max_concurrent=10, conn=conn
             )
+        if stranded:
+            # A deployment's reaper sweeps every tick: it parks what no agent could take, out of
+            # the walk, and autovacuum then clears the rows the parking left behind.
+            await store.tasks.park_unmatched(conn=conn)
+            await conn.execute("VACUUM (ANALYZE) dispatch.tasks")
         # pull: one agent claims, then completes, `samples` times
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})
         for _ in range(samples):

@@ -1,6 +1,7 @@
 """The reaper loop: ends overdue attempts (deadline, heartbeat, wake timeout) through
-dispatch.task_expire, sleeping until the next known deadline and never longer than the tick; and
-reports pending tasks no agent could take (`unmatched`: once, again after unmatched_repeat_ms).
+dispatch.task_expire, sleeping until the next known deadline and never longer than the tick; parks
+pending tasks no agent of the directory could take, out of the walk; and reports pending tasks no
+agent could take now (`unmatched`: once, again after unmatched_repeat_ms).
 
 A deadline set after the reaper went to sleep (by this replica or another) arrives on the
 dispatch_due channel; when it is nearer than the wake-up the reaper planned, it wakes early."""
@@ -48,7 +49,8 @@ class Reaper(TickLoop):
             self._nearer.set()
 
     async def run_once(self) -> list[Expiry]:
-        """Expire everything overdue now; report unmatched tasks at most once per tick."""
+        """Expire everything overdue now; park and report unmatched tasks at most once per
+        tick."""
         ended: list[Expiry] = []
         while True:
             batch = await self.broker.expire(limit=EXPIRE_BATCH)
@@ -58,6 +60,8 @@ class Reaper(TickLoop):
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_unmatched >= self.interval:
             self._last_unmatched = loop.time()
+            # Two transactions: the report holds no task a claim could want while it writes.
+            await self.broker.tasks.park_unmatched()
             self.unmatched += await self.broker.tasks.report_unmatched()
         return ended
 

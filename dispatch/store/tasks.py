@@ -417,6 +417,15 @@ class Tasks(Queries):
         )
         return [convert(r, Expiry) for r in rows]
 
+    async def park_unmatched(
+        self, *, now: datetime | None = None, conn: Conn | None = None
+    ) -> int:
+        """Park pending tasks no agent of the directory could take (and bring back those one
+        could now); returns how many were parked."""
+        return await self._count(
+            "SELECT dispatch.task_park_unmatched(coalesce(%s, now())) AS n", (now,), conn
+        )
+
     async def report_unmatched(
         self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None
     ) -> int:

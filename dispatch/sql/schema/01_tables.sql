@@ -165,6 +165,11 @@ CREATE TABLE dispatch.tasks (
     -- A pending task that its concurrency key's cap holds back is parked out of the walk
     -- (tasks_pending_order_idx) until a task of its key ends (04_parking.sql).
     parked                boolean NOT NULL DEFAULT false,
+    -- So is one that no agent of the directory could take (none has its capabilities or, with
+    -- the owner filter on, belongs to its owner), until one could (10_assignment.sql). Set only
+    -- then: when it was last reported `unmatched` ('-infinity': not yet since it was parked).
+    unmatched_at          timestamptz CONSTRAINT tasks_unmatched_parked
+                          CHECK (unmatched_at IS NULL OR parked),
     -- Dependencies (09_dependencies.sql): how many of the tasks it depends on have not yet let it
     -- run (it is blocked while any has not), and whether any task depends on this one (so that
     -- only such a task's end looks for dependents).
@@ -207,7 +212,11 @@ CREATE INDEX tasks_pending_order_idx ON dispatch.tasks (queue_priority DESC, que
 
 -- The parked rows of a key, in the order they come back.
 CREATE INDEX tasks_parked_idx ON dispatch.tasks (concurrency_key, queue_priority DESC, queue_at)
-    WHERE status = 'pending' AND parked;
+    WHERE status = 'pending' AND parked AND unmatched_at IS NULL;
+
+-- The rows parked for want of an agent, by what they require, the longest unreported first.
+CREATE INDEX tasks_unmatched_idx ON dispatch.tasks (required_capabilities, unmatched_at)
+    WHERE status = 'pending' AND unmatched_at IS NOT NULL;
 
 -- Fair share: the last place in line a tenant (owner, else requester) holds at a priority.
 CREATE INDEX tasks_pending_tenant_idx ON dispatch.tasks

@@ -1,7 +1,8 @@
 -- Flow control, parking: a backlog that a concurrency key's cap holds back leaves the walk
 -- (tasks.parked, outside tasks_pending_order_idx), so that it is not read on every claim. A task
 -- of the key that ends brings the first parked one back, a cap raised or removed brings all back,
--- and the reaper's sweep returns any whose key has room.
+-- and the reaper's sweep returns any whose key has room. (A task parked because no agent could
+-- take it, unmatched_at set, is not the key's to bring back: 10_assignment.sql.)
 
 -- Parks these pending tasks, which the walk found held back by their concurrency key's cap. Rows
 -- another transaction holds are left in the walk.
@@ -26,7 +27,8 @@ BEGIN
     WITH back AS (
         UPDATE dispatch.tasks tk SET parked = false
         FROM (SELECT x.task_id FROM dispatch.tasks x
-              WHERE x.status = 'pending' AND x.parked AND x.concurrency_key = p_key
+              WHERE x.status = 'pending' AND x.parked AND x.unmatched_at IS NULL
+                AND x.concurrency_key = p_key
               ORDER BY x.queue_priority DESC, x.queue_at
               LIMIT p_count
               FOR NO KEY UPDATE SKIP LOCKED) b
@@ -69,10 +71,11 @@ BEGIN
     FOR k IN
         WITH RECURSIVE keys AS (
             SELECT (SELECT min(tk.concurrency_key) FROM dispatch.tasks tk
-                    WHERE tk.status = 'pending' AND tk.parked) AS key
+                    WHERE tk.status = 'pending' AND tk.parked AND tk.unmatched_at IS NULL) AS key
             UNION ALL
             SELECT (SELECT min(tk.concurrency_key) FROM dispatch.tasks tk
-                    WHERE tk.status = 'pending' AND tk.parked AND tk.concurrency_key > keys.key)
+                    WHERE tk.status = 'pending' AND tk.parked AND tk.unmatched_at IS NULL
+                      AND tk.concurrency_key > keys.key)
             FROM keys WHERE keys.key IS NOT NULL
         )
         SELECT keys.key FROM keys WHERE keys.key IS NOT NULL

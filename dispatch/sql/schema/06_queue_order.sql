@@ -89,7 +89,10 @@ BEGIN
         prev + make_interval(secs => 1.0 / greatest(coalesce(w, 1), 0.001)),
         '9999-01-01 00:00:00+00'::timestamptz - interval '1 microsecond') END);
     NEW.queue_priority := NEW.priority;
-    NEW.parked := false;  -- back in line: the walk parks it again if its key is still at its cap
+    -- Back in line: the walk parks it again if its key is still at its cap, the reaper's sweep if
+    -- still no agent could take it.
+    NEW.parked := false;
+    NEW.unmatched_at := NULL;
     NEW.age_due_at := dispatch.queue_age_due(NEW.queue_at, NEW.priority, NEW.priority, aging);
     RETURN NEW;
 END

@@ -679,49 +679,244 @@ BEGIN
 END
 $$;
 
--- Pending, available tasks that no agent in the directory could take (capacity aside) get one
--- `unmatched` event, and another only after unmatched_repeat_ms (the last one is found in the
--- task's history). The report takes no row lock on the tasks (the event's foreign key takes KEY
--- SHARE, which a claim's NO KEY UPDATE does not wait for or skip), so it never hides work from a
--- claim. The price: an `unmatched` event is advisory, written without the task's row lock, and may
--- follow an assignment that raced it. One report runs at a time in the whole database (every serve
--- worker and replica runs the reaper): a transaction-level advisory lock, tried without waiting;
--- a report that finds it taken returns 0, and the next one sees the events the other wrote.
+-- Parking what no agent can take. A pending task that no agent of the directory could take,
+-- whatever its status and load (none has the capabilities it requires or, with the owner filter
+-- on, belongs to its owner), leaves the walk as a capped key's backlog does: the reaper's sweep
+-- (task_park_unmatched) parks it with unmatched_at set, and claims and rounds behind such a
+-- backlog read none of it. It comes back when an agent that could take it appears: a
+-- registration, a capability or owner change, a device's owner (the triggers below, in the
+-- transaction of the change), and otherwise at the next sweep, which first looks again at every
+-- requirement parked (a change of the owner filter, or of a task's requirement by SQL).
+-- A change and a sweep that run together are put in order by an advisory lock, shared by the
+-- changes and taken alone by the sweep: a sweep parks only on a directory in which every change
+-- that began before it has committed, and a change that began after it waits for it, then sees
+-- what it parked.
+
+-- Could an agent of the directory (p_agent_id: that one) take a task that requires p_required
+-- and belongs to p_owner, its status and load aside? The capability and owner rules of
+-- agent_ineligibility.
+CREATE FUNCTION dispatch.task_matchable(
+    p_required text[], p_owner text, c dispatch.config, p_agent_id text DEFAULT NULL
+) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM dispatch.agents a
+        WHERE a.capabilities @> p_required
+          AND (p_agent_id IS NULL OR a.agent_id = p_agent_id)
+          AND (NOT c.owner_filter_enabled OR p_owner IS NULL
+               OR dispatch.agent_belongs(a.agent_id, a.owner, p_owner)))
+$$;
+
+-- Each requirement that parked tasks have, once: one index probe per requirement.
+CREATE FUNCTION dispatch.unmatched_requirements() RETURNS SETOF text[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE req AS (
+        SELECT (SELECT min(tk.required_capabilities) FROM dispatch.tasks tk
+                WHERE tk.status = 'pending' AND tk.unmatched_at IS NOT NULL) AS caps
+        UNION ALL
+        SELECT (SELECT min(tk.required_capabilities) FROM dispatch.tasks tk
+                WHERE tk.status = 'pending' AND tk.unmatched_at IS NOT NULL
+                  AND tk.required_capabilities > req.caps)
+        FROM req WHERE req.caps IS NOT NULL
+    )
+    SELECT req.caps FROM req WHERE req.caps IS NOT NULL
+$$;
+
+-- Brings back to the walk, in their old place in line, the parked tasks that an agent could now
+-- take; how many. A requirement that no agent has costs one index probe and reads none of its
+-- tasks. For a change of p_agent_id it waits for a row another transaction holds; for the
+-- sweep (NULL) it leaves that row to the next sweep.
+CREATE FUNCTION dispatch.unmatched_unpark(p_agent_id text DEFAULT NULL) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    c    dispatch.config;
+    need text[];
+    m    integer;
+    n    integer := 0;
+BEGIN
+    SELECT * INTO c FROM dispatch.config;
+    FOR need IN SELECT * FROM dispatch.unmatched_requirements() LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM dispatch.agents a
+                                  WHERE a.capabilities @> need
+                                    AND (p_agent_id IS NULL OR a.agent_id = p_agent_id));
+        IF p_agent_id IS NULL THEN
+            UPDATE dispatch.tasks tk SET parked = false, unmatched_at = NULL
+            FROM (SELECT x.task_id FROM dispatch.tasks x
+                  WHERE x.status = 'pending' AND x.unmatched_at IS NOT NULL
+                    AND x.required_capabilities = need
+                    AND dispatch.task_matchable(need, x.owner, c)
+                  FOR NO KEY UPDATE SKIP LOCKED) b
+            WHERE tk.task_id = b.task_id;
+        ELSE
+            UPDATE dispatch.tasks tk SET parked = false, unmatched_at = NULL
+            WHERE tk.status = 'pending' AND tk.unmatched_at IS NOT NULL
+              AND tk.required_capabilities = need
+              AND dispatch.task_matchable(need, tk.owner, c, p_agent_id);
+        END IF;
+        GET DIAGNOSTICS m = ROW_COUNT;
+        n := n + m;
+    END LOOP;
+    PERFORM pg_notify('dispatch_work', '') WHERE n > 0;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION dispatch.agents_unpark() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('dispatch.task_park_unmatched'));
+    PERFORM dispatch.unmatched_unpark(NEW.agent_id);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER agents_unpark_new AFTER INSERT ON dispatch.agents
+    FOR EACH ROW EXECUTE FUNCTION dispatch.agents_unpark();
+
+CREATE TRIGGER agents_unpark_changed AFTER UPDATE OF capabilities, owner ON dispatch.agents
+    FOR EACH ROW WHEN (NEW.capabilities IS DISTINCT FROM OLD.capabilities
+                       OR NEW.owner IS DISTINCT FROM OLD.owner)
+    EXECUTE FUNCTION dispatch.agents_unpark();
+
+CREATE TRIGGER agent_owners_unpark AFTER INSERT ON dispatch.agent_owners
+    FOR EACH ROW EXECUTE FUNCTION dispatch.agents_unpark();
+
+-- The reaper's sweep, once per tick, before the report: brings back the parked tasks an agent
+-- could now take, then parks the pending, available tasks that no agent could take (their
+-- `unmatched_at` '-infinity': the report has yet to report them); returns how many it parked.
+-- The walk judges each requirement and owner once, however many tasks share them. Rows another
+-- transaction holds (a claim taking one) are left in the walk. One sweep at a time in the whole
+-- database, and none while a directory change is under way (the lock above): a sweep that finds
+-- it taken returns 0, and the next tick parks.
+CREATE FUNCTION dispatch.task_park_unmatched(p_now timestamptz DEFAULT now()) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    walk   NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
+    c      dispatch.config;
+    cand   record;
+    sig    text;
+    nobody boolean;
+    judged jsonb := '{}';  -- requirement and owner -> whether no agent could take them
+    park   uuid[] := '{}';
+    n      integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('dispatch.task_park_unmatched')) THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO c FROM dispatch.config;
+    PERFORM dispatch.unmatched_unpark();
+    OPEN walk;
+    LOOP
+        FETCH walk INTO cand;
+        EXIT WHEN NOT FOUND;
+        sig := cand.required_capabilities::text || ' ' || coalesce(cand.owner, '');
+        nobody := (judged ->> sig)::boolean;
+        IF nobody IS NULL THEN
+            nobody := NOT dispatch.task_matchable(cand.required_capabilities, cand.owner, c);
+            judged := judged || jsonb_build_object(sig, nobody);
+        END IF;
+        IF nobody THEN
+            park := park || cand.task_id;
+        END IF;
+    END LOOP;
+    CLOSE walk;
+    UPDATE dispatch.tasks tk SET parked = true, unmatched_at = '-infinity'
+    FROM (SELECT x.task_id FROM dispatch.tasks x
+          WHERE x.task_id = ANY (park) AND x.status = 'pending' AND NOT x.parked
+          FOR NO KEY UPDATE SKIP LOCKED) p
+    WHERE tk.task_id = p.task_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Pending tasks that no agent in the directory could take now (capacity aside) get one
+-- `unmatched` event, and another only after unmatched_repeat_ms: first those in the walk (their
+-- agents stopped, drained or stale), found in their history, then the parked ones, the longest
+-- unreported first (their unmatched_at). At most p_limit a call; returns how many.
+-- The walk judges each requirement and owner once, however many tasks share them, and takes no
+-- row lock on the tasks (the event's foreign key takes KEY SHARE, which a claim's NO KEY UPDATE
+-- does not wait for or skip), so it never hides work from a claim. The price: an `unmatched`
+-- event is advisory, written without the task's row lock, and may follow an assignment that raced
+-- it. One report runs at a time in the whole database (every serve worker and replica runs the
+-- reaper): a transaction-level advisory lock, tried without waiting; a report that finds it taken
+-- returns 0, and the next one sees the events the other wrote.
 CREATE FUNCTION dispatch.task_report_unmatched(
     p_now timestamptz DEFAULT now(), p_limit integer DEFAULT 100
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    walk NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
-    c      dispatch.config;
-    cand   record;
-    n      integer := 0;
+    walk    NO SCROLL CURSOR FOR SELECT * FROM dispatch.pending_queue(p_now);
+    c       dispatch.config;
+    repeat  interval;
+    cand    record;
+    sig     text;
+    served  boolean;
+    judged  jsonb := '{}';  -- requirement and owner -> whether an agent could take them now
+    need    text[];
+    last    timestamptz;
+    n       integer := 0;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('dispatch.task_report_unmatched')) THEN
         RETURN 0;
     END IF;
     SELECT * INTO c FROM dispatch.config;
+    repeat := make_interval(secs => c.unmatched_repeat_ms / 1000.0);
     OPEN walk;
     WHILE n < p_limit LOOP
         FETCH walk INTO cand;
         EXIT WHEN NOT FOUND;
-        CONTINUE WHEN EXISTS (
-            SELECT 1 FROM dispatch.agents ag
-            WHERE cardinality(dispatch.agent_ineligibility(
-                      ag, cand.required_capabilities, cand.owner, c)) = 0);
+        sig := cand.required_capabilities::text || ' ' || coalesce(cand.owner, '');
+        served := (judged ->> sig)::boolean;
+        IF served IS NULL THEN
+            served := EXISTS (SELECT 1 FROM dispatch.agents ag
+                              WHERE cardinality(dispatch.agent_ineligibility(
+                                        ag, cand.required_capabilities, cand.owner, c)) = 0);
+            judged := judged || jsonb_build_object(sig, served);
+        END IF;
+        CONTINUE WHEN served;
         -- Reported already, and not assigned since: again only after unmatched_repeat_ms.
         CONTINUE WHEN EXISTS (
             SELECT 1 FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
                            WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
-                           ORDER BY e.id DESC LIMIT 1) last
-            WHERE last.event = 'unmatched'
-              AND last.created_at > p_now - make_interval(secs => c.unmatched_repeat_ms / 1000.0));
+                           ORDER BY e.id DESC LIMIT 1) prev
+            WHERE prev.event = 'unmatched' AND prev.created_at > p_now - repeat);
         PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
             jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
                                'owner', cand.owner), p_now);
         n := n + 1;
     END LOOP;
     CLOSE walk;
+    FOR need IN SELECT * FROM dispatch.unmatched_requirements() LOOP
+        EXIT WHEN n >= p_limit;
+        FOR cand IN
+            SELECT x.task_id, x.required_capabilities, x.owner, x.unmatched_at
+            FROM dispatch.tasks x
+            WHERE x.status = 'pending' AND x.unmatched_at IS NOT NULL
+              AND x.required_capabilities = need AND x.unmatched_at <= p_now - repeat
+            ORDER BY x.unmatched_at
+            LIMIT p_limit - n
+            FOR NO KEY UPDATE SKIP LOCKED
+        LOOP
+            IF cand.unmatched_at = '-infinity' THEN
+                -- Just parked: reported already while in the walk, and not assigned since?
+                SELECT prev.created_at INTO last
+                FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
+                      WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
+                      ORDER BY e.id DESC LIMIT 1) prev
+                WHERE prev.event = 'unmatched' AND prev.created_at > p_now - repeat;
+                IF FOUND THEN
+                    UPDATE dispatch.tasks SET unmatched_at = last WHERE task_id = cand.task_id;
+                    CONTINUE;
+                END IF;
+            END IF;
+            PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
+                jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
+                                   'owner', cand.owner), p_now);
+            UPDATE dispatch.tasks SET unmatched_at = p_now WHERE task_id = cand.task_id;
+            n := n + 1;
+        END LOOP;
+    END LOOP;
     RETURN n;
 END
 $$;
