@@ -536,18 +536,18 @@ def claim_at_once(sql: Conn, db_url: str, p_max: int) -> None:
 def test_a_cap_holds_where_claims_cross_from_tickets_to_the_exact_count(
     db_url: str, sql: Conn
 ) -> None:
-    # 32 tickets: far below a cap of 45 claims take a ticket each without waiting, from 14 active
+    # 64 tickets: far below a cap of 77 claims take a ticket each without waiting, from 14 active
     # tasks on they count exactly. 16 agents claim at once and keep what they get.
-    sql.execute("SELECT dispatch.concurrency_limit_set('k', 45)")
-    flood(sql, "alice", 120, concurrency_key="k")
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 77)")
+    flood(sql, "alice", 160, concurrency_key="k")
     claim_at_once(sql, db_url, p_max=2)
     assigned = sql.execute("SELECT count(*) AS n FROM dispatch.task_events"
                            " WHERE event = 'assigned'").fetchone()
-    assert assigned == {"n": 45}
+    assert assigned == {"n": 77}
     assert len(assign(sql, 100)) == 0
     sql.execute("SELECT dispatch.task_complete(task_id, assigned_agent) FROM dispatch.tasks"
                 " WHERE status = 'assigned'")
-    assert len(assign(sql, 100)) == 45
+    assert len(assign(sql, 100)) == 77
 
 
 def test_a_bucket_of_many_shards_lets_through_its_capacity_under_concurrent_claims(
