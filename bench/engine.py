@@ -88,34 +88,61 @@ async def run_on(broker: Broker, agent_id: str, task: Task) -> Task | None:
     return claimed[0] if claimed else None
 
 
-async def drain_pull(broker: Broker, agents: list[str], n: int, lat: Latencies) -> float:
-    """Each agent holds one task at a time: it claims one (started in the same step) only when
-    the completion of its last one brought no next task."""
+async def drain_pull(
+    broker: Broker, agents: list[str], slots: int, n: int, lat: Latencies
+) -> tuple[float, int]:
+    """Each agent runs `slots` tasks at a time, as the SDK's worker does in pull mode: it claims
+    (started, in the same step) as many tasks as it has idle slots, and each slot then keeps going
+    on what its completion's next brings; a slot whose completion brought nothing is idle again.
+    The agent's completions go as its Reports send them. Returns the seconds and the completion
+    requests sent."""
+    reports = {a: Reports(broker, a) for a in agents}
     done = 0
 
     async def agent(agent_id: str) -> None:
         nonlocal done
-        misses = 0
-        task: Task | None = None
-        while done < n and misses < 50:
-            if task is None:
-                t0 = time.perf_counter()
-                claimed = await broker.claim_many(agent_id, start=True)
-                lat.add_since(t0)
-                if not claimed:
-                    misses += 1
-                    await asyncio.sleep(0.002)
-                    continue
-                task = claimed[0]
-            misses = 0
-            task = await run_on(broker, agent_id, task)
-            done += 1
+        idle = slots
+        freed = asyncio.Event()
+        running: list[asyncio.Task[None]] = []
 
+        async def slot(task: Task | None) -> None:
+            nonlocal done, idle
+            try:
+                while task is not None:
+                    task = await reports[agent_id].complete(task)
+                    done += 1
+            finally:
+                idle += 1
+                freed.set()
+
+        misses = 0
+        while done < n and misses < 50:
+            if idle == 0:
+                freed.clear()
+                await freed.wait()
+                continue
+            t0 = time.perf_counter()
+            claimed = await broker.claim_many(agent_id, max_tasks=idle, start=True)
+            lat.add_since(t0)
+            if not claimed:
+                misses += 1
+                await asyncio.sleep(0.002)
+                continue
+            misses = 0
+            idle -= len(claimed)
+            running.extend(asyncio.create_task(slot(task)) for task in claimed)
+        await asyncio.gather(*running)
+
+    senders = [asyncio.create_task(r.send()) for r in reports.values()]
     t0 = time.perf_counter()
-    await asyncio.gather(*(agent(a) for a in agents))
+    try:
+        await asyncio.gather(*(agent(a) for a in agents))
+    finally:
+        for sender in senders:
+            sender.cancel()
     if done < n:
         raise RuntimeError(f"pull drain stopped after {done} of {n} tasks")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, sum(r.requests for r in reports.values())
 
 
 class Reports:
@@ -243,12 +270,9 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
         await broker.apply_config()
         if flow:
             await configure_flow(broker)
-        if mode == "pull":
-            # One coroutine per agent, each holding one task at a time.
-            agents = await register_agents(broker, "pull", sizes.connections * 2, 1)
-        else:
-            slots_per_agent = sizes.pgq_batch
-            agents = await register_agents(broker, "push", sizes.pgq_consumers, slots_per_agent)
+        # As many agents as pgqueuer has consumers, each running as many tasks at a time as a
+        # consumer's batch: the same batch size.
+        agents = await register_agents(broker, mode, sizes.pgq_consumers, sizes.pgq_batch)
         cluster.checkpoint()
         before = read_counters(cluster.admin_url, dbname)
         meter = CpuMeter(cluster.postmaster)
@@ -256,26 +280,23 @@ async def run_engine(cluster: Cluster, sizes: Sizes, mode: str, flow: bool = Fal
             submit_all(broker, n, sizes.producers, flow=flow), sizes.phase_timeout
         )
         if mode == "pull":
-            drain_s = await asyncio.wait_for(drain_pull(broker, agents, n, lat),
-                                             sizes.phase_timeout)
+            drain = drain_pull(broker, agents, sizes.pgq_batch, n, lat)
         else:
-            drain_s, requests = await asyncio.wait_for(
-                drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat),
-                sizes.phase_timeout)
+            drain = drain_push(broker, agents, sizes.pgq_batch, n, sizes.assign_batch, lat)
+        drain_s, requests = await asyncio.wait_for(drain, sizes.phase_timeout)
         cpu = meter.stop()
     finally:
         await pool.close()
     await asyncio.sleep(0.2)
     after = read_counters(cluster.admin_url, dbname)
     cost = cost_between(cluster.admin_url, before, after)
-    if mode == "pull":
-        settings = f"{len(agents)} agents x 1 task, pool {sizes.connections}, task_claim"
-    else:
-        settings = (
-            f"{sizes.pgq_consumers} agents x {sizes.pgq_batch} slots, pool {sizes.connections}, "
-            f"task_assign batch {sizes.assign_batch}, completions in {requests:,} requests"
-            " (those ready together in one, as the SDK's worker sends them)"
-        )
+    settings = (
+        f"{len(agents)} agents x {sizes.pgq_batch} slots, pool {sizes.connections}, "
+        + (f"task_assign batch {sizes.assign_batch}" if mode == "push"
+           else "task_claim (started) for the idle slots")
+        + f", completions in {requests:,} requests"
+        " (those ready together in one, as the SDK's worker sends them)"
+    )
     if flow:
         settings += (f", flow control: {len(FLOW_TENANTS)} tenants (2 weighted), every task under"
                      " one concurrency key and one rate key (limits not binding)")

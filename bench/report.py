@@ -367,9 +367,11 @@ METHOD = """\
   drains them: Dispatch through dispatch.broker on one psycopg pool (push: `task_assign` batches
   handed to agent workers that start and complete, each agent sending the completions its slots
   finish while one is in flight together in one request, whose `next` claims a task for each slot,
-  as the SDK's worker does; pull: each agent `task_claim`s, starts and completes, its completion
-  claiming its next task); pgqueuer with its own drain benchmark's shape (asyncpg, a QueueManager
-  per consumer, batch 10, mode=drain); procrastinate with an async task and
+  as the SDK's worker does; pull: each agent claims, started, as many tasks as it has idle slots
+  (`task_claim`), and sends its completions the same way, their `next` refilling the slots; in
+  both, as many agents as pgqueuer has consumers, with as many slots as its batch); pgqueuer
+  with its own drain benchmark's shape (asyncpg, a QueueManager per consumer, batch 10,
+  mode=drain); procrastinate with an async task and
   `run_worker_async(wait=False)`; the floor with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE
   SKIP LOCKED)` claim and one `UPDATE` complete per row. "lifecycle" = N / (enqueue time + drain
   time); "drain" = N / drain time. The peers do enqueue, claim, complete; Dispatch also writes

@@ -126,7 +126,7 @@ def test_the_statement_breakdown_lists_the_engine_statements() -> None:
     out = distribution_tool("bench.statements")
     for heading in ("### engine push: 40 tasks", "### engine pull: 40 tasks"):
         assert heading in out, out
-    assert "dispatch.task_then_claim" in out and "dispatch.task_create" in out, out
+    assert "dispatch.task_report_batch_then_claim" in out and "dispatch.task_create" in out, out
 
 
 def test_the_soak_runs_with_retention_and_keeps_each_build(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The engine phase's push agents send their completions as the SDK's worker does: those ready
-together leave in one request, whose `next` gives each freed slot a task of its own, started."""
+"""The engine phase's agents send their completions as the SDK's worker does: those ready
+together leave in one request, whose `next` gives each freed slot a task of its own, started; in
+pull mode an agent claims for its idle slots only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import psycopg
 
-from bench.engine import Reports
+from bench.common import Latencies
+from bench.engine import Reports, drain_pull
 from dispatch.broker import Broker
 from dispatch.models import NewTask
 
@@ -56,3 +58,25 @@ async def test_a_completion_alone_goes_alone(broker: Broker, sql: Sql) -> None:
     row = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'completed'"
                       ).fetchone()
     assert row is not None and row["n"] == 2
+
+
+async def test_the_pull_drain_claims_for_idle_slots_and_completes_every_task_once(
+    broker: Broker, sql: Sql
+) -> None:
+    agents = ["pull-0", "pull-1"]
+    for agent in agents:
+        await broker.agents.upsert(agent, max_concurrent=3)
+    for i in range(20):
+        await broker.submit(NewTask(title=f"t{i}"), requester="bench")
+    claims = Latencies()
+    _, requests = await drain_pull(broker, agents, 3, 20, claims)
+    rows = sql.execute(
+        "SELECT t.status::text, t.assigned_agent,"
+        " (SELECT count(*) FROM dispatch.task_events e"
+        "  WHERE e.task_id = t.task_id AND e.event = 'started') AS starts"
+        " FROM dispatch.tasks t").fetchall()
+    assert len(rows) == 20
+    assert all(r["status"] == "completed" and r["assigned_agent"] in agents for r in rows)
+    assert all(r["starts"] == 1 for r in rows)
+    # Completions that are ready together share a request, whose next refills their slots.
+    assert requests < 20
