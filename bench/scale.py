@@ -79,6 +79,9 @@ async def measure_point(
     url = cluster.create_database(dbname)
     await asyncio.to_thread(prepare_dispatch, url)
     seed_s = await _seed(url, rows, _STRANDED if stranded else _SEED)
+    # The seed's WAL (a million rows, and their VACUUM) would otherwise end in a checkpoint
+    # during the samples, timed as if a claim or a round had caused it.
+    cluster.checkpoint()
     samples = sizes.scale_samples
     claim, assign = Latencies(), Latencies()
     async with await psycopg.AsyncConnection.connect(
