@@ -231,7 +231,7 @@ CREATE FUNCTION dispatch.task_claim(
     p_agent_id text, p_capabilities text[] DEFAULT NULL, p_now timestamptz DEFAULT now(),
     p_max integer DEFAULT 1, p_start boolean DEFAULT false, p_key text DEFAULT NULL
 ) RETURNS SETOF dispatch.tasks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     c     dispatch.config;
     a     dispatch.agents;
