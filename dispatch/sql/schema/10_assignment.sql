@@ -820,6 +820,9 @@ BEGIN
         END IF;
     END LOOP;
     CLOSE walk;
+    IF cardinality(park) = 0 THEN
+        RETURN 0;
+    END IF;
     UPDATE dispatch.tasks tk SET parked = true, unmatched_at = '-infinity'
     FROM (SELECT x.task_id FROM dispatch.tasks x
           WHERE x.task_id = ANY (park) AND x.status = 'pending' AND NOT x.parked
