@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 
 import psycopg
@@ -79,7 +80,9 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
                 )
                 for row in await cur.fetchall():
                     t0 = time.perf_counter()
-                    done = Complete(task_id=row["task_id"], actor=agent)
+                    task_id = row["task_id"]
+                    assert isinstance(task_id, uuid.UUID)
+                    done = Complete(task_id=task_id, actor=agent)
                     await store.tasks.apply(done, conn=conn)
                     complete.add_since(t0)
                 t0 = time.perf_counter()

@@ -140,8 +140,8 @@ async def run_replicas(cluster: Cluster, sizes: Sizes) -> ReplicasResult:
         events = conn.execute(
             "SELECT task_id, event, actor, payload FROM dispatch.task_events ORDER BY id"
         ).fetchall()
-        row = conn.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone()
-        present = int(row["n"]) if row else 0
+        counted = conn.execute("SELECT count(*) AS n FROM dispatch.tasks").fetchone()
+        present = int(counted["n"]) if counted else 0
     history = replay(events, LIMIT)
     with psycopg.connect(cluster.admin_url, autocommit=True) as admin:
         admin.execute('DROP DATABASE "replicas" WITH (FORCE)')

@@ -239,15 +239,15 @@ def results_table(r: Report) -> list[list[str]]:
         rows.append([f"5. {r.scale.what}", f"not available: {r.scale.why}", "p99 within 1.5x",
                      "n/a"])
     if isinstance(r.backlog, BacklogResult):
-        b = r.backlog
+        bl = r.backlog
         base = r.scale[0].claim if isinstance(r.scale, list) and r.scale else None
-        ratio = b.claim.p(99) / base.p(99) if base is not None and base.ms else float("nan")
+        ratio = bl.claim.p(99) / base.p(99) if base is not None and base.ms else float("nan")
         rows.append([
-            f"5. claim p99 with {b.pending:,} pending behind saturated agents, assigner running",
-            f"claim p50 {_f(b.claim.p(50), 2)} / p99 {_f(b.claim.p(99), 2)} ms, complete p50 "
-            f"{_f(b.complete.p(50), 2)} / p99 {_f(b.complete.p(99), 2)} ms; {len(b.rounds.ms)} "
-            f"assign rounds, p50 {_f(b.rounds.p(50), 2)} / p99 {_f(b.rounds.p(99), 2)} ms, "
-            f"{b.assigned} assigned; claim p99 ratio to the 10 k-row point {ratio:.2f}",
+            f"5. claim p99 with {bl.pending:,} pending behind saturated agents, assigner running",
+            f"claim p50 {_f(bl.claim.p(50), 2)} / p99 {_f(bl.claim.p(99), 2)} ms, complete p50 "
+            f"{_f(bl.complete.p(50), 2)} / p99 {_f(bl.complete.p(99), 2)} ms; {len(bl.rounds.ms)} "
+            f"assign rounds, p50 {_f(bl.rounds.p(50), 2)} / p99 {_f(bl.rounds.p(99), 2)} ms, "
+            f"{bl.assigned} assigned; claim p99 ratio to the 10 k-row point {ratio:.2f}",
             "p99 within 1.5x", _verdict(ratio <= 1.5),
         ])
     elif isinstance(r.backlog, Unavailable):
