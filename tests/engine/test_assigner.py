@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from dispatch.broker import Broker
@@ -209,3 +210,31 @@ async def test_health_recovers_with_the_first_batch_of_a_long_round(broker: Brok
         await asyncio.sleep(0)
     assert not round_.done()
     assert len(await round_) == 300
+
+
+async def test_the_reapers_sweep_parks_what_no_agent_can_take_and_a_registration_brings_it_back(
+    broker: Broker, listener: Listener, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """The reaper's tick parks a task that no agent in the directory could take; an agent that
+    can take it registers, and the assigner gives it the task at once, not at a tick."""
+    await broker.agents.upsert("writer", capabilities=["prose"])
+    task_id = await submit(broker, required_capabilities=["gpu"])
+    reaper = Reaper(broker, tick_interval_ms=SLOW_TICK_MS)
+    await reaper.start()
+    try:
+        await reaper.wait_until(lambda r: r.unmatched >= 1, 5)
+    finally:
+        await reaper.stop()
+    row = sql.execute("SELECT parked, unmatched_at IS NOT NULL AS unmatched FROM dispatch.tasks"
+                      " WHERE task_id = %s", (task_id,)).fetchone()
+    assert row == {"parked": True, "unmatched": True}
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.rounds >= 1, 5)
+        assert assigner.assigned == 0
+        await broker.agents.upsert("gpu-box", capabilities=["gpu"])
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        assert (await broker.tasks.get(task_id)).assigned_agent == "gpu-box"
+    finally:
+        await assigner.stop()
