@@ -148,7 +148,11 @@ def test_the_comparison_catches_drift(new_database: Callable[[], str], tmp_path:
     assert differences(new_database, migrations, schema) == []
     # A function changed in schema/ without its migration.
     tickets = next(p for p in schema_files(schema) if "flow_tickets()" in p.read_text())
-    tickets.write_text(tickets.read_text().replace("SELECT 32", "SELECT 33"))
+    before = tickets.read_text()
+    after = re.sub(r"(flow_tickets\(\) RETURNS integer\n[^$]*\$\$ SELECT )(\d+)",
+                   lambda m: m.group(1) + str(int(m.group(2)) + 1), before)
+    assert after != before
+    tickets.write_text(after)
     assert differences(new_database, migrations, schema) == [
         "function dispatch.flow_tickets() defined differently"
     ]
