@@ -550,6 +550,29 @@ def test_a_cap_holds_where_claims_cross_from_tickets_to_the_exact_count(
     assert len(assign(sql, 100)) == 77
 
 
+def test_four_agents_claiming_ten_at_once_under_one_key_each_get_ten(
+    db_url: str, sql: Conn
+) -> None:
+    """Far below the cap, four agents of one key claim ten tasks each, their transactions open
+    together (an SDK worker's batch each): every claim gets the ten it asked for, none falls
+    short for want of a free ticket."""
+    sql.execute("SELECT dispatch.concurrency_limit_set('k', 1000000)")
+    flood(sql, "alice", 60, concurrency_key="k")
+    conns = [psycopg.connect(db_url, **CONNECT_KWARGS) for _ in range(4)]  # type: ignore[arg-type]
+    try:
+        got = []
+        for i, conn in enumerate(conns):
+            agent(sql, f"w{i}")
+            conn.execute("BEGIN")  # held open: its tickets stay taken while the next ones claim
+            got.append(len(conn.execute(
+                "SELECT task_id FROM dispatch.task_claim(%s, p_max => 10)", (f"w{i}",)
+            ).fetchall()))
+        assert got == [10, 10, 10, 10]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_a_bucket_of_many_shards_lets_through_its_capacity_under_concurrent_claims(
     db_url: str, sql: Conn
 ) -> None:
