@@ -781,6 +781,25 @@ CREATE TRIGGER agents_unpark_changed AFTER UPDATE OF capabilities, owner ON disp
 CREATE TRIGGER agent_owners_unpark AFTER INSERT ON dispatch.agent_owners
     FOR EACH ROW EXECUTE FUNCTION dispatch.agents_unpark();
 
+-- When the task was last reported `unmatched`, if it was not assigned since (else NULL).
+CREATE FUNCTION dispatch.unmatched_reported_at(p_task_id uuid) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT prev.created_at
+    FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
+          WHERE e.task_id = p_task_id AND e.event IN ('unmatched', 'assigned')
+          ORDER BY e.id DESC LIMIT 1) prev
+    WHERE prev.event = 'unmatched'
+$$;
+
+-- A task's `unmatched` event.
+CREATE FUNCTION dispatch.unmatched_report(
+    p_task_id uuid, p_required text[], p_owner text, p_now timestamptz
+) RETURNS void
+LANGUAGE sql AS $$
+    SELECT dispatch.event_write(p_task_id, 'unmatched', 'dispatch',
+        jsonb_build_object('required_capabilities', to_jsonb(p_required), 'owner', p_owner), p_now)
+$$;
+
 -- The reaper's sweep, once per tick, before the report: brings back the parked tasks an agent
 -- could now take, then parks the pending, available tasks that no agent could take (their
 -- `unmatched_at` '-infinity': the report has yet to report them); returns how many it parked.
@@ -879,14 +898,9 @@ BEGIN
         END IF;
         CONTINUE WHEN served;
         -- Reported already, and not assigned since: again only after unmatched_repeat_ms.
-        CONTINUE WHEN EXISTS (
-            SELECT 1 FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
-                           WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
-                           ORDER BY e.id DESC LIMIT 1) prev
-            WHERE prev.event = 'unmatched' AND prev.created_at > p_now - repeat);
-        PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
-            jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
-                               'owner', cand.owner), p_now);
+        CONTINUE WHEN dispatch.unmatched_reported_at(cand.task_id) > p_now - repeat;
+        PERFORM dispatch.unmatched_report(cand.task_id, cand.required_capabilities, cand.owner,
+                                          p_now);
         n := n + 1;
     END LOOP;
     CLOSE walk;
@@ -903,19 +917,14 @@ BEGIN
         LOOP
             IF cand.unmatched_at = '-infinity' THEN
                 -- Just parked: reported already while in the walk, and not assigned since?
-                SELECT prev.created_at INTO last
-                FROM (SELECT e.event, e.created_at FROM dispatch.task_events e
-                      WHERE e.task_id = cand.task_id AND e.event IN ('unmatched', 'assigned')
-                      ORDER BY e.id DESC LIMIT 1) prev
-                WHERE prev.event = 'unmatched' AND prev.created_at > p_now - repeat;
-                IF FOUND THEN
+                last := dispatch.unmatched_reported_at(cand.task_id);
+                IF last > p_now - repeat THEN
                     UPDATE dispatch.tasks SET unmatched_at = last WHERE task_id = cand.task_id;
                     CONTINUE;
                 END IF;
             END IF;
-            PERFORM dispatch.event_write(cand.task_id, 'unmatched', 'dispatch',
-                jsonb_build_object('required_capabilities', to_jsonb(cand.required_capabilities),
-                                   'owner', cand.owner), p_now);
+            PERFORM dispatch.unmatched_report(cand.task_id, cand.required_capabilities, cand.owner,
+                                              p_now);
             UPDATE dispatch.tasks SET unmatched_at = p_now WHERE task_id = cand.task_id;
             n := n + 1;
         END LOOP;
