@@ -93,9 +93,15 @@ async def measure_point(
                 f"scale-{i}", owner=REQUESTER, max_concurrent=10, conn=conn
             )
         if stranded:
-            # A deployment's reaper sweeps every tick: it parks what no agent could take, out of
-            # the walk, and autovacuum then clears the rows the parking left behind.
-            await store.tasks.park_unmatched(conn=conn)
+            # A deployment's reaper sweeps every tick, a share of the line each: it parks what
+            # no agent could take, out of the walk, and autovacuum then clears the rows the
+            # parking left behind. Here, sweeps until one has reached the end of the line.
+            while True:
+                await store.tasks.park_unmatched(conn=conn)
+                cur = await conn.execute(
+                    "SELECT 1 FROM dispatch.unmatched_walks WHERE walker = 'park'")
+                if await cur.fetchone() is None:
+                    break
             await conn.execute("VACUUM (ANALYZE) dispatch.tasks")
         # pull: one agent claims, then completes, `samples` times
         await conn.execute(_PENDING, {"requester": REQUESTER, "n": samples})

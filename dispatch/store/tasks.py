@@ -421,7 +421,8 @@ class Tasks(Queries):
         self, *, now: datetime | None = None, conn: Conn | None = None
     ) -> int:
         """Park pending tasks no agent of the directory could take (and bring back those one
-        could now); returns how many were parked."""
+        could now), looking at a share of the line and going on from there at the next call;
+        returns how many were parked."""
         return await self._count(
             "SELECT dispatch.task_park_unmatched(coalesce(%s, now())) AS n", (now,), conn
         )
@@ -429,7 +430,8 @@ class Tasks(Queries):
     async def report_unmatched(
         self, *, now: datetime | None = None, limit: int = 100, conn: Conn | None = None
     ) -> int:
-        """Report pending tasks no agent can take; returns how many were reported."""
+        """Report pending tasks no agent can take (a share of the line a call, as
+        park_unmatched); returns how many were reported."""
         return await self._count(
             "SELECT dispatch.task_report_unmatched(coalesce(%s, now()), %s) AS n",
             (now, limit),

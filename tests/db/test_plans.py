@@ -278,6 +278,21 @@ def test_the_reapers_calls_read_no_pending_or_terminal_rows(conn: Conn, call: st
     assert sum(reads.index_tuples.values()) <= 2 * ACTIVE, reads.index_tuples
 
 
+@pytest.mark.parametrize(
+    "call",
+    ["SELECT dispatch.task_park_unmatched(now(), 1000)",
+     "SELECT dispatch.task_report_unmatched(now(), 100, 1000)"],
+    ids=["park", "report"],
+)
+def test_the_unmatched_sweep_and_report_read_their_share_of_the_line(conn: Conn, call: str) -> None:
+    # Every pending task here could be taken: a walk of the whole line found nothing to park or
+    # report and read all 10,000 every tick.
+    reads = measure(conn, call)
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert 1_000 <= pending_reads(reads) <= 1_100, reads.index_tuples
+
+
 def test_create_places_the_task_in_line_reading_its_tenants_last_one(conn: Conn) -> None:
     # Fair share reads where the tenant's last pending task at this priority stands (about 20 of
     # the pending rows): one probe of the tenant index, not a walk of the queue.

@@ -215,3 +215,56 @@ async def test_a_sweep_parks_nothing_while_a_registration_is_under_way(
     row = sql.execute("SELECT dispatch.task_park_unmatched() AS n").fetchone()
     assert row == {"n": 0}  # the agent is there now: nothing to park
     assert len(walk(sql)) == 3
+
+
+_LINE = """
+INSERT INTO dispatch.tasks (title, requester, required_capabilities)
+SELECT %(what)s || ' ' || g, 'req', %(needs)s FROM generate_series(1, %(n)s) g
+"""
+
+
+async def test_each_sweep_looks_at_a_share_of_a_long_line_and_the_next_goes_on_from_there(
+    broker: Broker, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A deep backlog costs each tick a bounded walk (p_rows), not one of the whole line: a
+    stranded task behind 30 others is parked by the second sweep of 20 rows; the one after it
+    starts from the front again."""
+    await broker.agents.upsert("writer", capabilities=["prose"], max_concurrent=1)
+    sql.execute(_LINE, {"what": "prose", "needs": ["prose"], "n": 30})
+    sql.execute(_STRANDED, {"n": 5, "key": None})
+
+    def sweep_rows(rows: int) -> int:
+        row = sql.execute("SELECT dispatch.task_park_unmatched(now(), %s) AS n", (rows,)).fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    assert sweep_rows(20) == 0  # prose 1 .. 20
+    assert sweep_rows(20) == 5  # prose 21 .. 30, then the five stranded
+    assert sql.execute("SELECT * FROM dispatch.unmatched_walks").fetchall() == []  # at the end
+    sql.execute(_STRANDED, {"n": 1, "key": None})
+    assert sweep_rows(20) == 0  # from the front: prose 1 .. 20
+    assert sweep_rows(20) == 1
+
+
+async def test_each_report_looks_at_a_share_of_a_long_line_and_the_next_goes_on_from_there(
+    broker: Broker, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """The same for the report, here of tasks whose only capable agent is drained (reported,
+    not parked)."""
+    await broker.agents.upsert("writer", capabilities=["prose"], max_concurrent=1)
+    await broker.agents.upsert("artist", capabilities=["draw"])
+    await broker.agents.drain("artist")
+    sql.execute(_LINE, {"what": "prose", "needs": ["prose"], "n": 30})
+    sql.execute(_LINE, {"what": "drawing", "needs": ["draw"], "n": 3})
+
+    def report_rows(rows: int) -> int:
+        row = sql.execute("SELECT dispatch.task_report_unmatched(now(), 100, %s) AS n",
+                          (rows,)).fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    assert report_rows(20) == 0
+    assert report_rows(20) == 3
+    assert unmatched_events(sql) == 3
+    assert report_rows(20) == 0 and report_rows(20) == 0  # reported once
+    assert parked(sql) == []
