@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -46,6 +46,7 @@ class Cluster:
     admin_url: str
     pgdata: Path | None
     build: str = "external"
+    made: list[str] = field(default_factory=list)  # the database create_database made last
 
     @property
     def postmaster(self) -> int | None:
@@ -61,10 +62,15 @@ class Cluster:
         return postmaster_pid(self.pgdata, backend if local else None)
 
     def create_database(self, name: str) -> str:
+        """A new database for a phase; the one made before it (its phase is over) is dropped.
+        The WAL, full-page images and Postgres CPU of a phase are read for the whole server, and
+        autovacuum working through an earlier phase's tables would land in them."""
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+            for old in {*self.made, name}:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(old)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.made = [name]
         return database_url(self.admin_url, name)
 
     def settings(self) -> dict[str, str]:
