@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, Router, get
-from litestar.datastructures import MutableScopeHeaders, State
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -20,8 +20,8 @@ from litestar.types import Message, Scope
 
 import dispatch
 from dispatch.api.agents import AgentController, stats
-from dispatch.api.auth import Authenticator, require_agent
-from dispatch.api.content import decode_strictly, require_json_body
+from dispatch.api.auth import Authenticator
+from dispatch.api.content import admit
 from dispatch.api.deps import provide_caller
 from dispatch.api.errors import EXCEPTION_HANDLERS
 from dispatch.api.follow import follow_hub
@@ -59,14 +59,17 @@ FRAME_HEADERS = {
 }
 
 
+_FRAME_HEADERS_RAW = [(k.lower().encode(), v.encode()) for k, v in FRAME_HEADERS.items()]
+
+
 async def deny_framing(message: Message, _scope: Scope) -> None:
     """Before every response this app sends (pages, redirects, errors, the API docs, 404s of
-    unknown paths): the anti-framing headers."""
+    unknown paths): the anti-framing headers, those the response did not set itself. On the raw
+    header list: the framework's mutable headers cost more than the rest of this hook."""
     if message["type"] == "http.response.start":
-        headers = MutableScopeHeaders.from_message(message)
-        for name, value in FRAME_HEADERS.items():
-            if name not in headers:
-                headers[name] = value
+        headers = list(message.get("headers", ()))
+        present = {bytes(name).lower() for name, _ in headers}
+        message["headers"] = headers + [h for h in _FRAME_HEADERS_RAW if h[0] not in present]
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -124,8 +127,8 @@ def create_app(
         path="/api/v1",
         route_handlers=[TaskController, AgentController, stats, LimitController,
                         TenantController, ScheduleController],
-        guards=[require_agent, require_json_body],
-        before_request=decode_strictly,
+        # Authentication and the body's rules, in one hook rather than as guards (see auth).
+        before_request=admit,
         parameters={
             "x_agent_id": HeaderParameter(
                 annotation=str,

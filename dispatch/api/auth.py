@@ -6,8 +6,12 @@ switch to `tokens`). auth.mode `tokens` requires one of the two on every request
 missing or malformed credential is 401 and a token that is wrong, revoked or another caller's is
 403; the admin token may act under any X-Agent-ID.
 
-Guards run before Litestar parses parameters and bodies, so an unauthenticated request gets its
-401/403 whatever else is wrong with it. They are coroutines: Litestar runs a sync guard in a thread.
+Authentication runs before Litestar parses parameters and bodies, so an unauthenticated request
+gets its 401/403 whatever else is wrong with it: in the API router's before-request hook
+(`content.admit`), or first thing in the admin routes' guard, which runs before that hook. Not
+as a router guard: Litestar copies the route handler (some seventy attributes) for each guard on
+each request, which cost more than authenticating. Guards are coroutines: Litestar runs a sync
+guard in a thread.
 """
 
 import hashlib
@@ -113,11 +117,12 @@ def bearer_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return token.strip()
 
 
-async def require_agent(
-    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
-) -> None:
-    """Guard of every /api/v1 route: authenticates the caller and leaves the Caller in the
-    request's state for the handlers (deps.provide_caller) and the error handlers."""
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+    """The caller of an /api/v1 request, authenticated once: left in the request's state for the
+    handlers (deps.provide_caller) and the error handlers."""
+    found: Caller | None = connection.state.get("dispatch_caller")
+    if found is not None:
+        return found
     agent_id = agent_id_of(connection)
     auth: Authenticator = connection.app.state.auth
     token = bearer_of(connection)
@@ -134,15 +139,17 @@ async def require_agent(
         raise Forbidden(f"invalid token: neither the admin token nor a live token of {agent_id}")
     broker = connection.app.state.broker
     viewer = agent_id if auth.mode == "tokens" and not admin else None
-    connection.state.dispatch_caller = Caller(broker, agent_id, admin, viewer)
+    caller = Caller(broker, agent_id, admin, viewer)
+    connection.state.dispatch_caller = caller
+    return caller
 
 
 async def require_admin(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
-    """Guard of the admin routes (after require_agent): 401 without a Bearer token, 403 with an
-    agent's token."""
-    caller: Caller = connection.state.dispatch_caller
+    """Guard of the admin routes: authenticates the caller (guards run before the router's
+    hook), then 401 without a Bearer token, 403 with an agent's token."""
+    caller = await authenticate(connection)
     if caller.admin:
         return
     if connection.headers.get("authorization") is None:

@@ -1,18 +1,19 @@
 """Request bodies are JSON, decoded strictly: a body sent as text/plain, a form or anything else is
 refused (415) before it is parsed, and a value of the wrong JSON type is refused (400) instead of
 converted: "5" is not a number, 1700000000 is not a timestamp (RFC 3339 strings are), 5.0 is not an
-integer. The framework's own decoding converts such values; this guard decodes the body once more,
+integer. The framework's own decoding converts such values; `admit` decodes the body once more,
 strictly, into the type the handler takes (a few microseconds for a body this API takes), once
-its guards have let the caller in."""
+it has authenticated the caller."""
 
 from typing import Any
 
 import msgspec
 from litestar import Request
-from litestar.connection import ASGIConnection
+from litestar.datastructures import Headers
 from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
+from dispatch.api.auth import authenticate
 from dispatch.errors import UnsupportedMediaType
 
 # The strict decoder of each handler's body type, made on its first request.
@@ -35,12 +36,9 @@ def _decoder(handler: BaseRouteHandler) -> msgspec.json.Decoder[Any] | None:
     return _decoders[handler]
 
 
-async def require_json_body(
-    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
-) -> None:
-    """Guard of every /api/v1 route: a request with a body must say it is JSON. A request without
-    one (no Content-Length, or 0, and no chunked body) may leave Content-Type out."""
-    headers = connection.headers
+def require_json_body(headers: Headers) -> None:
+    """A request with a body must say it is JSON. A request without one (no Content-Length, or
+    0, and no chunked body) may leave Content-Type out."""
     length = headers.get("content-length")
     has_body = (length is not None and length.strip() not in ("", "0")) or (
         "chunked" in headers.get("transfer-encoding", "").lower()
@@ -57,8 +55,7 @@ async def require_json_body(
 
 
 async def decode_strictly(request: Request[Any, Any, Any]) -> None:
-    """Before every /api/v1 handler, after its guards (so a caller who may not call it learns
-    nothing of its body's rules): the body's values must have the JSON types its fields name."""
+    """The body's values must have the JSON types its fields name."""
     decoder = _decoder(request.route_handler)
     if decoder is None:
         return
@@ -74,3 +71,12 @@ async def decode_strictly(request: Request[Any, Any, Any]) -> None:
         ) from exc
     except msgspec.DecodeError:
         return  # not JSON at all: the framework's decoding says so, as it always has
+
+
+async def admit(request: Request[Any, Any, Any]) -> None:
+    """Before every /api/v1 handler, ahead of its parameters and body: the caller is
+    authenticated, then a body must be JSON and strictly so (after authentication, so a caller
+    who may not call the endpoint learns nothing of its body's rules)."""
+    await authenticate(request)
+    require_json_body(request.headers)
+    await decode_strictly(request)

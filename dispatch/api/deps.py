@@ -47,7 +47,7 @@ CallerDep = NamedDependency[Caller]
 
 
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:
-    """The Caller that the router's guard (auth.require_agent) authenticated."""
+    """The Caller that the router's hook (content.admit) authenticated."""
     caller: Caller = request.state.dispatch_caller
     return caller
 
