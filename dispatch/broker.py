@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # The requester of every task a schedule fires is `schedule:<name>` (dispatch.schedule_fire).
 SCHEDULE_REQUESTER = "schedule:"
 
+# What wakes an agent's waiting claim (Broker._claim_wakers).
+Wakers = tuple[asyncio.Event, ...]
+
 # A batched report's action -> the event its single call counts.
 # The statuses in which a task has a holder (explain names it).
 HELD = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
@@ -193,6 +196,7 @@ class Broker:
         claimed: list[Task] = []
         error: str | None = None
         start = time.time_ns()
+        woken = self._claim_wakers(agent_id)
 
         async def both() -> Task:
             nonlocal claimed, error
@@ -202,15 +206,16 @@ class Broker:
             return task
 
         task = await self._fenced(change, both())
-        return task, await self._after_claim(agent_id, then, claimed, error, now, start)
+        return task, await self._after_claim(agent_id, then, claimed, error, now, start, woken)
 
     async def _after_claim(
         self, agent_id: str, then: NextClaim, claimed: list[Task], error: str | None,
-        now: datetime | None, start_ns: int,
+        now: datetime | None, start_ns: int, woken: Wakers | None,
     ) -> list[Task]:
         """What a report's claim of the agent's next tasks gave (logged when it failed, counted);
         when it gave nothing and the agent will wait, the wait, after the commit, as a claim's
-        long poll."""
+        long poll. `woken`: the wake-ups taken before the report's statement, which has just
+        looked, so the wait begins without looking again."""
         if error is not None:
             log.info("the claim after the report of %s failed: %s", agent_id, error)
         self._count_claimed(claimed, then.start)
@@ -220,6 +225,7 @@ class Broker:
             claimed = await self.claim_many(
                 agent_id, max_tasks=then.max_tasks, start=then.start,
                 wait_seconds=then.wait_seconds, now=now,
+                looked=woken if error is None else None,
             )
         return claimed
 
@@ -254,6 +260,16 @@ class Broker:
         tasks = await self.claim_many(agent_id, capabilities, wait_seconds=wait_seconds, now=now)
         return tasks[0] if tasks else None
 
+    def _claim_wakers(self, agent_id: str) -> Wakers | None:
+        """What wakes an agent's waiting claim: a task the assigner gives it, and any new work
+        when no assigner runs here to push it. Taken before the claim's statement, so that what
+        is committed after the statement's snapshot still wakes the wait. None without a
+        listener."""
+        if self.listener is None:
+            return None
+        return (self.listener.event_for(ASSIGNED_CHANNEL, agent_id),
+                *(() if self.pushing else (self.listener.event(WORK_CHANNEL),)))
+
     async def claim_many(
         self,
         agent_id: str,
@@ -264,20 +280,19 @@ class Broker:
         wait_seconds: float = 0,
         idempotency_key: str | None = None,
         now: datetime | None = None,
+        looked: Wakers | None = None,
     ) -> list[Task]:
         """Up to max_tasks of the best tasks this agent may take (started too with `start`),
         waiting up to wait_seconds for the first; a long poll woken by NOTIFY. A claim sent again
-        with its idempotency key returns what the first one took."""
+        with its idempotency key returns what the first one took. `looked`: a statement that
+        found nothing for this agent has just run (a report's claim of its next tasks), with
+        these wake-ups taken before it; the wait begins at once, without looking again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
+        if looked is not None and not await first_set([*looked, self.closing], wait_seconds):
+            return []
         while True:
-            # A task the assigner gives this agent wakes the wait; so does any new work when no
-            # assigner runs here to push it.
-            woken = (
-                (self.listener.event_for(ASSIGNED_CHANNEL, agent_id),
-                 *(() if self.pushing else (self.listener.event(WORK_CHANNEL),)))
-                if self.listener else None
-            )
+            woken = self._claim_wakers(agent_id)
             began = time.time_ns()
             tasks = await self.tasks.claim(
                 agent_id, capabilities, max_tasks=max_tasks, start=start, key=idempotency_key,
@@ -311,9 +326,11 @@ class Broker:
         claimed: list[Task] = []
         error: str | None = None
         start = time.time_ns()
+        woken = None
         if then is None:
             outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         else:
+            woken = self._claim_wakers(agent_id)
             outcomes, claimed, error = await self.tasks.report_batch_then_claim(
                 agent_id, reports, then[0], max_tasks=then[1].max_tasks, start=then[1].start,
                 admin=admin, now=now,
@@ -328,7 +345,7 @@ class Broker:
         if then is None or outcomes[then[0]].status != 200:
             return outcomes
         index, claim = then
-        claimed = await self._after_claim(agent_id, claim, claimed, error, now, start)
+        claimed = await self._after_claim(agent_id, claim, claimed, error, now, start, woken)
         outcomes[index] = ReportOutcomeWithNext(
             **msgspec.structs.asdict(outcomes[index]), next=claimed
         )
