@@ -355,12 +355,13 @@ METHOD = """\
   connections). Latency = `assigned` event `created_at` minus `created` event `created_at` in
   dispatch.task_events (each is its transaction's start time); the first second is warm-up.
 - 2: `dispatch serve` again; requesters create as fast as they can while each agent, on its own
-  keep-alive connection, works as the SDK's worker does: a claim that starts what it takes
-  (`POST /tasks/claim {"start": true}`: what the assigner pushed to it first, then new tasks), then
-  one completion per task that claims and starts the next in the same request (`"next":
-  {"start": true}`). Tasks/s = N / wall time until the last completion. The ceiling is a
-  one-handler Litestar app (`POST /echo`, msgspec body,
-  JSON response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
+  keep-alive connection, works as the protocol lets an agent on one connection work: a claim
+  that starts what it takes (`POST /tasks/claim {"start": true}`: what the assigner pushed to it
+  first, then new tasks), then one completion per task that claims and starts the next in the same
+  request, waiting up to 0.5 s for one when there is none yet (`"next": {"start": true,
+  "wait_seconds": 0.5}`). Tasks/s = N / wall time until the last completion's commit (its
+  `completed_at`). The ceiling is a one-handler Litestar app (`POST /echo`, msgspec body, JSON
+  response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
   uvloop, httptools, no access log), closed loop with the same number of connections. The load
   generator (bench/http.py, a minimal keep-alive HTTP/1.1 client) runs on the same 2 cores.
 - 3: every system does N single-row enqueues from the same number of concurrent producers, then

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from bench.serve import ADMIN_TOKEN, RssSampler, dispatch_serve, trivial_serve
 
 REQUESTER = "bench-requester"
 API = "/api/v1"
+# How long an agent's completion waits for its next task when there is none yet.
+NEXT_WAIT_SECONDS = 0.5
 
 
 def _expect(resp: Response, what: str, *ok: int) -> Response:
@@ -187,10 +190,11 @@ class RestResult:
 
 
 async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
-    """Requesters create as fast as they can; each agent (own connection) works as the SDK's
-    worker does: a claim that starts what it takes (the tasks the assigner pushed to it first,
-    then new ones), then for each task one completion that claims and starts its next task in the
-    same request. Ends when all N tasks are completed."""
+    """Requesters create as fast as they can; each agent (own connection) works as the protocol
+    lets an agent on one connection work: a claim that starts what it takes (the tasks the
+    assigner pushed to it first, then new ones), then for each task one completion that claims
+    and starts its next task in the same request, waiting for one when there is none yet. Ends
+    when all N tasks are completed; timed until the last completion's commit."""
     dbname = "rest_lifecycle"
     url = cluster.create_database(dbname)
     await asyncio.to_thread(prepare_dispatch, url)
@@ -213,8 +217,10 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         created = iter(range(n))
         completed = 0
         claimed = handed = 0
-        t0 = time.perf_counter()
-        last_done = t0
+        # Wall clock, as the database's: a completion whose `next` waits answers after its
+        # commit, so the phase ends at the last completion's commit (its completed_at).
+        began = time.time()
+        last_done = began
         deadline = time.monotonic() + sizes.phase_timeout
 
         async def producer() -> None:
@@ -251,14 +257,16 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
                     t0 = time.perf_counter()
                     r = await conn.request(
                         "POST", f"{API}/tasks/{task['task_id']}/complete",
-                        {"result": {"ok": True}, "next": {"start": True}},
+                        {"result": {"ok": True},
+                         "next": {"start": True, "wait_seconds": NEXT_WAIT_SECONDS}},
                     )
                     lat["complete"].add_since(t0)
                     counts["complete"] += 1
                     body = _expect(r, "POST /tasks/{id}/complete", 200).json()
                     completed += 1
-                    last_done = time.perf_counter()
                     assert isinstance(body, dict)
+                    done_at = datetime.fromisoformat(str(body["completed_at"])).timestamp()
+                    last_done = max(last_done, done_at)
                     following = body.get("next") or []
                     assert isinstance(following, list)
                     task = None
@@ -273,7 +281,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
             *(agent(a) for a in agent_ids),
         )
         # Until the last completion: agents still in a claim's wait at the end do not count.
-        seconds = last_done - t0
+        seconds = last_done - began
         cpu = CpuSplit(
             seconds, tree_seconds(serve.proc.pid) - cpu0[0], postgres_seconds(pm) - cpu0[1],
             self_seconds() - cpu0[2],
