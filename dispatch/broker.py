@@ -196,7 +196,7 @@ class Broker:
         claimed: list[Task] = []
         error: str | None = None
         start = time.time_ns()
-        woken = self._claim_wakers(agent_id)
+        woken = self._claim_wakers(agent_id) if then.wait_seconds > 0 else None
 
         async def both() -> Task:
             nonlocal claimed, error
@@ -330,7 +330,7 @@ class Broker:
         if then is None:
             outcomes = await self.tasks.report_batch(agent_id, reports, admin=admin, now=now)
         else:
-            woken = self._claim_wakers(agent_id)
+            woken = self._claim_wakers(agent_id) if then[1].wait_seconds > 0 else None
             outcomes, claimed, error = await self.tasks.report_batch_then_claim(
                 agent_id, reports, then[0], max_tasks=then[1].max_tasks, start=then[1].start,
                 admin=admin, now=now,
