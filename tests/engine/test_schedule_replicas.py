@@ -1,6 +1,8 @@
-"""Three `dispatch serve` replicas on one database run an every-5-seconds schedule for 90 s while
-one of them is killed with SIGKILL every 10 s (and started again; nine kills, each replica three
-times): every fire from the first to the last makes exactly one task, and none is missed."""
+"""Three `dispatch serve` replicas on one database run an every-5-seconds schedule while one of
+them is killed with SIGKILL every 10 s (and started again; nine kills, each replica three times,
+at least 90 s): every fire from the first to the last makes exactly one task, and none is
+missed. The kills are counted, not fitted into a fixed time: on a slow machine a replica takes
+seconds to start again, and a fixed 90 s held only seven."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ import pytest
 from tests.serve import ServeProcess, start_serve
 
 Sql = psycopg.Connection[dict[str, Any]]
-DURATION_S = 90
+KILLS = 9
 KILL_EVERY_S = 10
 REPLICAS = 3
 
 
-@pytest.mark.timeout(DURATION_S + 120)
+@pytest.mark.timeout(KILLS * KILL_EVERY_S + 180)
 def test_replicas_killed_in_turn_make_exactly_one_task_per_fire(
     db_url: str, sql: Sql, tmp_path: Path
 ) -> None:
@@ -41,11 +43,8 @@ def test_replicas_killed_in_turn_make_exactly_one_task_per_fire(
             timeout=10,
         )
         assert r.status_code == 201, r.text
-        deadline = time.monotonic() + DURATION_S
-        while time.monotonic() < deadline:
-            time.sleep(min(KILL_EVERY_S, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() >= deadline:
-                break
+        while kills < KILLS:
+            time.sleep(KILL_EVERY_S)
             victim = kills % REPLICAS
             replicas[victim].kill()
             kills += 1
@@ -54,14 +53,14 @@ def test_replicas_killed_in_turn_make_exactly_one_task_per_fire(
     finally:
         for replica in replicas:
             replica.stop()
-    assert kills >= DURATION_S // KILL_EVERY_S - 1
+    assert kills == KILLS
     row = sql.execute("SELECT * FROM dispatch.schedules WHERE name = 'every5'").fetchone()
     assert row is not None and row["last_error"] is None
     fires = [r["at"] for r in sql.execute(
         "SELECT (metadata->>'fire_at')::timestamptz AS at FROM dispatch.tasks"
         " WHERE requester = 'schedule:every5' ORDER BY 1"
     ).fetchall()]
-    assert len(fires) >= DURATION_S // 5 - 2, len(fires)
+    assert len(fires) >= KILLS * KILL_EVERY_S // 5 - 2, len(fires)
     expected = [fires[0] + timedelta(seconds=5 * i) for i in range(len(fires))]
     assert fires == expected, "a fire was made twice or not at all"
     assert fires[-1] == row["last_fire_at"]
