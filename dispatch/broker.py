@@ -27,8 +27,10 @@ from dispatch.models import (
     Assignment,
     Candidate,
     Change,
+    Complete,
     Expiry,
     Explanation,
+    Fail,
     Holder,
     NewTask,
     NextClaim,
@@ -38,7 +40,7 @@ from dispatch.models import (
     Task,
     TaskStatus,
 )
-from dispatch.notify import ASSIGNED_CHANNEL, WORK_CHANNEL, Listener, first_set
+from dispatch.notify import ASSIGNED_CHANNEL, CREATED, WORK_CHANNEL, Listener, first_set
 from dispatch.replica import ReadRoute
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Conn, Store
@@ -103,6 +105,12 @@ class Broker:
         # agent with room by the assigner's push, which wakes that agent's waiting claim; other
         # waiting claims are not woken by it, so a create costs one claim, not one per idle agent.
         self.pushing = False
+        # Set while this process's assigner runs (Assigner.announce): the work this process makes
+        # itself (a task it creates, a slot a report frees and its claim leaves empty) wakes that
+        # assigner directly, and the statement sends no NOTIFY dispatch_work, which would cost the
+        # listener of every replica a transaction of its own. Called after the commit with the
+        # NOTIFY's payload.
+        self.announce: Callable[[str], None] | None = None
 
     async def apply_config(self) -> None:
         """Write this process's assignment settings where the SQL functions read them. Replicas
@@ -135,11 +143,14 @@ class Broker:
                 " tasks a schedule fires); create the task under another agent id"
             )
         creating = NOOP if self.tracing is None else self.tracing.creating(trace_parent)
+        announce = self.announce
         with creating as trace_context:
             task, created = await self.tasks.create(
                 new, requester=requester, idempotency_key=idempotency_key, viewer=viewer,
-                trace_context=trace_context,
+                trace_context=trace_context, announce=announce is None,
             )
+        if created and announce is not None:
+            announce(CREATED)
         if created and self.metrics is not None:
             self.metrics.tasks_created.labels(task.source).inc()
             self.metrics.task_transitions.labels("created").inc()
@@ -197,12 +208,18 @@ class Broker:
         error: str | None = None
         start = time.time_ns()
         woken = self._claim_wakers(agent_id) if then.wait_seconds > 0 else None
+        # A completion or failure frees its slot; the claim after it takes a task into it or
+        # leaves it to be announced (dispatch.task_claim_next).
+        announce = self.announce if isinstance(change, Complete | Fail) else None
 
         async def both() -> Task:
             nonlocal claimed, error
             task, claimed, error = await self.tasks.apply_then_claim(
-                change, agent_id, max_tasks=then.max_tasks, start=then.start, now=now
+                change, agent_id, max_tasks=then.max_tasks, start=then.start,
+                announce=announce is None, now=now,
             )
+            if announce is not None and not claimed:
+                announce("")
             return task
 
         task = await self._fenced(change, both())

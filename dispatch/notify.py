@@ -106,6 +106,10 @@ class Listener:
         notifications may have been missed)."""
         self._watchers.setdefault(channel, []).append(callback)
 
+    def wake_assigner(self) -> None:
+        """Wake this process's assigner as a dispatch_work it hears does (Assigner.announce)."""
+        self._fire(ASSIGNER_WAKE)
+
     def _fire(self, channel: str, payload: str = "") -> None:
         if channel == WORK_CHANNEL and self.wakes_assigner:
             self._fire(ASSIGNER_WAKE)

@@ -129,6 +129,24 @@ class Assigner(TickLoop):
         if payload != CREATED:
             self._room += 1
 
+    def announce(self, payload: str) -> None:
+        """What a dispatch_work with this payload would do here, for work this process made
+        itself and did not NOTIFY (Broker.announce): one assigner hearing of it is enough, and
+        this one wakes whether or not the fanout chose it."""
+        assert self.listener is not None
+        self._on_work(payload)
+        self.listener.wake_assigner()
+
+    async def start(self) -> None:
+        await super().start()
+        if self.listener is not None:
+            self.broker.announce = self.announce
+
+    async def stop(self) -> None:
+        if self.broker.announce == self.announce:
+            self.broker.announce = None
+        await super().stop()
+
     def _on_due(self, payload: str) -> None:
         due = due_epoch(payload)
         # None: a reconnect, for which the work channel wakes the assigner.

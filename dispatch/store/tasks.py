@@ -37,7 +37,7 @@ _CREATE = sql.SQL(
     args=sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
         for name in [f.name for f in _NEW_TASK_FIELDS]
-        + ["requester", "idempotency_key", "viewer", "trace_context"]
+        + ["requester", "idempotency_key", "viewer", "trace_context", "announce"]
     )
 ).as_bytes(None)
 
@@ -179,11 +179,12 @@ class Tasks(Queries):
         idempotency_key: str | None = None,
         viewer: str | None = None,
         trace_context: Mapping[str, str] | None = None,
+        announce: bool = True,
         conn: Conn | None = None,
     ) -> tuple[Task, bool]:
         """Create a task; with a repeated idempotency key return the existing one and False. Its
         dependencies must be visible to `viewer` (None: any task); `trace_context` is stored
-        with it."""
+        with it. `announce` False: no NOTIFY dispatch_work; the caller wakes an assigner."""
         params: dict[str, object] = msgspec.structs.asdict(new)
         params["metadata"] = Jsonb(new.metadata)
         params["depends_on"] = (
@@ -193,6 +194,7 @@ class Tasks(Queries):
         params["requester"] = requester
         params["idempotency_key"] = idempotency_key
         params["trace_context"] = jsonb(trace_context)
+        params["announce"] = announce
         row = dict((await self._rows(_CREATE, params, conn))[0])
         created = bool(row.pop("created"))
         return convert(row, Task), created
@@ -394,16 +396,19 @@ class Tasks(Queries):
         *,
         max_tasks: int = 1,
         start: bool = False,
+        announce: bool = True,
         now: datetime | None = None,
         conn: Conn | None = None,
     ) -> tuple[Task, Claimed, str | None]:
         """The change, then the agent's claim of its next tasks, in one statement (one round
         trip, dispatch.task_then_claim): the change's errors as `apply` raises them; a failed
-        claim leaves the change standing and comes back as its message."""
+        claim leaves the change standing and comes back as its message. `announce` False: a
+        slot the change freed and the claim left empty is not announced by NOTIFY; the caller
+        wakes an assigner."""
         call, params = _call(change, now, refill=True)
         rows = await self._rows(
-            f"SELECT * FROM dispatch.task_then_claim({call}, %s, %s, %s, coalesce(%s, now()))",
-            (*params, agent_id, max_tasks, start, now),
+            f"SELECT * FROM dispatch.task_then_claim({call}, %s, %s, %s, coalesce(%s, now()), %s)",
+            (*params, agent_id, max_tasks, start, now, announce),
             conn,
         )
         done = msgspec.convert(rows[0]["task"], Task, strict=False)

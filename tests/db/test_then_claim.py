@@ -74,6 +74,31 @@ def test_a_slot_refilled_by_the_next_claim_wakes_no_assigner(sql: Conn, db_url: 
             "dispatch_work"]
 
 
+def test_a_caller_that_wakes_an_assigner_itself_is_not_announced(sql: Conn, db_url: str) -> None:
+    """announce false (what a replica whose assigner runs passes, waking that assigner itself):
+    neither a create nor a completion whose claim takes nothing sends NOTIFY dispatch_work. The
+    same calls without it still do, a create in a later transaction too."""
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    then = ("SELECT part FROM dispatch.task_then_claim("
+            "dispatch.task_complete(%s, 'a1', '{}', p_refill => true), 'a1', 1, true, now(), %s)")
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        made = sql.execute("SELECT (dispatch.task_create('quiet', announce => false)).created")
+        assert made.fetchone() == {"created": True}
+        row = sql.execute("SELECT task_id FROM dispatch.task_claim('a1', p_start => true)")
+        quiet = row.fetchone()
+        assert quiet is not None
+        rows = sql.execute(then, (quiet["task_id"], False)).fetchall()
+        assert [r["part"] for r in rows] == ["done"]  # nothing to take: the slot stays free
+        assert list(listener.notifies(timeout=0.5)) == []
+        loud = running(sql, "announced")  # dispatch.create_task: announced as ever
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["created"]
+        rows = sql.execute(then, (loud, True)).fetchall()
+        assert [r["part"] for r in rows] == ["done"]
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+
+
 def test_a_failed_claim_leaves_the_report_standing_and_says_why(sql: Conn) -> None:
     sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
     first = running(sql, "first")

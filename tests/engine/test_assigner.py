@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,7 @@ from dispatch.engine.assigner import Assigner, Waker
 from dispatch.engine.reaper import Reaper
 from dispatch.integrations.warren import WarrenClient
 from dispatch.metrics import Metrics
-from dispatch.models import AgentStatus, Complete, NewTask, TaskStatus
+from dispatch.models import AgentStatus, Complete, NewTask, NextClaim, TaskStatus
 from dispatch.notify import Listener
 from dispatch.settings import AssignmentSettings
 from dispatch.store import Store
@@ -68,6 +70,65 @@ async def test_freed_capacity_wakes_the_assigner(broker: Broker, listener: Liste
         await broker.apply(Complete(task_id=first, actor="solo", result={"done": True}))
         await assigner.wait_until(lambda a: a.assigned >= 2, 5)
         assert (await broker.tasks.get(second)).assigned_agent == "solo"
+    finally:
+        await assigner.stop()
+
+
+@contextlib.asynccontextmanager
+async def heard(db_url: str, channel: str) -> AsyncIterator[list[str]]:
+    """The payloads of the NOTIFYs on channel while the block runs (and 0.3 s after it), as
+    another replica's listener hears them."""
+    payloads: list[str] = []
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(f"LISTEN {channel}")
+
+        async def collect() -> None:
+            async for note in conn.notifies():
+                payloads.append(note.payload)
+
+        task = asyncio.create_task(collect())
+        try:
+            yield payloads
+            await asyncio.sleep(0.3)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_work_made_here_wakes_this_assigner_without_a_notify(
+    broker: Broker, listener: Listener, db_url: str
+) -> None:
+    """A task this process creates, and the slot its agent's completion frees when the next
+    claim in it takes nothing, wake this process's assigner directly, even one that NOTIFY
+    dispatch_work does not wake (the fanout chose another worker's): no NOTIFY, which every
+    replica's listener would read in a transaction of its own."""
+    listener.wakes_assigner = False  # dispatch_work wakes another worker's assigner, not this one
+    await broker.agents.upsert("solo", max_concurrent=1)
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    try:
+        await assigner.wait_until(lambda a: a.rounds >= 1, 5)
+        async with heard(db_url, "dispatch_work") as payloads:
+            first = await submit(broker)
+            await assigner.wait_until(lambda a: a.assigned >= 1, 5)  # not the 60 s tick
+            await submit(broker, required_capabilities=["gpu"])  # nobody can take it
+            rounds = await settled(assigner)  # the last found solo full, work waiting
+            # solo completes and its next claim finds nothing it can take: the slot is free.
+            _, following = await broker.apply_then_claim(
+                Complete(task_id=first, actor="solo", result={}), "solo", NextClaim())
+            assert following == []
+            await assigner.wait_until(lambda a: a.rounds > rounds, 5)
+            # Hence the next new task is not left for the tick as one behind full agents.
+            third = await submit(broker)
+            await assigner.wait_until(lambda a: a.assigned >= 2, 5)
+            assert (await broker.tasks.get(third)).assigned_agent == "solo"
+        assert payloads == []
+        # Without the assigner, the same work is announced by NOTIFY, as a DBA's would be.
+        await assigner.stop()
+        async with heard(db_url, "dispatch_work") as payloads:
+            await submit(broker)
+        assert payloads == ["created"]
     finally:
         await assigner.stop()
 

@@ -179,7 +179,9 @@ BEGIN
         NEW.created_at);
     -- Payload 'created': new work and nothing else (no room freed), which an assigner that
     -- found every agent full may leave to its tick; every other dispatch_work may free room.
-    PERFORM pg_notify('dispatch_work', 'created');
+    IF current_setting('dispatch.announce', true) IS DISTINCT FROM 'caller' THEN
+        PERFORM pg_notify('dispatch_work', 'created');
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -234,6 +236,15 @@ BEGIN
                                      AND t.status IN ('assigned', 'running'))
                  ORDER BY g);
 END
+$$;
+
+-- The new tasks of this transaction are announced by its caller, which wakes an assigner itself
+-- once the transaction has committed (a replica's API wakes its own assigner): no NOTIFY
+-- dispatch_work 'created' for them, which would cost the listener of every replica a transaction
+-- of its own. Transaction-local (dispatch.task_create's announce).
+CREATE FUNCTION dispatch.announce_by_caller() RETURNS text
+LANGUAGE sql AS $$
+    SELECT set_config('dispatch.announce', 'caller', true)
 $$;
 
 -- A completion or failure whose agent claims its next tasks in the same transaction

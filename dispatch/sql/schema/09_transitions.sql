@@ -179,7 +179,9 @@ $$;
 -- depends_on: the tasks it waits for (a JSON array of ids or {"task_id", "on_failure"} objects),
 -- each visible to `viewer` (NULL: no visibility check); it is created blocked while any has yet to
 -- complete. trace_context: the W3C trace context of the create (dispatch.tracing), NULL while
--- tracing is off.
+-- tracing is off. announce false: the caller wakes an assigner itself once the transaction has
+-- committed, so no NOTIFY dispatch_work announces the new tasks of this transaction
+-- (dispatch.announce_by_caller).
 CREATE FUNCTION dispatch.task_create(
     title text,
     description text DEFAULT '',
@@ -202,12 +204,16 @@ CREATE FUNCTION dispatch.task_create(
     approval text DEFAULT NULL,
     viewer text DEFAULT NULL,
     trace_context jsonb DEFAULT NULL,
+    announce boolean DEFAULT true,
     OUT task dispatch.tasks,
     OUT created boolean
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
+    IF NOT task_create.announce THEN
+        PERFORM dispatch.announce_by_caller();
+    END IF;
     INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
                                       priority, timeout_seconds, heartbeat_seconds, max_retries,
                                       metadata, parent_task_id, available_at, source,

@@ -412,8 +412,11 @@ $$;
 -- The claim a report asks for (its `next`), inside the report's statement: in a subtransaction, so
 -- that should it fail the reports still stand and its error comes back instead of tasks. Rows:
 -- ('next', each claimed task, whether this claim assigned it), or one ('error', its message).
+-- p_announce false: when it takes nothing, the caller announces the slot the report freed by
+-- waking an assigner itself (as dispatch.announce_by_caller), instead of a NOTIFY.
 CREATE FUNCTION dispatch.task_claim_next(
-    p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
+    p_agent_id text, p_max integer, p_start boolean, p_now timestamptz,
+    p_announce boolean DEFAULT true
 ) RETURNS TABLE (part text, task jsonb, fresh boolean, error text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -433,7 +436,8 @@ BEGIN
         GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
     END;
     -- The slot stays free unless this agent's claim took a task into it: announced.
-    IF promised IS NOT NULL AND (promised <> p_agent_id OR cardinality(claimed) = 0) THEN
+    IF promised IS NOT NULL
+       AND (promised <> p_agent_id OR (cardinality(claimed) = 0 AND p_announce)) THEN
         PERFORM pg_notify('dispatch_work', '');
     END IF;
     IF error IS NOT NULL THEN
@@ -453,16 +457,19 @@ $$;
 -- A report and the agent's claim of its next tasks in one statement, so that a busy agent's
 -- request is one round trip: p_done is the task as the report's own function left it (called as
 -- this function's argument, so it has run before the claim begins, and its error fails the whole
--- statement). Rows: ('done', the reported task), then dispatch.task_claim_next's.
+-- statement). Rows: ('done', the reported task), then dispatch.task_claim_next's (p_announce
+-- passed on).
 CREATE FUNCTION dispatch.task_then_claim(
-    p_done dispatch.tasks, p_agent_id text, p_max integer, p_start boolean, p_now timestamptz
+    p_done dispatch.tasks, p_agent_id text, p_max integer, p_start boolean, p_now timestamptz,
+    p_announce boolean DEFAULT true
 ) RETURNS TABLE (part text, task jsonb, fresh boolean, error text)
 LANGUAGE plpgsql AS $$
 BEGIN
     part := 'done';
     task := to_jsonb(p_done);
     RETURN NEXT;
-    RETURN QUERY SELECT * FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now);
+    RETURN QUERY SELECT * FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now,
+                                                        p_announce);
 END
 $$;
 
