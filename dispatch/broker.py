@@ -105,11 +105,11 @@ class Broker:
         # agent with room by the assigner's push, which wakes that agent's waiting claim; other
         # waiting claims are not woken by it, so a create costs one claim, not one per idle agent.
         self.pushing = False
-        # Set while this process's assigner runs (Assigner.announce): the work this process makes
-        # itself (a task it creates, a slot a report frees and its claim leaves empty) wakes that
-        # assigner directly, and the statement sends no NOTIFY dispatch_work, which would cost the
-        # listener of every replica a transaction of its own. Called after the commit with the
-        # NOTIFY's payload.
+        # Set while this process's assigner runs (Listener.announce): the work this process makes
+        # itself (a task it creates, a slot a report frees and its claim leaves empty) wakes an
+        # assigner of this `serve` without a NOTIFY dispatch_work, which would cost the listener
+        # of every replica a transaction of its own. Called after the commit with the NOTIFY's
+        # payload.
         self.announce: Callable[[str], None] | None = None
 
     async def apply_config(self) -> None:

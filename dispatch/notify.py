@@ -90,6 +90,7 @@ class Listener:
         self._keyed: dict[tuple[str, str], asyncio.Event] = {}
         self._watchers: dict[str, list[Callable[[str], None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._to_fanout: asyncio.StreamWriter | None = None  # while the relay is connected
         self.connected = asyncio.Event()
 
     def event(self, channel: str) -> asyncio.Event:
@@ -106,9 +107,19 @@ class Listener:
         notifications may have been missed)."""
         self._watchers.setdefault(channel, []).append(callback)
 
-    def wake_assigner(self) -> None:
-        """Wake this process's assigner as a dispatch_work it hears does (Assigner.announce)."""
-        self._fire(ASSIGNER_WAKE)
+    def announce(self, payload: str) -> None:
+        """Work this process made without a NOTIFY (Broker.announce), heard as a dispatch_work
+        with this payload: through the fanout by every worker of this `serve`, whose chosen
+        assigner it wakes; without a fanout (or while it is out of reach) here alone, waking
+        this process's assigner whether or not it is the chosen one."""
+        line = msgspec.json.encode((WORK_CHANNEL, payload)) + b"\n"
+        to_fanout = self._to_fanout
+        if to_fanout is not None and not to_fanout.is_closing():
+            to_fanout.write(line)
+            return
+        self._fire(WORK_CHANNEL, payload)
+        if not self.wakes_assigner:
+            self._fire(ASSIGNER_WAKE)
 
     def _fire(self, channel: str, payload: str = "") -> None:
         if channel == WORK_CHANNEL and self.wakes_assigner:
@@ -183,6 +194,7 @@ class Listener:
         lines."""
         self.wakes_assigner = False  # until the fanout says so again
         reader, writer = await asyncio.open_unix_connection(self._relay)
+        self._to_fanout = writer
         try:
             while line := await reader.readline():
                 note = msgspec.json.decode(line, type=list[str])
@@ -190,6 +202,7 @@ class Listener:
                     raise msgspec.DecodeError(f"not a notification: {line!r}")
                 yield (note[0], note[1]) if note else None
         finally:
+            self._to_fanout = None
             writer.close()
 
 
@@ -205,7 +218,10 @@ class Fanout:
     dispatch_work wakes the assigner of one worker only, the longest connected (told so by a
     line `["", "assigner"]`; the next is told when it goes). Every worker's assigner woken at
     each new task ran one round that gave it and N - 1 that found it taken, competing for the
-    same rows."""
+    same rows.
+
+    A worker announces the work it made without a NOTIFY (Listener.announce) by a line
+    `["dispatch_work", payload]`, passed on to every worker as if Postgres had sent it."""
 
     MAX_BACKLOG = 1 << 20
 
@@ -265,9 +281,13 @@ class Fanout:
             self._clients[writer] = None
             writer.write(b"[]\n")  # listening: what came before this is the worker's to re-check
             self._choose()
-            await reader.read()  # until the worker goes
-        except (OSError, asyncio.CancelledError):
-            pass
+            while line := await reader.readline():  # until the worker goes
+                note = msgspec.json.decode(line, type=list[str])
+                if len(note) != 2 or note[0] != WORK_CHANNEL:
+                    raise msgspec.DecodeError(f"not an announcement: {line!r}")
+                self._send(WORK_CHANNEL, note[1])
+        except (OSError, ValueError, msgspec.DecodeError, asyncio.CancelledError):
+            pass  # gone, or garbled: cut off; it reconnects and re-checks
         finally:
             self._serving.discard(task)
             self._drop(writer)

@@ -129,21 +129,15 @@ class Assigner(TickLoop):
         if payload != CREATED:
             self._room += 1
 
-    def announce(self, payload: str) -> None:
-        """What a dispatch_work with this payload would do here, for work this process made
-        itself and did not NOTIFY (Broker.announce): one assigner hearing of it is enough, and
-        this one wakes whether or not the fanout chose it."""
-        assert self.listener is not None
-        self._on_work(payload)
-        self.listener.wake_assigner()
-
     async def start(self) -> None:
         await super().start()
         if self.listener is not None:
-            self.broker.announce = self.announce
+            # The work this process makes wakes an assigner of this `serve` without a NOTIFY
+            # (Listener.announce): one assigner hearing of it is enough to give it to any agent.
+            self.broker.announce = self.listener.announce
 
     async def stop(self) -> None:
-        if self.broker.announce == self.announce:
+        if self.listener is not None and self.broker.announce == self.listener.announce:
             self.broker.announce = None
         await super().stop()
 

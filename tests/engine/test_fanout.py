@@ -71,6 +71,16 @@ async def heard(event: asyncio.Event) -> bool:
     return event.is_set()
 
 
+async def chosen(ears: list[Listener]) -> list[bool]:
+    """Which workers' assigners dispatch_work wakes, once the fanout has chosen one."""
+
+    async def flags() -> list[bool]:
+        woken = [ear.wakes_assigner for ear in ears]
+        return woken if any(woken) else []
+
+    return await until(flags, "the fanout to choose an assigner")
+
+
 async def test_workers_hear_every_notification_through_one_listening_session(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -107,12 +117,7 @@ async def test_work_wakes_one_workers_assigner_and_the_next_when_that_one_goes(
     only. The others still hear dispatch_work (their dashboards refresh on it)."""
     path = tmp_path / "notify.sock"
     async with fanout(db_url, path), relayed(path, 3) as ears:
-
-        async def chosen() -> list[bool]:
-            flags = [ear.wakes_assigner for ear in ears]
-            return flags if any(flags) else []
-
-        assert await until(chosen, "the fanout to choose an assigner") == [True, False, False]
+        assert await chosen(ears) == [True, False, False]
         wakes = [ear.event(ASSIGNER_WAKE) for ear in ears]
         work = [ear.event(WORK_CHANNEL) for ear in ears]
         await asyncio.to_thread(notify, db_url, WORK_CHANNEL)
@@ -126,6 +131,36 @@ async def test_work_wakes_one_workers_assigner_and_the_next_when_that_one_goes(
         assert await heard(wakes[1])
         assert [ear.wakes_assigner for ear in ears[1:]] == [True, False]
         assert not wakes[2].is_set()
+
+
+async def test_work_a_worker_announces_reaches_every_worker_without_postgres(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A task a worker creates is announced through the fanout, not by NOTIFY: every worker
+    hears it as dispatch_work and the chosen worker's assigner wakes, whichever worker made it;
+    nothing reaches Postgres' listeners. A line that is not an announcement cuts its worker off
+    (it reconnects and re-checks, as after any reconnect)."""
+    path = tmp_path / "notify.sock"
+    async with fanout(db_url, path), relayed(path, 3) as ears:
+        assert await chosen(ears) == [True, False, False]
+        with psycopg.connect(db_url, autocommit=True) as other_replica:
+            other_replica.execute("LISTEN dispatch_work")
+            wakes = [ear.event(ASSIGNER_WAKE) for ear in ears]
+            work = [ear.event(WORK_CHANNEL) for ear in ears]
+            ears[2].announce("created")
+            assert all([await heard(ev) for ev in work])
+            assert [ev.is_set() for ev in wakes] == [True, False, False]
+            assert await asyncio.to_thread(lambda: list(other_replica.notifies(timeout=0.5))) == []
+
+        # A worker may only announce work: anything else on its socket cuts it off.
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            assert await reader.readline() == b"[]\n"
+            writer.write(b'["dispatch_auth", "someone"]\n')
+            await asyncio.wait_for(reader.read(), 10)  # until the fanout closes it
+            assert reader.at_eof()
+        finally:
+            writer.close()
 
 
 async def test_a_lost_listen_wakes_every_worker_to_recheck_and_comes_back(
