@@ -38,20 +38,29 @@ async def running(broker: Broker, agent: str) -> Any:
     return got
 
 
-class Spy:
-    """Counts the agent's claim statements run on their own, and once the report's statement
-    has run (found nothing, committed), submits a task from elsewhere and waits until this
-    process has heard its NOTIFY, before the broker may begin its wait."""
+class Claims:
+    """Counts the claim statements the broker runs on their own (not inside a report's)."""
 
-    def __init__(self, broker: Broker, listener: Listener, channel: str) -> None:
-        self.broker, self.listener, self.channel = broker, listener, channel
+    def __init__(self, broker: Broker) -> None:
         self.claims = 0
-        self.late: uuid.UUID | None = None
-        claim, report = broker.tasks.claim, broker.tasks.apply_then_claim
+        claim = broker.tasks.claim
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             self.claims += 1
             return await claim(*args, **kwargs)
+
+        broker.tasks.claim = counted  # type: ignore[method-assign]
+
+
+class Spy(Claims):
+    """Counts the claims, and once the report's statement has run (found nothing, committed),
+    submits a task from elsewhere and waits until this process has heard of it (`channel`),
+    before the broker may begin its wait."""
+
+    def __init__(self, broker: Broker, listener: Listener, channel: str) -> None:
+        super().__init__(broker)
+        self.late: uuid.UUID | None = None
+        report = broker.tasks.apply_then_claim
 
         async def then_late_work(*args: Any, **kwargs: Any) -> Any:
             answer = await report(*args, **kwargs)
@@ -62,7 +71,6 @@ class Spy:
             await asyncio.wait_for(heard.wait(), 10)
             return answer
 
-        broker.tasks.claim = counted  # type: ignore[method-assign]
         broker.tasks.apply_then_claim = then_late_work  # type: ignore[method-assign]
 
 
@@ -114,15 +122,7 @@ async def test_a_batched_report_whose_next_waits_is_woken_the_same_way(
     of a later task does, and only then does the agent's claim run again."""
     await listened.agents.upsert("bob", max_concurrent=1)
     first = await running(listened, "bob")
-    claims = 0
-    claim = listened.tasks.claim
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal claims
-        claims += 1
-        return await claim(*args, **kwargs)
-
-    listened.tasks.claim = counted  # type: ignore[method-assign]
+    counter = Claims(listened)
     assigner = Assigner(listened, listener, tick_interval_ms=SLOW_TICK_MS)
     await assigner.start()
     try:
@@ -133,7 +133,7 @@ async def test_a_batched_report_whose_next_waits_is_woken_the_same_way(
         ))
         await asyncio.sleep(0.3)
         assert not waiting.done()  # nothing to take: it waits
-        assert claims == 0
+        assert counter.claims == 0
         task, _ = await listened.submit(NewTask(title="later"), requester="req")
         [outcome] = await asyncio.wait_for(waiting, 10)
     finally:
@@ -141,4 +141,4 @@ async def test_a_batched_report_whose_next_waits_is_woken_the_same_way(
     assert outcome.status == 200
     assert [(t.task_id, t.status) for t in outcome.next] == [  # type: ignore[attr-defined]
         (task.task_id, TaskStatus.RUNNING)]
-    assert claims == 1
+    assert counter.claims == 1
