@@ -360,6 +360,8 @@ METHOD = """\
   first, then new tasks), then one completion per task that claims and starts the next in the same
   request, waiting up to 0.5 s for one when there is none yet (`"next": {"start": true,
   "wait_seconds": 0.5}`). Tasks/s = N / wall time until the last completion's commit (its
+  `completed_at`). Latencies: `complete` until the answer, which includes the wait of a `next`
+  that found nothing; `complete-commit` from the request to the completion's commit (its
   `completed_at`). The ceiling is a one-handler Litestar app (`POST /echo`, msgspec body, JSON
   response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
   uvloop, httptools, no access log), closed loop with the same number of connections. The load
