@@ -239,7 +239,8 @@ END
 $$;
 
 -- The new tasks of this transaction are announced by its caller, which wakes an assigner itself
--- once the transaction has committed (a replica's API wakes its own assigner): no NOTIFY
+-- once the transaction has committed (a replica's API announces it to its `serve`, whose
+-- chosen assigner wakes: Listener.announce): no NOTIFY
 -- dispatch_work 'created' for them, which would cost the listener of every replica a transaction
 -- of its own. Transaction-local (dispatch.task_create's announce).
 CREATE FUNCTION dispatch.announce_by_caller() RETURNS text
