@@ -37,7 +37,7 @@ def due_epoch(payload: str) -> float | None:
         return None
 # Payload: an agent id whose tokens were revoked (dispatch.agent_token_revoke).
 AUTH_CHANNEL = "dispatch_auth"
-# Payload: an agent id the assigner just gave a task (dispatch.task_give): wakes its claims.
+# Payload: an agent id the assigner just gave a task (dispatch.tasks_give): wakes its claims.
 ASSIGNED_CHANNEL = "dispatch_assigned"
 # A schedule was made, changed, paused or resumed (dispatch.schedules_changed).
 SCHEDULES_CHANNEL = "dispatch_schedules"

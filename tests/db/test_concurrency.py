@@ -215,6 +215,49 @@ def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, 
     assert 0 < read["tasks_pending_order_idx"] < 3000, read
 
 
+def test_a_batch_given_looks_each_task_up_by_its_key(
+    sql: psycopg.Connection[dict[str, Any]],
+) -> None:
+    """Claims and rounds give their tasks in one UPDATE joined to the batch (tasks_give): its
+    plans, cached inside the functions with no ANALYZE, look each task up by its key and never
+    read the whole table, however many rows it has."""
+    sql.execute(
+        "INSERT INTO dispatch.tasks (title, requester, priority)"
+        " SELECT 'p', 'r', g % 10 FROM generate_series(1, 3000) g"
+    )
+    for agent in ("a1", "a2", "a3"):
+        sql.execute("SELECT dispatch.agent_upsert(%s, p_max_concurrent => 1000)", (agent,))
+
+    def seq_scans() -> int:
+        sql.execute("SELECT pg_stat_force_next_flush()")
+        sql.execute("SELECT 1")  # the flush happens at the end of a transaction
+        sql.execute("SELECT pg_stat_clear_snapshot()")
+        row = sql.execute(
+            "SELECT seq_scan FROM pg_stat_user_tables"
+            " WHERE schemaname = 'dispatch' AND relname = 'tasks'"
+        ).fetchone()
+        assert row is not None
+        return int(row["seq_scan"])
+
+    before = seq_scans()
+    given = 0
+    for _ in range(10):
+        given += len(sql.execute(
+            "SELECT * FROM dispatch.task_claim('a1', p_max => 10, p_start => true)").fetchall())
+        given += len(sql.execute("SELECT * FROM dispatch.task_assign(10)").fetchall())
+    assert given == 200
+    assert seq_scans() == before
+    held = sql.execute(
+        "SELECT assigned_agent AS agent, status, count(*) AS n FROM dispatch.tasks"
+        " WHERE status <> 'pending' GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    assert held == [
+        {"agent": "a1", "status": "running", "n": 100},
+        {"agent": "a2", "status": "assigned", "n": 50},
+        {"agent": "a3", "status": "assigned", "n": 50},
+    ], held
+
+
 def test_one_unmatched_report_per_database_however_many_reapers(
     sql: psycopg.Connection[dict[str, Any]], db_url: str
 ) -> None:

@@ -271,7 +271,7 @@ DECLARE
     via_sql    boolean := coalesce(current_setting('dispatch.via', true), '') <> 'fn';
 BEGIN
     IF NEW.status IS DISTINCT FROM OLD.status THEN
-        -- A claim that starts what it takes (dispatch.task_give) writes pending -> running at
+        -- A claim that starts what it takes (dispatch.tasks_give) writes pending -> running at
         -- once, with both events; from plain SQL the task goes through assigned.
         IF NOT dispatch.status_edge_allowed(OLD.status, NEW.status)
            AND NOT (NOT via_sql AND OLD.status = 'pending' AND NEW.status = 'running') THEN

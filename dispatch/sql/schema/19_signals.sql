@@ -80,7 +80,7 @@ BEGIN
                                      coalesce(a.max_concurrent, c.max_concurrent_per_agent));
     END IF;
     IF cardinality(slots) = 1 THEN
-        t := dispatch.task_give(t, a, c, dispatch.task_score(a, t), 'resume', p_now, slots[1]);
+        SELECT * INTO t FROM dispatch.tasks_give(ARRAY[t], ARRAY[a], slots, c, 'resume', p_now);
     ELSE
         -- Its agent joins previous_agents, as any agent whose attempt ended: a late report of
         -- the suspended attempt is stale (409).
