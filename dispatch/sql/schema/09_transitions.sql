@@ -690,6 +690,13 @@ $$;
 -- result?, error?, retry_eligible?}. One row per report, in order: the HTTP status the single call
 -- would give, the error and the field it names, and the task (after the report; on a conflict, as
 -- it is now).
+-- The common batch, an agent completing tasks it holds, is applied first in one UPDATE and one
+-- INSERT of their events (a statement and a subtransaction per report cost a batch of ten about a
+-- fifth of its server time): each completion of a task the agent holds on the lease it names (or
+-- none), with no review waiting, and that task named once in the batch, so that its order among
+-- the others does not matter. Every other report, and any of those the UPDATE did not find as it
+-- expected, then goes through its own function in order, as before; should the one statement
+-- fail, all of them do.
 CREATE FUNCTION dispatch.task_report_batch(
     p_agent_id text, p_reports jsonb, p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
 ) RETURNS TABLE (ord integer, status integer, error text, field text, task jsonb)
@@ -700,9 +707,68 @@ DECLARE
     lease integer;
     t     dispatch.tasks;
     code  text;
+    quick integer[] := '{}';  -- the ordinals of the completions applied together
+    done  jsonb[] := '{}';    -- and their tasks
+    k     integer;
 BEGIN
     IF jsonb_typeof(p_reports) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'reports must be a JSON array' USING ERRCODE = 'UD400', COLUMN = 'reports';
+    END IF;
+    IF jsonb_array_length(p_reports) > 1 THEN
+        BEGIN
+            PERFORM dispatch.refill_promise(p_agent_id, false);
+            PERFORM dispatch.fn_enter();
+            -- Only when every report names its task in the canonical form, so that a task named
+            -- twice is seen as such. (Each cast behind its CASE: a malformed lease is left to its
+            -- report's own call, which refuses it.)
+            WITH every AS (
+                SELECT x.n::integer AS n, x.e,
+                       count(*) OVER (PARTITION BY lower(x.e ->> 'task_id')) AS times,
+                       bool_and(coalesce(x.e ->> 'task_id'
+                                         ~* '^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$', false))
+                           OVER () AS canonical
+                FROM jsonb_array_elements(p_reports) WITH ORDINALITY AS x (e, n)
+            ), once AS (
+                SELECT e.n, e.e -> 'result' AS result,
+                       CASE WHEN e.canonical THEN (e.e ->> 'task_id')::uuid END AS task_id,
+                       CASE WHEN e.e ->> 'lease' ~ '^[0-9]{1,10}$' THEN
+                           CASE WHEN (e.e ->> 'lease')::bigint <= 2147483647
+                                THEN (e.e ->> 'lease')::integer END END AS lease
+                FROM every e
+                WHERE e.canonical AND e.times = 1 AND e.e ->> 'action' = 'complete'
+                  AND CASE WHEN e.e ->> 'lease' IS NULL THEN true
+                           WHEN e.e ->> 'lease' ~ '^[0-9]{1,10}$'
+                           THEN (e.e ->> 'lease')::bigint <= 2147483647
+                           ELSE false END
+            ), up AS (
+                UPDATE dispatch.tasks tk
+                SET status = 'completed', result = o.result, completed_at = p_now,
+                    updated_at = p_now, deadline_at = NULL, wake_deadline_at = NULL
+                FROM once o
+                WHERE tk.task_id = o.task_id AND tk.assigned_agent = p_agent_id
+                  AND tk.status IN ('assigned', 'running')
+                  AND (o.lease IS NULL OR tk.lease = o.lease)
+                  AND (tk.approval IS NULL OR tk.approval NOT IN ('review', 'both'))
+                RETURNING o.n, o.result, tk AS task
+            ), events AS (
+                INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
+                SELECT (u.task).task_id, 'completed', p_agent_id,
+                       jsonb_build_object('assigned_agent', p_agent_id, 'result', u.result), p_now
+                FROM up u ORDER BY u.n
+            )
+            SELECT coalesce(array_agg(u.n ORDER BY u.n), '{}'),
+                   coalesce(array_agg(to_jsonb(u.task) ORDER BY u.n), '{}')
+            INTO quick, done FROM up u;
+            PERFORM dispatch.fn_leave();
+            IF cardinality(quick) > 0
+               AND (SELECT c.events_notify OR c.ui_notify_until > now() FROM dispatch.config c) THEN
+                PERFORM pg_notify('dispatch_events', '');
+            END IF;
+        EXCEPTION
+            WHEN SQLSTATE 'UD400' OR SQLSTATE 'UD403' OR SQLSTATE 'UD404' OR SQLSTATE 'UD409' THEN
+                quick := '{}';
+                done := '{}';
+        END;
     END IF;
     FOR r, ord IN SELECT x.e, x.n::integer FROM jsonb_array_elements(p_reports)
                   WITH ORDINALITY AS x (e, n) LOOP
@@ -711,6 +777,12 @@ BEGIN
         field := NULL;
         task := NULL;
         id := NULL;
+        k := array_position(quick, ord);
+        IF k IS NOT NULL THEN
+            task := done[k];
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         BEGIN
             id := (r ->> 'task_id')::uuid;
             lease := (r ->> 'lease')::integer;
