@@ -218,9 +218,8 @@ def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, 
 def test_a_batch_given_looks_each_task_up_by_its_key(
     sql: psycopg.Connection[dict[str, Any]],
 ) -> None:
-    """Claims and rounds give their tasks in one UPDATE joined to the batch (tasks_give): its
-    plans, cached inside the functions with no ANALYZE, look each task up by its key and never
-    read the whole table, however many rows it has."""
+    """Claims and rounds give a batch of tasks in one call (tasks_give): its plans, cached inside
+    the functions with no ANALYZE, look each task up by its key and never read the whole table."""
     sql.execute(
         "INSERT INTO dispatch.tasks (title, requester, priority)"
         " SELECT 'p', 'r', g % 10 FROM generate_series(1, 3000) g"

@@ -169,82 +169,80 @@ $$;
 
 -- Moves locked pending tasks to their agents: p_tasks[i] to p_agents[i], into the slot p_slots[i]
 -- the caller took for it (the assigner, the pull claim and a signal's resume share it; c is the
--- config row the caller already read; the caller marks the transaction with fn_enter). One UPDATE
--- and one INSERT of the events for the whole batch: a statement per task cost a claim of ten
--- about a fifth of its server time. With p_start (a claim that starts what it takes) each task
--- goes from pending to running in this one write; its history still says assigned, then started.
--- Returns the tasks as written, in the order given. A push wakes the claims its agents have
--- waiting on the server (channel dispatch_assigned, payload: the agent). When an attempt's first
--- deadline comes before the reapers' next tick, the earliest one is told to the reapers of every
--- replica (channel dispatch_due, payload: its epoch): a reaper sleeping past it wakes, and looks
--- for the next itself.
+-- config row the caller already read; the caller marks the transaction with fn_enter). Each task
+-- is one UPDATE by its key (a join of the batch to the table would be planned as a scan of it
+-- whenever the statistics undercount it); their events, assigned (and started, with p_start: a
+-- claim that starts what it takes writes pending -> running at once), are one INSERT for the
+-- batch, in the order given. A call per task and a statement per event cost a claim of ten about
+-- a fifth of its server time. Returns the tasks as written, in the order given. A push wakes the
+-- claims its agents have waiting on the server (channel dispatch_assigned, payload: the agent).
+-- When an attempt's first deadline comes before the reapers' next tick, the earliest one is told
+-- to the reapers of every replica (channel dispatch_due, payload: its epoch): a reaper sleeping
+-- past it wakes, and looks for the next itself.
 CREATE FUNCTION dispatch.tasks_give(
     p_tasks dispatch.tasks[], p_agents dispatch.agents[], p_slots integer[], c dispatch.config,
     p_mode text, p_now timestamptz, p_start boolean DEFAULT false, p_key text DEFAULT NULL
-) RETURNS SETOF dispatch.tasks
+) RETURNS dispatch.tasks[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    ids      uuid[] := ARRAY(SELECT x.task_id FROM unnest(p_tasks) x);
-    agents   text[] := ARRAY(SELECT x.agent_id FROM unnest(p_agents) x);
-    -- Whose slot waits for it to wake (wake_deadline_at); a started task does not.
-    sleeping boolean[] := ARRAY(SELECT x.status = 'sleeping' AND NOT p_start
-                                FROM unnest(p_agents) x);
-    scores   real[] := ARRAY(SELECT dispatch.task_score(p_agents[i], p_tasks[i])
-                             FROM generate_subscripts(p_tasks, 1) i ORDER BY i);
-    attempts integer[] := ARRAY(SELECT x.retry_count + 1 FROM unnest(p_tasks) x);
-    given    dispatch.tasks[];
-    first    timestamptz;
+    r     dispatch.tasks;
+    given dispatch.tasks[] := '{}';
+    first timestamptz;
 BEGIN
-    -- (unnest of arrays, not a join on a set: the planner counts ten rows and looks each task
-    -- up by its key.)
-    WITH up AS (
-        UPDATE dispatch.tasks tk
+    FOR i IN 1 .. cardinality(p_tasks) LOOP
+        UPDATE dispatch.tasks
         SET status = CASE WHEN p_start THEN 'running' ELSE 'assigned' END::dispatch.task_status,
-            assigned_agent = g.agent_id, slot = g.slot, assigned_at = p_now,
+            assigned_agent = (p_agents[i]).agent_id, slot = p_slots[i], assigned_at = p_now,
             pushed = p_mode <> 'claim', claim_key = p_key,
-            lease = dispatch.lease_next(tk.lease),
-            deadline_at = p_now + make_interval(secs => tk.timeout_seconds),
-            wake_deadline_at = CASE WHEN g.wake
+            lease = dispatch.lease_next(lease),
+            deadline_at = p_now + make_interval(secs => timeout_seconds),
+            wake_deadline_at = CASE WHEN (p_agents[i]).status = 'sleeping' AND NOT p_start
                                     THEN p_now + make_interval(secs => c.wake_timeout_ms / 1000.0)
                                END,
             started_at = CASE WHEN p_start THEN p_now END,
             last_progress_at = CASE WHEN p_start THEN p_now END,
             progress = NULL, updated_at = p_now
-        FROM unnest(ids, agents, p_slots, sleeping, scores, attempts) WITH ORDINALITY
-             AS g (task_id, agent_id, slot, wake, score, attempt, n)
-        WHERE tk.task_id = g.task_id
-        RETURNING tk AS task, g.n, g.agent_id, g.slot, g.wake, g.score, g.attempt
-    ), events AS (
-        INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
-        SELECT (up.task).task_id, e.event, e.actor, e.payload, p_now
-        FROM up CROSS JOIN LATERAL (VALUES
-            (1, 'assigned', CASE WHEN p_mode = 'claim' THEN up.agent_id ELSE 'dispatch' END,
-             jsonb_build_object('assigned_agent', up.agent_id, 'score', up.score,
-                                'attempt', up.attempt, 'lease', (up.task).lease,
-                                'slot', up.slot, 'mode', p_mode, 'wake', up.wake)),
-            (2, 'started', up.agent_id, jsonb_build_object('assigned_agent', up.agent_id))
-        ) AS e (k, event, actor, payload)
-        WHERE e.k = 1 OR p_start
-        ORDER BY up.n, e.k
-    )
-    SELECT coalesce(array_agg(up.task ORDER BY up.n), '{}') INTO given FROM up;
+        WHERE task_id = (p_tasks[i]).task_id
+        RETURNING * INTO r;
+        IF NOT FOUND THEN  -- the caller holds its lock: never
+            RAISE EXCEPTION 'task % to give is gone', (p_tasks[i]).task_id;
+        END IF;
+        given := given || r;
+        first := least(first, r.deadline_at, r.wake_deadline_at,
+                       p_now + make_interval(secs => r.heartbeat_seconds));
+        IF p_mode <> 'claim' THEN
+            PERFORM pg_notify('dispatch_assigned', r.assigned_agent);
+        END IF;
+    END LOOP;
+    INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
+    SELECT g.task_id, e.event, e.actor, e.payload, p_now
+    FROM unnest(given) WITH ORDINALITY AS g
+    CROSS JOIN LATERAL (VALUES
+        (1, 'assigned',
+         CASE WHEN p_mode = 'claim' THEN g.assigned_agent ELSE 'dispatch' END,
+         jsonb_build_object('assigned_agent', g.assigned_agent,
+                            'score', dispatch.task_score(p_agents[g.ordinality],
+                                                         p_tasks[g.ordinality]),
+                            'attempt', g.retry_count + 1, 'lease', g.lease, 'slot', g.slot,
+                            'mode', p_mode,
+                            'wake', (p_agents[g.ordinality]).status = 'sleeping'
+                                    AND NOT p_start)),
+        (2, 'started', g.assigned_agent, jsonb_build_object('assigned_agent', g.assigned_agent))
+    ) AS e (k, event, actor, payload)
+    WHERE e.k = 1 OR p_start
+    ORDER BY g.ordinality, e.k;
     -- Only a relay or an open dashboard listens (dispatch.event_write).
     IF cardinality(given) > 0
        AND (SELECT c2.events_notify OR c2.ui_notify_until > now() FROM dispatch.config c2) THEN
         PERFORM pg_notify('dispatch_events', '');
     END IF;
-    IF p_mode <> 'claim' THEN
-        PERFORM pg_notify('dispatch_assigned', g.assigned_agent) FROM unnest(given) g;
-    END IF;
-    SELECT min(least(g.deadline_at, g.wake_deadline_at,
-                     p_now + make_interval(secs => g.heartbeat_seconds)))
-    INTO first FROM unnest(given) g;
     IF first < p_now + make_interval(secs => c.tick_interval_ms / 1000.0) THEN
         PERFORM pg_notify('dispatch_due', extract(epoch FROM first)::text);
     END IF;
-    RETURN QUERY SELECT * FROM unnest(given);
+    RETURN given;
 END
 $$;
+
 
 
 -- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
@@ -427,9 +425,11 @@ BEGIN
     given := cardinality(taken);
     IF given > 0 THEN
         PERFORM dispatch.fn_enter();
-        RETURN QUERY SELECT * FROM dispatch.tasks_give(taken, array_fill(a, ARRAY[given]),
-                                                       slots[1:given], c, 'claim', p_now,
-                                                       p_start, p_key);
+        FOREACH t IN ARRAY dispatch.tasks_give(taken, array_fill(a, ARRAY[given]),
+                                               slots[1:given], c, 'claim', p_now, p_start,
+                                               p_key) LOOP
+            RETURN NEXT t;
+        END LOOP;
         PERFORM dispatch.fn_leave();
     END IF;
     PERFORM dispatch.agent_note(a, p_now, given);
@@ -696,7 +696,7 @@ BEGIN
     END IF;
     IF cardinality(gives) > 0 THEN
         PERFORM dispatch.fn_enter();
-        PERFORM 1 FROM dispatch.tasks_give(gives, givers, gslots, c, 'push', p_now);
+        PERFORM dispatch.tasks_give(gives, givers, gslots, c, 'push', p_now);
         PERFORM dispatch.fn_leave();
     END IF;
     FOR i IN 1 .. cardinality(gives) LOOP

@@ -80,7 +80,7 @@ BEGIN
                                      coalesce(a.max_concurrent, c.max_concurrent_per_agent));
     END IF;
     IF cardinality(slots) = 1 THEN
-        SELECT * INTO t FROM dispatch.tasks_give(ARRAY[t], ARRAY[a], slots, c, 'resume', p_now);
+        t := (dispatch.tasks_give(ARRAY[t], ARRAY[a], slots, c, 'resume', p_now))[1];
     ELSE
         -- Its agent joins previous_agents, as any agent whose attempt ended: a late report of
         -- the suspended attempt is stale (409).
