@@ -191,6 +191,13 @@ def test_a_round_says_whether_another_would_give_more(sql: Any) -> None:
     assert only == [{"agent_id": "a2", "more": False}]
 
 
+def fresh_statistics(sql: psycopg.Connection[dict[str, Any]]) -> None:
+    """What this session did, in the statistics views from its next read on."""
+    sql.execute("SELECT pg_stat_force_next_flush()")
+    sql.execute("SELECT 1")  # the flush happens at the end of a transaction
+    sql.execute("SELECT pg_stat_clear_snapshot()")
+
+
 def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, Any]]) -> None:
     """The plans cached inside task_claim/task_assign (no ANALYZE, as right after a burst of
     creates) read pending rows in index order instead of reading all of them and sorting."""
@@ -202,9 +209,7 @@ def test_repeated_claims_walk_the_order_index(sql: psycopg.Connection[dict[str, 
     for _ in range(20):
         sql.execute("SELECT * FROM dispatch.task_claim('a1')")
     sql.execute("SELECT count(*) FROM dispatch.task_assign(10)")
-    sql.execute("SELECT pg_stat_force_next_flush()")
-    sql.execute("SELECT 1")  # the flush happens at the end of a transaction
-    sql.execute("SELECT pg_stat_clear_snapshot()")
+    fresh_statistics(sql)
     rows = sql.execute(
         "SELECT indexrelname AS name, idx_tup_read FROM pg_stat_user_indexes"
         " WHERE indexrelname IN ('tasks_pending_order_idx', 'tasks_pending_deferred_idx')"
@@ -228,9 +233,7 @@ def test_a_batch_given_looks_each_task_up_by_its_key(
         sql.execute("SELECT dispatch.agent_upsert(%s, p_max_concurrent => 1000)", (agent,))
 
     def seq_scans() -> int:
-        sql.execute("SELECT pg_stat_force_next_flush()")
-        sql.execute("SELECT 1")  # the flush happens at the end of a transaction
-        sql.execute("SELECT pg_stat_clear_snapshot()")
+        fresh_statistics(sql)
         row = sql.execute(
             "SELECT seq_scan FROM pg_stat_user_tables"
             " WHERE schemaname = 'dispatch' AND relname = 'tasks'"

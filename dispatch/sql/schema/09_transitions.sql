@@ -692,7 +692,7 @@ $$;
 -- it is now).
 -- The common batch, an agent completing tasks it holds, is applied first, each by its key, with one
 -- INSERT of their events and one subtransaction for them all (a function call, a subtransaction
--- and an event statement per report cost a batch of ten about a fifth of its server time): each
+-- and an event statement per report cost a batch of ten about a sixth of its backend CPU): each
 -- completion of a task the agent holds on the lease it names (or none), with no review waiting,
 -- and that task named once in the batch, so that its order among the others does not matter.
 -- Every other report, and any of those its UPDATE did not find as expected, then goes through its

@@ -174,7 +174,7 @@ $$;
 -- whenever the statistics undercount it); their events, assigned (and started, with p_start: a
 -- claim that starts what it takes writes pending -> running at once), are one INSERT for the
 -- batch, in the order given. A call per task and a statement per event cost a claim of ten about
--- a fifth of its server time. Returns the tasks as written, in the order given. A push wakes the
+-- a sixth of its backend CPU. Returns the tasks as written, in the order given. A push wakes the
 -- claims its agents have waiting on the server (channel dispatch_assigned, payload: the agent).
 -- When an attempt's first deadline comes before the reapers' next tick, the earliest one is told
 -- to the reapers of every replica (channel dispatch_due, payload: its epoch): a reaper sleeping
@@ -242,8 +242,6 @@ BEGIN
     RETURN given;
 END
 $$;
-
-
 
 -- Pull mode: assign the calling agent the best pending tasks it is eligible for, up to p_max and
 -- the room under its limit, or nothing. With p_start they are started in the same transaction
