@@ -709,8 +709,6 @@ DECLARE
     code  text;
     quick integer[] := '{}';  -- the ordinals of the completions applied together
     done  jsonb[] := '{}';    -- and their tasks
-    ids   uuid[] := '{}';
-    results jsonb[] := '{}';
     o     record;
     k     integer;
 BEGIN
@@ -758,13 +756,12 @@ BEGIN
                 CONTINUE WHEN NOT FOUND;
                 quick := quick || o.n;
                 done := done || to_jsonb(t);
-                ids := ids || o.task_id;
-                results := results || o.result;
             END LOOP;
             INSERT INTO dispatch.task_events (task_id, event, actor, payload, created_at)
-            SELECT d.id, 'completed', p_agent_id,
-                   jsonb_build_object('assigned_agent', p_agent_id, 'result', d.result), p_now
-            FROM unnest(ids, results) WITH ORDINALITY AS d (id, result, n)
+            SELECT (d.task ->> 'task_id')::uuid, 'completed', p_agent_id,
+                   jsonb_build_object('assigned_agent', p_agent_id, 'result', d.task -> 'result'),
+                   p_now
+            FROM unnest(done) WITH ORDINALITY AS d (task, n)
             ORDER BY d.n;
             PERFORM dispatch.fn_leave();
             IF cardinality(quick) > 0
