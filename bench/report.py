@@ -394,6 +394,10 @@ METHOD = """\
 - 5: a fresh database per point, terminal rows bulk-inserted with session_replication_role=replica
   (no triggers, no events), then VACUUM ANALYZE; one connection times `task_claim` (then completes
   the task) and `task_assign` over 4 agents (then completes the batch), BENCH_SCALE_SAMPLES each.
+  Behind saturated agents: 12 agents of one slot each that the assigner filled,
+  BENCH_BACKLOG_PENDING tasks they could take, the assigner's rounds back to back in a process
+  of their own, and one agent that completes what it holds and claims again on one connection,
+  BENCH_BACKLOG_SAMPLES times; its claim p99 over the 10 k-row point's.
 - 6: VmHWM of the serve process from /proc after the REST lifecycle (and VmRSS sampled every
   100 ms during it)."""
 
