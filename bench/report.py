@@ -149,6 +149,15 @@ def results_table(r: Report) -> list[list[str]]:
         if rest.cpu is not None:
             detail += "; " + rest.cpu.describe(rest.n)
         rows.append(["2. (detail) REST lifecycle requests and CPU", detail, "", ""])
+        if rest.cpu is not None and isinstance(ceil, CeilingResult) and ceil.cpu_s > 0:
+            mine = 1e6 * rest.cpu.serve / reqs
+            ratio = mine / ceil.cpu_us_per_request
+            rows.append([
+                "2. serve's CPU per request, REST lifecycle vs the trivial Litestar handler",
+                f"{_f(mine, 0)} us vs {_f(ceil.cpu_us_per_request, 0)} us ({ratio:.1f}x; serve's "
+                f"includes its assigner, listener and reaper, the trivial server has none)",
+                "<= 3x", _verdict(ratio <= 3),
+            ])
     elif isinstance(rest, Unavailable):
         extra = ""
         if isinstance(ceil, CeilingResult):
@@ -366,6 +375,9 @@ METHOD = """\
   response) served by uvicorn exactly as `dispatch serve` serves its API (one process,
   uvloop, httptools, no access log), closed loop with the same number of connections. The load
   generator (bench/http.py, a minimal keep-alive HTTP/1.1 client) runs on the same 2 cores.
+  serve's CPU per request: the CPU of the serve process and its workers during the lifecycle
+  over every request the load generator sent; the trivial handler's: its server's CPU during the
+  closed loop over the requests answered.
 - 3: every system does N single-row enqueues from the same number of concurrent producers, then
   drains them: Dispatch through dispatch.broker on one psycopg pool (push: `task_assign` batches
   handed to agent workers that start and complete, each agent sending the completions its slots

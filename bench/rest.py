@@ -314,10 +314,15 @@ class CeilingResult:
     seconds: float
     connections: int
     p99_ms: float
+    cpu_s: float = 0.0  # the trivial server's CPU over the timed requests
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / self.requests if self.requests else 0.0
 
 
 async def run_ceiling(sizes: Sizes) -> CeilingResult:
@@ -344,7 +349,8 @@ async def run_ceiling(sizes: Sizes) -> CeilingResult:
             finally:
                 await conn.close()
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), tree_seconds(app.proc.pid)
         await asyncio.gather(*(client() for _ in range(connections)))
-        seconds = time.perf_counter() - t0
-    return CeilingResult(done, seconds, connections, percentile(lat.ms, 99))
+        seconds, cpu = time.perf_counter() - t0, tree_seconds(app.proc.pid) - cpu0
+    # The warm-up requests are in the CPU and not in the count: one per connection.
+    return CeilingResult(done, seconds, connections, percentile(lat.ms, 99), cpu)

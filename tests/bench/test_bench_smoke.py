@@ -62,6 +62,7 @@ def test_the_http_phases_run_against_a_real_serve(tmp_path: Path) -> None:
     assert "failed" not in report and "not available" not in report, report
     for row in ("1. create->assigned, HTTP create at 20/s", "2. full lifecycle over REST",
                 "trivial Litestar JSON ceiling", "tasks from claims",
+                "serve's CPU per request, REST lifecycle vs the trivial Litestar handler",
                 "4. cost per task, Dispatch over REST",
                 "0 double assignments, 0 lost, 0 over limit"):
         assert row in report, row
