@@ -28,7 +28,7 @@ from dispatch.models import Complete
 from dispatch.store import Store
 
 PUSHED = 12  # agents the assigner fills (limit 1 each): saturated from the first round on
-PULLERS = 1  # agents that complete and claim again in a loop, timed
+PULLER = "puller"  # the agent that completes and claims again in a loop, timed
 _PENDING = """
 INSERT INTO dispatch.tasks (title, requester, source, required_capabilities)
 SELECT 'backlog ' || g, 'bench', 'bench', '{work}' FROM generate_series(1, %(n)s::integer) g
@@ -78,9 +78,7 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
         for i in range(PUSHED):
             await store.agents.upsert(f"pushed-{i}", capabilities=["work"], max_concurrent=1,
                                      conn=setup)
-        for i in range(PULLERS):
-            await store.agents.upsert(f"puller-{i}", capabilities=["work"], max_concurrent=1,
-                                     conn=setup)
+        await store.agents.upsert(PULLER, capabilities=["work"], max_concurrent=1, conn=setup)
         await setup.execute(_PENDING, {"n": sizes.backlog_pending})  # type: ignore[arg-type]
         await setup.execute("VACUUM (ANALYZE) dispatch.tasks")
     # The rounds run in a process of their own, as the assigner does in serve: in the puller's
@@ -91,8 +89,8 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
     proc = ctx.Process(target=_rounds, args=(url, sizes.assign_batch, ready, stop, child),
                        daemon=True)
 
-    async def puller(i: int, n: int) -> None:
-        agent = f"puller-{i}"
+    async def puller(n: int) -> None:
+        agent = PULLER
         async with await _connect(url) as conn:
             for _ in range(n):
                 # What it holds: its last claim, or what the assigner pushed to it meanwhile.
@@ -116,10 +114,7 @@ async def run_backlog(cluster: Cluster, sizes: Sizes) -> BacklogResult:
     try:
         if not await asyncio.to_thread(ready.wait, 60):
             raise RuntimeError("backlog: the assigner's process did not start")
-        per = max(sizes.backlog_samples // PULLERS, 1)
-        await asyncio.wait_for(
-            asyncio.gather(*(puller(i, per) for i in range(PULLERS))), sizes.phase_timeout
-        )
+        await asyncio.wait_for(puller(max(sizes.backlog_samples, 1)), sizes.phase_timeout)
     finally:
         stop.set()
         sent = await asyncio.to_thread(parent.poll, 30)
