@@ -22,11 +22,21 @@ from bench.cpu import children
 REPO = Path(__file__).resolve().parents[1]
 
 
+def port_range() -> range:
+    """Where free ports are picked: below the kernel's ephemeral range (32768 and up on Linux),
+    so no outgoing connection's source port takes one before its server binds it, and within
+    DISPATCH_TEST_PORTS (LOW-HIGH) when set. The two test suites CI runs side by side get
+    ranges of their own: serve binds with SO_REUSEPORT, so a port two suites both picked would
+    join two unrelated servers into one without an error."""
+    low, _, high = os.environ.get("DISPATCH_TEST_PORTS", "20000-32000").partition("-")
+    return range(int(low), int(high))
+
+
 def free_port(count: int = 1) -> int:
-    """A port p with p .. p + count - 1 free, below the kernel's ephemeral range (32768 and up on
-    Linux): there, the load generator's own connections cannot take it before serve binds it."""
+    """A port p with p .. p + count - 1 free, in port_range()."""
+    ports = port_range()
     while True:
-        base = random.randrange(20000, 32000 - count)
+        base = random.randrange(ports.start, ports.stop - count)
         try:
             with contextlib.ExitStack() as held:
                 for port in range(base, base + count):

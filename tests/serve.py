@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +14,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
-    hands out (bind to 0) can be taken by any outgoing connection's source port before the server
-    under test binds it, which then refuses to start."""
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
+from bench.serve import free_port
 
 
 def serve_ports() -> tuple[int, int]:
