@@ -8,7 +8,8 @@ missing or malformed credential is 401 and a token that is wrong, revoked or ano
 
 Authentication runs before Litestar parses parameters and bodies, so an unauthenticated request
 gets its 401/403 whatever else is wrong with it: in the API router's before-request hook
-(`content.admit`), or first thing in the admin routes' guard, which runs before that hook. Not
+(`content.admit`), first thing on the hot routes' lanes (`lane`), or first thing in the admin
+routes' guard, which runs before that hook. Not
 as a router guard: Litestar copies the route handler (some seventy attributes) for each guard on
 each request, which cost more than authenticating. Guards are coroutines: Litestar runs a sync
 guard in a thread.

@@ -27,7 +27,7 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-def _decoder(handler: BaseRouteHandler) -> msgspec.json.Decoder[Any] | None:
+def decoder_of(handler: BaseRouteHandler) -> msgspec.json.Decoder[Any] | None:
     if handler not in _decoders:
         data = handler.parsed_fn_signature.parameters.get("data")
         _decoders[handler] = (
@@ -56,7 +56,7 @@ def require_json_body(headers: Headers) -> None:
 
 async def decode_strictly(request: Request[Any, Any, Any]) -> None:
     """The body's values must have the JSON types its fields name."""
-    decoder = _decoder(request.route_handler)
+    decoder = decoder_of(request.route_handler)
     if decoder is None:
         return
     body = await request.body()  # kept by the request: the handler's decoding reads it again

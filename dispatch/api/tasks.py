@@ -16,6 +16,7 @@ from dispatch.api import follow
 from dispatch.api.auth import ADMIN_SECURITY, require_admin
 from dispatch.api.deps import Caller, CallerDep, hide_unseen
 from dispatch.api.errors import ERRORS
+from dispatch.api.lane import Answer, Fallback, int_header, lane, plain_header
 from dispatch.errors import Forbidden, InvalidInput, NotFound
 from dispatch.models import (
     Accept,
@@ -57,6 +58,7 @@ from dispatch.wire import (
     NextRequest,
     ProgressReport,
     ReleaseReport,
+    ReportItem,
     Reports,
     SignalBody,
     StartReport,
@@ -72,7 +74,10 @@ from dispatch.wire import (
     report_body,
 )
 
+MAX_LEASE = 2_147_483_647  # a lease is a positive int4
+MAX_IDEMPOTENCY_KEY = 200  # characters
 FilterText = Annotated[str | None, QueryParameter(min_length=1, max_length=256, pattern=NO_NUL)]
+Req = Request[Any, Any, Any]
 TaskIdPath = Annotated[
     str,
     PathParameter(
@@ -86,7 +91,7 @@ LeaseHeader = Annotated[
     HeaderParameter(
         name="X-Dispatch-Lease",
         ge=1,
-        le=2_147_483_647,
+        le=MAX_LEASE,
         description="The lease the task was given with; a report naming another one is 409.",
     ),
 ]
@@ -154,6 +159,131 @@ async def _may_name_owner(caller: Caller, owner: str) -> None:
         )
 
 
+async def create_task(
+    caller: Caller, data: TaskCreate, idempotency_key: str | None
+) -> tuple[int, Task, dict[str, str]]:
+    """POST /tasks: the status (201 new, 200 when Idempotency-Key repeats), the task, and its
+    Location."""
+    new = new_task(data)
+    if caller.viewer is not None and new.owner not in (None, caller.agent_id):
+        await _may_name_owner(caller, new.owner)
+    if caller.viewer is not None and new.parent_task_id is not None:
+        # A parent the caller may not see answers as one that does not exist (the foreign
+        # key's own answer), so that task ids do not leak.
+        parents = await caller.broker.tasks.by_id([new.parent_task_id])
+        parent = parents.get(new.parent_task_id)
+        if parent is None or not caller.sees(parent):
+            raise InvalidInput("parent_task_id does not exist", field="parent_task_id")
+    task, created = await caller.broker.submit(
+        new, requester=caller.agent_id, idempotency_key=idempotency_key, viewer=caller.viewer
+    )
+    status = HTTP_201_CREATED if created else HTTP_200_OK
+    return status, task, {"Location": f"/api/v1/tasks/{task.task_id}"}
+
+
+async def claim_tasks(
+    caller: Caller, data: ClaimRequest | None, idempotency_key: str | None
+) -> Task | list[Task] | None:
+    """POST /tasks/claim: the task (a list with max_tasks), None when none came in time."""
+    body = data or ClaimRequest()
+    tasks = await caller.broker.claim_many(
+        caller.agent_id,
+        body.capabilities,
+        max_tasks=body.max_tasks or 1,
+        start=body.start,
+        wait_seconds=body.wait_seconds,
+        idempotency_key=idempotency_key,
+    )
+    if not tasks:
+        return None
+    return tasks if body.max_tasks is not None else tasks[0]
+
+
+async def apply_reports(
+    caller: Caller, data: list[ReportItem]
+) -> list[ReportOutcome | ReportOutcomeWithNext]:
+    """POST /tasks/reports."""
+    if not 1 <= len(data) <= MAX_REPORTS:
+        raise InvalidInput(
+            f"reports: 1 to {MAX_REPORTS} per request, got {len(data)}", field="reports"
+        )
+    bodies = [report_body(item) for item in data]
+    asking = [i for i, item in enumerate(data) if item.next is not None]
+    if len(asking) > 1:
+        raise InvalidInput("next: at most one report of a batch asks for the next tasks",
+                           field="next")
+    then = None
+    if asking:
+        ask = data[asking[0]].next
+        assert ask is not None
+        then = (asking[0], NextClaim(max_tasks=ask.max_tasks, start=ask.start,
+                                     wait_seconds=ask.wait_seconds))
+    outcomes = await caller.broker.report(
+        caller.agent_id, bodies, admin=caller.admin, then=then
+    )
+    return await hide_unseen(caller, outcomes)
+
+
+def complete_change(
+    caller: Caller, task_id: str, body: CompleteReport, lease_header: int | None
+) -> Complete:
+    return Complete(
+        task_id=parse_task_id(task_id),
+        actor=caller.agent_id,
+        result=body.result,
+        admin=caller.admin,
+        lease=lease_of(body.lease, lease_header),
+    )
+
+
+def fail_change(caller: Caller, task_id: str, body: FailReport, lease_header: int | None) -> Fail:
+    return Fail(
+        task_id=parse_task_id(task_id),
+        agent_id=caller.agent_id,
+        error=body.error,
+        retry_eligible=body.retry_eligible,
+        lease=lease_of(body.lease, lease_header),
+    )
+
+
+# The lanes (dispatch.api.lane) of the endpoints every task passes through: the same functions
+# as their handlers, without the framework's work around them.
+
+IDEMPOTENCY_HEADER = ("idempotency-key", MAX_IDEMPOTENCY_KEY)
+LEASE_HEADER = ("x-dispatch-lease", MAX_LEASE)
+
+
+async def _create_lane(caller: Caller, data: TaskCreate | None, request: Req) -> Answer:
+    if data is None:
+        raise Fallback  # no body: the handler says what is missing
+    return await create_task(caller, data, plain_header(request, *IDEMPOTENCY_HEADER))
+
+
+async def _claim_lane(caller: Caller, data: ClaimRequest | None, request: Req) -> Answer:
+    found = await claim_tasks(caller, data, plain_header(request, *IDEMPOTENCY_HEADER))
+    return (HTTP_204_NO_CONTENT if found is None else HTTP_200_OK), found, None
+
+
+async def _reports_lane(caller: Caller, data: list[ReportItem] | None, request: Req) -> Answer:
+    if data is None:
+        raise Fallback
+    return HTTP_200_OK, await apply_reports(caller, data), None
+
+
+async def _complete_lane(caller: Caller, data: CompleteReport | None, request: Req) -> Answer:
+    body = data or CompleteReport()
+    change = complete_change(caller, request.path_params["task_id"], body,
+                             int_header(request, *LEASE_HEADER))
+    return HTTP_200_OK, await report_and_next(caller, change, body.next), None
+
+
+async def _fail_lane(caller: Caller, data: FailReport | None, request: Req) -> Answer:
+    body = data or FailReport()
+    change = fail_change(caller, request.path_params["task_id"], body,
+                         int_header(request, *LEASE_HEADER))
+    return HTTP_200_OK, await report_and_next(caller, change, body.next), None
+
+
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]  # noqa: RUF012 - Litestar's own class attribute
@@ -167,6 +297,7 @@ class TaskController(Controller):
         response_headers=[
             ResponseHeader(name="Location", description="the task's URL", documentation_only=True)
         ],
+        middleware=[lane(_create_lane)],
     )
     async def create(
         self,
@@ -174,27 +305,12 @@ class TaskController(Controller):
         caller: CallerDep,
         idempotency_key: Annotated[
             str | None,
-            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200, pattern=NO_NUL),
+            HeaderParameter(name="Idempotency-Key", min_length=1,
+                            max_length=MAX_IDEMPOTENCY_KEY, pattern=NO_NUL),
         ] = None,
     ) -> Response[Task]:
-        new = new_task(data)
-        if caller.viewer is not None and new.owner not in (None, caller.agent_id):
-            await _may_name_owner(caller, new.owner)
-        if caller.viewer is not None and new.parent_task_id is not None:
-            # A parent the caller may not see answers as one that does not exist (the foreign
-            # key's own answer), so that task ids do not leak.
-            parents = await caller.broker.tasks.by_id([new.parent_task_id])
-            parent = parents.get(new.parent_task_id)
-            if parent is None or not caller.sees(parent):
-                raise InvalidInput("parent_task_id does not exist", field="parent_task_id")
-        task, created = await caller.broker.submit(
-            new, requester=caller.agent_id, idempotency_key=idempotency_key, viewer=caller.viewer
-        )
-        return Response(
-            task,
-            status_code=HTTP_201_CREATED if created else HTTP_200_OK,
-            headers={"Location": f"/api/v1/tasks/{task.task_id}"},
-        )
+        status, task, headers = await create_task(caller, data, idempotency_key)
+        return Response(task, status_code=status, headers=headers)
 
     @get(
         "/",
@@ -469,6 +585,7 @@ class TaskController(Controller):
             "200 with the task (with max_tasks: an array of up to that many; with start: already"
             " running), 204 when none arrived within wait_seconds."
         ),
+        middleware=[lane(_claim_lane)],
     )
     async def claim(
         self,
@@ -477,24 +594,17 @@ class TaskController(Controller):
         idempotency_key: Annotated[
             str | None,
             HeaderParameter(
-                name="Idempotency-Key", min_length=1, max_length=200, pattern=NO_NUL,
+                name="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+                pattern=NO_NUL,
                 description="Sent again with the same key, the claim answers what it took the"
                 " first time (while the agent holds it) instead of taking more.",
             ),
         ] = None,
     ) -> Response[Task | list[Task] | None]:
-        body = data or ClaimRequest()
-        tasks = await caller.broker.claim_many(
-            caller.agent_id,
-            body.capabilities,
-            max_tasks=body.max_tasks or 1,
-            start=body.start,
-            wait_seconds=body.wait_seconds,
-            idempotency_key=idempotency_key,
-        )
-        if not tasks:
+        found = await claim_tasks(caller, data, idempotency_key)
+        if found is None:
             return Response(None, status_code=HTTP_204_NO_CONTENT)
-        return Response(tasks if body.max_tasks is not None else tasks[0])
+        return Response(found)
 
     @post(
         "/reports",
@@ -505,29 +615,12 @@ class TaskController(Controller):
             "Each report is fenced and applied on its own; the answer has one entry per report,"
             " in order, with the HTTP status its single call would give."
         ),
+        middleware=[lane(_reports_lane)],
     )
     async def reports(
         self, caller: CallerDep, data: JSONBody[Reports]
     ) -> list[ReportOutcome | ReportOutcomeWithNext]:
-        if not 1 <= len(data) <= MAX_REPORTS:
-            raise InvalidInput(
-                f"reports: 1 to {MAX_REPORTS} per request, got {len(data)}", field="reports"
-            )
-        bodies = [report_body(item) for item in data]
-        asking = [i for i, item in enumerate(data) if item.next is not None]
-        if len(asking) > 1:
-            raise InvalidInput("next: at most one report of a batch asks for the next tasks",
-                               field="next")
-        then = None
-        if asking:
-            ask = data[asking[0]].next
-            assert ask is not None
-            then = (asking[0], NextClaim(max_tasks=ask.max_tasks, start=ask.start,
-                                         wait_seconds=ask.wait_seconds))
-        outcomes = await caller.broker.report(
-            caller.agent_id, bodies, admin=caller.admin, then=then
-        )
-        return await hide_unseen(caller, outcomes)
+        return await apply_reports(caller, data)
 
     @post(
         "/{task_id:str}/start",
@@ -581,6 +674,7 @@ class TaskController(Controller):
         responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="The assigned agent completes; or the requester, owner or an admin resolves it",
+        middleware=[lane(_complete_lane)],
     )
     async def complete(
         self,
@@ -590,13 +684,7 @@ class TaskController(Controller):
         data: JSONBody[CompleteReport | None] = None,
     ) -> Task | TaskWithNext:
         body = data or CompleteReport()
-        change = Complete(
-            task_id=parse_task_id(task_id),
-            actor=caller.agent_id,
-            result=body.result,
-            admin=caller.admin,
-            lease=lease_of(body.lease, lease_header),
-        )
+        change = complete_change(caller, task_id, body, lease_header)
         return await report_and_next(caller, change, body.next)
 
     @post(
@@ -604,6 +692,7 @@ class TaskController(Controller):
         responses=ERRORS,
         status_code=HTTP_200_OK,
         summary="The assigned agent fails",
+        middleware=[lane(_fail_lane)],
     )
     async def fail(
         self,
@@ -613,13 +702,7 @@ class TaskController(Controller):
         data: JSONBody[FailReport | None] = None,
     ) -> Task | TaskWithNext:
         body = data or FailReport()
-        change = Fail(
-            task_id=parse_task_id(task_id),
-            agent_id=caller.agent_id,
-            error=body.error,
-            retry_eligible=body.retry_eligible,
-            lease=lease_of(body.lease, lease_header),
-        )
+        change = fail_change(caller, task_id, body, lease_header)
         return await report_and_next(caller, change, body.next)
 
     @post(
