@@ -11,9 +11,9 @@ sends the JSON itself.
 It answers only what it takes as is. A body that does not decode strictly, or a header it would
 have to validate the framework's way (`Fallback`), goes on to the route's own handler, which
 answers as it always has (the body already read stays in the request's state for it). Errors raised
-on the lane (401, 403, 404, 409, 413, 503, ...) leave through the framework's exception handlers,
-as the handler's would: the lane sits inside them, and inside the metrics and tracing
-middleware, and the anti-framing headers are added to its answers by the app's before-send hook.
+on the lane (401, 403, 404, 409, 413, 503, ...) are answered by the framework's exception
+handlers, as the handler's would be, inside the metrics and tracing middleware (which count and
+trace the status sent); the app's before-send hook adds the anti-framing headers to every answer.
 """
 
 import re
@@ -22,6 +22,10 @@ from typing import Any
 
 import msgspec
 from litestar import Request
+
+# The framework's own wrapper of a route's handler in its exception handlers (not exported): the
+# lane's errors must be answered inside the metrics and tracing middleware, as the handler's are.
+from litestar._asgi.utils import wrap_in_exception_handler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from dispatch.api.auth import authenticate
@@ -68,7 +72,7 @@ def lane(run: Run) -> Callable[[ASGIApp], ASGIApp]:
             await send({"type": "http.response.start", "status": status, "headers": start})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
-        return handle
+        return wrap_in_exception_handler(handle)
 
     return middleware
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from litestar.testing import AsyncTestClient
+from prometheus_client import CollectorRegistry
 
+from dispatch.api.app import create_app
+from dispatch.broker import Broker
+from dispatch.metrics import Metrics
+from dispatch.settings import Settings
 from tests.api.conftest import agent, register
 
 ALICE = agent("alice")
@@ -90,3 +96,28 @@ async def test_a_wrong_lease_on_the_lane_is_409_with_the_task(client: httpx.Asyn
     assert r.status_code == 409, r.text
     assert r.json()["detail"]["status"] == "running"
     assert r.headers["x-frame-options"] == "DENY"
+
+
+async def test_the_metrics_count_what_a_lane_answered_errors_included(broker: Broker) -> None:
+    """dispatch_http_requests_total carries the status sent, also when an error raised on the
+    lane was answered by the exception handlers (an unknown task: 404; no X-Agent-ID: 401)."""
+    metrics = Metrics(CollectorRegistry())
+    async with AsyncTestClient(app=create_app(Settings(), broker, metrics=metrics)) as client:
+        r = await client.post("/api/v1/tasks", json={"title": "t"}, headers=ALICE)
+        assert r.status_code == 201, r.text
+        unknown = "00000000-0000-0000-0000-000000000001"
+        r = await client.post(f"/api/v1/tasks/{unknown}/complete", json={}, headers=BOB)
+        assert r.status_code == 404, r.text
+        r = await client.post("/api/v1/tasks/claim", json={})
+        assert r.status_code == 401, r.text
+
+    def count(path: str, status: int) -> float | None:
+        return metrics.registry.get_sample_value(
+            "dispatch_http_requests_total",
+            {"method": "POST", "path": path, "status_code": str(status)},
+        )
+
+    assert count("/api/v1/tasks", 201) == 1
+    assert count("/api/v1/tasks/{task_id}/complete", 404) == 1
+    assert count("/api/v1/tasks/claim", 401) == 1
+    assert count("/api/v1/tasks/{task_id}/complete", 200) is None
