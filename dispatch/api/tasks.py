@@ -224,26 +224,34 @@ async def apply_reports(
     return await hide_unseen(caller, outcomes)
 
 
-def complete_change(
-    caller: Caller, task_id: str, body: CompleteReport, lease_header: int | None
-) -> Complete:
-    return Complete(
+async def complete_task(
+    caller: Caller, task_id: str, data: CompleteReport | None, lease_header: int | None
+) -> Task | TaskWithNext:
+    """POST /tasks/{id}/complete (with `next`, the agent's next tasks too)."""
+    body = data or CompleteReport()
+    change = Complete(
         task_id=parse_task_id(task_id),
         actor=caller.agent_id,
         result=body.result,
         admin=caller.admin,
         lease=lease_of(body.lease, lease_header),
     )
+    return await report_and_next(caller, change, body.next)
 
 
-def fail_change(caller: Caller, task_id: str, body: FailReport, lease_header: int | None) -> Fail:
-    return Fail(
+async def fail_task(
+    caller: Caller, task_id: str, data: FailReport | None, lease_header: int | None
+) -> Task | TaskWithNext:
+    """POST /tasks/{id}/fail (with `next`, the agent's next tasks too)."""
+    body = data or FailReport()
+    change = Fail(
         task_id=parse_task_id(task_id),
         agent_id=caller.agent_id,
         error=body.error,
         retry_eligible=body.retry_eligible,
         lease=lease_of(body.lease, lease_header),
     )
+    return await report_and_next(caller, change, body.next)
 
 
 # The lanes (dispatch.api.lane) of the endpoints every task passes through: the same functions
@@ -271,17 +279,15 @@ async def _reports_lane(caller: Caller, data: list[ReportItem] | None, request: 
 
 
 async def _complete_lane(caller: Caller, data: CompleteReport | None, request: Req) -> Answer:
-    body = data or CompleteReport()
-    change = complete_change(caller, request.path_params["task_id"], body,
-                             int_header(request, *LEASE_HEADER))
-    return HTTP_200_OK, await report_and_next(caller, change, body.next), None
+    lease = int_header(request, *LEASE_HEADER)
+    task = await complete_task(caller, request.path_params["task_id"], data, lease)
+    return HTTP_200_OK, task, None
 
 
 async def _fail_lane(caller: Caller, data: FailReport | None, request: Req) -> Answer:
-    body = data or FailReport()
-    change = fail_change(caller, request.path_params["task_id"], body,
-                         int_header(request, *LEASE_HEADER))
-    return HTTP_200_OK, await report_and_next(caller, change, body.next), None
+    lease = int_header(request, *LEASE_HEADER)
+    task = await fail_task(caller, request.path_params["task_id"], data, lease)
+    return HTTP_200_OK, task, None
 
 
 class TaskController(Controller):
@@ -683,9 +689,7 @@ class TaskController(Controller):
         lease_header: LeaseHeader = None,
         data: JSONBody[CompleteReport | None] = None,
     ) -> Task | TaskWithNext:
-        body = data or CompleteReport()
-        change = complete_change(caller, task_id, body, lease_header)
-        return await report_and_next(caller, change, body.next)
+        return await complete_task(caller, task_id, data, lease_header)
 
     @post(
         "/{task_id:str}/fail",
@@ -701,9 +705,7 @@ class TaskController(Controller):
         lease_header: LeaseHeader = None,
         data: JSONBody[FailReport | None] = None,
     ) -> Task | TaskWithNext:
-        body = data or FailReport()
-        change = fail_change(caller, task_id, body, lease_header)
-        return await report_and_next(caller, change, body.next)
+        return await fail_task(caller, task_id, data, lease_header)
 
     @post(
         "/{task_id:str}/release",
