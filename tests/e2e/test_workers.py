@@ -46,6 +46,16 @@ def wait(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not exited. A worker orphaned by kill -9 of its supervisor
+    is reaped by init, which may take seconds; until then it is a zombie, dead but listed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
 def worker_pids(supervisor: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -113,7 +123,7 @@ def test_workers_share_the_api_and_one_ops_endpoint(db_url: str, tmp_path: Path)
         workers = worker_pids(sp.proc.pid)
         run_dir = Path(health(sp)["workers"][0]["socket"]).parent
         sp.kill()
-        wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
+        wait(lambda: not any(running(pid) for pid in workers), 15,
              "the workers to exit")
     # Its run directory (metrics files, sockets) is left behind; the next serve removes it.
     assert run_dir.is_dir()
