@@ -41,8 +41,8 @@ migrate: $(SERVER_STAMP) ## apply pending migrations to the configured database
 	$(BIN)/dispatch migrate
 
 .PHONY: test
-test: $(STAMP) ## run the test suite against real Postgres (and real NATS)
-	DISPATCH_TEST_PORTS=$${DISPATCH_TEST_PORTS:-20000-26000} $(BIN)/pytest
+test: $(STAMP) ## run the test suite against real Postgres (and real NATS); PYTEST_ARGS picks a part
+	DISPATCH_TEST_PORTS=$${DISPATCH_TEST_PORTS:-20000-26000} $(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: screenshots
 screenshots: $(STAMP) ## run the dashboard's browser tests, saving their screenshots in docs/screenshots
@@ -80,7 +80,7 @@ bench-soak: $(BENCH_STAMP) ## soak: dead tuples and claim p99 over BENCH_SOAK_SE
 test-distribution: $(STAMP) ## the suite again on the distribution's PostgreSQL (pg_config --bindir; stock settings, JIT on)
 	@if where=$$($(BIN)/python -m tests.pgdist); then \
 		echo "test-distribution: PostgreSQL from $$where"; \
-		DISPATCH_TEST_PG=distribution DISPATCH_TEST_PORTS=$${DISPATCH_TEST_PORTS:-26000-32000} $(BIN)/pytest; \
+		DISPATCH_TEST_PG=distribution DISPATCH_TEST_PORTS=$${DISPATCH_TEST_PORTS:-26000-32000} $(BIN)/pytest $(PYTEST_ARGS); \
 	else \
 		echo "test-distribution: skipped, $$where"; \
 	fi
