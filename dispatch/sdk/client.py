@@ -48,6 +48,7 @@ from dispatch.models import (
     TaskWithNext,
 )
 from dispatch.sdk import tracing
+from dispatch.settings import CLIENT_IDLE_SECONDS
 from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
 
 T = TypeVar("T")
@@ -381,6 +382,9 @@ def _claimed_many(response: httpx.Response) -> list[Task]:
 # for as long as it runs); a dropped stream is opened again after this pause, resuming after the
 # last event received.
 FOLLOW_TIMEOUT = httpx.Timeout(10.0, read=None)
+# httpx's default pool, with idle connections given up before serve closes them.
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                      keepalive_expiry=CLIENT_IDLE_SECONDS)
 FOLLOW_RETRY_SECONDS = 0.5
 
 
@@ -432,7 +436,7 @@ class DispatchClient:
     ) -> None:
         self._r = _Requests(agent_id, admin_token)
         self._http = httpx.Client(
-            base_url=base_url, timeout=timeout, transport=transport,
+            base_url=base_url, timeout=timeout, transport=transport, limits=LIMITS,
             headers=_identity(agent_id, token),
         )
         self._traced = tracing.active()
@@ -688,7 +692,7 @@ class AsyncDispatchClient:
     ) -> None:
         self._r = _Requests(agent_id, admin_token)
         self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=timeout, transport=transport,
+            base_url=base_url, timeout=timeout, transport=transport, limits=LIMITS,
             headers=_identity(agent_id, token),
         )
         self._traced = tracing.active()

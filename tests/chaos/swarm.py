@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from dispatch.sdk.client import LIMITS
+
 CAPABILITY = "chaos"
 LIMIT = 3
 
@@ -79,7 +81,7 @@ class Swarm:
     async def requester(self, index: int) -> None:
         me = f"requester-{index}"
         async with httpx.AsyncClient(
-            base_url=self.api, timeout=60, headers={"X-Agent-ID": me}
+            base_url=self.api, timeout=60, headers={"X-Agent-ID": me}, limits=LIMITS
         ) as http:
             n = 0
             while not self.stop.is_set():
@@ -100,7 +102,7 @@ class Swarm:
     async def agent(self, me: str, *, drain: asyncio.Event) -> None:
         """Works until told to stop and (after `drain`) until nothing it could take is left."""
         async with httpx.AsyncClient(
-            base_url=self.api, timeout=60, headers={"X-Agent-ID": me}
+            base_url=self.api, timeout=60, headers={"X-Agent-ID": me}, limits=LIMITS
         ) as http:
             await self.call(
                 http, "register", "PUT", f"/api/v1/agents/{me}", (200,),

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from dispatch.db import CONNECT_KWARGS
 from dispatch.events.relay import MSG_ID_HEADER
 from dispatch.events.schemas import ORIGIN_HEADER, ORIGIN_RELAY
+from dispatch.sdk.client import LIMITS
 from tests.events.streamread import read_stream
 from tests.natsfix import NatsServer
 from tests.pgrepl import Pair, async_pair
@@ -69,7 +70,7 @@ class Agent:
 
     def __init__(self, api: str, agent_id: str) -> None:
         self.agent_id = agent_id
-        self.http = httpx.AsyncClient(base_url=api, timeout=30,
+        self.http = httpx.AsyncClient(base_url=api, timeout=30, limits=LIMITS,
                                       headers={"X-Agent-ID": agent_id})
 
     async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
