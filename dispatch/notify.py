@@ -109,13 +109,15 @@ class Listener:
 
     def announce(self, payload: str) -> None:
         """Work this process made without a NOTIFY (Broker.announce), heard as a dispatch_work
-        with this payload: through the fanout by every worker of this `serve`, whose chosen
-        assigner it wakes; without a fanout (or while it is out of reach) here alone, waking
-        this process's assigner whether or not it is the chosen one."""
-        line = msgspec.json.encode((WORK_CHANNEL, payload)) + b"\n"
+        with this payload by the worker of this `serve` whose assigner work wakes: here when
+        this is that worker, else through the fanout, which passes it on to that worker alone.
+        Without a fanout (or while it is out of reach) it is heard here, waking this process's
+        assigner whether or not it is the chosen one. The other workers need not hear it: it
+        only wakes an assigner (a dashboard refreshes on the new task's event, which NOTIFYs
+        while one is open)."""
         to_fanout = self._to_fanout
-        if to_fanout is not None and not to_fanout.is_closing():
-            to_fanout.write(line)
+        if not self.wakes_assigner and to_fanout is not None and not to_fanout.is_closing():
+            to_fanout.write(msgspec.json.encode((WORK_CHANNEL, payload)) + b"\n")
             return
         self._fire(WORK_CHANNEL, payload)
         if not self.wakes_assigner:
@@ -221,7 +223,9 @@ class Fanout:
     same rows.
 
     A worker announces the work it made without a NOTIFY (Listener.announce) by a line
-    `["dispatch_work", payload]`, passed on to every worker as if Postgres had sent it."""
+    `["dispatch_work", payload]`, passed on to the chosen worker alone as if Postgres had sent
+    it (an announcement only wakes an assigner; with N workers, passing each new task's to all
+    of them cost N reads and wake-ups a task)."""
 
     MAX_BACKLOG = 1 << 20
 
@@ -251,13 +255,22 @@ class Fanout:
             await self.listener.stop()
 
     def _send(self, channel: str, payload: str) -> None:
+        """A notification from Postgres: to every worker."""
         line = msgspec.json.encode((channel, payload)) + b"\n"
         for writer in list(self._clients):
-            if writer.transport.get_write_buffer_size() > self.MAX_BACKLOG:
-                log.warning("a worker stopped reading notifications; cutting it off")
-                self._drop(writer)
-            else:
-                writer.write(line)
+            self._write(writer, line)
+
+    def _pass_on(self, line: bytes) -> None:
+        """A worker's announcement: to the chosen worker."""
+        if self._chosen is not None:
+            self._write(self._chosen, line)
+
+    def _write(self, writer: asyncio.StreamWriter, line: bytes) -> None:
+        if writer.transport.get_write_buffer_size() > self.MAX_BACKLOG:
+            log.warning("a worker stopped reading notifications; cutting it off")
+            self._drop(writer)
+        else:
+            writer.write(line)
 
     def _drop(self, writer: asyncio.StreamWriter) -> None:
         self._clients.pop(writer, None)
@@ -285,7 +298,7 @@ class Fanout:
                 note = msgspec.json.decode(line, type=list[str])
                 if len(note) != 2 or note[0] != WORK_CHANNEL:
                     raise msgspec.DecodeError(f"not an announcement: {line!r}")
-                self._send(WORK_CHANNEL, note[1])
+                self._pass_on(msgspec.json.encode(note) + b"\n")
         except (OSError, ValueError, msgspec.DecodeError, asyncio.CancelledError):
             pass  # gone, or garbled: cut off; it reconnects and re-checks
         finally:
