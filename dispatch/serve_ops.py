@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dispatch.api.ops import ops_app
-from dispatch.settings import CLIENT_IDLE_SECONDS
+from dispatch.wire import CLIENT_IDLE_SECONDS
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,6 @@ from dispatch.errors import ConfigError
 DEFAULT_PORT = 8600
 DEFAULT_METRICS_PORT = 8601
 DEFAULT_DATA_DIR = ".dispatch"
-# How long Dispatch's own HTTP clients (the SDK, serve's supervisor asking its workers) keep an idle
-# connection for reuse: well under server.keep_alive_ms (5 s by default). A client that keeps one
-# as long as the server does sends, now and then, a request on a connection the server closes at
-# that moment, and gets "server disconnected" for it, more often the busier the server.
-CLIENT_IDLE_SECONDS = 2.0
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveMs = Annotated[int, msgspec.Meta(ge=1)]

@@ -68,6 +68,11 @@ Capacity = Annotated[float, msgspec.Meta(ge=1, le=1e12)]
 Refill = Annotated[float, msgspec.Meta(ge=1 / RATE_WAIT_MAX, le=1e12)]
 Weight = Annotated[float, msgspec.Meta(ge=0.001, le=1000)]
 JsonObject = dict[str, Any]
+# How long Dispatch's own HTTP clients (the SDK, serve's supervisor asking its workers) keep an idle
+# connection for reuse: well under server.keep_alive_ms (5 s by default). A client that keeps one
+# as long as the server does sends, now and then, a request on a connection the server closes at
+# that moment, and gets "server disconnected" for it, more often the busier the server.
+CLIENT_IDLE_SECONDS = 2.0
 
 
 class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

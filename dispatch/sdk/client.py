@@ -48,8 +48,7 @@ from dispatch.models import (
     TaskWithNext,
 )
 from dispatch.sdk import tracing
-from dispatch.settings import CLIENT_IDLE_SECONDS
-from dispatch.wire import ScheduleCreate, SchedulePatch, TaskCreate
+from dispatch.wire import CLIENT_IDLE_SECONDS, ScheduleCreate, SchedulePatch, TaskCreate
 
 T = TypeVar("T")
 TaskRef = uuid.UUID | str
@@ -382,10 +381,10 @@ def _claimed_many(response: httpx.Response) -> list[Task]:
 # for as long as it runs); a dropped stream is opened again after this pause, resuming after the
 # last event received.
 FOLLOW_TIMEOUT = httpx.Timeout(10.0, read=None)
+FOLLOW_RETRY_SECONDS = 0.5
 # httpx's default pool, with idle connections given up before serve closes them.
 LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
                       keepalive_expiry=CLIENT_IDLE_SECONDS)
-FOLLOW_RETRY_SECONDS = 0.5
 
 
 class _Sse:
