@@ -260,10 +260,10 @@ class Fanout:
         for writer in list(self._clients):
             self._write(writer, line)
 
-    def _pass_on(self, line: bytes) -> None:
+    def _pass_on(self, payload: str) -> None:
         """A worker's announcement: to the chosen worker."""
         if self._chosen is not None:
-            self._write(self._chosen, line)
+            self._write(self._chosen, msgspec.json.encode((WORK_CHANNEL, payload)) + b"\n")
 
     def _write(self, writer: asyncio.StreamWriter, line: bytes) -> None:
         if writer.transport.get_write_buffer_size() > self.MAX_BACKLOG:
@@ -298,7 +298,7 @@ class Fanout:
                 note = msgspec.json.decode(line, type=list[str])
                 if len(note) != 2 or note[0] != WORK_CHANNEL:
                     raise msgspec.DecodeError(f"not an announcement: {line!r}")
-                self._pass_on(msgspec.json.encode(note) + b"\n")
+                self._pass_on(note[1])
         except (OSError, ValueError, msgspec.DecodeError, asyncio.CancelledError):
             pass  # gone, or garbled: cut off; it reconnects and re-checks
         finally:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dispatch.api.ops import ops_app
-from dispatch.wire import CLIENT_IDLE_SECONDS
+from dispatch.sdk.client import LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ class ServeOps:
         while len(self._clients) <= i:
             path = worker_socket(self.run_dir, len(self._clients))
             self._clients.append(httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(
-                    uds=str(path), limits=httpx.Limits(keepalive_expiry=CLIENT_IDLE_SECONDS)
-                ),
+                transport=httpx.AsyncHTTPTransport(uds=str(path), limits=LIMITS),
                 base_url="http://worker",
                 timeout=WORKER_TIMEOUT_SECONDS,
             ))

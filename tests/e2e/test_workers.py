@@ -46,25 +46,28 @@ def wait(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def running(pid: int) -> bool:
-    """The process exists and has not exited. A worker orphaned by kill -9 of its supervisor
-    is reaped by init, which may take seconds; until then it is a zombie, dead but listed."""
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); [] when gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+        return []
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited. A worker orphaned by kill -9 of its supervisor
+    is reaped by init, which may take seconds; until then it is a zombie, dead but listed."""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] not in "ZX"
 
 
 def worker_pids(supervisor: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == supervisor:
+            fields = proc_stat(int(entry.name))
+            if fields and int(fields[1]) == supervisor:
                 pids.append(int(entry.name))
     return pids
 
