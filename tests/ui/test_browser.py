@@ -310,6 +310,12 @@ async def test_signal_a_suspended_task_from_its_page(
     await expect(page.locator("body")).to_contain_text("not JSON")
     await page.goto(f"{server.api}/ui/tasks/{tid}")
     await page.fill("#signal-payload", '{"date": "2027-03-01"}')
+    # The summary is redrawn live (its times tick): what was typed, and the cursor, survive it.
+    await page.evaluate("document.getElementById('task-status').__before = true")
+    await page.wait_for_function(
+        "document.getElementById('task-status').__before === undefined", timeout=DEADLINE * 1000)
+    await expect(page.locator("#signal-payload")).to_have_value('{"date": "2027-03-01"}')
+    await expect(page.locator("#signal-payload")).to_be_focused()
     await page.click("#signal")
     await expect(page.locator("#task-status")).to_have_text("assigned")
     await expect(page.locator("#task-signal")).to_contain_text("2027-03-01")

@@ -28,15 +28,33 @@
     Object.keys(fragments).forEach(function (id) {
       var el = document.getElementById(id);
       if (el && shown[id] !== fragments[id]) {
-        // What the reader opened stays open across the swap.
+        // What the reader opened stays open across the swap, and what they typed into a form
+        // (a signal's payload, a reason) stays typed, with the cursor where it was.
         var open = {};
         el.querySelectorAll("details[data-keep][open]").forEach(function (d) {
           open[d.getAttribute("data-keep")] = true;
         });
+        var typed = {};
+        el.querySelectorAll("input[id], textarea[id]").forEach(function (i) {
+          if (i.value !== i.defaultValue) typed[i.id] = i.value;
+        });
+        var active = document.activeElement;
+        var focus = active && active.id && el.contains(active) ? active : null;
         el.innerHTML = fragments[id];
         el.querySelectorAll("details[data-keep]").forEach(function (d) {
           if (open[d.getAttribute("data-keep")]) d.open = true;
         });
+        Object.keys(typed).forEach(function (key) {
+          var i = document.getElementById(key);
+          if (i && el.contains(i)) i.value = typed[key];
+        });
+        var again = focus && document.getElementById(focus.id);
+        if (again && el.contains(again)) {
+          again.focus();
+          if (focus.selectionStart !== null && again.setSelectionRange) {
+            again.setSelectionRange(focus.selectionStart, focus.selectionEnd);
+          }
+        }
         shown[id] = fragments[id];
       }
     });
