@@ -145,7 +145,7 @@ def results_table(r: Report) -> list[list[str]]:
             for k, v in rest.latency_ms.items() if v
         )
         detail = (f"requests: {per}; {rest.claimed} tasks from claims, {rest.handed} from"
-                  " completions' next")
+                  f" completions' next; {rest.pushed} pushed by the assigner")
         if rest.cpu is not None:
             detail += "; " + rest.cpu.describe(rest.n)
         rows.append(["2. (detail) REST lifecycle requests and CPU", detail, "", ""])

@@ -176,6 +176,7 @@ class RestResult:
     idle_rss_kb: int
     claimed: int = 0  # tasks a claim returned
     handed: int = 0  # tasks a completion's `next` returned
+    pushed: int = 0  # tasks the assigner gave (then fetched by the agent's claim or `next`)
     create_ms: list[float] = field(default_factory=list)
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     cpu: CpuSplit | None = None
@@ -297,10 +298,15 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
     # serve has stopped: its connections flushed their statistics.
     await asyncio.sleep(0.2)
     cost = cost_between(cluster.admin_url, before, read_counters(cluster.admin_url, dbname))
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT count(*) FROM dispatch.task_events"
+            " WHERE event = 'assigned' AND payload->>'mode' <> 'claim'")
+        pushed = int((await cur.fetchone() or (0,))[0])
     return RestResult(
         n=n, seconds=seconds, agents=sizes.rest_agents, producers=sizes.rest_producers,
         requests=counts, cost=cost, peak_rss_kb=peak, hwm_kb=hwm, idle_rss_kb=idle_rss,
-        claimed=claimed, handed=handed, create_ms=create_lat.ms,
+        claimed=claimed, handed=handed, pushed=pushed, create_ms=create_lat.ms,
         latency_ms={k: v.ms for k, v in lat.items()}, cpu=cpu,
     )
 
