@@ -429,14 +429,14 @@ class Broker:
 
     async def assign_round(
         self, *, batch: int | None = None, now: datetime | None = None
-    ) -> tuple[list[Assignment], float | None, bool]:
+    ) -> tuple[list[Assignment], float | None, bool, bool]:
         """One assignment batch, with the seconds until a deferred task becomes available (None:
-        none waits) and whether every agent was full with work waiting (see
-        Tasks.assign_round)."""
+        none waits), whether every agent was full with work waiting and whether a pick was lost
+        to a claim holding its agent's slot (see Tasks.assign_round)."""
         start = time.time_ns()
-        assignments, due, full = await self.tasks.assign_round(
+        assignments, due, full, lost = await self.tasks.assign_round(
             batch or self.assignment.batch_size, now=now)
-        return self._assigned(assignments, start), due, full
+        return self._assigned(assignments, start), due, full, lost
 
     def _assigned(self, assignments: list[Assignment], start: int) -> list[Assignment]:
         if assignments and self.tracing is not None:

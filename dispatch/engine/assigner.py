@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 WakeFn = Callable[[str], Awaitable[None]]
 
+# How long a round that lost its picks to claims holding their agents' slots waits before the
+# next (a claim's statement lasts a millisecond or two); then the tick.
+LOST_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)
+
 
 class Waker:
     """Asks Warren to wake agents, retried with backoff, never on the caller's path. A wake already
@@ -165,11 +169,21 @@ class Assigner(TickLoop):
         Not "until a batch is short": a batch can end short because the agents it locked filled up
         while tasks for other agents were still waiting further down the queue (its `more`)."""
         made: list[Assignment] = []
+        lost = 0
         while True:
-            batch, self._next, self._full = await self.broker.assign_round(batch=self.batch)
+            batch, self._next, self._full, stranded = await self.broker.assign_round(
+                batch=self.batch)
             self.progressed()
             if not batch:
-                return made
+                # A task it picked went to no one: a claim of the agent it chose held that
+                # agent's free slot, and (finding the task locked by this round) may have taken
+                # nothing. Nothing else announces that task: look again once the claim has
+                # ended, a few times, each a little later.
+                if not stranded or lost == len(LOST_PAUSES):
+                    return made
+                await asyncio.sleep(LOST_PAUSES[lost])
+                lost += 1
+                continue
             if self.metrics is not None:
                 self.metrics.assign_batch_size.observe(len(batch))
             for assignment in batch:

@@ -56,17 +56,19 @@ _DUE = {
     for kind, call in _DUE_CALLS.items()
 }
 
-# The round's rows, then one row with only `due` and `full` (an Append runs its branches in
-# order: the second runs after task_assign, whose verdict `full` it reads; and it reads the
-# statement's snapshot, which is all next_available needs: a round gives only tasks that are
-# available already).
+# The round's rows, then one row with only `due`, `full` and `lost` (an Append runs its
+# branches in order: the second runs after task_assign, whose verdicts `full` and `lost` it
+# reads; and it reads the statement's snapshot, which is all next_available needs: a round gives
+# only tasks that are available already).
 _ASSIGN_ROUND = f"""
 WITH t AS (SELECT coalesce(%s::timestamptz, now()) AS now)
-SELECT a.*, NULL::float8 AS due, NULL::boolean AS full FROM t, dispatch.task_assign(%s, t.now) a
+SELECT a.*, NULL::float8 AS due, NULL::boolean AS full, NULL::boolean AS lost
+FROM t, dispatch.task_assign(%s, t.now) a
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        {_SECONDS_UNTIL.format(_DUE_CALLS["available"])},
-       current_setting('dispatch.assign_full', true) IS NOT DISTINCT FROM 'on' FROM t
+       current_setting('dispatch.assign_full', true) IS NOT DISTINCT FROM 'on',
+       current_setting('dispatch.assign_lost', true) IS NOT DISTINCT FROM 'on' FROM t
 """
 
 _LIST = """
@@ -373,13 +375,16 @@ class Tasks(Queries):
 
     async def assign_round(
         self, batch: int, *, now: datetime | None = None, conn: Conn | None = None
-    ) -> tuple[list[Assignment], float | None, bool]:
+    ) -> tuple[list[Assignment], float | None, bool, bool]:
         """One assignment batch, and in the same statement the assigner's next due instant
-        (seconds_until_due("available")): one round trip for a round that ends a wake-up. Last,
-        whether the batch found work waiting and no agent with room for any of it (`full`)."""
+        (seconds_until_due("available")): one round trip for a round that ends a wake-up. Then
+        whether the batch found work waiting and no agent with room for any of it (`full`), and
+        whether it picked a task that it could not give, its agent's slot held by a claim at
+        that moment (`lost`)."""
         rows = await self._rows(_ASSIGN_ROUND, (now, batch), conn)
         due: float | None = rows[-1]["due"]
-        return [convert(r, Assignment) for r in rows[:-1]], due, bool(rows[-1]["full"])
+        return ([convert(r, Assignment) for r in rows[:-1]], due, bool(rows[-1]["full"]),
+                bool(rows[-1]["lost"]))
 
     async def apply(
         self, change: Change, *, now: datetime | None = None, conn: Conn | None = None

@@ -201,8 +201,8 @@ async def test_seconds_until_due_counts_to_the_earliest_deadline(broker: Broker)
     assert await due("available", now=T0) == 50
     assert await due("available", now=at(60)) is None
     # The assigner reads it in its round's own statement, after the round's rows.
-    assert await broker.tasks.assign_round(10, now=T0) == ([], 50, False)
-    _, later, _ = await broker.tasks.assign_round(10, now=at(60))
+    assert await broker.tasks.assign_round(10, now=T0) == ([], 50, False, False)
+    _, later, _, _ = await broker.tasks.assign_round(10, now=at(60))
     assert later is None
 
 

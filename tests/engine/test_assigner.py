@@ -299,3 +299,38 @@ async def test_the_reapers_sweep_parks_what_no_agent_can_take_and_a_registration
         assert (await broker.tasks.get(task_id)).assigned_agent == "gpu-box"
     finally:
         await assigner.stop()
+
+
+async def test_a_task_a_round_lost_to_a_claim_holding_the_slot_is_given_after_it(
+    broker: Broker, listener: Listener, db_url: str
+) -> None:
+    """A round picks the new task for the one agent just as that agent's claim holds its free
+    slot (and, finding the task locked by the round, takes nothing): the round gives nothing.
+    Once the claim has ended, the assigner looks again: the task does not wait for the tick."""
+    await broker.agents.upsert("solo", max_concurrent=1)
+    assigner = Assigner(broker, listener, tick_interval_ms=SLOW_TICK_MS)
+    await assigner.start()
+    claim = await psycopg.AsyncConnection.connect(db_url)
+    try:
+        await assigner.wait_until(lambda a: a.rounds >= 1, 5)
+        # As a claim of solo holds its slot while it walks the queue (dispatch.task_claim).
+        await claim.execute("SELECT dispatch.slots_take('solo', 1, 1)")
+        lost: list[bool] = []
+        assign_round = broker.assign_round
+
+        async def then_the_claim_ends(**kwargs: Any) -> Any:
+            answer = await assign_round(**kwargs)
+            if not lost:
+                lost.append(answer[3])
+                await claim.commit()  # it took nothing: the slot is free again
+            return answer
+
+        broker.assign_round = then_the_claim_ends  # type: ignore[method-assign]
+        task_id = await submit(broker)
+        await assigner.wait_until(lambda a: a.assigned >= 1, 5)
+        assert lost == [True]
+        task = await broker.tasks.get(task_id)
+        assert (task.status, task.assigned_agent) == (TaskStatus.ASSIGNED, "solo")
+    finally:
+        await claim.close()
+        await assigner.stop()

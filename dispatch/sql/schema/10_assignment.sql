@@ -685,6 +685,14 @@ BEGIN
         refill := least(refill, later);
     END IF;
     more := cardinality(picks) >= p_batch OR cardinality(gives) < cardinality(picks);
+    -- Said to the caller's statement as well (the assigner's round reads it after this), for a
+    -- round that gives nothing: a pick whose agent's free slot a claim of that agent held at
+    -- that moment (dispatch.slots_take) was not given, and the claim, finding that task locked
+    -- by this round, may have given nothing either. Once the claim has ended, another round
+    -- can give it (Assigner.run_once); nothing else would announce it.
+    IF cardinality(gives) < cardinality(picks) THEN
+        PERFORM set_config('dispatch.assign_lost', 'on', true);
+    END IF;
     IF ok IS NOT NULL THEN  -- those flow_grant held back stay pending
         keep := ARRAY(SELECT i FROM generate_subscripts(gives, 1) i
                       WHERE ok[i] IS NOT FALSE ORDER BY i);
