@@ -302,7 +302,7 @@ async def run_rest_lifecycle(cluster: Cluster, sizes: Sizes) -> RestResult:
         cur = await db.execute(
             "SELECT count(*) FROM dispatch.task_events"
             " WHERE event = 'assigned' AND payload->>'mode' <> 'claim'")
-        pushed = int((await cur.fetchone() or (0,))[0])
+        [(pushed,)] = await cur.fetchall()
     return RestResult(
         n=n, seconds=seconds, agents=sizes.rest_agents, producers=sizes.rest_producers,
         requests=counts, cost=cost, peak_rss_kb=peak, hwm_kb=hwm, idle_rss_kb=idle_rss,

@@ -169,9 +169,9 @@ class Assigner(TickLoop):
         Not "until a batch is short": a batch can end short because the agents it locked filled up
         while tasks for other agents were still waiting further down the queue (its `more`)."""
         made: list[Assignment] = []
-        lost = 0
+        retries = 0
         while True:
-            batch, self._next, self._full, stranded = await self.broker.assign_round(
+            batch, self._next, self._full, lost = await self.broker.assign_round(
                 batch=self.batch)
             self.progressed()
             if not batch:
@@ -179,10 +179,10 @@ class Assigner(TickLoop):
                 # agent's free slot, and (finding the task locked by this round) may have taken
                 # nothing. Nothing else announces that task: look again once the claim has
                 # ended, a few times, each a little later.
-                if not stranded or lost == len(LOST_PAUSES):
+                if not lost or retries == len(LOST_PAUSES):
                     return made
-                await asyncio.sleep(LOST_PAUSES[lost])
-                lost += 1
+                await asyncio.sleep(LOST_PAUSES[retries])
+                retries += 1
                 continue
             if self.metrics is not None:
                 self.metrics.assign_batch_size.observe(len(batch))
