@@ -290,7 +290,9 @@ CREATE INDEX task_dependencies_depends_on_idx ON dispatch.task_dependencies (dep
 -- (16_history.sql): the pruner creates them ahead and drops those past retention. A task's history
 -- is kept by time, not by task: no foreign key, so deleting a task leaves its events to their
 -- partition. Rows outside every partition land in task_events_default, never in an error, and the
--- pruner moves them into partitions of their own.
+-- pruner moves them into partitions of their own. Every reader finds a task's events by its id, and
+-- the relay finds the unpublished ones by their own index, so the primary key leads with the task:
+-- an event row then costs two index entries, not three.
 CREATE TABLE dispatch.task_events (
     id           bigserial,
     task_id      uuid NOT NULL,
@@ -301,14 +303,12 @@ CREATE TABLE dispatch.task_events (
     published_at timestamptz,
     -- Set (with published_at) when the relay gave up on the event: NATS refused it for good.
     relay_error  text,
-    PRIMARY KEY (id, created_at),
+    PRIMARY KEY (task_id, id, created_at),
     CONSTRAINT task_events_times_range CHECK (
         least(created_at, published_at) >= '1970-01-01 00:00:00+00'
         AND greatest(created_at, published_at) < '9999-01-01 00:00:00+00')
 ) PARTITION BY RANGE (created_at);
 
 CREATE TABLE dispatch.task_events_default PARTITION OF dispatch.task_events DEFAULT;
-
-CREATE INDEX task_events_task_idx ON dispatch.task_events (task_id, id);
 
 CREATE INDEX task_events_unpublished_idx ON dispatch.task_events (id) WHERE published_at IS NULL;
