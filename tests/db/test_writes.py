@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import psycopg
+import pytest
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -77,3 +78,69 @@ def test_an_assigner_round_writes_each_agent_once(sql: Conn) -> None:
     loads = {r["agent_id"]: (r["active_tasks"], r["slots_held"]) for r in sql.execute(
         "SELECT agent_id, active_tasks, slots_held FROM dispatch.agent_load").fetchall()}
     assert loads == {"a1": (3, 3), "a2": (3, 3)}, loads  # spread, each task in its own slot
+
+
+def test_a_start_writes_once_and_a_refused_one_writes_nothing(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
+    sql.execute("SELECT dispatch.agent_upsert('a2', '{}', NULL, 10, 'ready')")
+    sql.execute("SELECT dispatch.create_task('one')")
+    sql.execute("SELECT * FROM dispatch.task_assign(10)")
+    row = sql.execute("SELECT task_id, assigned_agent, lease FROM dispatch.tasks").fetchone()
+    assert row is not None and row["assigned_agent"] is not None
+    task_id, holder, lease = row["task_id"], row["assigned_agent"], row["lease"]
+    other = "a2" if holder == "a1" else "a1"
+
+    def state() -> tuple[object, ...]:
+        row = sql.execute(
+            "SELECT status, updated_at, (SELECT count(*) FROM dispatch.task_events e"
+            " WHERE e.task_id = t.task_id) AS events FROM dispatch.tasks t WHERE task_id = %s",
+            (task_id,)).fetchone()
+        assert row is not None
+        return tuple(row.values())
+
+    # Refused: another agent (403), a stale lease (409). Nothing is written.
+    before = state()
+    for agent, stale, code in ((other, None, "UD403"), (holder, lease % 1000 + 1, "UD409")):
+        with pytest.raises(psycopg.Error) as refused:
+            sql.execute("SELECT dispatch.task_start(%s, %s, p_lease => %s)",
+                        (task_id, agent, stale))
+        assert refused.value.sqlstate == code, refused.value
+        assert state() == before
+
+    started = writes(sql, "SELECT dispatch.task_start(%s, %s, p_lease => %s)",
+                     (task_id, holder, lease))
+    assert started == Counter({"tasks update": 1, "task_events insert": 1}), started
+    # Started again (an answer lost): the running task, nothing written.
+    again = writes(sql, "SELECT dispatch.task_start(%s, %s)", (task_id, holder))
+    assert again == Counter(), again
+    status = sql.execute("SELECT status FROM dispatch.tasks WHERE task_id = %s", (task_id,))
+    assert status.fetchone() == {"status": "running"}
+    events = [r["event"] for r in sql.execute(
+        "SELECT event FROM dispatch.task_events WHERE task_id = %s ORDER BY id",
+        (task_id,)).fetchall()]
+    assert events == ["created", "assigned", "started"]
+
+    # A start of a task that is not assigned: refused as a conflict, nothing written.
+    sql.execute("SELECT dispatch.create_task('two')")
+    two = sql.execute("SELECT task_id FROM dispatch.tasks WHERE title = 'two'").fetchone()
+    assert two is not None
+    with pytest.raises(psycopg.Error) as pending:
+        sql.execute("SELECT dispatch.task_start(%s, NULL)", (two["task_id"],))
+    assert pending.value.sqlstate == "UD409", pending.value
+
+
+def test_a_tasks_history_is_read_from_its_own_index_entries(sql: Conn) -> None:
+    # The event log's primary key leads with the task: the history of one task among many
+    # reads that task's rows alone, in order, without a scan of the log.
+    sql.execute("SELECT count(*) FROM (SELECT dispatch.create_task('t' || i)"
+                " FROM generate_series(1, 2000) i) x")
+    sql.execute("ANALYZE dispatch.task_events")
+    one = sql.execute("SELECT task_id FROM dispatch.tasks LIMIT 1").fetchone()
+    assert one is not None
+    plan = sql.execute(
+        "EXPLAIN (FORMAT JSON) SELECT * FROM dispatch.task_events WHERE task_id = %s ORDER BY id",
+        (one["task_id"],)).fetchone()
+    assert plan is not None
+    text = str(plan)
+    assert "Seq Scan" not in text and "Sort" not in text, text
+    assert "task_events_default_pkey" in text, text

@@ -214,21 +214,40 @@ BEGIN
     IF NOT task_create.announce THEN
         PERFORM dispatch.announce_by_caller();
     END IF;
-    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
-                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
-                                      metadata, parent_task_id, available_at, source,
-                                      idempotency_key, concurrency_key, rate_key, cost, approval,
-                                      trace_context)
-    VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
-            task_create.owner, coalesce(task_create.required_capabilities, '{}'),
-            coalesce(task_create.priority, 0), task_create.timeout_seconds,
-            task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
-            coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
-            task_create.available_at, task_create.source, task_create.idempotency_key,
-            task_create.concurrency_key, task_create.rate_key, task_create.cost,
-            task_create.approval, task_create.trace_context)
-    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING * INTO task;
+    -- Without a key, a plain INSERT: ON CONFLICT's speculative insertion would cost the row a
+    -- second WAL record for a conflict that cannot happen.
+    IF task_create.idempotency_key IS NULL THEN
+        INSERT INTO dispatch.tasks AS tk (title, description, requester, owner,
+                                          required_capabilities, priority, timeout_seconds,
+                                          heartbeat_seconds, max_retries, metadata,
+                                          parent_task_id, available_at, source, idempotency_key,
+                                          concurrency_key, rate_key, cost, approval, trace_context)
+        VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
+                task_create.owner, coalesce(task_create.required_capabilities, '{}'),
+                coalesce(task_create.priority, 0), task_create.timeout_seconds,
+                task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
+                coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
+                task_create.available_at, task_create.source, task_create.idempotency_key,
+                task_create.concurrency_key, task_create.rate_key, task_create.cost,
+                task_create.approval, task_create.trace_context)
+        RETURNING * INTO task;
+    ELSE
+        INSERT INTO dispatch.tasks AS tk (title, description, requester, owner,
+                                          required_capabilities, priority, timeout_seconds,
+                                          heartbeat_seconds, max_retries, metadata,
+                                          parent_task_id, available_at, source, idempotency_key,
+                                          concurrency_key, rate_key, cost, approval, trace_context)
+        VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
+                task_create.owner, coalesce(task_create.required_capabilities, '{}'),
+                coalesce(task_create.priority, 0), task_create.timeout_seconds,
+                task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
+                coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
+                task_create.available_at, task_create.source, task_create.idempotency_key,
+                task_create.concurrency_key, task_create.rate_key, task_create.cost,
+                task_create.approval, task_create.trace_context)
+        ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING * INTO task;
+    END IF;
     created := task.task_id IS NOT NULL;
     IF NOT created THEN
         SELECT * INTO task FROM dispatch.tasks tk
@@ -262,19 +281,33 @@ CREATE FUNCTION dispatch.task_start(
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    t dispatch.tasks;
+    checked boolean := false;
 BEGIN
-    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
-    IF t.status = 'running' THEN
-        RETURN t;   -- a repeated start changes nothing
-    END IF;
-    PERFORM dispatch.task_require_status(t, 'assigned');
+    -- The common case first, as in task_complete: the agent starts the task assigned to it (on
+    -- the lease it names), and the lock, the fence and the status check are the UPDATE's WHERE.
+    -- Otherwise the row is locked and checked (a repeat returns it, a refused start raises), and
+    -- the second round's UPDATE starts it under that lock.
     PERFORM dispatch.fn_enter();
-    UPDATE dispatch.tasks
-    SET status = 'running', started_at = p_now, last_progress_at = p_now,
-        wake_deadline_at = NULL, claim_key = coalesce(p_claim_key, claim_key), updated_at = p_now
-    WHERE task_id = p_task_id
-    RETURNING * INTO t;
+    LOOP
+        UPDATE dispatch.tasks tk
+        SET status = 'running', started_at = p_now, last_progress_at = p_now,
+            wake_deadline_at = NULL, claim_key = coalesce(p_claim_key, tk.claim_key),
+            updated_at = p_now
+        WHERE tk.task_id = p_task_id
+          AND (checked OR (tk.assigned_agent = p_agent_id AND tk.status = 'assigned'
+                           AND (p_lease IS NULL OR tk.lease = p_lease)))
+        RETURNING * INTO t;
+        EXIT WHEN FOUND;
+        t := dispatch.task_lock(p_task_id);
+        PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
+        IF t.status = 'running' THEN
+            PERFORM dispatch.fn_leave();
+            RETURN t;   -- a repeated start changes nothing
+        END IF;
+        PERFORM dispatch.task_require_status(t, 'assigned');
+        checked := true;
+    END LOOP;
     PERFORM dispatch.event_write(p_task_id, 'started', p_agent_id,
         jsonb_build_object('assigned_agent', p_agent_id), p_now);
     PERFORM dispatch.fn_leave();
