@@ -155,7 +155,9 @@ BEGIN
         SELECT * INTO c FROM dispatch.config;
         NEW.timeout_seconds := c.default_timeout_seconds;
     END IF;
-    NEW.required_capabilities := dispatch.normalize_capabilities(NEW.required_capabilities);
+    IF NEW.required_capabilities IS DISTINCT FROM '{}' THEN  -- most tasks require none
+        NEW.required_capabilities := dispatch.normalize_capabilities(NEW.required_capabilities);
+    END IF;
     NEW.requester := coalesce(NEW.requester, dispatch.session_actor());
     NEW.source := coalesce(NEW.source, 'sql');
     NEW.assigned_agent := NULL;
