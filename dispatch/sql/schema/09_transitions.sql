@@ -214,40 +214,21 @@ BEGIN
     IF NOT task_create.announce THEN
         PERFORM dispatch.announce_by_caller();
     END IF;
-    -- Without a key, a plain INSERT: ON CONFLICT's speculative insertion would cost the row a
-    -- second WAL record for a conflict that cannot happen.
-    IF task_create.idempotency_key IS NULL THEN
-        INSERT INTO dispatch.tasks AS tk (title, description, requester, owner,
-                                          required_capabilities, priority, timeout_seconds,
-                                          heartbeat_seconds, max_retries, metadata,
-                                          parent_task_id, available_at, source, idempotency_key,
-                                          concurrency_key, rate_key, cost, approval, trace_context)
-        VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
-                task_create.owner, coalesce(task_create.required_capabilities, '{}'),
-                coalesce(task_create.priority, 0), task_create.timeout_seconds,
-                task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
-                coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
-                task_create.available_at, task_create.source, task_create.idempotency_key,
-                task_create.concurrency_key, task_create.rate_key, task_create.cost,
-                task_create.approval, task_create.trace_context)
-        RETURNING * INTO task;
-    ELSE
-        INSERT INTO dispatch.tasks AS tk (title, description, requester, owner,
-                                          required_capabilities, priority, timeout_seconds,
-                                          heartbeat_seconds, max_retries, metadata,
-                                          parent_task_id, available_at, source, idempotency_key,
-                                          concurrency_key, rate_key, cost, approval, trace_context)
-        VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
-                task_create.owner, coalesce(task_create.required_capabilities, '{}'),
-                coalesce(task_create.priority, 0), task_create.timeout_seconds,
-                task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
-                coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
-                task_create.available_at, task_create.source, task_create.idempotency_key,
-                task_create.concurrency_key, task_create.rate_key, task_create.cost,
-                task_create.approval, task_create.trace_context)
-        ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING * INTO task;
-    END IF;
+    INSERT INTO dispatch.tasks AS tk (title, description, requester, owner, required_capabilities,
+                                      priority, timeout_seconds, heartbeat_seconds, max_retries,
+                                      metadata, parent_task_id, available_at, source,
+                                      idempotency_key, concurrency_key, rate_key, cost, approval,
+                                      trace_context)
+    VALUES (task_create.title, coalesce(task_create.description, ''), task_create.requester,
+            task_create.owner, coalesce(task_create.required_capabilities, '{}'),
+            coalesce(task_create.priority, 0), task_create.timeout_seconds,
+            task_create.heartbeat_seconds, coalesce(task_create.max_retries, 3),
+            coalesce(task_create.metadata, '{}'), task_create.parent_task_id,
+            task_create.available_at, task_create.source, task_create.idempotency_key,
+            task_create.concurrency_key, task_create.rate_key, task_create.cost,
+            task_create.approval, task_create.trace_context)
+    ON CONFLICT (requester, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING * INTO task;
     created := task.task_id IS NOT NULL;
     IF NOT created THEN
         SELECT * INTO task FROM dispatch.tasks tk
