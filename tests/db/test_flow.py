@@ -5,6 +5,7 @@ sets them."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import datetime
 from typing import Any
@@ -366,6 +367,24 @@ def order_index_reads(sql: Conn) -> int:
     return int(row["n"])
 
 
+def no_snapshot_but_ours(sql: Conn) -> None:
+    """Wait until no other session of this database holds a snapshot. An autovacuum worker's
+    ANALYZE can, for a second or two; while it does, the parked rows' old entries in the walk's
+    index are not yet dead to everyone, so each scan reads them again instead of marking them
+    dead once and skipping them from then on. Then a transaction id of ours is spent: a session
+    recomputes who may still see an old row only once a transaction has ended since it last did."""
+    for _ in range(600):
+        row = sql.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+        ).fetchone()
+        if row == {"n": 0}:
+            sql.execute("SELECT pg_current_xact_id()")
+            return
+        time.sleep(0.05)
+    raise AssertionError("another session held a snapshot for 30 s")
+
+
 def parked(sql: Conn) -> int:
     row = sql.execute("SELECT count(*) AS n FROM dispatch.tasks WHERE status = 'pending'"
                       " AND parked").fetchone()
@@ -389,6 +408,7 @@ def test_a_backlog_its_cap_holds_back_leaves_the_walk_and_comes_back_in_line(
     assert one() == ["alice-1"]
     # The next walk passes the other 299 (the key is at its cap), parks them, and takes bob's.
     assert one() == ["bob-1"] and parked(sql) == 299
+    no_snapshot_but_ours(sql)  # then this count's scan marks the parked rows' entries dead
     assert sql.execute("SELECT count(*) AS n FROM dispatch.pending_queue(now())").fetchone() == {
         "n": 4}
     before = order_index_reads(sql)
