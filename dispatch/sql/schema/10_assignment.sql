@@ -577,6 +577,7 @@ DECLARE
     ok    boolean[];         -- flow_grant's verdict on each of them (NULL: no flow keys)
     later timestamptz;       -- flow_grant's: when a rate limit that held one back refills
     refill timestamptz;      -- when a rate limit that held a task back will have refilled
+    lost  boolean;           -- a pick not given (its slot held by a claim, or its agent changed)
     park  uuid[] := '{}';    -- tasks passed over because their concurrency key is at its cap
     given text[] := '{}';    -- the agent of each task given
     keep  integer[];         -- the gives flow_grant admitted
@@ -684,13 +685,14 @@ BEGIN
                                  ARRAY(SELECT x.cost FROM unnest(gives) x), p_now) f;
         refill := least(refill, later);
     END IF;
-    more := cardinality(picks) >= p_batch OR cardinality(gives) < cardinality(picks);
+    lost := cardinality(gives) < cardinality(picks);
+    more := cardinality(picks) >= p_batch OR lost;
     -- Said to the caller's statement as well (the assigner's round reads it after this), for a
     -- round that gives nothing: a pick whose agent's free slot a claim of that agent held at
     -- that moment (dispatch.slots_take) was not given, and the claim, finding that task locked
     -- by this round, may have given nothing either. Once the claim has ended, another round
     -- can give it (Assigner.run_once); nothing else would announce it.
-    IF cardinality(gives) < cardinality(picks) THEN
+    IF lost THEN
         PERFORM set_config('dispatch.assign_lost', 'on', true);
     END IF;
     IF ok IS NOT NULL THEN  -- those flow_grant held back stay pending
