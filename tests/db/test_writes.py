@@ -38,6 +38,26 @@ def writes(sql: Conn, statement: str, params: tuple[object, ...] = ()) -> Counte
     return +(after - before)  # only what changed
 
 
+def hot_updates(sql: Conn) -> int:
+    """HOT updates of the task table so far (the statistics flushed first)."""
+    sql.execute("SELECT pg_stat_force_next_flush()")
+    row = sql.execute("SELECT n_tup_hot_upd AS n FROM pg_stat_user_tables"
+                      " WHERE relid = 'dispatch.tasks'::regclass").fetchone()
+    sql.execute("SELECT pg_stat_clear_snapshot()")
+    assert row is not None
+    return int(row["n"])
+
+
+def calls(sql: Conn, function: str) -> int:
+    """Calls of a dispatch function counted so far (track_functions on in this session)."""
+    sql.execute("SELECT pg_stat_force_next_flush()")
+    row = sql.execute("SELECT coalesce(sum(calls), 0) AS n FROM pg_stat_user_functions"
+                      " WHERE schemaname = 'dispatch' AND funcname = %s", (function,)).fetchone()
+    sql.execute("SELECT pg_stat_clear_snapshot()")
+    assert row is not None
+    return int(row["n"])
+
+
 def test_each_step_writes_the_task_once_and_no_shared_row(sql: Conn) -> None:
     sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
     created = writes(sql, "SELECT dispatch.create_task('one')")
@@ -127,6 +147,62 @@ def test_a_start_writes_once_and_a_refused_one_writes_nothing(sql: Conn) -> None
     with pytest.raises(psycopg.Error) as pending:
         sql.execute("SELECT dispatch.task_start(%s, NULL)", (two["task_id"],))
     assert pending.value.sqlstate == "UD409", pending.value
+
+
+def test_a_heartbeat_writes_once_and_a_refused_one_writes_nothing(sql: Conn) -> None:
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
+    sql.execute("SELECT dispatch.agent_upsert('a2', '{}', NULL, 10, 'ready')")
+    sql.execute("SELECT dispatch.create_task('one')")
+    sql.execute("SELECT dispatch.create_task('two')")
+    claimed = sql.execute("SELECT task_id, lease FROM dispatch.task_claim('a1', p_start => true)"
+                          " ORDER BY task_id LIMIT 1").fetchone()
+    assert claimed is not None
+    task_id, lease = claimed["task_id"], claimed["lease"]
+
+    def state() -> tuple[object, ...]:
+        row = sql.execute(
+            "SELECT status, progress, updated_at, (SELECT count(*) FROM dispatch.task_events e"
+            " WHERE e.task_id = t.task_id) AS events FROM dispatch.tasks t WHERE task_id = %s",
+            (task_id,)).fetchone()
+        assert row is not None
+        return tuple(row.values())
+
+    # Refused: another agent (403), a stale lease (409), a percent out of range (400). Nothing
+    # is written.
+    before = state()
+    for agent, stale, percent, code in (("a2", None, 5, "UD403"), ("a1", lease % 1000 + 1, 5,
+                                        "UD409"), ("a1", lease, 101, "UD400")):
+        with pytest.raises(psycopg.Error) as refused:
+            sql.execute("SELECT dispatch.task_progress(%s, %s, %s, p_lease => %s)",
+                        (task_id, agent, percent, stale))
+        assert refused.value.sqlstate == code, refused.value
+        assert state() == before
+
+    # The heartbeat of a running task by its agent: one HOT update and its event, in one
+    # statement (its WHERE is the fence: no separate lock of the row, no check called).
+    sql.execute("SET track_functions = 'pl'")
+    hot_before, locks_before = hot_updates(sql), calls(sql, "task_lock")
+    beat = writes(sql, "SELECT dispatch.task_progress(%s, 'a1', 40, 'm', p_lease => %s)",
+                  (task_id, lease))
+    assert beat == Counter({"tasks update": 1, "task_events insert": 1}), beat
+    assert hot_updates(sql) == hot_before + 1
+    assert calls(sql, "task_lock") == locks_before
+    row = sql.execute("SELECT status, progress FROM dispatch.tasks WHERE task_id = %s",
+                      (task_id,)).fetchone()
+    assert row == {"status": "running", "progress": {"percent": 40.0, "message": "m"}}
+
+    # A heartbeat of a task still assigned to its agent starts it first.
+    sql.execute("SELECT * FROM dispatch.task_assign(10)")
+    pushed = sql.execute("SELECT task_id, assigned_agent FROM dispatch.tasks"
+                         " WHERE status = 'assigned'").fetchone()
+    assert pushed is not None
+    sql.execute("SELECT dispatch.task_progress(%s, %s, 10)",
+                (pushed["task_id"], pushed["assigned_agent"]))
+    assert calls(sql, "task_lock") == locks_before + 1
+    events = [r["event"] for r in sql.execute(
+        "SELECT event FROM dispatch.task_events WHERE task_id = %s ORDER BY id",
+        (pushed["task_id"],)).fetchall()]
+    assert events == ["created", "assigned", "started", "progress"]
 
 
 def test_a_tasks_history_is_read_from_its_own_index_entries(sql: Conn) -> None:

@@ -302,26 +302,39 @@ CREATE FUNCTION dispatch.task_progress(
 ) RETURNS dispatch.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    t dispatch.tasks := dispatch.task_lock(p_task_id);
+    t dispatch.tasks;
     p jsonb;
+    checked boolean := false;
 BEGIN
     IF p_percent IS NOT NULL AND NOT (p_percent BETWEEN 0 AND 100) THEN
         RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', p_percent
             USING ERRCODE = 'UD400', COLUMN = 'percent';
     END IF;
-    PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
-    PERFORM dispatch.task_require_status(t, 'assigned', 'running');
-    IF t.status = 'assigned' THEN
-        t := dispatch.task_start(p_task_id, p_agent_id, p_now);
-    END IF;
     p := jsonb_strip_nulls(jsonb_build_object('percent', p_percent, 'message', p_message,
                                               'data', p_data));
+    -- The common case first, as in task_start: a heartbeat of the running task from its agent
+    -- (on the lease it names), the lock, the fence and the status check the UPDATE's WHERE.
+    -- Otherwise the row is locked and checked (a refused report raises; a task still assigned is
+    -- started first), and the second round's UPDATE writes the progress under that lock.
     PERFORM dispatch.fn_enter();
-    -- Only unindexed columns change: a HOT update.
-    UPDATE dispatch.tasks
-    SET progress = p, last_progress_at = p_now, updated_at = p_now
-    WHERE task_id = p_task_id
-    RETURNING * INTO t;
+    LOOP
+        -- Only unindexed columns change: a HOT update.
+        UPDATE dispatch.tasks tk
+        SET progress = p, last_progress_at = p_now, updated_at = p_now
+        WHERE tk.task_id = p_task_id
+          AND (checked OR (tk.assigned_agent = p_agent_id AND tk.status = 'running'
+                           AND (p_lease IS NULL OR tk.lease = p_lease)))
+        RETURNING * INTO t;
+        EXIT WHEN FOUND;
+        t := dispatch.task_lock(p_task_id);
+        PERFORM dispatch.task_fence(t, p_agent_id, p_lease);
+        PERFORM dispatch.task_require_status(t, 'assigned', 'running');
+        IF t.status = 'assigned' THEN
+            t := dispatch.task_start(p_task_id, p_agent_id, p_now);
+            PERFORM dispatch.fn_enter();  -- task_start left it
+        END IF;
+        checked := true;
+    END LOOP;
     PERFORM dispatch.event_write(p_task_id, 'progress', p_agent_id,
         jsonb_build_object('assigned_agent', p_agent_id, 'percent', p_percent,
                            'message', p_message, 'data', p_data), p_now);
