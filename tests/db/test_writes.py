@@ -205,6 +205,41 @@ def test_a_heartbeat_writes_once_and_a_refused_one_writes_nothing(sql: Conn) -> 
     assert events == ["created", "assigned", "started", "progress"]
 
 
+def test_the_functions_writes_call_no_update_trigger_unless_a_slot_is_announced(sql: Conn) -> None:
+    # The transition functions check the edge and write the event themselves: the give, the
+    # start and a completion whose claim follows do not call the update trigger at all. A
+    # completion with no claim after it calls it to announce the freed slot; a change by plain
+    # SQL calls it for its check and its event, as before.
+    sql.execute("SET track_functions = 'pl'")
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 10, 'ready')")
+    for title in ("one", "two", "three"):
+        sql.execute("SELECT dispatch.create_task(%s)", (title,))
+    before = calls(sql, "tasks_before_update")
+    one = sql.execute("SELECT task_id FROM dispatch.task_claim('a1', p_start => true)").fetchone()
+    assert one is not None
+    sql.execute("SELECT * FROM dispatch.task_then_claim(dispatch.task_complete(%s, 'a1', '{}',"
+                " p_refill => true), 'a1', 1, true, now())", (one["task_id"],))
+    sql.execute("SELECT * FROM dispatch.task_assign(10)")
+    pushed = sql.execute("SELECT task_id FROM dispatch.tasks WHERE status = 'assigned'").fetchone()
+    assert pushed is not None
+    sql.execute("SELECT dispatch.task_start(%s, 'a1')", (pushed["task_id"],))
+    assert calls(sql, "tasks_before_update") == before
+
+    sql.execute("SELECT dispatch.task_complete(%s, 'a1', '{}')", (pushed["task_id"],))
+    assert calls(sql, "tasks_before_update") == before + 1
+    with pytest.raises(psycopg.Error) as illegal:
+        sql.execute("UPDATE dispatch.tasks SET status = 'running' WHERE task_id = %s",
+                    (pushed["task_id"],))
+    assert illegal.value.sqlstate == "UD409", illegal.value
+    running = sql.execute("SELECT task_id FROM dispatch.tasks WHERE status = 'running'").fetchone()
+    assert running is not None
+    sql.execute("UPDATE dispatch.tasks SET status = 'cancelled' WHERE task_id = %s",
+                (running["task_id"],))
+    last = sql.execute("SELECT event, payload ->> 'via' AS via FROM dispatch.task_events"
+                       " WHERE task_id = %s ORDER BY id DESC LIMIT 1", (running["task_id"],))
+    assert last.fetchone() == {"event": "cancelled", "via": "sql"}
+
+
 def test_a_tasks_history_is_read_from_its_own_index_entries(sql: Conn) -> None:
     # The event log's primary key leads with the task: the history of one task among many
     # reads that task's rows alone, in order, without a scan of the log.

@@ -335,8 +335,20 @@ BEGIN
 END
 $$;
 
+-- Not called for a change a lifecycle function makes (dispatch.via 'fn': the function checked
+-- the edge and writes the event) unless that change frees a slot to announce, or would move
+-- updated_at back: so never for a give, a start or a completion whose agent's claim follows in
+-- the same transaction (refill_promise), which are most of a task's writes.
 CREATE TRIGGER tasks_before_update BEFORE UPDATE OF status, assigned_agent ON dispatch.tasks
-    FOR EACH ROW EXECUTE FUNCTION dispatch.tasks_before_update();
+    FOR EACH ROW WHEN (current_setting('dispatch.via', true) IS DISTINCT FROM 'fn'
+                       OR NEW.updated_at < OLD.updated_at
+                       OR (OLD.status IN ('assigned', 'running')
+                           AND (NEW.status NOT IN ('assigned', 'running')
+                                OR NEW.assigned_agent IS DISTINCT FROM OLD.assigned_agent)
+                           AND (NEW.status = 'pending'
+                                OR current_setting('dispatch.refill', true)
+                                   IS DISTINCT FROM OLD.assigned_agent)))
+    EXECUTE FUNCTION dispatch.tasks_before_update();
 
 -- What the columns a task gets at its creation may hold, when an UPDATE writes one of them (from
 -- psql too; no transition does, so an assignment or a completion never runs it). A new row's are
