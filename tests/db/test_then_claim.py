@@ -171,3 +171,49 @@ def test_a_batch_whose_claim_fails_keeps_its_reports_and_says_why(sql: Conn) -> 
     status = sql.execute("SELECT status::text FROM dispatch.tasks WHERE task_id = %s",
                          (first,)).fetchone()
     assert status == {"status": "completed"}
+
+
+def test_a_batchs_freed_slots_are_announced_unless_its_claim_fills_them(
+    sql: Conn, db_url: str
+) -> None:
+    """The slots a batch's completions free wake the assigners (NOTIFY dispatch_work) unless
+    the claim that follows takes as many tasks as it asks for; when it takes fewer, when no
+    claim follows (the asking report refused), or for a batch with no claim, they do."""
+    sql.execute("SELECT dispatch.agent_upsert('a1', '{}', NULL, 2, 'ready')")
+    first, second = running(sql, "first"), running(sql, "second")
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dispatch_work")
+        for title in ("third", "fourth", "fifth"):
+            sql.execute("SELECT dispatch.create_task(%s)", (title,))
+        list(listener.notifies(timeout=0.5))  # the creates'
+
+        rows = sql.execute(BATCH, ("a1", reports((first, "complete"), (second, "complete")), 2,
+                                   2)).fetchall()
+        assert [r["part"] for r in rows] == ["report", "report", "next", "next"]  # both refilled
+        assert list(listener.notifies(timeout=0.5)) == []
+
+        third, fourth = rows[2]["task_id"], rows[3]["task_id"]
+        rows = sql.execute(BATCH, ("a1", reports((third, "complete"), (fourth, "complete")), 2,
+                                   2)).fetchall()
+        assert [r["part"] for r in rows] == ["report", "report", "next"]  # one of two refilled
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+
+        fifth = rows[2]["task_id"]
+        sql.execute("SELECT dispatch.create_task('sixth')")
+        list(listener.notifies(timeout=0.5))
+        rows = sql.execute(BATCH, ("a1", reports((fifth, "complete"), (fifth, "start")), 2, 2)
+                           ).fetchall()
+        assert [(r["status"], r["part"]) for r in rows] == [(200, "report"), (409, "report")]
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]
+
+        sixth = sql.execute("SELECT task_id FROM dispatch.task_claim('a1', p_start => true)")
+        sixth_id = sixth.fetchone()
+        assert sixth_id is not None
+        seventh = running(sql, "seventh")
+        list(listener.notifies(timeout=0.5))
+        sql.execute("SELECT * FROM dispatch.task_report_batch('a1', %s::jsonb)",
+                    (reports((str(sixth_id["task_id"]), "complete"), (seventh, "complete")),))
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "dispatch_work"]

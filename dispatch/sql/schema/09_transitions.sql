@@ -724,8 +724,12 @@ $$;
 -- and that task named once in the batch, so that its order among the others does not matter.
 -- Every other report, and any of those its UPDATE did not find as expected, then goes through its
 -- own function in order, as before; should that step fail, all of them do.
+-- p_refill: a claim of the agent follows in the same transaction
+-- (dispatch.task_report_batch_then_claim), which announces the slots the reports free
+-- (dispatch.refill_promise).
 CREATE FUNCTION dispatch.task_report_batch(
-    p_agent_id text, p_reports jsonb, p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now()
+    p_agent_id text, p_reports jsonb, p_admin boolean DEFAULT false, p_now timestamptz DEFAULT now(),
+    p_refill boolean DEFAULT false
 ) RETURNS TABLE (ord integer, status integer, error text, field text, task jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -744,7 +748,7 @@ BEGIN
     END IF;
     IF jsonb_array_length(p_reports) > 1 THEN
         BEGIN
-            PERFORM dispatch.refill_promise(p_agent_id, false);
+            PERFORM dispatch.refill_promise(p_agent_id, p_refill);
             PERFORM dispatch.fn_enter();
             -- Only when every report names its task in the canonical form, so that a task named
             -- twice is seen as such. (Each cast behind its CASE: a malformed lease is left to its
@@ -825,11 +829,11 @@ BEGIN
                                                 r ->> 'message', r -> 'data', p_now, lease);
                 WHEN 'complete' THEN
                     t := dispatch.task_complete(id, p_agent_id, r -> 'result', p_admin, p_now,
-                                                lease);
+                                                lease, p_refill);
                 WHEN 'fail' THEN
                     t := dispatch.task_fail(id, p_agent_id, r ->> 'error',
                                             coalesce((r ->> 'retry_eligible')::boolean, true), p_now,
-                                            lease);
+                                            lease, p_refill);
                 ELSE
                     RAISE EXCEPTION 'action must be start, progress, complete or fail'
                         USING ERRCODE = 'UD400', COLUMN = 'action';

@@ -466,9 +466,11 @@ BEGIN
         claimed := '{}';
         GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
     END;
-    -- The slot stays free unless this agent's claim took a task into it: announced.
+    -- The slots stay free unless this agent's claim took as many tasks as it asked for (one for
+    -- each slot the reports before freed, or more): announced.
     IF promised IS NOT NULL
-       AND (promised <> p_agent_id OR (cardinality(claimed) = 0 AND p_announce)) THEN
+       AND (promised <> p_agent_id
+            OR ((cardinality(claimed) = 0 OR cardinality(claimed) < p_max) AND p_announce)) THEN
         PERFORM pg_notify('dispatch_work', '');
     END IF;
     IF error IS NOT NULL THEN
@@ -506,7 +508,9 @@ $$;
 
 -- Several reports of one agent (dispatch.task_report_batch) and, when the one at p_then (its
 -- ordinal) was applied, the agent's claim of its next tasks, in one statement. Rows: the batch's,
--- with part 'report', then dispatch.task_claim_next's (ord NULL).
+-- with part 'report', then dispatch.task_claim_next's (ord NULL). The slots its completions and
+-- failures free are announced by that claim, and only when it takes fewer tasks than it asks
+-- for; when no claim follows, here.
 CREATE FUNCTION dispatch.task_report_batch_then_claim(
     p_agent_id text, p_reports jsonb, p_admin boolean, p_now timestamptz,
     p_then integer, p_max integer, p_start boolean
@@ -517,14 +521,19 @@ DECLARE
     applied boolean := false;
 BEGIN
     FOR ord, status, error, field, task IN
-        SELECT * FROM dispatch.task_report_batch(p_agent_id, p_reports, p_admin, p_now) b
+        SELECT * FROM dispatch.task_report_batch(p_agent_id, p_reports, p_admin, p_now, true) b
         ORDER BY b.ord
     LOOP
         part := 'report';
         applied := applied OR (ord = p_then AND status = 200);
         RETURN NEXT;
     END LOOP;
-    IF applied THEN
+    IF NOT applied THEN
+        IF current_setting('dispatch.refill', true) = p_agent_id THEN
+            PERFORM set_config('dispatch.refill', '', true);
+            PERFORM pg_notify('dispatch_work', '');
+        END IF;
+    ELSE
         RETURN QUERY SELECT NULL::integer, NULL::integer, n.error, NULL::text, n.task, n.part,
                             n.fresh
                      FROM dispatch.task_claim_next(p_agent_id, p_max, p_start, p_now) n;
