@@ -38,24 +38,25 @@ def writes(sql: Conn, statement: str, params: tuple[object, ...] = ()) -> Counte
     return +(after - before)  # only what changed
 
 
-def hot_updates(sql: Conn) -> int:
-    """HOT updates of the task table so far (the statistics flushed first)."""
+def counted(sql: Conn, query: str, params: tuple[object, ...] = ()) -> int:
+    """A statistics counter (the query's `n`) as it is now: this session's counts flushed first."""
     sql.execute("SELECT pg_stat_force_next_flush()")
-    row = sql.execute("SELECT n_tup_hot_upd AS n FROM pg_stat_user_tables"
-                      " WHERE relid = 'dispatch.tasks'::regclass").fetchone()
+    row = sql.execute(query, params).fetchone()  # type: ignore[arg-type]
     sql.execute("SELECT pg_stat_clear_snapshot()")
     assert row is not None
     return int(row["n"])
+
+
+def hot_updates(sql: Conn) -> int:
+    """HOT updates of the task table so far."""
+    return counted(sql, "SELECT n_tup_hot_upd AS n FROM pg_stat_user_tables"
+                        " WHERE relid = 'dispatch.tasks'::regclass")
 
 
 def calls(sql: Conn, function: str) -> int:
     """Calls of a dispatch function counted so far (track_functions on in this session)."""
-    sql.execute("SELECT pg_stat_force_next_flush()")
-    row = sql.execute("SELECT coalesce(sum(calls), 0) AS n FROM pg_stat_user_functions"
-                      " WHERE schemaname = 'dispatch' AND funcname = %s", (function,)).fetchone()
-    sql.execute("SELECT pg_stat_clear_snapshot()")
-    assert row is not None
-    return int(row["n"])
+    return counted(sql, "SELECT coalesce(sum(calls), 0) AS n FROM pg_stat_user_functions"
+                        " WHERE schemaname = 'dispatch' AND funcname = %s", (function,))
 
 
 def test_each_step_writes_the_task_once_and_no_shared_row(sql: Conn) -> None:

@@ -530,7 +530,7 @@ BEGIN
     END LOOP;
     IF NOT applied THEN
         IF current_setting('dispatch.refill', true) = p_agent_id THEN
-            PERFORM set_config('dispatch.refill', '', true);
+            PERFORM dispatch.refill_promise(p_agent_id, false);
             PERFORM pg_notify('dispatch_work', '');
         END IF;
     ELSE
