@@ -11,7 +11,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE dispatch.tasks tk SET parked = true
     FROM (SELECT x.task_id FROM dispatch.tasks x
-          WHERE x.task_id = ANY (p_task_ids) AND x.status = 'pending' AND NOT x.parked
+          -- By key: the status as text, so that no partial index of pending rows matches
+          -- (see dispatch.task_claim).
+          WHERE x.task_id = ANY (p_task_ids) AND x.status::text = 'pending' AND NOT x.parked
             AND x.concurrency_key IS NOT NULL
           FOR NO KEY UPDATE SKIP LOCKED) p
     WHERE tk.task_id = p.task_id;

@@ -361,14 +361,17 @@ BEGIN
     -- The common case first: the agent completes the task it holds (on the lease it names), and
     -- no review waits. The lock, the fence and the status check are the UPDATE's WHERE, which
     -- Postgres checks again on the row as it is once locked; every other case (a repeat, a
-    -- manual resolution, a review, a stale or refused report) takes the path below.
+    -- manual resolution, a review, a stale or refused report) takes the path below. The row is
+    -- found by its primary key: the status is compared as text so that no partial index of
+    -- active rows matches (a session that planned this while the table was tiny read all of
+    -- the agent's active rows through tasks_active_agent_idx at each completion).
     PERFORM dispatch.refill_promise(p_actor, p_refill);
     PERFORM dispatch.fn_enter();
     UPDATE dispatch.tasks tk
     SET status = 'completed', result = p_result, completed_at = p_now, updated_at = p_now,
         deadline_at = NULL, wake_deadline_at = NULL
     WHERE tk.task_id = p_task_id AND tk.assigned_agent = p_actor
-      AND tk.status IN ('assigned', 'running') AND (p_lease IS NULL OR tk.lease = p_lease)
+      AND tk.status::text IN ('assigned', 'running') AND (p_lease IS NULL OR tk.lease = p_lease)
       AND (tk.approval IS NULL OR tk.approval NOT IN ('review', 'both'))
     RETURNING * INTO t;
     IF FOUND THEN

@@ -379,8 +379,13 @@ BEGIN
             END IF;
             fits := ARRAY[cand.concurrency_key, cand.rate_key, cand.cost::text];
         END IF;
+        -- By its primary key: the status is compared as text so that no partial index of
+        -- pending rows matches the WHERE. Otherwise a session that planned this while the
+        -- table held a task or two keeps a plan that scans such an index for the id, reading
+        -- the line up to the task at each lock (tasks_pending_tenant_idx, where a priority-5 task
+        -- comes after every priority-0 one of its tenant).
         SELECT * INTO t FROM dispatch.tasks tk
-        WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
+        WHERE tk.task_id = cand.task_id AND tk.status::text = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
             taken := taken || t;
@@ -401,7 +406,7 @@ BEGIN
     IF cardinality(taken) < room AND cardinality(again) > 0 THEN
         taken := taken || ARRAY(
             SELECT tk FROM dispatch.tasks tk
-            WHERE tk.task_id = ANY (again) AND tk.status = 'pending'
+            WHERE tk.task_id = ANY (again) AND tk.status::text = 'pending'  -- by key, as above
             ORDER BY array_position(again, tk.task_id)
             LIMIT room - cardinality(taken)
             FOR NO KEY UPDATE SKIP LOCKED);
@@ -651,8 +656,8 @@ BEGIN
                  x.agent_id
         LIMIT 1;
         CONTINUE WHEN NOT FOUND;
-        PERFORM 1 FROM dispatch.tasks tk
-        WHERE tk.task_id = cand.task_id AND tk.status = 'pending'
+        PERFORM 1 FROM dispatch.tasks tk  -- by key (the status as text: see task_claim)
+        WHERE tk.task_id = cand.task_id AND tk.status::text = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         a := free[k];
@@ -973,7 +978,7 @@ BEGIN
     END IF;
     UPDATE dispatch.tasks tk SET parked = true, unmatched_at = '-infinity'
     FROM (SELECT x.task_id FROM dispatch.tasks x
-          WHERE x.task_id = ANY (park) AND x.status = 'pending' AND NOT x.parked
+          WHERE x.task_id = ANY (park) AND x.status::text = 'pending' AND NOT x.parked  -- by key
           FOR NO KEY UPDATE SKIP LOCKED) p
     WHERE tk.task_id = p.task_id;
     GET DIAGNOSTICS n = ROW_COUNT;
