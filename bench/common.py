@@ -25,7 +25,10 @@ class Sizes:
     latency_seconds: float = field(default_factory=lambda: _float("BENCH_LATENCY_SECONDS", 15))
     rest_tasks: int = field(default_factory=lambda: _int("BENCH_REST_TASKS", 4000))
     rest_agents: int = field(default_factory=lambda: _int("BENCH_REST_AGENTS", 8))
-    rest_producers: int = field(default_factory=lambda: _int("BENCH_REST_PRODUCERS", 4))
+    # Enough requesters that the agents have a line to take from: with 4, each waiting on its
+    # create's commit, the agents outran them and most tasks went through the assigner's push to
+    # a waiting agent, so the phase timed the requesters rather than the broker.
+    rest_producers: int = field(default_factory=lambda: _int("BENCH_REST_PRODUCERS", 16))
     ceiling_seconds: float = field(default_factory=lambda: _float("BENCH_CEILING_SECONDS", 8))
     engine_tasks: int = field(default_factory=lambda: _int("BENCH_ENGINE_TASKS", 10000))
     flow_rounds: int = field(default_factory=lambda: _int("BENCH_FLOW_ROUNDS", 3))
@@ -65,7 +68,7 @@ ENV_HELP = """Environment variables (defaults in brackets):
   BENCH_LATENCY_SECONDS    how long that load runs [15]
   BENCH_REST_TASKS         tasks through the full REST lifecycle [4000]
   BENCH_REST_AGENTS        concurrent agents (one connection each) over REST [8]
-  BENCH_REST_PRODUCERS     concurrent requesters creating over REST [4]
+  BENCH_REST_PRODUCERS     concurrent requesters creating over REST [16]
   BENCH_CEILING_SECONDS    duration of the trivial Litestar endpoint ceiling [8]
   BENCH_ENGINE_TASKS       tasks per in-process engine / peer run [10000]
   BENCH_FLOW_ROUNDS        drains with and without flow control per mode, alternating order [3]
