@@ -362,16 +362,25 @@ def test_taking_a_task_deep_in_a_young_databases_line_reads_it_alone(
         pg.drop_database(pg_server, url)
 
 
-def test_a_completion_in_a_young_session_reads_its_task_alone(pg_server: str) -> None:
+@pytest.mark.parametrize(
+    "complete",
+    ["SELECT * FROM dispatch.task_complete(%s, 'agent-young', '{}')",
+     "SELECT * FROM dispatch.task_report_batch('agent-young', jsonb_build_array("
+     "jsonb_build_object('task_id', %s::text, 'action', 'complete', 'result', '{}'::jsonb)))"],
+    ids=["single", "batch"],
+)
+def test_a_completion_in_a_young_session_reads_its_task_alone(
+    pg_server: str, complete: str
+) -> None:
     """A session that first completed tasks while its young database held a few, then completes
-    one of the 600 tasks its agent holds: the completion finds its task by the primary key, not
-    among the agent's active rows (tasks_active_agent_idx) or every active row."""
+    one of the 600 tasks its agent holds, alone or in a batch of reports: the completion finds its
+    task by the primary key, not among the agent's active rows (tasks_active_agent_idx) or every
+    active row."""
     url = pg.clone_database(pg_server)
     try:
         with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as young:  # type: ignore[arg-type]
             young.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
             young.execute("SELECT dispatch.agent_upsert('agent-young', '{}', NULL, 1000, 'ready')")
-            complete = "SELECT * FROM dispatch.task_complete(%s, 'agent-young', '{}')"
             for _ in range(8):  # past plpgsql's switch to a generic plan
                 young.execute("SELECT dispatch.create_task('small', requester => 'r')")
                 got = young.execute(

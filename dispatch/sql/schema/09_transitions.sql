@@ -778,12 +778,12 @@ BEGIN
                            ELSE false END
                 ORDER BY e.n
             LOOP
-                -- task_complete's common case, by the task's key.
+                -- task_complete's common case, by the task's key (the status as text, as there).
                 UPDATE dispatch.tasks tk
                 SET status = 'completed', result = o.result, completed_at = p_now,
                     updated_at = p_now, deadline_at = NULL, wake_deadline_at = NULL
                 WHERE tk.task_id = o.task_id AND tk.assigned_agent = p_agent_id
-                  AND tk.status IN ('assigned', 'running')
+                  AND tk.status::text IN ('assigned', 'running')
                   AND (o.lease IS NULL OR tk.lease = o.lease)
                   AND (tk.approval IS NULL OR tk.approval NOT IN ('review', 'both'))
                 RETURNING * INTO t;
