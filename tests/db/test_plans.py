@@ -94,6 +94,19 @@ def conn(big_db: str) -> Iterator[Conn]:
         yield c
 
 
+@pytest.fixture
+def young(pg_server: str) -> Iterator[Conn]:
+    """A session of a database of its own that has never been analyzed (as before autovacuum's
+    first pass), with autovacuum off for the task table so that it stays so."""
+    url = pg.clone_database(pg_server)
+    try:
+        with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as c:  # type: ignore[arg-type]
+            c.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
+            yield c
+    finally:
+        pg.drop_database(pg_server, url)
+
+
 def _counters(conn: Conn) -> tuple[int, dict[str, int]]:
     conn.execute("SELECT pg_stat_force_next_flush()")
     table = conn.execute(
@@ -304,27 +317,21 @@ def test_create_places_the_task_in_line_reading_its_tenants_last_one(conn: Conn)
     assert pending_reads(reads) <= 10, reads.index_tuples
 
 
-def test_placing_behind_a_flood_in_a_young_database_reads_one_entry(pg_server: str) -> None:
+def test_placing_behind_a_flood_in_a_young_database_reads_one_entry(young: Conn) -> None:
     # A young database (never analyzed, as before autovacuum's first pass) where one tenant has
     # flooded 2,000 tasks: the planner, told the tenant has a row or so, must still read only the
     # top of the tenant's index range, not aggregate over all of its tasks at each create.
-    url = pg.clone_database(pg_server)
-    try:
-        with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as young:  # type: ignore[arg-type]
-            young.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
-            create = "SELECT * FROM dispatch.create_task(%s, requester => 'flood', priority => 3)"
-            for i in range(2000):
-                young.execute(create, (str(i),))
-            reads = measure(young, create, ("t",))
-            check_plans(reads)
-            assert pending_reads(reads) <= 10, reads.index_tuples
-    finally:
-        pg.drop_database(pg_server, url)
+    create = "SELECT * FROM dispatch.create_task(%s, requester => 'flood', priority => 3)"
+    for i in range(2000):
+        young.execute(create, (str(i),))
+    reads = measure(young, create, ("t",))
+    check_plans(reads)
+    assert pending_reads(reads) <= 10, reads.index_tuples
 
 
 @pytest.mark.parametrize("call", ["claim", "assign"])
 def test_taking_a_task_deep_in_a_young_databases_line_reads_it_alone(
-    pg_server: str, call: str
+    young: Conn, call: str
 ) -> None:
     """A session that first claimed (or assigned) while its young database held one task plans
     the function's statements then, for as long as it lives. 2,000 tasks at priority 0 and one at
@@ -333,33 +340,27 @@ def test_taking_a_task_deep_in_a_young_databases_line_reads_it_alone(
     a scan for the id through a partial index of pending rows, in whose order this task comes
     after the other 2,000 (the plan a table of one task made cheapest: every lock read the line
     up to its task, 760 pages a lock in the REST lifecycle phase of the benchmark)."""
-    url = pg.clone_database(pg_server)
-    try:
-        with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as young:  # type: ignore[arg-type]
-            young.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
-            young.execute("SELECT dispatch.agent_upsert('agent-young', '{}', NULL, 10, 'ready')")
-            statement = {
-                "claim": "SELECT task_id FROM dispatch.task_claim('agent-young')",
-                "assign": "SELECT task_id FROM dispatch.task_assign(1)",
-            }[call]
-            young.execute("SELECT dispatch.create_task('first', requester => 'flood')")
-            measure(young, statement)  # plans the function's statements in this session
-            for i in range(2000):
-                young.execute("SELECT dispatch.create_task(%s, requester => 'flood')", (str(i),))
-            urgent = young.execute(
-                "SELECT (dispatch.create_task('urgent', requester => 'flood', priority => 5))"
-                ".task_id AS id"
-            ).fetchone()
-            assert urgent is not None
-            taken = young.execute(statement).fetchall()
-            young.rollback()
-            assert [r["task_id"] for r in taken] == [urgent["id"]]
-            reads = measure(young, statement)
-            check_plans(reads)
-            assert reads.seq_scans == 0
-            assert pending_reads(reads) <= 10, reads.index_tuples
-    finally:
-        pg.drop_database(pg_server, url)
+    young.execute("SELECT dispatch.agent_upsert('agent-young', '{}', NULL, 10, 'ready')")
+    statement = {
+        "claim": "SELECT task_id FROM dispatch.task_claim('agent-young')",
+        "assign": "SELECT task_id FROM dispatch.task_assign(1)",
+    }[call]
+    young.execute("SELECT dispatch.create_task('first', requester => 'flood')")
+    measure(young, statement)  # plans the function's statements in this session
+    for i in range(2000):
+        young.execute("SELECT dispatch.create_task(%s, requester => 'flood')", (str(i),))
+    urgent = young.execute(
+        "SELECT (dispatch.create_task('urgent', requester => 'flood', priority => 5))"
+        ".task_id AS id"
+    ).fetchone()
+    assert urgent is not None
+    taken = young.execute(statement).fetchall()
+    young.rollback()
+    assert [r["task_id"] for r in taken] == [urgent["id"]]
+    reads = measure(young, statement)
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert pending_reads(reads) <= 10, reads.index_tuples
 
 
 @pytest.mark.parametrize(
@@ -370,39 +371,33 @@ def test_taking_a_task_deep_in_a_young_databases_line_reads_it_alone(
     ids=["single", "batch"],
 )
 def test_a_completion_in_a_young_session_reads_its_task_alone(
-    pg_server: str, complete: str
+    young: Conn, complete: str
 ) -> None:
     """A session that first completed tasks while its young database held a few, then completes
     one of the 600 tasks its agent holds, alone or in a batch of reports: the completion finds its
     task by the primary key, not among the agent's active rows (tasks_active_agent_idx) or every
     active row."""
-    url = pg.clone_database(pg_server)
-    try:
-        with psycopg.connect(url, row_factory=dict_row, **CONNECT_KWARGS) as young:  # type: ignore[arg-type]
-            young.execute("ALTER TABLE dispatch.tasks SET (autovacuum_enabled = false)")
-            young.execute("SELECT dispatch.agent_upsert('agent-young', '{}', NULL, 1000, 'ready')")
-            for _ in range(8):  # past plpgsql's switch to a generic plan
-                young.execute("SELECT dispatch.create_task('small', requester => 'r')")
-                got = young.execute(
-                    "SELECT task_id FROM dispatch.task_claim('agent-young', p_start => true)"
-                ).fetchone()
-                assert got is not None
-                young.execute(complete, (got["task_id"],))
-            young.execute("SELECT dispatch.create_task('t' || i, requester => 'r')"
-                          " FROM generate_series(1, 600) i")
-            for _ in range(6):
-                young.execute("SELECT * FROM dispatch.task_claim('agent-young', p_max => 100)")
-            young.commit()
-            held = young.execute(
-                "SELECT task_id FROM dispatch.tasks WHERE status = 'assigned' LIMIT 1"
-            ).fetchone()
-            assert held is not None
-            reads = measure(young, complete, (held["task_id"],))
-            check_plans(reads)
-            assert reads.seq_scans == 0
-            assert sum(reads.index_tuples.values()) <= 5, reads.index_tuples
-    finally:
-        pg.drop_database(pg_server, url)
+    young.execute("SELECT dispatch.agent_upsert('agent-young', '{}', NULL, 1000, 'ready')")
+    for _ in range(8):  # past plpgsql's switch to a generic plan
+        young.execute("SELECT dispatch.create_task('small', requester => 'r')")
+        got = young.execute(
+            "SELECT task_id FROM dispatch.task_claim('agent-young', p_start => true)"
+        ).fetchone()
+        assert got is not None
+        young.execute(complete, (got["task_id"],))
+    young.execute("SELECT dispatch.create_task('t' || i, requester => 'r')"
+                  " FROM generate_series(1, 600) i")
+    for _ in range(6):
+        young.execute("SELECT * FROM dispatch.task_claim('agent-young', p_max => 100)")
+    young.commit()
+    held = young.execute(
+        "SELECT task_id FROM dispatch.tasks WHERE status = 'assigned' LIMIT 1"
+    ).fetchone()
+    assert held is not None
+    reads = measure(young, complete, (held["task_id"],))
+    check_plans(reads)
+    assert reads.seq_scans == 0
+    assert sum(reads.index_tuples.values()) <= 5, reads.index_tuples
 
 
 def test_the_aging_sweep_reads_only_what_is_due(conn: Conn) -> None:
